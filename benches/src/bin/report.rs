@@ -1,0 +1,64 @@
+//! Prints the benchmark results as one markdown table.
+//!
+//! Run after the benchmarks: `cargo run -p steadfast-bench --bin report`.
+
+use std::collections::BTreeMap;
+
+use steadfast_bench::criterion_dir;
+
+fn mean_ns(group: &str, contender: &str) -> Option<f64> {
+    let path = criterion_dir()
+        .join(group)
+        .join(contender)
+        .join("new")
+        .join("estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["mean"]["point_estimate"].as_f64()
+}
+
+fn main() {
+    let allocs_path = criterion_dir().join("steadfast-allocs.tsv");
+    let text = std::fs::read_to_string(&allocs_path).unwrap_or_else(|e| {
+        eprintln!(
+            "no results at {}: {e}; run `cargo bench -p steadfast-bench` first",
+            allocs_path.display()
+        );
+        std::process::exit(1);
+    });
+    // Last figure per (group, contender) wins; keep first-seen order of groups and contenders.
+    let mut order: Vec<(String, String)> = Vec::new();
+    let mut allocs: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for line in text.lines() {
+        let mut parts = line.split('\t');
+        let (Some(g), Some(c), Some(a)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let key = (g.to_string(), c.to_string());
+        if !allocs.contains_key(&key) {
+            order.push(key.clone());
+        }
+        allocs.insert(key, a.parse().unwrap_or(f64::NAN));
+    }
+    println!("| case | contender | ns/call | × bare | × best peer | allocs/call |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (g, c) in &order {
+        let Some(ns) = mean_ns(g, c) else { continue };
+        let bare = mean_ns(g, "bare");
+        let best_peer = order
+            .iter()
+            .filter(|(g2, c2)| g2 == g && c2 != "bare" && !c2.starts_with("steadfast"))
+            .filter_map(|(g2, c2)| mean_ns(g2, c2))
+            .fold(f64::INFINITY, f64::min);
+        let ratio = |base: Option<f64>| match base {
+            Some(b) if b.is_finite() && b > 0.0 => format!("{:.2}", ns / b),
+            _ => "—".into(),
+        };
+        println!(
+            "| {g} | {c} | {ns:.1} | {} | {} | {:.2} |",
+            ratio(bare),
+            ratio(Some(best_peer)),
+            allocs[&(g.clone(), c.clone())]
+        );
+    }
+}

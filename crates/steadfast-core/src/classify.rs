@@ -1,0 +1,550 @@
+//! One outcome classification for retry and breaker.
+//!
+//! Every finished call is turned into a [`Class`]: is it a *failure* (counts against an upstream's
+//! health), is it *retryable* (another attempt may succeed), and how far did the request get
+//! ([`Delivery`]). Retry and breaker read the same classification, so "what is a failure" is
+//! decided once.
+//!
+//! gRPC puts its status in the trailers at the end of a streamed body, so a gRPC response whose
+//! headers carry no `grpc-status` classifies as [`ResponseClass::Deferred`]; wrap its body in
+//! [`ClassifyEos`](crate::ClassifyEos) to learn the verdict at end of stream.
+
+use std::error::Error;
+
+use http::{HeaderMap, Response, StatusCode, header::CONTENT_TYPE};
+
+use crate::error::{Delivery, classify_transport_error};
+use crate::grpc::{GrpcCode, GrpcCodeSet};
+
+/// The verdict on one finished call.
+///
+/// ```
+/// use steadfast_core::{Class, Delivery};
+///
+/// let c = Class::new(true, true, Delivery::Answered);
+/// assert!(c.is_failure() && c.is_retryable());
+/// assert_eq!(Class::SUCCESS.delivery(), Delivery::Answered);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Class {
+    failure: bool,
+    retryable: bool,
+    delivery: Delivery,
+}
+
+impl Class {
+    /// An answered call that is neither a failure nor worth retrying.
+    pub const SUCCESS: Class = Class::new(false, false, Delivery::Answered);
+
+    /// A verdict from its parts.
+    pub const fn new(failure: bool, retryable: bool, delivery: Delivery) -> Self {
+        Self {
+            failure,
+            retryable,
+            delivery,
+        }
+    }
+
+    /// Whether the call counts against the upstream's health (breaker input).
+    pub const fn is_failure(self) -> bool {
+        self.failure
+    }
+
+    /// Whether another attempt may succeed. Whether one is *allowed* also depends on the
+    /// request (idempotency) and [`Class::delivery`]; that is the retry layer's decision.
+    pub const fn is_retryable(self) -> bool {
+        self.retryable
+    }
+
+    /// How far the request got.
+    pub const fn delivery(self) -> Delivery {
+        self.delivery
+    }
+}
+
+/// A response's classification: known from its head, or only at end of stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResponseClass {
+    /// The head decides.
+    Ready(Class),
+    /// A gRPC response whose status arrives in the trailers: classify the end of the body
+    /// with this classifier (see [`ClassifyEos`](crate::ClassifyEos)).
+    Deferred(GrpcClassifier),
+}
+
+/// How a resilience layer learns what an outcome means.
+///
+/// Implemented by [`DefaultClassifier`] (HTTP status, gRPC status, transport errors) and by any
+/// closure `Fn(Result<&Res, &(dyn Error + 'static)>) -> Class`:
+///
+/// ```
+/// use std::error::Error;
+/// use steadfast_core::{Class, Classify, Delivery, ResponseClass};
+///
+/// // A service answering plain numbers: negative means "overloaded, try again".
+/// let classify = |outcome: Result<&i32, &(dyn Error + 'static)>| match outcome {
+///     Ok(n) if *n < 0 => Class::new(true, true, Delivery::Answered),
+///     Ok(_) => Class::SUCCESS,
+///     Err(_) => Class::new(true, true, Delivery::MaybeSent),
+/// };
+/// assert_eq!(classify.classify_response(&-1), ResponseClass::Ready(Class::new(true, true, Delivery::Answered)));
+/// ```
+pub trait Classify<Res> {
+    /// Classifies a response.
+    fn classify_response(&self, res: &Res) -> ResponseClass;
+    /// Classifies an error returned instead of a response. Walk [`Error::source`] to find
+    /// the cause.
+    fn classify_error(&self, err: &(dyn Error + 'static)) -> Class;
+}
+
+impl<F, Res> Classify<Res> for F
+where
+    F: Fn(Result<&Res, &(dyn Error + 'static)>) -> Class,
+{
+    fn classify_response(&self, res: &Res) -> ResponseClass {
+        ResponseClass::Ready(self(Ok(res)))
+    }
+
+    fn classify_error(&self, err: &(dyn Error + 'static)) -> Class {
+        self(Err(err))
+    }
+}
+
+/// A set of HTTP status codes (100-999) as a fixed bit set; `const`-constructible, no heap.
+///
+/// ```
+/// use http::StatusCode;
+/// use steadfast_core::StatusSet;
+///
+/// let set = StatusSet::EMPTY.with_range(500, 599).without(501);
+/// assert!(set.contains(StatusCode::BAD_GATEWAY));
+/// assert!(!set.contains(StatusCode::NOT_IMPLEMENTED));
+/// assert!(!set.contains(StatusCode::NOT_FOUND));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct StatusSet([u64; 16]);
+
+impl StatusSet {
+    /// No status.
+    pub const EMPTY: Self = Self([0; 16]);
+    /// 500-599.
+    pub const SERVER_ERRORS: Self = Self::EMPTY.with_range(500, 599);
+    /// 429, 502, 503, 504: the seed's and Envoy's retriable statuses.
+    pub const RETRYABLE: Self = Self::of(&[429, 502, 503, 504]);
+
+    /// The set with `code` added; codes outside 100-999 are ignored.
+    #[must_use]
+    pub const fn with(mut self, code: u16) -> Self {
+        if code >= 100 && code <= 999 {
+            self.0[(code / 64) as usize] |= 1 << (code % 64);
+        }
+        self
+    }
+
+    /// The set with `code` removed.
+    #[must_use]
+    pub const fn without(mut self, code: u16) -> Self {
+        if code >= 100 && code <= 999 {
+            self.0[(code / 64) as usize] &= !(1 << (code % 64));
+        }
+        self
+    }
+
+    /// The set with every code in `from..=to` added.
+    #[must_use]
+    pub const fn with_range(mut self, from: u16, to: u16) -> Self {
+        let mut c = from;
+        while c <= to && c <= 999 {
+            self = self.with(c);
+            c += 1;
+        }
+        self
+    }
+
+    /// A set holding exactly `codes`.
+    pub const fn of(codes: &[u16]) -> Self {
+        let mut set = Self::EMPTY;
+        let mut i = 0;
+        while i < codes.len() {
+            set = set.with(codes[i]);
+            i += 1;
+        }
+        set
+    }
+
+    /// Whether `status` is in the set.
+    pub const fn contains(&self, status: StatusCode) -> bool {
+        self.contains_u16(status.as_u16())
+    }
+
+    /// Whether the numeric `code` is in the set.
+    pub const fn contains_u16(&self, code: u16) -> bool {
+        code >= 100 && code <= 999 && self.0[(code / 64) as usize] & (1 << (code % 64)) != 0
+    }
+}
+
+/// HTTP status classification: which statuses are failures, which are retryable.
+///
+/// Defaults: failures are 5xx; retryable are 429, 502, 503 and 504 (the seed's list, Envoy's
+/// `retriable-status-codes` usage). 4xx is the caller's fault, so not a failure; 429 is still
+/// retryable because the server asked the caller to come back.
+///
+/// ```
+/// use http::StatusCode;
+/// use steadfast_core::{HttpClassifier, StatusSet};
+///
+/// let c = HttpClassifier::new().retryable(StatusSet::RETRYABLE.with(500));
+/// assert!(c.classify(StatusCode::INTERNAL_SERVER_ERROR).is_retryable());
+/// assert!(!c.classify(StatusCode::NOT_FOUND).is_failure());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HttpClassifier {
+    failure: StatusSet,
+    retryable: StatusSet,
+}
+
+impl Default for HttpClassifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HttpClassifier {
+    /// The defaults: failure = 5xx, retryable = 429/502/503/504.
+    pub const fn new() -> Self {
+        Self {
+            failure: StatusSet::SERVER_ERRORS,
+            retryable: StatusSet::RETRYABLE,
+        }
+    }
+
+    /// Sets which statuses count as failures.
+    #[must_use]
+    pub const fn failure(mut self, set: StatusSet) -> Self {
+        self.failure = set;
+        self
+    }
+
+    /// Sets which statuses are retryable.
+    #[must_use]
+    pub const fn retryable(mut self, set: StatusSet) -> Self {
+        self.retryable = set;
+        self
+    }
+
+    /// Classifies a status.
+    pub const fn classify(&self, status: StatusCode) -> Class {
+        Class::new(
+            self.failure.contains(status),
+            self.retryable.contains(status),
+            Delivery::Answered,
+        )
+    }
+}
+
+/// gRPC status classification.
+///
+/// Defaults: failures are UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN and DATA_LOSS (the
+/// server's health, not the caller's mistake); retryable is UNAVAILABLE only, as gRPC's retry
+/// design (A6) recommends.
+///
+/// ```
+/// use steadfast_core::{GrpcClassifier, GrpcCode};
+///
+/// let c = GrpcClassifier::new();
+/// assert!(c.classify(GrpcCode::Unavailable).is_retryable());
+/// assert!(c.classify(GrpcCode::Internal).is_failure());
+/// assert!(!c.classify(GrpcCode::NotFound).is_failure());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GrpcClassifier {
+    failure: GrpcCodeSet,
+    retryable: GrpcCodeSet,
+}
+
+impl Default for GrpcClassifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GrpcClassifier {
+    /// Default failure codes.
+    pub const DEFAULT_FAILURE: GrpcCodeSet = GrpcCodeSet::of(&[
+        GrpcCode::Unavailable,
+        GrpcCode::DeadlineExceeded,
+        GrpcCode::Internal,
+        GrpcCode::Unknown,
+        GrpcCode::DataLoss,
+    ]);
+    /// Default retryable codes.
+    pub const DEFAULT_RETRYABLE: GrpcCodeSet = GrpcCodeSet::of(&[GrpcCode::Unavailable]);
+
+    /// The defaults.
+    pub const fn new() -> Self {
+        Self {
+            failure: Self::DEFAULT_FAILURE,
+            retryable: Self::DEFAULT_RETRYABLE,
+        }
+    }
+
+    /// Sets which codes count as failures.
+    #[must_use]
+    pub const fn failure(mut self, set: GrpcCodeSet) -> Self {
+        self.failure = set;
+        self
+    }
+
+    /// Sets which codes are retryable.
+    #[must_use]
+    pub const fn retryable(mut self, set: GrpcCodeSet) -> Self {
+        self.retryable = set;
+        self
+    }
+
+    /// Classifies a code.
+    pub const fn classify(&self, code: GrpcCode) -> Class {
+        Class::new(
+            self.failure.contains(code),
+            self.retryable.contains(code),
+            Delivery::Answered,
+        )
+    }
+
+    /// Classifies the end of a gRPC response body from its trailers. A stream that ends
+    /// without a `grpc-status` is classified as UNKNOWN, as gRPC clients report it.
+    pub fn classify_trailers(&self, trailers: Option<&HeaderMap>) -> Class {
+        let code = trailers
+            .and_then(GrpcCode::from_map)
+            .unwrap_or(GrpcCode::Unknown);
+        self.classify(code)
+    }
+}
+
+/// Whether a response is gRPC (`content-type: application/grpc` or `application/grpc+...`).
+pub fn is_grpc_response<B>(res: &Response<B>) -> bool {
+    is_grpc_content_type(res.headers())
+}
+
+/// Whether a header map declares a gRPC content type.
+pub fn is_grpc_content_type(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|ct| {
+        let ct = ct.as_bytes();
+        ct.len() >= 16
+            && ct[..16].eq_ignore_ascii_case(b"application/grpc")
+            && (ct.len() == 16 || matches!(ct[16], b'+' | b';'))
+    })
+}
+
+/// The classification used by default everywhere: HTTP status for HTTP, `grpc-status` for
+/// gRPC (headers of a trailers-only response, else trailers via [`ResponseClass::Deferred`]),
+/// and transport errors by how far the request got.
+///
+/// ```
+/// use http::{Response, StatusCode};
+/// use steadfast_core::{Classify, DefaultClassifier, ResponseClass};
+///
+/// let c = DefaultClassifier::new();
+/// let res = Response::builder().status(503).body(()).unwrap();
+/// let ResponseClass::Ready(class) = c.classify_response(&res) else { unreachable!() };
+/// assert!(class.is_failure() && class.is_retryable());
+///
+/// // gRPC, trailers-only: the status is in the headers.
+/// let res = Response::builder()
+///     .header("content-type", "application/grpc")
+///     .header("grpc-status", "14")
+///     .body(())
+///     .unwrap();
+/// assert!(matches!(c.classify_response(&res), ResponseClass::Ready(c) if c.is_retryable()));
+///
+/// // gRPC, streamed: the status comes in the trailers.
+/// let res = Response::builder().header("content-type", "application/grpc").body(()).unwrap();
+/// assert!(matches!(c.classify_response(&res), ResponseClass::Deferred(_)));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DefaultClassifier {
+    http: HttpClassifier,
+    grpc: GrpcClassifier,
+}
+
+impl DefaultClassifier {
+    /// The defaults of [`HttpClassifier`] and [`GrpcClassifier`].
+    pub const fn new() -> Self {
+        Self {
+            http: HttpClassifier::new(),
+            grpc: GrpcClassifier::new(),
+        }
+    }
+
+    /// Replaces the HTTP status classification.
+    #[must_use]
+    pub const fn http(mut self, http: HttpClassifier) -> Self {
+        self.http = http;
+        self
+    }
+
+    /// Replaces the gRPC status classification.
+    #[must_use]
+    pub const fn grpc(mut self, grpc: GrpcClassifier) -> Self {
+        self.grpc = grpc;
+        self
+    }
+
+    /// The HTTP part.
+    pub const fn http_classifier(&self) -> &HttpClassifier {
+        &self.http
+    }
+
+    /// The gRPC part.
+    pub const fn grpc_classifier(&self) -> &GrpcClassifier {
+        &self.grpc
+    }
+}
+
+impl<B> Classify<Response<B>> for DefaultClassifier {
+    fn classify_response(&self, res: &Response<B>) -> ResponseClass {
+        let headers = res.headers();
+        if let Some(code) = GrpcCode::from_map(headers) {
+            // Trailers-only gRPC response (or a proxy that put a status in the head).
+            return ResponseClass::Ready(self.grpc.classify(code));
+        }
+        if is_grpc_content_type(headers) {
+            if res.status() == StatusCode::OK {
+                return ResponseClass::Deferred(self.grpc);
+            }
+            return ResponseClass::Ready(
+                self.grpc
+                    .classify(GrpcCode::from_http_status(res.status().as_u16())),
+            );
+        }
+        ResponseClass::Ready(self.http.classify(res.status()))
+    }
+
+    fn classify_error(&self, err: &(dyn Error + 'static)) -> Class {
+        classify_transport_error(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ready(c: ResponseClass) -> Class {
+        match c {
+            ResponseClass::Ready(c) => c,
+            ResponseClass::Deferred(_) => panic!("deferred"),
+        }
+    }
+
+    #[test]
+    fn http_defaults() {
+        let c = DefaultClassifier::new();
+        for code in 100..=599u16 {
+            let res = Response::builder().status(code).body(()).unwrap();
+            let class = ready(c.classify_response(&res));
+            assert_eq!(class.is_failure(), code >= 500, "{code}");
+            assert_eq!(
+                class.is_retryable(),
+                matches!(code, 429 | 502 | 503 | 504),
+                "{code}"
+            );
+            assert_eq!(class.delivery(), Delivery::Answered);
+        }
+    }
+
+    #[test]
+    fn configurable_http_sets() {
+        let c = DefaultClassifier::new().http(
+            HttpClassifier::new()
+                .failure(StatusSet::SERVER_ERRORS.with(408))
+                .retryable(StatusSet::of(&[503])),
+        );
+        let res = Response::builder().status(408).body(()).unwrap();
+        assert!(ready(c.classify_response(&res)).is_failure());
+        let res = Response::builder().status(502).body(()).unwrap();
+        assert!(!ready(c.classify_response(&res)).is_retryable());
+    }
+
+    #[test]
+    fn grpc_trailers_only_and_deferred() {
+        let c = DefaultClassifier::new();
+        let res = Response::builder()
+            .header("content-type", "application/grpc+proto")
+            .header("grpc-status", "0")
+            .body(())
+            .unwrap();
+        assert_eq!(ready(c.classify_response(&res)), Class::SUCCESS);
+        let res = Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "garbage")
+            .body(())
+            .unwrap();
+        let class = ready(c.classify_response(&res));
+        assert!(class.is_failure() && !class.is_retryable(), "UNKNOWN");
+        let res = Response::builder()
+            .status(503)
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let class = ready(c.classify_response(&res));
+        assert!(
+            class.is_failure() && class.is_retryable(),
+            "503 maps to UNAVAILABLE"
+        );
+        let res = Response::builder()
+            .header("content-type", "application/grpc-web")
+            .body(())
+            .unwrap();
+        assert!(!is_grpc_response(&res), "grpc-web is not grpc");
+    }
+
+    #[test]
+    fn grpc_default_sets() {
+        let g = GrpcClassifier::new();
+        for n in 0..=16 {
+            let code = GrpcCode::from_i32(n);
+            let class = g.classify(code);
+            assert_eq!(
+                class.is_failure(),
+                matches!(
+                    code,
+                    GrpcCode::Unavailable
+                        | GrpcCode::DeadlineExceeded
+                        | GrpcCode::Internal
+                        | GrpcCode::Unknown
+                        | GrpcCode::DataLoss
+                ),
+                "{code}"
+            );
+            assert_eq!(class.is_retryable(), code == GrpcCode::Unavailable);
+        }
+        assert!(g.classify_trailers(None).is_failure(), "missing status");
+    }
+
+    #[test]
+    fn closures_classify() {
+        let f = |o: Result<&u8, &(dyn Error + 'static)>| {
+            if o.is_ok() {
+                Class::SUCCESS
+            } else {
+                Class::new(true, false, Delivery::MaybeSent)
+            }
+        };
+        assert_eq!(
+            Classify::<u8>::classify_response(&f, &1),
+            ResponseClass::Ready(Class::SUCCESS)
+        );
+        let e = std::io::Error::other("x");
+        assert!(Classify::<u8>::classify_error(&f, &e).is_failure());
+    }
+
+    proptest! {
+        #[test]
+        fn status_set_is_exact(codes in proptest::collection::vec(0u16..1100, 0..40), probe in 0u16..1100) {
+            let set = StatusSet::of(&codes);
+            let expected = (100..=999).contains(&probe) && codes.contains(&probe);
+            prop_assert_eq!(set.contains_u16(probe), expected);
+        }
+    }
+}

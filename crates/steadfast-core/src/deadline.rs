@@ -1,0 +1,196 @@
+//! The ambient deadline: set by a server, read by every outgoing call made while handling it.
+//!
+//! A [`Deadline`] is an absolute point in tokio time. The server side of the timeout layer makes
+//! it *ambient* for the handler with [`Deadline::scope`] (a tokio task-local) and also puts it in
+//! the request's extensions. Client-side layers look it up with [`Deadline::for_request`]: the
+//! request's own extension first, else the ambient one. Task-locals do not cross
+//! `tokio::spawn`; wrap spawned work in [`Deadline::propagate`].
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
+use tokio::time::Instant;
+
+tokio::task_local! {
+    static CURRENT: Option<Deadline>;
+}
+
+/// A point in (tokio) time by which a call must finish.
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast_core::Deadline;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let d = Deadline::after(Duration::from_secs(2));
+/// assert_eq!(Deadline::current(), None);
+/// let seen = d.scope(async { Deadline::current() }).await;
+/// assert_eq!(seen, Some(d));
+/// tokio::time::advance(Duration::from_millis(500)).await;
+/// assert_eq!(d.remaining(), Duration::from_millis(1500));
+/// # }
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Deadline {
+    at: Instant,
+}
+
+impl fmt::Debug for Deadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deadline")
+            .field("remaining", &self.remaining())
+            .finish()
+    }
+}
+
+/// About thirty years: what "no deadline" saturates to (as tokio does).
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+impl Deadline {
+    /// A deadline at `at`.
+    pub const fn at(at: Instant) -> Self {
+        Self { at }
+    }
+
+    /// A deadline `d` from now; absurdly long durations saturate to about thirty years.
+    pub fn after(d: Duration) -> Self {
+        let now = Instant::now();
+        let at = now
+            .checked_add(d.min(FAR_FUTURE))
+            .unwrap_or_else(|| now + Duration::from_secs(86_400));
+        Self { at }
+    }
+
+    /// The instant.
+    pub const fn instant(self) -> Instant {
+        self.at
+    }
+
+    /// Time left, zero once passed.
+    pub fn remaining(self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    /// Whether the deadline has passed (`now >= at`).
+    pub fn is_expired(self) -> bool {
+        Instant::now() >= self.at
+    }
+
+    /// The earlier of two optional deadlines.
+    pub fn earliest(a: Option<Deadline>, b: Option<Deadline>) -> Option<Deadline> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, None) => a,
+            (None, b) => b,
+        }
+    }
+
+    /// The ambient deadline of the current task, if a server (or [`Deadline::scope`]) set one.
+    pub fn current() -> Option<Deadline> {
+        CURRENT.try_with(|d| *d).ok().flatten()
+    }
+
+    /// The deadline that applies to `req`: its [`Deadline`] extension if any, else the
+    /// ambient one. When both exist the earlier wins.
+    pub fn for_request<B>(req: &http::Request<B>) -> Option<Deadline> {
+        Self::earliest(req.extensions().get::<Deadline>().copied(), Self::current())
+    }
+
+    /// Runs `fut` with this deadline ambient (nested scopes see the innermost value; the
+    /// timeout layer always scopes the earliest deadline, so an inner scope never extends one).
+    pub fn scope<F: Future>(self, fut: F) -> Scoped<F> {
+        Scoped {
+            inner: CURRENT.scope(Some(self), fut),
+        }
+    }
+
+    /// Carries the current ambient deadline (if any) into `fut`, typically before
+    /// `tokio::spawn`, since task-locals do not cross a spawn.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use steadfast_core::Deadline;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let d = Deadline::after(Duration::from_secs(1));
+    /// let seen = d
+    ///     .scope(async {
+    ///         tokio::spawn(Deadline::propagate(async { Deadline::current() })).await.unwrap()
+    ///     })
+    ///     .await;
+    /// assert_eq!(seen, Some(d));
+    /// # }
+    /// ```
+    pub fn propagate<F: Future>(fut: F) -> Scoped<F> {
+        Scoped {
+            inner: CURRENT.scope(Self::current(), fut),
+        }
+    }
+}
+
+pin_project! {
+    /// A future running with an ambient [`Deadline`]; see [`Deadline::scope`].
+    pub struct Scoped<F> {
+        #[pin]
+        inner: TaskLocalFuture<Option<Deadline>, F>,
+    }
+}
+
+impl<F> fmt::Debug for Scoped<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scoped").finish_non_exhaustive()
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn extension_and_ambient_take_the_earliest() {
+        let outer = Deadline::after(Duration::from_secs(2));
+        let own = Deadline::after(Duration::from_secs(1));
+        let mut req = http::Request::new(());
+        assert_eq!(Deadline::for_request(&req), None);
+        req.extensions_mut().insert(own);
+        assert_eq!(Deadline::for_request(&req), Some(own));
+        let seen = outer.scope(async { Deadline::for_request(&req) }).await;
+        assert_eq!(seen, Some(own));
+        let later = Deadline::after(Duration::from_secs(5));
+        req.extensions_mut().insert(later);
+        let seen = outer.scope(async { Deadline::for_request(&req) }).await;
+        assert_eq!(seen, Some(outer));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_and_saturation() {
+        let d = Deadline::after(Duration::from_secs(1));
+        assert!(!d.is_expired());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(d.is_expired(), "now >= at");
+        assert_eq!(d.remaining(), Duration::ZERO);
+        let far = Deadline::after(Duration::MAX);
+        assert!(far.remaining() >= Duration::from_secs(86_400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn propagate_without_ambient_is_none() {
+        let seen = tokio::spawn(Deadline::propagate(async { Deadline::current() }))
+            .await
+            .unwrap();
+        assert_eq!(seen, None);
+    }
+}

@@ -1,0 +1,52 @@
+//! Shared foundations of the steadfast layers.
+//!
+//! The four layer crates (`steadfast-retry`, `steadfast-breaker`, `steadfast-timeout`,
+//! `steadfast-correlation`) never depend on each other; they meet here:
+//!
+//! - **Classification** ([`Classify`], [`DefaultClassifier`], [`Class`]): one verdict on every
+//!   outcome — HTTP status, gRPC status in headers *and* trailers ([`ClassifyEos`]), and transport
+//!   errors by how far the request got ([`Delivery`]). Retry and breaker read the same verdict.
+//! - **The policy-rejection marker** ([`PolicyRejected`]): set by the breaker, honoured by retry.
+//! - **Header codecs** ([`header`]): `Retry-After`, `grpc-retry-pushback-ms`, `grpc-timeout`
+//!   and the HTTP deadline header, hardened against hostile input.
+//! - **The ambient deadline** ([`Deadline`]): set by a server, read by every outgoing call.
+//!
+//! # Example
+//!
+//! ```
+//! use http::Response;
+//! use steadfast_core::{Classify, DefaultClassifier, Delivery, ResponseClass};
+//!
+//! let classifier = DefaultClassifier::new();
+//! let res = Response::builder().status(429).body(()).unwrap();
+//! let ResponseClass::Ready(class) = classifier.classify_response(&res) else { unreachable!() };
+//! // 429 is the caller's problem (not a failure of the upstream) but worth retrying later.
+//! assert!(!class.is_failure());
+//! assert!(class.is_retryable());
+//! assert_eq!(class.delivery(), Delivery::Answered);
+//! ```
+//!
+//! # Feature flags
+//!
+//! - `hyper-util` (default): recognise hyper-util legacy client connect errors as "certainly
+//!   not sent".
+//!
+//! # Minimum supported Rust version
+//!
+//! 1.85.
+
+mod body;
+mod classify;
+mod deadline;
+mod error;
+mod grpc;
+pub mod header;
+
+pub use body::{ClassifyEos, OnEos};
+pub use classify::{
+    Class, Classify, DefaultClassifier, GrpcClassifier, HttpClassifier, ResponseClass, StatusSet,
+    is_grpc_content_type, is_grpc_response,
+};
+pub use deadline::{Deadline, Scoped};
+pub use error::{BoxError, Delivery, PolicyRejected, certainly_not_sent, classify_transport_error};
+pub use grpc::{GRPC_MESSAGE, GRPC_STATUS, GrpcCode, GrpcCodeSet};

@@ -1,0 +1,1 @@
+//! The steadfast retry layer (in progress: see the project's issue tracker).

@@ -1,0 +1,1 @@
+//! The steadfast timeout layer (in progress: see the project's issue tracker).

@@ -1,0 +1,68 @@
+//! Resilient microservice calls as tower middleware.
+//!
+//! steadfast gives Rust services calls that survive flaky upstreams without retry storms,
+//! fail fast when a dependency is down, never hang, and can be traced across hops by one id.
+//! Each concern is a plain tower `Layer` in its own crate, re-exported here behind a feature:
+//!
+//! | feature | crate | layer |
+//! |---|---|---|
+//! | `retry` | [`steadfast-retry`](retry) | `RetryLayer` |
+//! | `breaker` | [`steadfast-breaker`](breaker) | `CircuitBreakerLayer` |
+//! | `timeout` | [`steadfast-timeout`](timeout) | `TimeoutLayer` |
+//! | `correlation` | [`steadfast-correlation`](correlation) | `CorrelationIdLayer` |
+//! | `full` (default) | all of the above | |
+//!
+//! The shared foundation — outcome classification, header codecs, the ambient deadline — is
+//! [`core`] (`steadfast-core`), always available.
+//!
+//! # Stack order
+//!
+//! A client stack, outermost first:
+//!
+//! ```text
+//! CorrelationId   copy the ambient id onto the outgoing request
+//!   Timeout       total budget for the call incl. retries; min(own, inherited deadline)
+//!     Retry       classify, budget, backoff + full jitter, Retry-After, replay body
+//!       Breaker   per upstream authority; fail fast when open
+//!         Timeout per attempt
+//!           transport (hyper-util client, tonic Channel)
+//! ```
+//!
+//! A server stack, outermost first:
+//!
+//! ```text
+//! CorrelationId   accept a valid inbound id or generate one; ambient for the handler
+//!   Timeout       inbound grpc-timeout / deadline header, min with own; answers 504 / DEADLINE_EXCEEDED
+//!     axum Router | tonic service
+//! ```
+//!
+//! # Example
+//!
+//! ```
+//! use steadfast::core::{Classify, DefaultClassifier, ResponseClass};
+//!
+//! let res = http::Response::builder().status(503).body(()).unwrap();
+//! let ResponseClass::Ready(class) = DefaultClassifier::new().classify_response(&res) else {
+//!     unreachable!()
+//! };
+//! assert!(class.is_failure() && class.is_retryable());
+//! ```
+//!
+//! # Minimum supported Rust version
+//!
+//! 1.85.
+
+pub use steadfast_core as core;
+
+#[cfg(feature = "breaker")]
+pub use steadfast_breaker as breaker;
+#[cfg(feature = "correlation")]
+pub use steadfast_correlation as correlation;
+#[cfg(feature = "retry")]
+pub use steadfast_retry as retry;
+#[cfg(feature = "timeout")]
+pub use steadfast_timeout as timeout;
+
+mod builder;
+
+pub use builder::ServiceBuilderExt;
