@@ -1,6 +1,11 @@
 //! Builder methods for tower's `ServiceBuilder`.
 
+#[cfg(feature = "timeout")]
+use std::time::Duration;
+
 use tower::ServiceBuilder;
+#[cfg(feature = "timeout")]
+use tower::layer::util::Stack;
 
 mod sealed {
     pub trait Sealed<L> {}
@@ -8,10 +13,52 @@ mod sealed {
 
 /// Extension methods on [`tower::ServiceBuilder`] that add steadfast layers.
 ///
-/// Sealed: implemented only for `ServiceBuilder`. A method per layer is added as each layer
-/// lands.
-pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {}
+/// Sealed: implemented only for `ServiceBuilder`.
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast::ServiceBuilderExt;
+/// use tower::{ServiceBuilder, service_fn};
+///
+/// let client = ServiceBuilder::new()
+///     .client_timeout(Duration::from_secs(5))
+///     .service(service_fn(|_req: http::Request<()>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(()))
+///     }));
+/// # let _ = client;
+/// ```
+pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
+    /// Adds a client-side [`TimeoutLayer`](crate::timeout::TimeoutLayer) of `limit`.
+    #[cfg(feature = "timeout")]
+    fn client_timeout(
+        self,
+        limit: Duration,
+    ) -> ServiceBuilder<Stack<crate::timeout::TimeoutLayer, L>>;
+
+    /// Adds a [`ServerTimeoutLayer`](crate::timeout::ServerTimeoutLayer) of at most `limit`.
+    #[cfg(feature = "timeout")]
+    fn server_timeout(
+        self,
+        limit: Duration,
+    ) -> ServiceBuilder<Stack<crate::timeout::ServerTimeoutLayer, L>>;
+}
 
 impl<L> sealed::Sealed<L> for ServiceBuilder<L> {}
 
-impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {}
+impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
+    #[cfg(feature = "timeout")]
+    fn client_timeout(
+        self,
+        limit: Duration,
+    ) -> ServiceBuilder<Stack<crate::timeout::TimeoutLayer, L>> {
+        self.layer(crate::timeout::TimeoutLayer::new(limit))
+    }
+
+    #[cfg(feature = "timeout")]
+    fn server_timeout(
+        self,
+        limit: Duration,
+    ) -> ServiceBuilder<Stack<crate::timeout::ServerTimeoutLayer, L>> {
+        self.layer(crate::timeout::ServerTimeoutLayer::new(limit))
+    }
+}

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use steadfast_bench::{Bare, CountingAlloc, Recorder, call_once};
+use steadfast_bench::{Bare, CountingAlloc, PendingOnce, Recorder};
 use tower::Layer;
 
 #[global_allocator]
@@ -25,8 +25,49 @@ fn timeout(c: &mut Criterion) {
         "tower",
         tower::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(Bare),
     );
-    let _ = call_once::<Bare>;
+    rec.bench(
+        "tower-http",
+        tower_http::timeout::TimeoutLayer::with_status_code(
+            http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(5),
+        )
+        .layer(Bare),
+    );
+    rec.bench(
+        "steadfast",
+        steadfast::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(Bare),
+    );
+    rec.bench(
+        "steadfast-server",
+        steadfast::timeout::ServerTimeoutLayer::new(Duration::from_secs(5)).layer(Bare),
+    );
 }
 
-criterion_group!(benches, timeout);
+fn timeout_armed(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut rec = Recorder::new(c, "timeout-armed");
+    rec.bench("bare", PendingOnce);
+    rec.bench(
+        "tower",
+        tower::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(PendingOnce),
+    );
+    rec.bench(
+        "tower-http",
+        tower_http::timeout::TimeoutLayer::with_status_code(
+            http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(5),
+        )
+        .layer(PendingOnce),
+    );
+    rec.bench(
+        "steadfast",
+        steadfast::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(PendingOnce),
+    );
+}
+
+criterion_group!(benches, timeout, timeout_armed);
 criterion_main!(benches);

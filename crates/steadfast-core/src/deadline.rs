@@ -59,7 +59,11 @@ impl Deadline {
 
     /// A deadline `d` from now; absurdly long durations saturate to about thirty years.
     pub fn after(d: Duration) -> Self {
-        let now = Instant::now();
+        Self::after_from(Instant::now(), d)
+    }
+
+    /// A deadline `d` after `now` (saves a clock read when the caller has one).
+    pub fn after_from(now: Instant, d: Duration) -> Self {
         let at = now
             .checked_add(d.min(FAR_FUTURE))
             .unwrap_or_else(|| now + Duration::from_secs(86_400));
@@ -107,6 +111,11 @@ impl Deadline {
         Scoped {
             inner: CURRENT.scope(Some(self), fut),
         }
+    }
+
+    /// Runs the synchronous `f` with this deadline ambient (for work a service does in `call`).
+    pub fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
+        CURRENT.sync_scope(Some(self), f)
     }
 
     /// Carries the current ambient deadline (if any) into `fut`, typically before

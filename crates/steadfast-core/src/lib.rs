@@ -10,6 +10,8 @@
 //! - **Header codecs** ([`header`]): `Retry-After`, `grpc-retry-pushback-ms`, `grpc-timeout`
 //!   and the HTTP deadline header, hardened against hostile input.
 //! - **The ambient deadline** ([`Deadline`]): set by a server, read by every outgoing call.
+//! - **Layer-made responses** ([`ResponseBody`], [`http_response`], [`grpc_response`]): how a
+//!   server-side layer answers (504, 503, trailers-only gRPC) without changing the error type.
 //!
 //! # Example
 //!
@@ -41,6 +43,7 @@ mod deadline;
 mod error;
 mod grpc;
 pub mod header;
+mod response;
 
 pub use body::{ClassifyEos, OnEos};
 pub use classify::{
@@ -50,3 +53,4 @@ pub use classify::{
 pub use deadline::{Deadline, Scoped};
 pub use error::{BoxError, Delivery, PolicyRejected, certainly_not_sent, classify_transport_error};
 pub use grpc::{GRPC_MESSAGE, GRPC_STATUS, GrpcCode, GrpcCodeSet};
+pub use response::{ResponseBody, grpc_response, http_response, percent_encode_grpc_message};

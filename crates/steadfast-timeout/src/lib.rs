@@ -1,1 +1,87 @@
-//! The steadfast timeout layer (in progress: see the project's issue tracker).
+//! Timeouts that never hang a call and carry the deadline across hops.
+//!
+//! - [`TimeoutLayer`] (client side): fails a call that outlives its limit with a typed
+//!   [`Elapsed`]; takes the smaller of its own limit, a [`RequestTimeout`] extension and an
+//!   inherited [`Deadline`]; writes the remaining budget downstream as `grpc-timeout` (gRPC) or
+//!   `x-request-timeout-ms` (HTTP); fails at once, sending nothing, when the budget is spent.
+//! - [`ServerTimeoutLayer`] (server side): reads the inbound budget, takes the smaller of it and
+//!   its own limit, makes the deadline ambient for the handler, and on expiry *answers* —
+//!   HTTP `504` or gRPC trailers-only `DEADLINE_EXCEEDED` — instead of erroring, so axum and
+//!   tonic need no `HandleErrorLayer`.
+//!
+//! A handler behind a [`ServerTimeoutLayer`] that calls another service through a client stack
+//! with a [`TimeoutLayer`] propagates the remaining deadline with no code of its own:
+//!
+//! ```text
+//!   caller ──grpc-timeout: 2S──▶ [ServerTimeout] handler ──▶ [Timeout] ──x-request-timeout-ms: 1730──▶ next hop
+//!                                    Deadline::current() = now + 2 s
+//! ```
+//!
+//! Spawned work does not inherit task-locals: wrap it in
+//! [`Deadline::propagate`](steadfast_core::Deadline::propagate).
+//!
+//! # Example: one hop, end to end
+//!
+//! ```
+//! use std::time::Duration;
+//! use steadfast_core::Deadline;
+//! use steadfast_timeout::{ServerTimeoutLayer, TimeoutLayer};
+//! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! // The downstream service reports the budget it was given.
+//! let downstream = service_fn(|req: http::Request<()>| async move {
+//!     let budget = req.headers()["x-request-timeout-ms"].to_str().unwrap().to_owned();
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(budget))
+//! });
+//! let client = ServiceBuilder::new()
+//!     .layer(TimeoutLayer::new(Duration::from_secs(5)))
+//!     .service(downstream);
+//!
+//! // A server whose handler calls downstream, with no deadline code of its own.
+//! let server = ServiceBuilder::new()
+//!     .layer(ServerTimeoutLayer::new(Duration::from_secs(30)))
+//!     .service(service_fn(move |_req: http::Request<()>| {
+//!         let client = client.clone();
+//!         async move {
+//!             tokio::time::sleep(Duration::from_millis(250)).await; // some work first
+//!             let res = client.oneshot(http::Request::new(())).await?;
+//!             Ok::<_, steadfast_core::BoxError>(http::Response::new(res.into_body()))
+//!         }
+//!     }));
+//!
+//! let req = http::Request::builder().header("grpc-timeout", "2S").body(()).unwrap();
+//! let res = server.oneshot(req).await.unwrap();
+//! // 2 s inbound, 250 ms spent: the next hop is told 1750 ms.
+//! let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+//! assert_eq!(body, "1750");
+//! # }
+//! ```
+//!
+//! # Streaming bodies
+//!
+//! Both layers bound the time until the response *head*. A response body that keeps streaming
+//! after the head is not cut by them; bound it with tower-http's
+//! `tower_http::timeout::ResponseBodyTimeoutLayer` (idle time between frames) placed inside the
+//! server timeout, or with a per-read timeout in the client. Order: `ServerTimeoutLayer`
+//! outermost, then tower-http's body timeouts, then the router.
+//!
+//! # Bad input
+//!
+//! Malformed `grpc-timeout` / `x-request-timeout-ms` values (9+ digits, unknown unit, empty,
+//! signs, non-ASCII, huge) are ignored in favour of the server's own limit. A zero budget
+//! (`0S`, `0`) is a deadline that has already passed: the server answers at once.
+
+mod error;
+mod future;
+mod layer;
+mod propagate;
+mod server;
+mod service;
+
+pub use error::Elapsed;
+pub use future::ResponseFuture;
+pub use layer::{DEFAULT_TIMEOUT, ServerTimeoutLayer, TimeoutLayer};
+pub use server::{ServerResponseFuture, ServerTimeout};
+pub use service::{RequestTimeout, Timeout};
+pub use steadfast_core::Deadline;

@@ -1,0 +1,58 @@
+use std::error::Error;
+use std::fmt;
+use std::time::Duration;
+
+/// The call did not finish within its limit.
+///
+/// Returned (boxed, behind [`BoxError`](steadfast_core::BoxError)) by the client-side
+/// [`Timeout`](crate::Timeout). Downcast to inspect which limit fired.
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast_timeout::Elapsed;
+///
+/// let e = Elapsed::new(Duration::from_secs(5), false);
+/// assert_eq!(e.to_string(), "request timed out after 5s");
+/// let boxed: steadfast_core::BoxError = e.into();
+/// assert_eq!(boxed.downcast_ref::<Elapsed>().unwrap().limit(), Duration::from_secs(5));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Elapsed {
+    limit: Duration,
+    inherited: bool,
+}
+
+impl Elapsed {
+    /// An `Elapsed` for `limit`; `inherited` says the limit came from an inherited deadline
+    /// (ambient or a [`Deadline`](steadfast_core::Deadline) extension) rather than this layer.
+    pub const fn new(limit: Duration, inherited: bool) -> Self {
+        Self { limit, inherited }
+    }
+
+    /// The limit that fired: the layer's own (or a per-request override), or the time that was
+    /// left of an inherited deadline when the call started.
+    pub const fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// Whether the limit came from an inherited deadline.
+    pub const fn is_inherited(&self) -> bool {
+        self.inherited
+    }
+}
+
+impl fmt::Display for Elapsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.inherited {
+            write!(
+                f,
+                "inherited deadline exceeded ({:?} were left)",
+                self.limit
+            )
+        } else {
+            write!(f, "request timed out after {:?}", self.limit)
+        }
+    }
+}
+
+impl Error for Elapsed {}

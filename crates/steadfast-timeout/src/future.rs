@@ -1,0 +1,116 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use steadfast_core::BoxError;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::Elapsed;
+
+pin_project! {
+    /// The response future of [`Timeout`](crate::Timeout).
+    ///
+    /// The timer is armed lazily: a call whose inner future answers on its first poll never
+    /// touches the clock or the timer wheel.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Running {
+            #[pin]
+            inner: F,
+            #[pin]
+            sleep: Option<Sleep>,
+            // `None`: start counting at the first `Pending` (no inherited deadline).
+            at: Option<Instant>,
+            limit: Duration,
+            inherited: bool,
+        },
+        Elapsed {
+            elapsed: Elapsed,
+        },
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn lazy(inner: F, limit: Duration) -> Self {
+        Self::running(inner, None, limit, false)
+    }
+
+    pub(crate) fn at(inner: F, at: Instant, limit: Duration, inherited: bool) -> Self {
+        Self::running(inner, Some(at), limit, inherited)
+    }
+
+    fn running(inner: F, at: Option<Instant>, limit: Duration, inherited: bool) -> Self {
+        Self {
+            state: State::Running {
+                inner,
+                sleep: None,
+                at,
+                limit,
+                inherited,
+            },
+        }
+    }
+
+    pub(crate) fn elapsed(elapsed: Elapsed) -> Self {
+        Self {
+            state: State::Elapsed { elapsed },
+        }
+    }
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Running {
+                inner,
+                mut sleep,
+                at,
+                limit,
+                inherited,
+            } => {
+                if let Poll::Ready(r) = inner.poll(cx) {
+                    return Poll::Ready(r.map_err(Into::into));
+                }
+                if sleep.is_none() {
+                    let at = at.unwrap_or_else(|| {
+                        let now = Instant::now();
+                        now.checked_add(*limit)
+                            .unwrap_or(now + Duration::from_secs(86_400 * 365))
+                    });
+                    sleep.set(Some(tokio::time::sleep_until(at)));
+                }
+                let timer = sleep.as_pin_mut().expect("armed above");
+                ready!(timer.poll(cx));
+                tracing::debug!(
+                    target: "steadfast::timeout",
+                    limit_ms = limit.as_millis() as u64,
+                    inherited = *inherited,
+                    "elapsed"
+                );
+                Poll::Ready(Err(Elapsed::new(*limit, *inherited).into()))
+            }
+            StateProj::Elapsed { elapsed } => Poll::Ready(Err((*elapsed).into())),
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Reading and writing the remaining deadline on the wire.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName};
+use steadfast_core::header::{
+    GRPC_TIMEOUT, TIMEOUT_MS, encode_grpc_timeout, encode_timeout_ms, grpc_timeout, timeout_ms,
+};
+use steadfast_core::is_grpc_content_type;
+
+/// The inbound budget a request carries: `grpc-timeout` if present and valid, else
+/// `x-request-timeout-ms` if present and valid. Malformed values are ignored.
+pub(crate) fn inbound(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(GRPC_TIMEOUT)
+        .and_then(grpc_timeout)
+        .or_else(|| headers.get(TIMEOUT_MS).and_then(timeout_ms))
+}
+
+/// Writes `budget` onto an outgoing request: `grpc-timeout` for gRPC, `x-request-timeout-ms`
+/// otherwise. A smaller value already on the request (set by the caller or an inner layer) is
+/// kept: a budget only ever shrinks on its way downstream.
+pub(crate) fn write(headers: &mut HeaderMap, budget: Duration) {
+    let grpc = is_grpc_content_type(headers);
+    let (name, existing) = if grpc {
+        (
+            HeaderName::from_static(GRPC_TIMEOUT),
+            headers.get(GRPC_TIMEOUT).and_then(grpc_timeout),
+        )
+    } else {
+        (
+            HeaderName::from_static(TIMEOUT_MS),
+            headers.get(TIMEOUT_MS).and_then(timeout_ms),
+        )
+    };
+    if existing.is_some_and(|e| e <= budget) {
+        return;
+    }
+    let value = if grpc {
+        encode_grpc_timeout(budget)
+    } else {
+        encode_timeout_ms(budget)
+    };
+    headers.insert(name, value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_prefers_valid_grpc_timeout() {
+        let mut h = HeaderMap::new();
+        h.insert(TIMEOUT_MS, "900".parse().unwrap());
+        assert_eq!(inbound(&h), Some(Duration::from_millis(900)));
+        h.insert(GRPC_TIMEOUT, "2S".parse().unwrap());
+        assert_eq!(inbound(&h), Some(Duration::from_secs(2)));
+        h.insert(GRPC_TIMEOUT, "123456789S".parse().unwrap());
+        assert_eq!(
+            inbound(&h),
+            Some(Duration::from_millis(900)),
+            "bad grpc-timeout ignored"
+        );
+        h.insert(TIMEOUT_MS, "-1".parse().unwrap());
+        assert_eq!(inbound(&h), None);
+    }
+
+    #[test]
+    fn write_only_shrinks() {
+        let mut h = HeaderMap::new();
+        write(&mut h, Duration::from_millis(1500));
+        assert_eq!(h[TIMEOUT_MS], "1500");
+        write(&mut h, Duration::from_secs(5));
+        assert_eq!(h[TIMEOUT_MS], "1500");
+        write(&mut h, Duration::from_millis(10));
+        assert_eq!(h[TIMEOUT_MS], "10");
+
+        let mut g = HeaderMap::new();
+        g.insert("content-type", "application/grpc".parse().unwrap());
+        g.insert(GRPC_TIMEOUT, "garbage".parse().unwrap());
+        write(&mut g, Duration::from_secs(1));
+        assert_eq!(g[GRPC_TIMEOUT], "1000000u");
+        assert!(g.get(TIMEOUT_MS).is_none());
+    }
+}

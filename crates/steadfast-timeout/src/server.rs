@@ -1,0 +1,174 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use steadfast_core::{
+    Deadline, GrpcCode, ResponseBody, Scoped, grpc_response, http_response, is_grpc_content_type,
+};
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use crate::layer::ServerTimeoutLayer;
+use crate::propagate;
+
+const MESSAGE: &str = "deadline exceeded\n";
+const GRPC_MESSAGE: &str = "Timeout expired";
+
+/// The server-side timeout service; see [`ServerTimeoutLayer`].
+///
+/// # Clone
+///
+/// Clones share only configuration; there is no per-instance state.
+#[derive(Clone, Debug)]
+pub struct ServerTimeout<S> {
+    inner: S,
+    config: ServerTimeoutLayer,
+}
+
+impl<S> ServerTimeout<S> {
+    /// Wraps `inner`.
+    pub const fn new(inner: S, config: ServerTimeoutLayer) -> Self {
+        Self { inner, config }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ServerTimeout<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ServerResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let grpc = is_grpc_content_type(req.headers());
+        let inbound = propagate::inbound(req.headers());
+        let limit = inbound.map_or(self.config.limit, |i| i.min(self.config.limit));
+        let now = Instant::now();
+        // An earlier deadline already on the request (set by an outer layer) also holds.
+        let deadline = Deadline::earliest(
+            Some(Deadline::after_from(now, limit)),
+            req.extensions().get::<Deadline>().copied(),
+        )
+        .expect("one side is Some");
+        let on_expiry = Expiry {
+            grpc,
+            status: self.config.status,
+        };
+        if deadline.is_expired() {
+            tracing::debug!(target: "steadfast::timeout", grpc, "inbound deadline already passed");
+            return ServerResponseFuture {
+                state: ServerState::Expired { on_expiry },
+            };
+        }
+        req.extensions_mut().insert(deadline);
+        let inner = deadline.sync_scope(|| self.inner.call(req));
+        ServerResponseFuture {
+            state: ServerState::Running {
+                inner: deadline.scope(inner),
+                sleep: None,
+                deadline,
+                on_expiry,
+            },
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Expiry {
+    grpc: bool,
+    status: StatusCode,
+}
+
+impl Expiry {
+    fn respond<B>(self) -> Response<ResponseBody<B>> {
+        if self.grpc {
+            grpc_response(GrpcCode::DeadlineExceeded, GRPC_MESSAGE)
+        } else {
+            http_response(self.status, MESSAGE)
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`ServerTimeout`].
+    pub struct ServerResponseFuture<F> {
+        #[pin]
+        state: ServerState<F>,
+    }
+}
+
+pin_project! {
+    #[project = ServerStateProj]
+    enum ServerState<F> {
+        Running {
+            #[pin]
+            inner: Scoped<F>,
+            #[pin]
+            sleep: Option<Sleep>,
+            deadline: Deadline,
+            on_expiry: Expiry,
+        },
+        Expired {
+            on_expiry: Expiry,
+        },
+    }
+}
+
+impl<F> fmt::Debug for ServerResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerResponseFuture")
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ServerResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            ServerStateProj::Running {
+                inner,
+                mut sleep,
+                deadline,
+                on_expiry,
+            } => {
+                if let Poll::Ready(r) = inner.poll(cx) {
+                    return Poll::Ready(r.map(|res| res.map(ResponseBody::inner)));
+                }
+                if sleep.is_none() {
+                    sleep.set(Some(tokio::time::sleep_until(deadline.instant())));
+                }
+                ready!(sleep.as_pin_mut().expect("armed above").poll(cx));
+                tracing::debug!(target: "steadfast::timeout", grpc = on_expiry.grpc, "server deadline exceeded");
+                Poll::Ready(Ok(on_expiry.respond()))
+            }
+            ServerStateProj::Expired { on_expiry } => Poll::Ready(Ok(on_expiry.respond())),
+        }
+    }
+}

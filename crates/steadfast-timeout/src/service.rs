@@ -1,0 +1,170 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+use steadfast_core::{BoxError, Deadline};
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use crate::error::Elapsed;
+use crate::future::ResponseFuture;
+use crate::layer::TimeoutLayer;
+use crate::propagate;
+
+/// A per-request limit shorter than the layer's, set as a request extension.
+///
+/// Only ever shortens: the effective limit is the smaller of this and the layer's.
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast_timeout::RequestTimeout;
+///
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(RequestTimeout(Duration::from_millis(250)));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestTimeout(pub Duration);
+
+/// The client-side timeout service; see [`TimeoutLayer`].
+///
+/// # Clone
+///
+/// Clones share nothing but configuration. A pending readiness wait (with
+/// [`cover_ready`](TimeoutLayer::cover_ready)) belongs to the instance and is not cloned.
+pub struct Timeout<S> {
+    inner: S,
+    config: TimeoutLayer,
+    ready_sleep: Option<Pin<Box<Sleep>>>,
+    ready_expired: bool,
+}
+
+impl<S> Timeout<S> {
+    /// Wraps `inner`.
+    pub const fn new(inner: S, config: TimeoutLayer) -> Self {
+        Self {
+            inner,
+            config,
+            ready_sleep: None,
+            ready_expired: false,
+        }
+    }
+
+    /// A layer with limit `limit`.
+    pub const fn layer(limit: Duration) -> TimeoutLayer {
+        TimeoutLayer::new(limit)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for Timeout<S> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone(), self.config)
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Timeout<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Timeout")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .field("ready_expired", &self.ready_expired)
+            .finish()
+    }
+}
+
+impl<S, B> Service<Request<B>> for Timeout<S>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.ready_expired {
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(r) => {
+                self.ready_sleep = None;
+                Poll::Ready(r.map_err(Into::into))
+            }
+            Poll::Pending if !self.config.cover_ready => Poll::Pending,
+            Poll::Pending => {
+                let limit = Deadline::current()
+                    .map_or(self.config.limit, |d| d.remaining().min(self.config.limit));
+                let sleep = self
+                    .ready_sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        // Not an error here (that would be final): the next call fails instead.
+                        self.ready_sleep = None;
+                        self.ready_expired = true;
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if std::mem::take(&mut self.ready_expired) {
+            tracing::debug!(target: "steadfast::timeout", limit_ms = self.config.limit.as_millis() as u64, "ready wait elapsed");
+            return ResponseFuture::elapsed(Elapsed::new(self.config.limit, false));
+        }
+        let own = match req.extensions().get::<RequestTimeout>() {
+            Some(o) => o.0.min(self.config.limit),
+            None => self.config.limit,
+        };
+        match Deadline::for_request(&req) {
+            None if !self.config.propagate_own => ResponseFuture::lazy(self.inner.call(req), own),
+            inherited => {
+                let now = Instant::now();
+                let (limit, is_inherited) = match inherited {
+                    Some(d) => {
+                        let left = d.instant().saturating_duration_since(now);
+                        if left < own {
+                            (left, true)
+                        } else {
+                            (own, false)
+                        }
+                    }
+                    None => (own, false),
+                };
+                if limit.is_zero() {
+                    tracing::debug!(target: "steadfast::timeout", inherited = is_inherited, "deadline already passed; not sent");
+                    return ResponseFuture::elapsed(Elapsed::new(limit, is_inherited));
+                }
+                let deadline = Deadline::after_from(now, limit);
+                propagate::write(req.headers_mut(), limit);
+                req.extensions_mut().insert(deadline);
+                ResponseFuture::at(
+                    self.inner.call(req),
+                    deadline.instant(),
+                    limit,
+                    is_inherited,
+                )
+            }
+        }
+    }
+}

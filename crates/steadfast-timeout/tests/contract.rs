@@ -1,0 +1,362 @@
+//! Layer contracts with tower-test mocks and paused time.
+
+use std::time::Duration;
+
+use http::{Request, Response};
+use steadfast_core::{BoxError, Deadline, GrpcCode};
+use steadfast_timeout::{Elapsed, RequestTimeout, ServerTimeoutLayer, TimeoutLayer};
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
+use tower_test::mock;
+
+type Req = Request<()>;
+type Res = Response<()>;
+
+fn elapsed(err: BoxError) -> Elapsed {
+    *err.downcast_ref::<Elapsed>().expect("an Elapsed error")
+}
+
+#[tokio::test(start_paused = true)]
+async fn fast_inner_is_untouched_and_gets_no_header() {
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<Req, Res, _>(TimeoutLayer::new(Duration::from_secs(1)));
+    assert!(svc.poll_ready().is_ready());
+    let fut = svc.call(Request::new(()));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert!(
+        req.headers().is_empty(),
+        "nothing to propagate without a deadline"
+    );
+    assert!(req.extensions().get::<Deadline>().is_none());
+    send.send_response(Response::new(()));
+    fut.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_inner_fails_with_elapsed_at_the_limit() {
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<Req, Res, _>(TimeoutLayer::new(Duration::from_secs(1)));
+    assert!(svc.poll_ready().is_ready());
+    let start = Instant::now();
+    let fut = svc.call(Request::new(()));
+    let (_req, _send) = handle.next_request().await.unwrap();
+    let e = elapsed(fut.await.unwrap_err());
+    assert_eq!(e.limit(), Duration::from_secs(1));
+    assert!(!e.is_inherited());
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_override_only_shortens() {
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<Req, Res, _>(TimeoutLayer::new(Duration::from_secs(1)));
+    for (asked, fired) in [
+        (Duration::from_millis(200), Duration::from_millis(200)),
+        (Duration::from_secs(9), Duration::from_secs(1)),
+    ] {
+        assert!(svc.poll_ready().is_ready());
+        let mut req = Request::new(());
+        req.extensions_mut().insert(RequestTimeout(asked));
+        let start = Instant::now();
+        let fut = svc.call(req);
+        let (_req, _send) = handle.next_request().await.unwrap();
+        assert_eq!(elapsed(fut.await.unwrap_err()).limit(), fired);
+        assert_eq!(start.elapsed(), fired);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn inherited_deadline_is_propagated_and_enforced() {
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<Req, Res, _>(TimeoutLayer::new(Duration::from_secs(5)));
+    let deadline = Deadline::after(Duration::from_millis(1500));
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert!(svc.poll_ready().is_ready());
+    let fut = deadline.sync_scope(|| svc.call(Request::new(())));
+    let (req, _send) = handle.next_request().await.unwrap();
+    assert_eq!(req.headers()["x-request-timeout-ms"], "1000");
+    assert_eq!(req.extensions().get::<Deadline>(), Some(&deadline));
+    let e = elapsed(fut.await.unwrap_err());
+    assert!(e.is_inherited());
+    assert_eq!(e.limit(), Duration::from_millis(1000));
+    assert!(deadline.is_expired());
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_requests_get_grpc_timeout() {
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<Req, Res, _>(TimeoutLayer::new(Duration::from_secs(5)));
+    let deadline = Deadline::after(Duration::from_secs(2));
+    assert!(svc.poll_ready().is_ready());
+    let req = Request::builder()
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let fut = deadline.sync_scope(|| svc.call(req));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.headers()["grpc-timeout"], "2000000u");
+    assert!(req.headers().get("x-request-timeout-ms").is_none());
+    send.send_response(Response::new(()));
+    fut.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn own_limit_propagates_when_asked() {
+    let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
+        TimeoutLayer::new(Duration::from_secs(3)).propagate_own(true),
+    );
+    assert!(svc.poll_ready().is_ready());
+    let fut = svc.call(Request::new(()));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.headers()["x-request-timeout-ms"], "3000");
+    send.send_response(Response::new(()));
+    fut.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn spent_budget_fails_at_once_without_sending() {
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<Req, Res, _>(TimeoutLayer::new(Duration::from_secs(5)));
+    let mut req = Request::new(());
+    req.extensions_mut()
+        .insert(Deadline::after(Duration::from_millis(10)));
+    tokio::time::advance(Duration::from_millis(10)).await;
+    assert!(svc.poll_ready().is_ready());
+    let start = Instant::now();
+    let e = elapsed(svc.call(req).await.unwrap_err());
+    assert!(e.is_inherited());
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    drop(svc);
+    assert!(handle.next_request().await.is_none(), "nothing was sent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn cover_ready_bounds_the_readiness_wait_without_erroring_poll_ready() {
+    let (svc, mut handle) = mock::pair::<Req, Res>();
+    let mut svc = TimeoutLayer::new(Duration::from_secs(1))
+        .cover_ready(true)
+        .layer_svc(svc);
+    handle.allow(0);
+    let start = Instant::now();
+    // poll_ready resolves Ok (never a policy error) once the wait runs out...
+    svc.ready().await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    // ...and the call fails without reaching the inner service.
+    let e = elapsed(svc.call(Request::new(())).await.unwrap_err());
+    assert_eq!(e.limit(), Duration::from_secs(1));
+    handle.allow(1);
+    svc.ready().await.unwrap();
+    let fut = svc.call(Request::new(()));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_response(Response::new(()));
+    fut.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_cover_ready_the_wait_is_unbounded() {
+    let (svc, mut handle) = mock::pair::<Req, Res>();
+    let mut svc = TimeoutLayer::new(Duration::from_secs(1)).layer_svc(svc);
+    handle.allow(0);
+    let waited = tokio::time::timeout(Duration::from_secs(60), svc.ready()).await;
+    assert!(waited.is_err(), "still pending after 60 s");
+}
+
+trait LayerSvc {
+    fn layer_svc<S>(self, s: S) -> steadfast_timeout::Timeout<S>;
+}
+
+impl LayerSvc for TimeoutLayer {
+    fn layer_svc<S>(self, s: S) -> steadfast_timeout::Timeout<S> {
+        tower::Layer::layer(&self, s)
+    }
+}
+
+// ---- server side ----
+
+#[tokio::test(start_paused = true)]
+async fn server_makes_the_smaller_deadline_ambient() {
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<Req, Res, _>(ServerTimeoutLayer::new(Duration::from_secs(5)));
+    assert!(svc.poll_ready().is_ready());
+    let req = Request::builder()
+        .header("grpc-timeout", "1S")
+        .body(())
+        .unwrap();
+    let fut = svc.call(req);
+    let (req, send) = handle.next_request().await.unwrap();
+    let d = *req.extensions().get::<Deadline>().unwrap();
+    assert_eq!(d.remaining(), Duration::from_secs(1));
+    send.send_response(Response::new(()));
+    let res = fut.await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_answers_504_for_http_and_deadline_exceeded_for_grpc() {
+    for grpc in [false, true] {
+        let (mut svc, mut handle) =
+            mock::spawn_layer::<Req, Res, _>(ServerTimeoutLayer::new(Duration::from_secs(2)));
+        assert!(svc.poll_ready().is_ready());
+        let mut b = Request::builder();
+        if grpc {
+            b = b.header("content-type", "application/grpc");
+        }
+        let start = Instant::now();
+        let fut = svc.call(b.body(()).unwrap());
+        let (_req, _send) = handle.next_request().await.unwrap();
+        let res = fut.await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        if grpc {
+            assert_eq!(res.status(), 200);
+            assert_eq!(
+                GrpcCode::from_map(res.headers()),
+                Some(GrpcCode::DeadlineExceeded)
+            );
+            assert!(res.headers().contains_key("grpc-message"));
+        } else {
+            assert_eq!(res.status(), 504);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_status_is_configurable() {
+    let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
+        ServerTimeoutLayer::new(Duration::from_secs(1))
+            .status(http::StatusCode::SERVICE_UNAVAILABLE),
+    );
+    assert!(svc.poll_ready().is_ready());
+    let fut = svc.call(Request::new(()));
+    let (_req, _send) = handle.next_request().await.unwrap();
+    assert_eq!(fut.await.unwrap().status(), 503);
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_inbound_budgets_fall_back_to_own_limit() {
+    let bad: &[&[u8]] = &[
+        b"123456789S",
+        b"1s",
+        b"1x",
+        b"",
+        b"-1S",
+        b"+1S",
+        b" 1S",
+        b"99999999999999999999n",
+        b"1.5S",
+        b"\xc3\xa9S",
+    ];
+    for raw in bad {
+        for name in ["grpc-timeout", "x-request-timeout-ms"] {
+            let (mut svc, mut handle) =
+                mock::spawn_layer::<Req, Res, _>(ServerTimeoutLayer::new(Duration::from_secs(3)));
+            assert!(svc.poll_ready().is_ready());
+            let mut req = Request::new(());
+            req.headers_mut()
+                .insert(name, http::HeaderValue::from_bytes(raw).unwrap());
+            let start = Instant::now();
+            let fut = svc.call(req);
+            let (req, _send) = handle.next_request().await.unwrap();
+            assert_eq!(
+                req.extensions().get::<Deadline>().unwrap().remaining(),
+                Duration::from_secs(3),
+                "{name}: {raw:?}"
+            );
+            assert_eq!(fut.await.unwrap().status(), 504);
+            assert_eq!(start.elapsed(), Duration::from_secs(3), "{name}: {raw:?}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn zero_inbound_budget_answers_at_once_without_calling_inner() {
+    for zero in ["0S", "0m", "0n", "0H"] {
+        let (mut svc, mut handle) =
+            mock::spawn_layer::<Req, Res, _>(ServerTimeoutLayer::new(Duration::from_secs(3)));
+        assert!(svc.poll_ready().is_ready());
+        let req = Request::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-timeout", zero)
+            .body(())
+            .unwrap();
+        let res = svc.call(req).await.unwrap();
+        assert_eq!(
+            GrpcCode::from_map(res.headers()),
+            Some(GrpcCode::DeadlineExceeded),
+            "{zero}"
+        );
+        drop(svc);
+        assert!(
+            handle.next_request().await.is_none(),
+            "{zero}: inner never called"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn spawned_work_inherits_with_propagate() {
+    let svc = tower::ServiceBuilder::new()
+        .layer(ServerTimeoutLayer::new(Duration::from_secs(4)))
+        .service(tower::service_fn(|_req: Req| async {
+            let inner = tokio::spawn(Deadline::propagate(async { Deadline::current() }))
+                .await
+                .unwrap();
+            let lost = tokio::spawn(async { Deadline::current() }).await.unwrap();
+            assert!(
+                lost.is_none(),
+                "task-locals do not cross spawn by themselves"
+            );
+            let d = inner.expect("propagated");
+            let mut res = Response::new(());
+            res.extensions_mut().insert(d);
+            Ok::<_, std::convert::Infallible>(res)
+        }));
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(
+        res.extensions().get::<Deadline>().unwrap().remaining(),
+        Duration::from_secs(4)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn axum_router_keeps_infallible_and_answers() {
+    use axum::{Router, routing::get};
+    fn assert_infallible<
+        S: Service<Request<axum::body::Body>, Error = std::convert::Infallible>,
+    >(
+        _: &S,
+    ) {
+    }
+    let app = Router::new()
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                "late"
+            }),
+        )
+        .route("/fast", get(|| async { "ok" }))
+        .layer(ServerTimeoutLayer::new(Duration::from_secs(1)));
+    assert_infallible(&app);
+    let get = |p: &str| Request::get(p).body(axum::body::Body::empty()).unwrap();
+    let res = app.clone().oneshot(get("/fast")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body, "ok");
+    let res = app.oneshot(get("/slow")).await.unwrap();
+    assert_eq!(res.status(), 504);
+}
+
+#[test]
+fn services_and_futures_are_send_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<steadfast_timeout::Timeout<tower::util::BoxCloneSyncService<Req, Res, BoxError>>>();
+    send_sync::<
+        steadfast_timeout::ServerTimeout<tower::util::BoxCloneSyncService<Req, Res, BoxError>>,
+    >();
+    send::<steadfast_timeout::ResponseFuture<std::future::Ready<Result<Res, BoxError>>>>();
+    send::<steadfast_timeout::ServerResponseFuture<std::future::Ready<Result<Res, BoxError>>>>();
+}

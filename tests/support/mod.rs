@@ -1,0 +1,35 @@
+//! Shared helpers for the loopback integration tests: real servers on 127.0.0.1 with
+//! ephemeral ports, and a real hyper-util client.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// Serves an axum router on 127.0.0.1 with an ephemeral port.
+pub async fn serve_axum(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    addr
+}
+
+/// A plain hyper-util HTTP client (HTTP/1 and HTTP/2 prior knowledge off).
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A GET request to `addr` + `path`.
+pub fn get(addr: SocketAddr, path: &str) -> http::Request<Full<Bytes>> {
+    http::Request::get(format!("http://{addr}{path}"))
+        .body(Full::default())
+        .unwrap()
+}

@@ -1,0 +1,245 @@
+//! The timeout layer over real loopback sockets: axum, tonic, and deadline propagation
+//! across hops. Paused tokio time throughout.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::{Router, extract::State, http::HeaderMap, routing::get};
+use steadfast::core::{BoxError, Deadline};
+use steadfast::timeout::{Elapsed, ServerTimeoutLayer, TimeoutLayer};
+use support::{get as get_req, http_client, serve_axum};
+use tokio::time::Instant;
+use tower::{ServiceBuilder, ServiceExt};
+
+#[tokio::test(start_paused = true)]
+async fn axum_slow_handler_gets_504_fast_one_is_untouched() {
+    let app = Router::new()
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                "late"
+            }),
+        )
+        .route("/fast", get(|| async { "fast" }))
+        .layer(ServerTimeoutLayer::new(Duration::from_secs(2)));
+    let addr = serve_axum(app).await;
+    let client = http_client();
+
+    let res = client.request(get_req(addr, "/fast")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body, "fast");
+
+    let start = Instant::now();
+    let res = client.request(get_req(addr, "/slow")).await.unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(start.elapsed().as_secs(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tonic_client_sees_deadline_exceeded_from_slow_server() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // A deliberately slow server: every call waits 60 s before reaching the service.
+    let slow = tower::util::MapFutureLayer::new(|fut| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        fut.await
+    });
+    // Records the deadline the service is called with (ambient, set by the server timeout).
+    let seen: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let record = {
+        let seen = seen.clone();
+        tower::util::MapRequestLayer::new(move |req: http::Request<tonic::body::Body>| {
+            let d = Deadline::current().expect("ambient deadline");
+            seen.lock().unwrap().push(d.remaining());
+            req
+        })
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(ServerTimeoutLayer::new(Duration::from_secs(1)))
+            .layer(record)
+            .layer(slow)
+            .add_service(health)
+            .serve_with_incoming(tokio_stream_from(listener)),
+    );
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let start = Instant::now();
+    let status = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(start.elapsed().as_secs(), 1);
+
+    // A client budget smaller than the server's own limit wins: grpc-timeout from tonic.
+    let mut req = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    req.set_timeout(Duration::from_millis(300));
+    let start = Instant::now();
+    let status = client.check(req).await.unwrap_err();
+    // Both ends fire at the same instant: tonic's own client timer reports CANCELLED, our
+    // server DEADLINE_EXCEEDED; either way the server honoured the smaller budget.
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{status:?}"
+    );
+    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen[0],
+        Duration::from_secs(1),
+        "own limit without an inbound budget"
+    );
+    assert!(
+        seen[1] <= Duration::from_millis(300),
+        "inbound grpc-timeout wins: {:?}",
+        seen[1]
+    );
+}
+
+fn tokio_stream_from(
+    listener: tokio::net::TcpListener,
+) -> impl futures_core_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_core_stream::unfold(listener)
+}
+
+/// A minimal `Stream` of accepted connections without pulling in tokio-stream.
+mod futures_core_stream {
+    pub(crate) use futures_util::Stream;
+
+    pub(crate) fn unfold(
+        listener: tokio::net::TcpListener,
+    ) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+        futures_util::stream::unfold(listener, |l| async move {
+            let r = l.accept().await.map(|(s, _)| s);
+            Some((r, l))
+        })
+    }
+}
+
+/// When B's call to C ended, and how.
+type CallEnd = (Instant, Result<(), Elapsed>);
+
+#[derive(Clone, Default)]
+struct Seen {
+    budget_at_b: Arc<Mutex<Option<String>>>,
+    c_call: Arc<Mutex<Option<CallEnd>>>,
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_propagates_across_hops_and_cuts_the_innermost_call() {
+    // C: accepts and never answers.
+    let c = serve_axum(Router::new().route(
+        "/c",
+        get(|| async {
+            std::future::pending::<()>().await;
+            ""
+        }),
+    ))
+    .await;
+
+    let seen = Seen::default();
+
+    // B: records the budget it was given, then calls C through a client stack.
+    async fn b_handler(
+        State((seen, c)): State<(Seen, std::net::SocketAddr)>,
+        headers: HeaderMap,
+    ) -> &'static str {
+        *seen.budget_at_b.lock().unwrap() = headers
+            .get("x-request-timeout-ms")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let client = ServiceBuilder::new()
+            .layer(TimeoutLayer::new(Duration::from_secs(10)))
+            .service(http_client());
+        let r = client.oneshot(get_req(c, "/c")).await;
+        let outcome = match r {
+            Ok(_) => panic!("C never answers"),
+            Err(e) => Err(*e
+                .downcast_ref::<Elapsed>()
+                .expect("cut by the timeout layer")),
+        };
+        *seen.c_call.lock().unwrap() = Some((Instant::now(), outcome));
+        "b done"
+    }
+    let b = serve_axum(
+        Router::new()
+            .route("/b", get(b_handler))
+            .with_state((seen.clone(), c))
+            .layer(ServerTimeoutLayer::new(Duration::from_secs(30))),
+    )
+    .await;
+
+    // A: calls B through a client stack; no deadline code in the handler.
+    let a = serve_axum(
+        Router::new()
+            .route(
+                "/a",
+                get(move || async move {
+                    assert!(Deadline::current().is_some(), "A's deadline is ambient");
+                    let client = ServiceBuilder::new()
+                        .layer(TimeoutLayer::new(Duration::from_secs(10)))
+                        .service(http_client());
+                    match client.oneshot(get_req(b, "/b")).await {
+                        Ok(res) => res.status().to_string(),
+                        Err(e) => format!("error: {e}"),
+                    }
+                }),
+            )
+            .layer(ServerTimeoutLayer::new(Duration::from_secs(30))),
+    )
+    .await;
+
+    let start = Instant::now();
+    let mut req = get_req(a, "/a");
+    req.headers_mut()
+        .insert("x-request-timeout-ms", "2000".parse().unwrap());
+    let res: Result<_, BoxError> = http_client().request(req).await.map_err(Into::into);
+    let res = res.unwrap();
+    assert!(
+        start.elapsed() <= Duration::from_secs(2),
+        "the edge's deadline holds: {:?}",
+        start.elapsed()
+    );
+    assert!(res.status() == 200 || res.status() == 504);
+
+    let budget: u64 = seen
+        .budget_at_b
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("B got a budget")
+        .parse()
+        .unwrap();
+    assert!(budget <= 2000 && budget > 1500, "B was told {budget} ms");
+    let (ended, outcome) = seen.c_call.lock().unwrap().expect("B's call to C ended");
+    let e = outcome.unwrap_err();
+    assert!(
+        e.is_inherited(),
+        "cut by the inherited deadline, not B's own 10 s"
+    );
+    assert!(ended - start <= Duration::from_secs(2));
+    assert!(ended - start >= Duration::from_millis(1900));
+}
