@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tower::ServiceBuilder;
-#[cfg(feature = "timeout")]
+#[cfg(any(feature = "timeout", feature = "correlation"))]
 use tower::layer::util::Stack;
 
 mod sealed {
@@ -41,6 +41,18 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
         self,
         limit: Duration,
     ) -> ServiceBuilder<Stack<crate::timeout::ServerTimeoutLayer, L>>;
+
+    /// Adds a server-side [`CorrelationIdLayer`](crate::correlation::CorrelationIdLayer) with
+    /// its defaults.
+    #[cfg(feature = "correlation")]
+    fn correlation_id(self) -> ServiceBuilder<Stack<crate::correlation::CorrelationIdLayer, L>>;
+
+    /// Adds a [`ClientCorrelationIdLayer`](crate::correlation::ClientCorrelationIdLayer) with
+    /// its defaults.
+    #[cfg(feature = "correlation")]
+    fn client_correlation_id(
+        self,
+    ) -> ServiceBuilder<Stack<crate::correlation::ClientCorrelationIdLayer, L>>;
 }
 
 impl<L> sealed::Sealed<L> for ServiceBuilder<L> {}
@@ -60,5 +72,17 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         limit: Duration,
     ) -> ServiceBuilder<Stack<crate::timeout::ServerTimeoutLayer, L>> {
         self.layer(crate::timeout::ServerTimeoutLayer::new(limit))
+    }
+
+    #[cfg(feature = "correlation")]
+    fn correlation_id(self) -> ServiceBuilder<Stack<crate::correlation::CorrelationIdLayer, L>> {
+        self.layer(crate::correlation::CorrelationIdLayer::new())
+    }
+
+    #[cfg(feature = "correlation")]
+    fn client_correlation_id(
+        self,
+    ) -> ServiceBuilder<Stack<crate::correlation::ClientCorrelationIdLayer, L>> {
+        self.layer(crate::correlation::ClientCorrelationIdLayer::new())
     }
 }

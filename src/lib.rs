@@ -64,5 +64,7 @@ pub use steadfast_retry as retry;
 pub use steadfast_timeout as timeout;
 
 mod builder;
+mod propagate;
 
 pub use builder::ServiceBuilderExt;
+pub use propagate::propagate;

@@ -69,5 +69,77 @@ fn timeout_armed(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, timeout, timeout_armed);
+fn with_id() -> http::Request<()> {
+    let mut req = http::Request::new(());
+    req.headers_mut().insert(
+        "x-correlation-id",
+        http::HeaderValue::from_static("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60"),
+    );
+    req
+}
+
+fn correlation(c: &mut Criterion) {
+    use steadfast::correlation::{ClientCorrelationIdLayer, CorrelationId, CorrelationIdLayer};
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+    let header = http::HeaderName::from_static("x-correlation-id");
+    let tower_http_pair = |svc: Bare| {
+        tower::ServiceBuilder::new()
+            .layer(SetRequestIdLayer::new(header.clone(), MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::new(header.clone()))
+            .service(svc)
+    };
+    for (group, make_req) in [
+        (
+            "correlation-server-inbound-id",
+            with_id as fn() -> http::Request<()>,
+        ),
+        ("correlation-server-no-id", || http::Request::new(())),
+    ] {
+        let mut rec = Recorder::new(c, group);
+        rec.bench_req("bare", Bare, make_req);
+        rec.bench_req("tower-http", tower_http_pair(Bare), make_req);
+        rec.bench_req("steadfast", CorrelationIdLayer::new().layer(Bare), make_req);
+        rec.bench_req(
+            "steadfast-no-extension",
+            CorrelationIdLayer::new().extension(false).layer(Bare),
+            make_req,
+        );
+    }
+
+    // Client side: the id is ambient (as inside a handler); both contenders run inside the
+    // same task-local scope, so the scope's own cost cancels out.
+    let mut rec = Recorder::new(c, "correlation-client-ambient");
+    let id = CorrelationId::parse("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60").unwrap();
+    rec.bench_req("bare", InScope(id.clone(), Bare), || http::Request::new(()));
+    rec.bench_req(
+        "steadfast",
+        InScope(id.clone(), ClientCorrelationIdLayer::new().layer(Bare)),
+        || http::Request::new(()),
+    );
+}
+
+/// Calls the inner service inside a correlation-id scope.
+#[derive(Clone, Debug)]
+struct InScope<S>(steadfast::correlation::CorrelationId, S);
+
+impl<S: tower::Service<http::Request<()>>> tower::Service<http::Request<()>> for InScope<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.1.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<()>) -> S::Future {
+        let inner = &mut self.1;
+        self.0.clone().sync_scope(|| inner.call(req))
+    }
+}
+
+criterion_group!(benches, timeout, timeout_armed, correlation);
 criterion_main!(benches);

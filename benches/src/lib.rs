@@ -133,9 +133,22 @@ where
     S: Service<http::Request<()>>,
     S::Error: std::fmt::Debug,
 {
+    call_with(svc, http::Request::new(()));
+}
+
+/// [`call_once`] with a given request.
+///
+/// # Panics
+///
+/// As [`call_once`].
+pub fn call_with<S>(svc: &mut S, req: http::Request<()>)
+where
+    S: Service<http::Request<()>>,
+    S::Error: std::fmt::Debug,
+{
     let mut cx = Context::from_waker(std::task::Waker::noop());
     assert!(svc.poll_ready(&mut cx).is_ready(), "contender not ready");
-    let mut fut = std::pin::pin!(svc.call(http::Request::new(())));
+    let mut fut = std::pin::pin!(svc.call(req));
     for _ in 0..4 {
         if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
             black_box(r.expect("contender answers"));
@@ -162,14 +175,28 @@ impl<'c> Recorder<'c> {
     }
 
     /// Benchmarks `svc` with [`call_once`] under the name `contender`.
-    pub fn bench<S>(&mut self, contender: &str, mut svc: S)
+    pub fn bench<S>(&mut self, contender: &str, svc: S)
     where
         S: Service<http::Request<()>>,
         S::Error: std::fmt::Debug,
     {
+        self.bench_req(contender, svc, || http::Request::new(()));
+    }
+
+    /// Benchmarks `svc` on requests made by `make_req` (made inside the timed loop, so
+    /// compare contenders that use the same maker).
+    pub fn bench_req<S>(
+        &mut self,
+        contender: &str,
+        mut svc: S,
+        mut make_req: impl FnMut() -> http::Request<()>,
+    ) where
+        S: Service<http::Request<()>>,
+        S::Error: std::fmt::Debug,
+    {
         self.group
-            .bench_function(contender, |b| b.iter(|| call_once(&mut svc)));
-        let allocs = allocations_per_call(10_000, || call_once(&mut svc));
+            .bench_function(contender, |b| b.iter(|| call_with(&mut svc, make_req())));
+        let allocs = allocations_per_call(10_000, || call_with(&mut svc, make_req()));
         record_allocs(self.name, contender, allocs);
     }
 }

@@ -1,1 +1,70 @@
-//! The steadfast correlation layer (in progress: see the project's issue tracker).
+//! One correlation id from the edge through every hop, safe against hostile input.
+//!
+//! - [`CorrelationIdLayer`] (server side) accepts a valid inbound `x-correlation-id` (or
+//!   `x-request-id`, or optionally a `traceparent` trace-id) or generates a time-ordered
+//!   UUIDv7, and makes it visible to the handler — request extension, ambient
+//!   [`CorrelationId::current`], a `correlation_id` field on a `request` tracing span — and on
+//!   the response.
+//! - [`ClientCorrelationIdLayer`] (client side) stamps the id on outgoing requests: from the
+//!   request's extension, else the ambient id, else a new one.
+//!
+//! Together they carry one id across hops with no code in the handler:
+//!
+//! ```text
+//!   x-correlation-id: abc ─▶ [CorrelationIdLayer] handler ─▶ [ClientCorrelationIdLayer] ─▶ x-correlation-id: abc
+//!                              CorrelationId::current() == "abc", span field correlation_id=abc
+//! ```
+//!
+//! Spawned work does not inherit task-locals: wrap it in [`CorrelationId::propagate`].
+//!
+//! # Hostile input
+//!
+//! Inbound ids must be 1-128 bytes of `[A-Za-z0-9._:-]` by default ([`is_valid_default`],
+//! configurable through [`ValidateId`], never beyond visible ASCII). Anything else — overlong,
+//! empty, spaces, quotes, bytes `0x80`-`0xFF`, percent-encoded CR/LF, control characters — is
+//! replaced by a generated id, never echoed, never logged.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//! use steadfast_correlation::{ClientCorrelationIdLayer, CorrelationIdLayer};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! // A downstream service that reports the id it received.
+//! let downstream = ServiceBuilder::new()
+//!     .layer(ClientCorrelationIdLayer::new())
+//!     .service(service_fn(|req: http::Request<()>| async move {
+//!         Ok::<_, std::convert::Infallible>(req.headers()["x-correlation-id"].to_str().unwrap().to_owned())
+//!     }));
+//! // The handler calls downstream with no id code of its own.
+//! let app = Router::new()
+//!     .route("/", get(move || {
+//!         let downstream = downstream.clone();
+//!         async move { downstream.oneshot(http::Request::new(())).await.unwrap() }
+//!     }))
+//!     .layer(CorrelationIdLayer::new());
+//! let req = http::Request::get("/").header("x-correlation-id", "abc").body(axum::body::Body::empty()).unwrap();
+//! let res = app.oneshot(req).await.unwrap();
+//! assert_eq!(res.headers()["x-correlation-id"], "abc");
+//! let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+//! assert_eq!(body, "abc");
+//! # }
+//! ```
+
+mod client;
+mod generate;
+mod id;
+mod layer;
+mod server;
+mod traceparent;
+mod validate;
+
+pub use client::ClientCorrelationId;
+pub use generate::{MakeCorrelationId, UuidV7};
+pub use id::{CorrelationId, Propagated, Scoped};
+pub use layer::{ClientCorrelationIdLayer, CorrelationIdLayer, X_CORRELATION_ID, X_REQUEST_ID};
+pub use server::{CorrelationIdService, ServerFuture};
+pub use traceparent::{TRACEPARENT, trace_id};
+pub use validate::{DefaultRule, MAX_LEN, ValidateId, is_valid_default};

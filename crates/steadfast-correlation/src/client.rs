@@ -1,0 +1,81 @@
+use std::task::{Context, Poll};
+
+use http::Request;
+use tower_service::Service;
+
+use crate::generate::MakeCorrelationId;
+use crate::id::CorrelationId;
+use crate::layer::ClientCorrelationIdLayer;
+use crate::validate::ValidateId;
+
+/// The client-side service; see [`ClientCorrelationIdLayer`].
+///
+/// # Clone
+///
+/// Clones share only configuration.
+#[derive(Clone, Debug)]
+pub struct ClientCorrelationId<S, M, V> {
+    inner: S,
+    config: ClientCorrelationIdLayer<M, V>,
+}
+
+impl<S, M, V> ClientCorrelationId<S, M, V> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, config: ClientCorrelationIdLayer<M, V>) -> Self {
+        Self { inner, config }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, M, V, B> Service<Request<B>> for ClientCorrelationId<S, M, V>
+where
+    S: Service<Request<B>>,
+    M: MakeCorrelationId,
+    V: ValidateId,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        let header = &self.config.header;
+        let id = if let Some(id) = req.extensions().get::<CorrelationId>() {
+            Some(id.header_value().clone())
+        } else if req
+            .headers()
+            .get(header)
+            .is_some_and(|v| self.config.validate.accepts(v.as_bytes()))
+        {
+            None // the caller set a valid id on purpose: keep it
+        } else if let Some(id) = CorrelationId::current() {
+            Some(id.into())
+        } else if self.config.generate {
+            Some(self.config.make.make_id().into())
+        } else {
+            req.headers_mut().remove(header);
+            None
+        };
+        if let Some(v) = id {
+            req.headers_mut().insert(header.clone(), v);
+        }
+        self.inner.call(req)
+    }
+}

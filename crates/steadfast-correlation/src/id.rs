@@ -1,0 +1,202 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::HeaderValue;
+use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
+
+use crate::validate::is_valid_default;
+
+tokio::task_local! {
+    static CURRENT: CorrelationId;
+}
+
+/// A validated correlation id.
+///
+/// Cheap to clone (a reference-counted header value). Inside a handler behind the server
+/// [`CorrelationIdLayer`](crate::CorrelationIdLayer), [`CorrelationId::current`] returns the
+/// request's id, and client stacks with a
+/// [`ClientCorrelationIdLayer`](crate::ClientCorrelationIdLayer) stamp it on outgoing calls.
+///
+/// # Message metadata
+///
+/// The id is plain ASCII, usable as broker message metadata:
+///
+/// ```
+/// use steadfast_correlation::CorrelationId;
+///
+/// struct OrderPlaced { order: u64, correlation_id: String }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let id = CorrelationId::parse("req-42").unwrap();
+/// let event = id.clone().scope(async {
+///     // Anywhere in the handler: stamp the outgoing event with the ambient id.
+///     let correlation_id = CorrelationId::current().map(|id| id.as_str().to_owned()).unwrap_or_default();
+///     OrderPlaced { order: 7, correlation_id }
+/// }).await;
+/// assert_eq!(event.correlation_id, "req-42");
+/// assert_eq!(id.as_bytes(), b"req-42"); // e.g. a Kafka / AMQP header value
+/// # }
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CorrelationId(HeaderValue);
+
+impl CorrelationId {
+    /// Parses `s` with the default rule (1-128 bytes of `[A-Za-z0-9._:-]`); `None` otherwise.
+    pub fn parse(s: &str) -> Option<Self> {
+        if !is_valid_default(s.as_bytes()) {
+            return None;
+        }
+        HeaderValue::from_str(s).ok().map(Self)
+    }
+
+    /// Wraps a header value the caller has already validated. Used by generators and
+    /// validators; the value must be visible ASCII.
+    pub(crate) fn from_validated(value: HeaderValue) -> Self {
+        Self(value)
+    }
+
+    /// The id as text (always ASCII).
+    pub fn as_str(&self) -> &str {
+        // Validated ids and generated ids are ASCII; `to_str` cannot fail for them.
+        self.0.to_str().unwrap_or("")
+    }
+
+    /// The id as bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    /// The id as a header value (a cheap clone).
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+
+    /// The correlation id of the request being handled, if any.
+    pub fn current() -> Option<CorrelationId> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// Runs `fut` with this id ambient.
+    pub fn scope<F: Future>(self, fut: F) -> Scoped<F> {
+        Scoped {
+            inner: CURRENT.scope(self, fut),
+        }
+    }
+
+    /// Runs the synchronous `f` with this id ambient.
+    pub fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
+        CURRENT.sync_scope(self, f)
+    }
+
+    /// Carries the current id (if any) into `fut`, typically before `tokio::spawn`, since
+    /// task-locals do not cross a spawn.
+    ///
+    /// ```
+    /// use steadfast_correlation::CorrelationId;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let id = CorrelationId::parse("abc").unwrap();
+    /// let seen = id.scope(async {
+    ///     tokio::spawn(CorrelationId::propagate(async { CorrelationId::current() })).await.unwrap()
+    /// }).await;
+    /// assert_eq!(seen.unwrap().as_str(), "abc");
+    /// # }
+    /// ```
+    pub fn propagate<F: Future>(fut: F) -> Propagated<F> {
+        match Self::current() {
+            Some(id) => Propagated {
+                inner: Either::Scoped {
+                    inner: CURRENT.scope(id, fut),
+                },
+            },
+            None => Propagated {
+                inner: Either::Plain { inner: fut },
+            },
+        }
+    }
+}
+
+impl fmt::Debug for CorrelationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CorrelationId")
+            .field(&self.as_str())
+            .finish()
+    }
+}
+
+impl fmt::Display for CorrelationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<CorrelationId> for HeaderValue {
+    fn from(id: CorrelationId) -> HeaderValue {
+        id.0
+    }
+}
+
+impl AsRef<str> for CorrelationId {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+pin_project! {
+    /// A future with an ambient [`CorrelationId`]; see [`CorrelationId::scope`].
+    pub struct Scoped<F> {
+        #[pin]
+        inner: TaskLocalFuture<CorrelationId, F>,
+    }
+}
+
+impl<F> fmt::Debug for Scoped<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scoped").finish_non_exhaustive()
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+pin_project! {
+    /// A future that carries the spawning task's id, if it had one; see
+    /// [`CorrelationId::propagate`].
+    pub struct Propagated<F> {
+        #[pin]
+        inner: Either<F>,
+    }
+}
+
+pin_project! {
+    #[project = EitherProj]
+    enum Either<F> {
+        Scoped { #[pin] inner: TaskLocalFuture<CorrelationId, F> },
+        Plain { #[pin] inner: F },
+    }
+}
+
+impl<F> fmt::Debug for Propagated<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Propagated").finish_non_exhaustive()
+    }
+}
+
+impl<F: Future> Future for Propagated<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        match self.project().inner.project() {
+            EitherProj::Scoped { inner } => inner.poll(cx),
+            EitherProj::Plain { inner } => inner.poll(cx),
+        }
+    }
+}

@@ -1,0 +1,167 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+use tracing::Instrument;
+use tracing::instrument::Instrumented;
+
+use crate::generate::MakeCorrelationId;
+use crate::id::{CorrelationId, Scoped};
+use crate::layer::CorrelationIdLayer;
+use crate::traceparent::{TRACEPARENT, trace_id};
+use crate::validate::ValidateId;
+
+/// The server-side service; see [`CorrelationIdLayer`].
+///
+/// # Clone
+///
+/// Clones share only configuration.
+#[derive(Clone, Debug)]
+pub struct CorrelationIdService<S, M, V> {
+    inner: S,
+    config: CorrelationIdLayer<M, V>,
+}
+
+impl<S, M, V> CorrelationIdService<S, M, V> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, config: CorrelationIdLayer<M, V>) -> Self {
+        Self { inner, config }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// Where the accepted id came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Header,
+    Fallback,
+    Traceparent,
+    Generated,
+}
+
+impl<M: MakeCorrelationId, V: ValidateId> CorrelationIdLayer<M, V> {
+    fn accept(&self, v: &HeaderValue) -> bool {
+        self.validate.accepts(v.as_bytes())
+    }
+
+    fn pick(&self, headers: &HeaderMap) -> (CorrelationId, Source) {
+        let mut rejected = false;
+        if let Some(v) = headers.get(&self.header) {
+            if self.accept(v) {
+                return (CorrelationId::from_validated(v.clone()), Source::Header);
+            }
+            rejected = true;
+        }
+        if let Some(v) = self.fallback.as_ref().and_then(|name| headers.get(name)) {
+            if self.accept(v) {
+                return (CorrelationId::from_validated(v.clone()), Source::Fallback);
+            }
+            rejected = true;
+        }
+        if self.traceparent {
+            if let Some(trace) = headers
+                .get(TRACEPARENT)
+                .and_then(|v| trace_id(v.as_bytes()))
+            {
+                if let Ok(v) = HeaderValue::from_bytes(trace) {
+                    if self.accept(&v) {
+                        return (CorrelationId::from_validated(v), Source::Traceparent);
+                    }
+                }
+            }
+        }
+        if rejected {
+            // Never the raw value: it may carry log-injection payloads.
+            tracing::debug!(target: "steadfast::correlation", "inbound correlation id rejected; generating one");
+        }
+        (self.make.make_id(), Source::Generated)
+    }
+}
+
+impl<S, M, V, ReqBody, ResBody> Service<Request<ReqBody>> for CorrelationIdService<S, M, V>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    M: MakeCorrelationId,
+    V: ValidateId,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ServerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let (id, source) = self.config.pick(req.headers());
+        if source != Source::Header {
+            req.headers_mut()
+                .insert(self.config.header.clone(), id.header_value().clone());
+        }
+        if self.config.extension {
+            req.extensions_mut().insert(id.clone());
+        }
+        let span = tracing::info_span!("request", correlation_id = %id);
+        let echo = self
+            .config
+            .echo
+            .then(|| (self.config.header.clone(), id.header_value().clone()));
+        let inner = {
+            let _entered = span.enter();
+            id.clone().sync_scope(|| self.inner.call(req))
+        };
+        ServerFuture {
+            inner: id.scope(inner).instrument(span),
+            echo,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`CorrelationIdService`].
+    pub struct ServerFuture<F> {
+        #[pin]
+        inner: Instrumented<Scoped<F>>,
+        echo: Option<(HeaderName, HeaderValue)>,
+    }
+}
+
+impl<F> fmt::Debug for ServerFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ServerFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut res = ready!(this.inner.poll(cx))?;
+        if let Some((name, value)) = this.echo.take() {
+            res.headers_mut().insert(name, value);
+        }
+        Poll::Ready(Ok(res))
+    }
+}

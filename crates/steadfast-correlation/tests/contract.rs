@@ -1,0 +1,322 @@
+//! Layer contracts: precedence, validation, echo, extension, span, spawn.
+
+use std::sync::{Arc, Mutex};
+
+use http::{HeaderValue, Request, Response};
+use steadfast_correlation::{
+    ClientCorrelationIdLayer, CorrelationId, CorrelationIdLayer, MakeCorrelationId, UuidV7,
+    is_valid_default,
+};
+use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+
+type Seen = Arc<Mutex<Vec<(Option<String>, Option<String>, Option<String>)>>>;
+
+/// A server stack whose handler records (header, extension, ambient) ids.
+fn server(
+    layer: CorrelationIdLayer<
+        impl MakeCorrelationId + Clone,
+        impl steadfast_correlation::ValidateId + Clone,
+    >,
+) -> (
+    impl Service<Request<()>, Response = Response<()>, Error = std::convert::Infallible> + Clone,
+    Seen,
+) {
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |req: Request<()>| {
+            let s = s.clone();
+            async move {
+                let header = req
+                    .headers()
+                    .get("x-correlation-id")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let ext = req
+                    .extensions()
+                    .get::<CorrelationId>()
+                    .map(|i| i.to_string());
+                let ambient = CorrelationId::current().map(|i| i.to_string());
+                s.lock().unwrap().push((header, ext, ambient));
+                Ok::<_, std::convert::Infallible>(Response::new(()))
+            }
+        }));
+    (svc, seen)
+}
+
+fn req_with(headers: &[(&'static str, &[u8])]) -> Request<()> {
+    let mut req = Request::new(());
+    for (k, v) in headers {
+        req.headers_mut()
+            .append(*k, HeaderValue::from_bytes(v).unwrap());
+    }
+    req
+}
+
+#[tokio::test]
+async fn precedence_header_then_request_id_then_traceparent_then_generated() {
+    let tp: &[u8] = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    type Case = (Vec<(&'static str, &'static [u8])>, Option<&'static str>);
+    let cases: Vec<Case> = vec![
+        (
+            vec![
+                ("x-correlation-id", b"main"),
+                ("x-request-id", b"fallback"),
+                ("traceparent", tp),
+            ],
+            Some("main"),
+        ),
+        (
+            vec![
+                ("x-correlation-id", b"bad id"),
+                ("x-request-id", b"fallback"),
+            ],
+            Some("fallback"),
+        ),
+        (
+            vec![("x-request-id", b"fallback"), ("traceparent", tp)],
+            Some("fallback"),
+        ),
+        (
+            vec![("traceparent", tp)],
+            Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+        ),
+        (
+            vec![
+                ("x-correlation-id", b"\xff\xfe"),
+                ("traceparent", b"garbage"),
+            ],
+            None,
+        ),
+        (vec![], None),
+    ];
+    for (headers, expected) in cases {
+        let (svc, seen) = server(CorrelationIdLayer::new().from_traceparent(true));
+        let res = svc.oneshot(req_with(&headers)).await.unwrap();
+        let echoed = res.headers()["x-correlation-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let (header, ext, ambient) = seen.lock().unwrap()[0].clone();
+        match expected {
+            Some(id) => assert_eq!(echoed, id),
+            None => {
+                assert_eq!(echoed.len(), 36, "generated UUIDv7");
+                assert!(is_valid_default(echoed.as_bytes()));
+            }
+        }
+        assert_eq!(
+            header.as_deref(),
+            Some(echoed.as_str()),
+            "handler reads the id that counts"
+        );
+        assert_eq!(ext.as_deref(), Some(echoed.as_str()));
+        assert_eq!(ambient.as_deref(), Some(echoed.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn traceparent_is_off_by_default() {
+    let (svc, _) = server(CorrelationIdLayer::new());
+    let res = svc
+        .oneshot(req_with(&[(
+            "traceparent",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )]))
+        .await
+        .unwrap();
+    assert_ne!(
+        res.headers()["x-correlation-id"],
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+}
+
+#[tokio::test]
+async fn hostile_ids_are_replaced_and_never_echoed() {
+    let hostile: Vec<Vec<u8>> = vec![
+        vec![b'a'; 129],
+        b"".to_vec(),
+        b"a b".to_vec(),
+        b"\"q\"".to_vec(),
+        b"\x80\xff".to_vec(),
+        b"x%0D%0Ainjected: 1".to_vec(),
+        b"a\tb".to_vec(),
+        b"<script>alert(1)</script>".to_vec(),
+    ];
+    for raw in hostile {
+        let (svc, seen) = server(CorrelationIdLayer::new().fallback(None));
+        let res = svc
+            .oneshot(req_with(&[("x-correlation-id", &raw)]))
+            .await
+            .unwrap();
+        let echoed = res.headers()["x-correlation-id"].as_bytes().to_vec();
+        assert_ne!(echoed, raw);
+        assert_eq!(echoed.len(), 36);
+        assert_eq!(
+            seen.lock().unwrap()[0].2.as_deref().map(str::as_bytes),
+            Some(&echoed[..])
+        );
+    }
+}
+
+#[tokio::test]
+async fn custom_rule_and_header_name() {
+    let layer = CorrelationIdLayer::new()
+        .header(http::HeaderName::from_static("x-trace"))
+        .validate(|id: &[u8]| id.starts_with(b"ok-"))
+        .make_id(|| CorrelationId::parse("made").unwrap());
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(()))
+        }));
+    let res = svc
+        .clone()
+        .oneshot(req_with(&[("x-trace", b"ok-1")]))
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-trace"], "ok-1");
+    let res = svc
+        .clone()
+        .oneshot(req_with(&[("x-trace", b"nope")]))
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-trace"], "made");
+    // A rule that would admit non-visible bytes is still held to visible ASCII.
+    let lax = CorrelationIdLayer::new()
+        .validate(|_: &[u8]| true)
+        .fallback(None);
+    let svc = ServiceBuilder::new()
+        .layer(lax)
+        .service(service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(()))
+        }));
+    let res = svc
+        .oneshot(req_with(&[("x-correlation-id", b"a b")]))
+        .await
+        .unwrap();
+    assert_ne!(res.headers()["x-correlation-id"], "a b");
+}
+
+#[tokio::test]
+async fn echo_and_extension_can_be_switched_off() {
+    let (svc, seen) = server(CorrelationIdLayer::new().echo(false).extension(false));
+    let res = svc
+        .oneshot(req_with(&[("x-correlation-id", b"abc")]))
+        .await
+        .unwrap();
+    assert!(res.headers().get("x-correlation-id").is_none());
+    let (_, ext, ambient) = seen.lock().unwrap()[0].clone();
+    assert_eq!(ext, None);
+    assert_eq!(ambient.as_deref(), Some("abc"));
+}
+
+/// A client that reports the header it would send.
+fn client<M: MakeCorrelationId + Clone>(
+    layer: ClientCorrelationIdLayer<M>,
+) -> impl Service<Request<()>, Response = Option<String>, Error = std::convert::Infallible> + Clone
+{
+    ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|req: Request<()>| async move {
+            Ok::<_, std::convert::Infallible>(
+                req.headers()
+                    .get("x-correlation-id")
+                    .map(|v| v.to_str().unwrap().to_owned()),
+            )
+        }))
+}
+
+#[tokio::test]
+async fn client_precedence_extension_header_ambient_generated() {
+    let ambient = CorrelationId::parse("ambient").unwrap();
+    let c =
+        client(ClientCorrelationIdLayer::new().make_id(|| CorrelationId::parse("fresh").unwrap()));
+
+    let mut req = req_with(&[("x-correlation-id", b"set-by-caller")]);
+    req.extensions_mut()
+        .insert(CorrelationId::parse("ext").unwrap());
+    let sent = ambient.clone().scope(c.clone().oneshot(req)).await.unwrap();
+    assert_eq!(sent.as_deref(), Some("ext"));
+
+    let req = req_with(&[("x-correlation-id", b"set-by-caller")]);
+    let sent = ambient.clone().scope(c.clone().oneshot(req)).await.unwrap();
+    assert_eq!(sent.as_deref(), Some("set-by-caller"));
+
+    let req = req_with(&[("x-correlation-id", b"bad value")]);
+    let sent = ambient.clone().scope(c.clone().oneshot(req)).await.unwrap();
+    assert_eq!(sent.as_deref(), Some("ambient"));
+
+    let sent = c.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(sent.as_deref(), Some("fresh"));
+
+    let quiet = client(ClientCorrelationIdLayer::new().generate(false));
+    let sent = quiet.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(sent, None);
+    let sent = quiet
+        .oneshot(req_with(&[("x-correlation-id", b"bad value")]))
+        .await
+        .unwrap();
+    assert_eq!(sent, None, "garbage is not forwarded");
+}
+
+#[tokio::test]
+async fn span_carries_the_id() {
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+    use tracing_subscriber::registry::Registry;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<(String, String)>>>);
+    struct Visitor<'a>(&'a mut Option<String>);
+    impl tracing::field::Visit for Visitor<'_> {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "correlation_id" {
+                *self.0 = Some(format!("{value:?}"));
+            }
+        }
+    }
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _: &tracing::span::Id,
+            _: Context<'_, S>,
+        ) {
+            let mut v = None;
+            attrs.record(&mut Visitor(&mut v));
+            if let Some(v) = v {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((attrs.metadata().name().to_owned(), v));
+            }
+        }
+    }
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(Registry::default().with(capture.clone()));
+    let (svc, _) = server(CorrelationIdLayer::new());
+    svc.oneshot(req_with(&[("x-correlation-id", b"span-me")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        *capture.0.lock().unwrap(),
+        vec![("request".to_owned(), "span-me".to_owned())]
+    );
+}
+
+#[tokio::test]
+async fn generated_ids_are_time_ordered_uuid_v7() {
+    let g = UuidV7::seeded(1);
+    let a = g.make_id();
+    let b = g.make_id();
+    assert_ne!(a, b);
+    assert!(a.as_str()[..13] <= b.as_str()[..13]);
+}
+
+#[test]
+fn services_are_send_sync() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    let (svc, _) = server(CorrelationIdLayer::new());
+    send_sync(&svc);
+    send_sync(&client(ClientCorrelationIdLayer::new()));
+}
