@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tower::ServiceBuilder;
-#[cfg(any(feature = "timeout", feature = "correlation"))]
+#[cfg(any(feature = "timeout", feature = "correlation", feature = "breaker"))]
 use tower::layer::util::Stack;
 
 mod sealed {
@@ -53,6 +53,14 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     fn client_correlation_id(
         self,
     ) -> ServiceBuilder<Stack<crate::correlation::ClientCorrelationIdLayer, L>>;
+
+    /// Adds a clone of `breaker`: services built from it share its state with every other
+    /// service made from the same layer value.
+    #[cfg(feature = "breaker")]
+    fn circuit_breaker<C>(
+        self,
+        breaker: &crate::breaker::CircuitBreakerLayer<C>,
+    ) -> ServiceBuilder<Stack<crate::breaker::CircuitBreakerLayer<C>, L>>;
 }
 
 impl<L> sealed::Sealed<L> for ServiceBuilder<L> {}
@@ -84,5 +92,13 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self,
     ) -> ServiceBuilder<Stack<crate::correlation::ClientCorrelationIdLayer, L>> {
         self.layer(crate::correlation::ClientCorrelationIdLayer::new())
+    }
+
+    #[cfg(feature = "breaker")]
+    fn circuit_breaker<C>(
+        self,
+        breaker: &crate::breaker::CircuitBreakerLayer<C>,
+    ) -> ServiceBuilder<Stack<crate::breaker::CircuitBreakerLayer<C>, L>> {
+        self.layer(breaker.clone())
     }
 }

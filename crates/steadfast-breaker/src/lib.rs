@@ -1,1 +1,56 @@
-//! The steadfast breaker layer (in progress: see the project's issue tracker).
+//! A lock-free circuit breaker for tower, with true sliding windows and per-host breakers.
+//!
+//! - [`CircuitBreakerLayer`]: one breaker shared by every service made from the layer value.
+//!   Closed, Open, HalfOpen, plus Disabled, ForcedOpen and MetricsOnly by hand
+//!   ([`BreakerHandle`]).
+//! - Trip policies: consecutive failures (default 5, the seed's), failure rate over a true
+//!   count window (the last N calls) or a time window (a ring of buckets), slow-call rate;
+//!   they combine. O(1) per call, atomics only.
+//! - Open time 30 s, growing with jitter on consecutive trips, capped; a `Retry-After` or
+//!   `grpc-retry-pushback-ms` on the failure that trips it can raise it.
+//! - Half-open admits exactly N probes (default 1); a dropped probe gives its permit back.
+//! - [`KeyedCircuitBreakerLayer`]: one breaker per upstream authority (or any key), bounded,
+//!   with idle eviction.
+//! - What a failure is comes from [`steadfast_core::Classify`]: gRPC responses whose status
+//!   arrives in trailers are judged at end of stream ([`BreakerBody`]).
+//!
+//! # Pinned semantics
+//!
+//! 1. Open → HalfOpen at `now >= opened_at + open_time`.
+//! 2. N successful probes close; any probe failure re-opens with the next, longer open time.
+//! 3. A probe that never reports returns its permit when dropped; a HalfOpen breaker with no
+//!    verdict within the open time re-opens.
+//! 4. Every transition bumps a generation; outcomes of calls admitted under an earlier
+//!    generation never decide the current state.
+//!
+//! # Performance
+//!
+//! The closed path takes no lock and allocates nothing: one atomic load of the state word,
+//! and writes only to the calling thread's stripe (a per-thread counter and reference count
+//! on their own cache line). A success writes the shared consecutive-failure counter only
+//! when it is non-zero.
+//!
+//! # Answering instead of failing
+//!
+//! Servers and gateways turn [`BreakerOpen`] into a response with
+//! [`BreakerOpen::to_http_response`] (503 + `Retry-After`) or
+//! [`BreakerOpen::to_grpc_response`] (trailers-only UNAVAILABLE).
+
+mod breaker;
+mod error;
+mod future;
+mod handle;
+mod keyed;
+mod layer;
+mod service;
+mod state;
+mod window;
+
+pub use error::{BreakerOpen, InvalidConfig};
+pub use future::{BreakerBody, EosReport, ResponseFuture};
+pub use handle::{BreakerHandle, Metrics, Transitions};
+pub use keyed::{ByAuthority, ExtractKey};
+pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, KeyedCircuitBreakerLayer};
+pub use service::{CircuitBreaker, KeyedCircuitBreaker};
+pub use state::{State, Transition};
+pub use window::WindowCounts;

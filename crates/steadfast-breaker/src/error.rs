@@ -1,0 +1,107 @@
+use std::error::Error;
+use std::fmt;
+use std::time::Duration;
+
+use http::header::{HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+use steadfast_core::{GrpcCode, PolicyRejected, ResponseBody, grpc_response, http_response};
+
+/// The breaker refused the call: the upstream is considered down.
+///
+/// Returned (boxed, behind [`BoxError`](steadfast_core::BoxError)) without touching the inner
+/// service. Its [`source`](Error::source) is [`PolicyRejected`], so retry layers neither retry
+/// it nor charge their budget.
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast_breaker::BreakerOpen;
+/// use steadfast_core::PolicyRejected;
+///
+/// let e = BreakerOpen::new(Some(Duration::from_secs(3)));
+/// assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+/// assert!(PolicyRejected::is_in(&e));
+/// let res = e.to_http_response::<()>();
+/// assert_eq!(res.status(), 503);
+/// assert_eq!(res.headers()["retry-after"], "3");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerOpen {
+    retry_after: Option<Duration>,
+}
+
+impl BreakerOpen {
+    /// A rejection; `retry_after` is how long until a probe may be admitted (`None` when the
+    /// breaker was forced open and has no schedule).
+    pub const fn new(retry_after: Option<Duration>) -> Self {
+        Self { retry_after }
+    }
+
+    /// How long until a probe may be admitted.
+    pub const fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The answer a server or gateway gives for this rejection: `503 Service Unavailable` with
+    /// `Retry-After` in whole seconds, rounded up.
+    pub fn to_http_response<B>(&self) -> Response<ResponseBody<B>> {
+        let mut res = http_response(StatusCode::SERVICE_UNAVAILABLE, "circuit open\n");
+        if let Some(d) = self.retry_after {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+
+    /// The gRPC answer: a trailers-only `UNAVAILABLE`, with `grpc-retry-pushback-ms` when the
+    /// time to the next probe is known.
+    pub fn to_grpc_response<B>(&self) -> Response<ResponseBody<B>> {
+        let mut res = grpc_response(GrpcCode::Unavailable, "circuit open");
+        if let Some(d) = self.retry_after {
+            res.headers_mut().insert(
+                steadfast_core::header::GRPC_RETRY_PUSHBACK_MS,
+                steadfast_core::header::encode_pushback(steadfast_core::header::Pushback::After(d)),
+            );
+        }
+        res
+    }
+}
+
+impl fmt::Display for BreakerOpen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.retry_after {
+            Some(d) => write!(f, "circuit open; next probe in {d:?}"),
+            None => f.write_str("circuit forced open"),
+        }
+    }
+}
+
+impl Error for BreakerOpen {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&PolicyRejected::INSTANCE)
+    }
+}
+
+/// An invalid breaker configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidConfig {
+    /// A threshold, window size or probe count of zero.
+    Zero(&'static str),
+    /// A rate outside `1..=100` percent.
+    Rate(&'static str, u8),
+    /// `max_open_time` shorter than `open_time`.
+    OpenTimes,
+}
+
+impl fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Zero(what) => write!(f, "breaker {what} must be at least 1"),
+            Self::Rate(what, v) => write!(f, "breaker {what} must be 1-100 %, got {v}"),
+            Self::OpenTimes => f.write_str("breaker max_open_time must be >= open_time"),
+        }
+    }
+}
+
+impl Error for InvalidConfig {}

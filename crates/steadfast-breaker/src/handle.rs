@@ -1,0 +1,146 @@
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use crate::breaker::Breaker;
+use crate::state::{State, Transition};
+use crate::window::WindowCounts;
+
+/// Observe and control one breaker.
+///
+/// Cheap to clone; every clone and every service made from the same layer value see the same
+/// breaker.
+///
+/// ```
+/// use steadfast_breaker::{CircuitBreakerLayer, State};
+///
+/// let layer = CircuitBreakerLayer::new();
+/// let handle = layer.handle();
+/// assert_eq!(handle.state(), State::Closed);
+/// handle.force_open();
+/// assert_eq!(handle.state(), State::ForcedOpen);
+/// handle.close();
+/// assert_eq!(handle.metrics().rejected, 0);
+/// ```
+pub struct BreakerHandle<C> {
+    pub(crate) breaker: Arc<Breaker<C>>,
+}
+
+impl<C> Clone for BreakerHandle<C> {
+    fn clone(&self) -> Self {
+        Self {
+            breaker: self.breaker.clone(),
+        }
+    }
+}
+
+impl<C> fmt::Debug for BreakerHandle<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BreakerHandle")
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+/// A snapshot of a breaker's counters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Metrics {
+    /// The current state.
+    pub state: State,
+    /// The current generation (one per transition).
+    pub generation: u64,
+    /// Calls admitted since creation.
+    pub calls: u64,
+    /// Admitted calls that failed.
+    pub failures: u64,
+    /// Admitted calls slower than the slow-call threshold.
+    pub slow: u64,
+    /// Calls rejected without reaching the inner service.
+    pub rejected: u64,
+    /// The sliding window's counts, when a rate window is configured.
+    pub window: Option<WindowCounts>,
+}
+
+impl Metrics {
+    /// Failure rate over the sliding window (percent), when one is configured.
+    pub fn window_failure_rate(&self) -> Option<f64> {
+        self.window.map(|w| w.failure_rate())
+    }
+}
+
+impl<C> BreakerHandle<C> {
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.breaker.shared.state()
+    }
+
+    /// A snapshot of the counters.
+    pub fn metrics(&self) -> Metrics {
+        let [calls, failures, slow, rejected] = self.breaker.totals();
+        Metrics {
+            state: self.state(),
+            generation: self.breaker.shared.generation(),
+            calls,
+            failures,
+            slow,
+            rejected,
+            window: self.breaker.shared.window_counts(),
+        }
+    }
+
+    /// Rejects every call until [`close`](Self::close) or another manual transition.
+    pub fn force_open(&self) {
+        self.breaker.shared.force(State::ForcedOpen);
+    }
+
+    /// Closes the breaker and clears its counts (from any state).
+    pub fn close(&self) {
+        self.breaker.shared.force(State::Closed);
+    }
+
+    /// Lets every call through and stops counting towards trips.
+    pub fn disable(&self) {
+        self.breaker.shared.force(State::Disabled);
+    }
+
+    /// Lets every call through but keeps recording window metrics (a dry run).
+    pub fn metrics_only(&self) {
+        self.breaker.shared.force(State::MetricsOnly);
+    }
+
+    /// Subscribes to state transitions.
+    pub fn subscribe(&self) -> Transitions {
+        Transitions(self.breaker.shared.subscribe())
+    }
+}
+
+/// A stream of a breaker's [`Transition`]s; see [`BreakerHandle::subscribe`].
+#[derive(Debug)]
+pub struct Transitions(broadcast::Receiver<Transition>);
+
+impl Transitions {
+    /// The next transition; `None` once the breaker is gone. A subscriber that falls more than
+    /// 64 transitions behind skips the oldest.
+    pub async fn recv(&mut self) -> Option<Transition> {
+        loop {
+            match self.0.recv().await {
+                Ok(t) => return Some(t),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// The next transition if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Transition> {
+        loop {
+            match self.0.try_recv() {
+                Ok(t) => return Some(t),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}

@@ -1,0 +1,415 @@
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Authority;
+use steadfast_core::DefaultClassifier;
+use tower_layer::Layer;
+
+use crate::breaker::{Breaker, STRIPES};
+use crate::error::InvalidConfig;
+use crate::handle::BreakerHandle;
+use crate::keyed::{ByAuthority, ExtractKey, KeyedMap};
+use crate::service::{CircuitBreaker, KeyedCircuitBreaker};
+use crate::state::{Policy, WindowKind};
+
+/// Builds a breaker layer; start with [`CircuitBreakerLayer::builder`].
+///
+/// Defaults (the seed's breaker, resilience4j's half-open): trip after **5 consecutive
+/// failures**; stay open **30 s**, doubling on each consecutive trip up to **5 min**, minus up
+/// to 10 % jitter; admit **1** half-open probe. Rate windows and slow-call detection are off
+/// until configured. Failures are what [`DefaultClassifier`] says: 5xx, transport errors and
+/// timeouts, gRPC UNAVAILABLE / DEADLINE_EXCEEDED / INTERNAL / UNKNOWN / DATA_LOSS; 4xx is the
+/// caller's fault and counts as success.
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
+    policy: Policy,
+    classifier: C,
+    backpressure: bool,
+    max_keys: usize,
+    idle: Duration,
+}
+
+fn random_seed() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u8(0);
+    h.finish()
+}
+
+impl Default for CircuitBreakerBuilder {
+    fn default() -> Self {
+        Self {
+            policy: Policy {
+                consecutive: Some(5),
+                window: None,
+                min_calls: 10,
+                failure_rate: None,
+                slow: None,
+                open_time: Duration::from_secs(30),
+                max_open_time: Duration::from_secs(300),
+                jitter_percent: 10,
+                probes: 1,
+                seed: random_seed(),
+            },
+            classifier: DefaultClassifier::new(),
+            backpressure: false,
+            max_keys: 10_000,
+            idle: Duration::from_secs(600),
+        }
+    }
+}
+
+impl<C> CircuitBreakerBuilder<C> {
+    /// Trip after this many consecutive failures (`None`: no consecutive rule).
+    pub fn consecutive_failures(mut self, n: Option<u32>) -> Self {
+        self.policy.consecutive = n;
+        self
+    }
+
+    /// Measure rates over the last `size` calls (a true count window).
+    pub fn count_window(mut self, size: u32) -> Self {
+        self.policy.window = Some(WindowKind::Count { size });
+        self
+    }
+
+    /// Measure rates over `buckets` time buckets of `width` each (window = width × buckets).
+    pub fn time_window(mut self, width: Duration, buckets: u32) -> Self {
+        self.policy.window = Some(WindowKind::Time { width, buckets });
+        self
+    }
+
+    /// Trip when at least `percent` of the window's calls failed (needs a window).
+    pub fn failure_rate(mut self, percent: u8) -> Self {
+        self.policy.failure_rate = Some(percent);
+        self
+    }
+
+    /// Calls slower than `threshold` are slow; trip when at least `percent` of the window's
+    /// calls were slow (needs a window).
+    pub fn slow_calls(mut self, threshold: Duration, percent: u8) -> Self {
+        self.policy.slow = Some((threshold, percent));
+        self
+    }
+
+    /// Rates are judged only once the window holds this many calls (default 10).
+    pub fn min_calls(mut self, n: u32) -> Self {
+        self.policy.min_calls = n;
+        self
+    }
+
+    /// How long the breaker stays open after its first trip (default 30 s).
+    pub fn open_time(mut self, d: Duration) -> Self {
+        self.policy.open_time = d;
+        self
+    }
+
+    /// The cap of the growing open time (default 5 min).
+    pub fn max_open_time(mut self, d: Duration) -> Self {
+        self.policy.max_open_time = d;
+        self
+    }
+
+    /// Up to this percentage is taken off each open time at random (default 10; 0 for exact
+    /// times in tests).
+    pub fn jitter_percent(mut self, p: u8) -> Self {
+        self.policy.jitter_percent = p.min(100);
+        self
+    }
+
+    /// Seeds the jitter's random stream.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.policy.seed = seed;
+        self
+    }
+
+    /// How many probes a half-open breaker admits; that many successes close it (default 1).
+    pub fn half_open_probes(mut self, n: u32) -> Self {
+        self.policy.probes = n;
+        self
+    }
+
+    /// Opt-in backpressure: instead of failing calls fast, `poll_ready` stays `Pending` while
+    /// the breaker is open and wakes when a probe may be admitted. For load balancers that
+    /// route around services that are not ready. Applies to the single-breaker layer.
+    pub fn backpressure(mut self, on: bool) -> Self {
+        self.backpressure = on;
+        self
+    }
+
+    /// Per-key layers keep at most this many breakers (default 10 000).
+    pub fn max_keys(mut self, n: usize) -> Self {
+        self.max_keys = n;
+        self
+    }
+
+    /// Per-key breakers unused for this long are evicted when room is needed (default 10 min).
+    pub fn idle_eviction(mut self, d: Duration) -> Self {
+        self.idle = d;
+        self
+    }
+
+    /// Replaces what counts as a failure.
+    pub fn classifier<C2>(self, classifier: C2) -> CircuitBreakerBuilder<C2> {
+        CircuitBreakerBuilder {
+            policy: self.policy,
+            classifier,
+            backpressure: self.backpressure,
+            max_keys: self.max_keys,
+            idle: self.idle,
+        }
+    }
+
+    fn validated(&self) -> Result<Policy, InvalidConfig> {
+        let mut p = self.policy;
+        if p.consecutive == Some(0) {
+            return Err(InvalidConfig::Zero("consecutive_failures"));
+        }
+        if p.probes == 0 || p.probes > u32::from(u16::MAX) {
+            return Err(InvalidConfig::Zero("half_open_probes"));
+        }
+        match p.window {
+            Some(WindowKind::Count { size: 0 }) => return Err(InvalidConfig::Zero("count_window")),
+            Some(WindowKind::Time { buckets, width })
+                if buckets == 0 || buckets > 64 || width.is_zero() =>
+            {
+                return Err(InvalidConfig::Zero(
+                    "time_window (1-64 buckets of non-zero width)",
+                ));
+            }
+            _ => {}
+        }
+        for (what, rate) in [
+            ("failure_rate", p.failure_rate),
+            ("slow_calls rate", p.slow.map(|s| s.1)),
+        ] {
+            if let Some(r) = rate {
+                if r == 0 || r > 100 {
+                    return Err(InvalidConfig::Rate(what, r));
+                }
+            }
+        }
+        if p.window.is_some() && p.failure_rate.is_none() && p.slow.is_none() {
+            p.failure_rate = Some(50);
+        }
+        if p.max_open_time < p.open_time {
+            return Err(InvalidConfig::OpenTimes);
+        }
+        if self.max_keys == 0 {
+            return Err(InvalidConfig::Zero("max_keys"));
+        }
+        Ok(p)
+    }
+
+    /// One breaker shared by every service this layer makes.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`] when a count is zero, a rate is outside 1-100 % or the open times
+    /// are inverted.
+    pub fn build(self) -> Result<CircuitBreakerLayer<C>, InvalidConfig> {
+        let policy = self.validated()?;
+        Ok(CircuitBreakerLayer {
+            breaker: Arc::new(Breaker::new(policy, Arc::new(self.classifier), STRIPES)),
+            backpressure: self.backpressure,
+        })
+    }
+
+    /// One breaker per upstream authority of the request URI.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build).
+    pub fn build_per_authority(
+        self,
+    ) -> Result<KeyedCircuitBreakerLayer<C, ByAuthority, Option<Authority>>, InvalidConfig> {
+        self.build_per_key(ByAuthority)
+    }
+
+    /// One breaker per key that `extract` finds in each request.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build).
+    pub fn build_per_key<K, Key>(
+        self,
+        extract: K,
+    ) -> Result<KeyedCircuitBreakerLayer<C, K, Key>, InvalidConfig>
+    where
+        K: ExtractKey<Key>,
+        Key: Hash + Eq + Clone,
+    {
+        let policy = self.validated()?;
+        Ok(KeyedCircuitBreakerLayer {
+            map: Arc::new(KeyedMap::new(
+                policy,
+                Arc::new(self.classifier),
+                self.max_keys,
+                self.idle,
+            )),
+            extract,
+        })
+    }
+}
+
+/// A circuit breaker: fails calls fast while an upstream is down.
+///
+/// ```text
+///            5 consecutive failures (or a window's rate)
+///   Closed ──────────────────────────────────────────▶ Open ──┐ open time passed
+///     ▲                                                ▲      │ (30 s, growing)
+///     │ probe succeeded                 probe failed / │      ▼
+///     └──────────────────────────── HalfOpen ──────────┘  admits 1 probe
+/// ```
+///
+/// The layer value owns the breaker: every service it makes shares one state, whatever the
+/// host clones (hyper clones services per connection; axum applies `Router::layer` per route).
+/// For one breaker per route, build one layer per route (`Router::route_layer` with a layer
+/// built for that route). For one breaker per upstream, use
+/// [`build_per_authority`](CircuitBreakerBuilder::build_per_authority).
+///
+/// An open breaker fails the call with [`BreakerOpen`](crate::BreakerOpen) without touching
+/// the inner service; `poll_ready` never fails for policy reasons.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast_breaker::{BreakerOpen, CircuitBreakerLayer, State};
+/// use tower::{Service, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let layer = CircuitBreakerLayer::builder()
+///     .consecutive_failures(Some(2))
+///     .open_time(Duration::from_secs(10))
+///     .jitter_percent(0)
+///     .build()
+///     .unwrap();
+/// let handle = layer.handle();
+/// let upstream = service_fn(|_req: http::Request<()>| async {
+///     Ok::<_, std::convert::Infallible>(http::Response::builder().status(503).body(()).unwrap())
+/// });
+/// let mut svc = tower::Layer::layer(&layer, upstream);
+/// for _ in 0..2 {
+///     let res = svc.ready().await.unwrap().call(http::Request::new(())).await.unwrap();
+///     assert_eq!(res.status(), 503);
+/// }
+/// assert_eq!(handle.state(), State::Open);
+/// let err = svc.ready().await.unwrap().call(http::Request::new(())).await.unwrap_err();
+/// assert_eq!(err.downcast_ref::<BreakerOpen>().unwrap().retry_after(), Some(Duration::from_secs(10)));
+/// # }
+/// ```
+pub struct CircuitBreakerLayer<C = DefaultClassifier> {
+    breaker: Arc<Breaker<C>>,
+    backpressure: bool,
+}
+
+impl<C> Clone for CircuitBreakerLayer<C> {
+    fn clone(&self) -> Self {
+        Self {
+            breaker: self.breaker.clone(),
+            backpressure: self.backpressure,
+        }
+    }
+}
+
+impl<C> fmt::Debug for CircuitBreakerLayer<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerLayer")
+            .field("state", &self.breaker.shared.state())
+            .field("backpressure", &self.backpressure)
+            .finish()
+    }
+}
+
+impl Default for CircuitBreakerLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CircuitBreakerLayer {
+    /// A breaker with the defaults (see [`CircuitBreakerBuilder`]).
+    pub fn new() -> Self {
+        CircuitBreakerBuilder::default()
+            .build()
+            .expect("the defaults are valid")
+    }
+
+    /// A builder with the defaults.
+    pub fn builder() -> CircuitBreakerBuilder {
+        CircuitBreakerBuilder::default()
+    }
+}
+
+impl<C> CircuitBreakerLayer<C> {
+    /// Observe and control the breaker.
+    pub fn handle(&self) -> BreakerHandle<C> {
+        BreakerHandle {
+            breaker: self.breaker.clone(),
+        }
+    }
+}
+
+impl<S, C> Layer<S> for CircuitBreakerLayer<C> {
+    type Service = CircuitBreaker<S, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreaker::new(inner, self.breaker.clone(), self.backpressure)
+    }
+}
+
+/// Per-key circuit breakers (default key: the request's authority), in a bounded map with
+/// idle eviction. Built by [`CircuitBreakerBuilder::build_per_authority`] or
+/// [`build_per_key`](CircuitBreakerBuilder::build_per_key).
+///
+/// # Clone
+///
+/// Clones share the map.
+pub struct KeyedCircuitBreakerLayer<C, K, Key> {
+    map: Arc<KeyedMap<Key, C>>,
+    extract: K,
+}
+
+impl<C, K: Clone, Key> Clone for KeyedCircuitBreakerLayer<C, K, Key> {
+    fn clone(&self) -> Self {
+        Self {
+            map: self.map.clone(),
+            extract: self.extract.clone(),
+        }
+    }
+}
+
+impl<C, K, Key> fmt::Debug for KeyedCircuitBreakerLayer<C, K, Key> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreakerLayer")
+            .field("map", &self.map)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C, K, Key: Hash + Eq + Clone> KeyedCircuitBreakerLayer<C, K, Key> {
+    /// The handle of `key`'s breaker, if it exists.
+    pub fn handle(&self, key: &Key) -> Option<BreakerHandle<C>> {
+        self.map.handle(key)
+    }
+
+    /// How many per-key breakers exist now.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no per-key breaker exists yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<S, C, K: Clone, Key> Layer<S> for KeyedCircuitBreakerLayer<C, K, Key> {
+    type Service = KeyedCircuitBreaker<S, C, K, Key>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyedCircuitBreaker::new(inner, self.map.clone(), self.extract.clone())
+    }
+}

@@ -1,0 +1,220 @@
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use steadfast_core::{BoxError, Classify};
+use tokio::time::Sleep;
+use tower_service::Service;
+
+use crate::breaker::{Breaker, Stripe};
+use crate::future::{BreakerBody, Guard, ResponseFuture};
+use crate::keyed::{ExtractKey, KeyedMap};
+use crate::state::State;
+
+/// Admits or rejects one call on `stripe`'s breaker and calls `inner` when admitted.
+fn admit_and_call<S, B, C>(
+    stripe: &Arc<Stripe<C>>,
+    inner: &mut S,
+    req: Request<B>,
+) -> ResponseFuture<S::Future, C>
+where
+    S: Service<Request<B>>,
+{
+    match stripe.shared.admit() {
+        Ok(permit) => {
+            stripe.calls.fetch_add(1, Relaxed);
+            let guard = Guard::new(stripe.clone(), permit);
+            ResponseFuture::called(inner.call(req), guard)
+        }
+        Err(open) => {
+            stripe.rejected.fetch_add(1, Relaxed);
+            ResponseFuture::rejected(open)
+        }
+    }
+}
+
+/// A circuit breaker in front of `S`; see [`CircuitBreakerLayer`](crate::CircuitBreakerLayer).
+///
+/// # Clone
+///
+/// Clones share the breaker (state, windows, metrics). A pending backpressure timer belongs
+/// to the instance and is not cloned.
+pub struct CircuitBreaker<S, C> {
+    inner: S,
+    breaker: Arc<Breaker<C>>,
+    backpressure: bool,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S, C> CircuitBreaker<S, C> {
+    pub(crate) fn new(inner: S, breaker: Arc<Breaker<C>>, backpressure: bool) -> Self {
+        Self {
+            inner,
+            breaker,
+            backpressure,
+            sleep: None,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, C> Clone for CircuitBreaker<S, C> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone(), self.breaker.clone(), self.backpressure)
+    }
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("inner", &self.inner)
+            .field("state", &self.breaker.shared.state())
+            .field("backpressure", &self.backpressure)
+            .finish()
+    }
+}
+
+/// How often a backpressured `poll_ready` re-checks a breaker that gives no schedule
+/// (forced open, or half-open with every probe out).
+const RECHECK: Duration = Duration::from_millis(100);
+
+impl<S, C> CircuitBreaker<S, C> {
+    /// Admission first (pinned: the breaker decides before it polls the inner service).
+    /// `Some(wait)`: the breaker would reject now.
+    fn would_reject(&self) -> Option<Duration> {
+        let shared = &self.breaker.shared;
+        match shared.state() {
+            State::ForcedOpen => Some(RECHECK),
+            State::Open => shared.wait_hint().filter(|d| !d.is_zero()),
+            _ => None,
+        }
+    }
+}
+
+impl<S, B, ResB, C> Service<Request<B>> for CircuitBreaker<S, C>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    C: Classify<Response<ResB>>,
+{
+    type Response = Response<BreakerBody<ResB, C>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        while let Some(wait) = self.would_reject() {
+            if !self.backpressure {
+                // The call will fail fast; do not reserve inner capacity it won't use.
+                return Poll::Ready(Ok(()));
+            }
+            let deadline = tokio::time::Instant::now() + wait;
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
+            match sleep.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => self.sleep = None,
+            }
+        }
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        admit_and_call(self.breaker.stripe(), &mut self.inner, req)
+    }
+}
+
+/// Per-key circuit breakers in front of `S`; see
+/// [`KeyedCircuitBreakerLayer`](crate::KeyedCircuitBreakerLayer).
+///
+/// Admission is per request (the key comes from it), so it happens in `call`; `poll_ready`
+/// polls the inner service directly.
+///
+/// # Clone
+///
+/// Clones share the map of breakers.
+pub struct KeyedCircuitBreaker<S, C, K, Key> {
+    inner: S,
+    map: Arc<KeyedMap<Key, C>>,
+    extract: K,
+}
+
+impl<S, C, K, Key> KeyedCircuitBreaker<S, C, K, Key> {
+    pub(crate) fn new(inner: S, map: Arc<KeyedMap<Key, C>>, extract: K) -> Self {
+        Self {
+            inner,
+            map,
+            extract,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, C, K: Clone, Key> Clone for KeyedCircuitBreaker<S, C, K, Key> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone(), self.map.clone(), self.extract.clone())
+    }
+}
+
+impl<S: fmt::Debug, C, K, Key> fmt::Debug for KeyedCircuitBreaker<S, C, K, Key> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreaker")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B, ResB, C, K, Key> Service<Request<B>> for KeyedCircuitBreaker<S, C, K, Key>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    C: Classify<Response<ResB>>,
+    K: ExtractKey<Key>,
+    Key: Hash + Eq + Clone,
+{
+    type Response = Response<BreakerBody<ResB, C>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let key = self.extract.extract(req.uri(), req.headers());
+        let stripe = self.map.stripe(key);
+        admit_and_call(&stripe, &mut self.inner, req)
+    }
+}

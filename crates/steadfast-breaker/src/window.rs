@@ -1,0 +1,277 @@
+//! Sliding failure-rate windows, O(1) per call and lock-free.
+//!
+//! - [`CountWindow`]: the true last N calls, a ring of N one-byte slots. Recording a call
+//!   swaps its slot and adjusts three counters by the difference, so the counters always
+//!   describe exactly the last N outcomes (not a cumulative tally reset on state changes).
+//! - [`TimeWindow`]: a ring of fixed-width buckets, each stamped with the bucket number it
+//!   holds; a stale bucket is reset when reused. Aggregating reads every bucket, a fixed
+//!   constant (at most 64) per call.
+//!
+//! Updates from concurrent calls use atomics only; a rate read concurrently with updates may
+//! be off by the calls in flight, never by more.
+
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+const EMPTY: u8 = 0;
+const SUCCESS: u8 = 1;
+const FAILURE: u8 = 1 << 1;
+const SLOW: u8 = 1 << 2;
+
+/// Counts in a window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowCounts {
+    /// Calls recorded in the window.
+    pub calls: u32,
+    /// Failures among them.
+    pub failures: u32,
+    /// Slow calls among them.
+    pub slow: u32,
+}
+
+impl WindowCounts {
+    /// Failure rate in percent (0 when empty).
+    pub fn failure_rate(&self) -> f64 {
+        rate(self.failures, self.calls)
+    }
+
+    /// Slow-call rate in percent (0 when empty).
+    pub fn slow_rate(&self) -> f64 {
+        rate(self.slow, self.calls)
+    }
+}
+
+fn rate(n: u32, of: u32) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        f64::from(n) * 100.0 / f64::from(of)
+    }
+}
+
+fn encode(failure: bool, slow: bool) -> u8 {
+    SUCCESS | if failure { FAILURE } else { 0 } | if slow { SLOW } else { 0 }
+}
+
+/// The last `N` calls.
+#[derive(Debug)]
+pub(crate) struct CountWindow {
+    slots: Box<[AtomicU8]>,
+    next: AtomicU64,
+    calls: AtomicU32,
+    failures: AtomicU32,
+    slow: AtomicU32,
+}
+
+impl CountWindow {
+    pub(crate) fn new(size: u32) -> Self {
+        Self {
+            slots: (0..size).map(|_| AtomicU8::new(EMPTY)).collect(),
+            next: AtomicU64::new(0),
+            calls: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            slow: AtomicU32::new(0),
+        }
+    }
+
+    pub(crate) fn record(&self, failure: bool, slow: bool) -> WindowCounts {
+        let i = (self.next.fetch_add(1, Relaxed) % self.slots.len() as u64) as usize;
+        let new = encode(failure, slow);
+        let old = self.slots[i].swap(new, Relaxed);
+        let calls = if old == EMPTY {
+            self.calls.fetch_add(1, Relaxed) + 1
+        } else {
+            self.calls.load(Relaxed)
+        };
+        let failures = adjust(&self.failures, old & FAILURE != 0, failure);
+        let slow = adjust(&self.slow, old & SLOW != 0, slow);
+        WindowCounts {
+            calls,
+            failures,
+            slow,
+        }
+    }
+
+    pub(crate) fn counts(&self) -> WindowCounts {
+        WindowCounts {
+            calls: self.calls.load(Relaxed),
+            failures: self.failures.load(Relaxed),
+            slow: self.slow.load(Relaxed),
+        }
+    }
+
+    pub(crate) fn reset(&self) {
+        for s in self.slots.iter() {
+            s.store(EMPTY, Relaxed);
+        }
+        self.calls.store(0, Relaxed);
+        self.failures.store(0, Relaxed);
+        self.slow.store(0, Relaxed);
+    }
+}
+
+/// Moves a counter by (new - old) for one flag and returns its new value.
+fn adjust(counter: &AtomicU32, old: bool, new: bool) -> u32 {
+    match (old, new) {
+        (false, true) => counter.fetch_add(1, Relaxed).wrapping_add(1),
+        (true, false) => counter.fetch_sub(1, Relaxed).wrapping_sub(1),
+        _ => counter.load(Relaxed),
+    }
+}
+
+#[derive(Debug)]
+struct Bucket {
+    /// The bucket number (time / width) these counts belong to; `u64::MAX` when unused.
+    epoch: AtomicU64,
+    calls: AtomicU32,
+    failures: AtomicU32,
+    slow: AtomicU32,
+}
+
+/// A ring of fixed-width time buckets.
+#[derive(Debug)]
+pub(crate) struct TimeWindow {
+    width_nanos: u64,
+    buckets: Box<[Bucket]>,
+}
+
+impl TimeWindow {
+    pub(crate) fn new(width: Duration, buckets: u32) -> Self {
+        Self {
+            width_nanos: width.as_nanos().clamp(1, u128::from(u64::MAX)) as u64,
+            buckets: (0..buckets)
+                .map(|_| Bucket {
+                    epoch: AtomicU64::new(u64::MAX),
+                    calls: AtomicU32::new(0),
+                    failures: AtomicU32::new(0),
+                    slow: AtomicU32::new(0),
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn record(&self, now_nanos: u64, failure: bool, slow: bool) -> WindowCounts {
+        let epoch = now_nanos / self.width_nanos;
+        let b = &self.buckets[(epoch % self.buckets.len() as u64) as usize];
+        let seen = b.epoch.load(Relaxed);
+        if seen != epoch
+            && b.epoch
+                .compare_exchange(seen, epoch, Relaxed, Relaxed)
+                .is_ok()
+        {
+            // This call claimed a stale bucket: start it from zero.
+            b.calls.store(0, Relaxed);
+            b.failures.store(0, Relaxed);
+            b.slow.store(0, Relaxed);
+        }
+        b.calls.fetch_add(1, Relaxed);
+        if failure {
+            b.failures.fetch_add(1, Relaxed);
+        }
+        if slow {
+            b.slow.fetch_add(1, Relaxed);
+        }
+        self.counts(now_nanos)
+    }
+
+    pub(crate) fn counts(&self, now_nanos: u64) -> WindowCounts {
+        let epoch = now_nanos / self.width_nanos;
+        let oldest = epoch.saturating_sub(self.buckets.len() as u64 - 1);
+        let mut c = WindowCounts::default();
+        for b in self.buckets.iter() {
+            let e = b.epoch.load(Relaxed);
+            if e != u64::MAX && e >= oldest && e <= epoch {
+                c.calls += b.calls.load(Relaxed);
+                c.failures += b.failures.load(Relaxed);
+                c.slow += b.slow.load(Relaxed);
+            }
+        }
+        c
+    }
+
+    pub(crate) fn reset(&self) {
+        for b in self.buckets.iter() {
+            b.epoch.store(u64::MAX, Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    #[test]
+    fn count_window_is_the_last_n() {
+        let w = CountWindow::new(100);
+        for _ in 0..1000 {
+            w.record(false, false);
+        }
+        for i in 1..=50 {
+            let c = w.record(true, false);
+            assert_eq!(c.calls, 100);
+            assert_eq!(c.failures, i);
+        }
+        assert_eq!(w.counts().failure_rate(), 50.0);
+    }
+
+    #[test]
+    fn time_window_forgets_old_buckets() {
+        let w = TimeWindow::new(Duration::from_secs(1), 10);
+        let s = 1_000_000_000;
+        for t in 0..10 {
+            w.record(t * s, true, false);
+        }
+        assert_eq!(w.counts(9 * s).failures, 10);
+        assert_eq!(w.counts(10 * s).failures, 9, "bucket 0 fell out");
+        w.record(10 * s, false, false);
+        assert_eq!(
+            w.counts(10 * s),
+            WindowCounts {
+                calls: 10,
+                failures: 9,
+                slow: 0
+            }
+        );
+        assert_eq!(w.counts(100 * s), WindowCounts::default());
+    }
+
+    proptest! {
+        /// Against a reference: a plain deque of the last N outcomes.
+        #[test]
+        fn count_window_matches_reference(size in 1u32..50, ops in proptest::collection::vec((any::<bool>(), any::<bool>()), 0..300)) {
+            let w = CountWindow::new(size);
+            let mut model: VecDeque<(bool, bool)> = VecDeque::new();
+            for (failure, slow) in ops {
+                let c = w.record(failure, slow);
+                model.push_back((failure, slow));
+                if model.len() > size as usize {
+                    model.pop_front();
+                }
+                prop_assert_eq!(c.calls as usize, model.len());
+                prop_assert_eq!(c.failures as usize, model.iter().filter(|o| o.0).count());
+                prop_assert_eq!(c.slow as usize, model.iter().filter(|o| o.1).count());
+            }
+        }
+
+        /// Against a reference: every event with its time, filtered by the window.
+        #[test]
+        fn time_window_matches_reference(buckets in 1u32..12, events in proptest::collection::vec((0u64..5_000, any::<bool>()), 0..200)) {
+            let width = 100u64;
+            let w = TimeWindow::new(Duration::from_nanos(width), buckets);
+            let mut now = 0;
+            let mut log: Vec<(u64, bool)> = Vec::new();
+            for (dt, failure) in events {
+                now += dt % 300;
+                let c = w.record(now, failure, false);
+                log.push((now, failure));
+                let epoch = now / width;
+                let oldest = epoch.saturating_sub(u64::from(buckets) - 1);
+                let live: Vec<_> = log.iter().filter(|(t, _)| t / width >= oldest).collect();
+                prop_assert_eq!(c.calls as usize, live.len());
+                prop_assert_eq!(c.failures as usize, live.iter().filter(|e| e.1).count());
+            }
+        }
+    }
+}

@@ -1,0 +1,762 @@
+//! Breaker contracts: the transition table, pinned semantics, windows, probes, per-key
+//! breakers, backpressure. Paused time, jitter 0.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response};
+use steadfast_breaker::{
+    BreakerHandle, BreakerOpen, CircuitBreakerBuilder, CircuitBreakerLayer, State,
+};
+use steadfast_core::{BoxError, DefaultClassifier};
+use tokio::time::advance;
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+/// An upstream whose next status is set by the test; counts the calls it receives.
+#[derive(Clone, Default)]
+struct Upstream {
+    status: Arc<AtomicU16>,
+    hits: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    fn new() -> Self {
+        let u = Self::default();
+        u.status.store(200, Ordering::SeqCst);
+        u
+    }
+    fn set(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+    fn svc(
+        &self,
+    ) -> impl Service<Request<()>, Response = Response<()>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + use<> {
+        let this = self.clone();
+        service_fn(move |_req: Request<()>| {
+            let this = this.clone();
+            async move {
+                this.hits.fetch_add(1, Ordering::SeqCst);
+                let s = this.status.load(Ordering::SeqCst);
+                Ok::<_, Infallible>(Response::builder().status(s).body(()).unwrap())
+            }
+        })
+    }
+}
+
+fn builder() -> CircuitBreakerBuilder {
+    CircuitBreakerLayer::builder()
+        .open_time(Duration::from_secs(30))
+        .jitter_percent(0)
+        .seed(1)
+}
+
+async fn call<S>(svc: &mut S) -> Result<u16, BoxError>
+where
+    S: Service<Request<()>, Error = BoxError>,
+    S::Response: StatusOf,
+{
+    let res = svc.ready().await?.call(Request::new(())).await?;
+    Ok(res.status_u16())
+}
+
+trait StatusOf {
+    fn status_u16(&self) -> u16;
+}
+impl<B> StatusOf for Response<B> {
+    fn status_u16(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+fn is_open(r: &Result<u16, BoxError>) -> bool {
+    matches!(r, Err(e) if e.downcast_ref::<BreakerOpen>().is_some())
+}
+
+#[allow(clippy::type_complexity)] // one helper's return tuple, spelled once
+fn setup(
+    b: CircuitBreakerBuilder,
+) -> (
+    Upstream,
+    BreakerHandle<DefaultClassifier>,
+    impl Service<
+        Request<()>,
+        Response = Response<steadfast_breaker::BreakerBody<(), DefaultClassifier>>,
+        Error = BoxError,
+    > + Clone,
+) {
+    let up = Upstream::new();
+    let layer = b.build().unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(up.svc());
+    (up, handle, svc)
+}
+
+// ---- the transition table ----
+
+#[tokio::test(start_paused = true)]
+async fn closed_to_open_after_five_consecutive_failures_seed_default() {
+    let (up, h, mut svc) = setup(builder());
+    up.set(503);
+    for i in 0..5 {
+        assert_eq!(h.state(), State::Closed, "still closed before failure {i}");
+        assert_eq!(call(&mut svc).await.unwrap(), 503);
+    }
+    assert_eq!(h.state(), State::Open);
+    let hits = up.hits();
+    let r = call(&mut svc).await;
+    assert!(is_open(&r));
+    assert_eq!(up.hits(), hits, "no traffic while open");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_resets_the_consecutive_count_and_4xx_is_success() {
+    let (up, h, mut svc) = setup(builder());
+    for _ in 0..3 {
+        up.set(500);
+        for _ in 0..4 {
+            call(&mut svc).await.unwrap();
+        }
+        up.set(404);
+        call(&mut svc).await.unwrap();
+    }
+    assert_eq!(h.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn open_to_half_open_exactly_at_open_time_then_close_on_success() {
+    let (up, h, mut svc) = setup(builder());
+    up.set(503);
+    for _ in 0..5 {
+        call(&mut svc).await.unwrap();
+    }
+    let Err(e) = call(&mut svc).await else {
+        panic!()
+    };
+    assert_eq!(
+        e.downcast_ref::<BreakerOpen>().unwrap().retry_after(),
+        Some(Duration::from_secs(30))
+    );
+    advance(Duration::from_secs(30) - Duration::from_nanos(1)).await;
+    assert!(is_open(&call(&mut svc).await), "not a nanosecond early");
+    advance(Duration::from_nanos(1)).await;
+    up.set(200);
+    assert_eq!(call(&mut svc).await.unwrap(), 200, "the probe");
+    assert_eq!(h.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn probe_failure_reopens_with_a_longer_open_time_reset_on_close() {
+    let (up, h, mut svc) = setup(builder().max_open_time(Duration::from_secs(100)));
+    up.set(503);
+    for _ in 0..5 {
+        call(&mut svc).await.unwrap();
+    }
+    let mut expected = [30u64, 60, 100, 100].into_iter();
+    let mut open_for = expected.next().unwrap();
+    for next in expected {
+        advance(Duration::from_secs(open_for)).await;
+        assert_eq!(call(&mut svc).await.unwrap(), 503, "probe fails");
+        assert_eq!(h.state(), State::Open);
+        let Err(e) = call(&mut svc).await else {
+            panic!()
+        };
+        assert_eq!(
+            e.downcast_ref::<BreakerOpen>().unwrap().retry_after(),
+            Some(Duration::from_secs(next))
+        );
+        open_for = next;
+    }
+    advance(Duration::from_secs(open_for)).await;
+    up.set(200);
+    call(&mut svc).await.unwrap();
+    assert_eq!(h.state(), State::Closed);
+    up.set(503);
+    for _ in 0..5 {
+        call(&mut svc).await.unwrap();
+    }
+    let Err(e) = call(&mut svc).await else {
+        panic!()
+    };
+    assert_eq!(
+        e.downcast_ref::<BreakerOpen>().unwrap().retry_after(),
+        Some(Duration::from_secs(30)),
+        "reset on close"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn illegal_transitions_do_not_happen() {
+    // Closed never goes to HalfOpen by time, nor Open by successes.
+    let (up, h, mut svc) = setup(builder());
+    advance(Duration::from_secs(3600)).await;
+    for _ in 0..100 {
+        call(&mut svc).await.unwrap();
+    }
+    assert_eq!(h.state(), State::Closed);
+    // Open never closes without a probe, whatever late successes arrive.
+    up.set(503);
+    for _ in 0..5 {
+        call(&mut svc).await.unwrap();
+    }
+    assert_eq!(h.state(), State::Open);
+    advance(Duration::from_secs(29)).await;
+    assert_eq!(h.state(), State::Open);
+    // Disabled / MetricsOnly never trip; ForcedOpen never half-opens.
+    for (set, expect) in [
+        (
+            BreakerHandle::disable as fn(&BreakerHandle<DefaultClassifier>),
+            State::Disabled,
+        ),
+        (BreakerHandle::metrics_only, State::MetricsOnly),
+    ] {
+        set(&h);
+        up.set(503);
+        for _ in 0..50 {
+            assert_eq!(
+                call(&mut svc).await.unwrap(),
+                503,
+                "{expect:?} lets calls through"
+            );
+        }
+        assert_eq!(h.state(), expect);
+    }
+    h.force_open();
+    let hits = up.hits();
+    advance(Duration::from_secs(3600)).await;
+    for _ in 0..5 {
+        let r = call(&mut svc).await;
+        let Err(e) = r else { panic!() };
+        assert_eq!(e.downcast_ref::<BreakerOpen>().unwrap().retry_after(), None);
+    }
+    assert_eq!(h.state(), State::ForcedOpen);
+    assert_eq!(up.hits(), hits);
+    h.close();
+    up.set(200);
+    assert_eq!(call(&mut svc).await.unwrap(), 200);
+    assert_eq!(h.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_transition_is_published() {
+    let (up, h, mut svc) = setup(builder());
+    let mut sub = h.subscribe();
+    up.set(503);
+    for _ in 0..5 {
+        call(&mut svc).await.unwrap();
+    }
+    advance(Duration::from_secs(30)).await;
+    up.set(200);
+    call(&mut svc).await.unwrap();
+    h.force_open();
+    h.disable();
+    h.metrics_only();
+    h.close();
+    let mut seen = Vec::new();
+    while let Some(t) = sub.try_recv() {
+        seen.push((t.from, t.to));
+    }
+    use State::*;
+    assert_eq!(
+        seen,
+        vec![
+            (Closed, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Closed),
+            (Closed, ForcedOpen),
+            (ForcedOpen, Disabled),
+            (Disabled, MetricsOnly),
+            (MetricsOnly, Closed)
+        ]
+    );
+}
+
+// ---- pinned semantics ----
+
+#[tokio::test(start_paused = true)]
+async fn outcomes_from_an_earlier_generation_never_decide() {
+    // A slow call admitted while Closed finishes after the breaker opened and re-closed.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let fail_slow = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let layer = builder().consecutive_failures(Some(1)).build().unwrap();
+    let h = layer.handle();
+    let (g, f) = (gate.clone(), fail_slow.clone());
+    let mut svc = layer.layer(service_fn(move |req: Request<()>| {
+        let (g, f) = (g.clone(), f.clone());
+        async move {
+            if req.uri().path() == "/slow" {
+                g.notified().await;
+            }
+            let status = if f.load(Ordering::SeqCst) { 500 } else { 200 };
+            Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
+        }
+    }));
+    let slow = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::get("/slow").body(()).unwrap());
+    let slow = tokio::spawn(slow);
+    tokio::task::yield_now().await;
+    // Trip with another call, let it half-open, probe it closed: generation moved twice.
+    call(&mut svc).await.unwrap();
+    assert_eq!(h.state(), State::Open);
+    advance(Duration::from_secs(30)).await;
+    fail_slow.store(false, Ordering::SeqCst);
+    call(&mut svc).await.unwrap();
+    assert_eq!(h.state(), State::Closed);
+    // Now the old call fails: it was admitted two generations ago and must not trip.
+    fail_slow.store(true, Ordering::SeqCst);
+    gate.notify_one();
+    assert_eq!(slow.await.unwrap().unwrap().status(), 500);
+    assert_eq!(h.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_admits_exactly_n_probes_and_dropped_probes_return_permits() {
+    let layer = builder().half_open_probes(2).build().unwrap();
+    let h = layer.handle();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let mut svc = layer.layer(service_fn(move |req: Request<()>| {
+        let g = g.clone();
+        async move {
+            if req.uri().path() == "/fail" {
+                return Ok::<_, Infallible>(Response::builder().status(503).body(()).unwrap());
+            }
+            g.acquire().await.unwrap().forget();
+            Ok(Response::new(()))
+        }
+    }));
+    for _ in 0..5 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(Request::get("/fail").body(()).unwrap())
+            .await
+            .unwrap();
+    }
+    advance(Duration::from_secs(30)).await;
+    let p1 = tokio::spawn(svc.ready().await.unwrap().call(Request::new(())));
+    let p2 = svc.ready().await.unwrap().call(Request::new(()));
+    assert!(is_open(&call(&mut svc).await), "a third probe is refused");
+    drop(p2); // cancelled: its permit comes back
+    let p3 = tokio::spawn(svc.ready().await.unwrap().call(Request::new(())));
+    assert!(is_open(&call(&mut svc).await));
+    gate.add_permits(1);
+    let first = tokio::select! {
+        r = p1 => r,
+        r = p3 => r,
+    };
+    first.unwrap().unwrap();
+    assert_eq!(h.state(), State::HalfOpen, "one success of two");
+    gate.add_permits(1);
+    while h.state() != State::Closed {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_without_a_verdict_reopens_after_the_open_time() {
+    let layer = builder().build().unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(service_fn(|req: Request<()>| async move {
+        if req.uri().path() == "/hang" {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, Infallible>(Response::builder().status(503).body(()).unwrap())
+    }));
+    for _ in 0..5 {
+        call(&mut svc).await.unwrap();
+    }
+    advance(Duration::from_secs(30)).await;
+    let _hung = tokio::spawn(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(Request::get("/hang").body(()).unwrap()),
+    );
+    tokio::task::yield_now().await;
+    assert_eq!(h.state(), State::HalfOpen);
+    advance(Duration::from_secs(29)).await;
+    assert!(is_open(&call(&mut svc).await));
+    assert_eq!(h.state(), State::HalfOpen);
+    advance(Duration::from_secs(1)).await;
+    assert!(is_open(&call(&mut svc).await));
+    assert_eq!(
+        h.state(),
+        State::Open,
+        "no verdict within the open time: re-open"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_on_the_tripping_failure_raises_the_open_time() {
+    let layer = builder().consecutive_failures(Some(1)).build().unwrap();
+    let mut svc = layer.layer(service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(
+            Response::builder()
+                .status(503)
+                .header("retry-after", "120")
+                .body(())
+                .unwrap(),
+        )
+    }));
+    call(&mut svc).await.unwrap();
+    let Err(e) = call(&mut svc).await else {
+        panic!()
+    };
+    assert_eq!(
+        e.downcast_ref::<BreakerOpen>().unwrap().retry_after(),
+        Some(Duration::from_secs(120))
+    );
+}
+
+// ---- windows ----
+
+#[tokio::test(start_paused = true)]
+async fn regression_window_100_threshold_50_opens_within_50_failures_after_1000_successes() {
+    let (up, h, mut svc) = setup(
+        builder()
+            .consecutive_failures(None)
+            .count_window(100)
+            .failure_rate(50),
+    );
+    for _ in 0..1000 {
+        call(&mut svc).await.unwrap();
+    }
+    up.set(500);
+    let mut failures = 0;
+    while h.state() == State::Closed {
+        call(&mut svc).await.unwrap();
+        failures += 1;
+        assert!(failures <= 50, "peers need 1000 here");
+    }
+    assert_eq!(failures, 50);
+}
+
+#[tokio::test(start_paused = true)]
+async fn min_calls_gates_the_rate() {
+    let (up, h, mut svc) = setup(
+        builder()
+            .consecutive_failures(None)
+            .count_window(100)
+            .failure_rate(50)
+            .min_calls(20),
+    );
+    up.set(500);
+    for _ in 0..19 {
+        call(&mut svc).await.unwrap();
+    }
+    assert_eq!(h.state(), State::Closed);
+    call(&mut svc).await.unwrap();
+    assert_eq!(h.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn time_window_forgets_old_failures() {
+    let (up, h, mut svc) = setup(
+        builder()
+            .consecutive_failures(None)
+            .time_window(Duration::from_secs(1), 10)
+            .failure_rate(50)
+            .min_calls(10),
+    );
+    up.set(500);
+    for _ in 0..9 {
+        call(&mut svc).await.unwrap();
+    }
+    advance(Duration::from_secs(10)).await;
+    up.set(200);
+    for _ in 0..9 {
+        call(&mut svc).await.unwrap();
+    }
+    up.set(500);
+    call(&mut svc).await.unwrap();
+    assert_eq!(
+        h.state(),
+        State::Closed,
+        "the old failures left the window: 1 of 10 failed"
+    );
+    assert_eq!(h.metrics().window.unwrap().calls, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_call_rate_trips() {
+    let layer = builder()
+        .consecutive_failures(None)
+        .count_window(10)
+        .min_calls(10)
+        .slow_calls(Duration::from_secs(1), 50)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(service_fn(|_req: Request<()>| async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Ok::<_, Infallible>(Response::new(()))
+    }));
+    for _ in 0..10 {
+        call(&mut svc).await.unwrap();
+    }
+    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.metrics().slow, 10);
+}
+
+// ---- readiness ----
+
+#[tokio::test(start_paused = true)]
+async fn open_breaker_decides_before_polling_inner_and_never_errors_poll_ready() {
+    let layer = builder().consecutive_failures(Some(1)).build().unwrap();
+    let (mock, mut handle) = tower_test::mock::pair::<Request<()>, Response<()>>();
+    let mut svc = layer.layer(mock);
+    handle.allow(1);
+    let fut = svc.ready().await.unwrap().call(Request::new(()));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_response(Response::builder().status(500).body(()).unwrap());
+    fut.await.unwrap();
+    // The inner service has no capacity left; if the breaker polled it, it would be Pending.
+    handle.allow(0);
+    let ready = tokio::time::timeout(Duration::from_secs(1), svc.ready()).await;
+    assert!(ready.is_ok(), "ready at once: the call will fail fast");
+    assert!(
+        ready.unwrap().is_ok(),
+        "poll_ready never errors for policy reasons"
+    );
+    assert!(is_open(
+        &svc.call(Request::new(()))
+            .await
+            .map(|r| r.status().as_u16())
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn backpressure_keeps_poll_ready_pending_until_a_probe_is_allowed() {
+    let (up, h, _) = setup(builder());
+    drop(up);
+    let layer = builder()
+        .backpressure(true)
+        .consecutive_failures(Some(1))
+        .build()
+        .unwrap();
+    let h2 = layer.handle();
+    let up = Upstream::new();
+    let mut svc = layer.layer(up.svc());
+    up.set(503);
+    call(&mut svc).await.unwrap();
+    assert_eq!(h2.state(), State::Open);
+    let start = tokio::time::Instant::now();
+    svc.ready().await.unwrap();
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(30),
+        "woken by the timer when a probe is allowed"
+    );
+    up.set(200);
+    assert_eq!(svc.call(Request::new(())).await.unwrap().status(), 200);
+    assert_eq!(h2.state(), State::Closed);
+    let _ = h;
+}
+
+// ---- sharing ----
+
+#[tokio::test(start_paused = true)]
+async fn state_is_shared_by_every_service_from_one_layer() {
+    let up = Upstream::new();
+    let layer = builder().build().unwrap();
+    let h = layer.handle();
+    up.set(503);
+    for _ in 0..5 {
+        // A fresh service each time, as hyper and axum make them.
+        let mut svc = layer.layer(up.svc());
+        call(&mut svc).await.unwrap();
+    }
+    assert_eq!(h.state(), State::Open);
+    let mut other = layer.clone().layer(up.svc());
+    assert!(is_open(&call(&mut other).await));
+    // A separately built layer is a separate breaker (one per route).
+    let mut separate = builder().build().unwrap().layer(up.svc());
+    assert_eq!(call(&mut separate).await.unwrap(), 503);
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_authority_breakers_are_isolated_and_bounded() {
+    let layer = builder()
+        .consecutive_failures(Some(1))
+        .max_keys(1000)
+        .build_per_authority()
+        .unwrap();
+    let svc_fn = service_fn(|req: Request<()>| async move {
+        let status = if req.uri().host() == Some("down") {
+            503
+        } else {
+            200
+        };
+        Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
+    });
+    let mut svc = layer.layer(svc_fn);
+    let get = |host: &str| Request::get(format!("http://{host}/")).body(()).unwrap();
+    svc.ready().await.unwrap().call(get("down")).await.unwrap();
+    let e = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get("down"))
+        .await
+        .unwrap_err();
+    assert!(e.downcast_ref::<BreakerOpen>().is_some());
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get("up"))
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "other hosts unaffected"
+    );
+    let down: http::uri::Authority = "down".parse().unwrap();
+    assert_eq!(layer.handle(&Some(down)).unwrap().state(), State::Open);
+
+    for i in 0..100_000 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("h{i}")))
+            .await
+            .unwrap();
+    }
+    assert!(layer.len() <= 1000 + 16, "memory bounded: {}", layer.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_status_in_trailers_is_judged_at_end_of_stream() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    let layer = builder().consecutive_failures(Some(1)).build().unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(service_fn(|_req: Request<()>| async {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "14".parse().unwrap());
+        let frames = vec![
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"msg"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body)
+                .unwrap(),
+        )
+    }));
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
+    assert_eq!(h.state(), State::Closed, "verdict not known from the head");
+    let _ = res.into_body().collect().await.unwrap();
+    assert_eq!(h.state(), State::Open, "UNAVAILABLE in the trailers");
+}
+
+// ---- concurrency ----
+
+/// Many tasks racing for probes (interleaved at every await; the atomic protocol itself is
+/// stress-tested across OS threads in `state.rs`'s unit tests).
+#[tokio::test(start_paused = true)]
+async fn many_tasks_never_exceed_n_probes_and_lose_no_permit() {
+    let layer = CircuitBreakerLayer::builder()
+        .half_open_probes(3)
+        .consecutive_failures(Some(1))
+        .open_time(Duration::from_secs(1))
+        .max_open_time(Duration::from_secs(1))
+        .jitter_percent(0)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (inf, g) = (in_flight.clone(), gate.clone());
+    let svc = layer.layer(service_fn(move |req: Request<()>| {
+        let (inf, g) = (inf.clone(), g.clone());
+        async move {
+            if req.uri().path() == "/fail" {
+                return Ok::<_, Infallible>(Response::builder().status(503).body(()).unwrap());
+            }
+            inf.fetch_add(1, Ordering::SeqCst);
+            g.acquire().await.unwrap().forget();
+            Ok(Response::new(()))
+        }
+    }));
+    for round in 0..3 {
+        // Trip (open time zero: the next admission half-opens at once).
+        let mut s = svc.clone();
+        let _ = s
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::get("/fail").body(()).unwrap())
+            .await;
+        assert_eq!(h.state(), State::Open, "round {round}");
+        advance(Duration::from_secs(1)).await;
+        in_flight.store(0, Ordering::SeqCst);
+        let rejected = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..64 {
+            let mut s = svc.clone();
+            let rejected = rejected.clone();
+            tasks.spawn(async move {
+                if is_open(&call(&mut s).await) {
+                    rejected.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        // Every task either got a probe (and now waits at the gate) or was refused.
+        while rejected.load(Ordering::SeqCst) + in_flight.load(Ordering::SeqCst) < 64 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            in_flight.load(Ordering::SeqCst),
+            3,
+            "exactly N probes, round {round}"
+        );
+        assert_eq!(rejected.load(Ordering::SeqCst), 61);
+        gate.add_permits(3);
+        tasks.join_all().await;
+        assert_eq!(
+            h.state(),
+            State::Closed,
+            "3 successes close; no permit was lost"
+        );
+    }
+}
+
+#[test]
+fn services_and_futures_are_send_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<
+        steadfast_breaker::CircuitBreaker<
+            tower::util::BoxCloneSyncService<Request<()>, Response<()>, BoxError>,
+            DefaultClassifier,
+        >,
+    >();
+    send_sync::<CircuitBreakerLayer>();
+    send::<
+        steadfast_breaker::ResponseFuture<
+            std::future::Ready<Result<Response<()>, BoxError>>,
+            DefaultClassifier,
+        >,
+    >();
+}
