@@ -1,1 +1,51 @@
-//! The steadfast retry layer (in progress: see the project's issue tracker).
+//! Safe, budgeted, hint-aware retries for tower that work with real HTTP bodies.
+//!
+//! - **Safe by default**: only idempotent methods (or requests with an `Idempotency-Key`) are
+//!   retried once they may have reached the server; any request that certainly was not sent
+//!   (connection refused, DNS failure, connect timeout) may be retried. A non-idempotent
+//!   request is never sent twice unless the caller opted in.
+//! - **Budgeted by default**: a race-free, shared [`Budget`] keeps retries to about 10 % of
+//!   recent traffic plus a small floor, so a failing upstream does not face a retry storm.
+//! - **Hint-aware**: `Retry-After` (seconds or HTTP-date) and `grpc-retry-pushback-ms` replace
+//!   the backoff, up to a cap; a longer hint, a negative pushback or a wait past the deadline
+//!   returns the last outcome at once.
+//! - **Bodies that are not `Clone`**: [`ReplayBody`] records what the first attempt sends (up
+//!   to 64 KiB) and replays data and trailers identically.
+//! - **Jitter per request**: exponential backoff with full, equal, decorrelated or no
+//!   [`Jitter`]; every request draws from its own seedable random stream.
+//!
+//! Where it sits in a client stack:
+//!
+//! ```text
+//! CorrelationId
+//!   Timeout (total)        <- the deadline the retry layer respects
+//!     Retry                <- this crate
+//!       CircuitBreaker     <- an open breaker's rejection is not retried and costs no budget
+//!         Timeout (per attempt)
+//!           transport
+//! ```
+//!
+//! # Events
+//!
+//! `tracing` events on target `steadfast::retry`: `retry.attempt` (attempt, delay_ms, status,
+//! error, budget_left), `retry.budget_exhausted` (attempt), `retry.gave_up` (attempt, reason:
+//! `attempts_exhausted`, `not_idempotent`, `body_not_replayable`, `server_pushback_stop`,
+//! `server_hint_over_cap`, `deadline`, `total_timeout`, `policy_rejected`).
+
+mod backoff;
+mod budget;
+mod error;
+mod future;
+mod layer;
+mod replay;
+mod service;
+
+pub use backoff::{Backoff, Jitter, Rng};
+pub use budget::{Budget, BudgetConfig};
+pub use error::InvalidRetryConfig;
+pub use future::ResponseFuture;
+pub use layer::{
+    ATTEMPT_HEADER, GRPC_PREVIOUS_ATTEMPTS, IDEMPOTENCY_KEY, Predicate, RetryLayer, RetryPolicy,
+};
+pub use replay::{DEFAULT_REPLAY_CAP, ReplayBody};
+pub use service::Retry;

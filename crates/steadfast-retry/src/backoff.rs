@@ -1,0 +1,169 @@
+//! Exponential backoff with jitter, one random stream per request.
+
+use std::time::Duration;
+
+/// How a computed backoff is randomised (see Brooker, "Exponential Backoff And Jitter").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Jitter {
+    /// Uniform in `[0, exp]`: the least total work under contention (default).
+    #[default]
+    Full,
+    /// `exp / 2` plus uniform in `[0, exp / 2]`.
+    Equal,
+    /// Uniform in `[base, 3 × previous]`, capped (AWS's "decorrelated jitter").
+    Decorrelated,
+    /// Exactly `exp` (for tests and the seed's fixed schedule).
+    None,
+}
+
+/// Exponential backoff: the `n`-th retry waits about `min(cap, base × 2^(n-1))`.
+///
+/// Defaults: base 100 ms, cap 10 s (the seed's cap), [`Jitter::Full`].
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast_retry::{Backoff, Jitter};
+///
+/// // The seed's schedule: min(1000 · 2^(n-1), 10000) ms.
+/// let seed = Backoff::new(Duration::from_secs(1), Duration::from_secs(10)).jitter(Jitter::None);
+/// let mut rng = steadfast_retry::Rng::seeded(0);
+/// let delays: Vec<_> = (1..=5).map(|n| seed.delay(n, Duration::ZERO, &mut rng).as_millis()).collect();
+/// assert_eq!(delays, [1000, 2000, 4000, 8000, 10000]);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    jitter: Jitter,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(10))
+    }
+}
+
+impl Backoff {
+    /// Exponential from `base`, capped at `cap`, with full jitter.
+    pub const fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            jitter: Jitter::Full,
+        }
+    }
+
+    /// Sets the jitter mode.
+    #[must_use]
+    pub const fn jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// The base delay.
+    pub const fn base(&self) -> Duration {
+        self.base
+    }
+
+    /// The cap.
+    pub const fn cap(&self) -> Duration {
+        self.cap
+    }
+
+    /// The exponential value for retry `n` (1-based), before jitter.
+    pub fn exponential(&self, n: u32) -> Duration {
+        let shift = n.saturating_sub(1).min(31);
+        self.base.saturating_mul(1 << shift).min(self.cap)
+    }
+
+    /// The delay before retry `n` (1-based); `previous` is the last delay (for
+    /// [`Jitter::Decorrelated`]).
+    pub fn delay(&self, n: u32, previous: Duration, rng: &mut Rng) -> Duration {
+        let exp = self.exponential(n);
+        match self.jitter {
+            Jitter::None => exp,
+            Jitter::Full => exp.mul_f64(rng.unit()),
+            Jitter::Equal => exp / 2 + (exp / 2).mul_f64(rng.unit()),
+            Jitter::Decorrelated => {
+                let lo = self.base.min(self.cap);
+                let hi = previous.max(self.base).saturating_mul(3).min(self.cap);
+                if hi <= lo {
+                    lo
+                } else {
+                    lo + (hi - lo).mul_f64(rng.unit())
+                }
+            }
+        }
+    }
+}
+
+/// A small, seedable random stream (SplitMix64). Each request that retries gets its own.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A stream from `seed`.
+    pub const fn seeded(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn every_delay_lies_within_its_bounds(
+            base_ms in 1u64..5_000,
+            cap_ms in 1u64..60_000,
+            n in 1u32..40,
+            prev_ms in 0u64..60_000,
+            seed in any::<u64>(),
+        ) {
+            let (base, cap, prev) = (Duration::from_millis(base_ms), Duration::from_millis(cap_ms), Duration::from_millis(prev_ms));
+            let mut rng = super::Rng::seeded(seed);
+            let exp = Backoff::new(base, cap).exponential(n);
+            prop_assert!(exp <= cap);
+            prop_assert_eq!(exp, base.saturating_mul(1 << (n - 1).min(31)).min(cap));
+            let full = Backoff::new(base, cap).jitter(Jitter::Full).delay(n, prev, &mut rng);
+            prop_assert!(full <= exp);
+            let equal = Backoff::new(base, cap).jitter(Jitter::Equal).delay(n, prev, &mut rng);
+            prop_assert!(equal >= exp / 2 && equal <= exp);
+            let none = Backoff::new(base, cap).jitter(Jitter::None).delay(n, prev, &mut rng);
+            prop_assert_eq!(none, exp);
+            let dec = Backoff::new(base, cap).jitter(Jitter::Decorrelated).delay(n, prev, &mut rng);
+            prop_assert!(dec <= cap);
+            prop_assert!(dec >= base.min(cap));
+            prop_assert!(dec <= prev.max(base).saturating_mul(3).max(base.min(cap)));
+        }
+    }
+
+    #[test]
+    fn streams_differ_by_seed_and_repeat_with_it() {
+        let b = Backoff::default();
+        let run = |seed| {
+            let mut r = super::Rng::seeded(seed);
+            (1..=3)
+                .map(|n| b.delay(n, Duration::ZERO, &mut r))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1), run(2));
+    }
+}

@@ -1,0 +1,251 @@
+//! A race-free retry budget.
+//!
+//! Every original request deposits `ratio` of a token; every retry withdraws one whole token.
+//! Tokens also trickle in at `min_per_sec` so a quiet service can still retry, and every
+//! balance decays with time constant `window`, so the balance tracks *recent* requests: about
+//! `ratio × requests in the last window + min_per_sec × window`.
+//!
+//! The balance and its timestamp share one 64-bit word, updated by compare-and-swap: a
+//! withdrawal either takes a whole token that exists or fails, so concurrent retries can never
+//! overdraw (no check-then-act). Deposits on the happy path go to per-thread stripes (one
+//! uncontended add) and are swept into the word by the next withdrawal.
+
+use std::cell::Cell;
+use std::sync::atomic::{
+    AtomicU64, AtomicUsize,
+    Ordering::{AcqRel, Acquire, Relaxed},
+};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+const MILLI: u64 = 1000;
+const BALANCE_BITS: u32 = 40;
+const BALANCE_MASK: u64 = (1 << BALANCE_BITS) - 1;
+const TICK: Duration = Duration::from_millis(10);
+const TICK_MASK: u64 = (1 << (64 - BALANCE_BITS)) - 1;
+const STRIPES: usize = 8;
+
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct Stripe(AtomicU64);
+
+/// The retry budget shared by every service of one [`RetryLayer`](crate::RetryLayer).
+#[derive(Debug)]
+pub struct Budget {
+    /// balance (milli-tokens, low 40 bits) | last update (10 ms ticks since `base`, high 24).
+    word: AtomicU64,
+    pending: [Stripe; STRIPES],
+    deposit_milli: u64,
+    floor_milli_per_tick: f64,
+    window_ticks: f64,
+    base: Instant,
+}
+
+/// Budget settings.
+///
+/// Defaults: retries may add 10 % to recent traffic (`ratio` 0.1), plus 10 retries a second
+/// (`min_per_sec`), over a 10 s window — tower's and Finagle's shape, with the SRE book's
+/// 10 % ratio. The budget starts full at its floor (`min_per_sec × window`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BudgetConfig {
+    /// Tokens deposited per original request (0.1 = retries add at most ~10 %).
+    pub ratio: f64,
+    /// Tokens added per second regardless of traffic.
+    pub min_per_sec: u32,
+    /// How far back "recent" reaches.
+    pub window: Duration,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            ratio: 0.1,
+            min_per_sec: 10,
+            window: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Budget {
+    /// A budget with `config`.
+    pub fn new(config: BudgetConfig) -> Self {
+        let window_ticks = (config.window.as_secs_f64() / TICK.as_secs_f64()).max(1.0);
+        let floor_milli_per_tick =
+            f64::from(config.min_per_sec) * MILLI as f64 * TICK.as_secs_f64();
+        let start = (floor_milli_per_tick * window_ticks) as u64;
+        Self {
+            word: AtomicU64::new(start.min(BALANCE_MASK)),
+            pending: Default::default(),
+            deposit_milli: (config.ratio.clamp(0.0, 1000.0) * MILLI as f64) as u64,
+            floor_milli_per_tick,
+            window_ticks,
+            base: Instant::now(),
+        }
+    }
+
+    /// Records an original request (happy path: one add on this thread's stripe).
+    pub fn deposit(&self) {
+        if self.deposit_milli != 0 {
+            self.pending[stripe_index()]
+                .0
+                .fetch_add(self.deposit_milli, Relaxed);
+        }
+    }
+
+    /// Takes one token for a retry; `false` when the budget is spent.
+    pub fn withdraw(&self) -> bool {
+        self.update(MILLI)
+    }
+
+    /// The tokens available now (approximate while deposits are in flight).
+    pub fn balance(&self) -> f64 {
+        self.update(0);
+        (self.word.load(Acquire) & BALANCE_MASK) as f64 / MILLI as f64
+    }
+
+    fn now_tick(&self) -> u64 {
+        (self.base.elapsed().as_nanos() / TICK.as_nanos()) as u64
+    }
+
+    /// Sweeps pending deposits, decays and refills, then takes `cost` milli-tokens if there
+    /// are enough (`cost` 0 only refreshes). One CAS loop on one word: race-free.
+    fn update(&self, cost: u64) -> bool {
+        let mut swept = 0u64;
+        for s in &self.pending {
+            if s.0.load(Relaxed) != 0 {
+                swept += s.0.swap(0, AcqRel);
+            }
+        }
+        let now = self.now_tick();
+        let mut ok = false;
+        let _ = self.word.fetch_update(AcqRel, Acquire, |w| {
+            let balance = w & BALANCE_MASK;
+            let last = w >> BALANCE_BITS;
+            let elapsed = now.wrapping_sub(last) & TICK_MASK;
+            let decayed = if elapsed == 0 {
+                balance as f64
+            } else {
+                let keep = (-(elapsed as f64) / self.window_ticks).exp();
+                // Exact steady state of a constant trickle under the same decay.
+                balance as f64 * keep + self.floor_milli_per_tick * self.window_ticks * (1.0 - keep)
+            };
+            let total = (decayed.round() as u64)
+                .saturating_add(swept)
+                .min(BALANCE_MASK);
+            ok = total >= cost;
+            let after = if ok { total - cost } else { total };
+            Some(((now & TICK_MASK) << BALANCE_BITS) | after)
+        });
+        ok
+    }
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+fn stripe_index() -> usize {
+    STRIPE.with(|s| {
+        let v = s.get();
+        if v != usize::MAX {
+            return v;
+        }
+        let v = NEXT.fetch_add(1, Relaxed) % STRIPES;
+        s.set(v);
+        v
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    fn no_floor(ratio: f64) -> Budget {
+        Budget::new(BudgetConfig {
+            ratio,
+            min_per_sec: 0,
+            window: Duration::from_secs(10),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ratio_of_recent_requests() {
+        let b = no_floor(0.1);
+        assert!(!b.withdraw(), "empty without a floor");
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let granted = (0..100).filter(|_| b.withdraw()).count();
+        assert_eq!(granted, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_deposits_decay() {
+        let b = no_floor(0.1);
+        for _ in 0..1000 {
+            b.deposit();
+        }
+        assert!((b.balance() - 100.0).abs() < 0.01);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let left = b.balance();
+        assert!(
+            (left - 100.0 * (-1f64).exp()).abs() < 0.5,
+            "one time constant: {left}"
+        );
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(b.balance() < 1.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn floor_refills_to_its_steady_state() {
+        let b = Budget::new(BudgetConfig::default());
+        assert!(
+            (b.balance() - 100.0).abs() < 0.01,
+            "starts full at the floor"
+        );
+        let taken = (0..1000).filter(|_| b.withdraw()).count();
+        assert_eq!(taken, 100);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let refilled = b.balance();
+        assert!(
+            (9.0..=10.0).contains(&refilled),
+            "~10/s minus decay: {refilled}"
+        );
+    }
+
+    /// Many threads withdraw at once: the grants never exceed the tokens that existed.
+    #[test]
+    fn concurrent_withdrawals_never_overdraw() {
+        // A window so long that decay over the test's run rounds away: exactly 500 tokens.
+        let b = Arc::new(Budget::new(BudgetConfig {
+            ratio: 1.0,
+            min_per_sec: 0,
+            window: Duration::from_secs(100_000_000),
+        }));
+        for _ in 0..500 {
+            b.deposit();
+        }
+        let granted = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (b, g) = (b.clone(), granted.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        if b.withdraw() {
+                            g.fetch_add(1, Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(granted.load(Relaxed), 500);
+    }
+}

@@ -1,0 +1,294 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::RETRY_AFTER;
+use http::request::Parts;
+use http::{HeaderValue, Method, Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use steadfast_core::header::{GRPC_RETRY_PUSHBACK_MS, Pushback, pushback, retry_after};
+use steadfast_core::{
+    BoxError, Class, Classify, Deadline, Delivery, PolicyRejected, ResponseClass,
+    is_grpc_content_type,
+};
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use crate::backoff::Rng;
+use crate::layer::{ATTEMPT_HEADER, Config, GRPC_PREVIOUS_ATTEMPTS, IDEMPOTENCY_KEY};
+use crate::replay::ReplayBody;
+use crate::service::copy_parts;
+
+/// What a retrying call keeps between attempts.
+pub(crate) struct Ctx<S, B, C> {
+    pub(crate) service: S,
+    pub(crate) parts: Parts,
+    pub(crate) body: ReplayBody<B>,
+    pub(crate) config: Arc<Config<C>>,
+    pub(crate) attempt: u32,
+    pub(crate) started: Option<Instant>,
+    pub(crate) deadline: Option<Deadline>,
+    pub(crate) rng: Option<Rng>,
+    pub(crate) previous_delay: Duration,
+}
+
+pin_project! {
+    /// The response future of [`Retry`](crate::Retry).
+    pub struct ResponseFuture<F, S, B, C> {
+        #[pin]
+        state: State<F>,
+        ctx: Option<Ctx<S, B, C>>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called {
+            #[pin]
+            fut: F,
+        },
+        Waiting {
+            sleep: Pin<Box<Sleep>>,
+        },
+        Ready,
+    }
+}
+
+impl<F, S, B, C> fmt::Debug for ResponseFuture<F, S, B, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("attempt", &self.ctx.as_ref().map(|c| c.attempt))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, S, B, C> ResponseFuture<F, S, B, C> {
+    pub(crate) fn once(fut: F) -> Self {
+        Self {
+            state: State::Called { fut },
+            ctx: None,
+        }
+    }
+
+    pub(crate) fn retrying(fut: F, ctx: Ctx<S, B, C>) -> Self {
+        Self {
+            state: State::Called { fut },
+            ctx: Some(ctx),
+        }
+    }
+}
+
+/// A server's retry hint.
+enum Hint {
+    After(Duration),
+    Stop,
+}
+
+fn hint<B>(res: &Response<B>) -> Option<Hint> {
+    let h = res.headers();
+    if let Some(v) = h.get(GRPC_RETRY_PUSHBACK_MS) {
+        return Some(match pushback(v) {
+            Pushback::After(d) => Hint::After(d),
+            Pushback::Stop => Hint::Stop,
+        });
+    }
+    h.get(RETRY_AFTER)
+        .and_then(|v| retry_after(v, SystemTime::now()))
+        .map(Hint::After)
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+enum Decision<T> {
+    Return(T),
+    Wait(Duration),
+}
+
+impl<S, B, C> Ctx<S, B, C> {
+    fn give_up<T>(&self, out: T, reason: &'static str) -> Decision<T> {
+        tracing::event!(
+            name: "retry.gave_up",
+            target: "steadfast::retry",
+            tracing::Level::DEBUG,
+            attempt = self.attempt,
+            reason,
+        );
+        Decision::Return(out)
+    }
+
+    fn decide<ResB>(
+        &mut self,
+        out: Result<Response<ResB>, BoxError>,
+    ) -> Decision<Result<Response<ResB>, BoxError>>
+    where
+        C: Classify<Response<ResB>>,
+    {
+        let config = self.config.clone();
+        let (class, hint) = match &out {
+            Ok(res) => match config.classifier.classify_response(res) {
+                ResponseClass::Ready(c) if c.is_retryable() => (c, hint(res)),
+                ResponseClass::Ready(c) => (c, None),
+                // A streamed gRPC response whose head arrived is committed (gRPC A6).
+                ResponseClass::Deferred(_) => return Decision::Return(out),
+            },
+            Err(e) => {
+                if PolicyRejected::is_in(&**e) {
+                    // Refused by a local policy (open breaker): not retried, costs no budget.
+                    return self.give_up(out, "policy_rejected");
+                }
+                (config.classifier.classify_error(&**e), None)
+            }
+        };
+        if self.attempt >= config.max_attempts {
+            if class.is_retryable() {
+                return self.give_up(out, "attempts_exhausted");
+            }
+            return Decision::Return(out);
+        }
+        let default = class.is_retryable() && self.safe_to_repeat(&class);
+        let retry = match &config.predicate {
+            Some(p) => p(&self.parts, &class).unwrap_or(default),
+            None => default,
+        };
+        if !retry {
+            if class.is_retryable() {
+                return self.give_up(out, "not_idempotent");
+            }
+            return Decision::Return(out);
+        }
+        if !self.body.can_replay() {
+            return self.give_up(out, "body_not_replayable");
+        }
+        let delay = match hint {
+            Some(Hint::Stop) => return self.give_up(out, "server_pushback_stop"),
+            // Pinned 7: never sooner than asked, never longer than the cap.
+            Some(Hint::After(d)) if d > config.max_hint => {
+                return self.give_up(out, "server_hint_over_cap");
+            }
+            Some(Hint::After(d)) => d,
+            None => {
+                let rng = self.rng.get_or_insert_with(|| {
+                    let stream = config.streams.fetch_add(1, Relaxed);
+                    let mut mix =
+                        Rng::seeded(config.seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    Rng::seeded(mix.next_u64())
+                });
+                config.backoff.delay(self.attempt, self.previous_delay, rng)
+            }
+        };
+        let now = Instant::now();
+        let ends = now + delay;
+        if self.deadline.is_some_and(|d| ends >= d.instant()) {
+            return self.give_up(out, "deadline");
+        }
+        if let (Some(start), Some(total)) = (self.started, config.total) {
+            if ends >= start + total {
+                return self.give_up(out, "total_timeout");
+            }
+        }
+        if let Some(budget) = &config.budget {
+            if !budget.withdraw() {
+                tracing::event!(
+                    name: "retry.budget_exhausted",
+                    target: "steadfast::retry",
+                    tracing::Level::INFO,
+                    attempt = self.attempt,
+                    "retry budget exhausted; returning the last outcome"
+                );
+                return Decision::Return(out);
+            }
+        }
+        tracing::event!(
+            name: "retry.attempt",
+            target: "steadfast::retry",
+            tracing::Level::DEBUG,
+            attempt = self.attempt + 1,
+            delay_ms = delay.as_millis() as u64,
+            status = out.as_ref().ok().map(|r| r.status().as_u16()),
+            error = out.is_err(),
+            budget_left = config.budget.as_ref().map(|b| b.balance()),
+        );
+        self.attempt += 1;
+        self.previous_delay = delay;
+        Decision::Wait(delay)
+    }
+
+    fn safe_to_repeat(&self, class: &Class) -> bool {
+        class.delivery() == Delivery::NotSent
+            || idempotent(&self.parts.method)
+            || self.parts.headers.contains_key(IDEMPOTENCY_KEY)
+            || self.config.retry_non_idempotent
+    }
+
+    fn next_request(&self) -> Option<Request<ReplayBody<B>>> {
+        let body = self.body.replay()?;
+        let mut req = Request::from_parts(copy_parts(&self.parts), body);
+        let headers = req.headers_mut();
+        headers.insert(ATTEMPT_HEADER, HeaderValue::from(self.attempt));
+        if is_grpc_content_type(headers) {
+            headers.insert(GRPC_PREVIOUS_ATTEMPTS, HeaderValue::from(self.attempt - 1));
+        }
+        Some(req)
+    }
+}
+
+impl<F, S, B, C, ResB, E> Future for ResponseFuture<F, S, B, C>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+    E: Into<BoxError>,
+    S: Service<Request<ReplayBody<B>>, Future = F, Response = Response<ResB>, Error = E>,
+    B: Body<Data = Bytes>,
+    C: Classify<Response<ResB>>,
+{
+    type Output = Result<Response<ResB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Called { fut } => {
+                    let out = ready!(fut.poll(cx)).map_err(Into::into);
+                    let Some(ctx) = this.ctx.as_mut() else {
+                        return Poll::Ready(out);
+                    };
+                    match ctx.decide(out) {
+                        Decision::Return(out) => {
+                            *this.ctx = None;
+                            return Poll::Ready(out);
+                        }
+                        Decision::Wait(d) if d.is_zero() => this.state.set(State::Ready),
+                        Decision::Wait(d) => this.state.set(State::Waiting {
+                            sleep: Box::pin(tokio::time::sleep(d)),
+                        }),
+                    }
+                }
+                StateProj::Waiting { sleep } => {
+                    ready!(sleep.as_mut().poll(cx));
+                    this.state.set(State::Ready);
+                }
+                StateProj::Ready => {
+                    let ctx = this.ctx.as_mut().expect("retrying without a context");
+                    // Re-poll readiness before every attempt.
+                    ready!(ctx.service.poll_ready(cx)).map_err(Into::into)?;
+                    let req = ctx
+                        .next_request()
+                        .expect("replay was checked before deciding to retry");
+                    let fut = ctx.service.call(req);
+                    this.state.set(State::Called { fut });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,330 @@
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use http::HeaderName;
+use http::request::Parts;
+use steadfast_core::{Class, DefaultClassifier};
+use tower_layer::Layer;
+
+use crate::backoff::Backoff;
+use crate::budget::{Budget, BudgetConfig};
+use crate::error::InvalidRetryConfig;
+use crate::replay::DEFAULT_REPLAY_CAP;
+use crate::service::Retry;
+
+/// The header that marks a request safe to repeat whatever its method.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// Set on every attempt after the first: the attempt's number (2, 3, ...).
+pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-retry-attempt");
+/// Set on gRPC attempts after the first: how many attempts came before (gRPC A6).
+pub const GRPC_PREVIOUS_ATTEMPTS: HeaderName =
+    HeaderName::from_static("grpc-previous-rpc-attempts");
+
+/// A caller's say on one outcome: `Some(true)` retry (if attempts, budget, body and deadline
+/// allow), `Some(false)` never, `None` the default rules.
+pub type Predicate = dyn Fn(&Parts, &Class) -> Option<bool> + Send + Sync;
+
+pub(crate) struct Config<C> {
+    pub(crate) max_attempts: u32,
+    pub(crate) classifier: C,
+    pub(crate) backoff: Backoff,
+    pub(crate) max_hint: Duration,
+    pub(crate) total: Option<Duration>,
+    pub(crate) replay_cap: usize,
+    pub(crate) retry_non_idempotent: bool,
+    pub(crate) predicate: Option<Box<Predicate>>,
+    pub(crate) budget: Option<Budget>,
+    pub(crate) seed: u64,
+    pub(crate) streams: AtomicU64,
+}
+
+impl<C: fmt::Debug> fmt::Debug for Config<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryConfig")
+            .field("max_attempts", &self.max_attempts)
+            .field("classifier", &self.classifier)
+            .field("backoff", &self.backoff)
+            .field("max_hint", &self.max_hint)
+            .field("total", &self.total)
+            .field("replay_cap", &self.replay_cap)
+            .field("retry_non_idempotent", &self.retry_non_idempotent)
+            .field("predicate", &self.predicate.is_some())
+            .field("budget", &self.budget)
+            .finish()
+    }
+}
+
+/// Configures a [`RetryLayer`].
+///
+/// Defaults — the seed's client, bounded as Envoy, gRPC and Finagle bound it:
+///
+/// | setting | default |
+/// |---|---|
+/// | attempts | 3 in total |
+/// | retried outcomes | HTTP 429, 502, 503, 504; transport errors; gRPC UNAVAILABLE (from [`DefaultClassifier`]) |
+/// | methods | idempotent ones (GET HEAD OPTIONS TRACE PUT DELETE) or a request with `Idempotency-Key`; any request that certainly was not sent |
+/// | backoff | exponential from 100 ms, capped at 10 s, full jitter |
+/// | server hints | `Retry-After` and `grpc-retry-pushback-ms`, up to 300 s; longer means no retry |
+/// | budget | on: retries ≤ 10 % of recent requests + 10/s ([`BudgetConfig`]) |
+/// | replay | bodies up to 64 KiB |
+#[must_use]
+pub struct RetryPolicy<C = DefaultClassifier> {
+    max_attempts: u32,
+    classifier: C,
+    backoff: Backoff,
+    max_hint: Duration,
+    total: Option<Duration>,
+    replay_cap: usize,
+    retry_non_idempotent: bool,
+    predicate: Option<Box<Predicate>>,
+    budget: Option<BudgetConfig>,
+    seed: Option<u64>,
+}
+
+impl<C: fmt::Debug> fmt::Debug for RetryPolicy<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryPolicy")
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff", &self.backoff)
+            .field("budget", &self.budget)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            classifier: DefaultClassifier::new(),
+            backoff: Backoff::default(),
+            max_hint: Duration::from_secs(300),
+            total: None,
+            replay_cap: DEFAULT_REPLAY_CAP,
+            retry_non_idempotent: false,
+            predicate: None,
+            budget: Some(BudgetConfig::default()),
+            seed: None,
+        }
+    }
+}
+
+impl<C> RetryPolicy<C> {
+    /// Attempts in total, the first included (1 = no retry; 0 is an error at build time).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// The backoff between attempts.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The longest server hint (`Retry-After`, pushback) honoured; a longer one means the
+    /// caller gets the last outcome now (default 300 s).
+    pub fn max_server_delay(mut self, d: Duration) -> Self {
+        self.max_hint = d;
+        self
+    }
+
+    /// A total time for all attempts and waits; a wait that would end past it means no
+    /// retry. The ambient [`Deadline`](steadfast_core::Deadline) always applies too.
+    pub fn total_timeout(mut self, d: Duration) -> Self {
+        self.total = Some(d);
+        self
+    }
+
+    /// The most request-body bytes buffered for replay (default 64 KiB); a larger body is
+    /// sent once.
+    pub fn replay_cap(mut self, bytes: usize) -> Self {
+        self.replay_cap = bytes;
+        self
+    }
+
+    /// Retry requests that may already have reached the server even when their method is not
+    /// idempotent (off: only with an `Idempotency-Key`). Opt in only when the upstream
+    /// deduplicates.
+    pub fn retry_non_idempotent(mut self, on: bool) -> Self {
+        self.retry_non_idempotent = on;
+        self
+    }
+
+    /// A custom predicate on request and outcome; see [`Predicate`].
+    pub fn predicate(
+        mut self,
+        f: impl Fn(&Parts, &Class) -> Option<bool> + Send + Sync + 'static,
+    ) -> Self {
+        self.predicate = Some(Box::new(f));
+        self
+    }
+
+    /// The retry budget (`None` turns it off — not recommended: retries then multiply load
+    /// exactly when the upstream is failing).
+    pub fn budget(mut self, budget: Option<BudgetConfig>) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Seeds the jitter: each request then draws from its own stream derived from `seed`.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Replaces what counts as retryable.
+    pub fn classifier<C2>(self, classifier: C2) -> RetryPolicy<C2> {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            classifier,
+            backoff: self.backoff,
+            max_hint: self.max_hint,
+            total: self.total,
+            replay_cap: self.replay_cap,
+            retry_non_idempotent: self.retry_non_idempotent,
+            predicate: self.predicate,
+            budget: self.budget,
+            seed: self.seed,
+        }
+    }
+
+    /// Builds the layer (and its shared budget).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidRetryConfig`] for zero attempts, a backoff cap below its base, or a negative
+    /// budget ratio.
+    pub fn build(self) -> Result<RetryLayer<C>, InvalidRetryConfig> {
+        if self.max_attempts == 0 {
+            return Err(InvalidRetryConfig::ZeroAttempts);
+        }
+        if self.backoff.cap() < self.backoff.base() {
+            return Err(InvalidRetryConfig::BackoffCapBelowBase);
+        }
+        if let Some(b) = &self.budget {
+            if b.ratio.is_nan() || b.ratio < 0.0 {
+                return Err(InvalidRetryConfig::BudgetRatio);
+            }
+        }
+        let seed = self.seed.unwrap_or_else(|| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u8(1);
+            h.finish()
+        });
+        Ok(RetryLayer {
+            config: Arc::new(Config {
+                max_attempts: self.max_attempts,
+                classifier: self.classifier,
+                backoff: self.backoff,
+                max_hint: self.max_hint,
+                total: self.total,
+                replay_cap: self.replay_cap,
+                retry_non_idempotent: self.retry_non_idempotent,
+                predicate: self.predicate,
+                budget: self.budget.map(Budget::new),
+                seed,
+                streams: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+/// Retries failed calls: safe by default, budgeted, hint-aware, with replayable bodies.
+///
+/// Wraps a service of `Request<ReplayBody<B>>` (the request body wrapped so it can be sent
+/// again) and exposes a service of `Request<B>`.
+///
+/// Per attempt: the inner service's readiness is polled again; the outcome is classified
+/// ([`DefaultClassifier`]); a rejection by a local policy (an open breaker) is returned at once
+/// and costs no budget. A retry needs: attempts left, a retryable outcome, a request that is
+/// safe to repeat (idempotent method, `Idempotency-Key`, or certainly not sent), a replayable
+/// body, a budget token, and a wait (backoff or server hint) that ends before the deadline.
+/// Otherwise the caller gets the last real outcome. Attempts after the first carry
+/// `x-retry-attempt` (and `grpc-previous-rpc-attempts` for gRPC).
+///
+/// # Clone
+///
+/// The budget and configuration are shared by every service this layer value makes.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use steadfast_retry::{ReplayBody, RetryLayer};
+/// use tower::{ServiceBuilder, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let calls = Arc::new(AtomicUsize::new(0));
+/// let c = calls.clone();
+/// // 503, 503, then 200.
+/// let upstream = service_fn(move |_req: http::Request<ReplayBody<String>>| {
+///     let n = c.fetch_add(1, Ordering::SeqCst);
+///     async move {
+///         let status = if n < 2 { 503 } else { 200 };
+///         Ok::<_, std::convert::Infallible>(http::Response::builder().status(status).body(()).unwrap())
+///     }
+/// });
+/// let svc = ServiceBuilder::new().layer(RetryLayer::new()).service(upstream);
+/// let res = svc.oneshot(http::Request::new(String::from("not Clone-dependent"))).await.unwrap();
+/// assert_eq!(res.status(), 200);
+/// assert_eq!(calls.load(Ordering::SeqCst), 3);
+/// # }
+/// ```
+pub struct RetryLayer<C = DefaultClassifier> {
+    pub(crate) config: Arc<Config<C>>,
+}
+
+impl<C> Clone for RetryLayer<C> {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<C: fmt::Debug> fmt::Debug for RetryLayer<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryLayer")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Default for RetryLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RetryLayer {
+    /// A layer with the defaults (see [`RetryPolicy`]).
+    pub fn new() -> Self {
+        RetryPolicy::default()
+            .build()
+            .expect("the defaults are valid")
+    }
+
+    /// A policy builder with the defaults.
+    pub fn policy() -> RetryPolicy {
+        RetryPolicy::default()
+    }
+}
+
+impl<C> RetryLayer<C> {
+    /// Tokens left in the shared budget (`None` when the budget is off).
+    pub fn budget_balance(&self) -> Option<f64> {
+        self.config.budget.as_ref().map(Budget::balance)
+    }
+}
+
+impl<S, C> Layer<S> for RetryLayer<C> {
+    type Service = Retry<S, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry::new(inner, self.config.clone())
+    }
+}

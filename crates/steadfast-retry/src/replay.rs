@@ -1,0 +1,314 @@
+//! Replaying request bodies that are not `Clone`.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+
+/// Default cap on the bytes a body may buffer for replay: 64 KiB.
+pub const DEFAULT_REPLAY_CAP: usize = 64 * 1024;
+
+/// A request body that can be sent again.
+///
+/// The first attempt streams the caller's body unchanged while recording its frames (data
+/// chunks are reference-counted `Bytes`, so recording copies nothing) up to a cap. A retry
+/// replays the recorded data **and trailers** identically, then continues with whatever the
+/// first attempt had not read yet. If the body grows past the cap, the recording is dropped,
+/// the first attempt continues unharmed, and no retry happens ([`ReplayBody::can_replay`]).
+///
+/// An empty body takes a fast path: no buffer, no allocation.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::{BodyExt, Full};
+/// use steadfast_retry::ReplayBody;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let first = ReplayBody::new(Full::new(Bytes::from_static(b"payload")), 1024);
+/// let second = first.replay().unwrap();
+/// assert_eq!(first.collect().await.unwrap().to_bytes(), "payload");
+/// assert_eq!(second.collect().await.unwrap().to_bytes(), "payload");
+/// # }
+/// ```
+pub struct ReplayBody<B> {
+    kind: Kind<B>,
+}
+
+enum Kind<B> {
+    Empty,
+    Shared {
+        state: Arc<Mutex<State<B>>>,
+        /// Frames of the recording this attempt has already sent.
+        pos: usize,
+        /// Whether this attempt has sent the trailers.
+        trailers_sent: bool,
+    },
+}
+
+struct State<B> {
+    body: Pin<Box<B>>,
+    frames: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    buffered: usize,
+    cap: usize,
+    overflow: bool,
+    failed: bool,
+    eos: bool,
+}
+
+impl<B> fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Empty => f.write_str("ReplayBody::Empty"),
+            Kind::Shared { pos, .. } => f.debug_struct("ReplayBody").field("pos", pos).finish(),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> ReplayBody<B> {
+    /// Wraps `body`, recording up to `cap` bytes for replay.
+    pub fn new(body: B, cap: usize) -> Self {
+        if body.is_end_stream() {
+            return Self { kind: Kind::Empty };
+        }
+        // A body that declares a size over the cap will never be replayed: record nothing.
+        let overflow = body.size_hint().lower() > cap as u64;
+        Self {
+            kind: Kind::Shared {
+                state: Arc::new(Mutex::new(State {
+                    body: Box::pin(body),
+                    frames: Vec::new(),
+                    trailers: None,
+                    buffered: 0,
+                    cap,
+                    overflow,
+                    failed: false,
+                    eos: false,
+                })),
+                pos: 0,
+                trailers_sent: false,
+            },
+        }
+    }
+}
+
+impl<B> ReplayBody<B> {
+    /// An empty body.
+    pub const fn empty() -> Self {
+        Self { kind: Kind::Empty }
+    }
+
+    /// Whether a retry could send this body again identically: it stayed under the cap and
+    /// no read failed.
+    pub fn can_replay(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Shared { state, .. } => {
+                let s = state.lock().unwrap_or_else(PoisonError::into_inner);
+                !s.overflow && !s.failed
+            }
+        }
+    }
+
+    /// A body for another attempt, starting from the beginning; `None` when the body cannot
+    /// be replayed.
+    pub fn replay(&self) -> Option<Self> {
+        if !self.can_replay() {
+            return None;
+        }
+        Some(match &self.kind {
+            Kind::Empty => Self { kind: Kind::Empty },
+            Kind::Shared { state, .. } => Self {
+                kind: Kind::Shared {
+                    state: state.clone(),
+                    pos: 0,
+                    trailers_sent: false,
+                },
+            },
+        })
+    }
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let Kind::Shared {
+            state,
+            pos,
+            trailers_sent,
+        } = &mut this.kind
+        else {
+            return Poll::Ready(None);
+        };
+        let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+        // Replay what earlier attempts recorded.
+        if !s.overflow && *pos < s.frames.len() {
+            let chunk = s.frames[*pos].clone();
+            *pos += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if s.eos {
+            if !*trailers_sent {
+                if let Some(t) = s.trailers.clone() {
+                    *trailers_sent = true;
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        // Read on from the caller's body, recording as we go.
+        let frame = match s.body.as_mut().poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(f) => f,
+        };
+        match &frame {
+            None => s.eos = true,
+            Some(Err(_)) => s.failed = true,
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    s.buffered = s.buffered.saturating_add(data.len());
+                    if s.buffered > s.cap {
+                        s.overflow = true;
+                    }
+                    if s.overflow {
+                        s.frames = Vec::new();
+                    } else {
+                        s.frames.push(data.clone());
+                        *pos += 1;
+                    }
+                } else if let Some(t) = f.trailers_ref() {
+                    s.trailers = Some(t.clone());
+                    s.eos = true;
+                    *trailers_sent = true;
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Shared {
+                state,
+                pos,
+                trailers_sent,
+            } => {
+                let s = state.lock().unwrap_or_else(PoisonError::into_inner);
+                s.eos
+                    && (s.overflow || *pos >= s.frames.len())
+                    && (s.trailers.is_none() || *trailers_sent)
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Shared { state, .. } => {
+                let s = state.lock().unwrap_or_else(PoisonError::into_inner);
+                if s.eos && !s.overflow {
+                    SizeHint::with_exact(s.buffered as u64)
+                } else {
+                    s.body.size_hint()
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    fn stream(
+        chunks: &[&'static [u8]],
+        trailers: bool,
+    ) -> impl Body<Data = Bytes, Error = std::io::Error> {
+        let mut frames: Vec<Result<Frame<Bytes>, std::io::Error>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        if trailers {
+            let mut t = HeaderMap::new();
+            t.insert("x-sum", "42".parse().unwrap());
+            frames.push(Ok(Frame::trailers(t)));
+        }
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn data_and_trailers_replay_identically() {
+        let first = ReplayBody::new(stream(&[b"a", b"bc", b"def"], true), 1024);
+        let second = first.replay().unwrap();
+        let a = first.collect().await.unwrap();
+        let b = second.collect().await.unwrap();
+        assert_eq!(a.trailers(), b.trailers());
+        assert_eq!(b.trailers().unwrap()["x-sum"], "42");
+        assert_eq!(a.to_bytes(), "abcdef");
+        assert_eq!(b.to_bytes(), "abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_retry_continues_where_the_first_attempt_stopped() {
+        let mut first = ReplayBody::new(stream(&[b"one", b"two", b"three"], false), 1024);
+        let f = first.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "one");
+        drop(first.replay()); // a replay handle made and dropped changes nothing
+        let second = first.replay().unwrap();
+        drop(first); // the first attempt gave up after one frame
+        assert_eq!(second.collect().await.unwrap().to_bytes(), "onetwothree");
+    }
+
+    #[tokio::test]
+    async fn over_the_cap_the_first_attempt_is_unharmed_and_no_replay() {
+        let first = ReplayBody::new(stream(&[b"12345", b"67890", b"abc"], true), 8);
+        let probe = first.replay().unwrap();
+        let out = first.collect().await.unwrap();
+        assert_eq!(out.trailers().unwrap()["x-sum"], "42");
+        assert_eq!(out.to_bytes(), "1234567890abc");
+        assert!(!probe.can_replay());
+        assert!(probe.replay().is_none());
+    }
+
+    #[tokio::test]
+    async fn declared_oversize_is_never_recorded() {
+        let body = ReplayBody::new(Full::new(Bytes::from(vec![0u8; 100])), 10);
+        assert!(!body.can_replay());
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 100);
+    }
+
+    #[tokio::test]
+    async fn empty_bodies_take_the_fast_path() {
+        let body = ReplayBody::new(http_body_util::Empty::<Bytes>::new(), 10);
+        assert!(matches!(body.kind, Kind::Empty));
+        assert!(body.is_end_stream());
+        assert!(body.replay().unwrap().is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_read_error_forbids_replay() {
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"x"))),
+            Err(std::io::Error::other("reset")),
+        ];
+        let first = ReplayBody::new(StreamBody::new(futures_util::stream::iter(frames)), 1024);
+        let handle = first.replay().unwrap();
+        assert!(first.collect().await.is_err());
+        assert!(!handle.can_replay());
+    }
+}

@@ -1,0 +1,505 @@
+//! Retry contracts: idempotency, hints, backoff, deadline, budget, breaker rejections, gRPC
+//! commit rules, readiness, replay. Paused time.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Full};
+use steadfast_core::{BoxError, Deadline, PolicyRejected};
+use steadfast_retry::{
+    Backoff, BudgetConfig, InvalidRetryConfig, Jitter, ReplayBody, RetryLayer, RetryPolicy,
+};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+type Seen = Arc<Mutex<Vec<(Instant, http::HeaderMap, Bytes)>>>;
+
+/// An upstream that answers from a script (the last entry repeats) and records every request.
+fn scripted(
+    script: Vec<Result<Response<()>, &'static str>>,
+) -> (
+    impl Service<
+        Request<ReplayBody<Full<Bytes>>>,
+        Response = Response<()>,
+        Error = BoxError,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static,
+    Seen,
+) {
+    let seen: Seen = Arc::default();
+    let n = Arc::new(AtomicUsize::new(0));
+    let script = Arc::new(script);
+    let s = seen.clone();
+    let svc = service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+        let (s, n, script) = (s.clone(), n.clone(), script.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let bytes = body.collect().await.unwrap().to_bytes();
+            s.lock()
+                .unwrap()
+                .push((Instant::now(), parts.headers, bytes));
+            let i = n.fetch_add(1, Ordering::SeqCst).min(script.len() - 1);
+            match &script[i] {
+                Ok(r) => {
+                    let mut b = Response::builder().status(r.status());
+                    for (k, v) in r.headers() {
+                        b = b.header(k, v);
+                    }
+                    Ok(b.body(()).unwrap())
+                }
+                Err("refused") => Err(BoxError::from(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionRefused,
+                ))),
+                Err("reset") => Err(BoxError::from(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionReset,
+                ))),
+                Err("breaker") => Err(BoxError::from(Rejected)),
+                Err(other) => panic!("unknown script entry {other}"),
+            }
+        }
+    });
+    (svc, seen)
+}
+
+#[derive(Debug)]
+struct Rejected;
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("breaker open")
+    }
+}
+impl std::error::Error for Rejected {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&PolicyRejected::INSTANCE)
+    }
+}
+
+fn status(code: u16) -> Result<Response<()>, &'static str> {
+    Ok(Response::builder().status(code).body(()).unwrap())
+}
+
+fn with_header(code: u16, k: &'static str, v: &'static str) -> Result<Response<()>, &'static str> {
+    Ok(Response::builder()
+        .status(code)
+        .header(k, v)
+        .body(())
+        .unwrap())
+}
+
+fn exact() -> RetryPolicy {
+    RetryLayer::policy()
+        .backoff(Backoff::default().jitter(Jitter::None))
+        .seed(7)
+}
+
+fn req(method: Method, body: &'static [u8]) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri("http://up/x")
+        .body(Full::new(Bytes::from_static(body)))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_503_503_then_succeeds_on_attempt_3_with_attempt_headers() {
+    let (up, seen) = scripted(vec![status(503), status(503), status(200)]);
+    let svc = exact().build().unwrap().layer(up);
+    let start = Instant::now();
+    let res = svc.oneshot(req(Method::GET, b"hello")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3);
+    assert!(seen[0].1.get("x-retry-attempt").is_none());
+    assert_eq!(seen[1].1["x-retry-attempt"], "2");
+    assert_eq!(seen[2].1["x-retry-attempt"], "3");
+    assert!(
+        seen.iter().all(|s| s.2 == "hello"),
+        "body replayed on every attempt"
+    );
+    // Exponential from 100 ms without jitter: 100 ms, then 200 ms.
+    assert_eq!(seen[1].0 - start, Duration::from_millis(100));
+    assert_eq!(seen[2].0 - seen[1].0, Duration::from_millis(200));
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_attempts_at_most_by_default() {
+    let (up, seen) = scripted(vec![status(503)]);
+    let res = exact()
+        .build()
+        .unwrap()
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503, "the last real outcome");
+    assert_eq!(seen.lock().unwrap().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_post_without_idempotency_key_is_sent_once() {
+    for failure in [status(503), status(502), Err("reset")] {
+        let (up, seen) = scripted(vec![failure]);
+        let _ = exact()
+            .build()
+            .unwrap()
+            .layer(up)
+            .oneshot(req(Method::POST, b"order"))
+            .await;
+        assert_eq!(seen.lock().unwrap().len(), 1, "never sent twice");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_post_with_idempotency_key_or_opt_in_is_retried() {
+    let (up, seen) = scripted(vec![status(503), status(200)]);
+    let mut r = req(Method::POST, b"order");
+    r.headers_mut()
+        .insert("idempotency-key", "k-1".parse().unwrap());
+    assert_eq!(
+        exact()
+            .build()
+            .unwrap()
+            .layer(up)
+            .oneshot(r)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(seen.lock().unwrap().len(), 2);
+
+    let (up, seen) = scripted(vec![status(503), status(200)]);
+    let layer = exact().retry_non_idempotent(true).build().unwrap();
+    assert_eq!(
+        layer
+            .layer(up)
+            .oneshot(req(Method::POST, b"x"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_post_that_certainly_was_not_sent_is_retried() {
+    let (up, seen) = scripted(vec![Err("refused"), status(201)]);
+    let res = exact()
+        .build()
+        .unwrap()
+        .layer(up)
+        .oneshot(req(Method::POST, b"order"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_and_capped() {
+    let (up, seen) = scripted(vec![with_header(503, "retry-after", "2"), status(200)]);
+    let start = Instant::now();
+    exact()
+        .build()
+        .unwrap()
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen[1].0 - start,
+        Duration::from_secs(2),
+        "waited exactly what the server asked"
+    );
+
+    // Longer than the cap: no retry, at once.
+    let (up, seen) = scripted(vec![with_header(503, "retry-after", "400"), status(200)]);
+    let start = Instant::now();
+    let res = exact()
+        .build()
+        .unwrap()
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_pushback_replaces_backoff_and_negative_stops() {
+    let grpc = |code: &'static str, pushback: &'static str| {
+        Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", code)
+            .header("grpc-retry-pushback-ms", pushback)
+            .body(())
+            .unwrap())
+    };
+    let (up, seen) = scripted(vec![grpc("14", "750"), grpc("0", "0")]);
+    let start = Instant::now();
+    let mut r = req(Method::POST, b"\0\0\0\0\0");
+    r.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    r.headers_mut()
+        .insert("idempotency-key", "rpc-1".parse().unwrap());
+    exact().build().unwrap().layer(up).oneshot(r).await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[1].0 - start, Duration::from_millis(750));
+    assert_eq!(seen[1].1["grpc-previous-rpc-attempts"], "1");
+
+    let (up, seen) = scripted(vec![grpc("14", "-1"), grpc("0", "0")]);
+    exact()
+        .build()
+        .unwrap()
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "negative pushback: do not retry"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streamed_grpc_response_is_committed() {
+    // Headers arrived without a status: the status will come in trailers; A6 says committed.
+    let (up, seen) = scripted(vec![
+        with_header(200, "content-type", "application/grpc"),
+        status(200),
+    ]);
+    exact()
+        .build()
+        .unwrap()
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_past_the_deadline_returns_the_last_outcome_now() {
+    let (up, seen) = scripted(vec![status(503)]);
+    let deadline = Deadline::after(Duration::from_millis(250));
+    let start = Instant::now();
+    let res = deadline
+        .scope(
+            exact()
+                .build()
+                .unwrap()
+                .layer(up)
+                .oneshot(req(Method::GET, b"")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    // Attempt 1 at 0, attempt 2 at 100 ms; a 200 ms wait would end at 300 ms > 250 ms.
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+
+    let (up, seen) = scripted(vec![status(503)]);
+    let layer = exact()
+        .total_timeout(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    layer
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "the configured total budget holds too"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn breaker_rejections_are_not_retried_and_cost_no_budget() {
+    let (up, seen) = scripted(vec![Err("breaker")]);
+    let layer = exact()
+        .budget(Some(BudgetConfig {
+            ratio: 0.0,
+            min_per_sec: 1,
+            window: Duration::from_secs(10),
+        }))
+        .build()
+        .unwrap();
+    let before = layer.budget_balance().unwrap();
+    let err = layer
+        .clone()
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap_err();
+    assert!(PolicyRejected::is_in(&*err));
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    assert_eq!(layer.budget_balance().unwrap(), before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_attempts_one_means_no_retry_and_zero_is_an_error() {
+    let (up, seen) = scripted(vec![status(503)]);
+    exact()
+        .max_attempts(1)
+        .build()
+        .unwrap()
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    assert_eq!(
+        RetryLayer::policy().max_attempts(0).build().unwrap_err(),
+        InvalidRetryConfig::ZeroAttempts
+    );
+    assert_eq!(
+        RetryLayer::policy()
+            .backoff(Backoff::new(Duration::from_secs(2), Duration::from_secs(1)))
+            .build()
+            .unwrap_err(),
+        InvalidRetryConfig::BackoffCapBelowBase
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_contains_a_retry_storm() {
+    let (up, seen) = scripted(vec![status(503)]);
+    let layer = exact()
+        .backoff(Backoff::new(Duration::ZERO, Duration::ZERO))
+        .build()
+        .unwrap();
+    for _ in 0..1000 {
+        layer
+            .layer(up.clone())
+            .oneshot(req(Method::GET, b""))
+            .await
+            .unwrap();
+    }
+    let attempts = seen.lock().unwrap().len();
+    // 1000 originals + 10 % + the floor (10/s over a 10 s window = 100 tokens at start).
+    assert!(attempts <= 1100 + 100, "attempts {attempts}");
+    assert!(attempts > 1000, "some retries were allowed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn over_the_replay_cap_exactly_one_attempt() {
+    let (up, seen) = scripted(vec![status(503), status(200)]);
+    let big = Full::new(Bytes::from(vec![7u8; 1024 * 1024]));
+    let r = Request::get("http://up/").body(big).unwrap();
+    let res = exact().build().unwrap().layer(up).oneshot(r).await.unwrap();
+    assert_eq!(res.status(), 503);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].2.len(),
+        1024 * 1024,
+        "the first attempt was unharmed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn readiness_is_polled_before_every_attempt() {
+    let (mock, mut handle) =
+        tower_test::mock::pair::<Request<ReplayBody<Full<Bytes>>>, Response<()>>();
+    let mut svc = exact().build().unwrap().layer(mock);
+    handle.allow(1);
+    let fut = tokio::spawn(svc.ready().await.unwrap().call(req(Method::GET, b"")));
+    let (_r, send) = handle.next_request().await.unwrap();
+    send.send_response(Response::builder().status(503).body(()).unwrap());
+    // The retry waits for capacity: nothing arrives until we allow one more.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+            .await
+            .is_err()
+    );
+    handle.allow(1);
+    let (r, send) = handle.next_request().await.unwrap();
+    assert_eq!(r.headers()["x-retry-attempt"], "2");
+    send.send_response(Response::new(()));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn jitter_streams_are_per_request_and_seedable() {
+    async fn delays(seed: u64) -> Vec<Duration> {
+        let (up, seen) = scripted(vec![status(503)]);
+        let layer = RetryLayer::policy().seed(seed).build().unwrap();
+        for _ in 0..4 {
+            layer
+                .layer(up.clone())
+                .oneshot(req(Method::GET, b""))
+                .await
+                .unwrap();
+        }
+        let seen = seen.lock().unwrap();
+        seen.chunks(3).map(|c| c[1].0 - c[0].0).collect()
+    }
+    let a = delays(42).await;
+    assert_eq!(a, delays(42).await, "same seed, same delays");
+    assert_ne!(a, delays(43).await);
+    let distinct: std::collections::HashSet<_> = a.iter().collect();
+    assert_eq!(distinct.len(), a.len(), "each request draws its own stream");
+    assert!(
+        a.iter().all(|d| *d <= Duration::from_millis(100)),
+        "full jitter under the first exponential"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn custom_predicate_overrides() {
+    let (up, seen) = scripted(vec![status(500), status(200)]);
+    let layer = exact()
+        .predicate(|_parts, class| class.is_failure().then_some(true))
+        .build()
+        .unwrap();
+    assert_eq!(
+        layer
+            .layer(up)
+            .oneshot(req(Method::GET, b""))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "500 is not retryable by default; the predicate said yes"
+    );
+
+    let (up, seen) = scripted(vec![status(503), status(200)]);
+    let layer = exact()
+        .predicate(|parts, _| (parts.uri.path() == "/x").then_some(false))
+        .build()
+        .unwrap();
+    layer
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn services_and_futures_are_send() {
+    fn send<T: Send>(_: &T) {}
+    let (up, _) = scripted(vec![status(200)]);
+    let svc = RetryLayer::new().layer(up);
+    send(&svc);
+    let mut svc = svc;
+    let fut = svc.call(req(Method::GET, b""));
+    send(&fut);
+}
