@@ -252,9 +252,11 @@ async fn grpc_pushback_replaces_backoff_and_negative_stops() {
     r.headers_mut()
         .insert("idempotency-key", "rpc-1".parse().unwrap());
     exact().build().unwrap().layer(up).oneshot(r).await.unwrap();
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen[1].0 - start, Duration::from_millis(750));
-    assert_eq!(seen[1].1["grpc-previous-rpc-attempts"], "1");
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[1].0 - start, Duration::from_millis(750));
+        assert_eq!(seen[1].1["grpc-previous-rpc-attempts"], "1");
+    }
 
     let (up, seen) = scripted(vec![grpc("14", "-1"), grpc("0", "0")]);
     exact()
