@@ -4,7 +4,12 @@
 use std::time::Duration;
 
 use tower::ServiceBuilder;
-#[cfg(any(feature = "timeout", feature = "correlation", feature = "breaker"))]
+#[cfg(any(
+    feature = "timeout",
+    feature = "correlation",
+    feature = "breaker",
+    feature = "retry"
+))]
 use tower::layer::util::Stack;
 
 mod sealed {
@@ -61,6 +66,14 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
         self,
         breaker: &crate::breaker::CircuitBreakerLayer<C>,
     ) -> ServiceBuilder<Stack<crate::breaker::CircuitBreakerLayer<C>, L>>;
+
+    /// Adds a clone of `retry` (its budget is shared with every other service made from the
+    /// same layer value). Named so it does not collide with tower's own `retry`.
+    #[cfg(feature = "retry")]
+    fn with_retry<C>(
+        self,
+        retry: &crate::retry::RetryLayer<C>,
+    ) -> ServiceBuilder<Stack<crate::retry::RetryLayer<C>, L>>;
 }
 
 impl<L> sealed::Sealed<L> for ServiceBuilder<L> {}
@@ -100,5 +113,13 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         breaker: &crate::breaker::CircuitBreakerLayer<C>,
     ) -> ServiceBuilder<Stack<crate::breaker::CircuitBreakerLayer<C>, L>> {
         self.layer(breaker.clone())
+    }
+
+    #[cfg(feature = "retry")]
+    fn with_retry<C>(
+        self,
+        retry: &crate::retry::RetryLayer<C>,
+    ) -> ServiceBuilder<Stack<crate::retry::RetryLayer<C>, L>> {
+        self.layer(retry.clone())
     }
 }

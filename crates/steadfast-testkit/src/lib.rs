@@ -1,0 +1,339 @@
+//! A real, scriptable, fault-injecting upstream for testing resilient clients.
+//!
+//! [`FaultServer`] listens on `127.0.0.1` (ephemeral port) and speaks HTTP/1.1 and HTTP/2
+//! (prior knowledge). What it does with each request comes from a script: a [`Fault`] per
+//! request in order, or per time window. It records every request it receives — method,
+//! path, headers, body length and a hash of the body — so tests can assert how many attempts
+//! reached it and that replayed bodies were identical.
+//!
+//! ```
+//! use steadfast_testkit::{Fault, FaultServer};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let server = FaultServer::start().await;
+//! server.script([Fault::status(503), Fault::status(503)]); // then the default: 200
+//! // ... point a client at server.addr() ...
+//! assert_eq!(server.hits(), 0);
+//! # }
+//! ```
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::hash::{DefaultHasher, Hasher};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+/// What the server does with one request.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer with this status, these headers and body.
+    Respond {
+        /// The status.
+        status: StatusCode,
+        /// Extra headers (e.g. `Retry-After`).
+        headers: Vec<(HeaderName, HeaderValue)>,
+        /// The body.
+        body: Bytes,
+    },
+    /// Wait, then do the inner fault.
+    Delay(Duration, Box<Fault>),
+    /// Accept the request and never answer.
+    Hang,
+    /// Close the connection without a response.
+    Close,
+    /// Send a 200 head and part of the body, then reset the connection.
+    ResetMidBody,
+    /// Send a 200 with `chunks` chunks of `chunk` bytes, `interval` apart.
+    SlowBody {
+        /// Chunks to send.
+        chunks: usize,
+        /// Bytes per chunk.
+        chunk: usize,
+        /// Pause between chunks.
+        interval: Duration,
+    },
+}
+
+impl Fault {
+    /// A plain status with an empty body.
+    pub fn status(code: u16) -> Self {
+        Fault::Respond {
+            status: StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// A status with one extra header.
+    pub fn status_with(code: u16, name: &'static str, value: &'static str) -> Self {
+        Fault::Respond {
+            status: StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            headers: vec![(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            )],
+            body: Bytes::new(),
+        }
+    }
+
+    /// This fault after `d`.
+    pub fn after(self, d: Duration) -> Self {
+        Fault::Delay(d, Box::new(self))
+    }
+}
+
+/// One request as the server saw it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// The method.
+    pub method: Method,
+    /// The path.
+    pub path: String,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// How many body bytes arrived.
+    pub body_len: usize,
+    /// A hash of the body bytes (equal bodies, equal hashes).
+    pub body_hash: u64,
+    /// Whether the whole body arrived (false if the client gave up mid-body).
+    pub body_complete: bool,
+    /// When (tokio time).
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct Script {
+    queue: VecDeque<Fault>,
+    windows: Vec<(Duration, Fault)>,
+    default: Option<Fault>,
+}
+
+struct State {
+    script: Mutex<Script>,
+    received: Mutex<Vec<Received>>,
+    started: Instant,
+}
+
+/// A running fault-injecting server; stops when dropped.
+pub struct FaultServer {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FaultServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Hashes body bytes the way [`Received::body_hash`] does.
+pub fn hash_body(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+impl FaultServer {
+    /// Starts a server on `127.0.0.1` with an ephemeral port; by default it answers 200.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1");
+        let addr = listener.local_addr().expect("local addr");
+        let state = Arc::new(State {
+            script: Mutex::new(Script::default()),
+            received: Mutex::new(Vec::new()),
+            started: Instant::now(),
+        });
+        let s = state.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let s = s.clone();
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(s.clone(), req));
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    /// The address to send requests to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:port` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Faults for the next requests, in order; after them, the default.
+    pub fn script(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.lock_script().queue.extend(faults);
+    }
+
+    /// What to do once the script is used up (default: 200).
+    pub fn set_default(&self, fault: Fault) {
+        self.lock_script().default = Some(fault);
+    }
+
+    /// Faults by time: until `until` after the server started, `fault` applies (checked after
+    /// the per-request script is used up; the first window that has not ended wins).
+    pub fn windows(&self, windows: impl IntoIterator<Item = (Duration, Fault)>) {
+        self.lock_script().windows.extend(windows);
+    }
+
+    /// How many requests arrived.
+    pub fn hits(&self) -> usize {
+        self.received().len()
+    }
+
+    /// Every request so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.state
+            .received
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn lock_script(&self) -> std::sync::MutexGuard<'_, Script> {
+        self.state
+            .script
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn next_fault(state: &State) -> Fault {
+    let mut s = state.script.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(f) = s.queue.pop_front() {
+        return f;
+    }
+    let now = state.started.elapsed();
+    if let Some((_, f)) = s.windows.iter().find(|(until, _)| now < *until) {
+        return f.clone();
+    }
+    s.default.clone().unwrap_or_else(|| Fault::status(200))
+}
+
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::io::Error> {
+    let (parts, mut body) = req.into_parts();
+    let mut bytes = Vec::new();
+    let mut complete = true;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    bytes.extend_from_slice(d);
+                }
+            }
+            Err(_) => {
+                complete = false;
+                break;
+            }
+        }
+    }
+    state
+        .received
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(Received {
+            method: parts.method,
+            path: parts.uri.path().to_owned(),
+            headers: parts.headers,
+            body_len: bytes.len(),
+            body_hash: hash_body(&bytes),
+            body_complete: complete,
+            at: Instant::now(),
+        });
+    let mut fault = next_fault(&state);
+    loop {
+        match fault {
+            Fault::Delay(d, inner) => {
+                tokio::time::sleep(d).await;
+                fault = *inner;
+            }
+            Fault::Hang => {
+                std::future::pending::<()>().await;
+            }
+            Fault::Close => {
+                return Err(std::io::Error::other("scripted close"));
+            }
+            Fault::Respond {
+                status,
+                headers,
+                body,
+            } => {
+                let mut res = Response::new(full(body));
+                *res.status_mut() = status;
+                for (k, v) in headers {
+                    res.headers_mut().append(k, v);
+                }
+                return Ok(res);
+            }
+            Fault::ResetMidBody => {
+                let frames = vec![
+                    Ok(Frame::data(Bytes::from_static(b"partial"))),
+                    Err(std::io::Error::other("scripted reset")),
+                ];
+                let body = StreamBody::new(futures_util::stream::iter(frames));
+                let mut res = Response::new(BoxBody::new(body));
+                res.headers_mut().insert(
+                    http::header::CONTENT_LENGTH,
+                    HeaderValue::from_static("1000"),
+                );
+                return Ok(res);
+            }
+            Fault::SlowBody {
+                chunks,
+                chunk,
+                interval,
+            } => {
+                let stream = futures_util::stream::unfold(0usize, move |i| async move {
+                    if i >= chunks {
+                        return None;
+                    }
+                    tokio::time::sleep(interval).await;
+                    Some((Ok(Frame::data(Bytes::from(vec![b'x'; chunk]))), i + 1))
+                });
+                return Ok(Response::new(BoxBody::new(StreamBody::new(stream))));
+            }
+        }
+    }
+}
+
+fn full(b: Bytes) -> Body {
+    BoxBody::new(http_body_util::Full::new(b).map_err(|e: Infallible| match e {}))
+}
