@@ -10,7 +10,8 @@
 //! | `breaker` | [`steadfast-breaker`](breaker) | `CircuitBreakerLayer` |
 //! | `timeout` | [`steadfast-timeout`](timeout) | `TimeoutLayer` |
 //! | `correlation` | [`steadfast-correlation`](correlation) | `CorrelationIdLayer` |
-//! | `full` (default) | all of the above | |
+//! | `full` (default) | all of the above, plus the [`client`] and [`server`] presets | |
+//! | `tonic` | the gRPC client preset ([`client::grpc`]) for a tonic `Channel` | |
 //!
 //! The shared foundation — outcome classification, header codecs, the ambient deadline — is
 //! [`core`] (`steadfast-core`), always available.
@@ -64,7 +65,15 @@ pub use steadfast_retry as retry;
 pub use steadfast_timeout as timeout;
 
 mod builder;
+#[cfg(feature = "full")]
+pub mod client;
+#[cfg(feature = "full")]
+mod preset;
 mod propagate;
+#[cfg(feature = "full")]
+pub mod server;
 
 pub use builder::ServiceBuilderExt;
+#[cfg(feature = "full")]
+pub use preset::PresetError;
 pub use propagate::propagate;

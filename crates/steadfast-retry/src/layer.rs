@@ -110,7 +110,31 @@ impl Default for RetryPolicy {
     }
 }
 
+/// What a [`RetryPolicy`] is set to, for presets that check it against other settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct RetrySettings {
+    /// Attempts in total.
+    pub max_attempts: u32,
+    /// The backoff.
+    pub backoff: Backoff,
+    /// The longest server hint honoured.
+    pub max_server_delay: Duration,
+    /// The total time for all attempts, if set.
+    pub total_timeout: Option<Duration>,
+}
+
 impl<C> RetryPolicy<C> {
+    /// The current settings.
+    pub fn settings(&self) -> RetrySettings {
+        RetrySettings {
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            max_server_delay: self.max_hint,
+            total_timeout: self.total,
+        }
+    }
+
     /// Attempts in total, the first included (1 = no retry; 0 is an error at build time).
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n;

@@ -46,6 +46,7 @@ pub use error::InvalidRetryConfig;
 pub use future::ResponseFuture;
 pub use layer::{
     ATTEMPT_HEADER, GRPC_PREVIOUS_ATTEMPTS, IDEMPOTENCY_KEY, Predicate, RetryLayer, RetryPolicy,
+    RetrySettings,
 };
 pub use replay::{DEFAULT_REPLAY_CAP, ReplayBody};
 pub use service::Retry;

@@ -1,0 +1,320 @@
+//! The standard client stack.
+//!
+//! ```text
+//! ClientCorrelationId   the ambient id (or a new one) on every outgoing request
+//!   Timeout (total)     10 s, or less if the inbound deadline says so; propagated downstream
+//!     Retry             3 attempts, 429/502/503/504 + connect errors + UNAVAILABLE, budgeted
+//!       CircuitBreaker  one per upstream authority: 5 consecutive failures, open 30 s
+//!         Timeout       5 s per attempt (the seed's client timeout)
+//!           transport   hyper-util client, or a tonic Channel (gRPC preset)
+//! ```
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use steadfast::retry::ReplayBody;
+//! use tower::Layer;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let transport: Client<_, ReplayBody<Full<Bytes>>> =
+//!     Client::builder(TokioExecutor::new()).build_http();
+//! let stack = steadfast::client::http().build().unwrap();
+//! let client = stack.layer(transport); // a tower Service<http::Request<Full<Bytes>>>
+//! # let _ = client;
+//! # }
+//! ```
+
+use std::time::Duration;
+
+use http::uri::Authority;
+use steadfast_breaker::{
+    ByAuthority, CircuitBreakerBuilder, CircuitBreakerLayer, KeyedCircuitBreaker,
+    KeyedCircuitBreakerLayer,
+};
+use steadfast_core::DefaultClassifier;
+use steadfast_correlation::{ClientCorrelationId, ClientCorrelationIdLayer, DefaultRule, UuidV7};
+use steadfast_retry::{Retry, RetryLayer, RetryPolicy};
+use steadfast_timeout::{Timeout, TimeoutLayer};
+use tower_layer::Layer;
+
+use crate::preset::PresetError;
+
+/// The seed's client timeout, per attempt.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The whole call, retries included.
+pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts the standard HTTP client stack with its defaults.
+pub fn http() -> ClientBuilder {
+    ClientBuilder {
+        total: DEFAULT_TOTAL_TIMEOUT,
+        attempt: DEFAULT_ATTEMPT_TIMEOUT,
+        retry: RetryLayer::policy(),
+        breaker: CircuitBreakerLayer::builder(),
+        time_window: None,
+    }
+}
+
+/// Configures the standard client stack; see the [module docs](self).
+#[must_use]
+#[derive(Debug)]
+pub struct ClientBuilder {
+    total: Duration,
+    attempt: Duration,
+    retry: RetryPolicy,
+    breaker: CircuitBreakerBuilder,
+    time_window: Option<Duration>,
+}
+
+impl ClientBuilder {
+    /// The budget for the whole call, retries and waits included (default 10 s).
+    pub fn total_timeout(mut self, d: Duration) -> Self {
+        self.total = d;
+        self
+    }
+
+    /// The budget for one attempt (default 5 s).
+    pub fn attempt_timeout(mut self, d: Duration) -> Self {
+        self.attempt = d;
+        self
+    }
+
+    /// Adjusts the retry policy.
+    pub fn retry(mut self, f: impl FnOnce(RetryPolicy) -> RetryPolicy) -> Self {
+        self.retry = f(self.retry);
+        self
+    }
+
+    /// Adjusts the breaker policy.
+    pub fn breaker(
+        mut self,
+        f: impl FnOnce(CircuitBreakerBuilder) -> CircuitBreakerBuilder,
+    ) -> Self {
+        self.breaker = f(self.breaker);
+        self
+    }
+
+    /// Declares that the breaker uses a time window of `window` in total, so the preset can
+    /// check it against the attempt timeout (set the window itself with
+    /// [`breaker`](Self::breaker)).
+    pub fn breaker_time_window(mut self, window: Duration) -> Self {
+        self.time_window = Some(window);
+        self
+    }
+
+    fn validate(
+        &self,
+        max_attempts: u32,
+        backoff_cap: Duration,
+        backoff_base: Duration,
+    ) -> Result<(), PresetError> {
+        if self.total.is_zero() || self.attempt.is_zero() {
+            return Err(PresetError::ZeroTimeout);
+        }
+        if self.attempt > self.total {
+            return Err(PresetError::AttemptExceedsTotal {
+                attempt: self.attempt,
+                total: self.total,
+            });
+        }
+        let backoffs: Duration = (1..max_attempts)
+            .map(|n| {
+                backoff_base
+                    .saturating_mul(1 << (n - 1).min(31))
+                    .min(backoff_cap)
+            })
+            .sum();
+        if backoffs >= self.total {
+            return Err(PresetError::BackoffsExceedTotal {
+                backoffs,
+                total: self.total,
+            });
+        }
+        if let Some(window) = self.time_window {
+            if window < self.attempt {
+                return Err(PresetError::BreakerWindowTooShort {
+                    window,
+                    attempt: self.attempt,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates and builds the stack's layer. Build it once and share it: the retry budget
+    /// and the breakers live in it.
+    ///
+    /// # Errors
+    ///
+    /// [`PresetError`] when the timeouts, backoffs and breaker window do not fit together,
+    /// or a policy is invalid.
+    pub fn build(self) -> Result<HttpClientLayer, PresetError> {
+        let settings = self.retry.settings();
+        self.validate(
+            settings.max_attempts,
+            settings.backoff.cap(),
+            settings.backoff.base(),
+        )?;
+        let retry = self.retry.total_timeout(self.total).build()?;
+        let breaker = self.breaker.build_per_authority()?;
+        Ok(HttpClientLayer {
+            correlation: ClientCorrelationIdLayer::new(),
+            total: TimeoutLayer::new(self.total).propagate_own(true),
+            retry,
+            breaker,
+            attempt: TimeoutLayer::new(self.attempt),
+        })
+    }
+}
+
+/// The breaker type the client stack uses (one per upstream authority).
+pub type AuthorityBreaker =
+    KeyedCircuitBreakerLayer<DefaultClassifier, ByAuthority, Option<Authority>>;
+
+/// The standard client stack as one layer; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct HttpClientLayer {
+    correlation: ClientCorrelationIdLayer,
+    total: TimeoutLayer,
+    retry: RetryLayer,
+    breaker: AuthorityBreaker,
+    attempt: TimeoutLayer,
+}
+
+/// The service the client stack makes from a transport `S`.
+pub type HttpClient<S> = ClientCorrelationId<
+    Timeout<
+        Retry<
+            KeyedCircuitBreaker<Timeout<S>, DefaultClassifier, ByAuthority, Option<Authority>>,
+            DefaultClassifier,
+        >,
+    >,
+    UuidV7,
+    DefaultRule,
+>;
+
+impl HttpClientLayer {
+    /// The per-authority breakers (for handles and metrics).
+    pub fn breakers(&self) -> &AuthorityBreaker {
+        &self.breaker
+    }
+
+    /// The retry layer (for its budget balance).
+    pub fn retry(&self) -> &RetryLayer {
+        &self.retry
+    }
+}
+
+impl<S> Layer<S> for HttpClientLayer {
+    type Service = HttpClient<S>;
+
+    fn layer(&self, transport: S) -> Self::Service {
+        let s = self.attempt.layer(transport);
+        let s = self.breaker.layer(s);
+        let s = self.retry.layer(s);
+        let s = self.total.layer(s);
+        self.correlation.layer(s)
+    }
+}
+
+/// Starts the standard gRPC client stack for a tonic `Channel`: the same layers as
+/// [`http()`], with gRPC's retry rules (UNAVAILABLE only; streamed responses are committed)
+/// coming from the shared classification.
+#[cfg(feature = "tonic")]
+pub fn grpc() -> GrpcClientBuilder {
+    GrpcClientBuilder(http())
+}
+
+/// Configures the gRPC client stack; see [`grpc`].
+#[cfg(feature = "tonic")]
+#[must_use]
+#[derive(Debug)]
+pub struct GrpcClientBuilder(ClientBuilder);
+
+#[cfg(feature = "tonic")]
+impl GrpcClientBuilder {
+    /// Adjusts the shared settings (timeouts, retry, breaker).
+    pub fn with(self, f: impl FnOnce(ClientBuilder) -> ClientBuilder) -> Self {
+        Self(f(self.0))
+    }
+
+    /// Validates and builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientBuilder::build`].
+    pub fn build(self) -> Result<GrpcClientLayer, PresetError> {
+        Ok(GrpcClientLayer(self.0.build()?))
+    }
+}
+
+/// The gRPC client stack as one layer, for a tonic `Channel`.
+///
+/// ```no_run
+/// use tonic_health::pb::health_client::HealthClient;
+/// use tower::Layer;
+///
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let channel = tonic::transport::Channel::from_static("http://127.0.0.1:50051").connect().await?;
+/// let stack = steadfast::client::grpc().build()?.layer(channel);
+/// let mut client = HealthClient::new(stack);
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "tonic")]
+#[derive(Clone, Debug)]
+pub struct GrpcClientLayer(HttpClientLayer);
+
+/// Hands a replayable request body to a tonic `Channel` (which takes only tonic's own body
+/// type): one box per attempt.
+#[cfg(feature = "tonic")]
+#[derive(Clone, Debug)]
+pub struct TonicTransport<S>(S);
+
+#[cfg(feature = "tonic")]
+impl<S, B> tower_service::Service<http::Request<steadfast_retry::ReplayBody<B>>>
+    for TonicTransport<S>
+where
+    S: tower_service::Service<http::Request<tonic::body::Body>>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<steadfast_core::BoxError>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<steadfast_retry::ReplayBody<B>>) -> S::Future {
+        self.0.call(req.map(tonic::body::Body::new))
+    }
+}
+
+/// The service the gRPC client stack makes from a tonic `Channel` `S`.
+#[cfg(feature = "tonic")]
+pub type GrpcClient<S> = HttpClient<TonicTransport<S>>;
+
+#[cfg(feature = "tonic")]
+impl GrpcClientLayer {
+    /// The per-authority breakers.
+    pub fn breakers(&self) -> &AuthorityBreaker {
+        self.0.breakers()
+    }
+}
+
+#[cfg(feature = "tonic")]
+impl<S> Layer<S> for GrpcClientLayer {
+    type Service = GrpcClient<S>;
+
+    fn layer(&self, channel: S) -> Self::Service {
+        self.0.layer(TonicTransport(channel))
+    }
+}

@@ -1,0 +1,100 @@
+//! The standard server stack.
+//!
+//! ```text
+//! CorrelationId   accept a valid inbound id or generate one; ambient for the handler,
+//!                 tracing span field, echoed on the response
+//!   Timeout       inbound grpc-timeout / x-request-timeout-ms, min with 30 s; answers 504 or
+//!                 DEADLINE_EXCEEDED; the deadline is ambient for the handler
+//!     your axum Router or tonic service
+//! ```
+//!
+//! It keeps the inner error type, so `axum::Router::layer` and tonic's `Server::layer`
+//! accept it with no `HandleErrorLayer`:
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//!
+//! let app: Router = Router::new()
+//!     .route("/", get(|| async { "ok" }))
+//!     .layer(steadfast::server::http().build().unwrap());
+//! ```
+
+use std::time::Duration;
+
+use steadfast_correlation::{CorrelationIdLayer, CorrelationIdService, DefaultRule, UuidV7};
+use steadfast_timeout::{ServerTimeout, ServerTimeoutLayer};
+use tower_layer::Layer;
+
+use crate::preset::PresetError;
+
+/// A server's own limit per request.
+pub const DEFAULT_SERVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts the standard HTTP server stack.
+pub fn http() -> ServerBuilder {
+    ServerBuilder {
+        timeout: DEFAULT_SERVER_TIMEOUT,
+        correlation: CorrelationIdLayer::new(),
+    }
+}
+
+/// The gRPC server stack: the same layers (they recognise gRPC requests by content type and
+/// answer with trailers-only statuses).
+pub fn grpc() -> ServerBuilder {
+    http()
+}
+
+/// Configures the standard server stack.
+#[must_use]
+#[derive(Clone, Debug)]
+pub struct ServerBuilder {
+    timeout: Duration,
+    correlation: CorrelationIdLayer,
+}
+
+impl ServerBuilder {
+    /// The server's own limit per request (default 30 s); an inbound budget can only lower it.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+
+    /// Adjusts the correlation layer.
+    pub fn correlation(mut self, f: impl FnOnce(CorrelationIdLayer) -> CorrelationIdLayer) -> Self {
+        self.correlation = f(self.correlation);
+        self
+    }
+
+    /// Builds the stack's layer.
+    ///
+    /// # Errors
+    ///
+    /// [`PresetError::ZeroTimeout`] for a zero timeout.
+    pub fn build(self) -> Result<ServerLayer, PresetError> {
+        if self.timeout.is_zero() {
+            return Err(PresetError::ZeroTimeout);
+        }
+        Ok(ServerLayer {
+            correlation: self.correlation,
+            timeout: ServerTimeoutLayer::new(self.timeout),
+        })
+    }
+}
+
+/// The standard server stack as one layer; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct ServerLayer {
+    correlation: CorrelationIdLayer,
+    timeout: ServerTimeoutLayer,
+}
+
+/// The service the server stack makes from `S`.
+pub type Server<S> = CorrelationIdService<ServerTimeout<S>, UuidV7, DefaultRule>;
+
+impl<S> Layer<S> for ServerLayer {
+    type Service = Server<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        self.correlation.layer(self.timeout.layer(inner))
+    }
+}

@@ -1,0 +1,150 @@
+//! The client and server presets: validation, and the stacks end to end over loopback.
+
+mod support;
+
+use std::time::Duration;
+
+use axum::{Router, routing::get};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use steadfast::PresetError;
+use steadfast::correlation::CorrelationId;
+use steadfast::retry::ReplayBody;
+use steadfast_testkit::{Fault, FaultServer};
+use tower::{Layer, ServiceExt};
+
+#[test]
+fn invalid_combinations_are_typed_errors_that_say_what_to_change() {
+    let e = steadfast::client::http()
+        .attempt_timeout(Duration::from_secs(5))
+        .total_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, PresetError::AttemptExceedsTotal { .. }));
+    assert!(
+        e.to_string()
+            .contains("lower attempt_timeout or raise total_timeout")
+    );
+
+    let e = steadfast::client::http()
+        .attempt_timeout(Duration::from_millis(100))
+        .total_timeout(Duration::from_millis(200))
+        .retry(|r| r.max_attempts(5))
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, PresetError::BackoffsExceedTotal { .. }), "{e}");
+
+    let e = steadfast::client::http()
+        .breaker_time_window(Duration::from_secs(1))
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, PresetError::BreakerWindowTooShort { .. }));
+
+    let e = steadfast::client::http()
+        .retry(|r| r.max_attempts(0))
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, PresetError::Retry(_)));
+    let e = steadfast::client::http()
+        .breaker(|b| b.half_open_probes(0))
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, PresetError::Breaker(_)));
+    assert!(
+        steadfast::server::http()
+            .timeout(Duration::ZERO)
+            .build()
+            .is_err()
+    );
+    assert!(steadfast::client::http().build().is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_preset_over_hyper_retries_and_propagates() {
+    let upstream = FaultServer::start().await;
+    upstream.script([Fault::status(503)]);
+    let transport: Client<_, ReplayBody<Full<Bytes>>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let client = steadfast::client::http().build().unwrap().layer(transport);
+    let id = CorrelationId::parse("preset-1").unwrap();
+    let req = http::Request::get(upstream.url("/"))
+        .body(Full::default())
+        .unwrap();
+    let res = id.scope(client.oneshot(req)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = upstream.received();
+    assert_eq!(seen.len(), 2);
+    for r in &seen {
+        assert_eq!(r.headers["x-correlation-id"], "preset-1");
+        let budget: u64 = r.headers["x-request-timeout-ms"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(budget <= 5000, "per attempt: {budget}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_preset_on_axum_answers_504_and_echoes_ids() {
+    let app = Router::new()
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                "late"
+            }),
+        )
+        .layer(
+            steadfast::server::http()
+                .timeout(Duration::from_secs(1))
+                .build()
+                .unwrap(),
+        );
+    let addr = support::serve_axum(app).await;
+    let mut req = support::get(addr, "/slow");
+    req.headers_mut()
+        .insert("x-correlation-id", "srv-1".parse().unwrap());
+    let res = support::http_client().request(req).await.unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(res.headers()["x-correlation-id"], "srv-1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_presets_with_tonic() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = futures_util::stream::unfold(listener, |l| async move {
+        Some((l.accept().await.map(|(s, _)| s), l))
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(steadfast::server::grpc().build().unwrap())
+            .add_service(health)
+            .serve_with_incoming(incoming),
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let stack = steadfast::client::grpc().build().unwrap().layer(channel);
+    let mut client = HealthClient::new(stack);
+    let id = CorrelationId::parse("grpc-preset").unwrap();
+    let res = id
+        .scope(client.check(HealthCheckRequest {
+            service: String::new(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        res.metadata().get("x-correlation-id").unwrap(),
+        "grpc-preset"
+    );
+}
