@@ -34,6 +34,8 @@ where
         }
         Err(open) => {
             stripe.rejected.fetch_add(1, Relaxed);
+            #[cfg(feature = "metrics")]
+            metrics::counter!("steadfast_breaker_rejected_total").increment(1);
             ResponseFuture::rejected(open)
         }
     }

@@ -34,6 +34,21 @@ pub enum State {
     MetricsOnly,
 }
 
+impl State {
+    /// A stable lower-case name (`closed`, `open`, `half_open`, `disabled`, `forced_open`,
+    /// `metrics_only`) for logs and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+            State::Disabled => "disabled",
+            State::ForcedOpen => "forced_open",
+            State::MetricsOnly => "metrics_only",
+        }
+    }
+}
+
 const CLOSED: u64 = 0;
 const OPEN: u64 = 1;
 const HALF_OPEN: u64 = 2;
@@ -438,12 +453,14 @@ impl Shared {
         };
         tracing::info!(
             target: "steadfast::breaker",
-            from = ?t.from,
-            to = ?t.to,
+            from = t.from.as_str(),
+            to = t.to.as_str(),
             generation = t.generation,
             open_for_ms = open_for.map(|d| d.as_millis() as u64),
             "breaker transition"
         );
+        #[cfg(feature = "metrics")]
+        metrics::counter!("steadfast_breaker_transitions_total", "to" => t.to.as_str()).increment(1);
         // No receivers is fine: nobody listens.
         let _ = self.events.send(t);
         true

@@ -118,6 +118,8 @@ enum Decision<T> {
 
 impl<S, B, C> Ctx<S, B, C> {
     fn give_up<T>(&self, out: T, reason: &'static str) -> Decision<T> {
+        #[cfg(feature = "metrics")]
+        metrics::counter!("steadfast_retry_gave_up_total", "reason" => reason).increment(1);
         tracing::event!(
             name: "retry.gave_up",
             target: "steadfast::retry",
@@ -200,6 +202,8 @@ impl<S, B, C> Ctx<S, B, C> {
         }
         if let Some(budget) = &config.budget {
             if !budget.withdraw() {
+                #[cfg(feature = "metrics")]
+                metrics::counter!("steadfast_retry_budget_exhausted_total").increment(1);
                 tracing::event!(
                     name: "retry.budget_exhausted",
                     target: "steadfast::retry",
@@ -220,6 +224,11 @@ impl<S, B, C> Ctx<S, B, C> {
             error = out.is_err(),
             budget_left = config.budget.as_ref().map(|b| b.balance()),
         );
+        #[cfg(feature = "metrics")]
+        {
+            metrics::counter!("steadfast_retry_attempts_total").increment(1);
+            metrics::histogram!("steadfast_retry_backoff_seconds").record(delay.as_secs_f64());
+        }
         self.attempt += 1;
         self.previous_delay = delay;
         Decision::Wait(delay)
