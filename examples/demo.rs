@@ -25,12 +25,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use axum::Router;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -94,8 +94,16 @@ impl Scenario {
         steadfast::client::http()
             .attempt_timeout(self.attempt)
             .total_timeout(self.total)
-            .retry(|r| r.backoff(Backoff::new(Duration::from_millis(50), Duration::from_millis(500))))
-            .breaker(|b| b.open_time(self.open_time).max_open_time(self.open_time * 4))
+            .retry(|r| {
+                r.backoff(Backoff::new(
+                    Duration::from_millis(50),
+                    Duration::from_millis(500),
+                ))
+            })
+            .breaker(|b| {
+                b.open_time(self.open_time)
+                    .max_open_time(self.open_time * 4)
+            })
             .build()
             .expect("a valid client stack")
     }
@@ -203,7 +211,12 @@ where
         let meta = event.metadata();
         let mut o = observed().lock().unwrap();
         if let Some(hop) = f.hop {
-            o.hops.push((t, hop, correlation.unwrap_or_default(), f.what.unwrap_or_default()));
+            o.hops.push((
+                t,
+                hop,
+                correlation.unwrap_or_default(),
+                f.what.unwrap_or_default(),
+            ));
             return;
         }
         let Some(up) = upstream else { return };
@@ -213,7 +226,8 @@ where
             (_, "retry.budget_exhausted") => u.budget_denials += 1,
             ("steadfast::timeout", _) if f.name.as_deref() == Some("elapsed") => u.timeouts += 1,
             ("steadfast::breaker", _) if f.to.is_some() => {
-                u.transitions.push((t, f.from.unwrap_or_default(), f.to.unwrap_or_default()));
+                u.transitions
+                    .push((t, f.from.unwrap_or_default(), f.to.unwrap_or_default()));
             }
             _ => {}
         }
@@ -245,10 +259,16 @@ fn transport() -> Transport {
 }
 
 async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1");
     let addr = listener.local_addr().expect("local addr");
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await;
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
     });
     addr
 }
@@ -339,7 +359,8 @@ fn payments(scen: Arc<Scenario>) -> Router {
                     if scen.payments_bursts.iter().any(|w| in_window(t, *w)) {
                         log_hop("payments", "burst: 503 Retry-After 1");
                         let mut res = (StatusCode::SERVICE_UNAVAILABLE, "busy\n").into_response();
-                        res.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+                        res.headers_mut()
+                            .insert("retry-after", HeaderValue::from_static("1"));
                         return res;
                     }
                     log_hop("payments", "charged");
@@ -396,11 +417,19 @@ struct Gateway {
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
-async fn proxy(State(gw): State<Gateway>, Path((service, rest)): Path<(String, String)>, req: Request) -> Response {
+async fn proxy(
+    State(gw): State<Gateway>,
+    Path((service, rest)): Path<(String, String)>,
+    req: Request,
+) -> Response {
     forward(gw, &service, rest, req).await
 }
 
-async fn proxy_payments(State(gw): State<Gateway>, Path(rest): Path<String>, req: Request) -> Response {
+async fn proxy_payments(
+    State(gw): State<Gateway>,
+    Path(rest): Path<String>,
+    req: Request,
+) -> Response {
     forward(gw, "payments", rest, req).await
 }
 
@@ -465,7 +494,12 @@ fn gateway(gw: Gateway) -> Router {
         .merge(api)
         .merge(ops)
         .with_state(gw)
-        .layer(steadfast::server::http().timeout(Duration::from_secs(3)).build().expect("server stack"))
+        .layer(
+            steadfast::server::http()
+                .timeout(Duration::from_secs(3))
+                .build()
+                .expect("server stack"),
+        )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -562,22 +596,40 @@ async fn run(scen: Scenario) -> Report {
 
     // The gateway's own endpoints.
     let health = driver
-        .request(http::Request::get(format!("http://{gw}/health")).body(Body::empty()).expect("request"))
+        .request(
+            http::Request::get(format!("http://{gw}/health"))
+                .body(Body::empty())
+                .expect("request"),
+        )
         .await
         .map(|r| r.status().as_u16())
         .unwrap_or(0);
     let metrics_text = match driver
-        .request(http::Request::get(format!("http://{gw}/metrics")).body(Body::empty()).expect("request"))
+        .request(
+            http::Request::get(format!("http://{gw}/metrics"))
+                .body(Body::empty())
+                .expect("request"),
+        )
         .await
     {
         Ok(res) => {
-            let bytes = http_body_util::BodyExt::collect(res.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
+            let bytes = http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             String::from_utf8_lossy(&bytes).into_owned()
         }
         Err(e) => format!("(metrics unavailable: {e})"),
     };
 
-    render(&scen, elapsed, health, &statuses.lock().unwrap(), traced.lock().unwrap().clone(), &metrics_text)
+    render(
+        &scen,
+        elapsed,
+        health,
+        &statuses.lock().unwrap(),
+        traced.lock().unwrap().clone(),
+        &metrics_text,
+    )
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -600,7 +652,11 @@ fn render(
     let mut out = String::new();
     let driver_total: u64 = statuses.values().sum();
     let driver_ok = statuses.get(&200).copied().unwrap_or(0);
-    let _ = writeln!(out, "steadfast demo: {driver_total} requests through the gateway in {:.1} s", elapsed.as_secs_f64());
+    let _ = writeln!(
+        out,
+        "steadfast demo: {driver_total} requests through the gateway in {:.1} s",
+        elapsed.as_secs_f64()
+    );
     let _ = writeln!(
         out,
         "  client stack: attempt timeout {:?}, total {:?}, 3 attempts, budget 10 % + 10/s, breaker 5 failures / open {:?}",
@@ -608,9 +664,16 @@ fn render(
     );
     let _ = writeln!(out, "  gateway /health: {health}");
     let by_status: Vec<String> = statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect();
-    let _ = writeln!(out, "  answers seen by the driver: {}", by_status.join(", "));
+    let _ = writeln!(
+        out,
+        "  answers seen by the driver: {}",
+        by_status.join(", ")
+    );
     let _ = writeln!(out);
-    let _ = writeln!(out, "| upstream | requests | ok | retries | budget denials | timeouts | rejected (open) | transitions | p50 | p99 |");
+    let _ = writeln!(
+        out,
+        "| upstream | requests | ok | retries | budget denials | timeouts | rejected (open) | transitions | p50 | p99 |"
+    );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|");
     for (name, u) in o.upstreams.iter_mut() {
         let transitions: Vec<String> = u
@@ -628,13 +691,20 @@ fn render(
             u.budget_denials,
             u.timeouts,
             u.rejected,
-            if transitions.is_empty() { "—".to_owned() } else { transitions.join(", ") },
+            if transitions.is_empty() {
+                "—".to_owned()
+            } else {
+                transitions.join(", ")
+            },
             p50.as_secs_f64() * 1000.0,
             p99.as_secs_f64() * 1000.0,
         );
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "breaker timeline (one character per 250 ms: . closed, X open, ? half-open)");
+    let _ = writeln!(
+        out,
+        "breaker timeline (one character per 250 ms: . closed, X open, ? half-open)"
+    );
     let slots = (elapsed.as_millis() / 250) as usize + 1;
     for (name, u) in o.upstreams.iter() {
         let mut line = String::new();
@@ -660,12 +730,19 @@ fn render(
         let _ = writeln!(out, "one request, every hop (correlation id {id}):");
         for (t, hop, cid, what) in o.hops.iter().filter(|h| h.2 == id) {
             traced_hops += 1;
-            let _ = writeln!(out, "  {:>7.3}s  {hop:<10} correlation_id={cid}  {what}", t.as_secs_f64());
+            let _ = writeln!(
+                out,
+                "  {:>7.3}s  {hop:<10} correlation_id={cid}  {what}",
+                t.as_secs_f64()
+            );
         }
         let _ = writeln!(out);
     }
     let _ = writeln!(out, "gateway /metrics (steadfast_* lines):");
-    for line in metrics_text.lines().filter(|l| l.starts_with("steadfast_") && !l.contains("_bucket")) {
+    for line in metrics_text
+        .lines()
+        .filter(|l| l.starts_with("steadfast_") && !l.contains("_bucket"))
+    {
         let _ = writeln!(out, "  {line}");
     }
     Report {
@@ -701,7 +778,11 @@ mod tests {
         assert!(report.driver_total > 0);
         assert!(report.driver_ok > 0, "some requests succeed");
         // gateway -> orders -> inventory + payments, all under one id.
-        assert!(report.traced_hops >= 4, "one id seen at every hop: {}", report.traced_hops);
+        assert!(
+            report.traced_hops >= 4,
+            "one id seen at every hop: {}",
+            report.traced_hops
+        );
         assert!(report.text.contains("| users |"));
     }
 }

@@ -344,6 +344,10 @@ impl CircuitBreakerLayer {
 }
 
 impl<C> CircuitBreakerLayer<C> {
+    pub(crate) fn shared_breaker(&self) -> Arc<Breaker<C>> {
+        self.breaker.clone()
+    }
+
     /// Observe and control the breaker.
     pub fn handle(&self) -> BreakerHandle<C> {
         BreakerHandle {

@@ -32,10 +32,12 @@
 //!
 //! # Answering instead of failing
 //!
-//! Servers and gateways turn [`BreakerOpen`] into a response with
-//! [`BreakerOpen::to_http_response`] (503 + `Retry-After`) or
-//! [`BreakerOpen::to_grpc_response`] (trailers-only UNAVAILABLE).
+//! On a server, [`CircuitBreakerLayer::answering`] answers `503` + `Retry-After` (HTTP) or a
+//! trailers-only `UNAVAILABLE` (gRPC) and keeps the inner error type. Gateways that call
+//! through a client stack turn [`BreakerOpen`] into the same answers with
+//! [`BreakerOpen::to_http_response`] / [`BreakerOpen::to_grpc_response`].
 
+mod answer;
 mod breaker;
 mod error;
 mod future;
@@ -46,6 +48,7 @@ mod service;
 mod state;
 mod window;
 
+pub use answer::{AnsweringBreaker, AnsweringBreakerLayer, AnsweringFuture, Carried, Passthrough};
 pub use error::{BreakerOpen, InvalidConfig};
 pub use future::{BreakerBody, EosReport, ResponseFuture};
 pub use handle::{BreakerHandle, Metrics, Transitions};

@@ -460,7 +460,8 @@ impl Shared {
             "breaker transition"
         );
         #[cfg(feature = "metrics")]
-        metrics::counter!("steadfast_breaker_transitions_total", "to" => t.to.as_str()).increment(1);
+        metrics::counter!("steadfast_breaker_transitions_total", "to" => t.to.as_str())
+            .increment(1);
         // No receivers is fine: nobody listens.
         let _ = self.events.send(t);
         true

@@ -760,3 +760,34 @@ fn services_and_futures_are_send_sync() {
         >,
     >();
 }
+
+#[tokio::test(start_paused = true)]
+async fn answering_breaker_keeps_axum_infallible_and_answers_503_or_unavailable() {
+    use axum::{Router, routing::get};
+    fn infallible<S: Service<Request<axum::body::Body>, Error = Infallible>>(_: &S) {}
+    let breaker = builder().consecutive_failures(Some(2)).build().unwrap();
+    let app = Router::new()
+        .route(
+            "/",
+            get(|| async { (http::StatusCode::INTERNAL_SERVER_ERROR, "boom") }),
+        )
+        .layer(breaker.answering());
+    infallible(&app);
+    let get = |grpc: bool| {
+        let mut b = Request::get("/");
+        if grpc {
+            b = b.header("content-type", "application/grpc");
+        }
+        b.body(axum::body::Body::empty()).unwrap()
+    };
+    for _ in 0..2 {
+        assert_eq!(app.clone().oneshot(get(false)).await.unwrap().status(), 500);
+    }
+    let res = app.clone().oneshot(get(false)).await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["retry-after"], "30");
+    let res = app.clone().oneshot(get(true)).await.unwrap();
+    assert_eq!(res.headers()["grpc-status"], "14");
+    assert_eq!(res.headers()["grpc-retry-pushback-ms"], "30000");
+    assert_eq!(breaker.handle().metrics().rejected, 2);
+}

@@ -103,7 +103,8 @@ where
                 let timer = sleep.as_pin_mut().expect("armed above");
                 ready!(timer.poll(cx));
                 #[cfg(feature = "metrics")]
-                metrics::counter!("steadfast_timeout_elapsed_total", "side" => "client").increment(1);
+                metrics::counter!("steadfast_timeout_elapsed_total", "side" => "client")
+                    .increment(1);
                 tracing::debug!(
                     target: "steadfast::timeout",
                     limit_ms = limit.as_millis() as u64,

@@ -166,7 +166,8 @@ where
                 }
                 ready!(sleep.as_pin_mut().expect("armed above").poll(cx));
                 #[cfg(feature = "metrics")]
-                metrics::counter!("steadfast_timeout_elapsed_total", "side" => "server").increment(1);
+                metrics::counter!("steadfast_timeout_elapsed_total", "side" => "server")
+                    .increment(1);
                 tracing::debug!(target: "steadfast::timeout", grpc = on_expiry.grpc, "server deadline exceeded");
                 Poll::Ready(Ok(on_expiry.respond()))
             }
