@@ -1,72 +1,42 @@
-//! Per-layer overhead beside a bare service and the peers, in one run.
+//! Every layer and both stacks beside a bare service and the peers, in one run.
 //!
-//! Run: `cargo bench -p steadfast-bench --bench layers`, then
+//! Run: `bash benches/run.sh` (all of it, with the report), or
+//! `cargo bench -p steadfast-bench --bench layers` then
 //! `cargo run -p steadfast-bench --bin report` for the markdown table.
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
+use http_body_util::Empty;
+use steadfast::breaker::CircuitBreakerLayer;
+use steadfast::correlation::{ClientCorrelationIdLayer, CorrelationId, CorrelationIdLayer};
+use steadfast::retry::{Backoff, RetryLayer};
+use steadfast_bench::peers::{FailEveryOther, Failing, Failsafe, TowerPolicy, fs_breaker, tr_breaker_layer};
 use steadfast_bench::{Bare, CountingAlloc, PendingOnce, Recorder};
-use tower::Layer;
+use tower::{Layer, Service, ServiceBuilder};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
 
-fn timeout(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
+const FIVE_S: Duration = Duration::from_secs(5);
+const THIRTY_S: Duration = Duration::from_secs(30);
+const AN_HOUR: Duration = Duration::from_secs(3600);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_time()
         .build()
-        .unwrap();
-    let _guard = rt.enter();
-    let mut rec = Recorder::new(c, "timeout");
-
-    rec.bench("bare", Bare);
-    rec.bench(
-        "tower",
-        tower::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(Bare),
-    );
-    rec.bench(
-        "tower-http",
-        tower_http::timeout::TimeoutLayer::with_status_code(
-            http::StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(5),
-        )
-        .layer(Bare),
-    );
-    rec.bench(
-        "steadfast",
-        steadfast::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(Bare),
-    );
-    rec.bench(
-        "steadfast-server",
-        steadfast::timeout::ServerTimeoutLayer::new(Duration::from_secs(5)).layer(Bare),
-    );
+        .expect("runtime")
 }
 
-fn timeout_armed(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    let _guard = rt.enter();
-    let mut rec = Recorder::new(c, "timeout-armed");
-    rec.bench("bare", PendingOnce);
-    rec.bench(
-        "tower",
-        tower::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(PendingOnce),
-    );
-    rec.bench(
-        "tower-http",
-        tower_http::timeout::TimeoutLayer::with_status_code(
-            http::StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(5),
-        )
-        .layer(PendingOnce),
-    );
-    rec.bench(
-        "steadfast",
-        steadfast::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(PendingOnce),
-    );
+fn empty() -> http::Request<()> {
+    http::Request::new(())
+}
+
+fn empty_body() -> http::Request<Empty<Bytes>> {
+    http::Request::new(Empty::new())
 }
 
 fn with_id() -> http::Request<()> {
@@ -78,23 +48,197 @@ fn with_id() -> http::Request<()> {
     req
 }
 
+fn timeout(c: &mut Criterion) {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let mut rec = Recorder::new(c, "timeout");
+    rec.bench("bare", Bare);
+    rec.bench("tower", tower::timeout::TimeoutLayer::new(FIVE_S).layer(Bare));
+    rec.bench(
+        "tower-http",
+        tower_http::timeout::TimeoutLayer::with_status_code(http::StatusCode::REQUEST_TIMEOUT, FIVE_S).layer(Bare),
+    );
+    rec.bench(
+        "tower-resilience",
+        tower_resilience::timelimiter::TimeLimiterLayer::builder()
+            .timeout_duration(FIVE_S)
+            .build()
+            .layer(Bare),
+    );
+    rec.bench("steadfast", steadfast::timeout::TimeoutLayer::new(FIVE_S).layer(Bare));
+    rec.bench("steadfast-server", steadfast::timeout::ServerTimeoutLayer::new(FIVE_S).layer(Bare));
+    drop(rec);
+
+    let mut rec = Recorder::new(c, "timeout-armed");
+    rec.bench("bare", PendingOnce);
+    rec.bench("tower", tower::timeout::TimeoutLayer::new(FIVE_S).layer(PendingOnce));
+    rec.bench(
+        "tower-http",
+        tower_http::timeout::TimeoutLayer::with_status_code(http::StatusCode::REQUEST_TIMEOUT, FIVE_S)
+            .layer(PendingOnce),
+    );
+    rec.bench(
+        "tower-resilience",
+        tower_resilience::timelimiter::TimeLimiterLayer::builder()
+            .timeout_duration(FIVE_S)
+            .build()
+            .layer(PendingOnce),
+    );
+    rec.bench("steadfast", steadfast::timeout::TimeoutLayer::new(FIVE_S).layer(PendingOnce));
+    drop(rec);
+
+    let mut rec = Recorder::new(c, "timeout-2t");
+    let h = rt.handle();
+    rec.bench_two_threads("bare", Bare, h, empty);
+    rec.bench_two_threads("tower", tower::timeout::TimeoutLayer::new(FIVE_S).layer(Bare), h, empty);
+    rec.bench_two_threads("steadfast", steadfast::timeout::TimeoutLayer::new(FIVE_S).layer(Bare), h, empty);
+}
+
+fn retry(c: &mut Criterion) {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let mut rec = Recorder::new(c, "retry");
+    rec.bench_req("bare", Bare, empty_body);
+    rec.bench_req(
+        "tower",
+        tower::retry::RetryLayer::new(TowerPolicy::new(true)).layer(Bare),
+        empty_body,
+    );
+    rec.bench_req(
+        "tower-resilience",
+        tower_resilience::retry::RetryLayer::<http::Request<Empty<Bytes>>, http::Response<()>, std::convert::Infallible>::builder()
+            .max_attempts(3)
+            .build()
+            .layer(Bare),
+        empty_body,
+    );
+    rec.bench_req("steadfast", RetryLayer::new().layer(Bare), empty_body);
+    drop(rec);
+
+    // One retry per request at zero delay; budgets off so every request retries. Driven by
+    // `block_on` because tower-resilience sleeps even for a zero backoff (a timer turn).
+    let mut rec = Recorder::new(c, "retry-one-retry");
+    let blocking = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    rec.bench_blocking(
+        "tower",
+        tower::retry::RetryLayer::new(TowerPolicy::new(false)).layer(FailEveryOther::default()),
+        &blocking,
+        empty_body,
+    );
+    rec.bench_blocking(
+        "tower-resilience",
+        tower_resilience::retry::RetryLayer::<http::Request<Empty<Bytes>>, http::Response<()>, steadfast_bench::peers::Boom>::builder()
+            .max_attempts(3)
+            .fixed_backoff(Duration::ZERO)
+            .build()
+            .layer(FailEveryOther::default()),
+        &blocking,
+        empty_body,
+    );
+    rec.bench_blocking(
+        "steadfast",
+        RetryLayer::policy()
+            .backoff(Backoff::new(Duration::ZERO, Duration::ZERO))
+            .budget(None)
+            .build()
+            .expect("valid")
+            .layer(FailEveryOther::default()),
+        &blocking,
+        empty_body,
+    );
+    drop(rec);
+
+    let mut rec = Recorder::new(c, "retry-2t");
+    let h = rt.handle();
+    rec.bench_two_threads("bare", Bare, h, empty_body);
+    rec.bench_two_threads("tower", tower::retry::RetryLayer::new(TowerPolicy::new(true)).layer(Bare), h, empty_body);
+    rec.bench_two_threads("steadfast", RetryLayer::new().layer(Bare), h, empty_body);
+}
+
+fn breaker(c: &mut Criterion) {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let mut rec = Recorder::new(c, "breaker");
+    rec.bench("bare", Bare);
+    rec.bench("tower-resilience", tr_breaker_layer(THIRTY_S).layer(Bare));
+    rec.bench("failsafe", Failsafe::new(Bare, fs_breaker(THIRTY_S)));
+    rec.bench("steadfast", CircuitBreakerLayer::new().layer(Bare));
+    rec.bench(
+        "steadfast-count-window",
+        CircuitBreakerLayer::builder()
+            .consecutive_failures(None)
+            .count_window(100)
+            .failure_rate(50)
+            .build()
+            .expect("valid")
+            .layer(Bare),
+    );
+    rec.bench(
+        "steadfast-per-authority",
+        CircuitBreakerLayer::builder().build_per_authority().expect("valid").layer(Bare),
+    );
+    drop(rec);
+
+    let mut rec = Recorder::new(c, "breaker-2t");
+    let h = rt.handle();
+    rec.bench_two_threads("bare", Bare, h, empty);
+    rec.bench_two_threads("tower-resilience", tr_breaker_layer(THIRTY_S).layer(Bare), h, empty);
+    rec.bench_two_threads("failsafe", Failsafe::new(Bare, fs_breaker(THIRTY_S)), h, empty);
+    rec.bench_two_threads("steadfast", CircuitBreakerLayer::new().layer(Bare), h, empty);
+    rec.bench_two_threads(
+        "steadfast-count-window",
+        CircuitBreakerLayer::builder()
+            .consecutive_failures(None)
+            .count_window(100)
+            .failure_rate(50)
+            .build()
+            .expect("valid")
+            .layer(Bare),
+        h,
+        empty,
+    );
+    drop(rec);
+
+    // Fast-fail while open. Each peer is tripped by calls through a twin sharing its state.
+    let mut rec = Recorder::new(c, "breaker-open");
+    let (tr_layer, tr_handle) = tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+        .consecutive_failures(5)
+        .wait_duration_in_open(AN_HOUR)
+        .build_with_handle()
+        .expect("valid");
+    let mut tripper = tr_layer.layer(Failing);
+    for _ in 0..5 {
+        let _ = steadfast_bench::try_call(&mut tripper, empty());
+    }
+    assert!(tr_handle.is_open());
+    rec.bench_err("tower-resilience", tr_layer.layer(Bare), empty);
+    let fs = fs_breaker(AN_HOUR);
+    let mut tripper = Failsafe::new(Failing, fs.clone());
+    for _ in 0..5 {
+        let _ = steadfast_bench::try_call(&mut tripper, empty());
+    }
+    rec.bench_err("failsafe", Failsafe::new(Bare, fs), empty);
+    let ours = CircuitBreakerLayer::new();
+    ours.handle().force_open();
+    rec.bench_err("steadfast", ours.layer(Bare), empty);
+}
+
 fn correlation(c: &mut Criterion) {
-    use steadfast::correlation::{ClientCorrelationIdLayer, CorrelationId, CorrelationIdLayer};
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
     let header = http::HeaderName::from_static("x-correlation-id");
     let tower_http_pair = |svc: Bare| {
-        tower::ServiceBuilder::new()
+        ServiceBuilder::new()
             .layer(SetRequestIdLayer::new(header.clone(), MakeRequestUuid))
             .layer(PropagateRequestIdLayer::new(header.clone()))
             .service(svc)
     };
     for (group, make_req) in [
-        (
-            "correlation-server-inbound-id",
-            with_id as fn() -> http::Request<()>,
-        ),
-        ("correlation-server-no-id", || http::Request::new(())),
+        ("correlation-server-inbound-id", with_id as fn() -> http::Request<()>),
+        ("correlation-server-no-id", empty),
     ] {
         let mut rec = Recorder::new(c, group);
         rec.bench_req("bare", Bare, make_req);
@@ -107,39 +251,105 @@ fn correlation(c: &mut Criterion) {
         );
     }
 
-    // Client side: the id is ambient (as inside a handler); both contenders run inside the
-    // same task-local scope, so the scope's own cost cancels out.
+    // Client side with the id ambient (as inside a handler); both run inside the same scope.
     let mut rec = Recorder::new(c, "correlation-client-ambient");
-    let id = CorrelationId::parse("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60").unwrap();
-    rec.bench_req("bare", InScope(id.clone(), Bare), || http::Request::new(()));
+    let id = CorrelationId::parse("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60").expect("valid");
+    rec.bench_req("bare", InScope(id.clone(), Bare), with_id);
     rec.bench_req(
         "steadfast",
         InScope(id.clone(), ClientCorrelationIdLayer::new().layer(Bare)),
-        || http::Request::new(()),
+        with_id,
     );
+}
+
+fn stacks(c: &mut Criterion) {
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+    let rt = runtime();
+    let _guard = rt.enter();
+    let id = CorrelationId::parse("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60").expect("valid");
+    let ours = steadfast::client::http().build().expect("valid");
+    // The cheapest peer stack in the same order: request id pair, total timeout, retry with
+    // budget, breaker, attempt timeout.
+    macro_rules! peer {
+        ($inner:expr) => {
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .timeout(FIVE_S)
+                .layer(tower::retry::RetryLayer::new(TowerPolicy::new(true)))
+                .layer(tr_breaker_layer(THIRTY_S))
+                .timeout(FIVE_S)
+                .service($inner)
+        };
+    }
+    let mut rec = Recorder::new(c, "client-stack");
+    rec.bench_req("bare", InScope(id.clone(), Bare), empty_body);
+    rec.bench_req("tower+tower-http+tower-resilience", InScope(id.clone(), peer!(Bare)), empty_body);
+    rec.bench_req("steadfast", InScope(id.clone(), ours.layer(Bare)), empty_body);
+    drop(rec);
+    let mut rec = Recorder::new(c, "client-stack-armed");
+    rec.bench_req("bare", InScope(id.clone(), PendingOnce), empty_body);
+    rec.bench_req(
+        "tower+tower-http+tower-resilience",
+        InScope(id.clone(), peer!(PendingOnce)),
+        empty_body,
+    );
+    rec.bench_req("steadfast", InScope(id.clone(), ours.layer(PendingOnce)), empty_body);
+    drop(rec);
+
+    let mut rec = Recorder::new(c, "server-stack");
+    rec.bench_req("bare", Bare, with_id);
+    rec.bench_req(
+        "tower-http",
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::new(
+                http::HeaderName::from_static("x-correlation-id"),
+                MakeRequestUuid,
+            ))
+            .layer(PropagateRequestIdLayer::new(http::HeaderName::from_static("x-correlation-id")))
+            .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                http::StatusCode::GATEWAY_TIMEOUT,
+                THIRTY_S,
+            ))
+            .service(Bare),
+        with_id,
+    );
+    rec.bench_req("steadfast", steadfast::server::http().build().expect("valid").layer(Bare), with_id);
 }
 
 /// Calls the inner service inside a correlation-id scope.
 #[derive(Clone, Debug)]
-struct InScope<S>(steadfast::correlation::CorrelationId, S);
+struct InScope<S>(CorrelationId, S);
 
-impl<S: tower::Service<http::Request<()>>> tower::Service<http::Request<()>> for InScope<S> {
+impl<S, R> Service<http::Request<R>> for InScope<S>
+where
+    S: Service<http::Request<R>>,
+{
     type Response = S::Response;
     type Error = S::Error;
     type Future = S::Future;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
         self.1.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<()>) -> S::Future {
+    fn call(&mut self, req: http::Request<R>) -> S::Future {
         let inner = &mut self.1;
         self.0.clone().sync_scope(|| inner.call(req))
     }
 }
 
-criterion_group!(benches, timeout, timeout_armed, correlation);
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = timeout, retry, breaker, correlation, stacks
+}
 criterion_main!(benches);

@@ -18,6 +18,8 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
 use tower::Service;
 
+pub mod peers;
+
 /// The system allocator, counting every allocation.
 #[derive(Debug)]
 pub struct CountingAlloc;
@@ -69,7 +71,7 @@ pub fn allocations_per_call(n: u64, mut f: impl FnMut()) -> f64 {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Bare;
 
-impl Service<http::Request<()>> for Bare {
+impl<R> Service<http::Request<R>> for Bare {
     type Response = http::Response<()>;
     type Error = Infallible;
     type Future = Ready<Result<Self::Response, Infallible>>;
@@ -78,7 +80,7 @@ impl Service<http::Request<()>> for Bare {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: http::Request<()>) -> Self::Future {
+    fn call(&mut self, _: http::Request<R>) -> Self::Future {
         std::future::ready(Ok(http::Response::new(())))
     }
 }
@@ -106,7 +108,7 @@ impl Future for YieldOnce {
     }
 }
 
-impl Service<http::Request<()>> for PendingOnce {
+impl<R> Service<http::Request<R>> for PendingOnce {
     type Response = http::Response<()>;
     type Error = Infallible;
     type Future = YieldOnce;
@@ -115,7 +117,7 @@ impl Service<http::Request<()>> for PendingOnce {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: http::Request<()>) -> Self::Future {
+    fn call(&mut self, _: http::Request<R>) -> Self::Future {
         YieldOnce(false)
     }
 }
@@ -141,9 +143,9 @@ where
 /// # Panics
 ///
 /// As [`call_once`].
-pub fn call_with<S>(svc: &mut S, req: http::Request<()>)
+pub fn call_with<S, R>(svc: &mut S, req: http::Request<R>)
 where
-    S: Service<http::Request<()>>,
+    S: Service<http::Request<R>>,
     S::Error: std::fmt::Debug,
 {
     let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -153,6 +155,69 @@ where
         if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
             black_box(r.expect("contender answers"));
             return;
+        }
+    }
+    panic!("contender did not answer");
+}
+
+/// Like [`call_with`], but keeps polling while the contender is `Pending` (a contended lock
+/// in a peer parks its future; with a no-op waker, polling again is how it makes progress).
+///
+/// # Panics
+///
+/// If the contender answers with an error or never answers.
+pub fn call_spinning<S, R>(svc: &mut S, req: http::Request<R>)
+where
+    S: Service<http::Request<R>>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut spins = 0u64;
+    loop {
+        match svc.poll_ready(&mut cx) {
+            Poll::Ready(r) => {
+                r.expect("contender ready");
+                break;
+            }
+            Poll::Pending => {
+                spins += 1;
+                assert!(spins < 100_000_000, "contender never became ready");
+                std::thread::yield_now();
+            }
+        }
+    }
+    let mut fut = std::pin::pin!(svc.call(req));
+    loop {
+        if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+            black_box(r.expect("contender answers"));
+            return;
+        }
+        spins += 1;
+        assert!(spins < 100_000_000, "contender never answered");
+        std::thread::yield_now();
+    }
+}
+
+/// One call whose outcome may be an error (for trippers and open breakers); polls until
+/// ready like [`call_with`].
+///
+/// # Panics
+///
+/// If the contender is not ready or does not answer within a few polls.
+pub fn try_call<S, R>(svc: &mut S, req: http::Request<R>) -> Result<S::Response, S::Error>
+where
+    S: Service<http::Request<R>>,
+{
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        Poll::Ready(Err(e)) => return Err(e),
+        Poll::Pending => panic!("contender not ready"),
+    }
+    let mut fut = std::pin::pin!(svc.call(req));
+    for _ in 0..4 {
+        if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+            return r;
         }
     }
     panic!("contender did not answer");
@@ -185,18 +250,104 @@ impl<'c> Recorder<'c> {
 
     /// Benchmarks `svc` on requests made by `make_req` (made inside the timed loop, so
     /// compare contenders that use the same maker).
-    pub fn bench_req<S>(
+    pub fn bench_req<S, R>(
         &mut self,
         contender: &str,
         mut svc: S,
-        mut make_req: impl FnMut() -> http::Request<()>,
+        mut make_req: impl FnMut() -> http::Request<R>,
     ) where
-        S: Service<http::Request<()>>,
+        S: Service<http::Request<R>>,
         S::Error: std::fmt::Debug,
     {
         self.group
             .bench_function(contender, |b| b.iter(|| call_with(&mut svc, make_req())));
         let allocs = allocations_per_call(10_000, || call_with(&mut svc, make_req()));
+        record_allocs(self.name, contender, allocs);
+    }
+
+    /// Benchmarks `svc` driven to completion by `rt.block_on` (for contenders that need a
+    /// timer turn even for a zero delay); every contender of such a group must use it.
+    pub fn bench_blocking<S, R>(
+        &mut self,
+        contender: &str,
+        mut svc: S,
+        rt: &tokio::runtime::Runtime,
+        mut make_req: impl FnMut() -> http::Request<R>,
+    ) where
+        S: Service<http::Request<R>>,
+        S::Error: std::fmt::Debug,
+    {
+        let once = |svc: &mut S, req| {
+            rt.block_on(async {
+                std::future::poll_fn(|cx| svc.poll_ready(cx)).await.expect("ready");
+                black_box(svc.call(req).await.expect("contender answers"));
+            })
+        };
+        self.group
+            .bench_function(contender, |b| b.iter(|| once(&mut svc, make_req())));
+        let allocs = allocations_per_call(2_000, || once(&mut svc, make_req()));
+        record_allocs(self.name, contender, allocs);
+    }
+
+    /// Benchmarks an open breaker's fast failure: every call must fail.
+    pub fn bench_err<S, R>(
+        &mut self,
+        contender: &str,
+        mut svc: S,
+        mut make_req: impl FnMut() -> http::Request<R>,
+    ) where
+        S: Service<http::Request<R>>,
+    {
+        assert!(try_call(&mut svc, make_req()).is_err(), "{contender} is not open");
+        self.group.bench_function(contender, |b| {
+            b.iter(|| black_box(try_call(&mut svc, make_req()).is_err()))
+        });
+        let allocs = allocations_per_call(10_000, || {
+            black_box(try_call(&mut svc, make_req()).is_err());
+        });
+        record_allocs(self.name, contender, allocs);
+    }
+
+    /// Benchmarks `svc` shared by two OS threads (each drives its own clone; clones share the
+    /// layer's state). The figure is wall time per call of the pair's combined throughput, so
+    /// perfect scaling halves the single-thread figure. Each thread enters `rt` for timers.
+    #[allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall time is the measurement
+    pub fn bench_two_threads<S, R>(
+        &mut self,
+        contender: &str,
+        svc: S,
+        rt: &tokio::runtime::Handle,
+        make_req: fn() -> http::Request<R>,
+    ) where
+        S: Service<http::Request<R>> + Clone + Send + 'static,
+        S::Error: std::fmt::Debug,
+        R: 'static,
+    {
+        self.group.bench_function(contender, |b| {
+            b.iter_custom(|iters| {
+                let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
+                let threads: Vec<_> = (0..2)
+                    .map(|_| {
+                        let (mut svc, rt, barrier) = (svc.clone(), rt.clone(), barrier.clone());
+                        std::thread::spawn(move || {
+                            let _g = rt.enter();
+                            barrier.wait();
+                            for _ in 0..iters.div_ceil(2) {
+                                call_spinning(&mut svc, make_req());
+                            }
+                        })
+                    })
+                    .collect();
+                barrier.wait();
+                let start = std::time::Instant::now();
+                for t in threads {
+                    t.join().expect("bench thread");
+                }
+                start.elapsed()
+            })
+        });
+        let mut one = svc.clone();
+        let allocs = allocations_per_call(10_000, || call_with(&mut one, make_req()));
         record_allocs(self.name, contender, allocs);
     }
 }

@@ -40,8 +40,8 @@ fn main() {
         }
         allocs.insert(key, a.parse().unwrap_or(f64::NAN));
     }
-    println!("| case | contender | ns/call | × bare | × best peer | allocs/call |");
-    println!("|---|---|---:|---:|---:|---:|");
+    println!("| case | contender | ns/call | × bare | × best peer | allocs/call | 2-thread scaling |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
     for (g, c) in &order {
         let Some(ns) = mean_ns(g, c) else { continue };
         let bare = mean_ns(g, "bare");
@@ -54,8 +54,13 @@ fn main() {
             Some(b) if b.is_finite() && b > 0.0 => format!("{:.2}", ns / b),
             _ => "—".into(),
         };
+        // For `X-2t` groups: single-thread ns / two-thread ns (2.0 = perfect, 1.0 = none).
+        let scaling = g
+            .strip_suffix("-2t")
+            .and_then(|base| mean_ns(base, c))
+            .map_or("".to_string(), |single| format!("{:.2}", single / ns));
         println!(
-            "| {g} | {c} | {ns:.1} | {} | {} | {:.2} |",
+            "| {g} | {c} | {ns:.1} | {} | {} | {:.2} | {scaling} |",
             ratio(bare),
             ratio(Some(best_peer)),
             allocs[&(g.clone(), c.clone())]

@@ -404,20 +404,21 @@ impl DefaultClassifier {
 impl<B> Classify<Response<B>> for DefaultClassifier {
     fn classify_response(&self, res: &Response<B>) -> ResponseClass {
         let headers = res.headers();
+        // Plain HTTP first: one lookup of a standard header, no custom-name hashing.
+        if !is_grpc_content_type(headers) {
+            return ResponseClass::Ready(self.http.classify(res.status()));
+        }
         if let Some(code) = GrpcCode::from_map(headers) {
-            // Trailers-only gRPC response (or a proxy that put a status in the head).
+            // Trailers-only gRPC response: the status is in the head.
             return ResponseClass::Ready(self.grpc.classify(code));
         }
-        if is_grpc_content_type(headers) {
-            if res.status() == StatusCode::OK {
-                return ResponseClass::Deferred(self.grpc);
-            }
-            return ResponseClass::Ready(
-                self.grpc
-                    .classify(GrpcCode::from_http_status(res.status().as_u16())),
-            );
+        if res.status() == StatusCode::OK {
+            return ResponseClass::Deferred(self.grpc);
         }
-        ResponseClass::Ready(self.http.classify(res.status()))
+        ResponseClass::Ready(
+            self.grpc
+                .classify(GrpcCode::from_http_status(res.status().as_u16())),
+        )
     }
 
     fn classify_error(&self, err: &(dyn Error + 'static)) -> Class {

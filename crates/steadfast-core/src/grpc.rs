@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The `grpc-status` header / trailer name.
 pub const GRPC_STATUS: &str = "grpc-status";
@@ -110,7 +110,11 @@ impl GrpcCode {
 
     /// Reads `grpc-status` from a header or trailer map, if present.
     pub fn from_map(map: &HeaderMap) -> Option<Self> {
-        map.get(GRPC_STATUS).map(Self::from_header)
+        const NAME: HeaderName = HeaderName::from_static(GRPC_STATUS);
+        if map.is_empty() {
+            return None;
+        }
+        map.get(&NAME).map(Self::from_header)
     }
 
     /// The code's number.

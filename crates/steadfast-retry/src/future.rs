@@ -104,6 +104,15 @@ fn hint<B>(res: &Response<B>) -> Option<Hint> {
         .map(Hint::After)
 }
 
+/// A header value for a small count without allocating (static for 0-9).
+fn small_number(n: u32) -> HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match DIGITS.get(n as usize) {
+        Some(d) => HeaderValue::from_static(d),
+        None => HeaderValue::from(n),
+    }
+}
+
 fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -245,9 +254,9 @@ impl<S, B, C> Ctx<S, B, C> {
         let body = self.body.replay()?;
         let mut req = Request::from_parts(copy_parts(&self.parts), body);
         let headers = req.headers_mut();
-        headers.insert(ATTEMPT_HEADER, HeaderValue::from(self.attempt));
+        headers.insert(ATTEMPT_HEADER, small_number(self.attempt));
         if is_grpc_content_type(headers) {
-            headers.insert(GRPC_PREVIOUS_ATTEMPTS, HeaderValue::from(self.attempt - 1));
+            headers.insert(GRPC_PREVIOUS_ATTEMPTS, small_number(self.attempt - 1));
         }
         Some(req)
     }

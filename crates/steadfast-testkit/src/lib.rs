@@ -122,6 +122,7 @@ struct State {
     script: Mutex<Script>,
     received: Mutex<Vec<Received>>,
     started: Instant,
+    open: std::sync::atomic::AtomicUsize,
 }
 
 /// A running fault-injecting server; stops when dropped.
@@ -165,6 +166,7 @@ impl FaultServer {
             script: Mutex::new(Script::default()),
             received: Mutex::new(Vec::new()),
             started: Instant::now(),
+            open: std::sync::atomic::AtomicUsize::new(0),
         });
         let s = state.clone();
         let task = tokio::spawn(async move {
@@ -174,11 +176,14 @@ impl FaultServer {
                     continue;
                 };
                 let s = s.clone();
+                s.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 conns.spawn(async move {
+                    let state = s.clone();
                     let svc = hyper::service::service_fn(move |req| handle(s.clone(), req));
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
+                    state.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
         });
@@ -214,6 +219,11 @@ impl FaultServer {
     /// How many requests arrived.
     pub fn hits(&self) -> usize {
         self.received().len()
+    }
+
+    /// Connections open now (accepted and not yet closed).
+    pub fn open_connections(&self) -> usize {
+        self.state.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every request so far.
@@ -304,11 +314,18 @@ async fn handle(
                 return Ok(res);
             }
             Fault::ResetMidBody => {
-                let frames = vec![
-                    Ok(Frame::data(Bytes::from_static(b"partial"))),
-                    Err(std::io::Error::other("scripted reset")),
-                ];
-                let body = StreamBody::new(futures_util::stream::iter(frames));
+                // Part of the body, a pause (so the head and that part are flushed), then a
+                // failure that makes hyper abort the connection.
+                let body = StreamBody::new(futures_util::stream::unfold(0u8, |step| async move {
+                    match step {
+                        0 => Some((Ok(Frame::data(Bytes::from_static(b"partial"))), 1)),
+                        1 => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            Some((Err(std::io::Error::other("scripted reset")), 2))
+                        }
+                        _ => None,
+                    }
+                }));
                 let mut res = Response::new(BoxBody::new(body));
                 res.headers_mut().insert(
                     http::header::CONTENT_LENGTH,
