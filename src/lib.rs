@@ -77,3 +77,8 @@ pub use builder::ServiceBuilderExt;
 #[cfg(feature = "full")]
 pub use preset::PresetError;
 pub use propagate::propagate;
+
+/// The README's code blocks, compiled and run as doctests.
+#[cfg(all(doctest, feature = "tonic"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -41,7 +41,11 @@ impl Server {
         tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
                 let t = t0.elapsed();
-                let cost = if t >= SPIKE.0 && t < SPIKE.1 { SPIKE_SERVICE } else { SERVICE };
+                let cost = if t >= SPIKE.0 && t < SPIKE.1 {
+                    SPIKE_SERVICE
+                } else {
+                    SERVICE
+                };
                 tokio::time::sleep(cost).await;
                 // The caller may have given up long ago; the work was done anyway.
                 let _ = job.send(());
@@ -54,7 +58,9 @@ impl Server {
 impl Service<http::Request<ReplayBody<Empty<Bytes>>>> for Server {
     type Response = http::Response<()>;
     type Error = steadfast::core::BoxError;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<http::Response<()>, Self::Error>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<http::Response<()>, Self::Error>> + Send>,
+    >;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -83,9 +89,18 @@ async fn experiment(budgeted: bool) -> Phases {
     let t0 = Instant::now();
     let (server, _) = Server::start(t0);
     let policy = RetryLayer::policy()
-        .backoff(Backoff::new(Duration::from_millis(10), Duration::from_millis(50)))
+        .backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        ))
         .seed(7);
-    let retry = if budgeted { policy } else { policy.budget(None) }.build().unwrap();
+    let retry = if budgeted {
+        policy
+    } else {
+        policy.budget(None)
+    }
+    .build()
+    .unwrap();
     let attempts = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let completions: Arc<Mutex<Vec<(Duration, bool)>>> = Arc::default();
     let mut clients = tokio::task::JoinSet::new();
@@ -97,7 +112,11 @@ async fn experiment(budgeted: bool) -> Phases {
             // Stagger the start so clients are not in lock step.
             tokio::time::sleep(THINK * c as u32 / CLIENTS as u32).await;
             while t0.elapsed() < END {
-                let ok = svc.clone().oneshot(http::Request::new(Empty::new())).await.is_ok();
+                let ok = svc
+                    .clone()
+                    .oneshot(http::Request::new(Empty::new()))
+                    .await
+                    .is_ok();
                 completions.lock().unwrap().push((t0.elapsed(), ok));
                 tokio::time::sleep(THINK).await;
             }
@@ -106,14 +125,18 @@ async fn experiment(budgeted: bool) -> Phases {
     clients.join_all().await;
     let done = completions.lock().unwrap();
     let goodput = |from: Duration, to: Duration| {
-        let n = done.iter().filter(|(t, ok)| *ok && *t >= from && *t < to).count();
+        let n = done
+            .iter()
+            .filter(|(t, ok)| *ok && *t >= from && *t < to)
+            .count();
         n as f64 / (to - from).as_secs_f64()
     };
     Phases {
         before: goodput(Duration::from_secs(2), SPIKE.0),
         after_spike: goodput(SPIKE.1, SPIKE.1 + Duration::from_secs(5)),
         late: goodput(Duration::from_secs(25), END),
-        attempts_per_request: attempts.load(std::sync::atomic::Ordering::Relaxed) as f64 / done.len() as f64,
+        attempts_per_request: attempts.load(std::sync::atomic::Ordering::Relaxed) as f64
+            / done.len() as f64,
     }
 }
 
@@ -143,7 +166,9 @@ where
 async fn budgets_recover_from_a_latency_spike_naive_retries_do_not() {
     let naive = experiment(false).await;
     let budgeted = experiment(true).await;
-    println!("goodput (successful requests / s)     before spike | 0-5 s after | 12-27 s after | attempts per request");
+    println!(
+        "goodput (successful requests / s)     before spike | 0-5 s after | 12-27 s after | attempts per request"
+    );
     println!(
         "naive retries (3 attempts, no budget) {:>12.1} | {:>11.1} | {:>13.1} | {:.2}",
         naive.before, naive.after_spike, naive.late, naive.attempts_per_request
@@ -155,7 +180,13 @@ async fn budgets_recover_from_a_latency_spike_naive_retries_do_not() {
     // Same healthy baseline.
     assert!(naive.before > 150.0 && budgeted.before > 150.0);
     // Naive retries stay down long after the trigger is gone: metastable.
-    assert!(naive.late < 0.2 * naive.before, "naive recovered: {naive:?}");
+    assert!(
+        naive.late < 0.2 * naive.before,
+        "naive recovered: {naive:?}"
+    );
     // The budget brings it back.
-    assert!(budgeted.late > 0.8 * budgeted.before, "budgeted stayed down: {budgeted:?}");
+    assert!(
+        budgeted.late > 0.8 * budgeted.before,
+        "budgeted stayed down: {budgeted:?}"
+    );
 }

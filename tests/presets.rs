@@ -112,6 +112,7 @@ async fn server_preset_on_axum_answers_504_and_echoes_ids() {
     assert_eq!(res.headers()["x-correlation-id"], "srv-1");
 }
 
+#[cfg(feature = "tonic")]
 #[tokio::test(start_paused = true)]
 async fn grpc_presets_with_tonic() {
     use tonic_health::pb::HealthCheckRequest;

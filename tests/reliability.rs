@@ -72,7 +72,10 @@ async fn amplification_at_total_failure_is_bounded() {
     }
     let hits = server.hits() as f64;
     let floor = 100.0 + 10.0 * start.elapsed().as_secs_f64();
-    assert!(hits <= 1.1 * 1000.0 + floor, "{hits} attempts for 1000 requests (floor {floor})");
+    assert!(
+        hits <= 1.1 * 1000.0 + floor,
+        "{hits} attempts for 1000 requests (floor {floor})"
+    );
 
     // The whole stack: the breaker opens and the storm stops even sooner.
     let server = FaultServer::start().await;
@@ -82,7 +85,11 @@ async fn amplification_at_total_failure_is_bounded() {
     for _ in 0..1000 {
         let _ = svc.clone().oneshot(get(&server)).await;
     }
-    assert!(server.hits() < 100, "the breaker cut it to {}", server.hits());
+    assert!(
+        server.hits() < 100,
+        "the breaker cut it to {}",
+        server.hits()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -90,22 +97,39 @@ async fn at_five_percent_failure_success_matches_unbudgeted_retry() {
     async fn success_rate(budgeted: bool) -> f64 {
         let server = FaultServer::start().await;
         // Every 20th request the upstream sees fails: 5 %.
-        let faults = (0..3000).map(|i| if i % 20 == 7 { Fault::status(503) } else { Fault::status(200) });
+        let faults = (0..3000).map(|i| {
+            if i % 20 == 7 {
+                Fault::status(503)
+            } else {
+                Fault::status(200)
+            }
+        });
         server.script(faults);
         let policy = steadfast::retry::RetryLayer::policy().seed(5);
-        let policy = if budgeted { policy } else { policy.budget(None) };
+        let policy = if budgeted {
+            policy
+        } else {
+            policy.budget(None)
+        };
         let retry = policy.build().unwrap();
         let http = transport::<Full<Bytes>>();
         let mut ok = 0;
         for _ in 0..1000 {
-            let res = retry.layer(http.clone()).oneshot(get(&server)).await.unwrap();
+            let res = retry
+                .layer(http.clone())
+                .oneshot(get(&server))
+                .await
+                .unwrap();
             ok += u32::from(res.status() == 200);
         }
         f64::from(ok) / 10.0
     }
     let with_budget = success_rate(true).await;
     let without = success_rate(false).await;
-    assert!((without - with_budget).abs() <= 1.0, "{with_budget}% vs {without}%");
+    assert!(
+        (without - with_budget).abs() <= 1.0,
+        "{with_budget}% vs {without}%"
+    );
     assert!(with_budget >= 99.0);
 }
 
@@ -130,13 +154,20 @@ async fn recovery_after_an_outage() {
             .handle(&key)
             .is_some_and(|h| h.state() == steadfast::breaker::State::Open);
         let out = svc.clone().oneshot(get(&server)).await;
-        assert!(began.elapsed() <= Duration::from_secs(3), "no call outlives the total timeout");
+        assert!(
+            began.elapsed() <= Duration::from_secs(3),
+            "no call outlives the total timeout"
+        );
         match out {
             Ok(res) if res.status() == 200 => recovered += 1,
             Ok(_) => {}
             Err(e) if e.downcast_ref::<BreakerOpen>().is_some() => {
                 if open_before {
-                    assert_eq!(server.hits(), hits_before, "rejected without network traffic");
+                    assert_eq!(
+                        server.hits(),
+                        hits_before,
+                        "rejected without network traffic"
+                    );
                     rejected_while_open += 1;
                 }
             }
@@ -145,8 +176,14 @@ async fn recovery_after_an_outage() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(rejected_while_open > 10, "the breaker opened and shed load");
-    assert!(recovered > 100, "requests succeed after recovery ({recovered})");
-    assert_eq!(layer.breakers().handle(&key).unwrap().state(), steadfast::breaker::State::Closed);
+    assert!(
+        recovered > 100,
+        "requests succeed after recovery ({recovered})"
+    );
+    assert_eq!(
+        layer.breakers().handle(&key).unwrap().state(),
+        steadfast::breaker::State::Closed
+    );
 }
 
 // ---- 3. no duplicated POST ----
@@ -173,10 +210,17 @@ async fn a_post_without_idempotency_key_is_never_received_twice() {
         let server = FaultServer::start().await;
         server.set_default(fault.clone());
         let svc = client(&stack());
-        let req = Request::post(server.url("/orders")).body(Full::new(Bytes::from_static(b"{\"qty\":1}"))).unwrap();
+        let req = Request::post(server.url("/orders"))
+            .body(Full::new(Bytes::from_static(b"{\"qty\":1}")))
+            .unwrap();
         let _ = svc.oneshot(req).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert_eq!(server.hits(), 1, "{fault:?}: received {} times", server.hits());
+        assert_eq!(
+            server.hits(),
+            1,
+            "{fault:?}: received {} times",
+            server.hits()
+        );
     }
 }
 
@@ -186,7 +230,9 @@ async fn a_post_without_idempotency_key_is_never_received_twice() {
 async fn a_hanging_upstream_never_hangs_the_caller_and_nothing_leaks() {
     let server = FaultServer::start().await;
     server.set_default(Fault::Hang);
-    let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let tasks_before = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
     {
         let layer = stack();
         let svc = client(&layer);
@@ -196,11 +242,18 @@ async fn a_hanging_upstream_never_hangs_the_caller_and_nothing_leaks() {
             calls.spawn(async move {
                 let began = Instant::now();
                 let err = svc.oneshot(req).await.unwrap_err();
-                (began.elapsed(), err.downcast_ref::<Elapsed>().is_some() || err.downcast_ref::<BreakerOpen>().is_some())
+                (
+                    began.elapsed(),
+                    err.downcast_ref::<Elapsed>().is_some()
+                        || err.downcast_ref::<BreakerOpen>().is_some(),
+                )
             });
         }
         for (took, typed) in calls.join_all().await {
-            assert!(took <= Duration::from_secs(3), "returned by the total timeout: {took:?}");
+            assert!(
+                took <= Duration::from_secs(3),
+                "returned by the total timeout: {took:?}"
+            );
             assert!(typed, "a typed timeout or breaker error");
         }
     }
@@ -212,8 +265,13 @@ async fn a_hanging_upstream_never_hangs_the_caller_and_nothing_leaks() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(server.open_connections(), 0, "no connection leaks");
-    let tasks_after = tokio::runtime::Handle::current().metrics().num_alive_tasks();
-    assert!(tasks_after <= tasks_before, "no task leaks: {tasks_before} -> {tasks_after}");
+    let tasks_after = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(
+        tasks_after <= tasks_before,
+        "no task leaks: {tasks_before} -> {tasks_after}"
+    );
 }
 
 // ---- 5. resets and slow bodies ----
@@ -231,7 +289,9 @@ async fn replay_is_byte_identical_across_resets_and_slow_request_bodies() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         Some((Ok::<_, std::io::Error>(Frame::data(c)), it))
     });
-    let req = Request::put(server.url("/doc")).body(StreamBody::new(stream)).unwrap();
+    let req = Request::put(server.url("/doc"))
+        .body(StreamBody::new(stream))
+        .unwrap();
     let layer = stack();
     let svc = layer.layer(transport());
     let res = svc.oneshot(req).await.unwrap();
@@ -240,7 +300,11 @@ async fn replay_is_byte_identical_across_resets_and_slow_request_bodies() {
     assert_eq!(seen.len(), 3);
     for r in &seen {
         assert!(r.body_complete);
-        assert_eq!(r.body_hash, hash_body(&whole), "byte-identical on every attempt");
+        assert_eq!(
+            r.body_hash,
+            hash_body(&whole),
+            "byte-identical on every attempt"
+        );
     }
 }
 
@@ -252,7 +316,11 @@ async fn a_response_reset_mid_body_is_not_retried() {
     let res = svc.oneshot(get(&server)).await.unwrap();
     assert_eq!(res.status(), 200, "the head arrived: committed");
     let body = res.into_body().collect().await;
-    assert!(body.is_err(), "the caller sees the reset: {:?}", body.map(|b| b.to_bytes()));
+    assert!(
+        body.is_err(),
+        "the caller sees the reset: {:?}",
+        body.map(|b| b.to_bytes())
+    );
     assert_eq!(server.hits(), 1, "no retry after the head arrived");
 }
 
@@ -285,6 +353,10 @@ async fn the_edge_deadline_reaches_the_transport() {
     let e = err.downcast_ref::<Elapsed>().expect("elapsed");
     assert!(e.is_inherited());
     assert_eq!(began.elapsed(), Duration::from_millis(700));
-    let budget: u64 = server.received()[0].headers["x-request-timeout-ms"].to_str().unwrap().parse().unwrap();
+    let budget: u64 = server.received()[0].headers["x-request-timeout-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(budget <= 700, "the upstream was told {budget} ms");
 }

@@ -12,7 +12,9 @@ use http_body_util::Empty;
 use steadfast::breaker::CircuitBreakerLayer;
 use steadfast::correlation::{ClientCorrelationIdLayer, CorrelationId, CorrelationIdLayer};
 use steadfast::retry::{Backoff, RetryLayer};
-use steadfast_bench::peers::{FailEveryOther, Failing, Failsafe, TowerPolicy, fs_breaker, tr_breaker_layer};
+use steadfast_bench::peers::{
+    FailEveryOther, Failing, Failsafe, TowerPolicy, fs_breaker, tr_breaker_layer,
+};
 use steadfast_bench::{Bare, CountingAlloc, PendingOnce, Recorder};
 use tower::{Layer, Service, ServiceBuilder};
 
@@ -53,10 +55,17 @@ fn timeout(c: &mut Criterion) {
     let _guard = rt.enter();
     let mut rec = Recorder::new(c, "timeout");
     rec.bench("bare", Bare);
-    rec.bench("tower", tower::timeout::TimeoutLayer::new(FIVE_S).layer(Bare));
+    rec.bench(
+        "tower",
+        tower::timeout::TimeoutLayer::new(FIVE_S).layer(Bare),
+    );
     rec.bench(
         "tower-http",
-        tower_http::timeout::TimeoutLayer::with_status_code(http::StatusCode::REQUEST_TIMEOUT, FIVE_S).layer(Bare),
+        tower_http::timeout::TimeoutLayer::with_status_code(
+            http::StatusCode::REQUEST_TIMEOUT,
+            FIVE_S,
+        )
+        .layer(Bare),
     );
     rec.bench(
         "tower-resilience",
@@ -65,17 +74,29 @@ fn timeout(c: &mut Criterion) {
             .build()
             .layer(Bare),
     );
-    rec.bench("steadfast", steadfast::timeout::TimeoutLayer::new(FIVE_S).layer(Bare));
-    rec.bench("steadfast-server", steadfast::timeout::ServerTimeoutLayer::new(FIVE_S).layer(Bare));
+    rec.bench(
+        "steadfast",
+        steadfast::timeout::TimeoutLayer::new(FIVE_S).layer(Bare),
+    );
+    rec.bench(
+        "steadfast-server",
+        steadfast::timeout::ServerTimeoutLayer::new(FIVE_S).layer(Bare),
+    );
     drop(rec);
 
     let mut rec = Recorder::new(c, "timeout-armed");
     rec.bench("bare", PendingOnce);
-    rec.bench("tower", tower::timeout::TimeoutLayer::new(FIVE_S).layer(PendingOnce));
+    rec.bench(
+        "tower",
+        tower::timeout::TimeoutLayer::new(FIVE_S).layer(PendingOnce),
+    );
     rec.bench(
         "tower-http",
-        tower_http::timeout::TimeoutLayer::with_status_code(http::StatusCode::REQUEST_TIMEOUT, FIVE_S)
-            .layer(PendingOnce),
+        tower_http::timeout::TimeoutLayer::with_status_code(
+            http::StatusCode::REQUEST_TIMEOUT,
+            FIVE_S,
+        )
+        .layer(PendingOnce),
     );
     rec.bench(
         "tower-resilience",
@@ -84,14 +105,27 @@ fn timeout(c: &mut Criterion) {
             .build()
             .layer(PendingOnce),
     );
-    rec.bench("steadfast", steadfast::timeout::TimeoutLayer::new(FIVE_S).layer(PendingOnce));
+    rec.bench(
+        "steadfast",
+        steadfast::timeout::TimeoutLayer::new(FIVE_S).layer(PendingOnce),
+    );
     drop(rec);
 
     let mut rec = Recorder::new(c, "timeout-2t");
     let h = rt.handle();
     rec.bench_two_threads("bare", Bare, h, empty);
-    rec.bench_two_threads("tower", tower::timeout::TimeoutLayer::new(FIVE_S).layer(Bare), h, empty);
-    rec.bench_two_threads("steadfast", steadfast::timeout::TimeoutLayer::new(FIVE_S).layer(Bare), h, empty);
+    rec.bench_two_threads(
+        "tower",
+        tower::timeout::TimeoutLayer::new(FIVE_S).layer(Bare),
+        h,
+        empty,
+    );
+    rec.bench_two_threads(
+        "steadfast",
+        steadfast::timeout::TimeoutLayer::new(FIVE_S).layer(Bare),
+        h,
+        empty,
+    );
 }
 
 fn retry(c: &mut Criterion) {
@@ -106,10 +140,14 @@ fn retry(c: &mut Criterion) {
     );
     rec.bench_req(
         "tower-resilience",
-        tower_resilience::retry::RetryLayer::<http::Request<Empty<Bytes>>, http::Response<()>, std::convert::Infallible>::builder()
-            .max_attempts(3)
-            .build()
-            .layer(Bare),
+        tower_resilience::retry::RetryLayer::<
+            http::Request<Empty<Bytes>>,
+            http::Response<()>,
+            std::convert::Infallible,
+        >::builder()
+        .max_attempts(3)
+        .build()
+        .layer(Bare),
         empty_body,
     );
     rec.bench_req("steadfast", RetryLayer::new().layer(Bare), empty_body);
@@ -130,11 +168,15 @@ fn retry(c: &mut Criterion) {
     );
     rec.bench_blocking(
         "tower-resilience",
-        tower_resilience::retry::RetryLayer::<http::Request<Empty<Bytes>>, http::Response<()>, steadfast_bench::peers::Boom>::builder()
-            .max_attempts(3)
-            .fixed_backoff(Duration::ZERO)
-            .build()
-            .layer(FailEveryOther::default()),
+        tower_resilience::retry::RetryLayer::<
+            http::Request<Empty<Bytes>>,
+            http::Response<()>,
+            steadfast_bench::peers::Boom,
+        >::builder()
+        .max_attempts(3)
+        .fixed_backoff(Duration::ZERO)
+        .build()
+        .layer(FailEveryOther::default()),
         &blocking,
         empty_body,
     );
@@ -154,7 +196,12 @@ fn retry(c: &mut Criterion) {
     let mut rec = Recorder::new(c, "retry-2t");
     let h = rt.handle();
     rec.bench_two_threads("bare", Bare, h, empty_body);
-    rec.bench_two_threads("tower", tower::retry::RetryLayer::new(TowerPolicy::new(true)).layer(Bare), h, empty_body);
+    rec.bench_two_threads(
+        "tower",
+        tower::retry::RetryLayer::new(TowerPolicy::new(true)).layer(Bare),
+        h,
+        empty_body,
+    );
     rec.bench_two_threads("steadfast", RetryLayer::new().layer(Bare), h, empty_body);
 }
 
@@ -178,16 +225,34 @@ fn breaker(c: &mut Criterion) {
     );
     rec.bench(
         "steadfast-per-authority",
-        CircuitBreakerLayer::builder().build_per_authority().expect("valid").layer(Bare),
+        CircuitBreakerLayer::builder()
+            .build_per_authority()
+            .expect("valid")
+            .layer(Bare),
     );
     drop(rec);
 
     let mut rec = Recorder::new(c, "breaker-2t");
     let h = rt.handle();
     rec.bench_two_threads("bare", Bare, h, empty);
-    rec.bench_two_threads("tower-resilience", tr_breaker_layer(THIRTY_S).layer(Bare), h, empty);
-    rec.bench_two_threads("failsafe", Failsafe::new(Bare, fs_breaker(THIRTY_S)), h, empty);
-    rec.bench_two_threads("steadfast", CircuitBreakerLayer::new().layer(Bare), h, empty);
+    rec.bench_two_threads(
+        "tower-resilience",
+        tr_breaker_layer(THIRTY_S).layer(Bare),
+        h,
+        empty,
+    );
+    rec.bench_two_threads(
+        "failsafe",
+        Failsafe::new(Bare, fs_breaker(THIRTY_S)),
+        h,
+        empty,
+    );
+    rec.bench_two_threads(
+        "steadfast",
+        CircuitBreakerLayer::new().layer(Bare),
+        h,
+        empty,
+    );
     rec.bench_two_threads(
         "steadfast-count-window",
         CircuitBreakerLayer::builder()
@@ -237,7 +302,10 @@ fn correlation(c: &mut Criterion) {
             .service(svc)
     };
     for (group, make_req) in [
-        ("correlation-server-inbound-id", with_id as fn() -> http::Request<()>),
+        (
+            "correlation-server-inbound-id",
+            with_id as fn() -> http::Request<()>,
+        ),
         ("correlation-server-no-id", empty),
     ] {
         let mut rec = Recorder::new(c, group);
@@ -285,8 +353,16 @@ fn stacks(c: &mut Criterion) {
     }
     let mut rec = Recorder::new(c, "client-stack");
     rec.bench_req("bare", InScope(id.clone(), Bare), empty_body);
-    rec.bench_req("tower+tower-http+tower-resilience", InScope(id.clone(), peer!(Bare)), empty_body);
-    rec.bench_req("steadfast", InScope(id.clone(), ours.layer(Bare)), empty_body);
+    rec.bench_req(
+        "tower+tower-http+tower-resilience",
+        InScope(id.clone(), peer!(Bare)),
+        empty_body,
+    );
+    rec.bench_req(
+        "steadfast",
+        InScope(id.clone(), ours.layer(Bare)),
+        empty_body,
+    );
     drop(rec);
     let mut rec = Recorder::new(c, "client-stack-armed");
     rec.bench_req("bare", InScope(id.clone(), PendingOnce), empty_body);
@@ -295,7 +371,11 @@ fn stacks(c: &mut Criterion) {
         InScope(id.clone(), peer!(PendingOnce)),
         empty_body,
     );
-    rec.bench_req("steadfast", InScope(id.clone(), ours.layer(PendingOnce)), empty_body);
+    rec.bench_req(
+        "steadfast",
+        InScope(id.clone(), ours.layer(PendingOnce)),
+        empty_body,
+    );
     drop(rec);
 
     let mut rec = Recorder::new(c, "server-stack");
@@ -307,7 +387,9 @@ fn stacks(c: &mut Criterion) {
                 http::HeaderName::from_static("x-correlation-id"),
                 MakeRequestUuid,
             ))
-            .layer(PropagateRequestIdLayer::new(http::HeaderName::from_static("x-correlation-id")))
+            .layer(PropagateRequestIdLayer::new(http::HeaderName::from_static(
+                "x-correlation-id",
+            )))
             .layer(tower_http::timeout::TimeoutLayer::with_status_code(
                 http::StatusCode::GATEWAY_TIMEOUT,
                 THIRTY_S,
@@ -315,7 +397,14 @@ fn stacks(c: &mut Criterion) {
             .service(Bare),
         with_id,
     );
-    rec.bench_req("steadfast", steadfast::server::http().build().expect("valid").layer(Bare), with_id);
+    rec.bench_req(
+        "steadfast",
+        steadfast::server::http()
+            .build()
+            .expect("valid")
+            .layer(Bare),
+        with_id,
+    );
 }
 
 /// Calls the inner service inside a correlation-id scope.
@@ -330,7 +419,10 @@ where
     type Error = S::Error;
     type Future = S::Future;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
         self.1.poll_ready(cx)
     }
 

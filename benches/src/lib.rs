@@ -279,7 +279,9 @@ impl<'c> Recorder<'c> {
     {
         let once = |svc: &mut S, req| {
             rt.block_on(async {
-                std::future::poll_fn(|cx| svc.poll_ready(cx)).await.expect("ready");
+                std::future::poll_fn(|cx| svc.poll_ready(cx))
+                    .await
+                    .expect("ready");
                 black_box(svc.call(req).await.expect("contender answers"));
             })
         };
@@ -298,7 +300,10 @@ impl<'c> Recorder<'c> {
     ) where
         S: Service<http::Request<R>>,
     {
-        assert!(try_call(&mut svc, make_req()).is_err(), "{contender} is not open");
+        assert!(
+            try_call(&mut svc, make_req()).is_err(),
+            "{contender} is not open"
+        );
         self.group.bench_function(contender, |b| {
             b.iter(|| black_box(try_call(&mut svc, make_req()).is_err()))
         });

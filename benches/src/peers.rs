@@ -135,7 +135,8 @@ pub type FsBreaker = failsafe::StateMachine<
 
 /// A failsafe breaker.
 pub fn fs_breaker(open_for: Duration) -> FsBreaker {
-    let policy = failsafe::failure_policy::consecutive_failures(5, failsafe::backoff::constant(open_for));
+    let policy =
+        failsafe::failure_policy::consecutive_failures(5, failsafe::backoff::constant(open_for));
     failsafe::Config::new().failure_policy(policy).build()
 }
 

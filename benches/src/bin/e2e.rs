@@ -32,17 +32,25 @@ async fn hello(_req: http::Request<Incoming>) -> Result<http::Response<Full<Byte
 /// Serves `svc` on 127.0.0.1 over HTTP/1 until the process ends.
 async fn serve<S, B>(svc: S) -> SocketAddr
 where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + Sync + 'static,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let svc = TowerToHyperService::new(svc.clone());
             tokio::spawn(async move {
@@ -84,7 +92,9 @@ async fn load(addr: SocketAddr) -> Figures {
                 if send.ready().await.is_err() {
                     break;
                 }
-                let Ok(res) = send.send_request(req).await else { break };
+                let Ok(res) = send.send_request(req).await else {
+                    break;
+                };
                 let _ = res.into_body().collect().await;
                 lat.push(t.elapsed());
             }
@@ -122,8 +132,16 @@ where
             let mut lat = Vec::with_capacity(100_000);
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let req = http::Request::get("http://bench/").body(Full::default()).expect("request");
-                let _ = client.ready().await.expect("ready").call(req).await.expect("response");
+                let req = http::Request::get("http://bench/")
+                    .body(Full::default())
+                    .expect("request");
+                let _ = client
+                    .ready()
+                    .await
+                    .expect("ready")
+                    .call(req)
+                    .await
+                    .expect("response");
                 lat.push(t.elapsed());
             }
             lat
@@ -145,8 +163,14 @@ where
 }
 
 fn best(rounds: &[Figures]) -> Figures {
-    let top = rounds.iter().max_by(|a, b| a.rps.total_cmp(&b.rps)).expect("rounds");
-    Figures { rps: top.rps, p99: top.p99 }
+    let top = rounds
+        .iter()
+        .max_by(|a, b| a.rps.total_cmp(&b.rps))
+        .expect("rounds");
+    Figures {
+        rps: top.rps,
+        p99: top.p99,
+    }
 }
 
 fn row(name: &str, f: &Figures, base: &Figures) {
@@ -171,7 +195,10 @@ where
     type Error = S::Error;
     type Future = S::Future;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
         self.0.poll_ready(cx)
     }
 
@@ -186,7 +213,13 @@ async fn main() {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
     let bare = serve(tower::service_fn(hello)).await;
-    let ours = serve(steadfast::server::http().build().expect("valid").layer(tower::service_fn(hello))).await;
+    let ours = serve(
+        steadfast::server::http()
+            .build()
+            .expect("valid")
+            .layer(tower::service_fn(hello)),
+    )
+    .await;
     let header = http::HeaderName::from_static("x-correlation-id");
     let peer = serve(
         ServiceBuilder::new()
@@ -207,7 +240,9 @@ async fn main() {
         c.push(load(peer).await);
     }
     let (a, b, c) = (best(&a), best(&b), best(&c));
-    println!("Server stacks: {CONNECTIONS} keep-alive connections, {DURATION:?} per run, best of {ROUNDS}.");
+    println!(
+        "Server stacks: {CONNECTIONS} keep-alive connections, {DURATION:?} per run, best of {ROUNDS}."
+    );
     println!();
     println!("| server | req/s | × bare | p99 | p99 × bare |");
     println!("|---|---:|---:|---:|---:|");
@@ -219,7 +254,10 @@ async fn main() {
         hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
     let stacked_transport: hyper_util::client::legacy::Client<_, ReplayBody<Full<Bytes>>> =
         hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
-    let stack = steadfast::client::http().build().expect("valid").layer(Fixed(stacked_transport, bare));
+    let stack = steadfast::client::http()
+        .build()
+        .expect("valid")
+        .layer(Fixed(stacked_transport, bare));
     let (mut d, mut e) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         d.push(load_client(Fixed(transport.clone(), bare)).await);

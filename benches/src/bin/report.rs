@@ -40,7 +40,9 @@ fn main() {
         }
         allocs.insert(key, a.parse().unwrap_or(f64::NAN));
     }
-    println!("| case | contender | ns/call | × bare | × best peer | allocs/call | 2-thread scaling |");
+    println!(
+        "| case | contender | ns/call | × bare | × best peer | allocs/call | 2-thread scaling |"
+    );
     println!("|---|---|---:|---:|---:|---:|---:|");
     for (g, c) in &order {
         let Some(ns) = mean_ns(g, c) else { continue };

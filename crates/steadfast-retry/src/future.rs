@@ -146,7 +146,7 @@ impl<S, B, C> Ctx<S, B, C> {
     where
         C: Classify<Response<ResB>>,
     {
-        let config = self.config.clone();
+        let config = &*self.config;
         let (class, hint) = match &out {
             Ok(res) => match config.classifier.classify_response(res) {
                 ResponseClass::Ready(c) if c.is_retryable() => (c, hint(res)),
