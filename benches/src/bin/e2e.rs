@@ -1,7 +1,7 @@
 //! End-to-end HTTP/1 benchmark over loopback: a hyper server with no middleware, with our
 //! server stack, and with the nearest peer stack (tower-http's request-id pair and timeout);
 //! then a bare client beside our client stack calling a bare server. Same connections and
-//! duration for each; the best of three rounds, alternating contenders.
+//! duration for each; the best of four rounds, rotating the order of contenders.
 //!
 //! Run: `cargo run --release -p steadfast-bench --bin e2e`
 
@@ -23,7 +23,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 const CONNECTIONS: usize = 32;
 const DURATION: Duration = Duration::from_secs(3);
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 4;
 
 async fn hello(_req: http::Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
     Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
@@ -233,13 +233,16 @@ async fn main() {
     )
     .await;
 
-    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        a.push(load(bare).await);
-        b.push(load(ours).await);
-        c.push(load(peer).await);
+    // Rotate the order each round so no contender always runs first (or last).
+    let targets = [bare, ours, peer];
+    let mut results: [Vec<Figures>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        for k in 0..3 {
+            let i = (round + k) % 3;
+            results[i].push(load(targets[i]).await);
+        }
     }
-    let (a, b, c) = (best(&a), best(&b), best(&c));
+    let (a, b, c) = (best(&results[0]), best(&results[1]), best(&results[2]));
     println!(
         "Server stacks: {CONNECTIONS} keep-alive connections, {DURATION:?} per run, best of {ROUNDS}."
     );
@@ -259,9 +262,14 @@ async fn main() {
         .expect("valid")
         .layer(Fixed(stacked_transport, bare));
     let (mut d, mut e) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        d.push(load_client(Fixed(transport.clone(), bare)).await);
-        e.push(load_client(stack.clone()).await);
+    for round in 0..ROUNDS {
+        if round % 2 == 0 {
+            d.push(load_client(Fixed(transport.clone(), bare)).await);
+            e.push(load_client(stack.clone()).await);
+        } else {
+            e.push(load_client(stack.clone()).await);
+            d.push(load_client(Fixed(transport.clone(), bare)).await);
+        }
     }
     let (d, e) = (best(&d), best(&e));
     println!();

@@ -30,6 +30,8 @@ pub(crate) struct Ctx<S, B, C> {
     pub(crate) service: S,
     pub(crate) parts: Parts,
     pub(crate) body: ReplayBody<B>,
+    /// The body for the next attempt, taken when the retry was decided.
+    pub(crate) next_body: Option<ReplayBody<B>>,
     pub(crate) config: Arc<Config<C>>,
     pub(crate) attempt: u32,
     pub(crate) started: Option<Instant>,
@@ -179,9 +181,10 @@ impl<S, B, C> Ctx<S, B, C> {
             }
             return Decision::Return(out);
         }
-        if !self.body.can_replay() {
+        // Take the next attempt's body now: the check and the handle are one step.
+        let Some(next_body) = self.body.replay() else {
             return self.give_up(out, "body_not_replayable");
-        }
+        };
         let delay = match hint {
             Some(Hint::Stop) => return self.give_up(out, "server_pushback_stop"),
             // Pinned 7: never sooner than asked, never longer than the cap.
@@ -240,6 +243,7 @@ impl<S, B, C> Ctx<S, B, C> {
         }
         self.attempt += 1;
         self.previous_delay = delay;
+        self.next_body = Some(next_body);
         Decision::Wait(delay)
     }
 
@@ -250,8 +254,8 @@ impl<S, B, C> Ctx<S, B, C> {
             || self.config.retry_non_idempotent
     }
 
-    fn next_request(&self) -> Option<Request<ReplayBody<B>>> {
-        let body = self.body.replay()?;
+    fn next_request(&mut self) -> Option<Request<ReplayBody<B>>> {
+        let body = self.next_body.take()?;
         let mut req = Request::from_parts(copy_parts(&self.parts), body);
         let headers = req.headers_mut();
         headers.insert(ATTEMPT_HEADER, small_number(self.attempt));
@@ -302,7 +306,7 @@ where
                     ready!(ctx.service.poll_ready(cx)).map_err(Into::into)?;
                     let req = ctx
                         .next_request()
-                        .expect("replay was checked before deciding to retry");
+                        .expect("a retry is only decided with the next body in hand");
                     let fut = ctx.service.call(req);
                     this.state.set(State::Called { fut });
                 }

@@ -48,5 +48,5 @@ pub use layer::{
     ATTEMPT_HEADER, GRPC_PREVIOUS_ATTEMPTS, IDEMPOTENCY_KEY, Predicate, RetryLayer, RetryPolicy,
     RetrySettings,
 };
-pub use replay::{DEFAULT_REPLAY_CAP, ReplayBody};
+pub use replay::{DEFAULT_REPLAY_CAP, ReplayBody, ReplayLost};
 pub use service::Retry;

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use steadfast_core::BoxError;
 
 /// Default cap on the bytes a body may buffer for replay: 64 KiB.
 pub const DEFAULT_REPLAY_CAP: usize = 64 * 1024;
@@ -52,6 +53,8 @@ enum Kind<B> {
 struct State<B> {
     body: Pin<Box<B>>,
     frames: Vec<Bytes>,
+    /// Frames ever recorded (the recording may have been dropped on overflow).
+    recorded: usize,
     trailers: Option<HeaderMap>,
     buffered: usize,
     cap: usize,
@@ -82,6 +85,7 @@ impl<B: Body<Data = Bytes>> ReplayBody<B> {
                 state: Arc::new(Mutex::new(State {
                     body: Box::pin(body),
                     frames: Vec::new(),
+                    recorded: 0,
                     trailers: None,
                     buffered: 0,
                     cap,
@@ -133,17 +137,31 @@ impl<B> ReplayBody<B> {
     }
 }
 
+/// A replaying attempt needed recorded data that was dropped because another attempt read
+/// past the replay cap: the attempt fails rather than send a body with a hole in it.
+#[derive(Debug)]
+pub struct ReplayLost;
+
+impl fmt::Display for ReplayLost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request body can no longer be replayed: it grew past the replay cap")
+    }
+}
+
+impl std::error::Error for ReplayLost {}
+
 impl<B> Body for ReplayBody<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let Kind::Shared {
             state,
@@ -159,6 +177,10 @@ where
             let chunk = s.frames[*pos].clone();
             *pos += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if s.overflow && *pos < s.recorded {
+            // The frames this reader still needed were dropped: never send a body with a hole.
+            return Poll::Ready(Some(Err(ReplayLost.into())));
         }
         if s.eos {
             if !*trailers_sent {
@@ -187,8 +209,9 @@ where
                         s.frames = Vec::new();
                     } else {
                         s.frames.push(data.clone());
-                        *pos += 1;
                     }
+                    s.recorded += 1;
+                    *pos += 1;
                 } else if let Some(t) = f.trailers_ref() {
                     s.trailers = Some(t.clone());
                     s.eos = true;
@@ -196,7 +219,7 @@ where
                 }
             }
         }
-        Poll::Ready(frame)
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -283,6 +306,16 @@ mod tests {
         assert_eq!(out.to_bytes(), "1234567890abc");
         assert!(!probe.can_replay());
         assert!(probe.replay().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_replay_that_lost_its_prefix_fails_instead_of_sending_a_hole() {
+        let mut first = ReplayBody::new(stream(&[b"12345", b"67890", b"abc"], false), 8);
+        let second = first.replay().unwrap();
+        // The first attempt reads past the cap while the second has not started.
+        while first.frame().await.is_some() {}
+        let err = second.collect().await.unwrap_err();
+        assert!(err.downcast_ref::<ReplayLost>().is_some());
     }
 
     #[tokio::test]

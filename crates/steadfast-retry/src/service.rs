@@ -113,6 +113,7 @@ where
                 service,
                 parts: head,
                 body: retry_body,
+                next_body: None,
                 config: self.config.clone(),
                 attempt: 1,
                 started: config.total.map(|_| Instant::now()),

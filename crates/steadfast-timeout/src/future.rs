@@ -4,7 +4,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use steadfast_core::BoxError;
+use steadfast_core::{BoxError, Deadline};
 use tokio::time::{Instant, Sleep};
 
 use crate::error::Elapsed;
@@ -93,11 +93,7 @@ where
                     return Poll::Ready(r.map_err(Into::into));
                 }
                 if sleep.is_none() {
-                    let at = at.unwrap_or_else(|| {
-                        let now = Instant::now();
-                        now.checked_add(*limit)
-                            .unwrap_or(now + Duration::from_secs(86_400 * 365))
-                    });
+                    let at = at.unwrap_or_else(|| Deadline::after(*limit).instant());
                     sleep.set(Some(tokio::time::sleep_until(at)));
                 }
                 let timer = sleep.as_pin_mut().expect("armed above");
