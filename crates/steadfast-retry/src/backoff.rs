@@ -154,6 +154,38 @@ mod tests {
         }
     }
 
+    /// SplitMix64's published outputs for seed 0.
+    #[test]
+    fn rng_is_splitmix64() {
+        let mut r = super::Rng::seeded(0);
+        assert_eq!(r.next_u64(), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(r.next_u64(), 0x6e78_9e6a_a1b9_65f4);
+        assert_eq!(r.next_u64(), 0x06c4_5d18_8009_454f);
+    }
+
+    #[test]
+    fn decorrelated_jitter_varies_and_grows_from_the_previous_delay() {
+        let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10))
+            .jitter(Jitter::Decorrelated);
+        let mut rng = super::Rng::seeded(3);
+        let delays: Vec<_> = (0..20)
+            .map(|_| b.delay(1, Duration::from_secs(1), &mut rng))
+            .collect();
+        assert!(
+            delays.iter().any(|d| *d > Duration::from_millis(500)),
+            "spreads up to 3 × previous"
+        );
+        let distinct: std::collections::HashSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 10, "random, not constant");
+        // With no room above the base (cap == base), it is exactly the base.
+        let flat = Backoff::new(Duration::from_millis(100), Duration::from_millis(100))
+            .jitter(Jitter::Decorrelated);
+        assert_eq!(
+            flat.delay(1, Duration::ZERO, &mut rng),
+            Duration::from_millis(100)
+        );
+    }
+
     #[test]
     fn streams_differ_by_seed_and_repeat_with_it() {
         let b = Backoff::default();

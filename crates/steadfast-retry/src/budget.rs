@@ -202,6 +202,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn decay_is_applied_once_per_elapsed_time() {
+        let b = no_floor(0.1);
+        for _ in 0..1000 {
+            b.deposit();
+        }
+        // Deposits are swept into the balance (and start decaying) at the next update.
+        assert!((b.balance() - 100.0).abs() < 0.01);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let first = b.balance();
+        let again = b.balance();
+        assert_eq!(first, again, "reading twice at one instant decays once");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let later = b.balance();
+        assert!((later - 100.0 * (-1f64).exp()).abs() < 0.5, "{later}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn floor_refills_to_its_steady_state() {
         let b = Budget::new(BudgetConfig::default());
         assert!(

@@ -83,6 +83,19 @@ async fn inherited_deadline_is_propagated_and_enforced() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_inherited_deadline_equal_to_the_own_limit_counts_as_own() {
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<Req, Res, _>(TimeoutLayer::new(Duration::from_secs(2)));
+    let deadline = Deadline::after(Duration::from_secs(2));
+    assert!(svc.poll_ready().is_ready());
+    let fut = deadline.sync_scope(|| svc.call(Request::new(())));
+    let (_req, _send) = handle.next_request().await.unwrap();
+    let e = elapsed(fut.await.unwrap_err());
+    assert!(!e.is_inherited(), "ties go to the layer's own limit");
+    assert_eq!(e.limit(), Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
 async fn grpc_requests_get_grpc_timeout() {
     let (mut svc, mut handle) =
         mock::spawn_layer::<Req, Res, _>(TimeoutLayer::new(Duration::from_secs(5)));
