@@ -175,7 +175,7 @@ impl<F, C> fmt::Debug for AnsweringFuture<F, C> {
 
 pin_project! {
     /// Carries the inner error through the classifying future untouched.
-    pub struct Passthrough<F> {
+    pub(crate) struct Passthrough<F> {
         #[pin]
         inner: F,
     }
@@ -201,7 +201,7 @@ where
 
 /// An inner error on its way through the breaker's classification.
 #[derive(Debug)]
-pub struct Carried<E>(E);
+pub(crate) struct Carried<E>(E);
 
 impl<E: fmt::Display> fmt::Display for Carried<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -209,9 +209,16 @@ impl<E: fmt::Display> fmt::Display for Carried<E> {
     }
 }
 
-impl<E: std::error::Error + 'static> std::error::Error for Carried<E> {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
+impl<E: std::error::Error + 'static> std::error::Error for Carried<E> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carried_errors_read_like_the_inner_error() {
+        let e = Carried(std::io::Error::other("inner"));
+        assert_eq!(e.to_string(), "inner");
     }
 }
 

@@ -48,7 +48,7 @@ mod service;
 mod state;
 mod window;
 
-pub use answer::{AnsweringBreaker, AnsweringBreakerLayer, AnsweringFuture, Carried, Passthrough};
+pub use answer::{AnsweringBreaker, AnsweringBreakerLayer, AnsweringFuture};
 pub use error::{BreakerOpen, InvalidConfig};
 pub use future::{BreakerBody, EosReport, ResponseFuture};
 pub use handle::{BreakerHandle, Metrics, Transitions};

@@ -791,3 +791,98 @@ async fn answering_breaker_keeps_axum_infallible_and_answers_503_or_unavailable(
     assert_eq!(res.headers()["grpc-retry-pushback-ms"], "30000");
     assert_eq!(breaker.handle().metrics().rejected, 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn answering_breaker_polls_inner_readiness() {
+    #[derive(Clone)]
+    struct NeverReady;
+    impl Service<Request<()>> for NeverReady {
+        type Response = Response<()>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Response<()>, Infallible>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            std::task::Poll::Pending
+        }
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            std::future::ready(Ok(Response::new(())))
+        }
+    }
+    let layer = builder().build().unwrap();
+    let mut svc = layer.answering().layer(NeverReady);
+    let waited = tokio::time::timeout(Duration::from_secs(1), svc.ready()).await;
+    assert!(waited.is_err(), "not ready while the inner service is not");
+}
+
+#[test]
+fn retry_after_rounds_up_to_whole_seconds_and_messages_say_why() {
+    let e = BreakerOpen::new(Some(Duration::from_millis(2500)));
+    assert_eq!(e.to_http_response::<()>().headers()["retry-after"], "3");
+    let e = BreakerOpen::new(Some(Duration::from_secs(3)));
+    assert_eq!(e.to_http_response::<()>().headers()["retry-after"], "3");
+    assert_eq!(e.to_string(), "circuit open; next probe in 3s");
+    assert_eq!(BreakerOpen::new(None).to_string(), "circuit forced open");
+    assert!(
+        BreakerOpen::new(None)
+            .to_http_response::<()>()
+            .headers()
+            .get("retry-after")
+            .is_none()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_count_calls_failures_and_rejections() {
+    let (up, h, mut svc) = setup(builder().consecutive_failures(Some(3)));
+    for _ in 0..4 {
+        call(&mut svc).await.unwrap();
+    }
+    up.set(500);
+    for _ in 0..3 {
+        call(&mut svc).await.unwrap();
+    }
+    for _ in 0..2 {
+        assert!(is_open(&call(&mut svc).await));
+    }
+    let m = h.metrics();
+    assert_eq!((m.calls, m.failures, m.rejected), (7, 3, 2));
+    assert_eq!(m.state, State::Open);
+    // Calls from other threads land on other stripes and are summed.
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let h = h.clone();
+        handles.push(std::thread::spawn(move || h.metrics().calls));
+    }
+    for t in handles {
+        assert_eq!(t.join().unwrap(), 7);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_sum_every_thread_stripe() {
+    let layer = CircuitBreakerLayer::builder().build().unwrap();
+    let h = layer.handle();
+    let svc = layer.layer(Upstream::new().svc());
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let mut svc = svc.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    for _ in 0..25 {
+                        call(&mut svc).await.unwrap();
+                    }
+                });
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(h.metrics().calls, 100);
+}
