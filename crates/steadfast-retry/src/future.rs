@@ -149,10 +149,9 @@ impl<S, B, C> Ctx<S, B, C> {
         C: Classify<Response<ResB>>,
     {
         let config = &*self.config;
-        let (class, hint) = match &out {
+        let class = match &out {
             Ok(res) => match config.classifier.classify_response(res) {
-                ResponseClass::Ready(c) if c.is_retryable() => (c, hint(res)),
-                ResponseClass::Ready(c) => (c, None),
+                ResponseClass::Ready(c) => c,
                 // A streamed gRPC response whose head arrived is committed (gRPC A6).
                 ResponseClass::Deferred(_) => return Decision::Return(out),
             },
@@ -161,7 +160,7 @@ impl<S, B, C> Ctx<S, B, C> {
                     // Refused by a local policy (open breaker): not retried, costs no budget.
                     return self.give_up(out, "policy_rejected");
                 }
-                (config.classifier.classify_error(&**e), None)
+                config.classifier.classify_error(&**e)
             }
         };
         if self.attempt >= config.max_attempts {
@@ -185,6 +184,8 @@ impl<S, B, C> Ctx<S, B, C> {
         let Some(next_body) = self.body.replay() else {
             return self.give_up(out, "body_not_replayable");
         };
+        // Read the server's hint only for an outcome that will be retried.
+        let hint = out.as_ref().ok().and_then(hint);
         let delay = match hint {
             Some(Hint::Stop) => return self.give_up(out, "server_pushback_stop"),
             // Pinned 7: never sooner than asked, never longer than the cap.

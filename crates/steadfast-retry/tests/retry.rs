@@ -235,6 +235,60 @@ async fn retry_after_is_honoured_and_capped() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_hint_exactly_at_the_cap_is_honoured_and_applies_to_predicate_retries_too() {
+    let (up, seen) = scripted(vec![with_header(503, "retry-after", "2"), status(200)]);
+    let layer = exact()
+        .max_server_delay(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    assert_eq!(
+        layer
+            .layer(up)
+            .oneshot(req(Method::GET, b""))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let waited = seen.lock().unwrap()[1].0 - start;
+    assert_eq!(waited, Duration::from_secs(2));
+
+    // A response retried only because a predicate said so still gets the server's wait.
+    let (up, seen) = scripted(vec![with_header(500, "retry-after", "3"), status(200)]);
+    let layer = exact()
+        .predicate(|_, c| c.is_failure().then_some(true))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    layer
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap();
+    let waited = seen.lock().unwrap()[1].0 - start;
+    assert_eq!(waited, Duration::from_secs(3));
+}
+
+#[test]
+fn configuration_errors_say_what_is_wrong() {
+    assert_eq!(
+        InvalidRetryConfig::ZeroAttempts.to_string(),
+        "max_attempts must be at least 1 (1 = no retry)"
+    );
+    assert!(
+        InvalidRetryConfig::BackoffCapBelowBase
+            .to_string()
+            .contains("cap")
+    );
+    assert!(
+        InvalidRetryConfig::BudgetRatio
+            .to_string()
+            .contains("ratio")
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn grpc_pushback_replaces_backoff_and_negative_stops() {
     let grpc = |code: &'static str, pushback: &'static str| {
         Ok(Response::builder()
