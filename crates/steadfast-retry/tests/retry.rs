@@ -466,6 +466,26 @@ async fn over_the_replay_cap_exactly_one_attempt() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_default_cap_is_64_kib() {
+    assert_eq!(steadfast_retry::DEFAULT_REPLAY_CAP, 64 * 1024);
+    let (up, seen) = scripted(vec![status(503), status(200)]);
+    let body = Full::new(Bytes::from(vec![1u8; 60 * 1024]));
+    let r = Request::get("http://up/").body(body).unwrap();
+    assert_eq!(
+        exact()
+            .build()
+            .unwrap()
+            .layer(up)
+            .oneshot(r)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(seen.lock().unwrap().len(), 2, "60 KiB is replayed");
+}
+
+#[tokio::test(start_paused = true)]
 async fn readiness_is_polled_before_every_attempt() {
     let (mock, mut handle) =
         tower_test::mock::pair::<Request<ReplayBody<Full<Bytes>>>, Response<()>>();
