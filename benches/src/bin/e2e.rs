@@ -101,19 +101,7 @@ async fn load(addr: SocketAddr) -> Figures {
             lat
         });
     }
-    let start = Instant::now();
-    tokio::time::sleep(DURATION).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    while let Some(Ok(l)) = tasks.join_next().await {
-        all.extend(l);
-    }
-    let secs = start.elapsed().as_secs_f64();
-    all.sort();
-    Figures {
-        rps: all.len() as f64 / secs,
-        p99: all.get(all.len() * 99 / 100).copied().unwrap_or_default(),
-    }
+    measure(stop, tasks).await
 }
 
 /// `CONNECTIONS` concurrent callers through `client` for `DURATION`.
@@ -147,6 +135,11 @@ where
             lat
         });
     }
+    measure(stop, tasks).await
+}
+
+/// Lets `tasks` run for `DURATION`, stops them, and turns their latencies into figures.
+async fn measure(stop: Arc<AtomicBool>, mut tasks: tokio::task::JoinSet<Vec<Duration>>) -> Figures {
     let start = Instant::now();
     tokio::time::sleep(DURATION).await;
     stop.store(true, Ordering::Relaxed);
