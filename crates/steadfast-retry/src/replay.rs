@@ -319,6 +319,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn end_of_stream_and_size_hints_follow_each_reader() {
+        let mut first = ReplayBody::new(Full::new(Bytes::from_static(b"12345678")), 8);
+        assert!(!first.is_end_stream());
+        assert_eq!(first.size_hint().exact(), Some(8));
+        let replay = first.replay().unwrap();
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "12345678"
+        );
+        assert!(first.frame().await.is_none());
+        assert!(first.is_end_stream(), "the first reader is done");
+        assert!(
+            !replay.is_end_stream(),
+            "the replay still has the recording to send"
+        );
+        assert_eq!(replay.size_hint().exact(), Some(8));
+        assert!(first.can_replay(), "exactly at the cap is still replayable");
+        let out = replay.collect().await.unwrap().to_bytes();
+        assert_eq!(out, "12345678");
+
+        // With trailers, a reader is done only once it has sent them.
+        let mut body = ReplayBody::new(stream(&[b"a"], true), 8);
+        body.frame().await.unwrap().unwrap();
+        let second = body.replay().unwrap();
+        let trailers = body.frame().await.unwrap().unwrap();
+        assert!(trailers.is_trailers());
+        assert!(body.is_end_stream());
+        let mut second = second;
+        second.frame().await.unwrap().unwrap();
+        assert!(!second.is_end_stream(), "trailers still to send");
+        assert!(second.frame().await.unwrap().unwrap().is_trailers());
+        assert!(second.is_end_stream());
+    }
+
+    #[test]
+    fn replay_lost_says_why() {
+        assert!(ReplayLost.to_string().contains("replay cap"));
+    }
+
+    #[tokio::test]
     async fn declared_oversize_is_never_recorded() {
         let body = ReplayBody::new(Full::new(Bytes::from(vec![0u8; 100])), 10);
         assert!(!body.can_replay());

@@ -270,6 +270,42 @@ async fn a_hint_exactly_at_the_cap_is_honoured_and_applies_to_predicate_retries_
     assert_eq!(waited, Duration::from_secs(3));
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_budget_balance_is_visible_and_ratios_are_validated() {
+    assert_eq!(
+        RetryLayer::new().budget_balance(),
+        Some(100.0),
+        "starts full at its floor"
+    );
+    assert_eq!(
+        RetryLayer::policy()
+            .budget(None)
+            .build()
+            .unwrap()
+            .budget_balance(),
+        None
+    );
+    for ratio in [-0.1, f64::NAN] {
+        let bad = BudgetConfig {
+            ratio,
+            ..BudgetConfig::default()
+        };
+        assert_eq!(
+            RetryLayer::policy().budget(Some(bad)).build().unwrap_err(),
+            InvalidRetryConfig::BudgetRatio
+        );
+    }
+    assert!(
+        RetryLayer::policy()
+            .budget(Some(BudgetConfig {
+                ratio: 0.0,
+                ..BudgetConfig::default()
+            }))
+            .build()
+            .is_ok()
+    );
+}
+
 #[test]
 fn configuration_errors_say_what_is_wrong() {
     assert_eq!(
