@@ -886,3 +886,137 @@ async fn metrics_sum_every_thread_stripe() {
     }
     assert_eq!(h.metrics().calls, 100);
 }
+
+#[test]
+fn configuration_errors_say_what_to_change() {
+    use steadfast_breaker::InvalidConfig;
+    let e = CircuitBreakerLayer::builder()
+        .half_open_probes(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(e, InvalidConfig::Zero("half_open_probes"));
+    assert_eq!(e.to_string(), "breaker half_open_probes must be at least 1");
+    let e = CircuitBreakerLayer::builder()
+        .count_window(10)
+        .failure_rate(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.to_string(), "breaker failure_rate must be 1-100 %, got 0");
+    let e = CircuitBreakerLayer::builder()
+        .open_time(Duration::from_secs(60))
+        .max_open_time(Duration::from_secs(1))
+        .build()
+        .unwrap_err();
+    assert_eq!(e.to_string(), "breaker max_open_time must be >= open_time");
+}
+
+#[tokio::test(start_paused = true)]
+async fn window_rates_and_async_subscriptions_are_observable() {
+    let (up, h, mut svc) = setup(
+        builder()
+            .consecutive_failures(None)
+            .count_window(10)
+            .failure_rate(60),
+    );
+    let mut sub = h.subscribe();
+    for i in 0..10 {
+        up.set(if i < 3 { 500 } else { 200 });
+        call(&mut svc).await.unwrap();
+    }
+    assert_eq!(h.metrics().window_failure_rate(), Some(30.0));
+    up.set(500);
+    for _ in 0..10 {
+        let _ = call(&mut svc).await;
+    }
+    let t = sub.recv().await.expect("a transition");
+    assert_eq!((t.from, t.to), (State::Closed, State::Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_refused_by_an_inner_policy_gives_its_permit_back_without_a_verdict() {
+    #[derive(Debug)]
+    struct Refused;
+    impl std::fmt::Display for Refused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("refused")
+        }
+    }
+    impl std::error::Error for Refused {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&steadfast_core::PolicyRejected::INSTANCE)
+        }
+    }
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = refuse.clone();
+    let layer = builder().consecutive_failures(Some(1)).build().unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(service_fn(move |_req: Request<()>| {
+        let r = r.clone();
+        async move {
+            if r.load(Ordering::SeqCst) {
+                return Err(BoxError::from(Refused));
+            }
+            Ok(Response::builder().status(500).body(()).unwrap())
+        }
+    }));
+    call(&mut svc).await.unwrap();
+    assert_eq!(h.state(), State::Open);
+    advance(Duration::from_secs(30)).await;
+    refuse.store(true, Ordering::SeqCst);
+    assert!(call(&mut svc).await.is_err());
+    assert_eq!(
+        h.state(),
+        State::HalfOpen,
+        "no verdict: neither closed nor re-opened"
+    );
+    // The permit came back: the next call is admitted as a probe again.
+    let e = call(&mut svc).await.unwrap_err();
+    assert!(
+        e.downcast_ref::<BreakerOpen>().is_none(),
+        "admitted, refused by the inner policy"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_per_key_breakers_are_evicted_and_recently_used_ones_kept() {
+    let layer = builder()
+        .max_keys(1600)
+        .idle_eviction(Duration::from_secs(600))
+        .build_per_authority()
+        .unwrap();
+    let mut svc = layer.layer(service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(()))
+    }));
+    let get = |host: &str| Request::get(format!("http://{host}/")).body(()).unwrap();
+    for i in 0..1600 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("old{i}")))
+            .await
+            .unwrap();
+    }
+    svc.ready().await.unwrap().call(get("hot")).await.unwrap();
+    let full = layer.len();
+    advance(Duration::from_secs(650)).await;
+    svc.ready().await.unwrap().call(get("hot")).await.unwrap(); // used again: not idle
+    advance(Duration::from_secs(50)).await;
+    for i in 0..400 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("new{i}")))
+            .await
+            .unwrap();
+    }
+    let hot: http::uri::Authority = "hot".parse().unwrap();
+    assert!(
+        layer.handle(&Some(hot)).is_some(),
+        "recently used breakers stay"
+    );
+    assert!(
+        layer.len() < full - 500,
+        "idle ones went: {} of {full} left",
+        layer.len()
+    );
+}
