@@ -211,17 +211,6 @@ impl<E: fmt::Display> fmt::Display for Carried<E> {
 
 impl<E: std::error::Error + 'static> std::error::Error for Carried<E> {}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn carried_errors_read_like_the_inner_error() {
-        let e = Carried(std::io::Error::other("inner"));
-        assert_eq!(e.to_string(), "inner");
-    }
-}
-
 impl<F, C, ResB, E> Future for AnsweringFuture<F, C>
 where
     F: Future<Output = Result<Response<ResB>, E>>,
@@ -245,5 +234,16 @@ where
                 },
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carried_errors_read_like_the_inner_error() {
+        let e = Carried(std::io::Error::other("inner"));
+        assert_eq!(e.to_string(), "inner");
     }
 }
