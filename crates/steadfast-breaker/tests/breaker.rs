@@ -1020,3 +1020,19 @@ async fn idle_per_key_breakers_are_evicted_and_recently_used_ones_kept() {
         layer.len()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_open_breaker_is_ready_without_polling_its_inner_service() {
+    let layer = builder().build().unwrap();
+    let (mock, mut handle) = tower_test::mock::pair::<Request<()>, Response<()>>();
+    let mut svc = layer.layer(mock);
+    handle.allow(0);
+    layer.handle().force_open();
+    let ready = tokio::time::timeout(Duration::from_secs(1), svc.ready()).await;
+    assert!(
+        ready.is_ok_and(|r| r.is_ok()),
+        "decided before the inner service"
+    );
+    let e = svc.call(Request::new(())).await.unwrap_err();
+    assert_eq!(e.downcast_ref::<BreakerOpen>().unwrap().retry_after(), None);
+}
