@@ -1036,3 +1036,146 @@ async fn a_forced_open_breaker_is_ready_without_polling_its_inner_service() {
     let e = svc.call(Request::new(())).await.unwrap_err();
     assert_eq!(e.downcast_ref::<BreakerOpen>().unwrap().retry_after(), None);
 }
+
+#[test]
+fn every_invalid_setting_is_refused() {
+    use steadfast_breaker::InvalidConfig;
+    let b = CircuitBreakerLayer::builder;
+    assert_eq!(
+        b().consecutive_failures(Some(0)).build().unwrap_err(),
+        InvalidConfig::Zero("consecutive_failures")
+    );
+    assert!(
+        b().half_open_probes(70_000).build().is_err(),
+        "probes must fit the probe word"
+    );
+    assert!(b().half_open_probes(65_535).build().is_ok());
+    assert_eq!(
+        b().count_window(0).build().unwrap_err(),
+        InvalidConfig::Zero("count_window")
+    );
+    for (width, buckets) in [
+        (Duration::from_secs(1), 0),
+        (Duration::from_secs(1), 65),
+        (Duration::ZERO, 10),
+    ] {
+        assert!(
+            b().time_window(width, buckets).build().is_err(),
+            "{width:?} × {buckets}"
+        );
+    }
+    assert!(b().time_window(Duration::from_secs(1), 64).build().is_ok());
+    assert_eq!(
+        b().count_window(10).failure_rate(101).build().unwrap_err(),
+        InvalidConfig::Rate("failure_rate", 101)
+    );
+    assert!(b().count_window(10).failure_rate(100).build().is_ok());
+    assert_eq!(
+        b().count_window(10)
+            .slow_calls(Duration::from_secs(1), 0)
+            .build()
+            .unwrap_err(),
+        InvalidConfig::Rate("slow_calls rate", 0)
+    );
+    assert_eq!(
+        b().max_keys(0).build_per_authority().unwrap_err(),
+        InvalidConfig::Zero("max_keys")
+    );
+    assert!(
+        b().open_time(Duration::from_secs(5))
+            .max_open_time(Duration::from_secs(5))
+            .build()
+            .is_ok()
+    );
+}
+
+#[test]
+fn state_names_are_stable() {
+    let names: Vec<_> = [
+        State::Closed,
+        State::Open,
+        State::HalfOpen,
+        State::Disabled,
+        State::ForcedOpen,
+        State::MetricsOnly,
+    ]
+    .iter()
+    .map(|s| s.as_str())
+    .collect();
+    assert_eq!(
+        names,
+        [
+            "closed",
+            "open",
+            "half_open",
+            "disabled",
+            "forced_open",
+            "metrics_only"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyed_layers_report_their_size_and_poll_the_inner_service() {
+    let layer = builder().build_per_authority().unwrap();
+    assert!(layer.is_empty());
+    let (mock, mut handle) = tower_test::mock::pair::<Request<()>, Response<()>>();
+    let mut svc = layer.layer(mock);
+    handle.allow(0);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), svc.ready())
+            .await
+            .is_err(),
+        "not ready while the inner is not"
+    );
+    handle.allow(2);
+    for host in ["a", "b"] {
+        let fut = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::get(format!("http://{host}/")).body(()).unwrap());
+        let (_r, send) = handle.next_request().await.unwrap();
+        send.send_response(Response::new(()));
+        fut.await.unwrap();
+    }
+    assert_eq!(layer.len(), 2);
+    assert!(!layer.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn generations_count_transitions_and_jitter_varies_with_the_seed() {
+    let (up, h, mut svc) = setup(builder().consecutive_failures(Some(1)));
+    assert_eq!(h.metrics().generation, 0);
+    up.set(500);
+    call(&mut svc).await.unwrap();
+    assert_eq!(h.metrics().generation, 1);
+    advance(Duration::from_secs(30)).await;
+    call(&mut svc).await.unwrap();
+    assert_eq!(h.metrics().generation, 3, "open → half-open → open");
+
+    // With jitter on, open times differ between seeds (and never exceed the cap).
+    let mut seen = std::collections::HashSet::new();
+    for seed in 0..8 {
+        let layer = CircuitBreakerLayer::builder()
+            .consecutive_failures(Some(1))
+            .jitter_percent(50)
+            .seed(seed)
+            .build()
+            .unwrap();
+        let mut s = layer.layer(Upstream::new().svc());
+        let up = Upstream::new();
+        up.set(500);
+        let mut s2 = layer.layer(up.svc());
+        call(&mut s2).await.unwrap();
+        let Err(e) = call(&mut s).await else { panic!() };
+        let left = e
+            .downcast_ref::<BreakerOpen>()
+            .unwrap()
+            .retry_after()
+            .unwrap();
+        assert!(left <= Duration::from_secs(30) && left >= Duration::from_secs(15));
+        seen.insert(left);
+    }
+    assert!(seen.len() > 4, "seeded jitter spreads open times: {seen:?}");
+}
