@@ -214,9 +214,7 @@ async fn tonic_hop_carries_the_id_in_metadata() {
             req
         })
     };
-    let incoming = futures_util::stream::unfold(listener, |l| async move {
-        Some((l.accept().await.map(|(s, _)| s), l))
-    });
+    let incoming = support::incoming(listener);
     tokio::spawn(
         tonic::transport::Server::builder()
             .layer(CorrelationIdLayer::new())

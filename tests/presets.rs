@@ -121,9 +121,7 @@ async fn grpc_presets_with_tonic() {
     let (_reporter, health) = tonic_health::server::health_reporter();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let incoming = futures_util::stream::unfold(listener, |l| async move {
-        Some((l.accept().await.map(|(s, _)| s), l))
-    });
+    let incoming = support::incoming(listener);
     tokio::spawn(
         tonic::transport::Server::builder()
             .layer(steadfast::server::grpc().build().unwrap())

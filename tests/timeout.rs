@@ -71,7 +71,7 @@ async fn tonic_client_sees_deadline_exceeded_from_slow_server() {
             .layer(record)
             .layer(slow)
             .add_service(health)
-            .serve_with_incoming(tokio_stream_from(listener)),
+            .serve_with_incoming(support::incoming(listener)),
     );
 
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
@@ -118,26 +118,6 @@ async fn tonic_client_sees_deadline_exceeded_from_slow_server() {
         "inbound grpc-timeout wins: {:?}",
         seen[1]
     );
-}
-
-fn tokio_stream_from(
-    listener: tokio::net::TcpListener,
-) -> impl futures_core_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures_core_stream::unfold(listener)
-}
-
-/// A minimal `Stream` of accepted connections without pulling in tokio-stream.
-mod futures_core_stream {
-    pub(crate) use futures_util::Stream;
-
-    pub(crate) fn unfold(
-        listener: tokio::net::TcpListener,
-    ) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-        futures_util::stream::unfold(listener, |l| async move {
-            let r = l.accept().await.map(|(s, _)| s);
-            Some((r, l))
-        })
-    }
 }
 
 /// When B's call to C ended, and how.

@@ -33,3 +33,12 @@ pub fn get(addr: SocketAddr, path: &str) -> http::Request<Full<Bytes>> {
         .body(Full::default())
         .unwrap()
 }
+
+/// Accepted connections of `listener` as a stream, for tonic's `serve_with_incoming`.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_util::stream::unfold(listener, |l| async move {
+        Some((l.accept().await.map(|(s, _)| s), l))
+    })
+}
