@@ -4,7 +4,6 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
@@ -119,7 +118,7 @@ where
         let stripe: &Arc<Stripe<C>> = self.breaker.stripe();
         match stripe.shared.admit() {
             Ok(permit) => {
-                stripe.calls.fetch_add(1, Relaxed);
+                stripe.count(&stripe.calls);
                 let guard = Guard::new(stripe.clone(), permit);
                 AnsweringFuture {
                     state: AnswerState::Called {
@@ -133,7 +132,7 @@ where
                 }
             }
             Err(open) => {
-                stripe.rejected.fetch_add(1, Relaxed);
+                stripe.count(&stripe.rejected);
                 AnsweringFuture {
                     state: AnswerState::Open {
                         open,

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use crate::state::{Policy, Shared};
 
-/// How many stripes a standalone breaker spreads its per-call writes over.
+/// How many threads get a stripe of their own in a standalone breaker; the threads after
+/// them share one more.
 pub(crate) const STRIPES: usize = 8;
 
 /// Per-thread slice of a breaker: what a call writes on the happy path lives here, on a cache
@@ -14,6 +15,12 @@ pub(crate) const STRIPES: usize = 8;
 ///
 /// A response future holds an `Arc<Stripe<C>>` (its thread's stripe), so the reference count
 /// it touches is also per thread.
+///
+/// An *exclusive* stripe belongs to one thread for the life of the process (thread numbers
+/// are never reused), so the admission counters (`calls`, `rejected`) are bumped there with a
+/// plain load and store instead of a locked read-modify-write. Outcome counters (`failures`,
+/// `slow`) are written by whichever thread completes the call, so they always use
+/// `fetch_add`.
 #[repr(align(128))]
 #[derive(Debug)]
 pub(crate) struct Stripe<C> {
@@ -23,6 +30,20 @@ pub(crate) struct Stripe<C> {
     pub(crate) failures: AtomicU64,
     pub(crate) slow: AtomicU64,
     pub(crate) rejected: AtomicU64,
+    exclusive: bool,
+}
+
+impl<C> Stripe<C> {
+    /// Counts one admission decision in `counter` (`calls` or `rejected`); only called on
+    /// the thread that [`Breaker::stripe`] picked this stripe for.
+    #[inline]
+    pub(crate) fn count(&self, counter: &AtomicU64) {
+        if self.exclusive {
+            counter.store(counter.load(Relaxed).wrapping_add(1), Relaxed);
+        } else {
+            counter.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 /// A breaker: its shared state and its stripes.
@@ -33,10 +54,12 @@ pub(crate) struct Breaker<C> {
 }
 
 impl<C> Breaker<C> {
-    pub(crate) fn new(policy: Policy, classifier: Arc<C>, stripes: usize) -> Self {
+    /// A breaker whose first `exclusive` threads get a stripe each; every other thread shares
+    /// one more stripe (with `exclusive = 0`, that one is all there is).
+    pub(crate) fn new(policy: Policy, classifier: Arc<C>, exclusive: usize) -> Self {
         let shared = Arc::new(Shared::new(policy));
-        let stripes = (0..stripes.max(1))
-            .map(|_| {
+        let stripes = (0..=exclusive)
+            .map(|i| {
                 Arc::new(Stripe {
                     shared: shared.clone(),
                     classifier: classifier.clone(),
@@ -44,6 +67,7 @@ impl<C> Breaker<C> {
                     failures: AtomicU64::new(0),
                     slow: AtomicU64::new(0),
                     rejected: AtomicU64::new(0),
+                    exclusive: i < exclusive,
                 })
             })
             .collect();
@@ -51,8 +75,10 @@ impl<C> Breaker<C> {
     }
 
     /// This thread's stripe.
+    #[inline]
     pub(crate) fn stripe(&self) -> &Arc<Stripe<C>> {
-        &self.stripes[thread_index() % self.stripes.len()]
+        let last = self.stripes.len() - 1;
+        &self.stripes[thread_index().min(last)]
     }
 
     /// Sums the striped counters.
@@ -74,7 +100,8 @@ thread_local! {
     static THREAD_INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
-/// A small per-thread number, assigned round-robin on first use.
+/// A per-thread number, unique for the life of the process, assigned on first use.
+#[inline]
 fn thread_index() -> usize {
     THREAD_INDEX.with(|i| {
         let v = i.get();
@@ -85,4 +112,57 @@ fn thread_index() -> usize {
         i.set(v);
         v
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Policy;
+    use std::time::Duration;
+
+    fn policy() -> Policy {
+        Policy {
+            consecutive: None,
+            window: None,
+            min_calls: 1,
+            failure_rate: None,
+            slow: None,
+            open_time: Duration::from_secs(30),
+            max_open_time: Duration::from_secs(30),
+            jitter_percent: 0,
+            probes: 1,
+            seed: 0,
+        }
+    }
+
+    /// More threads than exclusive stripes, each counting on the stripe it is given: the
+    /// totals are exact (exclusive stripes have one writer; the rest share an atomic one).
+    #[test]
+    fn admission_counts_are_exact_with_more_threads_than_stripes() {
+        let breaker = Arc::new(Breaker::new(policy(), Arc::new(()), 2));
+        const THREADS: u64 = 6;
+        const CALLS: u64 = 20_000;
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                let b = breaker.clone();
+                s.spawn(move || {
+                    for i in 0..CALLS {
+                        let stripe = b.stripe();
+                        if i % 4 == 0 {
+                            stripe.count(&stripe.rejected);
+                        } else {
+                            stripe.count(&stripe.calls);
+                        }
+                    }
+                });
+            }
+        });
+        let [calls, _, _, rejected] = breaker.totals();
+        assert_eq!(calls + rejected, THREADS * CALLS);
+        assert_eq!(rejected, THREADS * CALLS / 4);
+        // Three stripes: two of them exclusive, the last shared.
+        assert_eq!(breaker.stripes.len(), 3);
+        assert!(breaker.stripes[..2].iter().all(|s| s.exclusive));
+        assert!(!breaker.stripes[2].exclusive);
+    }
 }

@@ -13,7 +13,6 @@ use steadfast_core::header::{GRPC_RETRY_PUSHBACK_MS, Pushback, pushback, retry_a
 use steadfast_core::{
     BoxError, Class, Classify, ClassifyEos, Delivery, GrpcClassifier, OnEos, ResponseClass,
 };
-use tokio::time::Instant;
 
 use crate::breaker::Stripe;
 use crate::error::BreakerOpen;
@@ -24,59 +23,74 @@ use crate::state::Permit;
 pub type BreakerBody<B, C> = ClassifyEos<B, EosReport<C>>;
 
 /// An admitted call's duty to report its outcome exactly once.
+///
+/// Kept small (it rides in every response future and, for gRPC, in the response body).
 pub(crate) struct Guard<C> {
     stripe: Arc<Stripe<C>>,
-    permit: Permit,
-    start: Option<Instant>,
-    reported: bool,
+    /// `None` once reported.
+    permit: Option<Permit>,
+    /// When the call started, as [`Shared::clock`](crate::state::Shared::clock) reads it;
+    /// zero when the policy needs no timing.
+    start: u64,
 }
 
 impl<C> Guard<C> {
     pub(crate) fn new(stripe: Arc<Stripe<C>>, permit: Permit) -> Self {
-        let start = stripe.shared.needs_clock().then(Instant::now);
+        let start = if stripe.shared.needs_clock() {
+            stripe.shared.clock()
+        } else {
+            0
+        };
         Self {
             stripe,
-            permit,
+            permit: Some(permit),
             start,
-            reported: false,
         }
     }
 
     fn report(mut self, class: Option<Class>, hint: Option<Duration>) {
-        self.reported = true;
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
         let shared = &self.stripe.shared;
         match class {
             // No verdict: the call was dropped, or never reached the upstream (another layer's
             // policy refused it). A probe's permit goes back.
-            None => self.give_back(),
-            Some(c) if c.delivery() == Delivery::NotSent && !c.is_failure() => self.give_back(),
+            None => self.give_back(permit),
+            Some(c) if c.delivery() == Delivery::NotSent && !c.is_failure() => {
+                self.give_back(permit);
+            }
             Some(c) => {
-                let slow = match (self.start, shared.slow_threshold()) {
-                    (Some(s), Some(t)) => s.elapsed() >= t,
-                    _ => false,
-                };
+                let slow = self.start != 0
+                    && shared
+                        .slow_threshold()
+                        .is_some_and(|t| shared.clock().saturating_sub(self.start) >= nanos(t));
                 if c.is_failure() {
                     self.stripe.failures.fetch_add(1, Relaxed);
                 }
                 if slow {
                     self.stripe.slow.fetch_add(1, Relaxed);
                 }
-                shared.on_outcome(self.permit, c.is_failure(), slow, hint);
+                shared.on_outcome(permit, c.is_failure(), slow, hint);
             }
         }
     }
 
-    fn give_back(&self) {
-        if let Permit::Probe(w) = self.permit {
+    fn give_back(&self, permit: Permit) {
+        if let Permit::Probe(w) = permit {
             self.stripe.shared.return_probe(w);
         }
     }
 }
 
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}
+
 impl<C> Drop for Guard<C> {
     fn drop(&mut self) {
-        if !self.reported {
-            self.give_back();
+        if let Some(permit) = self.permit.take() {
+            self.give_back(permit);
         }
     }
 }

@@ -122,7 +122,7 @@ impl<K: Hash + Eq + Clone, C> KeyedMap<K, C> {
         if map.len() >= self.per_shard {
             self.evict(&mut map, now);
         }
-        let breaker = Arc::new(Breaker::new(self.policy, self.classifier.clone(), 1));
+        let breaker = Arc::new(Breaker::new(self.policy, self.classifier.clone(), 0));
         let stripe = breaker.stripes[0].clone();
         map.insert(
             key,

@@ -1,9 +1,9 @@
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,9 +17,11 @@ use crate::future::{BreakerBody, Guard, ResponseFuture};
 use crate::keyed::{ExtractKey, KeyedMap};
 use crate::state::State;
 
-/// Admits or rejects one call on `stripe`'s breaker and calls `inner` when admitted.
+/// Admits or rejects one call on `stripe`'s breaker and calls `inner` when admitted (the
+/// stripe is cloned only for an admitted call, and only if borrowed).
+#[inline]
 fn admit_and_call<S, B, C>(
-    stripe: &Arc<Stripe<C>>,
+    stripe: Cow<'_, Arc<Stripe<C>>>,
     inner: &mut S,
     req: Request<B>,
 ) -> ResponseFuture<S::Future, C>
@@ -28,12 +30,12 @@ where
 {
     match stripe.shared.admit() {
         Ok(permit) => {
-            stripe.calls.fetch_add(1, Relaxed);
-            let guard = Guard::new(stripe.clone(), permit);
+            stripe.count(&stripe.calls);
+            let guard = Guard::new(stripe.into_owned(), permit);
             ResponseFuture::called(inner.call(req), guard)
         }
         Err(open) => {
-            stripe.rejected.fetch_add(1, Relaxed);
+            stripe.count(&stripe.rejected);
             #[cfg(feature = "metrics")]
             metrics::counter!("steadfast_breaker_rejected_total").increment(1);
             ResponseFuture::rejected(open)
@@ -144,8 +146,9 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        admit_and_call(self.breaker.stripe(), &mut self.inner, req)
+        admit_and_call(Cow::Borrowed(self.breaker.stripe()), &mut self.inner, req)
     }
 }
 
@@ -217,6 +220,6 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let key = self.extract.extract(req.uri(), req.headers());
         let stripe = self.map.stripe(key);
-        admit_and_call(&stripe, &mut self.inner, req)
+        admit_and_call(Cow::Owned(stripe), &mut self.inner, req)
     }
 }

@@ -181,6 +181,11 @@ impl Shared {
         }
     }
 
+    /// Nanoseconds since the breaker was made, plus one (so a reading is never zero).
+    pub(crate) fn clock(&self) -> u64 {
+        self.now().saturating_add(1)
+    }
+
     fn now(&self) -> u64 {
         Instant::now()
             .saturating_duration_since(self.base)
