@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use http_body_util::Empty;
+use http_body_util::{Empty, Full};
 use steadfast::breaker::CircuitBreakerLayer;
 use steadfast::correlation::{ClientCorrelationIdLayer, CorrelationId, CorrelationIdLayer};
 use steadfast::retry::{Backoff, RetryLayer};
@@ -39,6 +39,14 @@ fn empty() -> http::Request<()> {
 
 fn empty_body() -> http::Request<Empty<Bytes>> {
     http::Request::new(Empty::new())
+}
+
+/// A POST with a 1 KiB body whole in memory (cheap to clone).
+fn full_body() -> http::Request<Full<Bytes>> {
+    static KIB: [u8; 1024] = [b'x'; 1024];
+    let mut req = http::Request::new(Full::new(Bytes::from_static(&KIB)));
+    *req.method_mut() = http::Method::PUT;
+    req
 }
 
 fn with_id() -> http::Request<()> {
@@ -151,6 +159,18 @@ fn retry(c: &mut Criterion) {
         empty_body,
     );
     rec.bench_req("steadfast", RetryLayer::new().layer(Bare), empty_body);
+    drop(rec);
+
+    // The same with a body that is cheap to clone: tower clones the request, we take the
+    // whole-body fast path of the replay body.
+    let mut rec = Recorder::new(c, "retry-full-body");
+    rec.bench_req("bare", Bare, full_body);
+    rec.bench_req(
+        "tower",
+        tower::retry::RetryLayer::new(TowerPolicy::new(true)).layer(Bare),
+        full_body,
+    );
+    rec.bench_req("steadfast", RetryLayer::new().layer(Bare), full_body);
     drop(rec);
 
     // One retry per request at zero delay; budgets off so every request retries. Driven by

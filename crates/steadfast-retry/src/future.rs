@@ -23,7 +23,6 @@ use tower_service::Service;
 use crate::backoff::Rng;
 use crate::layer::{ATTEMPT_HEADER, Config, GRPC_PREVIOUS_ATTEMPTS, IDEMPOTENCY_KEY};
 use crate::replay::ReplayBody;
-use crate::service::copy_parts;
 
 /// What a retrying call keeps between attempts.
 pub(crate) struct Ctx<S, B, C> {
@@ -257,7 +256,7 @@ impl<S, B, C> Ctx<S, B, C> {
 
     fn next_request(&mut self) -> Option<Request<ReplayBody<B>>> {
         let body = self.next_body.take()?;
-        let mut req = Request::from_parts(copy_parts(&self.parts), body);
+        let mut req = Request::from_parts(self.parts.clone(), body);
         let headers = req.headers_mut();
         headers.insert(ATTEMPT_HEADER, small_number(self.attempt));
         if is_grpc_content_type(headers) {

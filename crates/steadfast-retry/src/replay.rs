@@ -1,13 +1,15 @@
 //! Replaying request bodies that are not `Clone`.
 
+use std::any::Any;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use steadfast_core::BoxError;
 
 /// Default cap on the bytes a body may buffer for replay: 64 KiB.
@@ -21,7 +23,11 @@ pub const DEFAULT_REPLAY_CAP: usize = 64 * 1024;
 /// first attempt had not read yet. If the body grows past the cap, the recording is dropped,
 /// the first attempt continues unharmed, and no retry happens ([`ReplayBody::can_replay`]).
 ///
-/// An empty body takes a fast path: no buffer, no allocation.
+/// Two fast paths take no buffer, no lock and no allocation: an empty body, and a body that
+/// is whole in memory when wrapped — `http_body_util::Full<Bytes>` or a `String` within the
+/// cap. Each attempt then sends a clone of the same `Bytes` (a reference count for shared or
+/// static bytes; bytes made from a `Vec` are moved to shared storage once, on the first
+/// replay).
 ///
 /// ```
 /// use bytes::Bytes;
@@ -41,6 +47,11 @@ pub struct ReplayBody<B> {
 
 enum Kind<B> {
     Empty,
+    /// The whole body, taken from a cheap-to-clone body type when wrapped.
+    Whole {
+        data: Bytes,
+        sent: bool,
+    },
     Shared {
         state: Arc<Mutex<State<B>>>,
         /// Frames of the recording this attempt has already sent.
@@ -67,16 +78,26 @@ impl<B> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             Kind::Empty => f.write_str("ReplayBody::Empty"),
+            Kind::Whole { data, sent } => f
+                .debug_struct("ReplayBody::Whole")
+                .field("len", &data.len())
+                .field("sent", sent)
+                .finish(),
             Kind::Shared { pos, .. } => f.debug_struct("ReplayBody").field("pos", pos).finish(),
         }
     }
 }
 
-impl<B: Body<Data = Bytes>> ReplayBody<B> {
+impl<B: Body<Data = Bytes> + 'static> ReplayBody<B> {
     /// Wraps `body`, recording up to `cap` bytes for replay.
-    pub fn new(body: B, cap: usize) -> Self {
+    pub fn new(mut body: B, cap: usize) -> Self {
         if body.is_end_stream() {
             return Self { kind: Kind::Empty };
+        }
+        if let Some(data) = take_whole(&mut body, cap) {
+            return Self {
+                kind: Kind::Whole { data, sent: false },
+            };
         }
         // A body that declares a size over the cap will never be replayed: record nothing.
         let overflow = body.size_hint().lower() > cap as u64;
@@ -100,6 +121,30 @@ impl<B: Body<Data = Bytes>> ReplayBody<B> {
     }
 }
 
+/// The bytes of a body type that holds its whole content in memory (`Full<Bytes>`,
+/// `String`), if `body` is one and fits in `cap`; `body` is left empty. Any other body is left
+/// untouched.
+fn take_whole<B: Body<Data = Bytes> + 'static>(body: &mut B, cap: usize) -> Option<Bytes> {
+    let body: &mut dyn Any = body;
+    if let Some(full) = body.downcast_mut::<Full<Bytes>>() {
+        if full.size_hint().exact().is_none_or(|n| n > cap as u64) {
+            return None;
+        }
+        // `Full` answers at once with its one data frame; no waker is kept.
+        let mut cx = Context::from_waker(Waker::noop());
+        return match Pin::new(full).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
+            _ => None,
+        };
+    }
+    if let Some(text) = body.downcast_mut::<String>() {
+        if text.len() <= cap {
+            return Some(Bytes::from(std::mem::take(text)));
+        }
+    }
+    None
+}
+
 impl<B> ReplayBody<B> {
     /// An empty body.
     pub const fn empty() -> Self {
@@ -110,7 +155,7 @@ impl<B> ReplayBody<B> {
     /// no read failed.
     pub fn can_replay(&self) -> bool {
         match &self.kind {
-            Kind::Empty => true,
+            Kind::Empty | Kind::Whole { .. } => true,
             Kind::Shared { state, .. } => {
                 let s = state.lock().unwrap_or_else(PoisonError::into_inner);
                 !s.overflow && !s.failed
@@ -126,6 +171,12 @@ impl<B> ReplayBody<B> {
         }
         Some(match &self.kind {
             Kind::Empty => Self { kind: Kind::Empty },
+            Kind::Whole { data, .. } => Self {
+                kind: Kind::Whole {
+                    data: data.clone(),
+                    sent: false,
+                },
+            },
             Kind::Shared { state, .. } => Self {
                 kind: Kind::Shared {
                     state: state.clone(),
@@ -163,13 +214,20 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let Kind::Shared {
-            state,
-            pos,
-            trailers_sent,
-        } = &mut this.kind
-        else {
-            return Poll::Ready(None);
+        let (state, pos, trailers_sent) = match &mut this.kind {
+            Kind::Empty => return Poll::Ready(None),
+            Kind::Whole { data, sent } => {
+                if *sent {
+                    return Poll::Ready(None);
+                }
+                *sent = true;
+                return Poll::Ready(Some(Ok(Frame::data(data.clone()))));
+            }
+            Kind::Shared {
+                state,
+                pos,
+                trailers_sent,
+            } => (state, pos, trailers_sent),
         };
         let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
         // Replay what earlier attempts recorded.
@@ -225,6 +283,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Empty => true,
+            Kind::Whole { sent, .. } => *sent,
             Kind::Shared {
                 state,
                 pos,
@@ -241,6 +300,9 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
+            Kind::Whole { data, sent } => {
+                SizeHint::with_exact(if *sent { 0 } else { data.len() as u64 })
+            }
             Kind::Shared { state, .. } => {
                 let s = state.lock().unwrap_or_else(PoisonError::into_inner);
                 if s.eos && !s.overflow {
@@ -371,6 +433,46 @@ mod tests {
         assert!(matches!(body.kind, Kind::Empty));
         assert!(body.is_end_stream());
         assert!(body.replay().unwrap().is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn whole_bodies_replay_without_a_shared_buffer() {
+        let first = ReplayBody::new(Full::new(Bytes::from_static(b"payload")), 64);
+        assert!(matches!(first.kind, Kind::Whole { .. }));
+        assert_eq!(first.size_hint().exact(), Some(7));
+        let second = first.replay().unwrap();
+        assert_eq!(first.collect().await.unwrap().to_bytes(), "payload");
+        let mut second = second;
+        assert!(!second.is_end_stream());
+        let data = second.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(data, "payload");
+        assert!(second.is_end_stream());
+        assert_eq!(second.size_hint().exact(), Some(0));
+        assert!(second.frame().await.is_none());
+        // A replay made from an attempt that already sent still starts from the beginning.
+        assert_eq!(
+            second.replay().unwrap().collect().await.unwrap().to_bytes(),
+            "payload"
+        );
+
+        let text = ReplayBody::new(String::from("héllo"), 64);
+        assert!(matches!(text.kind, Kind::Whole { .. }));
+        let again = text.replay().unwrap();
+        assert_eq!(text.collect().await.unwrap().to_bytes(), "héllo");
+        assert_eq!(again.collect().await.unwrap().to_bytes(), "héllo");
+    }
+
+    #[tokio::test]
+    async fn whole_bodies_over_the_cap_are_sent_once_unharmed() {
+        let big = ReplayBody::new(Full::new(Bytes::from(vec![7u8; 100])), 10);
+        assert!(!matches!(big.kind, Kind::Whole { .. }));
+        assert!(big.replay().is_none());
+        assert_eq!(big.collect().await.unwrap().to_bytes(), vec![7u8; 100]);
+
+        let text = ReplayBody::new("x".repeat(11), 10);
+        assert!(!matches!(text.kind, Kind::Whole { .. }));
+        assert!(!text.can_replay());
+        assert_eq!(text.collect().await.unwrap().to_bytes(), "x".repeat(11));
     }
 
     #[tokio::test]

@@ -3,7 +3,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use steadfast_core::{BoxError, Classify, Deadline};
@@ -59,22 +58,11 @@ impl<S: fmt::Debug, C> fmt::Debug for Retry<S, C> {
     }
 }
 
-/// A copy of a request head for another attempt.
-pub(crate) fn copy_parts(p: &Parts) -> Parts {
-    let mut r = Request::new(());
-    *r.method_mut() = p.method.clone();
-    *r.uri_mut() = p.uri.clone();
-    *r.version_mut() = p.version;
-    *r.headers_mut() = p.headers.clone();
-    *r.extensions_mut() = p.extensions.clone();
-    r.into_parts().0
-}
-
 impl<S, B, ResB, C> Service<Request<B>> for Retry<S, C>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + 'static,
     C: Classify<Response<ResB>>,
 {
     type Response = Response<ResB>;
@@ -102,7 +90,7 @@ where
         let Some(retry_body) = retry_body else {
             return ResponseFuture::once(self.inner.call(Request::from_parts(parts, body)));
         };
-        let head = copy_parts(&parts);
+        let head = parts.clone();
         // Call the service that was made ready; keep a clone for later attempts.
         let ready = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, ready);
