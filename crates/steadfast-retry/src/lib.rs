@@ -10,7 +10,9 @@
 //!   the backoff, up to a cap; a longer hint, a negative pushback or a wait past the deadline
 //!   returns the last outcome at once.
 //! - **Bodies that are not `Clone`**: [`ReplayBody`] records what the first attempt sends (up
-//!   to 64 KiB) and replays data and trailers identically.
+//!   to 64 KiB) and replays data and trailers identically. Bodies already whole in memory
+//!   (`Full<Bytes>`, `String`) skip the recording: each attempt sends a clone of the same
+//!   `Bytes`, with no allocation.
 //! - **Jitter per request**: exponential backoff with full, equal, decorrelated or no
 //!   [`Jitter`]; every request draws from its own seedable random stream.
 //!
