@@ -159,6 +159,13 @@ impl<F> fmt::Debug for Scoped<F> {
     }
 }
 
+impl<F> Scoped<F> {
+    /// Takes the id back out once the future is done (so it can be moved, not cloned).
+    pub(crate) fn take_id(self: Pin<&mut Self>) -> Option<CorrelationId> {
+        self.project().inner.take_value()
+    }
+}
+
 impl<F: Future> Future for Scoped<F> {
     type Output = F::Output;
 

@@ -120,10 +120,7 @@ where
             req.extensions_mut().insert(id.clone());
         }
         let span = tracing::info_span!("request", correlation_id = %id);
-        let echo = self
-            .config
-            .echo
-            .then(|| (self.config.header.clone(), id.header_value().clone()));
+        let echo = self.config.echo.then(|| self.config.header.clone());
         let inner = {
             let _entered = span.enter();
             id.clone().sync_scope(|| self.inner.call(req))
@@ -140,7 +137,8 @@ pin_project! {
     pub struct ServerFuture<F> {
         #[pin]
         inner: Instrumented<Scoped<F>>,
-        echo: Option<(HeaderName, HeaderValue)>,
+        // The header to echo the id on; the id itself comes back out of the scope.
+        echo: Option<HeaderName>,
     }
 }
 
@@ -157,10 +155,12 @@ where
     type Output = Result<Response<B>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut res = ready!(this.inner.poll(cx))?;
-        if let Some((name, value)) = this.echo.take() {
-            res.headers_mut().insert(name, value);
+        let mut this = self.project();
+        let mut res = ready!(this.inner.as_mut().poll(cx))?;
+        if let Some(name) = this.echo.take() {
+            if let Some(id) = this.inner.inner_pin_mut().take_id() {
+                res.headers_mut().insert(name, id.into());
+            }
         }
         Poll::Ready(Ok(res))
     }
