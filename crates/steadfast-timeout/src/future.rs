@@ -40,14 +40,17 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
+    #[inline]
     pub(crate) fn lazy(inner: F, limit: Duration) -> Self {
         Self::running(inner, None, limit, false)
     }
 
+    #[inline]
     pub(crate) fn at(inner: F, at: Instant, limit: Duration, inherited: bool) -> Self {
         Self::running(inner, Some(at), limit, inherited)
     }
 
+    #[inline]
     fn running(inner: F, at: Option<Instant>, limit: Duration, inherited: bool) -> Self {
         Self {
             state: State::Running {
@@ -80,6 +83,7 @@ where
 {
     type Output = Result<T, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             StateProj::Running {

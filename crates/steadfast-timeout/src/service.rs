@@ -127,6 +127,7 @@ where
         }
     }
 
+    #[inline]
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         if std::mem::take(&mut self.ready_expired) {
             tracing::debug!(target: "steadfast::timeout", limit_ms = self.config.limit.as_millis() as u64, "ready wait elapsed");
