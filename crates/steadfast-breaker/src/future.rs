@@ -35,6 +35,7 @@ pub(crate) struct Guard<C> {
 }
 
 impl<C> Guard<C> {
+    #[inline]
     pub(crate) fn new(stripe: Arc<Stripe<C>>, permit: Permit) -> Self {
         let start = if stripe.shared.needs_clock() {
             stripe.shared.clock()
@@ -48,6 +49,7 @@ impl<C> Guard<C> {
         }
     }
 
+    #[inline]
     fn report(mut self, class: Option<Class>, hint: Option<Duration>) {
         let Some(permit) = self.permit.take() else {
             return;

@@ -228,6 +228,7 @@ impl Shared {
     }
 
     /// Decides admission. Never blocks; never allocates.
+    #[inline]
     pub(crate) fn admit(&self) -> Result<Permit, BreakerOpen> {
         let w = self.word.0.load(Acquire);
         match w & TAG {

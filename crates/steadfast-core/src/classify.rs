@@ -173,11 +173,13 @@ impl StatusSet {
     }
 
     /// Whether `status` is in the set.
+    #[inline]
     pub const fn contains(&self, status: StatusCode) -> bool {
         self.contains_u16(status.as_u16())
     }
 
     /// Whether the numeric `code` is in the set.
+    #[inline]
     pub const fn contains_u16(&self, code: u16) -> bool {
         code >= 100 && code <= 999 && self.0[(code / 64) as usize] & (1 << (code % 64)) != 0
     }
@@ -233,6 +235,7 @@ impl HttpClassifier {
     }
 
     /// Classifies a status.
+    #[inline]
     pub const fn classify(&self, status: StatusCode) -> Class {
         Class::new(
             self.failure.contains(status),
@@ -327,6 +330,7 @@ pub fn is_grpc_response<B>(res: &Response<B>) -> bool {
 }
 
 /// Whether a header map declares a gRPC content type.
+#[inline]
 pub fn is_grpc_content_type(headers: &HeaderMap) -> bool {
     headers.get(CONTENT_TYPE).is_some_and(|ct| {
         let ct = ct.as_bytes();
@@ -402,6 +406,7 @@ impl DefaultClassifier {
 }
 
 impl<B> Classify<Response<B>> for DefaultClassifier {
+    #[inline]
     fn classify_response(&self, res: &Response<B>) -> ResponseClass {
         let headers = res.headers();
         // Plain HTTP first: one lookup of a standard header, no custom-name hashing.
