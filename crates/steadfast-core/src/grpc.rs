@@ -5,9 +5,9 @@ use std::fmt;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The `grpc-status` header / trailer name.
-pub const GRPC_STATUS: &str = "grpc-status";
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// The `grpc-message` header / trailer name.
-pub const GRPC_MESSAGE: &str = "grpc-message";
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// A gRPC status code.
 ///
@@ -110,11 +110,10 @@ impl GrpcCode {
 
     /// Reads `grpc-status` from a header or trailer map, if present.
     pub fn from_map(map: &HeaderMap) -> Option<Self> {
-        const NAME: HeaderName = HeaderName::from_static(GRPC_STATUS);
         if map.is_empty() {
             return None;
         }
-        map.get(&NAME).map(Self::from_header)
+        map.get(&GRPC_STATUS).map(Self::from_header)
     }
 
     /// The code's number.

@@ -6,8 +6,7 @@ use std::task::{Context, Poll, ready};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
-use tracing::Instrument;
-use tracing::instrument::Instrumented;
+use tracing::Span;
 
 use crate::generate::MakeCorrelationId;
 use crate::id::{CorrelationId, Scoped};
@@ -126,7 +125,8 @@ where
             id.clone().sync_scope(|| self.inner.call(req))
         };
         ServerFuture {
-            inner: id.scope(inner).instrument(span),
+            inner: id.scope(inner),
+            span,
             echo,
         }
     }
@@ -136,7 +136,9 @@ pin_project! {
     /// The response future of [`CorrelationIdService`].
     pub struct ServerFuture<F> {
         #[pin]
-        inner: Instrumented<Scoped<F>>,
+        inner: Scoped<F>,
+        // Entered around every poll of `inner`.
+        span: Span,
         // The header to echo the id on; the id itself comes back out of the scope.
         echo: Option<HeaderName>,
     }
@@ -156,9 +158,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let mut res = ready!(this.inner.as_mut().poll(cx))?;
+        let mut res = {
+            let _entered = this.span.enter();
+            ready!(this.inner.as_mut().poll(cx))?
+        };
         if let Some(name) = this.echo.take() {
-            if let Some(id) = this.inner.inner_pin_mut().take_id() {
+            if let Some(id) = this.inner.take_id() {
                 res.headers_mut().insert(name, id.into());
             }
         }

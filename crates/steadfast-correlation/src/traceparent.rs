@@ -1,7 +1,9 @@
 //! W3C Trace Context `traceparent` (version 00 and forward-compatible higher versions).
 
+use http::HeaderName;
+
 /// The `traceparent` header name.
-pub const TRACEPARENT: &str = "traceparent";
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 fn is_lower_hex(bytes: &[u8]) -> bool {
     bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderMap;
 use steadfast_core::header::{
     GRPC_TIMEOUT, TIMEOUT_MS, encode_grpc_timeout, encode_timeout_ms, grpc_timeout, timeout_ms,
 };
@@ -24,14 +24,11 @@ pub(crate) fn write(headers: &mut HeaderMap, budget: Duration) {
     let grpc = is_grpc_content_type(headers);
     let (name, existing) = if grpc {
         (
-            HeaderName::from_static(GRPC_TIMEOUT),
+            GRPC_TIMEOUT,
             headers.get(GRPC_TIMEOUT).and_then(grpc_timeout),
         )
     } else {
-        (
-            HeaderName::from_static(TIMEOUT_MS),
-            headers.get(TIMEOUT_MS).and_then(timeout_ms),
-        )
+        (TIMEOUT_MS, headers.get(TIMEOUT_MS).and_then(timeout_ms))
     };
     if existing.is_some_and(|e| e <= budget) {
         return;

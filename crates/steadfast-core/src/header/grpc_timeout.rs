@@ -1,9 +1,9 @@
 use std::time::Duration;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 
 /// The `grpc-timeout` header name.
-pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// Largest value gRPC allows in `grpc-timeout` (8 digits).
 const MAX_VALUE: u64 = 99_999_999;

@@ -1,9 +1,9 @@
 use std::time::Duration;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 
 /// The `grpc-retry-pushback-ms` trailer/header name (gRPC A6).
-pub const GRPC_RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
+pub const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 
 /// A server's retry pushback (gRPC A6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

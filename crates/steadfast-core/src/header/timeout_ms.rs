@@ -1,13 +1,13 @@
 use std::time::Duration;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 
 /// The HTTP header steadfast uses to carry the remaining deadline to a plain-HTTP upstream:
 /// the caller's remaining budget, in whole milliseconds, rounded down.
 ///
 /// gRPC requests carry `grpc-timeout` instead. Like `grpc-timeout` it is relative, so no clock
 /// synchronisation between hosts is needed; the time on the wire is not counted.
-pub const TIMEOUT_MS: &str = "x-request-timeout-ms";
+pub const TIMEOUT_MS: HeaderName = HeaderName::from_static("x-request-timeout-ms");
 
 /// The largest value accepted: ten digits (about 115 days). Longer values are ignored.
 pub const MAX_TIMEOUT_MS: u64 = 9_999_999_999;
