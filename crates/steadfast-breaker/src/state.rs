@@ -5,7 +5,7 @@
 //! earlier generation can never decide the current state (pinned semantics 4). Half-open
 //! probes live in a second word keyed by the generation's low 32 bits.
 
-use std::sync::atomic::{
+use crate::sync::{
     AtomicU32, AtomicU64,
     Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
