@@ -569,3 +569,6 @@ mod tests {
         assert!(rx.try_recv().is_err(), "exactly one transition");
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_model;
