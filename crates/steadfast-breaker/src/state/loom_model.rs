@@ -274,3 +274,101 @@ fn count_window_totals_are_exact() {
         );
     });
 }
+
+// Known races. Each model below fails today; it is ignored so the suite stays green, and
+// documents the problem. Run one with `-- --ignored <name>`; un-ignore it with the fix.
+
+/// Two failures race to trip a Closed breaker; the winner announces an open time of an hour.
+/// The loser, which computed its own open time after the winner had counted its trip (so
+/// doubled), then overwrites `open_until`: the breaker stays open for two hours, not the one
+/// it announced. With jitter or a server hint on either failure the two values differ too,
+/// so a failure without a hint can cut short the open time a hinted failure asked for.
+#[test]
+#[ignore = "known race: a losing trip overwrites open_until"]
+fn a_losing_trip_leaves_the_open_time_alone() {
+    loom::model(|| {
+        let mut p = policy(1, 1, HOUR);
+        p.max_open_time = 4 * HOUR;
+        let shared = Arc::new(frozen(p));
+        let mut rx = shared.subscribe();
+        let permit = pass(&shared);
+        let calls: Vec<_> = (0..2)
+            .map(|_| {
+                let shared = shared.clone();
+                thread::spawn(move || shared.on_outcome(permit, true, false, None))
+            })
+            .collect();
+        for c in calls {
+            c.join().unwrap();
+        }
+        let announced = rx.try_recv().expect("one trip").open_for;
+        assert_eq!(announced, Some(HOUR));
+        let in_force = Duration::from_nanos(shared.open_until.load(SeqCst));
+        assert_eq!(
+            in_force, HOUR,
+            "open time in force differs from the announced one"
+        );
+    });
+}
+
+/// Two calls record into the same slot of a count window. The totals each `record` returns
+/// (which decide a trip) may be off by the call in flight, as documented, but a decrement
+/// that lands before the matching increment wraps the counter: a success can then see
+/// `failures == u32::MAX` and trip the breaker on a failure rate far above 100 %.
+#[test]
+#[ignore = "known race: a count window total can wrap below zero"]
+fn count_window_totals_are_off_by_the_calls_in_flight_at_most() {
+    loom::model(|| {
+        let window = Arc::new(CountWindow::new(1));
+        window.record(false, false);
+        let calls: Vec<_> = [true, false]
+            .into_iter()
+            .map(|failure| {
+                let window = window.clone();
+                thread::spawn(move || {
+                    let c = window.record(failure, false);
+                    assert!(c.failures <= c.calls + 1, "{c:?}");
+                })
+            })
+            .collect();
+        for c in calls {
+            c.join().unwrap();
+        }
+    });
+}
+
+/// A failure admitted while Closed passes the generation check in `on_outcome`, then waits
+/// while another thread trips the breaker, probes and closes it again. Its increment of the
+/// consecutive counter lands in the new Closed generation, so it counts towards the next trip
+/// (pinned semantics 4 says it must not). Only a thread stalled for a whole open time can do
+/// this, which a short open time makes possible.
+#[test]
+#[ignore = "known race: a stalled outcome counts in a later generation"]
+fn an_outcome_from_an_earlier_closed_generation_does_not_count() {
+    loom::model(|| {
+        let shared = Arc::new(frozen(policy(2, 1, Duration::ZERO)));
+        let late = pass(&shared);
+        shared.on_outcome(pass(&shared), true, false, None);
+        let tripping = pass(&shared);
+        let cycle = {
+            let shared = shared.clone();
+            thread::spawn(move || {
+                shared.on_outcome(tripping, true, false, None);
+                let p = probe(&shared);
+                shared.on_outcome(p, false, false, None);
+            })
+        };
+        let stale = {
+            let shared = shared.clone();
+            thread::spawn(move || shared.on_outcome(late, true, false, None))
+        };
+        cycle.join().unwrap();
+        stale.join().unwrap();
+        assert_eq!((shared.state(), shared.generation()), (State::Closed, 3));
+        assert_eq!(
+            shared.consecutive.0.load(SeqCst),
+            0,
+            "a stale failure counted"
+        );
+    });
+}
