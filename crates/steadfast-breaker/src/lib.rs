@@ -46,6 +46,7 @@ mod keyed;
 mod layer;
 mod service;
 mod state;
+mod sync;
 mod window;
 
 pub use answer::{AnsweringBreaker, AnsweringBreakerLayer, AnsweringFuture};

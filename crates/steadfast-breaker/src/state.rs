@@ -5,7 +5,7 @@
 //! earlier generation can never decide the current state (pinned semantics 4). Half-open
 //! probes live in a second word keyed by the generation's low 32 bits.
 
-use std::sync::atomic::{
+use crate::sync::{
     AtomicU32, AtomicU64,
     Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
@@ -575,3 +575,6 @@ mod tests {
         assert!(rx.try_recv().is_err(), "exactly one transition");
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_model;

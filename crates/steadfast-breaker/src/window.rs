@@ -10,7 +10,7 @@
 //! Updates from concurrent calls use atomics only; a rate read concurrently with updates may
 //! be off by the calls in flight, never by more.
 
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use crate::sync::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 const EMPTY: u8 = 0;
