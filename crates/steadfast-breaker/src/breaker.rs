@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use crate::state::{Policy, Shared};
 
 /// How many threads get a stripe of their own in a standalone breaker; the threads after
-/// them share one more.
+/// them share as many more, spread by thread number.
 pub(crate) const STRIPES: usize = 8;
 
 /// Per-thread slice of a breaker: what a call writes on the happy path lives here, on a cache
@@ -54,11 +54,12 @@ pub(crate) struct Breaker<C> {
 }
 
 impl<C> Breaker<C> {
-    /// A breaker whose first `exclusive` threads get a stripe each; every other thread shares
-    /// one more stripe (with `exclusive = 0`, that one is all there is).
+    /// A breaker whose first `exclusive` threads get a stripe each; later threads share
+    /// `exclusive.max(1)` more stripes, picked by thread number (with `exclusive = 0`, one
+    /// shared stripe is all there is).
     pub(crate) fn new(policy: Policy, classifier: Arc<C>, exclusive: usize) -> Self {
         let shared = Arc::new(Shared::new(policy));
-        let stripes = (0..=exclusive)
+        let stripes = (0..exclusive + exclusive.max(1))
             .map(|i| {
                 Arc::new(Stripe {
                     shared: shared.clone(),
@@ -77,8 +78,14 @@ impl<C> Breaker<C> {
     /// This thread's stripe.
     #[inline]
     pub(crate) fn stripe(&self) -> &Arc<Stripe<C>> {
-        let last = self.stripes.len() - 1;
-        &self.stripes[thread_index().min(last)]
+        let exclusive = self.stripes.len() / 2;
+        let i = thread_index();
+        if i < exclusive {
+            &self.stripes[i]
+        } else {
+            // Shared stripes; consecutive thread numbers land on different ones.
+            &self.stripes[exclusive + (i - exclusive) % (self.stripes.len() - exclusive)]
+        }
     }
 
     /// Sums the striped counters.
@@ -160,9 +167,9 @@ mod tests {
         let [calls, _, _, rejected] = breaker.totals();
         assert_eq!(calls + rejected, THREADS * CALLS);
         assert_eq!(rejected, THREADS * CALLS / 4);
-        // Three stripes: two of them exclusive, the last shared.
-        assert_eq!(breaker.stripes.len(), 3);
+        // Four stripes: two of them exclusive, two shared.
+        assert_eq!(breaker.stripes.len(), 4);
         assert!(breaker.stripes[..2].iter().all(|s| s.exclusive));
-        assert!(!breaker.stripes[2].exclusive);
+        assert!(breaker.stripes[2..].iter().all(|s| !s.exclusive));
     }
 }

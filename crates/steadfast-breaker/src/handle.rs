@@ -4,7 +4,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use crate::breaker::Breaker;
-use crate::state::{State, Transition};
+use crate::state::{Shared, State, Transition};
 use crate::window::WindowCounts;
 
 /// Observe and control one breaker.
@@ -59,6 +59,9 @@ pub struct Metrics {
     pub slow: u64,
     /// Calls rejected without reaching the inner service.
     pub rejected: u64,
+    /// Failures in a row in the current generation (what the consecutive-failure rule
+    /// compares with its threshold).
+    pub consecutive_failures: u32,
     /// The sliding window's counts, when a rate window is configured.
     pub window: Option<WindowCounts>,
 }
@@ -79,14 +82,17 @@ impl<C> BreakerHandle<C> {
     /// A snapshot of the counters.
     pub fn metrics(&self) -> Metrics {
         let [calls, failures, slow, rejected] = self.breaker.totals();
+        let shared = &self.breaker.shared;
+        let word = shared.word();
         Metrics {
-            state: self.state(),
-            generation: self.breaker.shared.generation(),
+            state: Shared::state_of(word),
+            generation: word >> 3,
             calls,
             failures,
             slow,
             rejected,
-            window: self.breaker.shared.window_counts(),
+            consecutive_failures: shared.consecutive_failures(word),
+            window: shared.window_counts(),
         }
     }
 

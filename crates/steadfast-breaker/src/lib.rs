@@ -23,12 +23,18 @@
 //! 4. Every transition bumps a generation; outcomes of calls admitted under an earlier
 //!    generation never decide the current state.
 //!
+//! The state machine's atomics are checked with [loom](https://docs.rs/loom) models over
+//! every interleaving (`src/state/loom_model.rs`; run in CI): at most N probes, no lost
+//! permit, one trip per generation, the open time announced is the one in force, stale
+//! outcomes have no effect, window totals never wrap.
+//!
 //! # Performance
 //!
 //! The closed path takes no lock and allocates nothing: one atomic load of the state word,
 //! and writes only to the calling thread's stripe (a per-thread counter and reference count
 //! on their own cache line). A success writes the shared consecutive-failure counter only
-//! when it is non-zero.
+//! when it is non-zero. The first eight threads that use a breaker own their stripe and
+//! count admissions with a plain store; later threads share stripes and use `fetch_add`.
 //!
 //! # Answering instead of failing
 //!

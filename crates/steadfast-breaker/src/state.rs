@@ -4,6 +4,13 @@
 //! transition bumps the generation with a compare-and-swap, so an outcome admitted under an
 //! earlier generation can never decide the current state (pinned semantics 4). Half-open
 //! probes live in a second word keyed by the generation's low 32 bits.
+//!
+//! Everything else a generation owns is stamped with it too, so a thread that loses a race
+//! (or stalls across transitions) cannot write into a later generation: the consecutive
+//! failure count carries the generation's low 32 bits, and the schedule (when an Open breaker
+//! admits a probe, how long it was open for, when a HalfOpen breaker must have a verdict) is
+//! written only by the thread whose compare-and-swap entered the generation, as a [`stamp`]
+//! that readers check against the generation they saw.
 
 use crate::sync::{
     AtomicU32, AtomicU64,
@@ -134,14 +141,16 @@ struct Padded<T>(T);
 #[derive(Debug)]
 pub(crate) struct Shared {
     word: Padded<AtomicU64>,
-    consecutive: Padded<AtomicU32>,
+    /// Consecutive failures: generation low 32 bits | count (32). A count stamped with an
+    /// earlier generation reads as zero.
+    consecutive: Padded<AtomicU64>,
     /// Half-open probes: generation low 32 bits | taken (16) | successes (16).
     half: AtomicU64,
-    /// Nanoseconds since `base` when an Open breaker admits a probe.
+    /// Stamp: microseconds since `base` when an Open breaker admits a probe.
     open_until: AtomicU64,
-    /// Nanoseconds since `base` of the last trip.
-    opened_at: AtomicU64,
-    /// Nanoseconds since `base` by which a HalfOpen breaker must reach a verdict.
+    /// Stamp: the open time in force, in microseconds.
+    open_for: AtomicU64,
+    /// Stamp: microseconds since `base` by which a HalfOpen breaker must reach a verdict.
     verdict_by: AtomicU64,
     /// Consecutive trips since the last close (open time grows with it).
     trips: AtomicU32,
@@ -167,10 +176,10 @@ impl Shared {
         });
         Self {
             word: Padded(AtomicU64::new(CLOSED)),
-            consecutive: Padded(AtomicU32::new(0)),
+            consecutive: Padded(AtomicU64::new(0)),
             half: AtomicU64::new(0),
             open_until: AtomicU64::new(0),
-            opened_at: AtomicU64::new(0),
+            open_for: AtomicU64::new(0),
             verdict_by: AtomicU64::new(0),
             trips: AtomicU32::new(0),
             rng: AtomicU64::new(policy.seed),
@@ -194,11 +203,22 @@ impl Shared {
     }
 
     pub(crate) fn state(&self) -> State {
-        state_of(self.word.0.load(Acquire))
+        state_of(self.word())
     }
 
+    /// The state of a state word.
+    pub(crate) fn state_of(word: u64) -> State {
+        state_of(word)
+    }
+
+    #[cfg(test)]
     pub(crate) fn generation(&self) -> u64 {
-        self.word.0.load(Acquire) >> 3
+        self.word() >> 3
+    }
+
+    /// The state word: generation above the state tag.
+    pub(crate) fn word(&self) -> u64 {
+        self.word.0.load(Acquire)
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Transition> {
@@ -219,11 +239,73 @@ impl Shared {
     pub(crate) fn wait_hint(&self) -> Option<Duration> {
         let w = self.word.0.load(Acquire);
         match w & TAG {
-            OPEN => {
-                let (now, until) = (self.now(), self.open_until.load(Acquire));
-                Some(Duration::from_nanos(until.saturating_sub(now)))
-            }
+            OPEN => Some(match self.open_until(w) {
+                Some(until) => Duration::from_nanos(until.saturating_sub(self.now())),
+                None => UNSCHEDULED,
+            }),
             _ => None,
+        }
+    }
+
+    /// When the Open breaker of word `w` admits a probe (nanoseconds since `base`); `None`
+    /// while the trip that entered `w`'s generation has not written its schedule yet.
+    fn open_until(&self, w: u64) -> Option<u64> {
+        unstamp(self.open_until.load(Acquire), w >> 3).map(|us| us.saturating_mul(1000))
+    }
+
+    /// The consecutive failures counted in the generation of word `w`.
+    pub(crate) fn consecutive_failures(&self, w: u64) -> u32 {
+        let c = self.consecutive.0.load(Acquire);
+        if (c >> 32) as u32 == (w >> 3) as u32 {
+            c as u32
+        } else {
+            0
+        }
+    }
+
+    /// Counts one consecutive failure in the generation of word `w` and returns the count, or
+    /// `None` when the counter already belongs to a later generation (a stale outcome).
+    fn count_failure(&self, w: u64) -> Option<u32> {
+        let gen32 = (w >> 3) as u32;
+        let mut c = self.consecutive.0.load(Acquire);
+        loop {
+            let tag = (c >> 32) as u32;
+            let n = if tag == gen32 {
+                c as u32
+            } else if (gen32.wrapping_sub(tag) as i32) > 0 {
+                0 // the first failure of a newer generation
+            } else {
+                return None;
+            };
+            let n = n.saturating_add(1);
+            match self.consecutive.0.compare_exchange_weak(
+                c,
+                (u64::from(gen32) << 32) | u64::from(n),
+                AcqRel,
+                Acquire,
+            ) {
+                Ok(_) => return Some(n),
+                Err(actual) => c = actual,
+            }
+        }
+    }
+
+    /// A success in the generation of word `w` ends the run of failures. Writes only when
+    /// there is something to reset, and never into a later generation.
+    fn reset_consecutive(&self, w: u64) {
+        let gen32 = (w >> 3) as u32;
+        let zero = u64::from(gen32) << 32;
+        let c = self.consecutive.0.load(Relaxed);
+        if c == zero {
+            return;
+        }
+        let tag = (c >> 32) as u32;
+        if tag == gen32 || (gen32.wrapping_sub(tag) as i32) > 0 {
+            // A failure racing in wins; either order is a valid history.
+            let _ = self
+                .consecutive
+                .0
+                .compare_exchange(c, zero, AcqRel, Relaxed);
         }
     }
 
@@ -236,16 +318,20 @@ impl Shared {
             FORCED_OPEN => Err(BreakerOpen::new(None)),
             OPEN => {
                 let now = self.now();
-                let until = self.open_until.load(Acquire);
+                let Some(until) = self.open_until(w) else {
+                    // Tripped a moment ago; the schedule is being written.
+                    return Err(BreakerOpen::new(Some(UNSCHEDULED)));
+                };
                 if now < until {
                     return Err(BreakerOpen::new(Some(Duration::from_nanos(until - now))));
                 }
                 // Pinned semantics 1: Open -> HalfOpen at now >= opened_at + open_time.
                 let half = next(w, HALF_OPEN);
-                let open_for = until.saturating_sub(self.opened_at.load(Relaxed));
-                self.verdict_by
-                    .store(now.saturating_add(open_for.max(1)), Release);
                 if self.cas(w, half, None) {
+                    // Only the thread that entered HalfOpen sets its verdict deadline.
+                    let open_for = unstamp(self.open_for.load(Acquire), w >> 3).unwrap_or(0);
+                    let by = micros_ceil(now).saturating_add(open_for.max(1));
+                    self.verdict_by.store(stamp(half >> 3, by), Release);
                     return self.take_probe(half, now);
                 }
                 self.admit()
@@ -261,12 +347,17 @@ impl Shared {
             let (g, taken, succ) = unpack(h);
             let (taken, succ) = if g == gen32 { (taken, succ) } else { (0, 0) };
             if u32::from(taken) >= self.policy.probes {
-                // No verdict within the open time: re-open (pinned semantics 3).
-                if now >= self.verdict_by.load(Acquire) {
+                // No verdict within the open time: re-open (pinned semantics 3). A deadline
+                // not written yet (HalfOpen entered a moment ago) has not passed.
+                let by = unstamp(self.verdict_by.load(Acquire), w >> 3)
+                    .map(|us| us.saturating_mul(1000));
+                if by.is_some_and(|by| now >= by) {
                     self.trip(w, None);
                 }
-                let retry = self.verdict_by.load(Acquire).saturating_sub(now);
-                return Err(BreakerOpen::new(Some(Duration::from_nanos(retry.max(1)))));
+                let retry = by.map_or(UNSCHEDULED, |by| {
+                    Duration::from_nanos(by.saturating_sub(now).max(1))
+                });
+                return Err(BreakerOpen::new(Some(retry)));
             }
             match self
                 .half
@@ -306,10 +397,9 @@ impl Shared {
                         let mut trip = false;
                         if let Some(threshold) = self.policy.consecutive {
                             if failure {
-                                trip = self.consecutive.0.fetch_add(1, AcqRel) + 1 >= threshold;
-                            } else if self.consecutive.0.load(Relaxed) != 0 {
-                                // Writes only when there is something to reset.
-                                self.consecutive.0.store(0, Relaxed);
+                                trip = self.count_failure(w).is_some_and(|n| n >= threshold);
+                            } else {
+                                self.reset_consecutive(w);
                             }
                         }
                         if let Some(counts) = self.record_window(failure, slow) {
@@ -393,21 +483,30 @@ impl Shared {
         }
     }
 
-    /// Closed or HalfOpen (word `w`) -> Open.
+    /// Closed or HalfOpen (word `w`) -> Open. Only the thread whose compare-and-swap wins
+    /// writes the schedule, so a losing trip (with another hint, or computed after the
+    /// winner's trip count) cannot change the open time announced.
     fn trip(&self, w: u64, hint: Option<Duration>) {
         let open_for = self.open_duration(hint);
-        let now = self.now();
-        let until = now.saturating_add(open_for.as_nanos().min(u128::from(u64::MAX)) as u64);
-        self.opened_at.store(now, Relaxed);
-        self.open_until.store(until, Release);
-        if self.cas(w, next(w, OPEN), Some(open_for)) {
+        let open = next(w, OPEN);
+        if self.cas(w, open, Some(open_for)) {
             self.trips.fetch_add(1, Relaxed);
+            self.schedule(open, open_for);
         }
     }
 
-    /// HalfOpen (word `w`) -> Closed.
+    /// Writes the schedule of the Open generation entered with word `open`.
+    fn schedule(&self, open: u64, open_for: Duration) {
+        let open_us = micros_ceil(open_for.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let until = micros_ceil(self.now()).saturating_add(open_us);
+        self.open_for.store(stamp(open >> 3, open_us), Relaxed);
+        // Release: a reader that sees this stamp also sees `open_for` above.
+        self.open_until.store(stamp(open >> 3, until), Release);
+    }
+
+    /// HalfOpen (word `w`) -> Closed. The consecutive count needs no reset: it belongs to the
+    /// generation left behind.
     fn close(&self, w: u64) {
-        self.consecutive.0.store(0, Relaxed);
         self.reset_window();
         if self.cas(w, next(w, CLOSED), None) {
             self.trips.store(0, Relaxed);
@@ -430,11 +529,14 @@ impl Shared {
                 return;
             }
             if to == State::Closed {
-                self.consecutive.0.store(0, Relaxed);
                 self.reset_window();
                 self.trips.store(0, Relaxed);
             }
-            if self.cas(w, next(w, tag_of(to)), None) {
+            let to_word = next(w, tag_of(to));
+            if self.cas(w, to_word, None) {
+                if to == State::Open {
+                    self.schedule(to_word, self.policy.open_time);
+                }
                 return;
             }
             w = self.word.0.load(Acquire);
@@ -472,6 +574,33 @@ impl Shared {
         let _ = self.events.send(t);
         true
     }
+}
+
+/// What a rejection says about when to come back while a trip's schedule is being written
+/// (a window of a few instructions): soon.
+const UNSCHEDULED: Duration = Duration::from_millis(1);
+
+/// Bits of a [`stamp`] that hold the generation (the rest hold microseconds: 570 years).
+const STAMP_GEN_BITS: u32 = 10;
+const STAMP_TIME_BITS: u32 = 64 - STAMP_GEN_BITS;
+const STAMP_TIME_MASK: u64 = (1 << STAMP_TIME_BITS) - 1;
+
+/// A time (microseconds) stamped with the low bits of the generation it belongs to.
+fn stamp(generation: u64, micros: u64) -> u64 {
+    (generation << STAMP_TIME_BITS) | micros.min(STAMP_TIME_MASK)
+}
+
+/// The time of `stamped` if it belongs to `generation`. Generations that set a stamp are at
+/// least two apart per trip, so a stale stamp would need 512 trips to go by unnoticed between
+/// two instructions of one thread.
+fn unstamp(stamped: u64, generation: u64) -> Option<u64> {
+    let mask = (1 << STAMP_GEN_BITS) - 1;
+    ((stamped >> STAMP_TIME_BITS) == generation & mask).then_some(stamped & STAMP_TIME_MASK)
+}
+
+/// Nanoseconds to microseconds, rounded up (a deadline never comes early).
+fn micros_ceil(nanos: u64) -> u64 {
+    nanos.div_ceil(1000)
 }
 
 fn pack(gen32: u32, taken: u16, succ: u16) -> u64 {
@@ -516,7 +645,7 @@ mod tests {
     fn probe_permits_under_real_contention() {
         let shared = Arc::new(Shared::new(policy(3)));
         shared.word.0.store((7 << 3) | HALF_OPEN, Release);
-        shared.verdict_by.store(u64::MAX, Release);
+        shared.verdict_by.store(stamp(7, STAMP_TIME_MASK), Release);
         let out = Arc::new(AtomicUsize::new(0));
         let max = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..4)

@@ -95,8 +95,8 @@ impl CountWindow {
     pub(crate) fn counts(&self) -> WindowCounts {
         WindowCounts {
             calls: self.calls.load(Relaxed),
-            failures: self.failures.load(Relaxed),
-            slow: self.slow.load(Relaxed),
+            failures: non_negative(self.failures.load(Relaxed)),
+            slow: non_negative(self.slow.load(Relaxed)),
         }
     }
 
@@ -112,11 +112,17 @@ impl CountWindow {
 
 /// Moves a counter by (new - old) for one flag and returns its new value.
 fn adjust(counter: &AtomicU32, old: bool, new: bool) -> u32 {
-    match (old, new) {
+    non_negative(match (old, new) {
         (false, true) => counter.fetch_add(1, Relaxed).wrapping_add(1),
         (true, false) => counter.fetch_sub(1, Relaxed).wrapping_sub(1),
         _ => counter.load(Relaxed),
-    }
+    })
+}
+
+/// A counter read while another thread's decrement has landed before its matching
+/// increment is briefly below zero (it wrapped); that reads as zero, never as four billion.
+fn non_negative(n: u32) -> u32 {
+    if n > i32::MAX as u32 { 0 } else { n }
 }
 
 #[derive(Debug)]

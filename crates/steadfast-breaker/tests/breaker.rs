@@ -839,15 +839,33 @@ async fn metrics_count_calls_failures_and_rejections() {
     for _ in 0..4 {
         call(&mut svc).await.unwrap();
     }
+    assert_eq!(h.metrics().consecutive_failures, 0);
+    up.set(500);
+    for n in 1..=2 {
+        call(&mut svc).await.unwrap();
+        assert_eq!(h.metrics().consecutive_failures, n);
+    }
+    up.set(200);
+    call(&mut svc).await.unwrap();
+    assert_eq!(
+        h.metrics().consecutive_failures,
+        0,
+        "a success ends the run"
+    );
     up.set(500);
     for _ in 0..3 {
         call(&mut svc).await.unwrap();
     }
+    assert_eq!(
+        h.metrics().consecutive_failures,
+        0,
+        "the run belongs to the generation that tripped"
+    );
     for _ in 0..2 {
         assert!(is_open(&call(&mut svc).await));
     }
     let m = h.metrics();
-    assert_eq!((m.calls, m.failures, m.rejected), (7, 3, 2));
+    assert_eq!((m.calls, m.failures, m.rejected), (10, 5, 2));
     assert_eq!(m.state, State::Open);
     // Calls from other threads land on other stripes and are summed.
     let mut handles = Vec::new();
@@ -856,7 +874,7 @@ async fn metrics_count_calls_failures_and_rejections() {
         handles.push(std::thread::spawn(move || h.metrics().calls));
     }
     for t in handles {
-        assert_eq!(t.join().unwrap(), 7);
+        assert_eq!(t.join().unwrap(), 10);
     }
 }
 

@@ -239,11 +239,8 @@ fn stale_outcomes_do_not_decide_a_probe_verdict() {
         }
         assert_eq!((shared.state(), shared.generation()), (State::Closed, 5));
         assert_eq!(announced(&mut rx), [(State::HalfOpen, State::Closed, 5)]);
-        assert_eq!(
-            shared.consecutive.0.load(SeqCst),
-            0,
-            "a stale failure counted"
-        );
+        let w = shared.word.0.load(SeqCst);
+        assert_eq!(shared.consecutive_failures(w), 0, "a stale failure counted");
         assert_eq!(shared.trips.load(SeqCst), 0);
     });
 }
@@ -275,16 +272,14 @@ fn count_window_totals_are_exact() {
     });
 }
 
-// Known races. Each model below fails today; it is ignored so the suite stays green, and
-// documents the problem. Run one with `-- --ignored <name>`; un-ignore it with the fix.
+// Races these models found, now fixed: each failed before its fix (kept as regressions).
 
 /// Two failures race to trip a Closed breaker; the winner announces an open time of an hour.
-/// The loser, which computed its own open time after the winner had counted its trip (so
-/// doubled), then overwrites `open_until`: the breaker stays open for two hours, not the one
-/// it announced. With jitter or a server hint on either failure the two values differ too,
+/// The loser computed its own open time after the winner had counted its trip (so doubled);
+/// before the fix it then overwrote `open_until` and the breaker stayed open for two hours,
+/// not the one it announced. Now only the winner writes the schedule. With jitter or a server hint on either failure the two values differ too,
 /// so a failure without a hint can cut short the open time a hinted failure asked for.
 #[test]
-#[ignore = "known race: a losing trip overwrites open_until"]
 fn a_losing_trip_leaves_the_open_time_alone() {
     loom::model(|| {
         let mut p = policy(1, 1, HOUR);
@@ -303,7 +298,8 @@ fn a_losing_trip_leaves_the_open_time_alone() {
         }
         let announced = rx.try_recv().expect("one trip").open_for;
         assert_eq!(announced, Some(HOUR));
-        let in_force = Duration::from_nanos(shared.open_until.load(SeqCst));
+        let w = shared.word.0.load(SeqCst);
+        let in_force = Duration::from_nanos(shared.open_until(w).expect("scheduled"));
         assert_eq!(
             in_force, HOUR,
             "open time in force differs from the announced one"
@@ -313,10 +309,9 @@ fn a_losing_trip_leaves_the_open_time_alone() {
 
 /// Two calls record into the same slot of a count window. The totals each `record` returns
 /// (which decide a trip) may be off by the call in flight, as documented, but a decrement
-/// that lands before the matching increment wraps the counter: a success can then see
-/// `failures == u32::MAX` and trip the breaker on a failure rate far above 100 %.
+/// that lands before the matching increment wraps the counter: before the fix a success could
+/// then see `failures == u32::MAX` and trip the breaker on a failure rate far above 100 %.
 #[test]
-#[ignore = "known race: a count window total can wrap below zero"]
 fn count_window_totals_are_off_by_the_calls_in_flight_at_most() {
     loom::model(|| {
         let window = Arc::new(CountWindow::new(1));
@@ -339,11 +334,10 @@ fn count_window_totals_are_off_by_the_calls_in_flight_at_most() {
 
 /// A failure admitted while Closed passes the generation check in `on_outcome`, then waits
 /// while another thread trips the breaker, probes and closes it again. Its increment of the
-/// consecutive counter lands in the new Closed generation, so it counts towards the next trip
-/// (pinned semantics 4 says it must not). Only a thread stalled for a whole open time can do
+/// consecutive counter landed in the new Closed generation and counted towards the next trip
+/// (pinned semantics 4 says it must not); the counter now carries its generation. Only a thread stalled for a whole open time can do
 /// this, which a short open time makes possible.
 #[test]
-#[ignore = "known race: a stalled outcome counts in a later generation"]
 fn an_outcome_from_an_earlier_closed_generation_does_not_count() {
     loom::model(|| {
         let shared = Arc::new(frozen(policy(2, 1, Duration::ZERO)));
@@ -354,7 +348,14 @@ fn an_outcome_from_an_earlier_closed_generation_does_not_count() {
             let shared = shared.clone();
             thread::spawn(move || {
                 shared.on_outcome(tripping, true, false, None);
-                let p = probe(&shared);
+                // The other failure may have won the trip and be writing the schedule.
+                let p = loop {
+                    match shared.admit() {
+                        Ok(p) => break p,
+                        Err(_) => thread::yield_now(),
+                    }
+                };
+                assert!(matches!(p, Permit::Probe(_)), "{p:?}");
                 shared.on_outcome(p, false, false, None);
             })
         };
@@ -365,10 +366,7 @@ fn an_outcome_from_an_earlier_closed_generation_does_not_count() {
         cycle.join().unwrap();
         stale.join().unwrap();
         assert_eq!((shared.state(), shared.generation()), (State::Closed, 3));
-        assert_eq!(
-            shared.consecutive.0.load(SeqCst),
-            0,
-            "a stale failure counted"
-        );
+        let w = shared.word.0.load(SeqCst);
+        assert_eq!(shared.consecutive_failures(w), 0, "a stale failure counted");
     });
 }
