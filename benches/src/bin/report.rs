@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use steadfast_bench::criterion_dir;
 
-fn mean_ns(group: &str, contender: &str) -> Option<f64> {
+/// Criterion's median time per call: a neighbour's burst on a shared machine moves the mean
+/// of a few samples but not the median.
+fn median_ns(group: &str, contender: &str) -> Option<f64> {
     let path = criterion_dir()
         .join(group)
         .join(contender)
@@ -14,7 +16,7 @@ fn mean_ns(group: &str, contender: &str) -> Option<f64> {
         .join("estimates.json");
     let text = std::fs::read_to_string(path).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json["mean"]["point_estimate"].as_f64()
+    json["median"]["point_estimate"].as_f64()
 }
 
 fn main() {
@@ -41,16 +43,16 @@ fn main() {
         allocs.insert(key, a.parse().unwrap_or(f64::NAN));
     }
     println!(
-        "| case | contender | ns/call | × bare | × best peer | allocs/call | 2-thread scaling |"
+        "| case | contender | ns/call (median) | × bare | × best peer | allocs/call | 2-thread scaling |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|");
     for (g, c) in &order {
-        let Some(ns) = mean_ns(g, c) else { continue };
-        let bare = mean_ns(g, "bare");
+        let Some(ns) = median_ns(g, c) else { continue };
+        let bare = median_ns(g, "bare");
         let best_peer = order
             .iter()
             .filter(|(g2, c2)| g2 == g && c2 != "bare" && !c2.starts_with("steadfast"))
-            .filter_map(|(g2, c2)| mean_ns(g2, c2))
+            .filter_map(|(g2, c2)| median_ns(g2, c2))
             .fold(f64::INFINITY, f64::min);
         let ratio = |base: Option<f64>| match base {
             Some(b) if b.is_finite() && b > 0.0 => format!("{:.2}", ns / b),
@@ -59,7 +61,7 @@ fn main() {
         // For `X-2t` groups: single-thread ns / two-thread ns (2.0 = perfect, 1.0 = none).
         let scaling = g
             .strip_suffix("-2t")
-            .and_then(|base| mean_ns(base, c))
+            .and_then(|base| median_ns(base, c))
             .map_or("".to_string(), |single| format!("{:.2}", single / ns));
         println!(
             "| {g} | {c} | {ns:.1} | {} | {} | {:.2} | {scaling} |",

@@ -1,8 +1,9 @@
 //! One breaker: shared state plus per-thread stripes for metrics and references.
 
-use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use steadfast_core::thread_number;
 
 use crate::state::{Policy, Shared};
 
@@ -79,7 +80,7 @@ impl<C> Breaker<C> {
     #[inline]
     pub(crate) fn stripe(&self) -> &Arc<Stripe<C>> {
         let exclusive = self.stripes.len() / 2;
-        let i = thread_index();
+        let i = thread_number();
         if i < exclusive {
             &self.stripes[i]
         } else {
@@ -99,26 +100,6 @@ impl<C> Breaker<C> {
         }
         t
     }
-}
-
-static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    static THREAD_INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
-}
-
-/// A per-thread number, unique for the life of the process, assigned on first use.
-#[inline]
-fn thread_index() -> usize {
-    THREAD_INDEX.with(|i| {
-        let v = i.get();
-        if v != usize::MAX {
-            return v;
-        }
-        let v = NEXT_THREAD.fetch_add(1, Relaxed);
-        i.set(v);
-        v
-    })
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@ mod error;
 mod grpc;
 pub mod header;
 mod response;
+mod thread;
 
 pub use body::{ClassifyEos, OnEos};
 pub use classify::{
@@ -54,3 +55,4 @@ pub use deadline::{Deadline, Scoped};
 pub use error::{BoxError, Delivery, PolicyRejected, certainly_not_sent, classify_transport_error};
 pub use grpc::{GRPC_MESSAGE, GRPC_STATUS, GrpcCode, GrpcCodeSet};
 pub use response::{ResponseBody, grpc_response, http_response, percent_encode_grpc_message};
+pub use thread::thread_number;

@@ -7,16 +7,19 @@
 //!
 //! The balance and its timestamp share one 64-bit word, updated by compare-and-swap: a
 //! withdrawal either takes a whole token that exists or fails, so concurrent retries can never
-//! overdraw (no check-then-act). Deposits on the happy path go to per-thread stripes (one
-//! uncontended add) and are swept into the word by the next withdrawal.
+//! overdraw (no check-then-act). Deposits on the happy path go to per-thread stripes and are
+//! swept into the word by the next withdrawal. A stripe holds a running total of deposits and
+//! the total already swept: a sweeper claims the difference with one compare-and-swap on
+//! "swept", so every deposit is counted exactly once, and the first eight threads, each the
+//! only writer of its own stripe's total, deposit with a plain load and store.
 
-use std::cell::Cell;
 use std::sync::atomic::{
-    AtomicU64, AtomicUsize,
-    Ordering::{AcqRel, Acquire, Relaxed},
+    AtomicU64,
+    Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
 use std::time::Duration;
 
+use steadfast_core::thread_number;
 use tokio::time::Instant;
 
 const MILLI: u64 = 1000;
@@ -24,18 +27,24 @@ const BALANCE_BITS: u32 = 40;
 const BALANCE_MASK: u64 = (1 << BALANCE_BITS) - 1;
 const TICK: Duration = Duration::from_millis(10);
 const TICK_MASK: u64 = (1 << (64 - BALANCE_BITS)) - 1;
-const STRIPES: usize = 8;
+/// Threads with a stripe of their own; later threads share as many more.
+const OWNED: usize = 8;
 
 #[repr(align(128))]
 #[derive(Debug, Default)]
-struct Stripe(AtomicU64);
+struct Stripe {
+    /// Milli-tokens ever deposited here (wrapping).
+    deposited: AtomicU64,
+    /// The part of `deposited` already moved into the balance.
+    swept: AtomicU64,
+}
 
 /// The retry budget shared by every service of one [`RetryLayer`](crate::RetryLayer).
 #[derive(Debug)]
 pub struct Budget {
     /// balance (milli-tokens, low 40 bits) | last update (10 ms ticks since `base`, high 24).
     word: AtomicU64,
-    pending: [Stripe; STRIPES],
+    pending: [Stripe; 2 * OWNED],
     deposit_milli: u64,
     floor_milli_per_tick: f64,
     window_ticks: f64,
@@ -85,11 +94,23 @@ impl Budget {
     }
 
     /// Records an original request (happy path: one add on this thread's stripe).
+    #[inline]
     pub fn deposit(&self) {
-        if self.deposit_milli != 0 {
-            self.pending[stripe_index()]
-                .0
-                .fetch_add(self.deposit_milli, Relaxed);
+        if self.deposit_milli == 0 {
+            return;
+        }
+        let n = thread_number();
+        if n < OWNED {
+            // This thread is the only writer of its stripe's total.
+            let total = &self.pending[n].deposited;
+            total.store(
+                total.load(Relaxed).wrapping_add(self.deposit_milli),
+                Release,
+            );
+        } else {
+            self.pending[OWNED + n % OWNED]
+                .deposited
+                .fetch_add(self.deposit_milli, Release);
         }
     }
 
@@ -113,8 +134,16 @@ impl Budget {
     fn update(&self, cost: u64) -> bool {
         let mut swept = 0u64;
         for s in &self.pending {
-            if s.0.load(Relaxed) != 0 {
-                swept += s.0.swap(0, AcqRel);
+            let total = s.deposited.load(Acquire);
+            let before = s.swept.load(Acquire);
+            // Claim what arrived since the last sweep; a racing sweeper that wins claims it
+            // instead, never both.
+            if total != before
+                && s.swept
+                    .compare_exchange(before, total, AcqRel, Acquire)
+                    .is_ok()
+            {
+                swept = swept.saturating_add(total.wrapping_sub(before));
             }
         }
         let now = self.now_tick();
@@ -139,24 +168,6 @@ impl Budget {
         });
         ok
     }
-}
-
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
-}
-
-fn stripe_index() -> usize {
-    STRIPE.with(|s| {
-        let v = s.get();
-        if v != usize::MAX {
-            return v;
-        }
-        let v = NEXT.fetch_add(1, Relaxed) % STRIPES;
-        s.set(v);
-        v
-    })
 }
 
 #[cfg(test)]
@@ -233,6 +244,46 @@ mod tests {
             (9.0..=10.0).contains(&refilled),
             "~10/s minus decay: {refilled}"
         );
+    }
+
+    /// More threads than owned stripes deposit while another sweeps: every deposit is counted
+    /// exactly once.
+    #[test]
+    fn concurrent_deposits_are_counted_exactly_once() {
+        let b = Arc::new(Budget::new(BudgetConfig {
+            ratio: 0.001, // one milli-token per request
+            min_per_sec: 0,
+            window: Duration::from_secs(100_000_000),
+        }));
+        const DEPOSITORS: u64 = 12;
+        const EACH: u64 = 50_000;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sweeper = {
+            let (b, stop) = (b.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    b.update(0);
+                }
+            })
+        };
+        let threads: Vec<_> = (0..DEPOSITORS)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..EACH {
+                        b.deposit();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        stop.store(true, Relaxed);
+        sweeper.join().unwrap();
+        b.update(0);
+        let balance = b.word.load(Acquire) & BALANCE_MASK;
+        assert_eq!(balance, DEPOSITORS * EACH);
     }
 
     /// Many threads withdraw at once: the grants never exceed the tokens that existed.

@@ -73,6 +73,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let config = &self.config;
         if let Some(budget) = &config.budget {
