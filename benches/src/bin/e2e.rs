@@ -1,7 +1,9 @@
 //! End-to-end HTTP/1 benchmark over loopback: a hyper server with no middleware, with our
 //! server stack, and with the nearest peer stack (tower-http's request-id pair and timeout);
 //! then a bare client beside our client stack calling a bare server. Same connections and
-//! duration for each; the best of four rounds, rotating the order of contenders.
+//! duration for each. A shared machine's speed drifts by more than the differences measured,
+//! so every round runs all contenders back to back (rotating their order) and each ratio is
+//! taken within its round; the tables give the median over the rounds.
 //!
 //! Run: `cargo run --release -p steadfast-bench --bin e2e`
 
@@ -22,8 +24,8 @@ use steadfast::retry::ReplayBody;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 const CONNECTIONS: usize = 32;
-const DURATION: Duration = Duration::from_secs(3);
-const ROUNDS: usize = 4;
+const DURATION: Duration = Duration::from_millis(1500);
+const ROUNDS: usize = 8;
 
 async fn hello(_req: http::Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
     Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
@@ -155,24 +157,32 @@ async fn measure(stop: Arc<AtomicBool>, mut tasks: tokio::task::JoinSet<Vec<Dura
     }
 }
 
-fn best(rounds: &[Figures]) -> Figures {
-    let top = rounds
-        .iter()
-        .max_by(|a, b| a.rps.total_cmp(&b.rps))
-        .expect("rounds");
-    Figures {
-        rps: top.rps,
-        p99: top.p99,
+/// Median of `values` (not empty).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
 }
 
-fn row(name: &str, f: &Figures, base: &Figures) {
+/// One table row: median req/s and p99 over the rounds, and the median of the per-round
+/// ratios to the baseline (`base[i]` ran in the same round as `runs[i]`).
+fn row(name: &str, runs: &[Figures], base: &[Figures]) {
+    let rps = median(runs.iter().map(|f| f.rps).collect());
+    let p99 = median(runs.iter().map(|f| f.p99.as_secs_f64()).collect());
+    let rps_ratio = median(runs.iter().zip(base).map(|(f, b)| f.rps / b.rps).collect());
+    let p99_ratio = median(
+        runs.iter()
+            .zip(base)
+            .map(|(f, b)| f.p99.as_secs_f64() / b.p99.as_secs_f64())
+            .collect(),
+    );
     println!(
-        "| {name} | {:.0} | {:.2} | {:.0} µs | {:.2} |",
-        f.rps,
-        f.rps / base.rps,
-        f.p99.as_secs_f64() * 1e6,
-        f.p99.as_secs_f64() / base.p99.as_secs_f64()
+        "| {name} | {rps:.0} | {rps_ratio:.2} | {:.0} µs | {p99_ratio:.2} |",
+        p99 * 1e6
     );
 }
 
@@ -235,16 +245,19 @@ async fn main() {
             results[i].push(load(targets[i]).await);
         }
     }
-    let (a, b, c) = (best(&results[0]), best(&results[1]), best(&results[2]));
     println!(
-        "Server stacks: {CONNECTIONS} keep-alive connections, {DURATION:?} per run, best of {ROUNDS}."
+        "Server stacks: {CONNECTIONS} keep-alive connections, {DURATION:?} per run, {ROUNDS} rounds; medians, ratios within a round."
     );
     println!();
     println!("| server | req/s | × bare | p99 | p99 × bare |");
     println!("|---|---:|---:|---:|---:|");
-    row("hyper, no middleware", &a, &a);
-    row("steadfast::server::http()", &b, &a);
-    row("tower-http request-id pair + timeout", &c, &a);
+    row("hyper, no middleware", &results[0], &results[0]);
+    row("steadfast::server::http()", &results[1], &results[0]);
+    row(
+        "tower-http request-id pair + timeout",
+        &results[2],
+        &results[0],
+    );
 
     let transport: hyper_util::client::legacy::Client<_, Full<Bytes>> =
         hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
@@ -264,9 +277,10 @@ async fn main() {
             d.push(load_client(Fixed(transport.clone(), bare)).await);
         }
     }
-    let (d, e) = (best(&d), best(&e));
     println!();
-    println!("Client stacks calling the bare server: {CONNECTIONS} concurrent callers.");
+    println!(
+        "Client stacks calling the bare server: {CONNECTIONS} concurrent callers, {ROUNDS} rounds."
+    );
     println!();
     println!("| client | req/s | × bare | p99 | p99 × bare |");
     println!("|---|---:|---:|---:|---:|");
