@@ -26,7 +26,11 @@ fn median_ns(group: &str, contender: &str) -> Option<f64> {
     let best = (1..=PASSES)
         .filter_map(|p| read(&format!("pass{p}")))
         .fold(f64::INFINITY, f64::min);
-    if best.is_finite() { Some(best) } else { read("new") }
+    if best.is_finite() {
+        Some(best)
+    } else {
+        read("new")
+    }
 }
 
 fn main() {
