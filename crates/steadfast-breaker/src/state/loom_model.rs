@@ -64,6 +64,19 @@ fn pass(shared: &Shared) -> Permit {
     permit
 }
 
+/// Two threads report a failure for calls admitted with `permit`, at the same time.
+fn fail_twice_at_once(shared: &Arc<Shared>, permit: Permit) {
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let shared = shared.clone();
+            thread::spawn(move || shared.on_outcome(permit, true, false, None))
+        })
+        .collect();
+    for c in calls {
+        c.join().unwrap();
+    }
+}
+
 /// A call admitted as a probe (the breaker must be due for one).
 fn probe(shared: &Shared) -> Permit {
     let permit = shared.admit().expect("a probe is due");
@@ -186,15 +199,7 @@ fn concurrent_failures_trip_once() {
             let shared = Arc::new(frozen(policy(threshold, 1, HOUR)));
             let mut rx = shared.subscribe();
             let permit = pass(&shared);
-            let calls: Vec<_> = (0..2)
-                .map(|_| {
-                    let shared = shared.clone();
-                    thread::spawn(move || shared.on_outcome(permit, true, false, None))
-                })
-                .collect();
-            for c in calls {
-                c.join().unwrap();
-            }
+            fail_twice_at_once(&shared, permit);
             assert_eq!((shared.state(), shared.generation()), (State::Open, 1));
             assert_eq!(announced(&mut rx), [(State::Closed, State::Open, 1)]);
             assert_eq!(shared.trips.load(SeqCst), 1, "one trip counted");
@@ -287,15 +292,7 @@ fn a_losing_trip_leaves_the_open_time_alone() {
         let shared = Arc::new(frozen(p));
         let mut rx = shared.subscribe();
         let permit = pass(&shared);
-        let calls: Vec<_> = (0..2)
-            .map(|_| {
-                let shared = shared.clone();
-                thread::spawn(move || shared.on_outcome(permit, true, false, None))
-            })
-            .collect();
-        for c in calls {
-            c.join().unwrap();
-        }
+        fail_twice_at_once(&shared, permit);
         let announced = rx.try_recv().expect("one trip").open_for;
         assert_eq!(announced, Some(HOUR));
         let w = shared.word.0.load(SeqCst);
