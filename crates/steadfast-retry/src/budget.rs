@@ -134,16 +134,22 @@ impl Budget {
     fn update(&self, cost: u64) -> bool {
         let mut swept = 0u64;
         for s in &self.pending {
-            let total = s.deposited.load(Acquire);
+            // `swept` first: every value it holds was read from `deposited` by a sweeper, so
+            // after this acquire the read of `deposited` below is at least as large. (Read the
+            // other way round, another sweeper could move `swept` past our `total` in between,
+            // and our compare-and-swap would move it back and claim ~2^64.)
             let before = s.swept.load(Acquire);
+            let total = s.deposited.load(Acquire);
+            let fresh = total.wrapping_sub(before);
             // Claim what arrived since the last sweep; a racing sweeper that wins claims it
             // instead, never both.
-            if total != before
+            if fresh != 0
+                && fresh <= i64::MAX as u64
                 && s.swept
                     .compare_exchange(before, total, AcqRel, Acquire)
                     .is_ok()
             {
-                swept = swept.saturating_add(total.wrapping_sub(before));
+                swept = swept.saturating_add(fresh);
             }
         }
         let now = self.now_tick();
@@ -151,7 +157,14 @@ impl Budget {
         let _ = self.word.fetch_update(AcqRel, Acquire, |w| {
             let balance = w & BALANCE_MASK;
             let last = w >> BALANCE_BITS;
-            let elapsed = now.wrapping_sub(last) & TICK_MASK;
+            let mut elapsed = now.wrapping_sub(last) & TICK_MASK;
+            let mut stamp = now & TICK_MASK;
+            if elapsed > TICK_MASK / 2 {
+                // Another thread read the clock after us and stored a later tick first: for
+                // us no time has passed (the tick never moves backwards; it wraps forwards).
+                elapsed = 0;
+                stamp = last;
+            }
             let decayed = if elapsed == 0 {
                 balance as f64
             } else {
@@ -164,7 +177,7 @@ impl Budget {
                 .min(BALANCE_MASK);
             ok = total >= cost;
             let after = if ok { total - cost } else { total };
-            Some(((now & TICK_MASK) << BALANCE_BITS) | after)
+            Some((stamp << BALANCE_BITS) | after)
         });
         ok
     }
@@ -284,6 +297,54 @@ mod tests {
         b.update(0);
         let balance = b.word.load(Acquire) & BALANCE_MASK;
         assert_eq!(balance, DEPOSITORS * EACH);
+    }
+
+    /// Several sweepers race several depositors (the sweep that once read `deposited` before
+    /// `swept` could move `swept` backwards and claim ~2^64 milli-tokens).
+    #[test]
+    fn racing_sweepers_never_claim_more_than_was_deposited() {
+        for _ in 0..5 {
+            let b = Arc::new(Budget::new(BudgetConfig {
+                ratio: 0.001,
+                min_per_sec: 0,
+                window: Duration::from_secs(100_000_000),
+            }));
+            const EACH: u64 = 20_000;
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let max_seen = Arc::new(AtomicU64::new(0));
+            let sweepers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (b, stop, max_seen) = (b.clone(), stop.clone(), max_seen.clone());
+                    std::thread::spawn(move || {
+                        while !stop.load(Relaxed) {
+                            b.update(0);
+                            let balance = b.word.load(Acquire) & BALANCE_MASK;
+                            max_seen.fetch_max(balance, Relaxed);
+                        }
+                    })
+                })
+                .collect();
+            let depositors: Vec<_> = (0..4)
+                .map(|_| {
+                    let b = b.clone();
+                    std::thread::spawn(move || {
+                        for _ in 0..EACH {
+                            b.deposit();
+                        }
+                    })
+                })
+                .collect();
+            for t in depositors {
+                t.join().unwrap();
+            }
+            stop.store(true, Relaxed);
+            for t in sweepers {
+                t.join().unwrap();
+            }
+            b.update(0);
+            assert!(max_seen.load(Relaxed) <= 4 * EACH, "a sweep over-claimed");
+            assert_eq!(b.word.load(Acquire) & BALANCE_MASK, 4 * EACH);
+        }
     }
 
     /// Many threads withdraw at once: the grants never exceed the tokens that existed.
