@@ -327,11 +327,12 @@ impl Shared {
                 }
                 // Pinned semantics 1: Open -> HalfOpen at now >= opened_at + open_time.
                 let half = next(w, HALF_OPEN);
-                if self.cas(w, half, None) {
+                if self.cas_word(w, half) {
                     // Only the thread that entered HalfOpen sets its verdict deadline.
                     let open_for = unstamp(self.open_for.load(Acquire), w >> 3).unwrap_or(0);
                     let by = micros_ceil(now).saturating_add(open_for.max(1));
-                    self.verdict_by.store(stamp(half >> 3, by), Release);
+                    publish(&self.verdict_by, stamp(half >> 3, by));
+                    self.announce(w, half, None);
                     return self.take_probe(half, now);
                 }
                 self.admit()
@@ -345,6 +346,10 @@ impl Shared {
         let mut h = self.half.load(Acquire);
         loop {
             let (g, taken, succ) = unpack(h);
+            if g != gen32 && newer32(g, gen32) {
+                // The breaker has moved on since `w` was read: decide against the current state.
+                return self.admit();
+            }
             let (taken, succ) = if g == gen32 { (taken, succ) } else { (0, 0) };
             if u32::from(taken) >= self.policy.probes {
                 // No verdict within the open time: re-open (pinned semantics 3). A deadline
@@ -489,9 +494,12 @@ impl Shared {
     fn trip(&self, w: u64, hint: Option<Duration>) {
         let open_for = self.open_duration(hint);
         let open = next(w, OPEN);
-        if self.cas(w, open, Some(open_for)) {
+        if self.cas_word(w, open) {
             self.trips.fetch_add(1, Relaxed);
+            // Schedule first, announce after: no subscriber or recorder code runs while the
+            // new generation has no schedule.
             self.schedule(open, open_for);
+            self.announce(w, open, Some(open_for));
         }
     }
 
@@ -499,17 +507,19 @@ impl Shared {
     fn schedule(&self, open: u64, open_for: Duration) {
         let open_us = micros_ceil(open_for.as_nanos().min(u128::from(u64::MAX)) as u64);
         let until = micros_ceil(self.now()).saturating_add(open_us);
-        self.open_for.store(stamp(open >> 3, open_us), Relaxed);
-        // Release: a reader that sees this stamp also sees `open_for` above.
-        self.open_until.store(stamp(open >> 3, until), Release);
+        publish(&self.open_for, stamp(open >> 3, open_us));
+        // A reader that sees this stamp also sees `open_for` above (release, in `publish`).
+        publish(&self.open_until, stamp(open >> 3, until));
     }
 
     /// HalfOpen (word `w`) -> Closed. The consecutive count needs no reset: it belongs to the
     /// generation left behind.
     fn close(&self, w: u64) {
         self.reset_window();
-        if self.cas(w, next(w, CLOSED), None) {
+        let closed = next(w, CLOSED);
+        if self.cas_word(w, closed) {
             self.trips.store(0, Relaxed);
+            self.announce(w, closed, None);
         }
     }
 
@@ -533,25 +543,27 @@ impl Shared {
                 self.trips.store(0, Relaxed);
             }
             let to_word = next(w, tag_of(to));
-            if self.cas(w, to_word, None) {
+            if self.cas_word(w, to_word) {
                 if to == State::Open {
                     self.schedule(to_word, self.policy.open_time);
                 }
+                self.announce(w, to_word, None);
                 return;
             }
             w = self.word.0.load(Acquire);
         }
     }
 
-    fn cas(&self, from: u64, to: u64, open_for: Option<Duration>) -> bool {
-        if self
-            .word
+    /// Moves the state word from `from` to `to`; `true` for the one thread that did.
+    fn cas_word(&self, from: u64, to: u64) -> bool {
+        self.word
             .0
             .compare_exchange(from, to, AcqRel, Acquire)
-            .is_err()
-        {
-            return false;
-        }
+            .is_ok()
+    }
+
+    /// Tells subscribers, tracing and metrics about a transition this thread made.
+    fn announce(&self, from: u64, to: u64, open_for: Option<Duration>) {
         let t = Transition {
             from: state_of(from),
             to: state_of(to),
@@ -572,7 +584,6 @@ impl Shared {
             .increment(1);
         // No receivers is fine: nobody listens.
         let _ = self.events.send(t);
-        true
     }
 }
 
@@ -590,12 +601,35 @@ fn stamp(generation: u64, micros: u64) -> u64 {
     (generation << STAMP_TIME_BITS) | micros.min(STAMP_TIME_MASK)
 }
 
-/// The time of `stamped` if it belongs to `generation`. Generations that set a stamp are at
-/// least two apart per trip, so a stale stamp would need 512 trips to go by unnoticed between
-/// two instructions of one thread.
+/// The time of `stamped` if it belongs to `generation` (compared on the low 10 bits: a stale
+/// stamp would need a writer stalled across 1024 transitions to pass; [`publish`] never lets
+/// one overwrite a newer stamp).
 fn unstamp(stamped: u64, generation: u64) -> Option<u64> {
     let mask = (1 << STAMP_GEN_BITS) - 1;
     ((stamped >> STAMP_TIME_BITS) == generation & mask).then_some(stamped & STAMP_TIME_MASK)
+}
+
+/// Writes stamp `new` into `slot` unless `slot` already holds a stamp of a newer generation
+/// (a writer that stalled after its transition must not overwrite a later one's schedule).
+fn publish(slot: &AtomicU64, new: u64) {
+    let gen_of = |s: u64| (s >> STAMP_TIME_BITS) as u32;
+    let mut cur = slot.load(Acquire);
+    loop {
+        // Tags are 10 bits: "newer" is up to half the tag range ahead.
+        let ahead = gen_of(cur).wrapping_sub(gen_of(new)) & ((1 << STAMP_GEN_BITS) - 1);
+        if cur != 0 && ahead != 0 && ahead < (1 << (STAMP_GEN_BITS - 1)) {
+            return;
+        }
+        match slot.compare_exchange_weak(cur, new, AcqRel, Acquire) {
+            Ok(_) => return,
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+/// Whether 32-bit generation tag `a` is ahead of `b` (wrapping).
+fn newer32(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
 }
 
 /// Nanoseconds to microseconds, rounded up (a deadline never comes early).
@@ -637,6 +671,26 @@ mod tests {
             probes,
             seed: 0,
         }
+    }
+
+    /// A schedule written late by a stalled thread never replaces a newer generation's.
+    #[test]
+    fn a_late_schedule_never_overwrites_a_newer_one() {
+        let slot = AtomicU64::new(0);
+        publish(&slot, stamp(3, 100));
+        assert_eq!(unstamp(slot.load(Acquire), 3), Some(100));
+        publish(&slot, stamp(1, 50)); // generation 1's writer wakes up late
+        assert_eq!(unstamp(slot.load(Acquire), 3), Some(100));
+        publish(&slot, stamp(5, 70));
+        assert_eq!(unstamp(slot.load(Acquire), 5), Some(70));
+        // Across the 10-bit tag wrap, 1025 is newer than 1023.
+        let slot = AtomicU64::new(stamp(1020, 9));
+        publish(&slot, stamp(1023, 1));
+        assert_eq!(unstamp(slot.load(Acquire), 1023), Some(1));
+        publish(&slot, stamp(1025, 2));
+        assert_eq!(unstamp(slot.load(Acquire), 1025), Some(2));
+        publish(&slot, stamp(1023, 3));
+        assert_eq!(unstamp(slot.load(Acquire), 1025), Some(2));
     }
 
     /// OS threads hammer probe admission and return in one HalfOpen generation: never more

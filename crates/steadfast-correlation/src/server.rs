@@ -125,7 +125,7 @@ where
             id.clone().sync_scope(|| self.inner.call(req))
         };
         ServerFuture {
-            inner: id.scope(inner),
+            inner: Some(id.scope(inner)),
             span,
             echo,
         }
@@ -135,12 +135,22 @@ where
 pin_project! {
     /// The response future of [`CorrelationIdService`].
     pub struct ServerFuture<F> {
+        // `None` only while being dropped.
         #[pin]
-        inner: Scoped<F>,
-        // Entered around every poll of `inner`.
+        inner: Option<Scoped<F>>,
+        // Entered around every poll of `inner`, and while it is dropped.
         span: Span,
         // The header to echo the id on; the id itself comes back out of the scope.
         echo: Option<HeaderName>,
+    }
+
+    impl<F> PinnedDrop for ServerFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            // What the handler logs while it is cancelled still belongs to the request.
+            let mut this = this.project();
+            let _entered = this.span.enter();
+            this.inner.set(None);
+        }
     }
 }
 
@@ -158,12 +168,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
+            unreachable!("a ServerFuture is only empty while dropped");
+        };
         let mut res = {
             let _entered = this.span.enter();
-            ready!(this.inner.as_mut().poll(cx))?
+            ready!(inner.as_mut().poll(cx))?
         };
         if let Some(name) = this.echo.take() {
-            if let Some(id) = this.inner.take_id() {
+            if let Some(id) = inner.take_id() {
                 res.headers_mut().insert(name, id.into());
             }
         }

@@ -304,6 +304,47 @@ async fn span_carries_the_id() {
     );
 }
 
+#[test]
+fn a_cancelled_handler_logs_inside_the_request_span() {
+    use std::future::Future;
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+    use tracing_subscriber::registry::{LookupSpan, Registry};
+
+    /// For every event, the name of the span it happened in.
+    #[derive(Clone, Default)]
+    struct SpanOfEvents(Arc<Mutex<Vec<Option<String>>>>);
+    impl<S> tracing_subscriber::Layer<S> for SpanOfEvents
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    {
+        fn on_event(&self, _: &tracing::Event<'_>, ctx: Context<'_, S>) {
+            let span = ctx.lookup_current().map(|s| s.name().to_owned());
+            self.0.lock().unwrap().push(span);
+        }
+    }
+    struct LogOnDrop;
+    impl Drop for LogOnDrop {
+        fn drop(&mut self) {
+            tracing::info!("handler cancelled");
+        }
+    }
+
+    let seen = SpanOfEvents::default();
+    let _guard = tracing::subscriber::set_default(Registry::default().with(seen.clone()));
+    let svc = tower::Layer::layer(
+        &CorrelationIdLayer::new(),
+        service_fn(|_: Request<()>| async {
+            let _log = LogOnDrop;
+            std::future::pending::<Result<Response<()>, std::convert::Infallible>>().await
+        }),
+    );
+    let mut fut = Box::pin(svc.oneshot(req_with(&[("x-correlation-id", b"gone")])));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    drop(fut); // the client went away
+    assert_eq!(*seen.0.lock().unwrap(), vec![Some("request".to_owned())]);
+}
+
 #[tokio::test]
 async fn generated_ids_are_time_ordered_uuid_v7() {
     let g = UuidV7::seeded(1);
