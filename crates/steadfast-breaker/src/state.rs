@@ -14,7 +14,7 @@
 
 use crate::sync::{
     AtomicU32, AtomicU64,
-    Ordering::{AcqRel, Acquire, Relaxed, Release},
+    Ordering::{AcqRel, Acquire, Relaxed},
 };
 use std::time::Duration;
 
@@ -655,6 +655,7 @@ fn splitmix(mut z: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::Ordering::Release;
     use std::sync::Arc;
     use std::sync::atomic::AtomicUsize;
 
