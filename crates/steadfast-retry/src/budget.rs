@@ -259,44 +259,54 @@ mod tests {
         );
     }
 
-    /// More threads than owned stripes deposit while another sweeps: every deposit is counted
-    /// exactly once.
-    #[test]
-    fn concurrent_deposits_are_counted_exactly_once() {
+    /// `depositors` threads deposit one milli-token `each` times while `sweepers` threads
+    /// sweep; returns the largest balance any sweeper saw and the final balance.
+    fn race(depositors: u64, each: u64, sweepers: usize) -> (u64, u64) {
         let b = Arc::new(Budget::new(BudgetConfig {
             ratio: 0.001, // one milli-token per request
             min_per_sec: 0,
-            window: Duration::from_secs(100_000_000),
+            window: Duration::from_secs(100_000_000), // no decay within the test
         }));
-        const DEPOSITORS: u64 = 12;
-        const EACH: u64 = 50_000;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sweeper = {
-            let (b, stop) = (b.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Relaxed) {
-                    b.update(0);
-                }
+        let max_seen = Arc::new(AtomicU64::new(0));
+        let sweepers: Vec<_> = (0..sweepers)
+            .map(|_| {
+                let (b, stop, max_seen) = (b.clone(), stop.clone(), max_seen.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Relaxed) {
+                        b.update(0);
+                        max_seen.fetch_max(b.word.load(Acquire) & BALANCE_MASK, Relaxed);
+                    }
+                })
             })
-        };
-        let threads: Vec<_> = (0..DEPOSITORS)
+            .collect();
+        let depositors: Vec<_> = (0..depositors)
             .map(|_| {
                 let b = b.clone();
                 std::thread::spawn(move || {
-                    for _ in 0..EACH {
+                    for _ in 0..each {
                         b.deposit();
                     }
                 })
             })
             .collect();
-        for t in threads {
+        for t in depositors {
             t.join().unwrap();
         }
         stop.store(true, Relaxed);
-        sweeper.join().unwrap();
+        for t in sweepers {
+            t.join().unwrap();
+        }
         b.update(0);
-        let balance = b.word.load(Acquire) & BALANCE_MASK;
-        assert_eq!(balance, DEPOSITORS * EACH);
+        (max_seen.load(Relaxed), b.word.load(Acquire) & BALANCE_MASK)
+    }
+
+    /// More threads than owned stripes deposit while another sweeps: every deposit is counted
+    /// exactly once.
+    #[test]
+    fn concurrent_deposits_are_counted_exactly_once() {
+        let (_, balance) = race(12, 50_000, 1);
+        assert_eq!(balance, 12 * 50_000);
     }
 
     /// Several sweepers race several depositors (the sweep that once read `deposited` before
@@ -304,46 +314,9 @@ mod tests {
     #[test]
     fn racing_sweepers_never_claim_more_than_was_deposited() {
         for _ in 0..5 {
-            let b = Arc::new(Budget::new(BudgetConfig {
-                ratio: 0.001,
-                min_per_sec: 0,
-                window: Duration::from_secs(100_000_000),
-            }));
-            const EACH: u64 = 20_000;
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let max_seen = Arc::new(AtomicU64::new(0));
-            let sweepers: Vec<_> = (0..4)
-                .map(|_| {
-                    let (b, stop, max_seen) = (b.clone(), stop.clone(), max_seen.clone());
-                    std::thread::spawn(move || {
-                        while !stop.load(Relaxed) {
-                            b.update(0);
-                            let balance = b.word.load(Acquire) & BALANCE_MASK;
-                            max_seen.fetch_max(balance, Relaxed);
-                        }
-                    })
-                })
-                .collect();
-            let depositors: Vec<_> = (0..4)
-                .map(|_| {
-                    let b = b.clone();
-                    std::thread::spawn(move || {
-                        for _ in 0..EACH {
-                            b.deposit();
-                        }
-                    })
-                })
-                .collect();
-            for t in depositors {
-                t.join().unwrap();
-            }
-            stop.store(true, Relaxed);
-            for t in sweepers {
-                t.join().unwrap();
-            }
-            b.update(0);
-            assert!(max_seen.load(Relaxed) <= 4 * EACH, "a sweep over-claimed");
-            assert_eq!(b.word.load(Acquire) & BALANCE_MASK, 4 * EACH);
+            let (max_seen, balance) = race(4, 20_000, 4);
+            assert!(max_seen <= 4 * 20_000, "a sweep over-claimed: {max_seen}");
+            assert_eq!(balance, 4 * 20_000);
         }
     }
 
