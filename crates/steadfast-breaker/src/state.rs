@@ -272,7 +272,7 @@ impl Shared {
             let tag = (c >> 32) as u32;
             let n = if tag == gen32 {
                 c as u32
-            } else if (gen32.wrapping_sub(tag) as i32) > 0 {
+            } else if newer32(gen32, tag) {
                 0 // the first failure of a newer generation
             } else {
                 return None;
@@ -300,7 +300,7 @@ impl Shared {
             return;
         }
         let tag = (c >> 32) as u32;
-        if tag == gen32 || (gen32.wrapping_sub(tag) as i32) > 0 {
+        if tag == gen32 || newer32(gen32, tag) {
             // A failure racing in wins; either order is a valid history.
             let _ = self
                 .consecutive
