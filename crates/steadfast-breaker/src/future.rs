@@ -16,7 +16,7 @@ use steadfast_core::{
 
 use crate::breaker::Stripe;
 use crate::error::BreakerOpen;
-use crate::state::Permit;
+use crate::state::{Permit, nanos};
 
 /// A response body that reports a streamed gRPC verdict to the breaker at end of stream
 /// (pass-through for everything else).
@@ -83,10 +83,6 @@ impl<C> Guard<C> {
             self.stripe.shared.return_probe(w);
         }
     }
-}
-
-fn nanos(d: Duration) -> u64 {
-    d.as_nanos().min(u128::from(u64::MAX)) as u64
 }
 
 impl<C> Drop for Guard<C> {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use crate::breaker::Breaker;
-use crate::state::{Shared, State, Transition};
+use crate::state::{State, Transition, state_of};
 use crate::window::WindowCounts;
 
 /// Observe and control one breaker.
@@ -85,7 +85,7 @@ impl<C> BreakerHandle<C> {
         let shared = &self.breaker.shared;
         let word = shared.word();
         Metrics {
-            state: Shared::state_of(word),
+            state: state_of(word),
             generation: word >> 3,
             calls,
             failures,

@@ -75,7 +75,8 @@ fn tag_of(s: State) -> u64 {
     }
 }
 
-fn state_of(word: u64) -> State {
+/// The state of a state word.
+pub(crate) fn state_of(word: u64) -> State {
     match word & TAG {
         CLOSED => State::Closed,
         OPEN => State::Open,
@@ -196,19 +197,11 @@ impl Shared {
     }
 
     fn now(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.base)
-            .as_nanos()
-            .min(u128::from(u64::MAX)) as u64
+        nanos(Instant::now().saturating_duration_since(self.base))
     }
 
     pub(crate) fn state(&self) -> State {
         state_of(self.word())
-    }
-
-    /// The state of a state word.
-    pub(crate) fn state_of(word: u64) -> State {
-        state_of(word)
     }
 
     #[cfg(test)]
@@ -505,7 +498,7 @@ impl Shared {
 
     /// Writes the schedule of the Open generation entered with word `open`.
     fn schedule(&self, open: u64, open_for: Duration) {
-        let open_us = micros_ceil(open_for.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let open_us = micros_ceil(nanos(open_for));
         let until = micros_ceil(self.now()).saturating_add(open_us);
         publish(&self.open_for, stamp(open >> 3, open_us));
         // A reader that sees this stamp also sees `open_for` above (release, in `publish`).
@@ -630,6 +623,11 @@ fn publish(slot: &AtomicU64, new: u64) {
 /// Whether 32-bit generation tag `a` is ahead of `b` (wrapping).
 fn newer32(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
+}
+
+/// A duration in nanoseconds, saturating at `u64::MAX` (584 years).
+pub(crate) fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
 }
 
 /// Nanoseconds to microseconds, rounded up (a deadline never comes early).
