@@ -58,11 +58,13 @@ impl Deadline {
     }
 
     /// A deadline `d` from now; absurdly long durations saturate to about thirty years.
+    #[inline]
     pub fn after(d: Duration) -> Self {
         Self::after_from(Instant::now(), d)
     }
 
     /// A deadline `d` after `now` (saves a clock read when the caller has one).
+    #[inline]
     pub fn after_from(now: Instant, d: Duration) -> Self {
         let at = now
             .checked_add(d.min(FAR_FUTURE))
@@ -71,6 +73,7 @@ impl Deadline {
     }
 
     /// The instant.
+    #[inline]
     pub const fn instant(self) -> Instant {
         self.at
     }
@@ -86,6 +89,7 @@ impl Deadline {
     }
 
     /// The earlier of two optional deadlines.
+    #[inline]
     pub fn earliest(a: Option<Deadline>, b: Option<Deadline>) -> Option<Deadline> {
         match (a, b) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -95,12 +99,14 @@ impl Deadline {
     }
 
     /// The ambient deadline of the current task, if a server (or [`Deadline::scope`]) set one.
+    #[inline]
     pub fn current() -> Option<Deadline> {
         CURRENT.try_with(|d| *d).ok().flatten()
     }
 
     /// The deadline that applies to `req`: its [`Deadline`] extension if any, else the
     /// ambient one. When both exist the earlier wins.
+    #[inline]
     pub fn for_request<B>(req: &http::Request<B>) -> Option<Deadline> {
         Self::earliest(req.extensions().get::<Deadline>().copied(), Self::current())
     }

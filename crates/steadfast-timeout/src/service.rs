@@ -104,7 +104,9 @@ where
         }
         match self.inner.poll_ready(cx) {
             Poll::Ready(r) => {
-                self.ready_sleep = None;
+                if self.ready_sleep.is_some() {
+                    self.ready_sleep = None;
+                }
                 Poll::Ready(r.map_err(Into::into))
             }
             Poll::Pending if !self.config.cover_ready => Poll::Pending,
@@ -128,44 +130,67 @@ where
     }
 
     #[inline]
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if std::mem::take(&mut self.ready_expired) {
-            tracing::debug!(target: "steadfast::timeout", limit_ms = self.config.limit.as_millis() as u64, "ready wait elapsed");
-            return ResponseFuture::elapsed(Elapsed::new(self.config.limit, false));
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if self.ready_expired {
+            return self.ready_elapsed();
         }
         let own = match req.extensions().get::<RequestTimeout>() {
             Some(o) => o.0.min(self.config.limit),
             None => self.config.limit,
         };
         match Deadline::for_request(&req) {
+            // The common case reads the request and hands it on untouched (no copy of it
+            // to edit), and leaves the clock and the timer to the first `Pending`.
             None if !self.config.propagate_own => ResponseFuture::lazy(self.inner.call(req), own),
-            inherited => {
-                let now = Instant::now();
-                let (limit, is_inherited) = match inherited {
-                    Some(d) => {
-                        let left = d.instant().saturating_duration_since(now);
-                        if left < own {
-                            (left, true)
-                        } else {
-                            (own, false)
-                        }
-                    }
-                    None => (own, false),
-                };
-                if limit.is_zero() {
-                    tracing::debug!(target: "steadfast::timeout", inherited = is_inherited, "deadline already passed; not sent");
-                    return ResponseFuture::elapsed(Elapsed::new(limit, is_inherited));
-                }
-                let deadline = Deadline::after_from(now, limit);
-                propagate::write(req.headers_mut(), limit);
-                req.extensions_mut().insert(deadline);
-                ResponseFuture::at(
-                    self.inner.call(req),
-                    deadline.instant(),
-                    limit,
-                    is_inherited,
-                )
-            }
+            inherited => self.call_with_deadline(req, own, inherited),
         }
+    }
+}
+
+impl<S> Timeout<S> {
+    /// The call after a readiness wait that ran out: fails without calling.
+    #[cold]
+    fn ready_elapsed<F>(&mut self) -> ResponseFuture<F> {
+        self.ready_expired = false;
+        tracing::debug!(target: "steadfast::timeout", limit_ms = self.config.limit.as_millis() as u64, "ready wait elapsed");
+        ResponseFuture::elapsed(Elapsed::new(self.config.limit, false))
+    }
+
+    /// A call with a deadline to honour and write on the wire: an inherited one, or our own
+    /// when [`propagate_own`](TimeoutLayer::propagate_own) is set.
+    fn call_with_deadline<B>(
+        &mut self,
+        mut req: Request<B>,
+        own: Duration,
+        inherited: Option<Deadline>,
+    ) -> ResponseFuture<S::Future>
+    where
+        S: Service<Request<B>>,
+    {
+        let now = Instant::now();
+        let (limit, is_inherited) = match inherited {
+            Some(d) => {
+                let left = d.instant().saturating_duration_since(now);
+                if left < own {
+                    (left, true)
+                } else {
+                    (own, false)
+                }
+            }
+            None => (own, false),
+        };
+        if limit.is_zero() {
+            tracing::debug!(target: "steadfast::timeout", inherited = is_inherited, "deadline already passed; not sent");
+            return ResponseFuture::elapsed(Elapsed::new(limit, is_inherited));
+        }
+        let deadline = Deadline::after_from(now, limit);
+        propagate::write(req.headers_mut(), limit);
+        req.extensions_mut().insert(deadline);
+        ResponseFuture::at(
+            self.inner.call(req),
+            deadline.instant(),
+            limit,
+            is_inherited,
+        )
     }
 }
