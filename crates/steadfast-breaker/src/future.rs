@@ -63,6 +63,11 @@ impl<C> Guard<C> {
                 self.give_back(permit);
             }
             Some(c) => {
+                if let Permit::Pass(w) = permit {
+                    if self.start == 0 && !c.is_failure() && shared.success_is_noop(w) {
+                        return;
+                    }
+                }
                 let slow = self.start != 0
                     && shared
                         .slow_threshold()

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -113,23 +113,15 @@ impl<S, C> CircuitBreaker<S, C> {
             _ => None,
         }
     }
-}
 
-impl<S, B, ResB, C> Service<Request<B>> for CircuitBreaker<S, C>
-where
-    S: Service<Request<B>, Response = Response<ResB>>,
-    S::Error: Into<BoxError>,
-    C: Classify<Response<ResB>>,
-{
-    type Response = Response<BreakerBody<ResB, C>>;
-    type Error = BoxError;
-    type Future = ResponseFuture<S::Future, C>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    /// `poll_ready` while the breaker may reject. `true`: the call will fail fast (no
+    /// backpressure). With backpressure, waits on a timer until a call would be admitted,
+    /// then `false`.
+    #[cold]
+    fn poll_rejecting(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         while let Some(wait) = self.would_reject() {
             if !self.backpressure {
-                // The call will fail fast; do not reserve inner capacity it won't use.
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(true);
             }
             let deadline = tokio::time::Instant::now() + wait;
             let sleep = self
@@ -142,6 +134,26 @@ where
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(()) => self.sleep = None,
             }
+        }
+        Poll::Ready(false)
+    }
+}
+
+impl<S, B, ResB, C> Service<Request<B>> for CircuitBreaker<S, C>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    C: Classify<Response<ResB>>,
+{
+    type Response = Response<BreakerBody<ResB, C>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.breaker.shared.may_reject() && ready!(self.poll_rejecting(cx)) {
+            // The call will fail fast; do not reserve inner capacity it won't use.
+            return Poll::Ready(Ok(()));
         }
         self.inner.poll_ready(cx).map_err(Into::into)
     }

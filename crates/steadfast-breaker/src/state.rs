@@ -209,6 +209,26 @@ impl Shared {
         self.word() >> 3
     }
 
+    /// Whether the breaker may reject a call now (Open or ForcedOpen): one load, for
+    /// `poll_ready`'s fast path.
+    #[inline]
+    pub(crate) fn may_reject(&self) -> bool {
+        matches!(self.word.0.load(Acquire) & TAG, OPEN | FORCED_OPEN)
+    }
+
+    /// A success admitted under `admitted` that changes nothing: the breaker is still Closed
+    /// in that generation, no rate window records it, and there is no run of failures to
+    /// end. Exactly the cases where [`on_outcome`](Self::on_outcome) would write nothing;
+    /// checked inline so the common outcome costs two loads.
+    #[inline]
+    pub(crate) fn success_is_noop(&self, admitted: u64) -> bool {
+        admitted & TAG == CLOSED
+            && self.window.is_none()
+            && self.word.0.load(Acquire) == admitted
+            && (self.policy.consecutive.is_none()
+                || self.consecutive.0.load(Relaxed) == ((admitted >> 3) as u32 as u64) << 32)
+    }
+
     /// The state word: generation above the state tag.
     pub(crate) fn word(&self) -> u64 {
         self.word.0.load(Acquire)
