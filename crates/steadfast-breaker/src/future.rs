@@ -49,8 +49,20 @@ impl<C> Guard<C> {
         }
     }
 
+    /// Reports the outcome. The common case (a success that changes nothing) is decided
+    /// inline; everything else goes through [`report_slow`](Self::report_slow).
     #[inline]
     fn report(mut self, class: Option<Class>, hint: Option<Duration>) {
+        if let (Some(c), Some(Permit::Pass(w))) = (class, self.permit) {
+            if !c.is_failure() && self.start == 0 && self.stripe.shared.success_is_noop(w) {
+                self.permit = None;
+                return;
+            }
+        }
+        self.report_slow(class, hint);
+    }
+
+    fn report_slow(mut self, class: Option<Class>, hint: Option<Duration>) {
         let Some(permit) = self.permit.take() else {
             return;
         };
@@ -63,11 +75,6 @@ impl<C> Guard<C> {
                 self.give_back(permit);
             }
             Some(c) => {
-                if let Permit::Pass(w) = permit {
-                    if self.start == 0 && !c.is_failure() && shared.success_is_noop(w) {
-                        return;
-                    }
-                }
                 let slow = self.start != 0
                     && shared
                         .slow_threshold()
@@ -188,6 +195,7 @@ where
 {
     type Output = Result<Response<BreakerBody<B, C>>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             FutProj::Rejected { err } => Poll::Ready(Err((*err).into())),
