@@ -8,19 +8,95 @@ use std::time::{Duration, SystemTime};
 
 use http::Response;
 use http::header::RETRY_AFTER;
+use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use steadfast_core::header::{GRPC_RETRY_PUSHBACK_MS, Pushback, pushback, retry_after};
-use steadfast_core::{
-    BoxError, Class, Classify, ClassifyEos, Delivery, GrpcClassifier, OnEos, ResponseClass,
-};
+use steadfast_core::{BoxError, Class, Classify, Delivery, GrpcClassifier, ResponseClass};
 
 use crate::breaker::Stripe;
 use crate::error::BreakerOpen;
 use crate::state::{Permit, nanos};
 
-/// A response body that reports a streamed gRPC verdict to the breaker at end of stream
-/// (pass-through for everything else).
-pub type BreakerBody<B, C> = ClassifyEos<B, EosReport<C>>;
+pin_project! {
+    /// The breaker's response body: the inner body, plus (for a gRPC response whose status
+    /// comes in trailers) the duty to report that status at end of stream.
+    ///
+    /// Data frames pass through untouched and are never buffered. The trailers frame is read
+    /// for `grpc-status`; a stream that ends without one counts as UNKNOWN, a body error as a
+    /// failure. A body dropped before its end reports nothing (and a probe's permit goes
+    /// back). For every other response the verdict was reported with the head, and the
+    /// wrapper adds one word: the deferred duty is boxed, so plain HTTP responses stay small
+    /// (an allocation per streamed gRPC response instead of 40 bytes on every response).
+    pub struct BreakerBody<B, C> {
+        #[pin]
+        inner: B,
+        deferred: Option<Box<Deferred<C>>>,
+    }
+}
+
+/// A gRPC verdict still to come: who to tell, and how to read the trailers.
+struct Deferred<C> {
+    guard: Guard<C>,
+    grpc: GrpcClassifier,
+}
+
+impl<B, C> BreakerBody<B, C> {
+    #[inline]
+    fn reported(inner: B) -> Self {
+        Self {
+            inner,
+            deferred: None,
+        }
+    }
+
+    fn deferred(inner: B, guard: Guard<C>, grpc: GrpcClassifier) -> Self {
+        Self {
+            inner,
+            deferred: Some(Box::new(Deferred { guard, grpc })),
+        }
+    }
+}
+
+impl<B: fmt::Debug, C> fmt::Debug for BreakerBody<B, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BreakerBody")
+            .field("inner", &self.inner)
+            .field("deferred", &self.deferred.is_some())
+            .finish()
+    }
+}
+
+impl<B: Body, C> Body for BreakerBody<B, C> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        let verdict = match this.deferred {
+            Some(d) => d.grpc.classify_frame(frame.as_ref()),
+            None => None,
+        };
+        if let Some(class) = verdict {
+            if let Some(d) = this.deferred.take() {
+                d.guard.report(Some(class), None);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// An admitted call's duty to report its outcome exactly once.
 ///
@@ -113,23 +189,6 @@ impl<C> fmt::Debug for Guard<C> {
     }
 }
 
-/// Reports a deferred (end-of-stream) verdict; see [`BreakerBody`].
-pub struct EosReport<C>(Option<Guard<C>>);
-
-impl<C> fmt::Debug for EosReport<C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("EosReport").field(&self.0.is_some()).finish()
-    }
-}
-
-impl<C> OnEos for EosReport<C> {
-    fn on_eos(self, class: Option<Class>) {
-        if let Some(g) = self.0 {
-            g.report(class, None);
-        }
-    }
-}
-
 pin_project! {
     /// The response future of the breaker services.
     pub struct ResponseFuture<F, C> {
@@ -209,13 +268,11 @@ where
                             ResponseClass::Ready(class) => {
                                 let h = if class.is_failure() { hint(&res) } else { None };
                                 guard.report(Some(class), h);
-                                Poll::Ready(Ok(res.map(|b| {
-                                    ClassifyEos::new(b, GrpcClassifier::new(), EosReport(None))
-                                })))
+                                Poll::Ready(Ok(res.map(BreakerBody::reported)))
                             }
-                            ResponseClass::Deferred(grpc) => Poll::Ready(Ok(
-                                res.map(|b| ClassifyEos::new(b, grpc, EosReport(Some(guard))))
-                            )),
+                            ResponseClass::Deferred(grpc) => {
+                                Poll::Ready(Ok(res.map(|b| BreakerBody::deferred(b, guard, grpc))))
+                            }
                         }
                     }
                     Err(e) => {

@@ -57,7 +57,7 @@ mod window;
 
 pub use answer::{AnsweringBreaker, AnsweringBreakerLayer, AnsweringFuture};
 pub use error::{BreakerOpen, InvalidConfig};
-pub use future::{BreakerBody, EosReport, ResponseFuture};
+pub use future::{BreakerBody, ResponseFuture};
 pub use handle::{BreakerHandle, Metrics, Transitions};
 pub use keyed::{ByAuthority, ExtractKey};
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, KeyedCircuitBreakerLayer};

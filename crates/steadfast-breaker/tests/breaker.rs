@@ -670,6 +670,75 @@ async fn grpc_status_in_trailers_is_judged_at_end_of_stream() {
     assert_eq!(h.state(), State::Open, "UNAVAILABLE in the trailers");
 }
 
+/// A gRPC probe's verdict comes with its trailers; a probe whose body is dropped before them
+/// reports nothing and hands its permit to the next caller.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_probe_body_dropped_before_its_trailers_gives_the_permit_back() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    let layer = builder().consecutive_failures(Some(1)).build().unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(service_fn(|req: Request<()>| async move {
+        let status = if req.uri().path() == "/fail" {
+            "14"
+        } else {
+            "0"
+        };
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", status.parse().unwrap());
+        let frames = vec![
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"msg"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body)
+                .unwrap(),
+        )
+    }));
+    let fail = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::get("/fail").body(()).unwrap())
+        .await
+        .unwrap();
+    let _ = fail.into_body().collect().await.unwrap();
+    assert_eq!(h.state(), State::Open);
+    advance(Duration::from_secs(30)).await;
+
+    let probe = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
+    assert_eq!(h.state(), State::HalfOpen);
+    let mut body = probe.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data(), "a data frame carries no verdict");
+    let refused = svc.ready().await.unwrap().call(Request::new(())).await;
+    assert!(
+        matches!(&refused, Err(e) if e.downcast_ref::<BreakerOpen>().is_some()),
+        "the probe's permit is still out"
+    );
+    drop(body);
+    assert_eq!(h.state(), State::HalfOpen, "no verdict from a dropped body");
+
+    let next = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .expect("the permit came back");
+    let _ = next.into_body().collect().await.unwrap();
+    assert_eq!(h.state(), State::Closed, "grpc-status 0 in the trailers");
+}
+
 // ---- concurrency ----
 
 /// Many tasks racing for probes (interleaved at every await; the atomic protocol itself is

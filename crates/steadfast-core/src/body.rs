@@ -8,7 +8,6 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::classify::{Class, GrpcClassifier};
-use crate::error::Delivery;
 
 /// Told how a classified body ended.
 ///
@@ -108,14 +107,7 @@ impl<B: Body, F: OnEos> Body for ClassifyEos<B, F> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
-        let verdict = match &frame {
-            Some(Ok(f)) => f
-                .trailers_ref()
-                .map(|t| this.classifier.classify_trailers(Some(t))),
-            Some(Err(_)) => Some(Class::new(true, true, Delivery::Answered)),
-            None => Some(this.classifier.classify_trailers(None)),
-        };
-        if let Some(class) = verdict {
+        if let Some(class) = this.classifier.classify_frame(frame.as_ref()) {
             if let Some(f) = this.on_eos.take() {
                 f.on_eos(Some(class));
             }

@@ -12,6 +12,7 @@
 use std::error::Error;
 
 use http::{HeaderMap, Response, StatusCode, header::CONTENT_TYPE};
+use http_body::Frame;
 
 use crate::error::{Delivery, classify_transport_error};
 use crate::grpc::{GrpcCode, GrpcCodeSet};
@@ -321,6 +322,32 @@ impl GrpcClassifier {
             .and_then(GrpcCode::from_map)
             .unwrap_or(GrpcCode::Unknown);
         self.classify(code)
+    }
+
+    /// The verdict a body frame, as `poll_frame` returned it, carries: the trailers' status,
+    /// UNKNOWN at an end of stream without trailers, a failure for a body error, and `None`
+    /// for a data frame (no verdict yet).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body::Frame;
+    /// use steadfast_core::GrpcClassifier;
+    ///
+    /// let c = GrpcClassifier::new();
+    /// let data: Result<Frame<Bytes>, std::io::Error> = Ok(Frame::data(Bytes::new()));
+    /// assert_eq!(c.classify_frame(Some(&data)), None);
+    /// let mut t = http::HeaderMap::new();
+    /// t.insert("grpc-status", "0".parse().unwrap());
+    /// let trailers: Result<Frame<Bytes>, std::io::Error> = Ok(Frame::trailers(t));
+    /// assert!(!c.classify_frame(Some(&trailers)).unwrap().is_failure());
+    /// assert!(c.classify_frame::<Bytes, std::io::Error>(None).unwrap().is_failure());
+    /// ```
+    pub fn classify_frame<D, E>(&self, frame: Option<&Result<Frame<D>, E>>) -> Option<Class> {
+        match frame {
+            Some(Ok(f)) => f.trailers_ref().map(|t| self.classify_trailers(Some(t))),
+            Some(Err(_)) => Some(Class::new(true, true, Delivery::Answered)),
+            None => Some(self.classify_trailers(None)),
+        }
     }
 }
 
