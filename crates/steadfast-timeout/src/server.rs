@@ -6,7 +6,7 @@ use std::task::{Context, Poll, ready};
 use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use steadfast_core::{
-    Deadline, GrpcCode, ResponseBody, Scoped, grpc_response, http_response, is_grpc_content_type,
+    Deadline, GrpcCode, ResponseBody, grpc_response, http_response, is_grpc_content_type,
 };
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -88,7 +88,7 @@ where
         let inner = deadline.sync_scope(|| self.inner.call(req));
         ServerResponseFuture {
             state: ServerState::Running {
-                inner: deadline.scope(inner),
+                inner: Some(inner),
                 sleep: None,
                 deadline,
                 on_expiry,
@@ -115,9 +115,24 @@ impl Expiry {
 
 pin_project! {
     /// The response future of [`ServerTimeout`].
+    ///
+    /// The deadline is ambient (a task-local) while the handler's future is polled and while
+    /// it is dropped. The scope is entered around each poll here rather than by wrapping the
+    /// handler in a scoped future: one future less to move every response through.
     pub struct ServerResponseFuture<F> {
         #[pin]
         state: ServerState<F>,
+    }
+
+    impl<F> PinnedDrop for ServerResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            // A cancelled handler's drop glue still sees its deadline.
+            if let ServerStateProj::Running { mut inner, deadline, .. } =
+                this.project().state.project()
+            {
+                deadline.sync_scope(|| inner.set(None));
+            }
+        }
     }
 }
 
@@ -125,8 +140,9 @@ pin_project! {
     #[project = ServerStateProj]
     enum ServerState<F> {
         Running {
+            // `None` only while being dropped.
             #[pin]
-            inner: Scoped<F>,
+            inner: Option<F>,
             #[pin]
             sleep: Option<Sleep>,
             deadline: Deadline,
@@ -159,7 +175,10 @@ where
                 deadline,
                 on_expiry,
             } => {
-                if let Poll::Ready(r) = inner.poll(cx) {
+                let Some(inner) = inner.as_pin_mut() else {
+                    unreachable!("the handler's future is only gone while dropped");
+                };
+                if let Poll::Ready(r) = deadline.sync_scope(|| inner.poll(cx)) {
                     return Poll::Ready(r.map(|res| res.map(ResponseBody::inner)));
                 }
                 if sleep.is_none() {

@@ -330,6 +330,52 @@ async fn spawned_work_inherits_with_propagate() {
     );
 }
 
+/// The deadline is ambient in the handler's `call`, while its future runs, and while a
+/// cancelled handler is dropped (its drop glue may still log or call out).
+#[tokio::test(start_paused = true)]
+async fn deadline_is_ambient_in_call_in_poll_and_in_drop() {
+    use std::sync::{Arc, Mutex};
+
+    type Seen = Arc<Mutex<Vec<(&'static str, Option<Deadline>)>>>;
+    struct Handler(Seen);
+    impl Drop for Handler {
+        fn drop(&mut self) {
+            self.0.lock().unwrap().push(("drop", Deadline::current()));
+        }
+    }
+    impl std::future::Future for Handler {
+        type Output = Result<Res, std::convert::Infallible>;
+        fn poll(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Self::Output> {
+            self.0.lock().unwrap().push(("poll", Deadline::current()));
+            std::task::Poll::Pending
+        }
+    }
+
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(ServerTimeoutLayer::new(Duration::from_secs(3)))
+        .service(tower::service_fn(move |_req: Req| {
+            s.lock().unwrap().push(("call", Deadline::current()));
+            Handler(s.clone())
+        }));
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(Request::new(())));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    drop(fut);
+    assert_eq!(Deadline::current(), None, "nothing leaks out of the scope");
+    let seen = seen.lock().unwrap();
+    let stages: Vec<_> = seen.iter().map(|(stage, _)| *stage).collect();
+    assert_eq!(stages, ["call", "poll", "drop"]);
+    for (stage, d) in seen.iter() {
+        let d = d.unwrap_or_else(|| panic!("no deadline in {stage}"));
+        assert_eq!(d.remaining(), Duration::from_secs(3), "{stage}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn axum_router_keeps_infallible_and_answers() {
     use axum::{Router, routing::get};
