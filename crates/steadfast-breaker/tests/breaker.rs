@@ -637,26 +637,37 @@ async fn per_authority_breakers_are_isolated_and_bounded() {
     assert!(layer.len() <= 1000 + 16, "memory bounded: {}", layer.len());
 }
 
+/// A gRPC response streamed as one data frame, then trailers with `grpc-status: status`.
+fn grpc_streamed(
+    status: &'static str,
+) -> Response<
+    http_body_util::StreamBody<
+        futures_util::stream::Iter<
+            std::vec::IntoIter<Result<http_body::Frame<bytes::Bytes>, Infallible>>,
+        >,
+    >,
+> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", status.parse().unwrap());
+    let frames = vec![
+        Ok(http_body::Frame::data(bytes::Bytes::from_static(b"msg"))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ];
+    Response::builder()
+        .header("content-type", "application/grpc")
+        .body(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+        .unwrap()
+}
+
 #[tokio::test(start_paused = true)]
 async fn grpc_status_in_trailers_is_judged_at_end_of_stream() {
-    use bytes::Bytes;
     use http_body_util::BodyExt;
     let layer = builder().consecutive_failures(Some(1)).build().unwrap();
     let h = layer.handle();
     let mut svc = layer.layer(service_fn(|_req: Request<()>| async {
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", "14".parse().unwrap());
-        let frames = vec![
-            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"msg"))),
-            Ok(http_body::Frame::trailers(trailers)),
-        ];
-        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        Ok::<_, Infallible>(
-            Response::builder()
-                .header("content-type", "application/grpc")
-                .body(body)
-                .unwrap(),
-        )
+        Ok::<_, Infallible>(grpc_streamed("14"))
     }));
     let res = svc
         .ready()
@@ -674,7 +685,6 @@ async fn grpc_status_in_trailers_is_judged_at_end_of_stream() {
 /// reports nothing and hands its permit to the next caller.
 #[tokio::test(start_paused = true)]
 async fn a_grpc_probe_body_dropped_before_its_trailers_gives_the_permit_back() {
-    use bytes::Bytes;
     use http_body_util::BodyExt;
     let layer = builder().consecutive_failures(Some(1)).build().unwrap();
     let h = layer.handle();
@@ -684,19 +694,7 @@ async fn a_grpc_probe_body_dropped_before_its_trailers_gives_the_permit_back() {
         } else {
             "0"
         };
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", status.parse().unwrap());
-        let frames = vec![
-            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"msg"))),
-            Ok(http_body::Frame::trailers(trailers)),
-        ];
-        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        Ok::<_, Infallible>(
-            Response::builder()
-                .header("content-type", "application/grpc")
-                .body(body)
-                .unwrap(),
-        )
+        Ok::<_, Infallible>(grpc_streamed(status))
     }));
     let fail = svc
         .ready()
