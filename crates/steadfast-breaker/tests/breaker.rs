@@ -640,13 +640,7 @@ async fn per_authority_breakers_are_isolated_and_bounded() {
 /// A gRPC response streamed as one data frame, then trailers with `grpc-status: status`.
 fn grpc_streamed(
     status: &'static str,
-) -> Response<
-    http_body_util::StreamBody<
-        futures_util::stream::Iter<
-            std::vec::IntoIter<Result<http_body::Frame<bytes::Bytes>, Infallible>>,
-        >,
-    >,
-> {
+) -> Response<impl http_body::Body<Data = bytes::Bytes, Error = Infallible> + use<>> {
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", status.parse().unwrap());
     let frames = vec![
