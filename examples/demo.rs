@@ -1,4 +1,5 @@
-//! Run: `cargo run --release --example demo`
+//! Run: `cargo run --release --example demo --features metrics` (the layers' counters feed the
+//! gateway's `/metrics`, so the example needs them on).
 //!
 //! The seed scenario in one process, on loopback, in about 15 seconds:
 //!
