@@ -77,7 +77,7 @@ where
             grpc,
             status: self.config.status,
         };
-        // `now` stands for the present: a second clock read would cost as much as the rest.
+        // `now` stands for the present: no second clock read for this check.
         if deadline.instant() <= now {
             tracing::debug!(target: "steadfast::timeout", grpc, "inbound deadline already passed");
             return ServerResponseFuture {
