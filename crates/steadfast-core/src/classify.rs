@@ -359,7 +359,7 @@ pub fn is_grpc_response<B>(res: &Response<B>) -> bool {
 /// Whether a header map declares a gRPC content type.
 #[inline]
 pub fn is_grpc_content_type(headers: &HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_some_and(|ct| {
+    headers.get(&CONTENT_TYPE).is_some_and(|ct| {
         let ct = ct.as_bytes();
         ct.len() >= 16
             && ct[..16].eq_ignore_ascii_case(b"application/grpc")

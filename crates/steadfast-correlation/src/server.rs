@@ -77,7 +77,7 @@ impl<M: MakeCorrelationId, V: ValidateId> CorrelationIdLayer<M, V> {
         }
         if self.traceparent {
             if let Some(trace) = headers
-                .get(TRACEPARENT)
+                .get(&TRACEPARENT)
                 .and_then(|v| trace_id(v.as_bytes()))
             {
                 if let Ok(v) = HeaderValue::from_bytes(trace) {

@@ -94,13 +94,13 @@ enum Hint {
 
 fn hint<B>(res: &Response<B>) -> Option<Hint> {
     let h = res.headers();
-    if let Some(v) = h.get(GRPC_RETRY_PUSHBACK_MS) {
+    if let Some(v) = h.get(&GRPC_RETRY_PUSHBACK_MS) {
         return Some(match pushback(v) {
             Pushback::After(d) => Hint::After(d),
             Pushback::Stop => Hint::Stop,
         });
     }
-    h.get(RETRY_AFTER)
+    h.get(&RETRY_AFTER)
         .and_then(|v| retry_after(v, SystemTime::now()))
         .map(Hint::After)
 }

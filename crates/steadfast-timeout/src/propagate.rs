@@ -12,9 +12,9 @@ use steadfast_core::is_grpc_content_type;
 /// `x-request-timeout-ms` if present and valid. Malformed values are ignored.
 pub(crate) fn inbound(headers: &HeaderMap) -> Option<Duration> {
     headers
-        .get(GRPC_TIMEOUT)
+        .get(&GRPC_TIMEOUT)
         .and_then(grpc_timeout)
-        .or_else(|| headers.get(TIMEOUT_MS).and_then(timeout_ms))
+        .or_else(|| headers.get(&TIMEOUT_MS).and_then(timeout_ms))
 }
 
 /// Writes `budget` onto an outgoing request: `grpc-timeout` for gRPC, `x-request-timeout-ms`
@@ -25,10 +25,10 @@ pub(crate) fn write(headers: &mut HeaderMap, budget: Duration) {
     let (name, existing) = if grpc {
         (
             GRPC_TIMEOUT,
-            headers.get(GRPC_TIMEOUT).and_then(grpc_timeout),
+            headers.get(&GRPC_TIMEOUT).and_then(grpc_timeout),
         )
     } else {
-        (TIMEOUT_MS, headers.get(TIMEOUT_MS).and_then(timeout_ms))
+        (TIMEOUT_MS, headers.get(&TIMEOUT_MS).and_then(timeout_ms))
     };
     if existing.is_some_and(|e| e <= budget) {
         return;
