@@ -32,6 +32,9 @@ pub(crate) struct Stripe<C> {
     pub(crate) slow: AtomicU64,
     pub(crate) rejected: AtomicU64,
     exclusive: bool,
+    /// Whether calls must be timed (slow-call policy or time window): read here, on the
+    /// line the call already touches, instead of from the shared policy.
+    pub(crate) timed: bool,
 }
 
 impl<C> Stripe<C> {
@@ -52,6 +55,8 @@ impl<C> Stripe<C> {
 pub(crate) struct Breaker<C> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) stripes: Box<[Arc<Stripe<C>>]>,
+    /// How many of `stripes` (the first ones) are exclusive.
+    exclusive: usize,
 }
 
 impl<C> Breaker<C> {
@@ -60,6 +65,7 @@ impl<C> Breaker<C> {
     /// shared stripe is all there is).
     pub(crate) fn new(policy: Policy, classifier: Arc<C>, exclusive: usize) -> Self {
         let shared = Arc::new(Shared::new(policy));
+        let timed = shared.needs_clock();
         let stripes = (0..exclusive + exclusive.max(1))
             .map(|i| {
                 Arc::new(Stripe {
@@ -70,16 +76,21 @@ impl<C> Breaker<C> {
                     slow: AtomicU64::new(0),
                     rejected: AtomicU64::new(0),
                     exclusive: i < exclusive,
+                    timed,
                 })
             })
             .collect();
-        Self { shared, stripes }
+        Self {
+            shared,
+            stripes,
+            exclusive,
+        }
     }
 
     /// This thread's stripe.
     #[inline]
     pub(crate) fn stripe(&self) -> &Arc<Stripe<C>> {
-        let exclusive = self.stripes.len() / 2;
+        let exclusive = self.exclusive;
         let i = thread_number();
         if i < exclusive {
             &self.stripes[i]

@@ -100,28 +100,53 @@ impl<B: Body, C> Body for BreakerBody<B, C> {
 
 /// An admitted call's duty to report its outcome exactly once.
 ///
-/// Kept small (it rides in every response future and, for gRPC, in the response body).
+/// Kept small (it rides in every response future and, for gRPC, in the response body): the
+/// permit is packed into one word.
 pub(crate) struct Guard<C> {
     stripe: Arc<Stripe<C>>,
-    /// `None` once reported.
-    permit: Option<Permit>,
+    /// The permit, packed: the admitting state word, with [`PROBE`] set for a half-open
+    /// probe; [`REPORTED`] once reported.
+    permit: u64,
     /// When the call started, as [`Shared::clock`](crate::state::Shared::clock) reads it;
     /// zero when the policy needs no timing.
     start: u64,
 }
 
+/// Marks a packed probe permit. State words never reach it: their generation would need
+/// 2^60 transitions.
+const PROBE: u64 = 1 << 63;
+/// A packed permit already reported (it has the [`PROBE`] bit, so the fast path skips it).
+const REPORTED: u64 = u64::MAX;
+
+fn pack(permit: Permit) -> u64 {
+    match permit {
+        Permit::Pass(w) => w,
+        Permit::Probe(w) => w | PROBE,
+    }
+}
+
 impl<C> Guard<C> {
     #[inline]
     pub(crate) fn new(stripe: Arc<Stripe<C>>, permit: Permit) -> Self {
-        let start = if stripe.shared.needs_clock() {
+        let start = if stripe.timed {
             stripe.shared.clock()
         } else {
             0
         };
         Self {
             stripe,
-            permit: Some(permit),
+            permit: pack(permit),
             start,
+        }
+    }
+
+    /// Takes the permit (once).
+    fn take(&mut self) -> Option<Permit> {
+        let p = std::mem::replace(&mut self.permit, REPORTED);
+        match p {
+            REPORTED => None,
+            p if p & PROBE != 0 => Some(Permit::Probe(p & !PROBE)),
+            p => Some(Permit::Pass(p)),
         }
     }
 
@@ -129,9 +154,15 @@ impl<C> Guard<C> {
     /// inline; everything else goes through [`report_slow`](Self::report_slow).
     #[inline]
     fn report(mut self, class: Option<Class>, hint: Option<Duration>) {
-        if let (Some(c), Some(Permit::Pass(w))) = (class, self.permit) {
-            if !c.is_failure() && self.start == 0 && self.stripe.shared.success_is_noop(w) {
-                self.permit = None;
+        if let Some(c) = class {
+            let w = self.permit;
+            // A pass permit (not a probe, not reported) on an untimed call.
+            if w & PROBE == 0
+                && !c.is_failure()
+                && self.start == 0
+                && self.stripe.shared.success_is_noop(w)
+            {
+                self.permit = REPORTED;
                 return;
             }
         }
@@ -139,7 +170,7 @@ impl<C> Guard<C> {
     }
 
     fn report_slow(mut self, class: Option<Class>, hint: Option<Duration>) {
-        let Some(permit) = self.permit.take() else {
+        let Some(permit) = self.take() else {
             return;
         };
         let shared = &self.stripe.shared;
@@ -175,8 +206,10 @@ impl<C> Guard<C> {
 
 impl<C> Drop for Guard<C> {
     fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            self.give_back(permit);
+        if self.permit != REPORTED {
+            if let Some(permit) = self.take() {
+                self.give_back(permit);
+            }
         }
     }
 }
@@ -184,46 +217,37 @@ impl<C> Drop for Guard<C> {
 impl<C> fmt::Debug for Guard<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guard")
-            .field("permit", &self.permit)
-            .finish()
+            .field("reported", &(self.permit == REPORTED))
+            .finish_non_exhaustive()
     }
 }
 
 pin_project! {
     /// The response future of the breaker services.
+    ///
+    /// A flat struct rather than an enum of "called" and "rejected": the inner future is
+    /// built straight into place (an enum made the compiler copy it twice more per call).
     pub struct ResponseFuture<F, C> {
         #[pin]
-        state: FutState<F, C>,
-    }
-}
-
-pin_project! {
-    #[project = FutProj]
-    enum FutState<F, C> {
-        Called {
-            #[pin]
-            inner: F,
-            guard: Option<Guard<C>>,
-        },
-        Rejected {
-            err: BreakerOpen,
-        },
+        inner: Option<F>,
+        // `Ok` until the outcome is reported; `Err` for a rejected call.
+        guard: Result<Option<Guard<C>>, BreakerOpen>,
     }
 }
 
 impl<F, C> ResponseFuture<F, C> {
+    #[inline]
     pub(crate) fn called(inner: F, guard: Guard<C>) -> Self {
         Self {
-            state: FutState::Called {
-                inner,
-                guard: Some(guard),
-            },
+            inner: Some(inner),
+            guard: Ok(Some(guard)),
         }
     }
 
     pub(crate) fn rejected(err: BreakerOpen) -> Self {
         Self {
-            state: FutState::Rejected { err },
+            inner: None,
+            guard: Err(err),
         }
     }
 }
@@ -237,12 +261,12 @@ impl<F, C> fmt::Debug for ResponseFuture<F, C> {
 /// A server's hint of how long it wants callers to stay away, read only from failures.
 fn hint<B>(res: &Response<B>) -> Option<Duration> {
     let h = res.headers();
-    if let Some(v) = h.get(GRPC_RETRY_PUSHBACK_MS) {
+    if let Some(v) = h.get(&GRPC_RETRY_PUSHBACK_MS) {
         if let Pushback::After(d) = pushback(v) {
             return Some(d);
         }
     }
-    h.get(RETRY_AFTER)
+    h.get(&RETRY_AFTER)
         .and_then(|v| retry_after(v, SystemTime::now()))
 }
 
@@ -256,9 +280,14 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            FutProj::Rejected { err } => Poll::Ready(Err((*err).into())),
-            FutProj::Called { inner, guard } => {
+        let this = self.project();
+        let guard = match this.guard {
+            Ok(guard) => guard,
+            Err(err) => return Poll::Ready(Err((*err).into())),
+        };
+        match this.inner.as_pin_mut() {
+            None => unreachable!("a called future has its inner future"),
+            Some(inner) => {
                 let out = ready!(inner.poll(cx));
                 let guard = guard.take().expect("polled after completion");
                 match out {

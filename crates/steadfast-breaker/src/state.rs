@@ -322,10 +322,20 @@ impl Shared {
         }
     }
 
-    /// Decides admission. Never blocks; never allocates.
+    /// Decides admission. Never blocks; never allocates. A Closed breaker is decided inline;
+    /// every other state out of line.
     #[inline]
     pub(crate) fn admit(&self) -> Result<Permit, BreakerOpen> {
         let w = self.word.0.load(Acquire);
+        if w & TAG == CLOSED {
+            return Ok(Permit::Pass(w));
+        }
+        self.admit_in(w)
+    }
+
+    /// [`admit`](Self::admit) for state word `w`.
+    #[inline(never)]
+    fn admit_in(&self, w: u64) -> Result<Permit, BreakerOpen> {
         match w & TAG {
             CLOSED | DISABLED | METRICS_ONLY => Ok(Permit::Pass(w)),
             FORCED_OPEN => Err(BreakerOpen::new(None)),
