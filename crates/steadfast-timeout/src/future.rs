@@ -13,59 +13,47 @@ pin_project! {
     /// The response future of [`Timeout`](crate::Timeout).
     ///
     /// The timer is armed lazily: a call whose inner future answers on its first poll never
-    /// touches the clock or the timer wheel.
+    /// touches the clock or the timer wheel. A flat struct rather than an enum of "running"
+    /// and "failed at once": the compiler builds it in place instead of copying it.
     pub struct ResponseFuture<F> {
+        // `None`: the call failed before it was sent (its deadline had already passed).
         #[pin]
-        state: State<F>,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<F> {
-        Running {
-            #[pin]
-            inner: F,
-            #[pin]
-            sleep: Option<Sleep>,
-            // `None`: start counting at the first `Pending` (no inherited deadline).
-            at: Option<Instant>,
-            limit: Duration,
-            inherited: bool,
-        },
-        Elapsed {
-            elapsed: Elapsed,
-        },
+        inner: Option<F>,
+        // Armed at the first `Pending`, or from the start when the deadline is known at call
+        // time (inherited, or written downstream).
+        #[pin]
+        sleep: Option<Sleep>,
+        limit: Duration,
+        inherited: bool,
     }
 }
 
 impl<F> ResponseFuture<F> {
     #[inline]
     pub(crate) fn lazy(inner: F, limit: Duration) -> Self {
-        Self::running(inner, None, limit, false)
-    }
-
-    #[inline]
-    pub(crate) fn at(inner: F, at: Instant, limit: Duration, inherited: bool) -> Self {
-        Self::running(inner, Some(at), limit, inherited)
-    }
-
-    #[inline]
-    fn running(inner: F, at: Option<Instant>, limit: Duration, inherited: bool) -> Self {
         Self {
-            state: State::Running {
-                inner,
-                sleep: None,
-                at,
-                limit,
-                inherited,
-            },
+            inner: Some(inner),
+            sleep: None,
+            limit,
+            inherited: false,
+        }
+    }
+
+    pub(crate) fn at(inner: F, at: Instant, limit: Duration, inherited: bool) -> Self {
+        Self {
+            inner: Some(inner),
+            sleep: Some(tokio::time::sleep_until(at)),
+            limit,
+            inherited,
         }
     }
 
     pub(crate) fn elapsed(elapsed: Elapsed) -> Self {
         Self {
-            state: State::Elapsed { elapsed },
+            inner: None,
+            sleep: None,
+            limit: elapsed.limit(),
+            inherited: elapsed.is_inherited(),
         }
     }
 }
@@ -85,35 +73,28 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Running {
-                inner,
-                mut sleep,
-                at,
-                limit,
-                inherited,
-            } => {
-                if let Poll::Ready(r) = inner.poll(cx) {
-                    return Poll::Ready(r.map_err(Into::into));
-                }
-                if sleep.is_none() {
-                    let at = at.unwrap_or_else(|| Deadline::after(*limit).instant());
-                    sleep.set(Some(tokio::time::sleep_until(at)));
-                }
-                let timer = sleep.as_pin_mut().expect("armed above");
-                ready!(timer.poll(cx));
-                #[cfg(feature = "metrics")]
-                metrics::counter!("steadfast_timeout_elapsed_total", "side" => "client")
-                    .increment(1);
-                tracing::debug!(
-                    target: "steadfast::timeout",
-                    limit_ms = limit.as_millis() as u64,
-                    inherited = *inherited,
-                    "elapsed"
-                );
-                Poll::Ready(Err(Elapsed::new(*limit, *inherited).into()))
-            }
-            StateProj::Elapsed { elapsed } => Poll::Ready(Err((*elapsed).into())),
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(Err(Elapsed::new(*this.limit, *this.inherited).into()));
+        };
+        if let Poll::Ready(r) = inner.poll(cx) {
+            return Poll::Ready(r.map_err(Into::into));
         }
+        let mut sleep = this.sleep;
+        if sleep.is_none() {
+            let at = Deadline::after(*this.limit).instant();
+            sleep.set(Some(tokio::time::sleep_until(at)));
+        }
+        let timer = sleep.as_pin_mut().expect("armed above");
+        ready!(timer.poll(cx));
+        #[cfg(feature = "metrics")]
+        metrics::counter!("steadfast_timeout_elapsed_total", "side" => "client").increment(1);
+        tracing::debug!(
+            target: "steadfast::timeout",
+            limit_ms = this.limit.as_millis() as u64,
+            inherited = *this.inherited,
+            "elapsed"
+        );
+        Poll::Ready(Err(Elapsed::new(*this.limit, *this.inherited).into()))
     }
 }
