@@ -1,11 +1,17 @@
 //! End-to-end HTTP/1 benchmark over loopback: a hyper server with no middleware, with our
 //! server stack, and with the nearest peer stack (tower-http's request-id pair and timeout);
 //! then a bare client beside our client stack calling a bare server. Same connections and
-//! duration for each. A shared machine's speed drifts by more than the differences measured,
-//! so every round runs all contenders back to back (rotating their order) and each ratio is
-//! taken within its round; the tables give the median over the rounds.
+//! duration for each.
 //!
-//! Run: `cargo run --release -p steadfast-bench --bin e2e`
+//! A shared machine's speed drifts by more than the differences measured, so the contenders
+//! take turns in short slices (rotating their order every round), each ratio is taken within
+//! its round, and the tables give the median over the rounds. Every contender's connections
+//! are opened once, before the first slice, and kept for the whole run: no slice pays for
+//! handshakes. A second bare server runs as a control: its ratio to the first would be 1.00
+//! on a quiet machine, so how far it strays is the resolution of the run.
+//!
+//! Run: `cargo run --release -p steadfast-bench --bin e2e` (`E2E_DEBUG=1` also prints every
+//! round's ratio, sorted, to stderr).
 
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall time is the measurement
 
@@ -24,8 +30,9 @@ use steadfast::retry::ReplayBody;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 const CONNECTIONS: usize = 32;
-const DURATION: Duration = Duration::from_millis(1500);
-const ROUNDS: usize = 8;
+/// One contender's turn.
+const SLICE: Duration = Duration::from_millis(200);
+const ROUNDS: usize = 60;
 
 async fn hello(_req: http::Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
     Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
@@ -70,20 +77,31 @@ struct Figures {
     p99: Duration,
 }
 
-/// `CONNECTIONS` keep-alive connections sending back-to-back GETs for `DURATION`.
-async fn load(addr: SocketAddr) -> Figures {
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// Opens `CONNECTIONS` keep-alive connections to `addr`.
+async fn connect(addr: SocketAddr) -> Vec<Sender> {
+    let mut senders = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = stream.set_nodelay(true);
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        senders.push(send);
+    }
+    senders
+}
+
+/// One slice: every connection in `senders` sends back-to-back GETs for `SLICE`.
+async fn load(senders: &mut Vec<Sender>) -> Figures {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..CONNECTIONS {
+    for mut send in senders.drain(..) {
         let stop = stop.clone();
         tasks.spawn(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            let _ = stream.set_nodelay(true);
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .expect("handshake");
-            tokio::spawn(conn);
-            let mut lat = Vec::with_capacity(100_000);
+            let mut lat = Vec::with_capacity(16_384);
             while !stop.load(Ordering::Relaxed) {
                 let req = http::Request::get("/")
                     .header("host", "bench")
@@ -100,13 +118,22 @@ async fn load(addr: SocketAddr) -> Figures {
                 let _ = res.into_body().collect().await;
                 lat.push(t.elapsed());
             }
-            lat
+            (send, lat)
         });
     }
-    measure(stop, tasks).await
+    let start = Instant::now();
+    tokio::time::sleep(SLICE).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    while let Some(Ok((send, lat))) = tasks.join_next().await {
+        senders.push(send);
+        all.extend(lat);
+    }
+    figures(start, all)
 }
 
-/// `CONNECTIONS` concurrent callers through `client` for `DURATION`.
+/// One slice: `CONNECTIONS` concurrent callers through `client` for `SLICE` (the client's
+/// pool keeps its connections from one slice to the next).
 async fn load_client<S>(client: S) -> Figures
 where
     S: Service<http::Request<Full<Bytes>>> + Clone + Send + 'static,
@@ -119,7 +146,7 @@ where
     for _ in 0..CONNECTIONS {
         let (stop, mut client) = (stop.clone(), client.clone());
         tasks.spawn(async move {
-            let mut lat = Vec::with_capacity(100_000);
+            let mut lat = Vec::with_capacity(16_384);
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let req = http::Request::get("http://bench/")
@@ -137,23 +164,26 @@ where
             lat
         });
     }
-    measure(stop, tasks).await
-}
-
-/// Lets `tasks` run for `DURATION`, stops them, and turns their latencies into figures.
-async fn measure(stop: Arc<AtomicBool>, mut tasks: tokio::task::JoinSet<Vec<Duration>>) -> Figures {
     let start = Instant::now();
-    tokio::time::sleep(DURATION).await;
+    tokio::time::sleep(SLICE).await;
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     while let Some(Ok(l)) = tasks.join_next().await {
         all.extend(l);
     }
+    figures(start, all)
+}
+
+/// Requests per second since `start` and the p99 of `latencies`.
+fn figures(start: Instant, mut latencies: Vec<Duration>) -> Figures {
     let secs = start.elapsed().as_secs_f64();
-    all.sort();
+    latencies.sort();
     Figures {
-        rps: all.len() as f64 / secs,
-        p99: all.get(all.len() * 99 / 100).copied().unwrap_or_default(),
+        rps: latencies.len() as f64 / secs,
+        p99: latencies
+            .get(latencies.len() * 99 / 100)
+            .copied()
+            .unwrap_or_default(),
     }
 }
 
@@ -174,6 +204,11 @@ fn row(name: &str, runs: &[Figures], base: &[Figures]) {
     let rps = median(runs.iter().map(|f| f.rps).collect());
     let p99 = median(runs.iter().map(|f| f.p99.as_secs_f64()).collect());
     let rps_ratio = median(runs.iter().zip(base).map(|(f, b)| f.rps / b.rps).collect());
+    if std::env::var_os("E2E_DEBUG").is_some() {
+        let mut r: Vec<f64> = runs.iter().zip(base).map(|(f, b)| f.rps / b.rps).collect();
+        r.sort_by(f64::total_cmp);
+        eprintln!("{name}: {r:.2?}");
+    }
     let p99_ratio = median(
         runs.iter()
             .zip(base)
@@ -216,6 +251,9 @@ async fn main() {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
     let bare = serve(tower::service_fn(hello)).await;
+    // A second bare server: its ratio to the first shows how finely this harness resolves a
+    // difference on this machine (it should read 1.00).
+    let control = serve(tower::service_fn(hello)).await;
     let ours = serve(
         steadfast::server::http()
             .build()
@@ -236,26 +274,40 @@ async fn main() {
     )
     .await;
 
-    // Rotate the order each round so no contender always runs first (or last).
-    let targets = [bare, ours, peer];
-    let mut results: [Vec<Figures>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    // Connections are opened once; one unmeasured slice each warms them. Then the order
+    // rotates every round so no contender always runs first (or last).
+    let mut conns = [
+        connect(bare).await,
+        connect(control).await,
+        connect(ours).await,
+        connect(peer).await,
+    ];
+    for c in conns.iter_mut() {
+        load(c).await;
+    }
+    let mut results: [Vec<Figures>; 4] = Default::default();
     for round in 0..ROUNDS {
-        for k in 0..3 {
-            let i = (round + k) % 3;
-            results[i].push(load(targets[i]).await);
+        for k in 0..4 {
+            let i = (round + k) % 4;
+            results[i].push(load(&mut conns[i]).await);
         }
     }
     println!(
-        "Server stacks: {CONNECTIONS} keep-alive connections, {DURATION:?} per run, {ROUNDS} rounds; medians, ratios within a round."
+        "Server stacks: {CONNECTIONS} keep-alive connections, {ROUNDS} rounds of one {SLICE:?} slice each; medians, ratios within a round."
     );
     println!();
     println!("| server | req/s | × bare | p99 | p99 × bare |");
     println!("|---|---:|---:|---:|---:|");
     row("hyper, no middleware", &results[0], &results[0]);
-    row("steadfast::server::http()", &results[1], &results[0]);
+    row(
+        "hyper, no middleware, a second server (A/A control)",
+        &results[1],
+        &results[0],
+    );
+    row("steadfast::server::http()", &results[2], &results[0]);
     row(
         "tower-http request-id pair + timeout",
-        &results[2],
+        &results[3],
         &results[0],
     );
 
@@ -267,19 +319,22 @@ async fn main() {
         .build()
         .expect("valid")
         .layer(Fixed(stacked_transport, bare));
+    let bare_client = Fixed(transport, bare);
+    load_client(bare_client.clone()).await;
+    load_client(stack.clone()).await;
     let (mut d, mut e) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         if round % 2 == 0 {
-            d.push(load_client(Fixed(transport.clone(), bare)).await);
+            d.push(load_client(bare_client.clone()).await);
             e.push(load_client(stack.clone()).await);
         } else {
             e.push(load_client(stack.clone()).await);
-            d.push(load_client(Fixed(transport.clone(), bare)).await);
+            d.push(load_client(bare_client.clone()).await);
         }
     }
     println!();
     println!(
-        "Client stacks calling the bare server: {CONNECTIONS} concurrent callers, {ROUNDS} rounds."
+        "Client stacks calling the bare server: {CONNECTIONS} concurrent callers, {ROUNDS} rounds of one {SLICE:?} slice each."
     );
     println!();
     println!("| client | req/s | × bare | p99 | p99 × bare |");
