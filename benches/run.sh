@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark and prints the tables the README quotes.
 #   bash benches/run.sh            # in-process (criterion) + end-to-end HTTP
-# About 12 minutes on 2 cores from a fresh clone (5 of them compiling the peers).
+# About 12 minutes on 2 cores from a fresh clone (3 of them compiling the peers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -f target/criterion/steadfast-allocs.tsv
