@@ -19,10 +19,12 @@ pin_project! {
         // `None`: the call failed before it was sent (its deadline had already passed).
         #[pin]
         inner: Option<F>,
-        // Armed at the first `Pending`, or from the start when the deadline is known at call
-        // time (inherited, or written downstream).
+        // Armed at the first `Pending` (so a call made outside a runtime may still be polled
+        // inside one).
         #[pin]
         sleep: Option<Sleep>,
+        // `None`: start counting at the first `Pending` (no inherited deadline).
+        at: Option<Instant>,
         limit: Duration,
         inherited: bool,
     }
@@ -31,18 +33,20 @@ pin_project! {
 impl<F> ResponseFuture<F> {
     #[inline]
     pub(crate) fn lazy(inner: F, limit: Duration) -> Self {
+        Self::running(inner, None, limit, false)
+    }
+
+    #[inline]
+    pub(crate) fn at(inner: F, at: Instant, limit: Duration, inherited: bool) -> Self {
+        Self::running(inner, Some(at), limit, inherited)
+    }
+
+    #[inline]
+    fn running(inner: F, at: Option<Instant>, limit: Duration, inherited: bool) -> Self {
         Self {
             inner: Some(inner),
             sleep: None,
-            limit,
-            inherited: false,
-        }
-    }
-
-    pub(crate) fn at(inner: F, at: Instant, limit: Duration, inherited: bool) -> Self {
-        Self {
-            inner: Some(inner),
-            sleep: Some(tokio::time::sleep_until(at)),
+            at,
             limit,
             inherited,
         }
@@ -52,6 +56,7 @@ impl<F> ResponseFuture<F> {
         Self {
             inner: None,
             sleep: None,
+            at: None,
             limit: elapsed.limit(),
             inherited: elapsed.is_inherited(),
         }
@@ -82,7 +87,9 @@ where
         }
         let mut sleep = this.sleep;
         if sleep.is_none() {
-            let at = Deadline::after(*this.limit).instant();
+            let at = this
+                .at
+                .unwrap_or_else(|| Deadline::after(*this.limit).instant());
             sleep.set(Some(tokio::time::sleep_until(at)));
         }
         let timer = sleep.as_pin_mut().expect("armed above");

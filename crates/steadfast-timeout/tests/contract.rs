@@ -6,7 +6,7 @@ use http::{Request, Response};
 use steadfast_core::{BoxError, Deadline, GrpcCode};
 use steadfast_timeout::{Elapsed, RequestTimeout, ServerTimeoutLayer, TimeoutLayer};
 use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 use tower_test::mock;
 
 type Req = Request<()>;
@@ -418,4 +418,26 @@ fn services_and_futures_are_send_sync() {
     >();
     send::<steadfast_timeout::ResponseFuture<std::future::Ready<Result<Res, BoxError>>>>();
     send::<steadfast_timeout::ServerResponseFuture<std::future::Ready<Result<Res, BoxError>>>>();
+}
+
+/// A call made outside any runtime (the future is built in sync code, then run) needs no
+/// timer until its first `Pending`, so it may be polled in a runtime made afterwards: with
+/// the layer's own limit, and with a deadline written downstream.
+#[test]
+fn a_call_made_outside_a_runtime_is_timed_where_it_is_polled() {
+    for propagate in [false, true] {
+        let mut svc = TimeoutLayer::new(Duration::from_secs(2))
+            .propagate_own(propagate)
+            .layer(tower::service_fn(|_: Req| {
+                std::future::pending::<Result<Res, BoxError>>()
+            }));
+        let fut = svc.call(Request::new(()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let e = elapsed(rt.block_on(fut).unwrap_err());
+        assert!(e.limit() <= Duration::from_secs(2), "propagate {propagate}");
+    }
 }
