@@ -13,8 +13,7 @@ pin_project! {
     /// The response future of [`Timeout`](crate::Timeout).
     ///
     /// The timer is armed lazily: a call whose inner future answers on its first poll never
-    /// touches the clock or the timer wheel. A flat struct rather than an enum of "running"
-    /// and "failed at once": the compiler builds it in place instead of copying it.
+    /// touches the clock or the timer wheel.
     pub struct ResponseFuture<F> {
         // `None`: the call failed before it was sent (its deadline had already passed).
         #[pin]
