@@ -206,10 +206,8 @@ impl<C> Guard<C> {
 
 impl<C> Drop for Guard<C> {
     fn drop(&mut self) {
-        if self.permit != REPORTED {
-            if let Some(permit) = self.take() {
-                self.give_back(permit);
-            }
+        if let Some(permit) = self.take() {
+            self.give_back(permit);
         }
     }
 }
@@ -285,32 +283,30 @@ where
             Ok(guard) => guard,
             Err(err) => return Poll::Ready(Err((*err).into())),
         };
-        match this.inner.as_pin_mut() {
-            None => unreachable!("a called future has its inner future"),
-            Some(inner) => {
-                let out = ready!(inner.poll(cx));
-                let guard = guard.take().expect("polled after completion");
-                match out {
-                    Ok(res) => {
-                        let class = guard.stripe.classifier.classify_response(&res);
-                        match class {
-                            ResponseClass::Ready(class) => {
-                                let h = if class.is_failure() { hint(&res) } else { None };
-                                guard.report(Some(class), h);
-                                Poll::Ready(Ok(res.map(BreakerBody::reported)))
-                            }
-                            ResponseClass::Deferred(grpc) => {
-                                Poll::Ready(Ok(res.map(|b| BreakerBody::deferred(b, guard, grpc))))
-                            }
-                        }
+        let Some(inner) = this.inner.as_pin_mut() else {
+            unreachable!("a called future has its inner future");
+        };
+        let out = ready!(inner.poll(cx));
+        let guard = guard.take().expect("polled after completion");
+        match out {
+            Ok(res) => {
+                let class = guard.stripe.classifier.classify_response(&res);
+                match class {
+                    ResponseClass::Ready(class) => {
+                        let h = if class.is_failure() { hint(&res) } else { None };
+                        guard.report(Some(class), h);
+                        Poll::Ready(Ok(res.map(BreakerBody::reported)))
                     }
-                    Err(e) => {
-                        let e: BoxError = e.into();
-                        let class = guard.stripe.classifier.classify_error(&*e);
-                        guard.report(Some(class), None);
-                        Poll::Ready(Err(e))
+                    ResponseClass::Deferred(grpc) => {
+                        Poll::Ready(Ok(res.map(|b| BreakerBody::deferred(b, guard, grpc))))
                     }
                 }
+            }
+            Err(e) => {
+                let e: BoxError = e.into();
+                let class = guard.stripe.classifier.classify_error(&*e);
+                guard.report(Some(class), None);
+                Poll::Ready(Err(e))
             }
         }
     }
