@@ -121,15 +121,13 @@ async fn load(senders: &mut Vec<Sender>) -> Figures {
             (send, lat)
         });
     }
-    let start = Instant::now();
-    tokio::time::sleep(SLICE).await;
-    stop.store(true, Ordering::Relaxed);
+    let (secs, done) = slice(&stop, tasks).await;
     let mut all = Vec::new();
-    while let Some(Ok((send, lat))) = tasks.join_next().await {
+    for (send, lat) in done {
         senders.push(send);
         all.extend(lat);
     }
-    figures(start, all)
+    figures(secs, all)
 }
 
 /// One slice: `CONNECTIONS` concurrent callers through `client` for `SLICE` (the client's
@@ -164,19 +162,25 @@ where
             lat
         });
     }
+    let (secs, done) = slice(&stop, tasks).await;
+    figures(secs, done.into_iter().flatten().collect())
+}
+
+/// Lets `tasks` run for `SLICE`, stops them, and returns the seconds it took until the last
+/// one finished, with what each returned.
+async fn slice<T: 'static>(stop: &AtomicBool, mut tasks: tokio::task::JoinSet<T>) -> (f64, Vec<T>) {
     let start = Instant::now();
     tokio::time::sleep(SLICE).await;
     stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    while let Some(Ok(l)) = tasks.join_next().await {
-        all.extend(l);
+    let mut done = Vec::with_capacity(tasks.len());
+    while let Some(Ok(t)) = tasks.join_next().await {
+        done.push(t);
     }
-    figures(start, all)
+    (start.elapsed().as_secs_f64(), done)
 }
 
-/// Requests per second since `start` and the p99 of `latencies`.
-fn figures(start: Instant, mut latencies: Vec<Duration>) -> Figures {
-    let secs = start.elapsed().as_secs_f64();
+/// Requests per second over `secs` and the p99 of `latencies`.
+fn figures(secs: f64, mut latencies: Vec<Duration>) -> Figures {
     latencies.sort();
     Figures {
         rps: latencies.len() as f64 / secs,
