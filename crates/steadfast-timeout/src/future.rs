@@ -75,32 +75,50 @@ where
 {
     type Output = Result<T, BoxError>;
 
+    /// Kept small so callers inline it: the response goes straight through, and the timer
+    /// (armed at the first `Pending`) lives out of line in [`poll_timer`].
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Some(inner) = this.inner.as_pin_mut() else {
-            return Poll::Ready(Err(Elapsed::new(*this.limit, *this.inherited).into()));
+            return Poll::Ready(Err(not_sent(*this.limit, *this.inherited)));
         };
         if let Poll::Ready(r) = inner.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
         }
-        let mut sleep = this.sleep;
-        if sleep.is_none() {
-            let at = this
-                .at
-                .unwrap_or_else(|| Deadline::after(*this.limit).instant());
-            sleep.set(Some(tokio::time::sleep_until(at)));
-        }
-        let timer = sleep.as_pin_mut().expect("armed above");
-        ready!(timer.poll(cx));
-        #[cfg(feature = "metrics")]
-        metrics::counter!("steadfast_timeout_elapsed_total", "side" => "client").increment(1);
-        tracing::debug!(
-            target: "steadfast::timeout",
-            limit_ms = this.limit.as_millis() as u64,
-            inherited = *this.inherited,
-            "elapsed"
-        );
-        Poll::Ready(Err(Elapsed::new(*this.limit, *this.inherited).into()))
+        poll_timer(this.sleep, *this.at, *this.limit, *this.inherited, cx).map(Err)
     }
+}
+
+/// The error of a call that failed before it was sent (its deadline had already passed).
+#[cold]
+fn not_sent(limit: Duration, inherited: bool) -> BoxError {
+    Elapsed::new(limit, inherited).into()
+}
+
+/// The timer side of [`ResponseFuture::poll`]: arms the `Sleep` on first use and says whether
+/// the limit has fired.
+#[inline(never)]
+fn poll_timer(
+    mut sleep: Pin<&mut Option<Sleep>>,
+    at: Option<Instant>,
+    limit: Duration,
+    inherited: bool,
+    cx: &mut Context<'_>,
+) -> Poll<BoxError> {
+    if sleep.is_none() {
+        let at = at.unwrap_or_else(|| Deadline::after(limit).instant());
+        sleep.set(Some(tokio::time::sleep_until(at)));
+    }
+    let timer = sleep.as_pin_mut().expect("armed above");
+    ready!(timer.poll(cx));
+    #[cfg(feature = "metrics")]
+    metrics::counter!("steadfast_timeout_elapsed_total", "side" => "client").increment(1);
+    tracing::debug!(
+        target: "steadfast::timeout",
+        limit_ms = limit.as_millis() as u64,
+        inherited,
+        "elapsed"
+    );
+    Poll::Ready(Elapsed::new(limit, inherited).into())
 }
