@@ -155,20 +155,30 @@ impl<C> Guard<C> {
     #[inline]
     fn report(mut self, class: Option<Class>, hint: Option<Duration>) {
         if let Some(c) = class {
-            let w = self.permit;
-            // A pass permit (not a probe, not reported) on an untimed call.
-            if w & PROBE == 0
-                && !c.is_failure()
-                && self.start == 0
-                && self.stripe.shared.success_is_noop(w)
-            {
-                self.permit = REPORTED;
+            if self.report_noop(c) {
                 return;
             }
         }
         self.report_slow(class, hint);
     }
 
+    /// Settles the common case in place: a success on a pass permit (not a probe, not
+    /// reported) of an untimed call, when it would change nothing. `false`: report it properly.
+    #[inline]
+    fn report_noop(&mut self, c: Class) -> bool {
+        let w = self.permit;
+        if w & PROBE == 0
+            && !c.is_failure()
+            && self.start == 0
+            && self.stripe.shared.success_is_noop(w)
+        {
+            self.permit = REPORTED;
+            return true;
+        }
+        false
+    }
+
+    #[inline(never)]
     fn report_slow(mut self, class: Option<Class>, hint: Option<Duration>) {
         let Some(permit) = self.take() else {
             return;
@@ -276,38 +286,59 @@ where
 {
     type Output = Result<Response<BreakerBody<B, C>>, BoxError>;
 
+    /// Kept small so callers inline it: a success that changes nothing goes straight
+    /// through; every other outcome is settled out of line.
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let guard = match this.guard {
             Ok(guard) => guard,
-            Err(err) => return Poll::Ready(Err((*err).into())),
+            Err(err) => return Poll::Ready(Err(rejected(*err))),
         };
         let Some(inner) = this.inner.as_pin_mut() else {
             unreachable!("a called future has its inner future");
         };
         let out = ready!(inner.poll(cx));
-        let guard = guard.take().expect("polled after completion");
-        match out {
-            Ok(res) => {
-                let class = guard.stripe.classifier.classify_response(&res);
-                match class {
-                    ResponseClass::Ready(class) => {
-                        let h = if class.is_failure() { hint(&res) } else { None };
-                        guard.report(Some(class), h);
-                        Poll::Ready(Ok(res.map(BreakerBody::reported)))
-                    }
-                    ResponseClass::Deferred(grpc) => {
-                        Poll::Ready(Ok(res.map(|b| BreakerBody::deferred(b, guard, grpc))))
-                    }
+        let mut guard = guard.take().expect("polled after completion");
+        Poll::Ready(match out {
+            Ok(res) => match guard.stripe.classifier.classify_response(&res) {
+                ResponseClass::Ready(class) if guard.report_noop(class) => {
+                    Ok(res.map(BreakerBody::reported))
                 }
-            }
-            Err(e) => {
-                let e: BoxError = e.into();
-                let class = guard.stripe.classifier.classify_error(&*e);
-                guard.report(Some(class), None);
-                Poll::Ready(Err(e))
-            }
-        }
+                class => Ok(settle(res, guard, class)),
+            },
+            Err(e) => Err(failed(e.into(), guard)),
+        })
     }
+}
+
+#[cold]
+fn rejected(err: BreakerOpen) -> BoxError {
+    err.into()
+}
+
+/// Reports a response that is not a no-op success: a failure (with the server's hint), a
+/// success that moves a window or closes the breaker, or a gRPC verdict still to come.
+#[inline(never)]
+fn settle<B, C>(
+    res: Response<B>,
+    guard: Guard<C>,
+    class: ResponseClass,
+) -> Response<BreakerBody<B, C>> {
+    match class {
+        ResponseClass::Ready(class) => {
+            let h = if class.is_failure() { hint(&res) } else { None };
+            guard.report(Some(class), h);
+            res.map(BreakerBody::reported)
+        }
+        ResponseClass::Deferred(grpc) => res.map(|b| BreakerBody::deferred(b, guard, grpc)),
+    }
+}
+
+/// Reports an inner error.
+#[inline(never)]
+fn failed<C: Classify<Response<B>>, B>(e: BoxError, guard: Guard<C>) -> BoxError {
+    let class = guard.stripe.classifier.classify_error(&*e);
+    guard.report(Some(class), None);
+    e
 }
