@@ -202,14 +202,29 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// A distribution-free 95 % confidence interval for the median of `values` (not empty): the
+/// order statistics at ranks n/2 ∓ 0.98·√n (the binomial's normal approximation). With 60
+/// rounds these are the 22nd and 39th smallest.
+fn median_ci(mut values: Vec<f64>) -> (f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let half = 0.98 * (n as f64).sqrt();
+    let lo = ((n as f64 / 2.0 - half).floor() as usize).clamp(1, n);
+    let hi = ((n as f64 / 2.0 + half).ceil() as usize + 1).clamp(1, n);
+    (values[lo - 1], values[hi - 1])
+}
+
 /// One table row: median req/s and p99 over the rounds, and the median of the per-round
-/// ratios to the baseline (`base[i]` ran in the same round as `runs[i]`).
+/// ratios to the baseline (`base[i]` ran in the same round as `runs[i]`) with its 95 %
+/// confidence interval.
 fn row(name: &str, runs: &[Figures], base: &[Figures]) {
     let rps = median(runs.iter().map(|f| f.rps).collect());
     let p99 = median(runs.iter().map(|f| f.p99.as_secs_f64()).collect());
-    let rps_ratio = median(runs.iter().zip(base).map(|(f, b)| f.rps / b.rps).collect());
+    let ratios: Vec<f64> = runs.iter().zip(base).map(|(f, b)| f.rps / b.rps).collect();
+    let rps_ratio = median(ratios.clone());
+    let (lo, hi) = median_ci(ratios.clone());
     if std::env::var_os("E2E_DEBUG").is_some() {
-        let mut r: Vec<f64> = runs.iter().zip(base).map(|(f, b)| f.rps / b.rps).collect();
+        let mut r = ratios;
         r.sort_by(f64::total_cmp);
         eprintln!("{name}: {r:.2?}");
     }
@@ -220,7 +235,7 @@ fn row(name: &str, runs: &[Figures], base: &[Figures]) {
             .collect(),
     );
     println!(
-        "| {name} | {rps:.0} | {rps_ratio:.2} | {:.0} µs | {p99_ratio:.2} |",
+        "| {name} | {rps:.0} | {rps_ratio:.2} | {lo:.2}–{hi:.2} | {:.0} µs | {p99_ratio:.2} |",
         p99 * 1e6
     );
 }
@@ -300,8 +315,8 @@ async fn main() {
         "Server stacks: {CONNECTIONS} keep-alive connections, {ROUNDS} rounds of one {SLICE:?} slice each; medians, ratios within a round."
     );
     println!();
-    println!("| server | req/s | × bare | p99 | p99 × bare |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| server | req/s | × bare | 95 % CI of × bare | p99 | p99 × bare |");
+    println!("|---|---:|---:|---:|---:|---:|");
     row("hyper, no middleware", &results[0], &results[0]);
     row(
         "hyper, no middleware, a second server (A/A control)",
@@ -341,8 +356,23 @@ async fn main() {
         "Client stacks calling the bare server: {CONNECTIONS} concurrent callers, {ROUNDS} rounds of one {SLICE:?} slice each."
     );
     println!();
-    println!("| client | req/s | × bare | p99 | p99 × bare |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| client | req/s | × bare | 95 % CI of × bare | p99 | p99 × bare |");
+    println!("|---|---:|---:|---:|---:|---:|");
     row("hyper-util client", &d, &d);
     row("steadfast::client::http() over it", &e, &d);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_ci_brackets_the_median_by_order_statistics() {
+        let v: Vec<f64> = (1..=60).rev().map(f64::from).collect();
+        assert_eq!(median(v.clone()), 30.5);
+        assert_eq!(median_ci(v), (22.0, 39.0));
+        // Too few values for an interval narrower than the whole range.
+        assert_eq!(median_ci(vec![3.0, 1.0, 2.0]), (1.0, 3.0));
+        assert_eq!(median_ci(vec![5.0]), (5.0, 5.0));
+    }
 }
