@@ -76,7 +76,7 @@ where
     type Output = Result<T, BoxError>;
 
     /// Kept small so callers inline it: the response goes straight through, and the timer
-    /// (armed at the first `Pending`) lives out of line in [`poll_timer`].
+    /// (armed at the first `Pending`) lives out of line.
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
