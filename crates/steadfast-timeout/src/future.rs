@@ -81,7 +81,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Some(inner) = this.inner.as_pin_mut() else {
-            return Poll::Ready(Err(not_sent(*this.limit, *this.inherited)));
+            return Poll::Ready(Err(elapsed(*this.limit, *this.inherited)));
         };
         if let Poll::Ready(r) = inner.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
@@ -90,9 +90,10 @@ where
     }
 }
 
-/// The error of a call that failed before it was sent (its deadline had already passed).
+/// The error of a call whose limit fired, or that failed before it was sent (its deadline
+/// had already passed).
 #[cold]
-fn not_sent(limit: Duration, inherited: bool) -> BoxError {
+fn elapsed(limit: Duration, inherited: bool) -> BoxError {
     Elapsed::new(limit, inherited).into()
 }
 
@@ -120,5 +121,5 @@ fn poll_timer(
         inherited,
         "elapsed"
     );
-    Poll::Ready(Elapsed::new(limit, inherited).into())
+    Poll::Ready(elapsed(limit, inherited))
 }
