@@ -16,6 +16,7 @@ use steadfast_bench::peers::{
     FailEveryOther, Failing, Failsafe, TowerPolicy, fs_breaker, tr_breaker_layer,
 };
 use steadfast_bench::{Bare, CountingAlloc, PendingOnce, Recorder};
+use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceBuilder};
 
 #[global_allocator]
@@ -25,7 +26,7 @@ const FIVE_S: Duration = Duration::from_secs(5);
 const THIRTY_S: Duration = Duration::from_secs(30);
 const AN_HOUR: Duration = Duration::from_secs(3600);
 
-fn runtime() -> tokio::runtime::Runtime {
+fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_time()
@@ -56,6 +57,27 @@ fn with_id() -> http::Request<()> {
         http::HeaderValue::from_static("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60"),
     );
     req
+}
+
+/// The timeouts around `inner`, every call made from inside a tokio task.
+fn timeout_in_task<S>(c: &mut Criterion, group: &'static str, inner: S, rt: &Runtime)
+where
+    S: Service<http::Request<()>, Response = http::Response<()>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<tower::BoxError> + std::fmt::Debug,
+{
+    let mut rec = Recorder::new(c, group);
+    rec.bench_in_task("bare", inner.clone(), rt);
+    rec.bench_in_task(
+        "tower",
+        tower::timeout::Timeout::new(inner.clone(), FIVE_S),
+        rt,
+    );
+    rec.bench_in_task(
+        "steadfast",
+        steadfast::timeout::TimeoutLayer::new(FIVE_S).layer(inner),
+        rt,
+    );
 }
 
 fn timeout(c: &mut Criterion) {
@@ -118,6 +140,9 @@ fn timeout(c: &mut Criterion) {
         steadfast::timeout::TimeoutLayer::new(FIVE_S).layer(PendingOnce),
     );
     drop(rec);
+
+    timeout_in_task(c, "timeout-task", Bare, &rt);
+    timeout_in_task(c, "timeout-armed-task", PendingOnce, &rt);
 
     let mut rec = Recorder::new(c, "timeout-2t");
     let h = rt.handle();

@@ -291,6 +291,37 @@ impl<'c> Recorder<'c> {
         record_allocs(self.name, contender, allocs);
     }
 
+    /// Like [`bench`](Self::bench), but every call is made from inside a tokio task (as a
+    /// handler's or a client's calls are), polled by `rt` with coop budgeting off so that a
+    /// timer is registered on every call, not just the first 128 of a poll.
+    #[allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall time is the measurement
+    pub fn bench_in_task<S>(&mut self, contender: &str, svc: S, rt: &tokio::runtime::Runtime)
+    where
+        S: Service<http::Request<()>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: std::fmt::Debug,
+    {
+        let run = |iters: u64| {
+            let mut svc = svc.clone();
+            rt.block_on(rt.spawn(tokio::task::unconstrained(async move {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    call_once(&mut svc);
+                }
+                start.elapsed()
+            })))
+            .expect("bench task")
+        };
+        self.group.bench_function(contender, |b| b.iter_custom(run));
+        let mut one = svc.clone();
+        let allocs = rt
+            .block_on(rt.spawn(tokio::task::unconstrained(async move {
+                allocations_per_call(10_000, || call_once(&mut one))
+            })))
+            .expect("bench task");
+        record_allocs(self.name, contender, allocs);
+    }
+
     /// Benchmarks an open breaker's fast failure: every call must fail.
     pub fn bench_err<S, R>(
         &mut self,

@@ -441,3 +441,36 @@ fn a_call_made_outside_a_runtime_is_timed_where_it_is_polled() {
         assert!(e.limit() <= Duration::from_secs(2), "propagate {propagate}");
     }
 }
+
+/// Inside a task, once a call has had to wait, the layer builds the next calls' timers in
+/// `call` (see `Timeout`'s docs): the limits, the errors and the deadline written downstream
+/// are the same as when the timer is built at the first `Pending`.
+#[tokio::test(start_paused = true)]
+async fn in_a_task_calls_are_timed_alike_wherever_the_timer_is_built() {
+    tokio::spawn(async {
+        let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
+            TimeoutLayer::new(Duration::from_secs(1)).propagate_own(true),
+        );
+        for round in 0..3 {
+            assert!(svc.poll_ready().is_ready());
+            let start = Instant::now();
+            let fut = svc.call(Request::new(()));
+            let (req, _send) = handle.next_request().await.unwrap();
+            assert_eq!(
+                req.headers()["x-request-timeout-ms"],
+                "1000",
+                "round {round}"
+            );
+            let e = elapsed(fut.await.unwrap_err());
+            assert_eq!(e.limit(), Duration::from_secs(1));
+            assert_eq!(start.elapsed(), Duration::from_secs(1), "round {round}");
+        }
+        assert!(svc.poll_ready().is_ready());
+        let fut = svc.call(Request::new(()));
+        let (_req, send) = handle.next_request().await.unwrap();
+        send.send_response(Response::new(()));
+        fut.await.unwrap();
+    })
+    .await
+    .unwrap();
+}
