@@ -56,8 +56,12 @@ enum Kind<B> {
         state: Arc<Mutex<State<B>>>,
         /// Frames of the recording this attempt has already sent.
         pos: usize,
+        /// Data bytes this attempt has already sent.
+        sent_bytes: u64,
         /// Whether this attempt has sent the trailers.
         trailers_sent: bool,
+        /// This reader's slot in [`State::waiters`].
+        reader: usize,
     },
 }
 
@@ -67,8 +71,13 @@ struct State<B> {
     /// Frames ever recorded (the recording may have been dropped on overflow).
     recorded: usize,
     trailers: Option<HeaderMap>,
+    /// Data bytes read from the caller's body so far (recorded or not).
     buffered: usize,
     cap: usize,
+    /// One slot per reader: the waker of a reader that found the caller's body pending. The
+    /// caller's body keeps only the waker of the reader that polled it last, so every other
+    /// waiting reader is woken here when a frame arrives or that reader goes away.
+    waiters: Vec<Slot>,
     overflow: bool,
     failed: bool,
     eos: bool,
@@ -113,9 +122,12 @@ impl<B: Body<Data = Bytes> + 'static> ReplayBody<B> {
                     overflow,
                     failed: false,
                     eos: false,
+                    waiters: vec![Slot::Idle],
                 })),
                 pos: 0,
+                sent_bytes: 0,
                 trailers_sent: false,
+                reader: 0,
             },
         }
     }
@@ -177,29 +189,103 @@ impl<B> ReplayBody<B> {
                     sent: false,
                 },
             },
-            Kind::Shared { state, .. } => Self {
-                kind: Kind::Shared {
-                    state: state.clone(),
-                    pos: 0,
-                    trailers_sent: false,
-                },
-            },
+            Kind::Shared { state, .. } => {
+                let reader = {
+                    let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+                    // Reuse the slot of a reader that went away, so the list stays as long
+                    // as the number of live readers.
+                    s.free_slot()
+                };
+                Self {
+                    kind: Kind::Shared {
+                        state: state.clone(),
+                        pos: 0,
+                        sent_bytes: 0,
+                        trailers_sent: false,
+                        reader,
+                    },
+                }
+            }
         })
     }
 }
 
-/// A replaying attempt needed recorded data that was dropped because another attempt read
-/// past the replay cap: the attempt fails rather than send a body with a hole in it.
+/// A replaying attempt can no longer send the whole body: the data it needed was dropped
+/// because another attempt read past the replay cap, or another attempt saw the caller's body
+/// fail. The attempt fails rather than send a body with a hole in it.
 #[derive(Debug)]
 pub struct ReplayLost;
 
 impl fmt::Display for ReplayLost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("request body can no longer be replayed: it grew past the replay cap")
+        f.write_str(
+            "request body can no longer be replayed: it grew past the replay cap or reading it failed",
+        )
     }
 }
 
 impl std::error::Error for ReplayLost {}
+
+/// A reader's place in the list of waiting readers.
+enum Slot {
+    /// No reader holds this slot; [`ReplayBody::replay`] may hand it out again.
+    Free,
+    /// A live reader that is not waiting on the caller's body.
+    Idle,
+    /// A live reader that found the caller's body pending.
+    Waiting(Waker),
+}
+
+impl<B> State<B> {
+    fn free_slot(&mut self) -> usize {
+        match self.waiters.iter().position(|w| matches!(w, Slot::Free)) {
+            Some(i) => {
+                self.waiters[i] = Slot::Idle;
+                i
+            }
+            None => {
+                self.waiters.push(Slot::Idle);
+                self.waiters.len() - 1
+            }
+        }
+    }
+
+    /// Wakes every waiting reader but `except`: the caller's body has moved on (a frame, its
+    /// end, an error) or the reader whose waker it held went away.
+    fn wake_others(&mut self, except: usize) {
+        for (i, slot) in self.waiters.iter_mut().enumerate() {
+            if i != except && matches!(slot, Slot::Waiting(_)) {
+                if let Slot::Waiting(w) = std::mem::replace(slot, Slot::Idle) {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Data bytes recorded that a reader who has sent `sent` bytes has yet to send, or `None`
+    /// when that reader can no longer get them (the recording was dropped).
+    fn unsent_recorded(&self, sent: u64) -> Option<u64> {
+        let buffered = self.buffered as u64;
+        if self.overflow && sent < buffered {
+            return None;
+        }
+        Some(buffered.saturating_sub(sent))
+    }
+}
+
+impl<B> Drop for ReplayBody<B> {
+    fn drop(&mut self) {
+        if let Kind::Shared { state, reader, .. } = &self.kind {
+            let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(slot) = s.waiters.get_mut(*reader) {
+                *slot = Slot::Free;
+            }
+            // This reader may have been the one the caller's body would wake: hand the
+            // wake-up to the others so one of them polls it again with its own waker.
+            s.wake_others(*reader);
+        }
+    }
+}
 
 impl<B> Body for ReplayBody<B>
 where
@@ -214,7 +300,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let (state, pos, trailers_sent) = match &mut this.kind {
+        let (state, pos, sent_bytes, trailers_sent, reader) = match &mut this.kind {
             Kind::Empty => return Poll::Ready(None),
             Kind::Whole { data, sent } => {
                 if *sent {
@@ -226,14 +312,17 @@ where
             Kind::Shared {
                 state,
                 pos,
+                sent_bytes,
                 trailers_sent,
-            } => (state, pos, trailers_sent),
+                reader,
+            } => (state, pos, sent_bytes, trailers_sent, *reader),
         };
         let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
         // Replay what earlier attempts recorded.
         if !s.overflow && *pos < s.frames.len() {
             let chunk = s.frames[*pos].clone();
             *pos += 1;
+            *sent_bytes += chunk.len() as u64;
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if s.overflow && *pos < s.recorded {
@@ -249,11 +338,27 @@ where
             }
             return Poll::Ready(None);
         }
+        if s.failed {
+            // Another reader saw the caller's body fail: this one cannot finish either.
+            return Poll::Ready(Some(Err(ReplayLost.into())));
+        }
         // Read on from the caller's body, recording as we go.
         let frame = match s.body.as_mut().poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                if let Some(slot) = s.waiters.get_mut(reader) {
+                    match slot {
+                        Slot::Waiting(w) => w.clone_from(cx.waker()),
+                        _ => *slot = Slot::Waiting(cx.waker().clone()),
+                    }
+                }
+                return Poll::Pending;
+            }
             Poll::Ready(f) => f,
         };
+        if let Some(slot) = s.waiters.get_mut(reader) {
+            *slot = Slot::Idle;
+        }
+        s.wake_others(reader);
         match &frame {
             None => s.eos = true,
             Some(Err(_)) => s.failed = true,
@@ -270,6 +375,7 @@ where
                     }
                     s.recorded += 1;
                     *pos += 1;
+                    *sent_bytes += data.len() as u64;
                 } else if let Some(t) = f.trailers_ref() {
                     s.trailers = Some(t.clone());
                     s.eos = true;
@@ -288,28 +394,61 @@ where
                 state,
                 pos,
                 trailers_sent,
+                ..
             } => {
                 let s = state.lock().unwrap_or_else(PoisonError::into_inner);
-                s.eos
-                    && (s.overflow || *pos >= s.frames.len())
-                    && (s.trailers.is_none() || *trailers_sent)
+                // A reader behind a dropped recording still has an error to yield.
+                let caught_up = if s.overflow {
+                    *pos >= s.recorded
+                } else {
+                    *pos >= s.frames.len()
+                };
+                s.eos && caught_up && (s.trailers.is_none() || *trailers_sent)
             }
         }
     }
 
+    /// What this reader will still yield: the recorded bytes it has not sent yet plus what
+    /// the caller's body says it still holds. Exact only when both are; unknown (`0..`) for a
+    /// reader that can only fail; a lower bound for a reader with recorded trailers still to
+    /// send (HTTP/1.1 would turn an exact hint into a `content-length` and drop them).
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Whole { data, sent } => {
                 SizeHint::with_exact(if *sent { 0 } else { data.len() as u64 })
             }
-            Kind::Shared { state, .. } => {
+            Kind::Shared {
+                state,
+                sent_bytes,
+                trailers_sent,
+                ..
+            } => {
                 let s = state.lock().unwrap_or_else(PoisonError::into_inner);
-                if s.eos && !s.overflow {
-                    SizeHint::with_exact(s.buffered as u64)
-                } else {
-                    s.body.size_hint()
+                let Some(recorded) = s.unsent_recorded(*sent_bytes) else {
+                    return SizeHint::new();
+                };
+                if s.eos {
+                    if s.trailers.is_some() && !*trailers_sent {
+                        // Exact, yet HTTP/1.1 would then send a `content-length` and drop the
+                        // trailers: a lower bound makes it send the body chunked, trailers
+                        // included.
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(recorded);
+                        return hint;
+                    }
+                    return SizeHint::with_exact(recorded);
                 }
+                if s.failed {
+                    return SizeHint::new();
+                }
+                let rest = s.body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower().saturating_add(recorded));
+                if let Some(upper) = rest.upper().and_then(|u| u.checked_add(recorded)) {
+                    hint.set_upper(upper);
+                }
+                hint
             }
         }
     }
@@ -413,6 +552,182 @@ mod tests {
         assert!(!second.is_end_stream(), "trailers still to send");
         assert!(second.frame().await.unwrap().unwrap().is_trailers());
         assert!(second.is_end_stream());
+    }
+
+    /// A body fed by hand that, like a socket, keeps only the waker of its last poll.
+    #[derive(Clone, Default)]
+    struct Fed(Arc<Mutex<(std::collections::VecDeque<Bytes>, bool, Option<Waker>)>>);
+
+    impl Fed {
+        fn push(&self, b: &'static [u8]) {
+            let mut s = self.0.lock().unwrap();
+            s.0.push_back(Bytes::from_static(b));
+            if let Some(w) = s.2.take() {
+                w.wake();
+            }
+        }
+        fn end(&self) {
+            let mut s = self.0.lock().unwrap();
+            s.1 = true;
+            if let Some(w) = s.2.take() {
+                w.wake();
+            }
+        }
+    }
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            let mut s = self.0.lock().unwrap();
+            if let Some(b) = s.0.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if s.1 {
+                return Poll::Ready(None);
+            }
+            s.2 = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Count {
+        fn get(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    fn poll(body: &mut ReplayBody<Fed>, count: &Arc<Count>) -> Poll<Option<Bytes>> {
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        Pin::new(body)
+            .poll_frame(&mut cx)
+            .map(|f| f.map(|f| f.unwrap().into_data().unwrap()))
+    }
+
+    #[test]
+    fn every_waiting_reader_is_woken() {
+        let fed = Fed::default();
+        let mut a = ReplayBody::new(fed.clone(), 1024);
+        let mut b = a.replay().unwrap();
+        let (wa, wb) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        assert!(poll(&mut a, &wa).is_pending());
+        assert!(poll(&mut b, &wb).is_pending()); // the caller's body now holds only b's waker
+        fed.push(b"x");
+        assert_eq!(wb.get(), 1);
+        assert_eq!(
+            poll(&mut b, &wb),
+            Poll::Ready(Some(Bytes::from_static(b"x")))
+        );
+        assert_eq!(
+            wa.get(),
+            1,
+            "the reader that did not poll last is woken too"
+        );
+        assert_eq!(
+            poll(&mut a, &wa),
+            Poll::Ready(Some(Bytes::from_static(b"x")))
+        );
+
+        // The reader whose waker the caller's body holds goes away: the other is woken, and
+        // polls the caller's body itself from then on.
+        assert!(poll(&mut a, &wa).is_pending());
+        assert!(poll(&mut b, &wb).is_pending());
+        drop(b);
+        assert_eq!(wa.get(), 2, "a dropped reader hands its wake-up on");
+        assert!(poll(&mut a, &wa).is_pending());
+        fed.push(b"y");
+        fed.end();
+        assert_eq!(
+            poll(&mut a, &wa),
+            Poll::Ready(Some(Bytes::from_static(b"y")))
+        );
+        assert_eq!(poll(&mut a, &wa), Poll::Ready(None));
+        // A reader made after the others left reuses a slot: the list does not grow.
+        let c = a.replay().unwrap();
+        let Kind::Shared { state, .. } = &c.kind else {
+            panic!("shared")
+        };
+        assert_eq!(state.lock().unwrap().waiters.len(), 2);
+    }
+
+    /// Reads `body` to the end, checking before every frame that its size hint bounds what it
+    /// still yields, and that `is_end_stream` is true exactly when nothing is left.
+    async fn read_checking_hints<B>(mut body: ReplayBody<B>, total: u64) -> Vec<u8>
+    where
+        B: Body<Data = Bytes> + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let mut out = Vec::new();
+        loop {
+            let hint = body.size_hint();
+            let left = total - out.len() as u64;
+            assert!(hint.lower() <= left, "{hint:?} over-states {left}");
+            assert!(
+                hint.upper().is_none_or(|u| u >= left),
+                "{hint:?} under-states {left}"
+            );
+            match body.frame().await {
+                Some(f) => {
+                    if let Ok(d) = f.unwrap().into_data() {
+                        out.extend_from_slice(&d);
+                    }
+                }
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// A body whose exact hint shrinks as it is read, as hyper's `Incoming` does.
+    fn shrinking(chunks: &[&'static [u8]]) -> impl Body<Data = Bytes, Error = std::io::Error> {
+        struct Shrinking(std::collections::VecDeque<Bytes>);
+        impl Body for Shrinking {
+            type Data = Bytes;
+            type Error = std::io::Error;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+                Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+            }
+            fn size_hint(&self) -> SizeHint {
+                SizeHint::with_exact(self.0.iter().map(|b| b.len() as u64).sum())
+            }
+        }
+        Shrinking(chunks.iter().map(|c| Bytes::from_static(c)).collect())
+    }
+
+    #[tokio::test]
+    async fn every_reader_s_size_hint_is_what_it_will_yield() {
+        let mut first = ReplayBody::new(shrinking(&[b"aaaa", b"bbbb", b"cccc"]), 1024);
+        assert_eq!(first.size_hint().exact(), Some(12));
+        first.frame().await.unwrap().unwrap();
+        // The first attempt read 4 of 12 bytes and failed; the retry must say 12, not 8.
+        let second = first.replay().unwrap();
+        assert_eq!(second.size_hint().exact(), Some(12));
+        assert_eq!(first.size_hint().exact(), Some(8));
+        let third = first.replay().unwrap();
+        assert_eq!(read_checking_hints(second, 12).await, b"aaaabbbbcccc");
+        assert_eq!(
+            first.size_hint().exact(),
+            Some(8),
+            "the recording is still owed"
+        );
+        assert_eq!(read_checking_hints(first, 8).await, b"bbbbcccc");
+        assert_eq!(read_checking_hints(third, 12).await, b"aaaabbbbcccc");
     }
 
     #[test]
