@@ -556,7 +556,10 @@ mod tests {
 
     /// A body fed by hand that, like a socket, keeps only the waker of its last poll.
     #[derive(Clone, Default)]
-    struct Fed(Arc<Mutex<(std::collections::VecDeque<Bytes>, bool, Option<Waker>)>>);
+    struct Fed(Arc<Mutex<FedState>>);
+
+    /// Chunks not read yet, whether the body has ended, the last poller's waker.
+    type FedState = (std::collections::VecDeque<Bytes>, bool, Option<Waker>);
 
     impl Fed {
         fn push(&self, b: &'static [u8]) {
