@@ -121,13 +121,18 @@ impl ClientBuilder {
                 total: self.total,
             });
         }
-        let backoffs: Duration = (1..max_attempts)
-            .map(|n| {
-                backoff_base
-                    .saturating_mul(1 << (n - 1).min(31))
-                    .min(backoff_cap)
-            })
-            .sum();
+        // Saturating, and done as soon as the sum reaches the total (a policy of u32::MAX
+        // attempts must not loop four billion times here).
+        let mut backoffs = Duration::ZERO;
+        for n in 1..max_attempts {
+            let delay = backoff_base
+                .saturating_mul(1 << (n - 1).min(31))
+                .min(backoff_cap);
+            backoffs = backoffs.saturating_add(delay);
+            if backoffs >= self.total {
+                break;
+            }
+        }
         if backoffs >= self.total {
             return Err(PresetError::BackoffsExceedTotal {
                 backoffs,

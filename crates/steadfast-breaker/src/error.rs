@@ -46,7 +46,7 @@ impl BreakerOpen {
     pub fn to_http_response<B>(&self) -> Response<ResponseBody<B>> {
         let mut res = http_response(StatusCode::SERVICE_UNAVAILABLE, "circuit open\n");
         if let Some(d) = self.retry_after {
-            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            let secs = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -82,24 +82,51 @@ impl Error for BreakerOpen {
     }
 }
 
-/// An invalid breaker configuration.
+/// An invalid breaker configuration; its message says what to change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum InvalidConfig {
-    /// A threshold, window size or probe count of zero.
+    /// A threshold, window size, minimum or key count of zero.
     Zero(&'static str),
+    /// A count outside what the breaker supports.
+    OutOfRange {
+        /// The setting.
+        what: &'static str,
+        /// The accepted values, in words.
+        range: &'static str,
+        /// The value given.
+        got: u64,
+    },
+    /// A duration too short to mean anything (an open time of zero never fails fast).
+    TooShort {
+        /// The setting.
+        what: &'static str,
+        /// The shortest accepted value.
+        min: Duration,
+        /// The value given.
+        got: Duration,
+    },
     /// A rate outside `1..=100` percent.
     Rate(&'static str, u8),
     /// `max_open_time` shorter than `open_time`.
     OpenTimes,
+    /// A configuration under which the breaker could never trip; the text says why.
+    NeverTrips(&'static str),
 }
 
 impl fmt::Display for InvalidConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Zero(what) => write!(f, "breaker {what} must be at least 1"),
+            Self::OutOfRange { what, range, got } => {
+                write!(f, "breaker {what} must be {range}, got {got}")
+            }
+            Self::TooShort { what, min, got } => {
+                write!(f, "breaker {what} must be at least {min:?}, got {got:?}")
+            }
             Self::Rate(what, v) => write!(f, "breaker {what} must be 1-100 %, got {v}"),
             Self::OpenTimes => f.write_str("breaker max_open_time must be >= open_time"),
+            Self::NeverTrips(why) => write!(f, "breaker could never trip: {why}"),
         }
     }
 }

@@ -14,6 +14,13 @@ use crate::keyed::{ByAuthority, ExtractKey, KeyedMap};
 use crate::service::{CircuitBreaker, KeyedCircuitBreaker};
 use crate::state::{Policy, WindowKind};
 
+/// The largest count window: one byte per slot, so at most 1 MiB per breaker.
+const MAX_COUNT_WINDOW: u32 = 1 << 20;
+
+/// The shortest open time: an open time of zero would half-open at once and never fail fast
+/// (resilience4j's floor is 1 ms too).
+const MIN_OPEN_TIME: Duration = Duration::from_millis(1);
+
 /// Builds a breaker layer; start with [`CircuitBreakerLayer::builder`].
 ///
 /// Defaults (the seed's breaker, resilience4j's half-open): trip after **5 consecutive
@@ -68,7 +75,9 @@ impl<C> CircuitBreakerBuilder<C> {
         self
     }
 
-    /// Measure rates over the last `size` calls (a true count window).
+    /// Measure rates over the last `size` calls (a true count window), 1 to 1 048 576.
+    /// [`min_calls`](Self::min_calls) larger than `size` is lowered to `size`, as resilience4j
+    /// does: the window never holds more than `size` calls.
     pub fn count_window(mut self, size: u32) -> Self {
         self.policy.window = Some(WindowKind::Count { size });
         self
@@ -80,26 +89,28 @@ impl<C> CircuitBreakerBuilder<C> {
         self
     }
 
-    /// Trip when at least `percent` of the window's calls failed (needs a window).
+    /// Trip when at least `percent` of the window's calls failed (needs a window: without one,
+    /// `build` says so).
     pub fn failure_rate(mut self, percent: u8) -> Self {
         self.policy.failure_rate = Some(percent);
         self
     }
 
-    /// Calls slower than `threshold` are slow; trip when at least `percent` of the window's
-    /// calls were slow (needs a window).
+    /// Calls slower than `threshold` (a non-zero duration) are slow; trip when at least
+    /// `percent` of the window's calls were slow (needs a window: without one, `build` says so).
     pub fn slow_calls(mut self, threshold: Duration, percent: u8) -> Self {
         self.policy.slow = Some((threshold, percent));
         self
     }
 
-    /// Rates are judged only once the window holds this many calls (default 10).
+    /// Rates are judged only once the window holds this many calls (default 10, at least 1;
+    /// at most the size of a count window, to which a larger value is lowered).
     pub fn min_calls(mut self, n: u32) -> Self {
         self.policy.min_calls = n;
         self
     }
 
-    /// How long the breaker stays open after its first trip (default 30 s).
+    /// How long the breaker stays open after its first trip (default 30 s, at least 1 ms).
     pub fn open_time(mut self, d: Duration) -> Self {
         self.policy.open_time = d;
         self
@@ -112,7 +123,7 @@ impl<C> CircuitBreakerBuilder<C> {
     }
 
     /// Up to this percentage is taken off each open time at random (default 10; 0 for exact
-    /// times in tests).
+    /// times in tests; values over 100 count as 100).
     pub fn jitter_percent(mut self, p: u8) -> Self {
         self.policy.jitter_percent = p.min(100);
         self
@@ -166,17 +177,44 @@ impl<C> CircuitBreakerBuilder<C> {
         if p.consecutive == Some(0) {
             return Err(InvalidConfig::Zero("consecutive_failures"));
         }
-        if p.probes == 0 || p.probes > u32::from(u16::MAX) {
+        if p.probes == 0 {
             return Err(InvalidConfig::Zero("half_open_probes"));
+        }
+        if p.probes > u32::from(u16::MAX) {
+            return Err(InvalidConfig::OutOfRange {
+                what: "half_open_probes",
+                range: "1-65535",
+                got: p.probes.into(),
+            });
+        }
+        if p.min_calls == 0 {
+            return Err(InvalidConfig::Zero("min_calls"));
         }
         match p.window {
             Some(WindowKind::Count { size: 0 }) => return Err(InvalidConfig::Zero("count_window")),
-            Some(WindowKind::Time { buckets, width })
-                if buckets == 0 || buckets > 64 || width.is_zero() =>
-            {
-                return Err(InvalidConfig::Zero(
-                    "time_window (1-64 buckets of non-zero width)",
-                ));
+            Some(WindowKind::Count { size }) if size > MAX_COUNT_WINDOW => {
+                return Err(InvalidConfig::OutOfRange {
+                    what: "count_window",
+                    range: "1-1048576 calls",
+                    got: size.into(),
+                });
+            }
+            // resilience4j's rule: a count window never holds more calls than its size, so
+            // the minimum is at most the size (else the rate rule could never apply).
+            Some(WindowKind::Count { size }) => p.min_calls = p.min_calls.min(size),
+            Some(WindowKind::Time { buckets, .. }) if buckets == 0 || buckets > 64 => {
+                return Err(InvalidConfig::OutOfRange {
+                    what: "time_window buckets",
+                    range: "1-64",
+                    got: buckets.into(),
+                });
+            }
+            Some(WindowKind::Time { width, .. }) if width.is_zero() => {
+                return Err(InvalidConfig::TooShort {
+                    what: "time_window bucket width",
+                    min: Duration::from_nanos(1),
+                    got: width,
+                });
             }
             _ => {}
         }
@@ -190,8 +228,36 @@ impl<C> CircuitBreakerBuilder<C> {
                 }
             }
         }
+        if let Some((threshold, _)) = p.slow {
+            if threshold.is_zero() {
+                return Err(InvalidConfig::TooShort {
+                    what: "slow_calls threshold",
+                    min: Duration::from_nanos(1),
+                    got: threshold,
+                });
+            }
+        }
+        if p.window.is_none() {
+            if p.failure_rate.is_some() || p.slow.is_some() {
+                return Err(InvalidConfig::NeverTrips(
+                    "failure_rate and slow_calls are judged over a window: add count_window or time_window",
+                ));
+            }
+            if p.consecutive.is_none() {
+                return Err(InvalidConfig::NeverTrips(
+                    "no consecutive_failures rule and no window: set one of them",
+                ));
+            }
+        }
         if p.window.is_some() && p.failure_rate.is_none() && p.slow.is_none() {
             p.failure_rate = Some(50);
+        }
+        if p.open_time < MIN_OPEN_TIME {
+            return Err(InvalidConfig::TooShort {
+                what: "open_time",
+                min: MIN_OPEN_TIME,
+                got: p.open_time,
+            });
         }
         if p.max_open_time < p.open_time {
             return Err(InvalidConfig::OpenTimes);
@@ -206,8 +272,8 @@ impl<C> CircuitBreakerBuilder<C> {
     ///
     /// # Errors
     ///
-    /// [`InvalidConfig`] when a count is zero, a rate is outside 1-100 % or the open times
-    /// are inverted.
+    /// [`InvalidConfig`] when a count is zero or out of range, a rate is outside 1-100 %, a
+    /// duration is too short, the open times are inverted, or the breaker could never trip.
     pub fn build(self) -> Result<CircuitBreakerLayer<C>, InvalidConfig> {
         let policy = self.validated()?;
         Ok(CircuitBreakerLayer {

@@ -123,7 +123,7 @@ impl<S, C> CircuitBreaker<S, C> {
             if !self.backpressure {
                 return Poll::Ready(true);
             }
-            let deadline = tokio::time::Instant::now() + wait;
+            let deadline = steadfast_core::saturating_add(tokio::time::Instant::now(), wait);
             let sleep = self
                 .sleep
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));

@@ -116,6 +116,25 @@ async fn closed_to_open_after_five_consecutive_failures_seed_default() {
     assert_eq!(up.hits(), hits, "no traffic while open");
 }
 
+/// A count window smaller than the minimum number of calls: the minimum is lowered to the
+/// window's size (resilience4j's rule), so 5 failures in a 5-call window trip. Before, 30
+/// failures of 30 calls left the breaker closed.
+#[tokio::test(start_paused = true)]
+async fn a_count_window_smaller_than_min_calls_still_trips() {
+    let (up, h, mut svc) = setup(
+        builder()
+            .consecutive_failures(None)
+            .count_window(5)
+            .failure_rate(50),
+    );
+    up.set(503);
+    for i in 0..5 {
+        assert_eq!(h.state(), State::Closed, "closed before failure {i}");
+        assert_eq!(call(&mut svc).await.unwrap(), 503);
+    }
+    assert_eq!(h.state(), State::Open);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_success_resets_the_consecutive_count_and_4xx_is_success() {
     let (up, h, mut svc) = setup(builder());
@@ -1124,9 +1143,11 @@ fn every_invalid_setting_is_refused() {
         b().consecutive_failures(Some(0)).build().unwrap_err(),
         InvalidConfig::Zero("consecutive_failures")
     );
-    assert!(
-        b().half_open_probes(70_000).build().is_err(),
-        "probes must fit the probe word"
+    let e = b().half_open_probes(70_000).build().unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "breaker half_open_probes must be 1-65535, got 70000",
+        "probes must fit the probe word, and the message says so"
     );
     assert!(b().half_open_probes(65_535).build().is_ok());
     assert_eq!(
@@ -1143,7 +1164,51 @@ fn every_invalid_setting_is_refused() {
             "{width:?} × {buckets}"
         );
     }
+    assert_eq!(
+        b().time_window(Duration::from_secs(1), 65)
+            .build()
+            .unwrap_err()
+            .to_string(),
+        "breaker time_window buckets must be 1-64, got 65"
+    );
     assert!(b().time_window(Duration::from_secs(1), 64).build().is_ok());
+    assert_eq!(
+        b().count_window(2_000_000).build().unwrap_err().to_string(),
+        "breaker count_window must be 1-1048576 calls, got 2000000"
+    );
+    assert!(b().count_window(1 << 20).build().is_ok());
+    assert_eq!(
+        b().min_calls(0).build().unwrap_err(),
+        InvalidConfig::Zero("min_calls")
+    );
+    assert_eq!(
+        b().open_time(Duration::ZERO)
+            .build()
+            .unwrap_err()
+            .to_string(),
+        "breaker open_time must be at least 1ms, got 0ns"
+    );
+    assert!(b().open_time(Duration::from_millis(1)).build().is_ok());
+    assert!(matches!(
+        b().count_window(10)
+            .slow_calls(Duration::ZERO, 50)
+            .build()
+            .unwrap_err(),
+        InvalidConfig::TooShort {
+            what: "slow_calls threshold",
+            ..
+        }
+    ));
+    // A rate rule without a window, or no rule at all, could never trip.
+    for never in [
+        b().failure_rate(50),
+        b().slow_calls(Duration::from_secs(1), 50),
+        b().consecutive_failures(None),
+    ] {
+        let e = never.build().unwrap_err();
+        assert!(matches!(e, InvalidConfig::NeverTrips(_)), "{e}");
+        assert!(e.to_string().starts_with("breaker could never trip: "));
+    }
     assert_eq!(
         b().count_window(10).failure_rate(101).build().unwrap_err(),
         InvalidConfig::Rate("failure_rate", 101)

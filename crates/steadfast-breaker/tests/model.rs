@@ -123,7 +123,8 @@ fn run(
         }));
         let mut model = Model {
             consecutive_limit: consecutive,
-            window: window.map(|(s, m, r)| (s as usize, m, r)),
+            // The documented clamp: a minimum above a count window's size is the size.
+            window: window.map(|(s, m, r)| (s as usize, m.min(s), r)),
             base: 10_000,
             max: 60_000,
             state: State::Closed,

@@ -51,6 +51,28 @@ impl fmt::Debug for Deadline {
 /// About thirty years: what "no deadline" saturates to (as tokio does).
 const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
+/// `at + d`, never panicking: durations past about thirty years (`Duration::MAX` included,
+/// the natural "no limit") count as thirty years, as tokio's own timers do. Every instant
+/// the library computes from a configured or received duration goes through here.
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast_core::saturating_add;
+/// use tokio::time::Instant;
+///
+/// let now = Instant::now();
+/// assert!(saturating_add(now, Duration::MAX) > now); // no "overflow when adding duration"
+/// assert_eq!(saturating_add(now, Duration::from_secs(1)), now + Duration::from_secs(1));
+/// ```
+#[inline]
+pub fn saturating_add(at: Instant, d: Duration) -> Instant {
+    match at.checked_add(d.min(FAR_FUTURE)) {
+        Some(later) => later,
+        // Only an instant itself near the end of the platform's range gets here.
+        None => at,
+    }
+}
+
 impl Deadline {
     /// A deadline at `at`.
     pub const fn at(at: Instant) -> Self {
@@ -66,10 +88,9 @@ impl Deadline {
     /// A deadline `d` after `now` (saves a clock read when the caller has one).
     #[inline]
     pub fn after_from(now: Instant, d: Duration) -> Self {
-        let at = now
-            .checked_add(d.min(FAR_FUTURE))
-            .unwrap_or_else(|| now + Duration::from_secs(86_400));
-        Self { at }
+        Self {
+            at: saturating_add(now, d),
+        }
     }
 
     /// The instant.

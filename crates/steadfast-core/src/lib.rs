@@ -51,7 +51,7 @@ pub use classify::{
     Class, Classify, DefaultClassifier, GrpcClassifier, HttpClassifier, ResponseClass, StatusSet,
     is_grpc_content_type, is_grpc_response,
 };
-pub use deadline::{Deadline, Scoped};
+pub use deadline::{Deadline, Scoped, saturating_add};
 pub use error::{BoxError, Delivery, PolicyRejected, certainly_not_sent, classify_transport_error};
 pub use grpc::{GRPC_MESSAGE, GRPC_STATUS, GrpcCode, GrpcCodeSet};
 pub use response::{ResponseBody, grpc_response, http_response, percent_encode_grpc_message};

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 const MILLI: u64 = 1000;
 const BALANCE_BITS: u32 = 40;
 const BALANCE_MASK: u64 = (1 << BALANCE_BITS) - 1;
-const TICK: Duration = Duration::from_millis(10);
+pub(crate) const TICK: Duration = Duration::from_millis(10);
 const TICK_MASK: u64 = (1 << (64 - BALANCE_BITS)) - 1;
 /// Threads with a stripe of their own; later threads share as many more.
 const OWNED: usize = 8;

@@ -9,8 +9,15 @@ pub enum InvalidRetryConfig {
     ZeroAttempts,
     /// The backoff cap is below its base.
     BackoffCapBelowBase,
-    /// The budget ratio is negative or not a number.
+    /// The budget ratio is negative, over 1000 or not a finite number.
     BudgetRatio,
+    /// The budget deposits nothing (ratio 0) and has no floor (`min_per_sec` 0): no retry
+    /// could ever be paid for.
+    BudgetNeverPays,
+    /// The budget's window is shorter than its 10 ms tick.
+    BudgetWindow,
+    /// A total timeout of zero leaves no time for any retry.
+    ZeroTotalTimeout,
 }
 
 impl fmt::Display for InvalidRetryConfig {
@@ -18,7 +25,18 @@ impl fmt::Display for InvalidRetryConfig {
         match self {
             Self::ZeroAttempts => f.write_str("max_attempts must be at least 1 (1 = no retry)"),
             Self::BackoffCapBelowBase => f.write_str("backoff cap must be >= its base delay"),
-            Self::BudgetRatio => f.write_str("budget ratio must be a non-negative number"),
+            Self::BudgetRatio => {
+                f.write_str("budget ratio must be a finite number from 0 to 1000 (0.1 = 10 %)")
+            }
+            Self::BudgetNeverPays => f.write_str(
+                "budget ratio and min_per_sec are both 0, so no retry could ever be paid for: \
+                 raise one, or turn the budget off with budget(None)",
+            ),
+            Self::BudgetWindow => f.write_str("budget window must be at least 10 ms"),
+            Self::ZeroTotalTimeout => f.write_str(
+                "total_timeout must be longer than zero (zero leaves no time for a retry; \
+                 use max_attempts(1) for no retry)",
+            ),
         }
     }
 }

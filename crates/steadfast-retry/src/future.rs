@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 use steadfast_core::header::{GRPC_RETRY_PUSHBACK_MS, Pushback, pushback, retry_after};
 use steadfast_core::{
     BoxError, Class, Classify, Deadline, Delivery, PolicyRejected, ResponseClass,
-    is_grpc_content_type,
+    is_grpc_content_type, saturating_add,
 };
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -202,13 +202,12 @@ impl<S, B, C> Ctx<S, B, C> {
                 config.backoff.delay(self.attempt, self.previous_delay, rng)
             }
         };
-        let now = Instant::now();
-        let ends = now + delay;
+        let ends = saturating_add(Instant::now(), delay);
         if self.deadline.is_some_and(|d| ends >= d.instant()) {
             return self.give_up(out, "deadline");
         }
         if let (Some(start), Some(total)) = (self.started, config.total) {
-            if ends >= start + total {
+            if ends >= saturating_add(start, total) {
                 return self.give_up(out, "total_timeout");
             }
         }

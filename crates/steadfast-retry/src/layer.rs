@@ -218,8 +218,8 @@ impl<C> RetryPolicy<C> {
     ///
     /// # Errors
     ///
-    /// [`InvalidRetryConfig`] for zero attempts, a backoff cap below its base, or a negative
-    /// budget ratio.
+    /// [`InvalidRetryConfig`] for zero attempts, a backoff cap below its base, a zero total
+    /// timeout, or a budget that is out of range or could never pay for a retry.
     pub fn build(self) -> Result<RetryLayer<C>, InvalidRetryConfig> {
         if self.max_attempts == 0 {
             return Err(InvalidRetryConfig::ZeroAttempts);
@@ -228,9 +228,18 @@ impl<C> RetryPolicy<C> {
             return Err(InvalidRetryConfig::BackoffCapBelowBase);
         }
         if let Some(b) = &self.budget {
-            if b.ratio.is_nan() || b.ratio < 0.0 {
+            if !(0.0..=1000.0).contains(&b.ratio) {
                 return Err(InvalidRetryConfig::BudgetRatio);
             }
+            if b.ratio == 0.0 && b.min_per_sec == 0 {
+                return Err(InvalidRetryConfig::BudgetNeverPays);
+            }
+            if b.window < crate::budget::TICK {
+                return Err(InvalidRetryConfig::BudgetWindow);
+            }
+        }
+        if self.total.is_some_and(|t| t.is_zero()) {
+            return Err(InvalidRetryConfig::ZeroTotalTimeout);
         }
         let seed = self.seed.unwrap_or_else(|| {
             use std::hash::{BuildHasher, Hasher};

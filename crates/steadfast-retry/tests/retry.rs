@@ -285,7 +285,7 @@ async fn the_budget_balance_is_visible_and_ratios_are_validated() {
             .budget_balance(),
         None
     );
-    for ratio in [-0.1, f64::NAN] {
+    for ratio in [-0.1, f64::NAN, f64::INFINITY, 1000.5] {
         let bad = BudgetConfig {
             ratio,
             ..BudgetConfig::default()
@@ -304,6 +304,31 @@ async fn the_budget_balance_is_visible_and_ratios_are_validated() {
             .build()
             .is_ok()
     );
+    // Configurations that could never retry are refused, saying what to change.
+    let never = RetryLayer::policy()
+        .budget(Some(BudgetConfig {
+            ratio: 0.0,
+            min_per_sec: 0,
+            window: Duration::from_secs(10),
+        }))
+        .build()
+        .unwrap_err();
+    assert_eq!(never, InvalidRetryConfig::BudgetNeverPays);
+    assert!(never.to_string().contains("budget(None)"));
+    let window = RetryLayer::policy()
+        .budget(Some(BudgetConfig {
+            window: Duration::ZERO,
+            ..BudgetConfig::default()
+        }))
+        .build()
+        .unwrap_err();
+    assert_eq!(window, InvalidRetryConfig::BudgetWindow);
+    let total = RetryLayer::policy()
+        .total_timeout(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(total, InvalidRetryConfig::ZeroTotalTimeout);
+    assert!(total.to_string().contains("max_attempts(1)"));
 }
 
 #[test]

@@ -55,7 +55,10 @@ impl Default for TimeoutLayer {
 }
 
 impl TimeoutLayer {
-    /// A timeout of `limit` for each call.
+    /// A timeout of `limit` for each call. A limit of zero is a deadline already passed:
+    /// every call fails at once with [`Elapsed`](crate::Elapsed) without reaching the inner
+    /// service. Limits past about thirty years (`Duration::MAX` included) count as thirty
+    /// years, as tokio's timers do.
     pub const fn new(limit: Duration) -> Self {
         Self {
             limit,

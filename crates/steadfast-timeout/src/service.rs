@@ -155,7 +155,11 @@ where
         match Deadline::for_request(&req) {
             // The common case reads the request and hands it on untouched (no copy of it
             // to edit), and leaves the clock and the timer to the first `Pending`.
-            None if !self.config.propagate_own => ResponseFuture::lazy(self.inner.call(req), own),
+            // A zero limit takes the slow path, which refuses it before sending (as every
+            // deadline already passed is refused), whether or not the call would pend.
+            None if !self.config.propagate_own && !own.is_zero() => {
+                ResponseFuture::lazy(self.inner.call(req), own)
+            }
             inherited => self.call_with_deadline(req, own, inherited),
         }
     }

@@ -143,6 +143,33 @@ async fn spent_budget_fails_at_once_without_sending() {
     assert!(handle.next_request().await.is_none(), "nothing was sent");
 }
 
+/// Zero is a deadline already passed, whether or not the inner service would answer at once;
+/// `Duration::MAX` is "no limit" and never panics.
+#[tokio::test(start_paused = true)]
+async fn zero_never_sends_and_max_never_panics() {
+    for propagate in [false, true] {
+        let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
+            TimeoutLayer::new(Duration::ZERO).propagate_own(propagate),
+        );
+        assert!(svc.poll_ready().is_ready());
+        let e = elapsed(svc.call(Request::new(())).await.unwrap_err());
+        assert_eq!(e.limit(), Duration::ZERO);
+        drop(svc);
+        assert!(handle.next_request().await.is_none(), "nothing was sent");
+    }
+    for propagate in [false, true] {
+        let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
+            TimeoutLayer::new(Duration::MAX).propagate_own(propagate),
+        );
+        assert!(svc.poll_ready().is_ready());
+        let fut = svc.call(Request::new(()));
+        let (_req, send) = handle.next_request().await.unwrap();
+        tokio::time::advance(Duration::from_secs(86_400 * 365)).await;
+        send.send_response(Response::new(()));
+        fut.await.unwrap();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn cover_ready_bounds_the_readiness_wait_without_erroring_poll_ready() {
     let (svc, mut handle) = mock::pair::<Req, Res>();
