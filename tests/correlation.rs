@@ -244,3 +244,148 @@ async fn tonic_hop_carries_the_id_in_metadata() {
     );
     assert_eq!(*seen.lock().unwrap(), vec!["grpc-hop-1".to_owned()]);
 }
+
+/// A gateway that forwards every inbound header upstream, behind the server layer and in
+/// front of the client layer. A valid id beside a hostile one must not carry the hostile one
+/// across the hop: after the server layer the handler sees exactly one id header, and the
+/// upstream receives exactly one. Duplicated `x-request-id` and `traceparent` fields are
+/// ambiguous: neither copy is taken as the id, and neither reaches the handler.
+#[tokio::test]
+async fn duplicate_id_headers_never_cross_a_hop() {
+    let upstream = steadfast_testkit::FaultServer::start().await;
+    let url = upstream.url("/orders");
+    let seen_by_handler: Arc<Mutex<Option<HeaderMap>>> = Arc::default();
+    let seen = seen_by_handler.clone();
+    let client = ServiceBuilder::new()
+        .layer(ClientCorrelationIdLayer::new())
+        .service(http_client());
+    let gateway = serve_axum(
+        Router::new()
+            .route(
+                "/orders",
+                get(move |headers: HeaderMap| {
+                    let client = client.clone();
+                    let url = url.clone();
+                    *seen.lock().unwrap() = Some(headers.clone());
+                    async move {
+                        let mut out = http::Request::get(url)
+                            .body(http_body_util::Full::default())
+                            .unwrap();
+                        for (name, value) in &headers {
+                            if name != http::header::HOST {
+                                out.headers_mut().append(name, value.clone());
+                            }
+                        }
+                        client.oneshot(out).await.unwrap().status()
+                    }
+                }),
+            )
+            .layer(CorrelationIdLayer::new().from_traceparent(true)),
+    )
+    .await;
+
+    let mut req = get_req(gateway, "/orders");
+    let h = req.headers_mut();
+    h.append("x-correlation-id", "good-1".parse().unwrap());
+    h.append("x-correlation-id", "EVIL PAYLOAD <script>".parse().unwrap());
+    h.append("x-request-id", "req-1".parse().unwrap());
+    h.append("x-request-id", "EVIL-2 <x>".parse().unwrap());
+    h.append(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            .parse()
+            .unwrap(),
+    );
+    h.append(
+        "traceparent",
+        "00-11111111111111111111111111111111-2222222222222222-01"
+            .parse()
+            .unwrap(),
+    );
+    let res = http_client().request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+
+    let echoed: Vec<_> = res.headers().get_all("x-correlation-id").iter().collect();
+    assert_eq!(echoed.len(), 1, "one id on the response");
+    let id = echoed[0].to_str().unwrap().to_owned();
+    assert!(
+        !["good-1", "req-1", "0af7651916cd43dd8448eb211c80319c"].contains(&id.as_str()),
+        "an ambiguous header is not an id: {id}"
+    );
+
+    let handler = seen_by_handler.lock().unwrap().take().unwrap();
+    let ids: Vec<_> = handler.get_all("x-correlation-id").iter().collect();
+    assert_eq!(
+        ids,
+        vec![id.as_str()],
+        "the handler sees exactly the accepted id"
+    );
+    assert!(
+        !handler.contains_key("x-request-id"),
+        "ambiguous copies removed"
+    );
+    assert!(
+        !handler.contains_key("traceparent"),
+        "ambiguous copies removed"
+    );
+
+    let received = upstream.received();
+    assert_eq!(received.len(), 1);
+    let sent: Vec<_> = received[0]
+        .headers
+        .get_all("x-correlation-id")
+        .iter()
+        .collect();
+    assert_eq!(sent, vec![id.as_str()], "exactly one id crosses the hop");
+    let all = format!("{:?}", received[0].headers);
+    assert!(
+        !all.contains("EVIL"),
+        "no hostile value reaches the upstream: {all}"
+    );
+}
+
+/// The client layer alone: a request that carries two id fields (one valid) is sent with one.
+#[tokio::test]
+async fn the_client_layer_sends_exactly_one_id() {
+    let upstream = steadfast_testkit::FaultServer::start().await;
+    let client = ServiceBuilder::new()
+        .layer(ClientCorrelationIdLayer::new())
+        .service(http_client());
+    let mut req = http::Request::get(upstream.url("/"))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    req.headers_mut()
+        .append("x-correlation-id", "good-1".parse().unwrap());
+    req.headers_mut()
+        .append("x-correlation-id", "EVIL <script>".parse().unwrap());
+    client.oneshot(req).await.unwrap();
+    let sent: Vec<_> = upstream.received()[0]
+        .headers
+        .get_all("x-correlation-id")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(!sent[0].contains("EVIL"));
+}
+
+/// A handler that sets its own id on its response keeps it: the layer echoes only onto a
+/// response that has none.
+#[tokio::test]
+async fn a_handler_s_own_response_id_wins() {
+    let server = serve_axum(
+        Router::new()
+            .route(
+                "/",
+                get(|| async { ([("x-correlation-id", "set-by-handler")], "ok") }),
+            )
+            .layer(CorrelationIdLayer::new()),
+    )
+    .await;
+    let mut req = get_req(server, "/");
+    req.headers_mut()
+        .insert("x-correlation-id", "inbound-1".parse().unwrap());
+    let res = http_client().request(req).await.unwrap();
+    let ids: Vec<_> = res.headers().get_all("x-correlation-id").iter().collect();
+    assert_eq!(ids, vec!["set-by-handler"]);
+}

@@ -1,6 +1,7 @@
 use std::task::{Context, Poll};
 
 use http::Request;
+use steadfast_core::header::single;
 use tower_service::Service;
 
 use crate::generate::MakeCorrelationId;
@@ -59,12 +60,10 @@ where
         let header = &self.config.header;
         let id = if let Some(id) = req.extensions().get::<CorrelationId>() {
             Some(id.header_value().clone())
-        } else if req
-            .headers()
-            .get(header)
+        } else if single(req.headers(), header)
             .is_some_and(|v| self.config.validate.accepts(v.as_bytes()))
         {
-            None // the caller set a valid id on purpose: keep it
+            None // the caller set one valid id on purpose: keep it
         } else if let Some(id) = CorrelationId::current() {
             Some(id.into())
         } else if self.config.generate {

@@ -16,15 +16,20 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Per request, in order of precedence: a valid `x-correlation-id` (name configurable), else
 /// a valid `x-request-id`, else (when [enabled](Self::from_traceparent)) the trace-id of a
 /// valid W3C `traceparent`, else a freshly [generated](crate::UuidV7) id. Rejected inbound
-/// values are replaced and never echoed or logged.
+/// values are replaced and never echoed or logged. A header sent twice (two fields, valid or
+/// not, equal or not) is ambiguous and counts as invalid: a payload cannot ride beside a
+/// valid id.
 ///
 /// The accepted id is then:
-/// - set as the request's `x-correlation-id` header (so the handler reads the id that counts),
+/// - set as the request's only `x-correlation-id` header (so the handler, and anything that
+///   forwards the inbound headers, sees the id that counts and nothing else); ambiguous
+///   copies of `x-request-id` and, when read, `traceparent` are removed,
 /// - a [`CorrelationId`](crate::CorrelationId) request extension (can be switched off),
 /// - ambient for the handler: [`CorrelationId::current`](crate::CorrelationId::current),
 ///   which outgoing client stacks read,
 /// - a `correlation_id` field on a `request` tracing span around the handler,
-/// - echoed on the response header.
+/// - echoed on the response header, unless the handler set that header itself (its value
+///   wins).
 ///
 /// # Example
 ///
@@ -161,8 +166,9 @@ impl<S, M: Clone, V: Clone> Layer<S> for CorrelationIdLayer<M, V> {
 /// The id comes from, in order: the request's [`CorrelationId`](crate::CorrelationId)
 /// extension, a valid header the caller already set, the ambient id of the request being
 /// handled ([`CorrelationId::current`](crate::CorrelationId::current)), or a newly generated id
-/// ([switchable](Self::generate)). An invalid header already on the request is replaced, or
-/// removed when there is nothing to replace it with.
+/// ([switchable](Self::generate)). An invalid header already on the request, or one sent as
+/// two or more fields, is replaced, or removed when there is nothing to replace it with: the
+/// request leaves with at most one id header.
 ///
 /// Works on any `http::Request` service: a hyper-util client or a tonic `Channel` (gRPC
 /// metadata travels as HTTP/2 headers).

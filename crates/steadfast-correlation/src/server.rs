@@ -5,6 +5,7 @@ use std::task::{Context, Poll, ready};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
+use steadfast_core::header::single;
 use tower_service::Service;
 use tracing::Span;
 
@@ -61,24 +62,29 @@ impl<M: MakeCorrelationId, V: ValidateId> CorrelationIdLayer<M, V> {
         self.validate.accepts(v.as_bytes())
     }
 
+    /// The id for this request and where it came from. A header with two or more fields is
+    /// ambiguous and counts as invalid, as a single invalid value does: a sender cannot slip
+    /// a payload past validation beside a valid id.
     fn pick(&self, headers: &HeaderMap) -> (CorrelationId, Source) {
         let mut rejected = false;
-        if let Some(v) = headers.get(&self.header) {
-            if self.accept(v) {
+        match single(headers, &self.header) {
+            Some(v) if self.accept(v) => {
                 return (CorrelationId::from_validated(v.clone()), Source::Header);
             }
-            rejected = true;
+            Some(_) => rejected = true,
+            None => rejected |= headers.contains_key(&self.header),
         }
-        if let Some(v) = self.fallback.as_ref().and_then(|name| headers.get(name)) {
-            if self.accept(v) {
-                return (CorrelationId::from_validated(v.clone()), Source::Fallback);
+        if let Some(name) = &self.fallback {
+            match single(headers, name) {
+                Some(v) if self.accept(v) => {
+                    return (CorrelationId::from_validated(v.clone()), Source::Fallback);
+                }
+                Some(_) => rejected = true,
+                None => rejected |= headers.contains_key(name),
             }
-            rejected = true;
         }
         if self.traceparent {
-            if let Some(trace) = headers
-                .get(&TRACEPARENT)
-                .and_then(|v| trace_id(v.as_bytes()))
+            if let Some(trace) = single(headers, &TRACEPARENT).and_then(|v| trace_id(v.as_bytes()))
             {
                 if let Ok(v) = HeaderValue::from_bytes(trace) {
                     if self.accept(&v) {
@@ -92,6 +98,21 @@ impl<M: MakeCorrelationId, V: ValidateId> CorrelationIdLayer<M, V> {
             tracing::debug!(target: "steadfast::correlation", "inbound correlation id rejected; generating one");
         }
         (self.make.make_id(), Source::Generated)
+    }
+
+    /// After [`pick`](Self::pick): the request carries exactly one id header, with the id
+    /// that counts, and no ambiguous copy of a header the layer read.
+    #[cold]
+    fn normalise(&self, headers: &mut HeaderMap, id: &CorrelationId) {
+        headers.insert(self.header.clone(), id.header_value().clone());
+        if let Some(name) = &self.fallback {
+            if single(headers, name).is_none() {
+                headers.remove(name);
+            }
+        }
+        if self.traceparent && single(headers, &TRACEPARENT).is_none() {
+            headers.remove(&TRACEPARENT);
+        }
     }
 }
 
@@ -111,9 +132,10 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let (id, source) = self.config.pick(req.headers());
+        // Taken from the header means that header had exactly one, valid, field: nothing to
+        // rewrite on the common path.
         if source != Source::Header {
-            req.headers_mut()
-                .insert(self.config.header.clone(), id.header_value().clone());
+            self.config.normalise(req.headers_mut(), &id);
         }
         if self.config.extension {
             req.extensions_mut().insert(id.clone());
@@ -177,7 +199,10 @@ where
         };
         if let Some(name) = this.echo.take() {
             if let Some(id) = inner.take_id() {
-                res.headers_mut().insert(name, id.into());
+                // A value the handler set on its own response wins.
+                if let http::header::Entry::Vacant(slot) = res.headers_mut().entry(name) {
+                    slot.insert(id.into());
+                }
             }
         }
         Poll::Ready(Ok(res))

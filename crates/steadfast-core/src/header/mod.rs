@@ -9,6 +9,9 @@
 //! | `grpc-retry-pushback-ms` | [`pushback`] (negative or garbage: stop) | [`encode_pushback`] |
 //! | `grpc-timeout` | [`grpc_timeout`] | [`encode_grpc_timeout`] |
 //! | `x-request-timeout-ms` | [`timeout_ms`] | [`encode_timeout_ms`] |
+//!
+//! A header that must have one value (an id, a `traceparent`) is read with [`single`]: two
+//! fields of it are ambiguous, and ambiguity is treated as invalid, never as "the first wins".
 
 mod grpc_timeout;
 mod pushback;
@@ -19,6 +22,32 @@ pub use grpc_timeout::{GRPC_TIMEOUT, encode_grpc_timeout, grpc_timeout};
 pub use pushback::{GRPC_RETRY_PUSHBACK_MS, Pushback, encode_pushback, pushback};
 pub use retry_after::{MAX_RETRY_AFTER, retry_after};
 pub use timeout_ms::{MAX_TIMEOUT_MS, TIMEOUT_MS, encode_timeout_ms, timeout_ms};
+
+/// The value of `name` when the message carries exactly one field of it; `None` when it
+/// carries none, or two or more (whether or not they agree: a sender that repeats a
+/// single-valued header is not to be trusted with either copy).
+///
+/// ```
+/// use http::{HeaderMap, HeaderName, HeaderValue};
+/// use steadfast_core::header::single;
+///
+/// let name = HeaderName::from_static("x-correlation-id");
+/// let mut h = HeaderMap::new();
+/// assert!(single(&h, &name).is_none());
+/// h.append(&name, HeaderValue::from_static("good-1"));
+/// assert_eq!(single(&h, &name).unwrap(), "good-1");
+/// h.append(&name, HeaderValue::from_static("EVIL PAYLOAD"));
+/// assert!(single(&h, &name).is_none(), "two fields: neither is taken");
+/// ```
+#[inline]
+pub fn single<'a>(
+    headers: &'a http::HeaderMap,
+    name: &http::HeaderName,
+) -> Option<&'a http::HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    values.next().is_none().then_some(first)
+}
 
 /// Parses a run of ASCII digits of at most `max_digits` into a `u64`. Anything else — empty,
 /// a sign, whitespace inside, a non-digit, too many digits — is `None`.
