@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! ClientCorrelationId   the ambient id (or a new one) on every outgoing request
-//!   Timeout (total)     10 s, or less if the inbound deadline says so; propagated downstream
+//!   Timeout (total)     10 s, or less if the inbound deadline says so; propagated downstream;
+//!                       covers the response body too (opt out for long-lived streams)
 //!     Retry             3 attempts, 429/502/503/504 + connect errors + UNAVAILABLE, budgeted
 //!       CircuitBreaker  one per upstream authority: 5 consecutive failures, open 30 s
 //!         Timeout       5 s per attempt (the seed's client timeout)
@@ -38,7 +39,7 @@ use steadfast_breaker::{
 use steadfast_core::DefaultClassifier;
 use steadfast_correlation::{ClientCorrelationId, ClientCorrelationIdLayer, DefaultRule, UuidV7};
 use steadfast_retry::{Retry, RetryLayer, RetryPolicy};
-use steadfast_timeout::{Timeout, TimeoutLayer};
+use steadfast_timeout::{BodyTimeout, BodyTimeoutLayer, Timeout, TimeoutLayer};
 use tower_layer::Layer;
 
 use crate::preset::PresetError;
@@ -56,6 +57,8 @@ pub fn http() -> ClientBuilder {
         retry: RetryLayer::policy(),
         breaker: CircuitBreakerLayer::builder(),
         time_window: None,
+        covers_body: true,
+        body_idle: None,
     }
 }
 
@@ -68,12 +71,33 @@ pub struct ClientBuilder {
     retry: RetryPolicy,
     breaker: CircuitBreakerBuilder,
     time_window: Option<Duration>,
+    covers_body: bool,
+    body_idle: Option<Duration>,
 }
 
 impl ClientBuilder {
     /// The budget for the whole call, retries and waits included (default 10 s).
     pub fn total_timeout(mut self, d: Duration) -> Self {
         self.total = d;
+        self
+    }
+
+    /// Whether the total timeout also bounds the response body (default on: a call never
+    /// hangs on an upstream that sends its head and then trickles the body; the body ends
+    /// with [`Elapsed`](steadfast_timeout::Elapsed) at the deadline). Turn it off for
+    /// long-lived streams (server-sent events, gRPC server streaming): the head stays bounded,
+    /// the body is not, except by [`body_idle_timeout`](Self::body_idle_timeout). The deadline
+    /// propagated downstream is the same either way. See
+    /// [`BodyTimeoutLayer`](steadfast_timeout::BodyTimeoutLayer).
+    pub fn total_covers_body(mut self, on: bool) -> Self {
+        self.covers_body = on;
+        self
+    }
+
+    /// Also end a response body that receives nothing for `limit` between two frames (off by
+    /// default); useful with [`total_covers_body(false)`](Self::total_covers_body).
+    pub fn body_idle_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.body_idle = limit;
         self
     }
 
@@ -168,7 +192,11 @@ impl ClientBuilder {
         let breaker = self.breaker.build_per_authority()?;
         Ok(HttpClientLayer {
             correlation: ClientCorrelationIdLayer::new(),
-            total: TimeoutLayer::new(self.total).propagate_own(true),
+            total: TimeoutLayer::new(self.total)
+                .propagate_own(true)
+                .covering_body()
+                .whole_call(self.covers_body)
+                .idle(self.body_idle),
             retry,
             breaker,
             attempt: TimeoutLayer::new(self.attempt),
@@ -184,7 +212,7 @@ pub type AuthorityBreaker =
 #[derive(Clone, Debug)]
 pub struct HttpClientLayer {
     correlation: ClientCorrelationIdLayer,
-    total: TimeoutLayer,
+    total: BodyTimeoutLayer,
     retry: RetryLayer,
     breaker: AuthorityBreaker,
     attempt: TimeoutLayer,
@@ -192,7 +220,7 @@ pub struct HttpClientLayer {
 
 /// The service the client stack makes from a transport `S`.
 pub type HttpClient<S> = ClientCorrelationId<
-    Timeout<
+    BodyTimeout<
         Retry<
             KeyedCircuitBreaker<Timeout<S>, DefaultClassifier, ByAuthority, Option<Authority>>,
             DefaultClassifier,

@@ -223,3 +223,151 @@ async fn deadline_propagates_across_hops_and_cuts_the_innermost_call() {
     assert!(ended - start <= Duration::from_secs(2));
     assert!(ended - start >= Duration::from_millis(1900));
 }
+
+// ---- the total deadline covers the response body ----
+
+mod body {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use steadfast::retry::ReplayBody;
+    use steadfast::timeout::Elapsed;
+    use steadfast_testkit::{Fault, FaultServer};
+    use tokio::time::Instant;
+    use tower::{Layer, ServiceExt};
+
+    fn transport(
+        http2: bool,
+    ) -> Client<hyper_util::client::legacy::connect::HttpConnector, ReplayBody<Full<Bytes>>> {
+        Client::builder(TokioExecutor::new())
+            .http2_only(http2)
+            .build_http()
+    }
+
+    /// Reads the whole body: the bytes that arrived and how it ended.
+    async fn drain<B>(mut body: B) -> (usize, Option<Elapsed>)
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: Into<steadfast::core::BoxError>,
+    {
+        let mut n = 0;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => n += f.into_data().map_or(0, |d| d.len()),
+                Err(e) => {
+                    let e: steadfast::core::BoxError = e.into();
+                    return (n, Some(*e.downcast_ref::<Elapsed>().expect("an Elapsed")));
+                }
+            }
+        }
+        (n, None)
+    }
+
+    /// The report's case: total timeout 1 s, the upstream sends its head at once and then one
+    /// byte per second for 120 s. The body ends with `Elapsed` at the deadline, HTTP/1 and 2.
+    #[tokio::test(start_paused = true)]
+    async fn a_trickling_body_ends_at_the_total_deadline() {
+        for http2 in [false, true] {
+            let server = FaultServer::start().await;
+            server.set_default(Fault::SlowBody {
+                chunks: 120,
+                chunk: 1,
+                interval: Duration::from_secs(1),
+            });
+            let stack = steadfast::client::http()
+                .attempt_timeout(Duration::from_millis(1500))
+                .total_timeout(Duration::from_millis(2500))
+                .build()
+                .unwrap();
+            let start = Instant::now();
+            let req = http::Request::get(server.url("/"))
+                .body(Full::default())
+                .unwrap();
+            let res = stack.layer(transport(http2)).oneshot(req).await.unwrap();
+            assert_eq!(res.status(), 200);
+            let (bytes, end) = drain(res.into_body()).await;
+            let e = end.expect("the body is cut at the deadline");
+            assert_eq!(e.limit(), Duration::from_millis(2500));
+            assert!(!e.is_idle());
+            assert!(bytes < 120, "http2={http2}: {bytes} bytes");
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "http2={http2}: the call outlived its deadline: {:?}",
+                start.elapsed()
+            );
+        }
+    }
+
+    /// The opt-out for long-lived streams: the body runs past the total timeout; an idle
+    /// limit still ends a stream that goes quiet.
+    #[tokio::test(start_paused = true)]
+    async fn long_lived_streams_opt_out_and_an_idle_limit_still_applies() {
+        let server = FaultServer::start().await;
+        server.set_default(Fault::SlowBody {
+            chunks: 5,
+            chunk: 10,
+            interval: Duration::from_secs(1),
+        });
+        let streaming = steadfast::client::http()
+            .attempt_timeout(Duration::from_millis(1500))
+            .total_timeout(Duration::from_millis(2500))
+            .total_covers_body(false)
+            .build()
+            .unwrap();
+        let req = http::Request::get(server.url("/"))
+            .body(Full::default())
+            .unwrap();
+        let res = streaming
+            .layer(transport(false))
+            .oneshot(req)
+            .await
+            .unwrap();
+        assert_eq!(
+            drain(res.into_body()).await,
+            (50, None),
+            "the whole stream, past 2.5 s"
+        );
+
+        let idle = steadfast::client::http()
+            .total_covers_body(false)
+            .body_idle_timeout(Some(Duration::from_millis(400)))
+            .build()
+            .unwrap();
+        let req = http::Request::get(server.url("/"))
+            .body(Full::default())
+            .unwrap();
+        let res = idle.layer(transport(true)).oneshot(req).await.unwrap();
+        let (bytes, end) = drain(res.into_body()).await;
+        let e = end.expect("the idle limit fires");
+        assert!(e.is_idle());
+        assert_eq!(e.limit(), Duration::from_millis(400));
+        assert_eq!(bytes, 0);
+    }
+
+    /// The deadline propagated downstream (the smaller of the total and the attempt timeout)
+    /// is the same with or without the body covered.
+    #[tokio::test(start_paused = true)]
+    async fn the_propagated_deadline_is_unchanged() {
+        let server = FaultServer::start().await;
+        for covers in [true, false] {
+            let stack = steadfast::client::http()
+                .total_timeout(Duration::from_secs(7))
+                .total_covers_body(covers)
+                .build()
+                .unwrap();
+            let req = http::Request::get(server.url("/"))
+                .body(Full::default())
+                .unwrap();
+            let res = stack.layer(transport(false)).oneshot(req).await.unwrap();
+            drain(res.into_body()).await;
+        }
+        let received = server.received();
+        assert_eq!(received.len(), 2);
+        for r in received {
+            assert_eq!(r.headers["x-request-timeout-ms"], "5000");
+        }
+    }
+}

@@ -20,13 +20,33 @@ use std::time::Duration;
 pub struct Elapsed {
     limit: Duration,
     inherited: bool,
+    idle: bool,
 }
 
 impl Elapsed {
     /// An `Elapsed` for `limit`; `inherited` says the limit came from an inherited deadline
     /// (ambient or a [`Deadline`](steadfast_core::Deadline) extension) rather than this layer.
     pub const fn new(limit: Duration, inherited: bool) -> Self {
-        Self { limit, inherited }
+        Self {
+            limit,
+            inherited,
+            idle: false,
+        }
+    }
+
+    /// A response body that waited longer than `limit` for its next frame (see
+    /// [`BodyTimeoutLayer::idle`](crate::BodyTimeoutLayer::idle)).
+    pub const fn idle(limit: Duration) -> Self {
+        Self {
+            limit,
+            inherited: false,
+            idle: true,
+        }
+    }
+
+    /// Whether the idle limit between body frames fired, rather than the call's deadline.
+    pub const fn is_idle(&self) -> bool {
+        self.idle
     }
 
     /// The limit that fired: the layer's own (or a per-request override), or the time that was
@@ -43,7 +63,9 @@ impl Elapsed {
 
 impl fmt::Display for Elapsed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.inherited {
+        if self.idle {
+            write!(f, "response body idle for {:?}", self.limit)
+        } else if self.inherited {
             write!(
                 f,
                 "inherited deadline exceeded ({:?} were left)",

@@ -100,6 +100,22 @@ impl<F> ResponseFuture<F> {
         }
     }
 
+    /// The instant the call is due, when known: an inherited or propagated deadline, or the
+    /// timer once armed. `None` for a lazy call that answered before it had to wait.
+    pub(crate) fn due(&self) -> Option<Instant> {
+        self.at.or_else(|| self.sleep.as_ref().map(Sleep::deadline))
+    }
+
+    /// The limit in force.
+    pub(crate) fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// Whether the limit comes from an inherited deadline.
+    pub(crate) fn inherited(&self) -> bool {
+        self.inherited
+    }
+
     pub(crate) fn elapsed(elapsed: Elapsed) -> Self {
         Self {
             inner: None,

@@ -3,6 +3,8 @@ use std::time::Duration;
 use http::StatusCode;
 use tower_layer::Layer;
 
+use crate::body::BodyTimeoutLayer;
+
 use crate::server::ServerTimeout;
 use crate::service::Timeout;
 
@@ -90,6 +92,13 @@ impl TimeoutLayer {
     /// The configured limit.
     pub const fn limit(&self) -> Duration {
         self.limit
+    }
+
+    /// The same timeout, with its deadline also bounding the response body (see
+    /// [`BodyTimeoutLayer`]): what a client's total timeout should be, so a call never hangs
+    /// on a trickling body. Needs `http::Response` responses.
+    pub const fn covering_body(self) -> BodyTimeoutLayer {
+        BodyTimeoutLayer::new(self)
     }
 }
 

@@ -58,13 +58,18 @@
 //! # }
 //! ```
 //!
-//! # Streaming bodies
+//! # Response bodies
 //!
-//! Both layers bound the time until the response *head*. A response body that keeps streaming
-//! after the head is not cut by them; bound it with tower-http's
-//! `tower_http::timeout::ResponseBodyTimeoutLayer` (idle time between frames) placed inside the
-//! server timeout, or with a per-read timeout in the client. Order: `ServerTimeoutLayer`
-//! outermost, then tower-http's body timeouts, then the router.
+//! [`TimeoutLayer`] bounds the time until the response *head*, as tower's does. A client's
+//! total timeout should bound the body too, or a call whose upstream sends its head and then
+//! trickles the body hangs for as long as the upstream likes:
+//! [`TimeoutLayer::covering_body`] gives a [`BodyTimeoutLayer`], whose responses carry a
+//! [`TimeoutBody`] that ends with [`Elapsed`] when its next frame would arrive past the call's
+//! deadline, and optionally when the upstream goes idle between frames. The standard client
+//! stack's total timeout is one (with a documented opt-out for long-lived streams).
+//!
+//! On the server side, bound a streaming response body with tower-http's
+//! `tower_http::timeout::ResponseBodyTimeoutLayer` placed inside the server timeout.
 //!
 //! # Bad input
 //!
@@ -72,6 +77,7 @@
 //! signs, non-ASCII, huge) are ignored in favour of the server's own limit. A zero budget
 //! (`0S`, `0`) is a deadline that has already passed: the server answers at once.
 
+mod body;
 mod error;
 mod future;
 mod layer;
@@ -79,6 +85,7 @@ mod propagate;
 mod server;
 mod service;
 
+pub use body::{BodyResponseFuture, BodyTimeout, BodyTimeoutLayer, TimeoutBody};
 pub use error::Elapsed;
 pub use future::ResponseFuture;
 pub use layer::{DEFAULT_TIMEOUT, ServerTimeoutLayer, TimeoutLayer};

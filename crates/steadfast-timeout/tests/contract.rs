@@ -501,3 +501,132 @@ async fn in_a_task_calls_are_timed_alike_wherever_the_timer_is_built() {
     .await
     .unwrap();
 }
+
+// ---- the body deadline ----
+
+mod body {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body::{Body, Frame};
+    use http_body_util::{BodyExt, StreamBody};
+    use steadfast_timeout::{Elapsed, TimeoutLayer};
+    use tokio::time::Instant;
+    use tower::{Layer, ServiceExt, service_fn};
+
+    /// A body that sends a byte after each of `gaps`, then ends.
+    fn gaps(gaps: Vec<u64>) -> impl Body<Data = Bytes, Error = Infallible> + Unpin {
+        let frames = futures_util::stream::unfold(gaps.into_iter(), |mut it| async move {
+            let ms = it.next()?;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Some((Ok(Frame::data(Bytes::from_static(b"x"))), it))
+        });
+        StreamBody::new(Box::pin(frames))
+    }
+
+    /// Reads to the end: bytes, the `Elapsed` that ended it (if one did), and when.
+    async fn drain<B>(mut body: B) -> (usize, Option<Elapsed>, Duration)
+    where
+        B: Body<Data = Bytes, Error = steadfast_core::BoxError> + Unpin,
+    {
+        let start = Instant::now();
+        let mut n = 0;
+        while let Some(f) = body.frame().await {
+            match f {
+                Ok(f) => n += f.into_data().unwrap().len(),
+                Err(e) => {
+                    let e = *e.downcast_ref::<Elapsed>().unwrap();
+                    assert!(body.is_end_stream(), "ended");
+                    assert!(body.frame().await.is_none(), "nothing after the error");
+                    return (n, Some(e), start.elapsed());
+                }
+            }
+        }
+        (n, None, start.elapsed())
+    }
+
+    /// The head waited 300 ms of a 1 s deadline: the body gets the 700 ms left, not 1 s more.
+    #[tokio::test(start_paused = true)]
+    async fn the_body_gets_what_is_left_of_the_call_s_deadline() {
+        let svc = service_fn(|_req: http::Request<()>| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, Infallible>(http::Response::new(gaps(vec![100, 100, 10_000])))
+        });
+        let client = TimeoutLayer::new(Duration::from_secs(1))
+            .covering_body()
+            .layer(svc);
+        let res = client.oneshot(http::Request::new(())).await.unwrap();
+        let (n, e, took) = drain(res.into_body()).await;
+        assert_eq!(n, 2);
+        assert_eq!(e.unwrap().limit(), Duration::from_secs(1));
+        assert_eq!(took, Duration::from_millis(700));
+    }
+
+    /// A head that answered at once armed no timer: the body counts the limit from its first
+    /// wait, and frames already there pass without touching the clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_at_once_counts_from_the_body_s_first_wait() {
+        let svc = service_fn(|_req: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(gaps(vec![0, 0, 600, 600])))
+        });
+        let client = TimeoutLayer::new(Duration::from_secs(1))
+            .covering_body()
+            .layer(svc);
+        let res = client.oneshot(http::Request::new(())).await.unwrap();
+        let (n, e, took) = drain(res.into_body()).await;
+        assert_eq!(n, 3);
+        assert!(e.is_some());
+        assert_eq!(took, Duration::from_secs(1));
+    }
+
+    /// Idle limit: reset by every frame; fires on the first gap longer than it. Off with
+    /// `whole_call(false)`, the total no longer bounds the body.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_limit_is_between_frames() {
+        let svc = service_fn(|_req: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(gaps(vec![400, 400, 400, 400, 600])))
+        });
+        let client = TimeoutLayer::new(Duration::from_secs(1))
+            .covering_body()
+            .whole_call(false)
+            .idle(Some(Duration::from_millis(500)))
+            .layer(svc);
+        let res = client.oneshot(http::Request::new(())).await.unwrap();
+        let (n, e, took) = drain(res.into_body()).await;
+        assert_eq!(n, 4, "four gaps under the idle limit, past the 1 s total");
+        let e = e.unwrap();
+        assert!(e.is_idle());
+        assert_eq!(e.to_string(), "response body idle for 500ms");
+        assert_eq!(took, Duration::from_millis(2100));
+    }
+
+    /// `Duration::MAX` and an idle limit of zero (off) never panic and never cut a body.
+    #[tokio::test(start_paused = true)]
+    async fn absurd_limits_never_panic() {
+        let svc = service_fn(|_req: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(gaps(vec![1_000_000, 5])))
+        });
+        let client = TimeoutLayer::new(Duration::MAX)
+            .covering_body()
+            .idle(Some(Duration::ZERO))
+            .layer(svc);
+        let res = client.oneshot(http::Request::new(())).await.unwrap();
+        let (n, e, _) = drain(res.into_body()).await;
+        assert_eq!((n, e), (2, None));
+    }
+
+    /// The body error is a plain `BoxError` holding `Elapsed`, and `collect` surfaces it.
+    #[tokio::test(start_paused = true)]
+    async fn collect_surfaces_the_error() {
+        let svc = service_fn(|_req: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(gaps(vec![5_000])))
+        });
+        let client = TimeoutLayer::new(Duration::from_secs(1))
+            .covering_body()
+            .layer(svc);
+        let res = client.oneshot(http::Request::new(())).await.unwrap();
+        let err = res.into_body().collect().await.unwrap_err();
+        assert!(err.is::<Elapsed>());
+    }
+}

@@ -1,0 +1,343 @@
+//! A deadline that covers the response body, not only its head.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use steadfast_core::{BoxError, saturating_add};
+use tokio::time::{Instant, Sleep};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::Elapsed;
+use crate::future::ResponseFuture;
+use crate::layer::TimeoutLayer;
+use crate::service::Timeout;
+
+/// A [`TimeoutLayer`] whose deadline also bounds the response **body**: a call never hangs,
+/// even when the upstream sends its head at once and then trickles the body.
+///
+/// Made with [`TimeoutLayer::covering_body`]. The head is timed exactly as by the
+/// [`TimeoutLayer`]; the body then gets what is left of the same deadline (as a gRPC deadline
+/// covers the whole call, and as reqwest's `timeout` runs until the body has been read). A body
+/// frame that would arrive past the deadline ends the body with an [`Elapsed`] error instead.
+/// Frames the upstream has already delivered are passed on however late the caller reads
+/// them: the deadline bounds waiting for the upstream, not the caller's own pace.
+///
+/// Optionally, [`idle`](Self::idle) also bounds the wait for each next frame. For long-lived
+/// streams (server-sent events, gRPC server streaming) turn the body deadline off with
+/// [`whole_call(false)`](Self::whole_call): the head stays bounded, the body is not. The
+/// deadline propagated downstream is the same either way.
+///
+/// ```
+/// use std::time::Duration;
+/// use bytes::Bytes;
+/// use http_body_util::{BodyExt, StreamBody};
+/// use steadfast_timeout::{Elapsed, TimeoutLayer};
+/// use tower::{Layer, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// // An upstream that answers its head at once, then sends one byte a second, forever.
+/// let trickle = service_fn(|_req: http::Request<()>| async {
+///     let frames = futures_util::stream::unfold((), |()| async {
+///         tokio::time::sleep(Duration::from_secs(1)).await;
+///         Some((Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(b"x"))), ()))
+///     });
+///     Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(frames)))
+/// });
+/// let client = TimeoutLayer::new(Duration::from_millis(2500)).covering_body().layer(trickle);
+/// let res = client.oneshot(http::Request::new(())).await.unwrap();
+/// let err = res.into_body().collect().await.unwrap_err();
+/// assert_eq!(err.downcast_ref::<Elapsed>().unwrap().limit(), Duration::from_millis(2500));
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct BodyTimeoutLayer {
+    head: TimeoutLayer,
+    whole_call: bool,
+    idle: Option<Duration>,
+}
+
+impl BodyTimeoutLayer {
+    pub(crate) const fn new(head: TimeoutLayer) -> Self {
+        Self {
+            head,
+            whole_call: true,
+            idle: None,
+        }
+    }
+
+    /// Whether the deadline covers the body too (default on). Off: the head is bounded, the
+    /// body streams for as long as it streams (for long-lived streams), except for an
+    /// [`idle`](Self::idle) limit if one is set.
+    pub const fn whole_call(mut self, on: bool) -> Self {
+        self.whole_call = on;
+        self
+    }
+
+    /// Also end the body with [`Elapsed`] (its [`is_idle`](Elapsed::is_idle) set) when the
+    /// upstream sends nothing for `limit` between two frames (off by default). Measured from
+    /// the moment the body starts waiting; a zero limit is treated as off.
+    pub const fn idle(mut self, limit: Option<Duration>) -> Self {
+        self.idle = match limit {
+            Some(d) if d.is_zero() => None,
+            other => other,
+        };
+        self
+    }
+
+    /// The head's timeout layer.
+    pub const fn head(&self) -> &TimeoutLayer {
+        &self.head
+    }
+}
+
+impl<S> Layer<S> for BodyTimeoutLayer {
+    type Service = BodyTimeout<S>;
+
+    fn layer(&self, inner: S) -> BodyTimeout<S> {
+        BodyTimeout {
+            inner: self.head.layer(inner),
+            whole_call: self.whole_call,
+            idle: self.idle,
+        }
+    }
+}
+
+/// The service of a [`BodyTimeoutLayer`]: a [`Timeout`] whose responses carry a
+/// [`TimeoutBody`].
+#[derive(Clone, Debug)]
+pub struct BodyTimeout<S> {
+    inner: Timeout<S>,
+    whole_call: bool,
+    idle: Option<Duration>,
+}
+
+impl<S> BodyTimeout<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        self.inner.get_ref()
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        self.inner.get_mut()
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner.into_inner()
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for BodyTimeout<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<TimeoutBody<ResB>>;
+    type Error = BoxError;
+    type Future = BodyResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        BodyResponseFuture {
+            inner: self.inner.call(req),
+            whole_call: self.whole_call,
+            idle: self.idle,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`BodyTimeout`].
+    pub struct BodyResponseFuture<F> {
+        #[pin]
+        inner: ResponseFuture<F>,
+        whole_call: bool,
+        idle: Option<Duration>,
+    }
+}
+
+impl<F> fmt::Debug for BodyResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BodyResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for BodyResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<TimeoutBody<B>>, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let res = ready!(this.inner.as_mut().poll(cx))?;
+        let head = this.inner.as_ref().get_ref();
+        let total = this.whole_call.then(|| Total {
+            // Known when the call had a deadline or its timer was armed; else (the head came
+            // at once) counted from the body's first wait.
+            at: head.due(),
+            limit: head.limit(),
+            inherited: head.inherited(),
+        });
+        let idle = *this.idle;
+        Poll::Ready(Ok(res.map(|body| TimeoutBody::new(body, total, idle))))
+    }
+}
+
+/// The call's deadline as the body sees it.
+#[derive(Clone, Copy, Debug)]
+struct Total {
+    at: Option<Instant>,
+    limit: Duration,
+    inherited: bool,
+}
+
+pin_project! {
+    /// A response body bounded by its call's deadline (and optionally an idle limit between
+    /// frames); see [`BodyTimeoutLayer`]. The timer is armed only when the body has to wait,
+    /// and boxed then, so the body is `Unpin` whenever the inner body is (as hyper's is), and
+    /// `BodyExt::frame` works on it directly.
+    pub struct TimeoutBody<B> {
+        #[pin]
+        inner: B,
+        sleep: Option<Pin<Box<Sleep>>>,
+        total: Option<Total>,
+        idle: Option<Duration>,
+        // The end of the current idle period, set at the first wait after a frame.
+        idle_at: Option<Instant>,
+        // The body ended with `Elapsed`: nothing follows.
+        elapsed: bool,
+    }
+}
+
+impl<B> TimeoutBody<B> {
+    fn new(inner: B, total: Option<Total>, idle: Option<Duration>) -> Self {
+        Self {
+            inner,
+            sleep: None,
+            total,
+            idle,
+            idle_at: None,
+            elapsed: false,
+        }
+    }
+
+    /// The wrapped body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+}
+
+impl<B> fmt::Debug for TimeoutBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TimeoutBody")
+            .field("elapsed", &self.elapsed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for TimeoutBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+        let this = self.project();
+        if *this.elapsed {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            // The next wait starts a new idle period.
+            *this.idle_at = None;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.total.is_none() && this.idle.is_none() {
+            return Poll::Pending;
+        }
+        let e = ready!(wait(this.sleep, this.total, *this.idle, this.idle_at, cx));
+        *this.elapsed = true;
+        Poll::Ready(Some(Err(e.into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.elapsed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.elapsed {
+            return SizeHint::with_exact(0);
+        }
+        // The body may end early with an error, never with more data than the inner has.
+        self.inner.size_hint()
+    }
+}
+
+/// The body is waiting on the upstream: arm (or move) the timer to the earlier of the
+/// call's deadline and the end of the idle period, and say which fired.
+#[inline(never)]
+fn wait(
+    sleep: &mut Option<Pin<Box<Sleep>>>,
+    total: &mut Option<Total>,
+    idle: Option<Duration>,
+    idle_at: &mut Option<Instant>,
+    cx: &mut Context<'_>,
+) -> Poll<Elapsed> {
+    let needs_clock =
+        total.as_ref().is_some_and(|t| t.at.is_none()) || (idle.is_some() && idle_at.is_none());
+    let now = needs_clock.then(Instant::now);
+    let mut due: Option<(Instant, Elapsed)> = None;
+    if let Some(t) = total {
+        let limit = t.limit;
+        let at = *t
+            .at
+            .get_or_insert_with(|| saturating_add(now.unwrap_or_else(Instant::now), limit));
+        due = Some((at, Elapsed::new(limit, t.inherited)));
+    }
+    if let Some(limit) = idle {
+        let at =
+            *idle_at.get_or_insert_with(|| saturating_add(now.unwrap_or_else(Instant::now), limit));
+        if due.is_none_or(|(d, _)| at < d) {
+            due = Some((at, Elapsed::idle(limit)));
+        }
+    }
+    let Some((at, elapsed)) = due else {
+        return Poll::Pending;
+    };
+    let timer = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+    if timer.deadline() != at {
+        timer.as_mut().reset(at);
+    }
+    ready!(timer.as_mut().poll(cx));
+    #[cfg(feature = "metrics")]
+    metrics::counter!("steadfast_timeout_elapsed_total", "side" => "client_body").increment(1);
+    tracing::debug!(
+        target: "steadfast::timeout",
+        limit_ms = elapsed.limit().as_millis() as u64,
+        idle = elapsed.is_idle(),
+        "response body elapsed"
+    );
+    Poll::Ready(elapsed)
+}
