@@ -195,7 +195,7 @@ impl<C> Guard<C> {
                 let slow = self.start != 0
                     && shared
                         .slow_threshold()
-                        .is_some_and(|t| shared.clock().saturating_sub(self.start) >= nanos(t));
+                        .is_some_and(|t| shared.clock().saturating_sub(self.start) > nanos(t));
                 if c.is_failure() {
                     self.stripe.failures.fetch_add(1, Relaxed);
                 }

@@ -101,7 +101,9 @@ impl<C> BreakerHandle<C> {
         self.breaker.shared.force(State::ForcedOpen);
     }
 
-    /// Closes the breaker and clears its counts (from any state).
+    /// Closes the breaker and clears its counts (the window, the consecutive count and the
+    /// trip count), from any state: a Closed breaker is reset too, and subscribers see a
+    /// Closed -> Closed transition. Outcomes of calls still in flight no longer count.
     pub fn close(&self) {
         self.breaker.shared.force(State::Closed);
     }

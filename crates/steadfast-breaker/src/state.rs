@@ -554,11 +554,14 @@ impl Shared {
         }
     }
 
-    /// A transition by hand (handle): from any state to `to`.
+    /// A transition by hand (handle): from any state to `to`. Closing is a reset from any
+    /// state, Closed included: the window and the trip count are cleared, a new generation
+    /// voids the consecutive count and the outcomes of calls still in flight, and a
+    /// Closed -> Closed transition is announced.
     pub(crate) fn force(&self, to: State) {
         let mut w = self.word.0.load(Acquire);
         loop {
-            if state_of(w) == to {
+            if state_of(w) == to && to != State::Closed {
                 return;
             }
             if to == State::Closed {

@@ -529,6 +529,55 @@ async fn slow_call_rate_trips() {
     assert_eq!(h.metrics().slow, 10);
 }
 
+/// "Slower than the threshold" is strict: a call of exactly the threshold is not slow (as
+/// resilience4j), one a millisecond longer is.
+#[tokio::test(start_paused = true)]
+async fn a_call_of_exactly_the_threshold_is_not_slow() {
+    for (takes, slow) in [
+        (Duration::from_secs(1), 0),
+        (Duration::from_millis(1001), 1),
+    ] {
+        let layer = builder()
+            .count_window(10)
+            .slow_calls(Duration::from_secs(1), 50)
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        let mut svc = layer.layer(service_fn(move |_req: Request<()>| async move {
+            tokio::time::sleep(takes).await;
+            Ok::<_, Infallible>(Response::new(()))
+        }));
+        call(&mut svc).await.unwrap();
+        assert_eq!(h.metrics().slow, slow, "a call of {takes:?}");
+    }
+}
+
+/// Reset "from any state" includes Closed: the consecutive count and the window are cleared,
+/// and subscribers see it.
+#[tokio::test(start_paused = true)]
+async fn resetting_a_closed_breaker_clears_its_counts_and_says_so() {
+    let (up, h, mut svc) = setup(builder().count_window(10).min_calls(5).failure_rate(50));
+    let mut sub = h.subscribe();
+    up.set(503);
+    for _ in 0..4 {
+        call(&mut svc).await.unwrap();
+    }
+    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.metrics().window.unwrap().calls, 4);
+    h.close();
+    let t = sub.try_recv().expect("the reset is announced");
+    assert_eq!((t.from, t.to), (State::Closed, State::Closed));
+    assert_eq!(h.metrics().window.unwrap().calls, 0, "the window is cleared");
+    assert_eq!(h.metrics().consecutive_failures, 0);
+    // Four failures before the reset no longer count: one more does not trip.
+    call(&mut svc).await.unwrap();
+    assert_eq!(h.state(), State::Closed, "the consecutive count was cleared");
+    for _ in 0..4 {
+        call(&mut svc).await.unwrap();
+    }
+    assert_eq!(h.state(), State::Open, "five fresh failures trip");
+}
+
 // ---- readiness ----
 
 #[tokio::test(start_paused = true)]
