@@ -7,10 +7,9 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use http::Response;
-use http::header::RETRY_AFTER;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use steadfast_core::header::{GRPC_RETRY_PUSHBACK_MS, Pushback, pushback, retry_after};
+use steadfast_core::header::{Pushback, server_hint};
 use steadfast_core::{BoxError, Class, Classify, Delivery, GrpcClassifier, ResponseClass};
 
 use crate::breaker::Stripe;
@@ -266,16 +265,13 @@ impl<F, C> fmt::Debug for ResponseFuture<F, C> {
     }
 }
 
-/// A server's hint of how long it wants callers to stay away, read only from failures.
+/// A server's hint of how long it wants callers to stay away, read only from failures (a
+/// pushback that says "stop" has no length: no hint).
 fn hint<B>(res: &Response<B>) -> Option<Duration> {
-    let h = res.headers();
-    if let Some(v) = h.get(&GRPC_RETRY_PUSHBACK_MS) {
-        if let Pushback::After(d) = pushback(v) {
-            return Some(d);
-        }
+    match server_hint(res.headers(), SystemTime::now()) {
+        Some(Pushback::After(d)) => Some(d),
+        Some(Pushback::Stop) | None => None,
     }
-    h.get(&RETRY_AFTER)
-        .and_then(|v| retry_after(v, SystemTime::now()))
 }
 
 impl<F, C, B, E> Future for ResponseFuture<F, C>

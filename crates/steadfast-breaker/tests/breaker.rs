@@ -567,11 +567,19 @@ async fn resetting_a_closed_breaker_clears_its_counts_and_says_so() {
     h.close();
     let t = sub.try_recv().expect("the reset is announced");
     assert_eq!((t.from, t.to), (State::Closed, State::Closed));
-    assert_eq!(h.metrics().window.unwrap().calls, 0, "the window is cleared");
+    assert_eq!(
+        h.metrics().window.unwrap().calls,
+        0,
+        "the window is cleared"
+    );
     assert_eq!(h.metrics().consecutive_failures, 0);
     // Four failures before the reset no longer count: one more does not trip.
     call(&mut svc).await.unwrap();
-    assert_eq!(h.state(), State::Closed, "the consecutive count was cleared");
+    assert_eq!(
+        h.state(),
+        State::Closed,
+        "the consecutive count was cleared"
+    );
     for _ in 0..4 {
         call(&mut svc).await.unwrap();
     }

@@ -11,7 +11,13 @@
 //! swept into the word by the next withdrawal. A stripe holds a running total of deposits and
 //! the total already swept: a sweeper claims the difference with one compare-and-swap on
 //! "swept", so every deposit is counted exactly once, and the first eight threads, each the
-//! only writer of its own stripe's total, deposit with a plain load and store.
+//! only writer of its own stripe's total, deposit with a plain load and store. Deposits wait in
+//! their stripe without a timestamp (a clock read per request would cost more than the
+//! deposit), so a sweep ages them as if made evenly since the word's last update: a deposit
+//! made windows ago and swept only now is worth almost nothing, as the docs above promise.
+//!
+//! A token is taken when a retry is decided, before its wait; if the caller gives up during
+//! the wait, the token is given back.
 
 use std::sync::atomic::{
     AtomicU64,
@@ -119,6 +125,15 @@ impl Budget {
         self.update(MILLI)
     }
 
+    /// Gives back a token taken for a retry that was never sent (its caller gave up during
+    /// the wait).
+    pub(crate) fn refund(&self) {
+        let _ = self.word.fetch_update(AcqRel, Acquire, |w| {
+            let balance = (w & BALANCE_MASK).saturating_add(MILLI).min(BALANCE_MASK);
+            Some((w & !BALANCE_MASK) | balance)
+        });
+    }
+
     /// The tokens available now (approximate while deposits are in flight).
     pub fn balance(&self) -> f64 {
         self.update(0);
@@ -166,15 +181,20 @@ impl Budget {
                 stamp = last;
             }
             let decayed = if elapsed == 0 {
-                balance as f64
+                balance as f64 + swept as f64
             } else {
-                let keep = (-(elapsed as f64) / self.window_ticks).exp();
+                let elapsed = elapsed as f64;
+                let keep = (-elapsed / self.window_ticks).exp();
                 // Exact steady state of a constant trickle under the same decay.
-                balance as f64 * keep + self.floor_milli_per_tick * self.window_ticks * (1.0 - keep)
+                let floor = self.floor_milli_per_tick * self.window_ticks * (1.0 - keep);
+                // Deposits that waited in a stripe were made at unknown times since the last
+                // update: aged as if made evenly over that span (the mean of the decay over
+                // it), so a deposit from windows ago no longer pays for a retry, and steady
+                // traffic swept after a long quiet spell is worth what its last window was.
+                let aged = swept as f64 * (1.0 - keep) * self.window_ticks / elapsed;
+                balance as f64 * keep + floor + aged
             };
-            let total = (decayed.round() as u64)
-                .saturating_add(swept)
-                .min(BALANCE_MASK);
+            let total = (decayed.round() as u64).min(BALANCE_MASK);
             ok = total >= cost;
             let after = if ok { total - cost } else { total };
             Some((stamp << BALANCE_BITS) | after)

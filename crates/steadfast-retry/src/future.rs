@@ -7,12 +7,11 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::RETRY_AFTER;
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use steadfast_core::header::{GRPC_RETRY_PUSHBACK_MS, Pushback, pushback, retry_after};
+use steadfast_core::header::{Pushback, server_hint};
 use steadfast_core::{
     BoxError, Class, Classify, Deadline, Delivery, PolicyRejected, ResponseClass,
     is_grpc_content_type, saturating_add,
@@ -37,6 +36,20 @@ pub(crate) struct Ctx<S, B, C> {
     pub(crate) deadline: Option<Deadline>,
     pub(crate) rng: Option<Rng>,
     pub(crate) previous_delay: Duration,
+    /// Backoff waits since the last server hint (a hint restarts the schedule).
+    pub(crate) backoffs: u32,
+    /// A budget token is held for a retry decided but not sent yet.
+    pub(crate) reserved: bool,
+}
+
+impl<S, B, C> Drop for Ctx<S, B, C> {
+    fn drop(&mut self) {
+        if self.reserved {
+            if let Some(budget) = &self.config.budget {
+                budget.refund();
+            }
+        }
+    }
 }
 
 pin_project! {
@@ -93,16 +106,10 @@ enum Hint {
 }
 
 fn hint<B>(res: &Response<B>) -> Option<Hint> {
-    let h = res.headers();
-    if let Some(v) = h.get(&GRPC_RETRY_PUSHBACK_MS) {
-        return Some(match pushback(v) {
-            Pushback::After(d) => Hint::After(d),
-            Pushback::Stop => Hint::Stop,
-        });
-    }
-    h.get(&RETRY_AFTER)
-        .and_then(|v| retry_after(v, SystemTime::now()))
-        .map(Hint::After)
+    server_hint(res.headers(), SystemTime::now()).map(|p| match p {
+        Pushback::After(d) => Hint::After(d),
+        Pushback::Stop => Hint::Stop,
+    })
 }
 
 /// A header value for a small count without allocating (static for 0-9).
@@ -185,13 +192,17 @@ impl<S, B, C> Ctx<S, B, C> {
         };
         // Read the server's hint only for an outcome that will be retried.
         let hint = out.as_ref().ok().and_then(hint);
+        let mut from_hint = false;
         let delay = match hint {
             Some(Hint::Stop) => return self.give_up(out, "server_pushback_stop"),
             // Pinned 7: never sooner than asked, never longer than the cap.
             Some(Hint::After(d)) if d > config.max_hint => {
                 return self.give_up(out, "server_hint_over_cap");
             }
-            Some(Hint::After(d)) => d,
+            Some(Hint::After(d)) => {
+                from_hint = true;
+                d
+            }
             None => {
                 let rng = self.rng.get_or_insert_with(|| {
                     let stream = config.streams.fetch_add(1, Relaxed);
@@ -199,7 +210,11 @@ impl<S, B, C> Ctx<S, B, C> {
                         Rng::seeded(config.seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15));
                     Rng::seeded(mix.next_u64())
                 });
-                config.backoff.delay(self.attempt, self.previous_delay, rng)
+                // The backoff counts retries since the last server hint: a hint replaces
+                // the schedule, which then starts again from its base.
+                config
+                    .backoff
+                    .delay(self.backoffs + 1, self.previous_delay, rng)
             }
         };
         let ends = saturating_add(Instant::now(), delay);
@@ -241,8 +256,17 @@ impl<S, B, C> Ctx<S, B, C> {
             metrics::histogram!("steadfast_retry_backoff_seconds").record(delay.as_secs_f64());
         }
         self.attempt += 1;
-        self.previous_delay = delay;
+        if from_hint {
+            self.backoffs = 0;
+            self.previous_delay = Duration::ZERO;
+        } else {
+            self.backoffs += 1;
+            self.previous_delay = delay;
+        }
         self.next_body = Some(next_body);
+        // The token is spent only when the retry is sent: a caller that gives up during the
+        // wait gets it back (see `Drop`).
+        self.reserved = config.budget.is_some();
         Decision::Wait(delay)
     }
 
@@ -308,6 +332,7 @@ where
                         .next_request()
                         .expect("a retry is only decided with the next body in hand");
                     let fut = ctx.service.call(req);
+                    ctx.reserved = false;
                     this.state.set(State::Called { fut });
                 }
             }

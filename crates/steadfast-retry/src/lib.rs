@@ -8,7 +8,11 @@
 //!   recent traffic plus a small floor, so a failing upstream does not face a retry storm.
 //! - **Hint-aware**: `Retry-After` (seconds or HTTP-date) and `grpc-retry-pushback-ms` replace
 //!   the backoff, up to a cap; a longer hint, a negative pushback or a wait past the deadline
-//!   returns the last outcome at once.
+//!   returns the last outcome at once. After a hint the backoff starts again from its base.
+//!   Several fields of one hint header: the longest wait wins, and any pushback that says
+//!   stop stops ([`server_hint`](steadfast_core::header::server_hint)).
+//! - **A retry costs a budget token only once it is sent**: a caller that gives up during the
+//!   backoff gets the token back.
 //! - **Bodies that are not `Clone`**: [`ReplayBody`] records what the first attempt sends (up
 //!   to 64 KiB) and replays data and trailers identically. Bodies already whole in memory
 //!   (`Full<Bytes>`, `String`) skip the recording: each attempt sends a clone of the same

@@ -109,6 +109,8 @@ where
                 deadline,
                 rng: None,
                 previous_delay: std::time::Duration::ZERO,
+                backoffs: 0,
+                reserved: false,
             },
         )
     }

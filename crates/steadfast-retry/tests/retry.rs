@@ -640,3 +640,120 @@ fn services_and_futures_are_send() {
     let fut = svc.call(req(Method::GET, b""));
     send(&fut);
 }
+
+/// After a server's hint, the backoff starts again from its base (the hint replaced the
+/// schedule), instead of growing from the attempt number.
+#[tokio::test(start_paused = true)]
+async fn the_backoff_restarts_from_its_base_after_a_server_hint() {
+    let (up, seen) = scripted(vec![
+        with_header(503, "retry-after", "1"),
+        status(503),
+        status(503),
+        status(200),
+    ]);
+    exact()
+        .max_attempts(4)
+        .build()
+        .unwrap()
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    assert_eq!(
+        gaps,
+        vec![
+            Duration::from_secs(1),
+            Duration::from_millis(100),
+            Duration::from_millis(200)
+        ]
+    );
+}
+
+/// Two `Retry-After` fields: the longer wait wins (never sooner than either asked); a
+/// garbled one beside a valid one is ignored.
+#[tokio::test(start_paused = true)]
+async fn of_two_retry_after_fields_the_longer_wins() {
+    for (a, b) in [("1", "3"), ("3", "1"), ("soon", "3")] {
+        let both = Ok(Response::builder()
+            .status(503)
+            .header("retry-after", a)
+            .header("retry-after", b)
+            .body(())
+            .unwrap());
+        let (up, seen) = scripted(vec![both, status(200)]);
+        exact()
+            .build()
+            .unwrap()
+            .layer(up)
+            .oneshot(req(Method::GET, b""))
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[1].0 - seen[0].0, Duration::from_secs(3), "{a}, {b}");
+    }
+}
+
+/// A caller that gives up during the backoff has sent no retry: its budget token comes back.
+#[tokio::test(start_paused = true)]
+async fn a_caller_cancelled_during_the_backoff_spends_no_budget() {
+    let (up, seen) = scripted(vec![status(503), status(200)]);
+    let layer = exact()
+        .budget(Some(BudgetConfig {
+            ratio: 0.0,
+            min_per_sec: 1,
+            window: Duration::from_secs(10),
+        }))
+        .build()
+        .unwrap();
+    let before = layer.budget_balance().unwrap();
+    let call = layer.layer(up).oneshot(req(Method::GET, b""));
+    // The first attempt fails at once; the caller gives up 50 ms into the 100 ms backoff.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), call)
+            .await
+            .is_err()
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1, "no retry was sent");
+    let after = layer.budget_balance().unwrap();
+    assert!(
+        (after - before).abs() < 0.01,
+        "the token came back: {before} -> {after}"
+    );
+}
+
+/// A deposit that waited three windows in its stripe no longer pays for a retry: the budget
+/// tracks recent requests, as documented. A fresh one does.
+#[tokio::test(start_paused = true)]
+async fn an_old_deposit_does_not_pay_for_a_retry() {
+    let config = BudgetConfig {
+        ratio: 1.0,
+        min_per_sec: 0,
+        window: Duration::from_secs(10),
+    };
+    let budget = steadfast_retry::Budget::new(config);
+    budget.deposit();
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert!(
+        !budget.withdraw(),
+        "a token three windows old is spent by decay"
+    );
+
+    let budget = steadfast_retry::Budget::new(config);
+    budget.deposit();
+    tokio::time::advance(Duration::from_millis(10)).await;
+    assert!(budget.withdraw(), "a fresh token pays");
+
+    // Steady traffic swept after a long quiet spell: worth about its last window.
+    let budget = steadfast_retry::Budget::new(config);
+    for _ in 0..600 {
+        budget.deposit();
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
+    let balance = budget.balance();
+    assert!(
+        (90.0..=110.0).contains(&balance),
+        "10 deposits a second over a 10 s window: about 100 tokens, got {balance}"
+    );
+}

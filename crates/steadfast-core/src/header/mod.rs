@@ -10,6 +10,9 @@
 //! | `grpc-timeout` | [`grpc_timeout`] | [`encode_grpc_timeout`] |
 //! | `x-request-timeout-ms` | [`timeout_ms`] | [`encode_timeout_ms`] |
 //!
+//! [`server_hint`] reads a response's wait hint (`grpc-retry-pushback-ms`, else `Retry-After`)
+//! the one way both the retry and the breaker use.
+//!
 //! A header that must have one value (an id, a `traceparent`) is read with [`single`]: two
 //! fields of it are ambiguous, and ambiguity is treated as invalid, never as "the first wins".
 
@@ -22,6 +25,44 @@ pub use grpc_timeout::{GRPC_TIMEOUT, encode_grpc_timeout, grpc_timeout};
 pub use pushback::{GRPC_RETRY_PUSHBACK_MS, Pushback, encode_pushback, pushback};
 pub use retry_after::{MAX_RETRY_AFTER, retry_after};
 pub use timeout_ms::{MAX_TIMEOUT_MS, TIMEOUT_MS, encode_timeout_ms, timeout_ms};
+
+/// A response's hint of how long the caller should wait before trying again, read the same
+/// way by every layer: `grpc-retry-pushback-ms` when present (gRPC A6: a negative or garbled
+/// value asks for no retry), else `Retry-After` (seconds or an HTTP-date, measured from
+/// `now`). Several fields of one header are not an error but are never read as "the first
+/// wins": any pushback field that says stop means stop, and otherwise the **longest** wait
+/// any field asks for wins, so the caller never comes back sooner than one of them asked.
+/// Unparseable `Retry-After` fields are ignored; `None` when no field gives a wait.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use http::{HeaderMap, HeaderValue, header::RETRY_AFTER};
+/// use steadfast_core::header::{Pushback, server_hint};
+///
+/// let mut h = HeaderMap::new();
+/// h.append(RETRY_AFTER, HeaderValue::from_static("1"));
+/// h.append(RETRY_AFTER, HeaderValue::from_static("30"));
+/// assert_eq!(server_hint(&h, SystemTime::now()), Some(Pushback::After(Duration::from_secs(30))));
+/// h.append("grpc-retry-pushback-ms", HeaderValue::from_static("-1"));
+/// assert_eq!(server_hint(&h, SystemTime::now()), Some(Pushback::Stop));
+/// ```
+pub fn server_hint(headers: &http::HeaderMap, now: std::time::SystemTime) -> Option<Pushback> {
+    let mut longest: Option<std::time::Duration> = None;
+    let mut pushed = false;
+    for v in headers.get_all(&GRPC_RETRY_PUSHBACK_MS) {
+        pushed = true;
+        match pushback(v) {
+            Pushback::Stop => return Some(Pushback::Stop),
+            Pushback::After(d) => longest = longest.max(Some(d)),
+        }
+    }
+    if !pushed {
+        for v in headers.get_all(http::header::RETRY_AFTER) {
+            longest = longest.max(retry_after(v, now));
+        }
+    }
+    longest.map(Pushback::After)
+}
 
 /// The value of `name` when the message carries exactly one field of it; `None` when it
 /// carries none, or two or more (whether or not they agree: a sender that repeats a
