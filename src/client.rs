@@ -255,24 +255,42 @@ impl<S> Layer<S> for HttpClientLayer {
 }
 
 /// Starts the standard gRPC client stack for a tonic `Channel`: the same layers as
-/// [`http()`], with gRPC's retry rules (UNAVAILABLE only; streamed responses are committed)
-/// coming from the shared classification.
+/// [`http()`], with gRPC's retry rules coming from the shared classification: UNAVAILABLE is
+/// retried (see [`GrpcClientBuilder::retry_unavailable`]), streamed responses are committed.
 #[cfg(feature = "tonic")]
 pub fn grpc() -> GrpcClientBuilder {
-    GrpcClientBuilder(http())
+    GrpcClientBuilder {
+        client: http(),
+        retry_statuses: true,
+    }
 }
 
 /// Configures the gRPC client stack; see [`grpc`].
 #[cfg(feature = "tonic")]
 #[must_use]
 #[derive(Debug)]
-pub struct GrpcClientBuilder(ClientBuilder);
+pub struct GrpcClientBuilder {
+    client: ClientBuilder,
+    retry_statuses: bool,
+}
 
 #[cfg(feature = "tonic")]
 impl GrpcClientBuilder {
     /// Adjusts the shared settings (timeouts, retry, breaker).
-    pub fn with(self, f: impl FnOnce(ClientBuilder) -> ClientBuilder) -> Self {
-        Self(f(self.0))
+    pub fn with(mut self, f: impl FnOnce(ClientBuilder) -> ClientBuilder) -> Self {
+        self.client = f(self.client);
+        self
+    }
+
+    /// Whether a call answered UNAVAILABLE (a trailers-only status: the head carried it, so
+    /// nothing was streamed) is retried (default on). Every unary gRPC call is a `POST`, so
+    /// the HTTP idempotency rule would never retry one; gRPC's retry design (A6) makes the
+    /// retryable status codes the policy owner's choice, and UNAVAILABLE means the server did
+    /// not do the work. Turn it off for services whose UNAVAILABLE may follow side effects.
+    /// See [`RetryPolicy::retry_grpc_statuses`].
+    pub fn retry_unavailable(mut self, on: bool) -> Self {
+        self.retry_statuses = on;
+        self
     }
 
     /// Validates and builds the layer.
@@ -281,7 +299,9 @@ impl GrpcClientBuilder {
     ///
     /// As [`ClientBuilder::build`].
     pub fn build(self) -> Result<GrpcClientLayer, PresetError> {
-        Ok(GrpcClientLayer(self.0.build()?))
+        let on = self.retry_statuses;
+        let client = self.client.retry(|p| p.retry_grpc_statuses(on));
+        Ok(GrpcClientLayer(client.build()?))
     }
 }
 
@@ -331,9 +351,11 @@ where
     }
 }
 
-/// The service the gRPC client stack makes from a tonic `Channel` `S`.
+/// The service the gRPC client stack makes from a tonic `Channel` `S`: the HTTP stack, whose
+/// errors reach tonic as the statuses they mean (a timeout is `DEADLINE_EXCEEDED`, an open
+/// breaker `UNAVAILABLE`; see [`grpc_status`](crate::grpc_status)).
 #[cfg(feature = "tonic")]
-pub type GrpcClient<S> = HttpClient<TonicTransport<S>>;
+pub type GrpcClient<S> = crate::grpc_status::GrpcStatusErrors<HttpClient<TonicTransport<S>>>;
 
 #[cfg(feature = "tonic")]
 impl GrpcClientLayer {
@@ -348,6 +370,6 @@ impl<S> Layer<S> for GrpcClientLayer {
     type Service = GrpcClient<S>;
 
     fn layer(&self, channel: S) -> Self::Service {
-        self.0.layer(TonicTransport(channel))
+        crate::grpc_status::GrpcStatusErrors::new(self.0.layer(TonicTransport(channel)))
     }
 }

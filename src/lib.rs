@@ -67,6 +67,8 @@ pub use steadfast_timeout as timeout;
 mod builder;
 #[cfg(feature = "full")]
 pub mod client;
+#[cfg(feature = "tonic")]
+pub mod grpc_status;
 #[cfg(feature = "full")]
 mod preset;
 mod propagate;

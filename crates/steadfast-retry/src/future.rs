@@ -275,6 +275,9 @@ impl<S, B, C> Ctx<S, B, C> {
             || idempotent(&self.parts.method)
             || self.parts.headers.contains_key(IDEMPOTENCY_KEY)
             || self.config.retry_non_idempotent
+            || (self.config.grpc_statuses
+                && class.delivery() == Delivery::Answered
+                && is_grpc_content_type(&self.parts.headers))
     }
 
     fn next_request(&mut self) -> Option<Request<ReplayBody<B>>> {

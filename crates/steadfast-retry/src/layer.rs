@@ -34,6 +34,7 @@ pub(crate) struct Config<C> {
     pub(crate) total: Option<Duration>,
     pub(crate) replay_cap: usize,
     pub(crate) retry_non_idempotent: bool,
+    pub(crate) grpc_statuses: bool,
     pub(crate) predicate: Option<Box<Predicate>>,
     pub(crate) budget: Option<Budget>,
     pub(crate) seed: u64,
@@ -50,6 +51,7 @@ impl<C: fmt::Debug> fmt::Debug for Config<C> {
             .field("total", &self.total)
             .field("replay_cap", &self.replay_cap)
             .field("retry_non_idempotent", &self.retry_non_idempotent)
+            .field("grpc_statuses", &self.grpc_statuses)
             .field("predicate", &self.predicate.is_some())
             .field("budget", &self.budget)
             .finish()
@@ -78,6 +80,7 @@ pub struct RetryPolicy<C = DefaultClassifier> {
     total: Option<Duration>,
     replay_cap: usize,
     retry_non_idempotent: bool,
+    grpc_statuses: bool,
     predicate: Option<Box<Predicate>>,
     budget: Option<BudgetConfig>,
     seed: Option<u64>,
@@ -103,6 +106,7 @@ impl Default for RetryPolicy {
             total: None,
             replay_cap: DEFAULT_REPLAY_CAP,
             retry_non_idempotent: false,
+            grpc_statuses: false,
             predicate: None,
             budget: Some(BudgetConfig::default()),
             seed: None,
@@ -176,6 +180,20 @@ impl<C> RetryPolicy<C> {
         self
     }
 
+    /// Retry a gRPC call answered with a status the classifier calls retryable (UNAVAILABLE
+    /// by default) whatever its method (off by default; on in the gRPC client preset).
+    ///
+    /// Every unary gRPC call is a `POST`, so the idempotency rule alone would never retry
+    /// one. gRPC's retry design (A6) leaves the choice of retryable status codes to the
+    /// owner of the retry policy, who knows the service: a server that answers UNAVAILABLE
+    /// has, by gRPC's definition of that code, not done the work. Only an answered status is
+    /// covered; a transport error after the request may have been sent still needs an
+    /// idempotent method or an `Idempotency-Key`, and a streamed response stays committed.
+    pub fn retry_grpc_statuses(mut self, on: bool) -> Self {
+        self.grpc_statuses = on;
+        self
+    }
+
     /// A custom predicate on request and outcome; see [`Predicate`].
     pub fn predicate(
         mut self,
@@ -208,6 +226,7 @@ impl<C> RetryPolicy<C> {
             total: self.total,
             replay_cap: self.replay_cap,
             retry_non_idempotent: self.retry_non_idempotent,
+            grpc_statuses: self.grpc_statuses,
             predicate: self.predicate,
             budget: self.budget,
             seed: self.seed,
@@ -256,6 +275,7 @@ impl<C> RetryPolicy<C> {
                 total: self.total,
                 replay_cap: self.replay_cap,
                 retry_non_idempotent: self.retry_non_idempotent,
+                grpc_statuses: self.grpc_statuses,
                 predicate: self.predicate,
                 budget: self.budget.map(Budget::new),
                 seed,
