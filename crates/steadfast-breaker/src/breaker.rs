@@ -22,7 +22,7 @@ pub(crate) const STRIPES: usize = 8;
 /// plain load and store instead of a locked read-modify-write. Outcome counters (`failures`,
 /// `slow`) are written by whichever thread completes the call, so they always use
 /// `fetch_add`.
-#[repr(align(128))]
+#[repr(align(64))]
 #[derive(Debug)]
 pub(crate) struct Stripe<C> {
     pub(crate) shared: Arc<Shared>,
@@ -63,7 +63,7 @@ impl<C> Breaker<C> {
     /// A breaker whose first `exclusive` threads get a stripe each; later threads share
     /// `exclusive.max(1)` more stripes, picked by thread number (with `exclusive = 0`, one
     /// shared stripe is all there is).
-    pub(crate) fn new(policy: Policy, classifier: Arc<C>, exclusive: usize) -> Self {
+    pub(crate) fn new(policy: Arc<Policy>, classifier: Arc<C>, exclusive: usize) -> Self {
         let shared = Arc::new(Shared::new(policy));
         let timed = shared.needs_clock();
         let stripes = (0..exclusive + exclusive.max(1))
@@ -84,6 +84,15 @@ impl<C> Breaker<C> {
             shared,
             stripes,
             exclusive,
+        }
+    }
+
+    /// The breaker a per-key map keeps as one shared stripe (a handle's view of it).
+    pub(crate) fn of_stripe(stripe: Arc<Stripe<C>>) -> Self {
+        Self {
+            shared: stripe.shared.clone(),
+            stripes: Box::new([stripe]),
+            exclusive: 0,
         }
     }
 
@@ -138,7 +147,7 @@ mod tests {
     /// totals are exact (exclusive stripes have one writer; the rest share an atomic one).
     #[test]
     fn admission_counts_are_exact_with_more_threads_than_stripes() {
-        let breaker = Arc::new(Breaker::new(policy(), Arc::new(()), 2));
+        let breaker = Arc::new(Breaker::new(Arc::new(policy()), Arc::new(()), 2));
         const THREADS: u64 = 6;
         const CALLS: u64 = 20_000;
         std::thread::scope(|s| {

@@ -1,6 +1,5 @@
 //! Per-key breakers: a bounded, sharded map with idle eviction.
 
-use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
@@ -11,11 +10,12 @@ use std::time::Duration;
 use http::HeaderMap;
 use http::Uri;
 use http::uri::Authority;
+use indexmap::IndexMap;
 use tokio::time::Instant;
 
 use crate::breaker::{Breaker, Stripe};
 use crate::handle::BreakerHandle;
-use crate::state::Policy;
+use crate::state::{Policy, State};
 
 /// Picks the breaker a request belongs to.
 ///
@@ -48,21 +48,31 @@ impl ExtractKey<Option<Authority>> for ByAuthority {
 
 const SHARDS: usize = 16;
 
+/// How many entries one insertion into a full shard looks at, at most, for one to evict: the
+/// cost of a new key stays O(1) however large the map.
+const PROBES: usize = 32;
+
 struct Entry<C> {
     stripe: Arc<Stripe<C>>,
-    breaker: Arc<Breaker<C>>,
     /// Seconds since the map's base when last used.
     last_used: AtomicU64,
 }
 
+/// One shard: its breakers in insertion order (so a slot can be reached by index) and the
+/// hand of the eviction clock.
+struct Slots<K, C> {
+    map: IndexMap<K, Entry<C>, RandomState>,
+    hand: usize,
+}
+
 #[repr(align(128))]
-struct Shard<K, C>(RwLock<HashMap<K, Entry<C>>>);
+struct Shard<K, C>(RwLock<Slots<K, C>>);
 
 /// The shared map of one keyed layer.
 pub(crate) struct KeyedMap<K, C> {
     shards: Box<[Shard<K, C>]>,
     hasher: RandomState,
-    policy: Policy,
+    policy: Arc<Policy>,
     classifier: Arc<C>,
     per_shard: usize,
     idle: Duration,
@@ -78,16 +88,33 @@ impl<K, C> fmt::Debug for KeyedMap<K, C> {
     }
 }
 
+/// What the eviction clock makes of one entry.
+enum Verdict {
+    /// Closed and unused for the idle time: evict now.
+    Evict,
+    /// Closed but used recently: evict only if nothing better turns up (by age).
+    Candidate(u64),
+    /// Not Closed (open, half-open, forced or disabled) and used within the idle time: kept,
+    /// so a flood of new keys cannot reset a breaker that is protecting its callers.
+    Keep,
+}
+
 impl<K: Hash + Eq + Clone, C> KeyedMap<K, C> {
     pub(crate) fn new(policy: Policy, classifier: Arc<C>, max_keys: usize, idle: Duration) -> Self {
+        let per_shard = max_keys.div_ceil(SHARDS).max(1);
         Self {
             shards: (0..SHARDS)
-                .map(|_| Shard(RwLock::new(HashMap::new())))
+                .map(|_| {
+                    Shard(RwLock::new(Slots {
+                        map: IndexMap::with_hasher(RandomState::new()),
+                        hand: 0,
+                    }))
+                })
                 .collect(),
             hasher: RandomState::new(),
-            policy,
+            policy: Arc::new(policy),
             classifier,
-            per_shard: max_keys.div_ceil(SHARDS).max(1),
+            per_shard,
             idle,
             base: Instant::now(),
         }
@@ -101,13 +128,17 @@ impl<K: Hash + Eq + Clone, C> KeyedMap<K, C> {
         self.base.elapsed().as_secs()
     }
 
+    fn new_stripe(&self) -> Arc<Stripe<C>> {
+        Breaker::new(self.policy.clone(), self.classifier.clone(), 0).stripes[0].clone()
+    }
+
     /// The stripe of `key`'s breaker, creating the breaker on first use.
     pub(crate) fn stripe(&self, key: K) -> Arc<Stripe<C>> {
         let shard = self.shard(&key);
         let now = self.now_secs();
         {
-            let map = shard.0.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(e) = map.get(&key) {
+            let slots = shard.0.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(e) = slots.map.get(&key) {
                 // Mostly a read: the word is written at most once a second.
                 if e.last_used.load(Relaxed) != now {
                     e.last_used.store(now, Relaxed);
@@ -115,59 +146,95 @@ impl<K: Hash + Eq + Clone, C> KeyedMap<K, C> {
                 return e.stripe.clone();
             }
         }
-        let mut map = shard.0.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(e) = map.get(&key) {
+        let mut slots = shard.0.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = slots.map.get(&key) {
             return e.stripe.clone();
         }
-        if map.len() >= self.per_shard {
-            self.evict(&mut map, now);
+        let stripe = self.new_stripe();
+        if slots.map.len() >= self.per_shard && !self.evict_one(&mut slots, now) {
+            // Every breaker this shard looked at is protecting its callers: the new key gets
+            // a breaker of its own for this call, not kept (memory stays bounded; see
+            // `max_keys`).
+            tracing::debug!(target: "steadfast::breaker", "per-key breakers full of open breakers; not keeping a new key");
+            return stripe;
         }
-        let breaker = Arc::new(Breaker::new(self.policy, self.classifier.clone(), 0));
-        let stripe = breaker.stripes[0].clone();
-        map.insert(
+        slots.map.insert(
             key,
             Entry {
                 stripe: stripe.clone(),
-                breaker,
                 last_used: AtomicU64::new(now),
             },
         );
         stripe
     }
 
-    /// Makes room in a full shard: drop every entry idle longer than the idle time; if none
-    /// is, drop the least recently used one. O(shard size), only when a new key arrives at a
-    /// full shard.
-    fn evict(&self, map: &mut HashMap<K, Entry<C>>, now: u64) {
-        let idle = self.idle.as_secs();
-        map.retain(|_, e| now.saturating_sub(e.last_used.load(Relaxed)) < idle);
-        if map.len() >= self.per_shard {
-            if let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, e)| e.last_used.load(Relaxed))
-                .map(|(k, _)| k.clone())
-            {
-                map.remove(&oldest);
+    fn verdict(&self, e: &Entry<C>, now: u64) -> Verdict {
+        let age = now.saturating_sub(e.last_used.load(Relaxed));
+        // Durations under a second count as "any age" (the clock here ticks in seconds).
+        let idle = age >= self.idle.as_secs();
+        if e.stripe.shared.state() != State::Closed && !idle {
+            return Verdict::Keep;
+        }
+        if idle {
+            Verdict::Evict
+        } else {
+            Verdict::Candidate(e.last_used.load(Relaxed))
+        }
+    }
+
+    /// Makes room for one entry in a full shard: a CLOCK hand looks at up to [`PROBES`]
+    /// entries from where it stopped last time, evicts the first idle one, else the least
+    /// recently used Closed one it saw. `false` when everything it saw must be kept.
+    fn evict_one(&self, slots: &mut Slots<K, C>, now: u64) -> bool {
+        let len = slots.map.len();
+        let mut best: Option<(usize, u64)> = None;
+        let mut victim = None;
+        for _ in 0..PROBES.min(len) {
+            if slots.hand >= len {
+                slots.hand = 0;
+            }
+            let i = slots.hand;
+            slots.hand += 1;
+            let Some((_, e)) = slots.map.get_index(i) else {
+                continue;
+            };
+            match self.verdict(e, now) {
+                Verdict::Evict => {
+                    victim = Some(i);
+                    break;
+                }
+                Verdict::Candidate(used) => {
+                    if best.is_none_or(|(_, b)| used < b) {
+                        best = Some((i, used));
+                    }
+                }
+                Verdict::Keep => {}
             }
         }
-        tracing::debug!(target: "steadfast::breaker", kept = map.len(), "evicted idle per-key breakers");
+        let Some(i) = victim.or(best.map(|(i, _)| i)) else {
+            return false;
+        };
+        // The last entry moves into the hole: the hand looks at it next.
+        slots.map.swap_remove_index(i);
+        slots.hand = i;
+        true
     }
 
     pub(crate) fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).len())
+            .map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).map.len())
             .sum()
     }
 
     pub(crate) fn handle(&self, key: &K) -> Option<BreakerHandle<C>> {
-        let map = self
+        let slots = self
             .shard(key)
             .0
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        map.get(key).map(|e| BreakerHandle {
-            breaker: e.breaker.clone(),
+        slots.map.get(key).map(|e| BreakerHandle {
+            breaker: Arc::new(Breaker::of_stripe(e.stripe.clone())),
         })
     }
 }

@@ -16,6 +16,7 @@ use crate::sync::{
     AtomicU32, AtomicU64,
     Ordering::{AcqRel, Acquire, Relaxed},
 };
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::broadcast;
@@ -134,17 +135,35 @@ enum Window {
     Time(TimeWindow),
 }
 
-#[repr(align(128))]
-#[derive(Debug, Default)]
-struct Padded<T>(T);
-
-/// The state shared by every service and handle of one breaker.
+/// The state shared by every service and handle of one breaker: 128 bytes on two cache
+/// lines. The first holds what every call reads (the state word, the policy, the window's
+/// address, the clock's base) and is written only on transitions; the second holds what
+/// failures and transitions write (the consecutive count, probes, schedule stamps), so a
+/// burst of failures does not evict the line every admission reads. Rate windows, written
+/// on every call, live in their own allocation. Per-key breakers pay for this once per key,
+/// so it is kept small (the policy is shared by every breaker of a layer).
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub(crate) struct Shared {
-    word: Padded<AtomicU64>,
+    // ---- line 1: read by every call ----
+    word: AtomicU64,
+    pub(crate) policy: Arc<Policy>,
+    window: Option<Box<Window>>,
+    base: Instant,
+    /// Made at the first subscription: an unwatched breaker (most per-key breakers) pays
+    /// nothing for the 64-slot channel.
+    events: std::sync::OnceLock<broadcast::Sender<Transition>>,
+    // ---- line 2: written by failures and transitions ----
+    cold: Cold,
+}
+
+/// The second line of [`Shared`].
+#[derive(Debug)]
+#[repr(C, align(64))]
+struct Cold {
     /// Consecutive failures: generation low 32 bits | count (32). A count stamped with an
     /// earlier generation reads as zero.
-    consecutive: Padded<AtomicU64>,
+    consecutive: AtomicU64,
     /// Half-open probes: generation low 32 bits | taken (16) | successes (16).
     half: AtomicU64,
     /// Stamp: microseconds since `base` when an Open breaker admits a probe.
@@ -153,14 +172,17 @@ pub(crate) struct Shared {
     open_for: AtomicU64,
     /// Stamp: microseconds since `base` by which a HalfOpen breaker must reach a verdict.
     verdict_by: AtomicU64,
+    rng: AtomicU64,
     /// Consecutive trips since the last close (open time grows with it).
     trips: AtomicU32,
-    rng: AtomicU64,
-    window: Option<Window>,
-    pub(crate) policy: Policy,
-    base: Instant,
-    events: broadcast::Sender<Transition>,
 }
+
+// The layout the docs above describe (checked where the atomics are the real ones).
+#[cfg(not(loom))]
+const _: () = {
+    assert!(std::mem::offset_of!(Shared, cold) == 64);
+    assert!(std::mem::size_of::<Shared>() == 128);
+};
 
 /// A call's admission ticket: the state word it was admitted under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,24 +192,30 @@ pub(crate) enum Permit {
 }
 
 impl Shared {
-    pub(crate) fn new(policy: Policy) -> Self {
-        let window = policy.window.map(|w| match w {
-            WindowKind::Count { size } => Window::Count(CountWindow::new(size)),
-            WindowKind::Time { width, buckets } => Window::Time(TimeWindow::new(width, buckets)),
+    pub(crate) fn new(policy: Arc<Policy>) -> Self {
+        let window = policy.window.map(|w| {
+            Box::new(match w {
+                WindowKind::Count { size } => Window::Count(CountWindow::new(size)),
+                WindowKind::Time { width, buckets } => {
+                    Window::Time(TimeWindow::new(width, buckets))
+                }
+            })
         });
         Self {
-            word: Padded(AtomicU64::new(CLOSED)),
-            consecutive: Padded(AtomicU64::new(0)),
-            half: AtomicU64::new(0),
-            open_until: AtomicU64::new(0),
-            open_for: AtomicU64::new(0),
-            verdict_by: AtomicU64::new(0),
-            trips: AtomicU32::new(0),
-            rng: AtomicU64::new(policy.seed),
+            word: AtomicU64::new(CLOSED),
+            cold: Cold {
+                consecutive: AtomicU64::new(0),
+                half: AtomicU64::new(0),
+                open_until: AtomicU64::new(0),
+                open_for: AtomicU64::new(0),
+                verdict_by: AtomicU64::new(0),
+                rng: AtomicU64::new(policy.seed),
+                trips: AtomicU32::new(0),
+            },
             window,
             policy,
             base: Instant::now(),
-            events: broadcast::channel(64).0,
+            events: std::sync::OnceLock::new(),
         }
     }
 
@@ -213,7 +241,7 @@ impl Shared {
     /// `poll_ready`'s fast path.
     #[inline]
     pub(crate) fn may_reject(&self) -> bool {
-        matches!(self.word.0.load(Acquire) & TAG, OPEN | FORCED_OPEN)
+        matches!(self.word.load(Acquire) & TAG, OPEN | FORCED_OPEN)
     }
 
     /// A success admitted under `admitted` that changes nothing: the breaker is still Closed
@@ -224,23 +252,25 @@ impl Shared {
     pub(crate) fn success_is_noop(&self, admitted: u64) -> bool {
         admitted & TAG == CLOSED
             && self.window.is_none()
-            && self.word.0.load(Acquire) == admitted
+            && self.word.load(Acquire) == admitted
             && (self.policy.consecutive.is_none()
-                || self.consecutive.0.load(Relaxed) == ((admitted >> 3) as u32 as u64) << 32)
+                || self.cold.consecutive.load(Relaxed) == ((admitted >> 3) as u32 as u64) << 32)
     }
 
     /// The state word: generation above the state tag.
     pub(crate) fn word(&self) -> u64 {
-        self.word.0.load(Acquire)
+        self.word.load(Acquire)
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Transition> {
-        self.events.subscribe()
+        self.events
+            .get_or_init(|| broadcast::channel(64).0)
+            .subscribe()
     }
 
     /// Whether the breaker needs per-call timing (slow calls or a time window).
     pub(crate) fn needs_clock(&self) -> bool {
-        self.policy.slow.is_some() || matches!(self.window, Some(Window::Time(_)))
+        self.policy.slow.is_some() || matches!(self.window.as_deref(), Some(Window::Time(_)))
     }
 
     pub(crate) fn slow_threshold(&self) -> Option<Duration> {
@@ -250,7 +280,7 @@ impl Shared {
     /// How long until an Open breaker would admit a probe (zero if it would now); `None` when
     /// the state admits calls or never will by itself.
     pub(crate) fn wait_hint(&self) -> Option<Duration> {
-        let w = self.word.0.load(Acquire);
+        let w = self.word.load(Acquire);
         match w & TAG {
             OPEN => Some(match self.open_until(w) {
                 Some(until) => Duration::from_nanos(until.saturating_sub(self.now())),
@@ -263,12 +293,12 @@ impl Shared {
     /// When the Open breaker of word `w` admits a probe (nanoseconds since `base`); `None`
     /// while the trip that entered `w`'s generation has not written its schedule yet.
     fn open_until(&self, w: u64) -> Option<u64> {
-        unstamp(self.open_until.load(Acquire), w >> 3).map(|us| us.saturating_mul(1000))
+        unstamp(self.cold.open_until.load(Acquire), w >> 3).map(|us| us.saturating_mul(1000))
     }
 
     /// The consecutive failures counted in the generation of word `w`.
     pub(crate) fn consecutive_failures(&self, w: u64) -> u32 {
-        let c = self.consecutive.0.load(Acquire);
+        let c = self.cold.consecutive.load(Acquire);
         if (c >> 32) as u32 == (w >> 3) as u32 {
             c as u32
         } else {
@@ -280,7 +310,7 @@ impl Shared {
     /// `None` when the counter already belongs to a later generation (a stale outcome).
     fn count_failure(&self, w: u64) -> Option<u32> {
         let gen32 = (w >> 3) as u32;
-        let mut c = self.consecutive.0.load(Acquire);
+        let mut c = self.cold.consecutive.load(Acquire);
         loop {
             let tag = (c >> 32) as u32;
             let n = if tag == gen32 {
@@ -291,7 +321,7 @@ impl Shared {
                 return None;
             };
             let n = n.saturating_add(1);
-            match self.consecutive.0.compare_exchange_weak(
+            match self.cold.consecutive.compare_exchange_weak(
                 c,
                 (u64::from(gen32) << 32) | u64::from(n),
                 AcqRel,
@@ -308,7 +338,7 @@ impl Shared {
     fn reset_consecutive(&self, w: u64) {
         let gen32 = (w >> 3) as u32;
         let zero = u64::from(gen32) << 32;
-        let c = self.consecutive.0.load(Relaxed);
+        let c = self.cold.consecutive.load(Relaxed);
         if c == zero {
             return;
         }
@@ -316,8 +346,8 @@ impl Shared {
         if tag == gen32 || newer32(gen32, tag) {
             // A failure racing in wins; either order is a valid history.
             let _ = self
+                .cold
                 .consecutive
-                .0
                 .compare_exchange(c, zero, AcqRel, Relaxed);
         }
     }
@@ -326,7 +356,7 @@ impl Shared {
     /// every other state out of line.
     #[inline]
     pub(crate) fn admit(&self) -> Result<Permit, BreakerOpen> {
-        let w = self.word.0.load(Acquire);
+        let w = self.word.load(Acquire);
         if w & TAG == CLOSED {
             return Ok(Permit::Pass(w));
         }
@@ -352,9 +382,9 @@ impl Shared {
                 let half = next(w, HALF_OPEN);
                 if self.cas_word(w, half) {
                     // Only the thread that entered HalfOpen sets its verdict deadline.
-                    let open_for = unstamp(self.open_for.load(Acquire), w >> 3).unwrap_or(0);
+                    let open_for = unstamp(self.cold.open_for.load(Acquire), w >> 3).unwrap_or(0);
                     let by = micros_ceil(now).saturating_add(open_for.max(1));
-                    publish(&self.verdict_by, stamp(half >> 3, by));
+                    publish(&self.cold.verdict_by, stamp(half >> 3, by));
                     self.announce(w, half, None);
                     return self.take_probe(half, now);
                 }
@@ -366,7 +396,7 @@ impl Shared {
 
     fn take_probe(&self, w: u64, now: u64) -> Result<Permit, BreakerOpen> {
         let gen32 = (w >> 3) as u32;
-        let mut h = self.half.load(Acquire);
+        let mut h = self.cold.half.load(Acquire);
         loop {
             let (g, taken, succ) = unpack(h);
             if g != gen32 && newer32(g, gen32) {
@@ -377,7 +407,7 @@ impl Shared {
             if u32::from(taken) >= self.policy.probes {
                 // No verdict within the open time: re-open (pinned semantics 3). A deadline
                 // not written yet (HalfOpen entered a moment ago) has not passed.
-                let by = unstamp(self.verdict_by.load(Acquire), w >> 3)
+                let by = unstamp(self.cold.verdict_by.load(Acquire), w >> 3)
                     .map(|us| us.saturating_mul(1000));
                 if by.is_some_and(|by| now >= by) {
                     self.trip(w, None);
@@ -387,10 +417,12 @@ impl Shared {
                 });
                 return Err(BreakerOpen::new(Some(retry)));
             }
-            match self
-                .half
-                .compare_exchange_weak(h, pack(gen32, taken + 1, succ), AcqRel, Acquire)
-            {
+            match self.cold.half.compare_exchange_weak(
+                h,
+                pack(gen32, taken + 1, succ),
+                AcqRel,
+                Acquire,
+            ) {
                 Ok(_) => return Ok(Permit::Probe(w)),
                 Err(actual) => h = actual,
             }
@@ -400,7 +432,7 @@ impl Shared {
     /// A probe ended without a verdict (dropped or cancelled): give its permit back.
     pub(crate) fn return_probe(&self, w: u64) {
         let gen32 = (w >> 3) as u32;
-        let _ = self.half.fetch_update(AcqRel, Acquire, |h| {
+        let _ = self.cold.half.fetch_update(AcqRel, Acquire, |h| {
             let (g, taken, succ) = unpack(h);
             (g == gen32 && taken > 0).then(|| pack(g, taken - 1, succ))
         });
@@ -414,7 +446,7 @@ impl Shared {
         slow: bool,
         hint: Option<Duration>,
     ) {
-        let w = self.word.0.load(Acquire);
+        let w = self.word.load(Acquire);
         match permit {
             Permit::Pass(admitted) => {
                 if admitted != w {
@@ -452,7 +484,7 @@ impl Shared {
                     return;
                 }
                 let gen32 = (w >> 3) as u32;
-                let updated = self.half.fetch_update(AcqRel, Acquire, |h| {
+                let updated = self.cold.half.fetch_update(AcqRel, Acquire, |h| {
                     let (g, taken, succ) = unpack(h);
                     (g == gen32).then(|| pack(g, taken, succ + 1))
                 });
@@ -466,7 +498,7 @@ impl Shared {
     }
 
     fn record_window(&self, failure: bool, slow: bool) -> Option<WindowCounts> {
-        match &self.window {
+        match self.window.as_deref() {
             None => None,
             Some(Window::Count(c)) => Some(c.record(failure, slow)),
             Some(Window::Time(t)) => Some(t.record(self.now(), failure, slow)),
@@ -474,7 +506,7 @@ impl Shared {
     }
 
     pub(crate) fn window_counts(&self) -> Option<WindowCounts> {
-        match &self.window {
+        match self.window.as_deref() {
             None => None,
             Some(Window::Count(c)) => Some(c.counts()),
             Some(Window::Time(t)) => Some(t.counts(self.now())),
@@ -482,10 +514,10 @@ impl Shared {
     }
 
     fn rates_trip(&self, c: WindowCounts) -> bool {
-        if c.calls < self.policy.min_calls || c.calls == 0 {
+        if c.calls < u64::from(self.policy.min_calls) || c.calls == 0 {
             return false;
         }
-        let over = |n: u32, pct: u8| u64::from(n) * 100 >= u64::from(pct) * u64::from(c.calls);
+        let over = |n: u64, pct: u8| u128::from(n) * 100 >= u128::from(pct) * u128::from(c.calls);
         self.policy
             .failure_rate
             .is_some_and(|p| over(c.failures, p))
@@ -496,12 +528,12 @@ impl Shared {
     /// `jitter_percent` at random; a server hint can only raise it (up to the cap).
     fn open_duration(&self, hint: Option<Duration>) -> Duration {
         let p = &self.policy;
-        let trips = self.trips.load(Relaxed).min(20);
+        let trips = self.cold.trips.load(Relaxed).min(20);
         let grown = p.open_time.saturating_mul(1 << trips).min(p.max_open_time);
         let jittered = if p.jitter_percent == 0 {
             grown
         } else {
-            let r = splitmix(self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Relaxed));
+            let r = splitmix(self.cold.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Relaxed));
             let frac = (r >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
             grown.mul_f64(1.0 - f64::from(p.jitter_percent) / 100.0 * frac)
         };
@@ -518,7 +550,7 @@ impl Shared {
         let open_for = self.open_duration(hint);
         let open = next(w, OPEN);
         if self.cas_word(w, open) {
-            self.trips.fetch_add(1, Relaxed);
+            self.cold.trips.fetch_add(1, Relaxed);
             // Schedule first, announce after: no subscriber or recorder code runs while the
             // new generation has no schedule.
             self.schedule(open, open_for);
@@ -530,9 +562,9 @@ impl Shared {
     fn schedule(&self, open: u64, open_for: Duration) {
         let open_us = micros_ceil(nanos(open_for));
         let until = micros_ceil(self.now()).saturating_add(open_us);
-        publish(&self.open_for, stamp(open >> 3, open_us));
+        publish(&self.cold.open_for, stamp(open >> 3, open_us));
         // A reader that sees this stamp also sees `open_for` above (release, in `publish`).
-        publish(&self.open_until, stamp(open >> 3, until));
+        publish(&self.cold.open_until, stamp(open >> 3, until));
     }
 
     /// HalfOpen (word `w`) -> Closed. The consecutive count needs no reset: it belongs to the
@@ -541,13 +573,13 @@ impl Shared {
         self.reset_window();
         let closed = next(w, CLOSED);
         if self.cas_word(w, closed) {
-            self.trips.store(0, Relaxed);
+            self.cold.trips.store(0, Relaxed);
             self.announce(w, closed, None);
         }
     }
 
     fn reset_window(&self) {
-        match &self.window {
+        match self.window.as_deref() {
             None => {}
             Some(Window::Count(c)) => c.reset(),
             Some(Window::Time(t)) => t.reset(),
@@ -559,14 +591,14 @@ impl Shared {
     /// voids the consecutive count and the outcomes of calls still in flight, and a
     /// Closed -> Closed transition is announced.
     pub(crate) fn force(&self, to: State) {
-        let mut w = self.word.0.load(Acquire);
+        let mut w = self.word.load(Acquire);
         loop {
             if state_of(w) == to && to != State::Closed {
                 return;
             }
             if to == State::Closed {
                 self.reset_window();
-                self.trips.store(0, Relaxed);
+                self.cold.trips.store(0, Relaxed);
             }
             let to_word = next(w, tag_of(to));
             if self.cas_word(w, to_word) {
@@ -576,14 +608,13 @@ impl Shared {
                 self.announce(w, to_word, None);
                 return;
             }
-            w = self.word.0.load(Acquire);
+            w = self.word.load(Acquire);
         }
     }
 
     /// Moves the state word from `from` to `to`; `true` for the one thread that did.
     fn cas_word(&self, from: u64, to: u64) -> bool {
         self.word
-            .0
             .compare_exchange(from, to, AcqRel, Acquire)
             .is_ok()
     }
@@ -609,7 +640,9 @@ impl Shared {
         metrics::counter!("steadfast_breaker_transitions_total", "to" => t.to.as_str())
             .increment(1);
         // No receivers is fine: nobody listens.
-        let _ = self.events.send(t);
+        if let Some(events) = self.events.get() {
+            let _ = events.send(t);
+        }
     }
 }
 
@@ -729,9 +762,12 @@ mod tests {
     /// than N probes out at once, and every permit comes back.
     #[test]
     fn probe_permits_under_real_contention() {
-        let shared = Arc::new(Shared::new(policy(3)));
-        shared.word.0.store((7 << 3) | HALF_OPEN, Release);
-        shared.verdict_by.store(stamp(7, STAMP_TIME_MASK), Release);
+        let shared = Arc::new(Shared::new(Arc::new(policy(3))));
+        shared.word.store((7 << 3) | HALF_OPEN, Release);
+        shared
+            .cold
+            .verdict_by
+            .store(stamp(7, STAMP_TIME_MASK), Release);
         let out = Arc::new(AtomicUsize::new(0));
         let max = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..4)
@@ -741,7 +777,7 @@ mod tests {
                     let mut admitted = 0;
                     for _ in 0..20_000 {
                         if let Ok(Permit::Probe(w)) =
-                            shared.take_probe(shared.word.0.load(Acquire), 0)
+                            shared.take_probe(shared.word.load(Acquire), 0)
                         {
                             let n = out.fetch_add(1, AcqRel) + 1;
                             max.fetch_max(n, AcqRel);
@@ -761,16 +797,16 @@ mod tests {
             "at most N probes out: {}",
             max.load(Acquire)
         );
-        let (_, taken, _) = unpack(shared.half.load(Acquire));
+        let (_, taken, _) = unpack(shared.cold.half.load(Acquire));
         assert_eq!(taken, 0, "no permit lost");
     }
 
     /// Concurrent failures in Closed trip exactly once per generation.
     #[test]
     fn concurrent_trips_transition_once() {
-        let shared = Arc::new(Shared::new(policy(1)));
+        let shared = Arc::new(Shared::new(Arc::new(policy(1))));
         let mut rx = shared.subscribe();
-        let w = shared.word.0.load(Acquire);
+        let w = shared.word.load(Acquire);
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let shared = shared.clone();

@@ -18,15 +18,17 @@ const SUCCESS: u8 = 1;
 const FAILURE: u8 = 1 << 1;
 const SLOW: u8 = 1 << 2;
 
-/// Counts in a window.
+/// Counts in a window. 64-bit: a time window of wide buckets on a busy service can see more
+/// than 2^32 calls, and a count that wrapped would trip (or un-trip) a breaker on a rate
+/// that never happened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WindowCounts {
     /// Calls recorded in the window.
-    pub calls: u32,
+    pub calls: u64,
     /// Failures among them.
-    pub failures: u32,
+    pub failures: u64,
     /// Slow calls among them.
-    pub slow: u32,
+    pub slow: u64,
 }
 
 impl WindowCounts {
@@ -41,11 +43,11 @@ impl WindowCounts {
     }
 }
 
-fn rate(n: u32, of: u32) -> f64 {
+fn rate(n: u64, of: u64) -> f64 {
     if of == 0 {
         0.0
     } else {
-        f64::from(n) * 100.0 / f64::from(of)
+        n as f64 * 100.0 / of as f64
     }
 }
 
@@ -78,6 +80,7 @@ impl CountWindow {
         let i = (self.next.fetch_add(1, Relaxed) % self.slots.len() as u64) as usize;
         let new = encode(failure, slow);
         let old = self.slots[i].swap(new, Relaxed);
+        // At most 2^20 slots: these 32-bit counters cannot overflow.
         let calls = if old == EMPTY {
             self.calls.fetch_add(1, Relaxed) + 1
         } else {
@@ -86,17 +89,17 @@ impl CountWindow {
         let failures = adjust(&self.failures, old & FAILURE != 0, failure);
         let slow = adjust(&self.slow, old & SLOW != 0, slow);
         WindowCounts {
-            calls,
-            failures,
-            slow,
+            calls: calls.into(),
+            failures: failures.into(),
+            slow: slow.into(),
         }
     }
 
     pub(crate) fn counts(&self) -> WindowCounts {
         WindowCounts {
-            calls: self.calls.load(Relaxed),
-            failures: non_negative(self.failures.load(Relaxed)),
-            slow: non_negative(self.slow.load(Relaxed)),
+            calls: self.calls.load(Relaxed).into(),
+            failures: non_negative(self.failures.load(Relaxed)).into(),
+            slow: non_negative(self.slow.load(Relaxed)).into(),
         }
     }
 
@@ -129,9 +132,9 @@ fn non_negative(n: u32) -> u32 {
 struct Bucket {
     /// The bucket number (time / width) these counts belong to; `u64::MAX` when unused.
     epoch: AtomicU64,
-    calls: AtomicU32,
-    failures: AtomicU32,
-    slow: AtomicU32,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    slow: AtomicU64,
 }
 
 /// A ring of fixed-width time buckets.
@@ -148,9 +151,9 @@ impl TimeWindow {
             buckets: (0..buckets)
                 .map(|_| Bucket {
                     epoch: AtomicU64::new(u64::MAX),
-                    calls: AtomicU32::new(0),
-                    failures: AtomicU32::new(0),
-                    slow: AtomicU32::new(0),
+                    calls: AtomicU64::new(0),
+                    failures: AtomicU64::new(0),
+                    slow: AtomicU64::new(0),
                 })
                 .collect(),
         }
@@ -187,9 +190,9 @@ impl TimeWindow {
         for b in self.buckets.iter() {
             let e = b.epoch.load(Relaxed);
             if e != u64::MAX && e >= oldest && e <= epoch {
-                c.calls += b.calls.load(Relaxed);
-                c.failures += b.failures.load(Relaxed);
-                c.slow += b.slow.load(Relaxed);
+                c.calls = c.calls.saturating_add(b.calls.load(Relaxed));
+                c.failures = c.failures.saturating_add(b.failures.load(Relaxed));
+                c.slow = c.slow.saturating_add(b.slow.load(Relaxed));
             }
         }
         c
@@ -207,6 +210,26 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::VecDeque;
+
+    /// Past 2^32 calls in one window (wide buckets, a busy service): the counts are exact,
+    /// so the rate is the one that happened (a 32-bit sum would have wrapped to a small
+    /// number of calls with a failure rate far over 100 %, or panicked in a debug build).
+    #[test]
+    fn a_time_window_counts_past_two_to_the_32_calls() {
+        let w = TimeWindow::new(std::time::Duration::from_secs(3600), 2);
+        let hour = 3_600_000_000_000u64;
+        w.record(0, true, false);
+        w.record(hour, false, false);
+        // Five billion calls in each bucket, three of them failures.
+        for b in w.buckets.iter() {
+            b.calls.store(5_000_000_000, Relaxed);
+            b.failures.store(3_000_000_000, Relaxed);
+        }
+        let c = w.record(hour, false, false);
+        assert_eq!(c.calls, 10_000_000_001);
+        assert_eq!(c.failures, 6_000_000_000);
+        assert!((c.failure_rate() - 60.0).abs() < 1e-6);
+    }
 
     #[test]
     fn count_window_is_the_last_n() {

@@ -1152,7 +1152,6 @@ async fn idle_per_key_breakers_are_evicted_and_recently_used_ones_kept() {
             .unwrap();
     }
     svc.ready().await.unwrap().call(get("hot")).await.unwrap();
-    let full = layer.len();
     advance(Duration::from_secs(650)).await;
     svc.ready().await.unwrap().call(get("hot")).await.unwrap(); // used again: not idle
     advance(Duration::from_secs(50)).await;
@@ -1169,10 +1168,78 @@ async fn idle_per_key_breakers_are_evicted_and_recently_used_ones_kept() {
         layer.handle(&Some(hot)).is_some(),
         "recently used breakers stay"
     );
+    assert!(layer.len() <= 1600, "room was made, never past max_keys");
+    for i in 0..400 {
+        let new: http::uri::Authority = format!("new{i}").parse().unwrap();
+        assert!(layer.handle(&Some(new)).is_some(), "new{i} was kept");
+    }
+}
+
+/// A flood of new authorities cannot reset an open breaker by pushing it out of the map:
+/// breakers that are not Closed are kept while in use (within the idle time), and every
+/// insertion stays O(1) (a bounded number of entries looked at).
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_new_keys_does_not_evict_an_open_breaker() {
+    let layer = builder()
+        .consecutive_failures(Some(1))
+        .max_keys(32)
+        .build_per_authority()
+        .unwrap();
+    let mut svc = layer.layer(service_fn(|req: Request<()>| async move {
+        let status = if req.uri().host() == Some("down") {
+            503
+        } else {
+            200
+        };
+        Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
+    }));
+    let get = |host: &str| Request::get(format!("http://{host}/")).body(()).unwrap();
+    svc.ready().await.unwrap().call(get("down")).await.unwrap();
+    let down: http::uri::Authority = "down".parse().unwrap();
+    assert_eq!(
+        layer.handle(&Some(down.clone())).unwrap().state(),
+        State::Open
+    );
+    for i in 0..10_000 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("flood{i}")))
+            .await
+            .unwrap();
+    }
+    assert!(layer.len() <= 32, "bounded: {}", layer.len());
+    assert_eq!(
+        layer.handle(&Some(down.clone())).unwrap().state(),
+        State::Open,
+        "still open after 10 000 new keys"
+    );
+    let e = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get("down"))
+        .await
+        .unwrap_err();
     assert!(
-        layer.len() < full - 500,
-        "idle ones went: {} of {full} left",
-        layer.len()
+        e.downcast_ref::<BreakerOpen>().is_some(),
+        "callers still fail fast"
+    );
+
+    // Protection lasts while the breaker is in use: one idle past the idle time (10 min by
+    // default) makes room like any other.
+    advance(Duration::from_secs(601)).await;
+    for i in 0..64 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("later{i}")))
+            .await
+            .unwrap();
+    }
+    assert!(
+        layer.handle(&Some(down)).is_none(),
+        "an idle open breaker is evictable"
     );
 }
 

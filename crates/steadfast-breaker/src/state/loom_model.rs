@@ -51,7 +51,7 @@ fn policy(consecutive: u32, probes: u32, open_time: Duration) -> Policy {
 
 /// A breaker whose clock reads zero for as long as the model runs.
 fn frozen(policy: Policy) -> Shared {
-    let mut shared = Shared::new(policy);
+    let mut shared = Shared::new(std::sync::Arc::new(policy));
     shared.base = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     assert_eq!(shared.now(), 0);
     shared
@@ -95,7 +95,7 @@ fn open_and_due(probes: u32) -> Shared {
 
 /// Probes taken in the current HalfOpen generation.
 fn taken(shared: &Shared) -> u16 {
-    let (g, taken, _) = unpack(shared.half.load(SeqCst));
+    let (g, taken, _) = unpack(shared.cold.half.load(SeqCst));
     if g == shared.generation() as u32 {
         taken
     } else {
@@ -202,7 +202,7 @@ fn concurrent_failures_trip_once() {
             fail_twice_at_once(&shared, permit);
             assert_eq!((shared.state(), shared.generation()), (State::Open, 1));
             assert_eq!(announced(&mut rx), [(State::Closed, State::Open, 1)]);
-            assert_eq!(shared.trips.load(SeqCst), 1, "one trip counted");
+            assert_eq!(shared.cold.trips.load(SeqCst), 1, "one trip counted");
             assert!(shared.admit().is_err(), "open for an hour");
         });
     }
@@ -244,9 +244,9 @@ fn stale_outcomes_do_not_decide_a_probe_verdict() {
         }
         assert_eq!((shared.state(), shared.generation()), (State::Closed, 5));
         assert_eq!(announced(&mut rx), [(State::HalfOpen, State::Closed, 5)]);
-        let w = shared.word.0.load(SeqCst);
+        let w = shared.word.load(SeqCst);
         assert_eq!(shared.consecutive_failures(w), 0, "a stale failure counted");
-        assert_eq!(shared.trips.load(SeqCst), 0);
+        assert_eq!(shared.cold.trips.load(SeqCst), 0);
     });
 }
 
@@ -295,7 +295,7 @@ fn a_losing_trip_leaves_the_open_time_alone() {
         fail_twice_at_once(&shared, permit);
         let announced = rx.try_recv().expect("one trip").open_for;
         assert_eq!(announced, Some(HOUR));
-        let w = shared.word.0.load(SeqCst);
+        let w = shared.word.load(SeqCst);
         let in_force = Duration::from_nanos(shared.open_until(w).expect("scheduled"));
         assert_eq!(
             in_force, HOUR,
@@ -363,7 +363,7 @@ fn an_outcome_from_an_earlier_closed_generation_does_not_count() {
         cycle.join().unwrap();
         stale.join().unwrap();
         assert_eq!((shared.state(), shared.generation()), (State::Closed, 3));
-        let w = shared.word.0.load(SeqCst);
+        let w = shared.word.load(SeqCst);
         assert_eq!(shared.consecutive_failures(w), 0, "a stale failure counted");
     });
 }
