@@ -116,9 +116,8 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let stripe: &Arc<Stripe<C>> = self.breaker.stripe();
-        match stripe.shared.admit() {
+        match stripe.admit() {
             Ok(permit) => {
-                stripe.count(&stripe.calls);
                 let guard = Guard::new(stripe.clone(), permit);
                 AnsweringFuture {
                     state: AnswerState::Called {
@@ -131,15 +130,12 @@ where
                     },
                 }
             }
-            Err(open) => {
-                stripe.count(&stripe.rejected);
-                AnsweringFuture {
-                    state: AnswerState::Open {
-                        open,
-                        grpc: is_grpc_content_type(req.headers()),
-                    },
-                }
-            }
+            Err(open) => AnsweringFuture {
+                state: AnswerState::Open {
+                    open,
+                    grpc: is_grpc_content_type(req.headers()),
+                },
+            },
         }
     }
 }

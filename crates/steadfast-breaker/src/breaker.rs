@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use steadfast_core::thread_number;
 
-use crate::state::{Policy, Shared};
+use crate::error::BreakerOpen;
+use crate::state::{Permit, Policy, Shared};
 
 /// How many threads get a stripe of their own in a standalone breaker; the threads after
 /// them share as many more, spread by thread number.
@@ -38,6 +39,27 @@ pub(crate) struct Stripe<C> {
 }
 
 impl<C> Stripe<C> {
+    /// The one admission path of every breaker variant (plain, per-key, answering): asks the
+    /// state machine, and counts the decision (and reports a rejection) on this stripe.
+    #[inline]
+    pub(crate) fn admit(&self) -> Result<Permit, BreakerOpen> {
+        match self.shared.admit() {
+            Ok(permit) => {
+                self.count(&self.calls);
+                Ok(permit)
+            }
+            Err(open) => Err(self.rejected(open)),
+        }
+    }
+
+    #[cold]
+    fn rejected(&self, open: BreakerOpen) -> BreakerOpen {
+        self.count(&self.rejected);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("steadfast_breaker_rejected_total").increment(1);
+        open
+    }
+
     /// Counts one admission decision in `counter` (`calls` or `rejected`); only called on
     /// the thread that [`Breaker::stripe`] picked this stripe for.
     #[inline]

@@ -28,18 +28,12 @@ fn admit_and_call<S, B, C>(
 where
     S: Service<Request<B>>,
 {
-    match stripe.shared.admit() {
+    match stripe.admit() {
         Ok(permit) => {
-            stripe.count(&stripe.calls);
             let guard = Guard::new(stripe.into_owned(), permit);
             ResponseFuture::called(inner.call(req), guard)
         }
-        Err(open) => {
-            stripe.count(&stripe.rejected);
-            #[cfg(feature = "metrics")]
-            metrics::counter!("steadfast_breaker_rejected_total").increment(1);
-            ResponseFuture::rejected(open)
-        }
+        Err(open) => ResponseFuture::rejected(open),
     }
 }
 

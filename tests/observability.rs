@@ -1,0 +1,278 @@
+//! Every layer variant reports the metrics and events `docs/observability.md` lists: one
+//! admission path for the plain, per-key and answering breakers (the answering one used to
+//! skip `steadfast_breaker_rejected_total`), the retry's counters, the timeout's three sides.
+#![cfg(feature = "metrics")]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use metrics::{
+    Counter, CounterFn, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
+    SharedString, Unit,
+};
+use steadfast::breaker::CircuitBreakerLayer;
+use steadfast::retry::{Backoff, Jitter, RetryLayer};
+use steadfast::timeout::{ServerTimeoutLayer, TimeoutLayer};
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+/// Counts per metric name and label set, e.g. `steadfast_breaker_rejected_total{}`.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<BTreeMap<String, f64>>>);
+
+impl Seen {
+    fn get(&self, name: &str) -> f64 {
+        self.0.lock().unwrap().get(name).copied().unwrap_or(0.0)
+    }
+    fn take(&self) -> BTreeMap<String, f64> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+struct Handle {
+    key: String,
+    seen: Seen,
+}
+
+impl CounterFn for Handle {
+    fn increment(&self, value: u64) {
+        *self
+            .seen
+            .0
+            .lock()
+            .unwrap()
+            .entry(self.key.clone())
+            .or_default() += value as f64;
+    }
+    fn absolute(&self, _: u64) {}
+}
+
+impl HistogramFn for Handle {
+    fn record(&self, _: f64) {
+        *self
+            .seen
+            .0
+            .lock()
+            .unwrap()
+            .entry(self.key.clone())
+            .or_default() += 1.0;
+    }
+}
+
+struct Rec(Seen);
+
+impl Rec {
+    fn handle(&self, key: &Key) -> Arc<Handle> {
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        Arc::new(Handle {
+            key: format!("{}{{{}}}", key.name(), labels.join(",")),
+            seen: self.0.clone(),
+        })
+    }
+}
+
+impl Recorder for Rec {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(self.handle(key))
+    }
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::from_arc(self.handle(key))
+    }
+}
+
+/// Runs `f` on a paused current-thread runtime with the recorder installed.
+fn recorded<F: Future<Output = ()>>(f: impl FnOnce() -> F) -> Seen {
+    let seen = Seen::default();
+    let rec = Rec(seen.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&rec, || rt.block_on(f()));
+    seen
+}
+
+fn status(code: u16) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .body(Full::default())
+        .unwrap()
+}
+
+fn failing()
+-> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible>
++ Clone {
+    service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(status(503)) })
+}
+
+fn get() -> Request<()> {
+    Request::get("http://upstream.test/").body(()).unwrap()
+}
+
+#[test]
+fn every_breaker_variant_counts_transitions_and_rejections() {
+    let layer = || {
+        CircuitBreakerLayer::builder()
+            .consecutive_failures(Some(1))
+            .build()
+            .unwrap()
+    };
+    // Plain.
+    let seen = recorded(|| async {
+        let mut svc = layer().layer(failing());
+        let _ = svc.ready().await.unwrap().call(get()).await;
+        let e = svc.ready().await.unwrap().call(get()).await.unwrap_err();
+        assert!(e.is::<steadfast::breaker::BreakerOpen>());
+    });
+    assert_eq!(
+        seen.get("steadfast_breaker_transitions_total{to=open}"),
+        1.0
+    );
+    assert_eq!(seen.get("steadfast_breaker_rejected_total{}"), 1.0, "plain");
+
+    // Per key.
+    let seen = recorded(|| async {
+        let keyed = CircuitBreakerLayer::builder()
+            .consecutive_failures(Some(1))
+            .build_per_authority()
+            .unwrap();
+        let mut svc = keyed.layer(failing());
+        let _ = svc.ready().await.unwrap().call(get()).await;
+        let e = svc.ready().await.unwrap().call(get()).await.unwrap_err();
+        assert!(e.is::<steadfast::breaker::BreakerOpen>());
+    });
+    assert_eq!(
+        seen.get("steadfast_breaker_transitions_total{to=open}"),
+        1.0
+    );
+    assert_eq!(
+        seen.get("steadfast_breaker_rejected_total{}"),
+        1.0,
+        "per key"
+    );
+
+    // Answering: the rejection is a 503 response, and it is counted all the same.
+    let seen = recorded(|| async {
+        let mut svc = layer().answering().layer(failing());
+        let _ = svc.ready().await.unwrap().call(get()).await;
+        let res = svc.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(res.status(), 503);
+        assert!(
+            res.headers().contains_key("retry-after"),
+            "answered by the breaker"
+        );
+    });
+    assert_eq!(
+        seen.get("steadfast_breaker_transitions_total{to=open}"),
+        1.0
+    );
+    assert_eq!(
+        seen.get("steadfast_breaker_rejected_total{}"),
+        1.0,
+        "answering"
+    );
+}
+
+#[test]
+fn the_retry_counts_attempts_waits_and_why_it_gave_up() {
+    let seen = recorded(|| async {
+        let retry = RetryLayer::policy()
+            .backoff(
+                Backoff::new(Duration::from_millis(100), Duration::from_secs(1))
+                    .jitter(Jitter::None),
+            )
+            .build()
+            .unwrap();
+        let up = service_fn(
+            |_req: Request<steadfast::retry::ReplayBody<Full<Bytes>>>| async {
+                Ok::<_, Infallible>(status(503))
+            },
+        );
+        let req = Request::get("http://upstream.test/")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let res = retry.layer(up).oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 503);
+    });
+    let all = seen.take();
+    assert_eq!(
+        all.get("steadfast_retry_attempts_total{}"),
+        Some(&2.0),
+        "{all:?}"
+    );
+    assert_eq!(
+        all.get("steadfast_retry_backoff_seconds{}"),
+        Some(&2.0),
+        "{all:?}"
+    );
+    assert_eq!(
+        all.get("steadfast_retry_gave_up_total{reason=attempts_exhausted}"),
+        Some(&1.0),
+        "{all:?}"
+    );
+}
+
+#[test]
+fn every_timeout_side_counts_what_fired() {
+    let seen = recorded(|| async {
+        // Client, head.
+        let slow = service_fn(|_req: Request<()>| async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+        });
+        let e = TimeoutLayer::new(Duration::from_secs(1))
+            .layer(slow)
+            .oneshot(get())
+            .await
+            .unwrap_err();
+        assert!(e.is::<steadfast::timeout::Elapsed>());
+        // Client, body.
+        let trickle = service_fn(|_req: Request<()>| async {
+            let frames = futures_util::stream::once(async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"x")))
+            });
+            Ok::<_, Infallible>(Response::new(StreamBody::new(Box::pin(frames))))
+        });
+        let res = TimeoutLayer::new(Duration::from_secs(1))
+            .covering_body()
+            .layer(trickle)
+            .oneshot(get())
+            .await
+            .unwrap();
+        assert!(res.into_body().collect().await.is_err());
+        // Server.
+        let handler = service_fn(|_req: Request<()>| async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+        });
+        let res = ServerTimeoutLayer::new(Duration::from_secs(1))
+            .layer(handler)
+            .oneshot(get())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 504);
+    });
+    let all = seen.take();
+    for side in ["client", "client_body", "server"] {
+        assert_eq!(
+            all.get(&format!("steadfast_timeout_elapsed_total{{side={side}}}")),
+            Some(&1.0),
+            "{side}: {all:?}"
+        );
+    }
+}
