@@ -88,7 +88,7 @@ impl ClientBuilder {
     /// long-lived streams (server-sent events, gRPC server streaming): the head stays bounded,
     /// the body is not, except by [`body_idle_timeout`](Self::body_idle_timeout). The deadline
     /// propagated downstream is the same either way. See
-    /// [`BodyTimeoutLayer`](steadfast_timeout::BodyTimeoutLayer).
+    /// [`BodyTimeoutLayer`].
     pub fn total_covers_body(mut self, on: bool) -> Self {
         self.covers_body = on;
         self

@@ -114,8 +114,7 @@ fn status(code: u16) -> Response<Full<Bytes>> {
 }
 
 fn failing()
--> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible>
-+ Clone {
+-> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone {
     service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(status(503)) })
 }
 
