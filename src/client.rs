@@ -145,17 +145,20 @@ impl ClientBuilder {
                 total: self.total,
             });
         }
-        // Saturating, and done as soon as the sum reaches the total (a policy of u32::MAX
-        // attempts must not loop four billion times here).
+        // Saturating, and in O(1) steps: once the delay stops growing (capped, or the
+        // exponent at its limit) the remaining retries add that delay each, as one product,
+        // so a policy of u32::MAX attempts costs no four billion iterations here.
         let mut backoffs = Duration::ZERO;
-        for n in 1..max_attempts {
+        let retries = max_attempts.saturating_sub(1);
+        for n in 1..=retries {
             let delay = backoff_base
                 .saturating_mul(1 << (n - 1).min(31))
                 .min(backoff_cap);
-            backoffs = backoffs.saturating_add(delay);
-            if backoffs >= self.total {
+            if delay == backoff_cap || n > 31 {
+                backoffs = backoffs.saturating_add(delay.saturating_mul(retries - n + 1));
                 break;
             }
+            backoffs = backoffs.saturating_add(delay);
         }
         if backoffs >= self.total {
             return Err(PresetError::BackoffsExceedTotal {

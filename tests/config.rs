@@ -406,6 +406,34 @@ proptest! {
     }
 }
 
+/// A policy of u32::MAX attempts with a zero (or one-nanosecond) backoff: the preset checks
+/// its backoffs against the total in a handful of steps (it used to loop four billion times,
+/// 18 s in release). Counted in steps, not timed: the check's loop is bounded by 32.
+#[test]
+fn a_preset_with_four_billion_attempts_builds_at_once() {
+    for base in [Duration::ZERO, Duration::from_nanos(1)] {
+        let built = steadfast::client::http()
+            .retry(|r| r.max_attempts(u32::MAX).backoff(Backoff::new(base, base)))
+            .build();
+        // 4 billion × 1 ns = 4.3 s of waits: under the 10 s default total.
+        assert!(built.is_ok(), "{base:?}: {:?}", built.err());
+    }
+    // 4 billion × 1 µs = 71 min: past the total, a typed error.
+    let e = steadfast::client::http()
+        .retry(|r| {
+            r.max_attempts(u32::MAX).backoff(Backoff::new(
+                Duration::from_micros(1),
+                Duration::from_micros(1),
+            ))
+        })
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(e, steadfast::PresetError::BackoffsExceedTotal { .. }),
+        "{e}"
+    );
+}
+
 /// The report's three panics, pinned.
 #[test]
 fn the_reported_configurations_do_not_panic() {

@@ -389,3 +389,46 @@ async fn a_handler_s_own_response_id_wins() {
     let ids: Vec<_> = res.headers().get_all("x-correlation-id").iter().collect();
     assert_eq!(ids, vec!["set-by-handler"]);
 }
+
+/// With a valid `x-correlation-id`, the headers the layer reads beside it are still cleaned:
+/// duplicated or invalid `x-request-id` and `traceparent` never reach the handler (a valid
+/// single one is kept).
+#[tokio::test]
+async fn beside_a_valid_id_ambiguous_or_invalid_fallbacks_are_removed() {
+    let seen: Arc<Mutex<Option<HeaderMap>>> = Arc::default();
+    let s = seen.clone();
+    let server = serve_axum(
+        Router::new()
+            .route(
+                "/",
+                get(move |headers: HeaderMap| {
+                    *s.lock().unwrap() = Some(headers);
+                    async { "ok" }
+                }),
+            )
+            .layer(CorrelationIdLayer::new().from_traceparent(true)),
+    )
+    .await;
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let cases: [(&[(&str, &str)], bool, bool); 4] = [
+        (&[("x-request-id", "r1"), ("x-request-id", "EVIL <x>")], false, false),
+        (&[("x-request-id", "EVIL <x>")], false, false),
+        (&[("traceparent", tp), ("traceparent", tp)], false, false),
+        (&[("x-request-id", "r1"), ("traceparent", tp)], true, true),
+    ];
+    for (extra, keeps_request_id, keeps_traceparent) in cases {
+        let mut req = get_req(server, "/");
+        req.headers_mut()
+            .insert("x-correlation-id", "good-1".parse().unwrap());
+        for (k, v) in extra {
+            req.headers_mut().append(*k, v.parse().unwrap());
+        }
+        http_client().request(req).await.unwrap();
+        let h = seen.lock().unwrap().take().unwrap();
+        let ids: Vec<_> = h.get_all("x-correlation-id").iter().collect();
+        assert_eq!(ids, vec!["good-1"], "{extra:?}");
+        assert_eq!(h.contains_key("x-request-id"), keeps_request_id, "{extra:?}");
+        assert_eq!(h.contains_key("traceparent"), keeps_traceparent, "{extra:?}");
+        assert!(!format!("{h:?}").contains("EVIL"), "{extra:?}");
+    }
+}

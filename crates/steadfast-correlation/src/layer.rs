@@ -22,8 +22,9 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 ///
 /// The accepted id is then:
 /// - set as the request's only `x-correlation-id` header (so the handler, and anything that
-///   forwards the inbound headers, sees the id that counts and nothing else); ambiguous
-///   copies of `x-request-id` and, when read, `traceparent` are removed,
+///   forwards the inbound headers, sees the id that counts and nothing else); an
+///   `x-request-id` and, when read, a `traceparent` that is sent twice or is invalid is
+///   removed (a valid single one is kept, even when the id came from elsewhere),
 /// - a [`CorrelationId`](crate::CorrelationId) request extension (can be switched off),
 /// - ambient for the handler: [`CorrelationId::current`](crate::CorrelationId::current),
 ///   which outgoing client stacks read,

@@ -101,17 +101,39 @@ impl<M: MakeCorrelationId, V: ValidateId> CorrelationIdLayer<M, V> {
     }
 
     /// After [`pick`](Self::pick): the request carries exactly one id header, with the id
-    /// that counts, and no ambiguous copy of a header the layer read.
-    #[cold]
-    fn normalise(&self, headers: &mut HeaderMap, id: &CorrelationId) {
-        headers.insert(self.header.clone(), id.header_value().clone());
+    /// that counts, and no copy of a header the layer reads (`x-request-id`, and
+    /// `traceparent` when enabled) that is ambiguous (two or more fields) or invalid, so a
+    /// handler that forwards its inbound headers forwards nothing the layer refused. One
+    /// lookup per header read on the common path (a valid id, no fallback sent).
+    fn normalise(&self, headers: &mut HeaderMap, id: &CorrelationId, source: Source) {
+        if source != Source::Header {
+            headers.insert(self.header.clone(), id.header_value().clone());
+        }
         if let Some(name) = &self.fallback {
-            if single(headers, name).is_none() {
+            if !self.clean(headers, name, |v| self.accept(v)) {
                 headers.remove(name);
             }
         }
-        if self.traceparent && single(headers, &TRACEPARENT).is_none() {
+        if self.traceparent
+            && !self.clean(headers, &TRACEPARENT, |v| trace_id(v.as_bytes()).is_some())
+        {
             headers.remove(&TRACEPARENT);
+        }
+    }
+
+    /// Whether `name` is absent, or one field that `valid` accepts.
+    #[inline]
+    fn clean(
+        &self,
+        headers: &HeaderMap,
+        name: &HeaderName,
+        valid: impl Fn(&HeaderValue) -> bool,
+    ) -> bool {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (None, _) => true,
+            (Some(v), None) => valid(v),
+            (Some(_), Some(_)) => false,
         }
     }
 }
@@ -132,11 +154,7 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let (id, source) = self.config.pick(req.headers());
-        // Taken from the header means that header had exactly one, valid, field: nothing to
-        // rewrite on the common path.
-        if source != Source::Header {
-            self.config.normalise(req.headers_mut(), &id);
-        }
+        self.config.normalise(req.headers_mut(), &id, source);
         if self.config.extension {
             req.extensions_mut().insert(id.clone());
         }

@@ -74,10 +74,9 @@ struct State<B> {
     /// Data bytes read from the caller's body so far (recorded or not).
     buffered: usize,
     cap: usize,
-    /// One slot per reader: the waker of a reader that found the caller's body pending. The
-    /// caller's body keeps only the waker of the reader that polled it last, so every other
-    /// waiting reader is woken here when a frame arrives or that reader goes away.
-    waiters: Vec<Slot>,
+    /// The readers waiting on the caller's body. The caller's body is polled with a waker
+    /// that wakes all of them (it would keep only the last poller's otherwise).
+    waiters: Arc<Waiters>,
     overflow: bool,
     failed: bool,
     eos: bool,
@@ -122,7 +121,7 @@ impl<B: Body<Data = Bytes> + 'static> ReplayBody<B> {
                     overflow,
                     failed: false,
                     eos: false,
-                    waiters: vec![Slot::Idle],
+                    waiters: Arc::new(Waiters(Mutex::new(vec![Slot::Idle]))),
                 })),
                 pos: 0,
                 sent_bytes: 0,
@@ -190,12 +189,13 @@ impl<B> ReplayBody<B> {
                 },
             },
             Kind::Shared { state, .. } => {
-                let reader = {
-                    let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
-                    // Reuse the slot of a reader that went away, so the list stays as long
-                    // as the number of live readers.
-                    s.free_slot()
-                };
+                // Reuse the slot of a reader that went away, so the list stays as long as the
+                // number of live readers.
+                let reader = state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .waiters
+                    .free_slot();
                 Self {
                     kind: Kind::Shared {
                         state: state.clone(),
@@ -236,32 +236,70 @@ enum Slot {
     Waiting(Waker),
 }
 
-impl<B> State<B> {
-    fn free_slot(&mut self) -> usize {
-        match self.waiters.iter().position(|w| matches!(w, Slot::Free)) {
+/// One slot per reader. Waking it (it is the waker the caller's body is polled with) wakes
+/// every waiting reader: whichever of them the caller's body woke, all of them have news.
+struct Waiters(Mutex<Vec<Slot>>);
+
+impl Waiters {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn free_slot(&self) -> usize {
+        let mut slots = self.slots();
+        match slots.iter().position(|w| matches!(w, Slot::Free)) {
             Some(i) => {
-                self.waiters[i] = Slot::Idle;
+                slots[i] = Slot::Idle;
                 i
             }
             None => {
-                self.waiters.push(Slot::Idle);
-                self.waiters.len() - 1
+                slots.push(Slot::Idle);
+                slots.len() - 1
             }
         }
     }
 
-    /// Wakes every waiting reader but `except`: the caller's body has moved on (a frame, its
-    /// end, an error) or the reader whose waker it held went away.
-    fn wake_others(&mut self, except: usize) {
-        for (i, slot) in self.waiters.iter_mut().enumerate() {
+    /// Marks `reader` as waiting with `waker`.
+    fn wait(&self, reader: usize, waker: &Waker) {
+        if let Some(slot) = self.slots().get_mut(reader) {
+            match slot {
+                Slot::Waiting(w) => w.clone_from(waker),
+                _ => *slot = Slot::Waiting(waker.clone()),
+            }
+        }
+    }
+
+    /// Sets `reader`'s slot (idle, or free when it goes away).
+    fn set(&self, reader: usize, to: Slot) {
+        if let Some(slot) = self.slots().get_mut(reader) {
+            *slot = to;
+        }
+    }
+
+    /// Wakes every waiting reader but `except` (`usize::MAX`: all).
+    fn wake_others(&self, except: usize) {
+        for (i, slot) in self.slots().iter_mut().enumerate() {
             if i != except && matches!(slot, Slot::Waiting(_)) {
                 if let Slot::Waiting(w) = std::mem::replace(slot, Slot::Idle) {
+                    // Waking schedules a task; it does not poll under this lock.
                     w.wake();
                 }
             }
         }
     }
+}
 
+impl std::task::Wake for Waiters {
+    fn wake(self: Arc<Self>) {
+        self.wake_others(usize::MAX);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wake_others(usize::MAX);
+    }
+}
+
+impl<B> State<B> {
     /// Data bytes recorded that a reader who has sent `sent` bytes has yet to send, or `None`
     /// when that reader can no longer get them (the recording was dropped).
     fn unsent_recorded(&self, sent: u64) -> Option<u64> {
@@ -276,13 +314,8 @@ impl<B> State<B> {
 impl<B> Drop for ReplayBody<B> {
     fn drop(&mut self) {
         if let Kind::Shared { state, reader, .. } = &self.kind {
-            let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(slot) = s.waiters.get_mut(*reader) {
-                *slot = Slot::Free;
-            }
-            // This reader may have been the one the caller's body would wake: hand the
-            // wake-up to the others so one of them polls it again with its own waker.
-            s.wake_others(*reader);
+            let s = state.lock().unwrap_or_else(PoisonError::into_inner);
+            s.waiters.set(*reader, Slot::Free);
         }
     }
 }
@@ -342,23 +375,18 @@ where
             // Another reader saw the caller's body fail: this one cannot finish either.
             return Poll::Ready(Some(Err(ReplayLost.into())));
         }
-        // Read on from the caller's body, recording as we go.
-        let frame = match s.body.as_mut().poll_frame(cx) {
-            Poll::Pending => {
-                if let Some(slot) = s.waiters.get_mut(reader) {
-                    match slot {
-                        Slot::Waiting(w) => w.clone_from(cx.waker()),
-                        _ => *slot = Slot::Waiting(cx.waker().clone()),
-                    }
-                }
-                return Poll::Pending;
-            }
+        // Read on from the caller's body, recording as we go. This reader waits from now
+        // on; the caller's body gets a waker that wakes every waiting reader.
+        s.waiters.wait(reader, cx.waker());
+        let all = Waker::from(s.waiters.clone());
+        let frame = match s.body.as_mut().poll_frame(&mut Context::from_waker(&all)) {
+            Poll::Pending => return Poll::Pending,
             Poll::Ready(f) => f,
         };
-        if let Some(slot) = s.waiters.get_mut(reader) {
-            *slot = Slot::Idle;
-        }
-        s.wake_others(reader);
+        // The caller's body moved on (a frame, its end, an error): the other waiting readers
+        // have news too.
+        s.waiters.set(reader, Slot::Idle);
+        s.waiters.wake_others(reader);
         match &frame {
             None => s.eos = true,
             Some(Err(_)) => s.failed = true,
@@ -627,43 +655,77 @@ mod tests {
         let mut b = a.replay().unwrap();
         let (wa, wb) = (Arc::new(Count::default()), Arc::new(Count::default()));
         assert!(poll(&mut a, &wa).is_pending());
-        assert!(poll(&mut b, &wb).is_pending()); // the caller's body now holds only b's waker
+        assert!(poll(&mut b, &wb).is_pending());
+        assert!(poll(&mut a, &wa).is_pending()); // a polled last
         fed.push(b"x");
-        assert_eq!(wb.get(), 1);
+        // Both are woken by the frame itself: neither has to poll for the other to learn.
+        assert_eq!(
+            (wa.get(), wb.get()),
+            (1, 1),
+            "every waiting reader is woken"
+        );
         assert_eq!(
             poll(&mut b, &wb),
             Poll::Ready(Some(Bytes::from_static(b"x")))
-        );
-        assert_eq!(
-            wa.get(),
-            1,
-            "the reader that did not poll last is woken too"
         );
         assert_eq!(
             poll(&mut a, &wa),
             Poll::Ready(Some(Bytes::from_static(b"x")))
         );
 
-        // The reader whose waker the caller's body holds goes away: the other is woken, and
-        // polls the caller's body itself from then on.
-        assert!(poll(&mut a, &wa).is_pending());
-        assert!(poll(&mut b, &wb).is_pending());
-        drop(b);
-        assert_eq!(wa.get(), 2, "a dropped reader hands its wake-up on");
+        // A reader that read the caller's body wakes the others, which now have a recorded
+        // frame to send (the caller's body itself woke nobody: it was ready at once).
         assert!(poll(&mut a, &wa).is_pending());
         fed.push(b"y");
-        fed.end();
+        assert_eq!(wa.get(), 2);
+        let mut c = a.replay().unwrap();
+        let wc = Arc::new(Count::default());
         assert_eq!(
-            poll(&mut a, &wa),
+            poll(&mut c, &wc),
+            Poll::Ready(Some(Bytes::from_static(b"x")))
+        );
+        assert_eq!(
+            poll(&mut c, &wc),
             Poll::Ready(Some(Bytes::from_static(b"y")))
         );
-        assert_eq!(poll(&mut a, &wa), Poll::Ready(None));
-        // A reader made after the others left reuses a slot: the list does not grow.
+        assert!(poll(&mut c, &wc).is_pending());
+        assert_eq!(
+            poll(&mut b, &wb),
+            Poll::Ready(Some(Bytes::from_static(b"y")))
+        );
+        assert!(poll(&mut b, &wb).is_pending());
+        fed.push(b"z");
+        assert_eq!(
+            poll(&mut b, &wb),
+            Poll::Ready(Some(Bytes::from_static(b"z")))
+        );
+        assert!(
+            wc.get() >= 1,
+            "the reader that read the frame woke the waiting one"
+        );
+    }
+
+    #[test]
+    fn a_reader_that_goes_away_leaves_the_others_woken() {
+        let fed = Fed::default();
+        let mut a = ReplayBody::new(fed.clone(), 1024);
+        let mut b = a.replay().unwrap();
+        let (wa, wb) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        assert!(poll(&mut a, &wa).is_pending());
+        assert!(poll(&mut b, &wb).is_pending()); // b polled last
+        drop(b);
+        fed.push(b"x");
+        assert_eq!(wa.get(), 1, "woken although the last poller is gone");
+        assert_eq!(
+            poll(&mut a, &wa),
+            Poll::Ready(Some(Bytes::from_static(b"x")))
+        );
+        // A reader made after another left reuses its slot: the list does not grow.
         let c = a.replay().unwrap();
         let Kind::Shared { state, .. } = &c.kind else {
             panic!("shared")
         };
-        assert_eq!(state.lock().unwrap().waiters.len(), 2);
+        assert_eq!(state.lock().unwrap().waiters.slots().len(), 2);
     }
 
     /// Reads `body` to the end, checking before every frame that its size hint bounds what it
