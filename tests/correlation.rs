@@ -411,7 +411,11 @@ async fn beside_a_valid_id_ambiguous_or_invalid_fallbacks_are_removed() {
     .await;
     let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let cases: [(&[(&str, &str)], bool, bool); 4] = [
-        (&[("x-request-id", "r1"), ("x-request-id", "EVIL <x>")], false, false),
+        (
+            &[("x-request-id", "r1"), ("x-request-id", "EVIL <x>")],
+            false,
+            false,
+        ),
         (&[("x-request-id", "EVIL <x>")], false, false),
         (&[("traceparent", tp), ("traceparent", tp)], false, false),
         (&[("x-request-id", "r1"), ("traceparent", tp)], true, true),
@@ -427,8 +431,16 @@ async fn beside_a_valid_id_ambiguous_or_invalid_fallbacks_are_removed() {
         let h = seen.lock().unwrap().take().unwrap();
         let ids: Vec<_> = h.get_all("x-correlation-id").iter().collect();
         assert_eq!(ids, vec!["good-1"], "{extra:?}");
-        assert_eq!(h.contains_key("x-request-id"), keeps_request_id, "{extra:?}");
-        assert_eq!(h.contains_key("traceparent"), keeps_traceparent, "{extra:?}");
+        assert_eq!(
+            h.contains_key("x-request-id"),
+            keeps_request_id,
+            "{extra:?}"
+        );
+        assert_eq!(
+            h.contains_key("traceparent"),
+            keeps_traceparent,
+            "{extra:?}"
+        );
         assert!(!format!("{h:?}").contains("EVIL"), "{extra:?}");
     }
 }

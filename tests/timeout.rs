@@ -301,6 +301,34 @@ mod body {
         }
     }
 
+    /// A caller that reads the body after the deadline, when the upstream finished sending
+    /// long before, gets the whole body over HTTP/1.1 (hyper passes it on frame by frame,
+    /// each after a `Pending`) and HTTP/2 alike.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_already_received_is_delivered_to_a_late_reader() {
+        for http2 in [false, true] {
+            let server = FaultServer::start().await;
+            // Fifty 10-byte chunks, sent at once (each its own frame on the wire).
+            server.set_default(Fault::SlowBody {
+                chunks: 50,
+                chunk: 10,
+                interval: Duration::ZERO,
+            });
+            let stack = steadfast::client::http()
+                .attempt_timeout(Duration::from_millis(300))
+                .total_timeout(Duration::from_millis(400))
+                .build()
+                .unwrap();
+            let req = http::Request::get(server.url("/"))
+                .body(Full::default())
+                .unwrap();
+            let res = stack.layer(transport(http2)).oneshot(req).await.unwrap();
+            // The upstream is done at once; the caller comes back at 600 ms.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            assert_eq!(drain(res.into_body()).await, (500, None), "http2={http2}");
+        }
+    }
+
     /// The opt-out for long-lived streams: the body runs past the total timeout; an idle
     /// limit still ends a stream that goes quiet.
     #[tokio::test(start_paused = true)]

@@ -21,7 +21,9 @@ pub const DEFAULT_REPLAY_CAP: usize = 64 * 1024;
 /// chunks are reference-counted `Bytes`, so recording copies nothing) up to a cap. A retry
 /// replays the recorded data **and trailers** identically, then continues with whatever the
 /// first attempt had not read yet. If the body grows past the cap, the recording is dropped,
-/// the first attempt continues unharmed, and no retry happens ([`ReplayBody::can_replay`]).
+/// the reader in front continues unharmed, and no further retry happens
+/// ([`ReplayBody::can_replay`]); a reader behind it, which needed the dropped frames, fails
+/// with [`ReplayLost`] rather than send a body with a hole.
 ///
 /// Two fast paths take no buffer, no lock and no allocation: an empty body, and a body that
 /// is whole in memory when wrapped — `http_body_util::Full<Bytes>` or a `String` within the

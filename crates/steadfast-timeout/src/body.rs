@@ -26,8 +26,12 @@ use crate::service::Timeout;
 /// [`TimeoutLayer`]; the body then gets what is left of the same deadline (as a gRPC deadline
 /// covers the whole call, and as reqwest's `timeout` runs until the body has been read). A body
 /// frame that would arrive past the deadline ends the body with an [`Elapsed`] error instead.
-/// Frames the upstream has already delivered are passed on however late the caller reads
-/// them: the deadline bounds waiting for the upstream, not the caller's own pace.
+/// The deadline bounds waiting for the upstream, not the caller's own pace: frames already
+/// at hand are passed on however late the caller reads them, and a caller that starts
+/// reading after the deadline gets what the transport had already received (it is given
+/// [`LATE_READ_GRACE`], once per body, to hand it over — hyper's HTTP/1 body passes data on
+/// frame by frame). The deadline runs from the call; when the head answered at its first
+/// poll with no deadline known yet, from that poll (as a lazy [`TimeoutLayer`] counts).
 ///
 /// Optionally, [`idle`](Self::idle) also bounds the wait for each next frame. For long-lived
 /// streams (server-sent events, gRPC server streaming) turn the body deadline off with
@@ -189,23 +193,55 @@ where
         let res = ready!(this.inner.as_mut().poll(cx))?;
         let head = this.inner.as_ref().get_ref();
         let total = this.whole_call.then(|| Total {
-            // Known when the call had a deadline or its timer was armed; else (the head came
-            // at once) counted from the body's first wait.
-            at: head.due(),
+            // Known when the call had a deadline or its timer was armed; else the head came
+            // at its first poll, where a lazy timeout starts counting too.
+            at: head
+                .due()
+                .unwrap_or_else(|| saturating_add(Instant::now(), head.limit())),
             limit: head.limit(),
             inherited: head.inherited(),
         });
-        let idle = *this.idle;
-        Poll::Ready(Ok(res.map(|body| TimeoutBody::new(body, total, idle))))
+        let clock = Clock {
+            total,
+            idle: *this.idle,
+            idle_at: None,
+            waiting: false,
+            late_until: None,
+        };
+        Poll::Ready(Ok(res.map(|body| TimeoutBody {
+            inner: body,
+            sleep: None,
+            clock,
+            elapsed: false,
+        })))
     }
 }
 
 /// The call's deadline as the body sees it.
 #[derive(Clone, Copy, Debug)]
 struct Total {
-    at: Option<Instant>,
+    at: Instant,
     limit: Duration,
     inherited: bool,
+}
+
+/// How long a body that starts waiting after the call's deadline has passed still waits:
+/// long enough for the transport to hand over what it already received (hyper's HTTP/1
+/// connection task passes a body on frame by frame, each after a `Pending`), far too short
+/// to be time given to the upstream. One window per body, from its first late wait.
+pub const LATE_READ_GRACE: Duration = Duration::from_millis(10);
+
+/// When a body's wait ends.
+#[derive(Debug)]
+struct Clock {
+    total: Option<Total>,
+    idle: Option<Duration>,
+    /// The end of the current idle period, set at the first wait after a frame.
+    idle_at: Option<Instant>,
+    /// Inside a wait (no frame since the last `Pending`).
+    waiting: bool,
+    /// The end of the late-read grace, once a wait began past the deadline.
+    late_until: Option<Instant>,
 }
 
 pin_project! {
@@ -217,27 +253,13 @@ pin_project! {
         #[pin]
         inner: B,
         sleep: Option<Pin<Box<Sleep>>>,
-        total: Option<Total>,
-        idle: Option<Duration>,
-        // The end of the current idle period, set at the first wait after a frame.
-        idle_at: Option<Instant>,
+        clock: Clock,
         // The body ended with `Elapsed`: nothing follows.
         elapsed: bool,
     }
 }
 
 impl<B> TimeoutBody<B> {
-    fn new(inner: B, total: Option<Total>, idle: Option<Duration>) -> Self {
-        Self {
-            inner,
-            sleep: None,
-            total,
-            idle,
-            idle_at: None,
-            elapsed: false,
-        }
-    }
-
     /// The wrapped body.
     pub fn get_ref(&self) -> &B {
         &self.inner
@@ -271,13 +293,14 @@ where
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             // The next wait starts a new idle period.
-            *this.idle_at = None;
+            this.clock.idle_at = None;
+            this.clock.waiting = false;
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        if this.total.is_none() && this.idle.is_none() {
+        if this.clock.total.is_none() && this.clock.idle.is_none() {
             return Poll::Pending;
         }
-        let e = ready!(wait(this.sleep, this.total, *this.idle, this.idle_at, cx));
+        let e = ready!(wait(this.sleep, this.clock, cx));
         *this.elapsed = true;
         Poll::Ready(Some(Err(e.into())))
     }
@@ -300,25 +323,31 @@ where
 #[inline(never)]
 fn wait(
     sleep: &mut Option<Pin<Box<Sleep>>>,
-    total: &mut Option<Total>,
-    idle: Option<Duration>,
-    idle_at: &mut Option<Instant>,
+    clock: &mut Clock,
     cx: &mut Context<'_>,
 ) -> Poll<Elapsed> {
-    let needs_clock =
-        total.as_ref().is_some_and(|t| t.at.is_none()) || (idle.is_some() && idle_at.is_none());
-    let now = needs_clock.then(Instant::now);
+    let now = Instant::now();
+    let new_wait = !std::mem::replace(&mut clock.waiting, true);
     let mut due: Option<(Instant, Elapsed)> = None;
-    if let Some(t) = total {
-        let limit = t.limit;
-        let at = *t
-            .at
-            .get_or_insert_with(|| saturating_add(now.unwrap_or_else(Instant::now), limit));
-        due = Some((at, Elapsed::new(limit, t.inherited)));
+    if let Some(t) = clock.total {
+        let mut at = t.at;
+        if at <= now {
+            // Past the deadline. A wait that began here (a caller reading late) gets one
+            // short window, per body, for what the transport already holds; a wait that
+            // began before the deadline and ran into it ends now.
+            if new_wait && clock.late_until.is_none() {
+                clock.late_until = Some(saturating_add(now, LATE_READ_GRACE));
+            }
+            if let Some(late) = clock.late_until {
+                at = late;
+            }
+        }
+        due = Some((at, Elapsed::new(t.limit, t.inherited)));
     }
-    if let Some(limit) = idle {
-        let at =
-            *idle_at.get_or_insert_with(|| saturating_add(now.unwrap_or_else(Instant::now), limit));
+    if let Some(limit) = clock.idle {
+        let at = *clock
+            .idle_at
+            .get_or_insert_with(|| saturating_add(now, limit));
         if due.is_none_or(|(d, _)| at < d) {
             due = Some((at, Elapsed::idle(limit)));
         }

@@ -85,7 +85,7 @@ mod propagate;
 mod server;
 mod service;
 
-pub use body::{BodyResponseFuture, BodyTimeout, BodyTimeoutLayer, TimeoutBody};
+pub use body::{BodyResponseFuture, BodyTimeout, BodyTimeoutLayer, LATE_READ_GRACE, TimeoutBody};
 pub use error::Elapsed;
 pub use future::ResponseFuture;
 pub use layer::{DEFAULT_TIMEOUT, ServerTimeoutLayer, TimeoutLayer};

@@ -563,10 +563,10 @@ mod body {
         assert_eq!(took, Duration::from_millis(700));
     }
 
-    /// A head that answered at once armed no timer: the body counts the limit from its first
-    /// wait, and frames already there pass without touching the clock.
+    /// A head that answered at its first poll armed no timer: the body counts the limit from
+    /// that answer (not from its own first wait), and frames already there pass.
     #[tokio::test(start_paused = true)]
-    async fn a_head_at_once_counts_from_the_body_s_first_wait() {
+    async fn a_head_at_once_counts_from_its_answer() {
         let svc = service_fn(|_req: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(gaps(vec![0, 0, 600, 600])))
         });
@@ -578,6 +578,79 @@ mod body {
         assert_eq!(n, 3);
         assert!(e.is_some());
         assert_eq!(took, Duration::from_secs(1));
+    }
+
+    /// The report's case: a lazy head answered at once and frames keep coming 110 ms apart:
+    /// the body ends at the deadline, not after the fifty frames (5.5 s).
+    #[tokio::test(start_paused = true)]
+    async fn a_head_at_once_does_not_give_the_body_a_fresh_limit() {
+        let svc = service_fn(|_req: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(gaps(vec![110; 50])))
+        });
+        let client = TimeoutLayer::new(Duration::from_millis(500))
+            .covering_body()
+            .layer(svc);
+        let start = Instant::now();
+        let res = client.oneshot(http::Request::new(())).await.unwrap();
+        let (n, e, _) = drain(res.into_body()).await;
+        assert!(e.is_some());
+        assert_eq!(n, 4, "frames at 110-440 ms only");
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+    }
+
+    /// A body whose frames are all at hand but each handed over after a `Pending` (as
+    /// hyper's HTTP/1 body does): read after the deadline, it is delivered whole; a body that
+    /// has nothing more ends within the grace.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_reader_gets_what_was_already_received() {
+        struct HandOver(usize, bool);
+        impl Body for HandOver {
+            type Data = Bytes;
+            type Error = Infallible;
+            fn poll_frame(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+                if self.0 == 0 {
+                    return std::task::Poll::Ready(None);
+                }
+                self.1 = !self.1;
+                if self.1 {
+                    cx.waker().wake_by_ref();
+                    return std::task::Poll::Pending;
+                }
+                self.0 -= 1;
+                std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+            }
+        }
+        let svc = service_fn(|_req: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(HandOver(20, false)))
+        });
+        let client = TimeoutLayer::new(Duration::from_millis(300))
+            .covering_body()
+            .layer(svc);
+        let res = client.oneshot(http::Request::new(())).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (n, e, _) = drain(res.into_body()).await;
+        assert_eq!(
+            (n, e),
+            (20, None),
+            "delivered whole, 1.7 s after the deadline"
+        );
+
+        // Nothing at hand: the late reader waits the grace, no more.
+        let svc = service_fn(|_req: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(gaps(vec![0, 60_000])))
+        });
+        let client = TimeoutLayer::new(Duration::from_millis(300))
+            .covering_body()
+            .layer(svc);
+        let res = client.oneshot(http::Request::new(())).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (n, e, took) = drain(res.into_body()).await;
+        assert_eq!(n, 1);
+        assert!(e.is_some());
+        assert_eq!(took, steadfast_timeout::LATE_READ_GRACE);
     }
 
     /// Idle limit: reset by every frame; fires on the first gap longer than it. Off with
