@@ -158,7 +158,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// the idle time is never evicted, so a flood of new keys cannot reset a breaker that is
     /// protecting its callers. If everything it looked at is such a breaker, the new key's
     /// call gets a breaker of its own that is not kept. An idle per-key breaker costs about
-    /// 470 bytes (`cargo run --release -p steadfast-bench --bin keyed`).
+    /// 400 bytes of heap, 470 resident (`cargo run --release -p steadfast-bench --bin keyed`).
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;
         self
