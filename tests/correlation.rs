@@ -410,7 +410,9 @@ async fn beside_a_valid_id_ambiguous_or_invalid_fallbacks_are_removed() {
     )
     .await;
     let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let cases: [(&[(&str, &str)], bool, bool); 4] = [
+    // Extra inbound headers, then whether x-request-id and traceparent reach the handler.
+    type Case<'a> = (&'a [(&'static str, &'a str)], bool, bool);
+    let cases: [Case; 4] = [
         (
             &[("x-request-id", "r1"), ("x-request-id", "EVIL <x>")],
             false,

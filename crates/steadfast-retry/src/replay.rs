@@ -722,6 +722,10 @@ mod tests {
             poll(&mut a, &wa),
             Poll::Ready(Some(Bytes::from_static(b"x")))
         );
+        assert!(poll(&mut a, &wa).is_pending());
+        fed.end();
+        assert_eq!(wa.get(), 2, "the end wakes it too");
+        assert_eq!(poll(&mut a, &wa), Poll::Ready(None));
         // A reader made after another left reuses its slot: the list does not grow.
         let c = a.replay().unwrap();
         let Kind::Shared { state, .. } = &c.kind else {
