@@ -260,11 +260,20 @@ impl<S> Layer<S> for HttpClientLayer {
 /// Starts the standard gRPC client stack for a tonic `Channel`: the same layers as
 /// [`http()`], with gRPC's retry rules coming from the shared classification: UNAVAILABLE is
 /// retried (see [`GrpcClientBuilder::retry_unavailable`]), streamed responses are committed.
+///
+/// As a gRPC deadline does, the total timeout covers the whole call, response stream
+/// included: a server-streaming or bidirectional RPC that should outlive it needs
+/// `.with(|c| c.total_covers_body(false))` (and perhaps a
+/// [`body_idle_timeout`](ClientBuilder::body_idle_timeout)), or a stack of its own.
+///
+/// tonic's requests carry only a path (the `Channel` adds its origin below the stack), so
+/// the per-authority breaker sees one key for every call: one breaker per layered stack.
+/// Layer each upstream's `Channel` with its own `GrpcClientLayer` to keep their breakers
+/// apart.
 #[cfg(feature = "tonic")]
 pub fn grpc() -> GrpcClientBuilder {
     GrpcClientBuilder {
-        client: http(),
-        retry_statuses: true,
+        client: http().retry(|p| p.retry_grpc_statuses(true)),
     }
 }
 
@@ -274,7 +283,6 @@ pub fn grpc() -> GrpcClientBuilder {
 #[derive(Debug)]
 pub struct GrpcClientBuilder {
     client: ClientBuilder,
-    retry_statuses: bool,
 }
 
 #[cfg(feature = "tonic")]
@@ -286,13 +294,14 @@ impl GrpcClientBuilder {
     }
 
     /// Whether a call answered UNAVAILABLE (a trailers-only status: the head carried it, so
-    /// nothing was streamed) is retried (default on). Every unary gRPC call is a `POST`, so
+    /// nothing was streamed) is retried (default on; the last of this and a
+    /// [`with`](Self::with) that sets [`RetryPolicy::retry_grpc_statuses`] wins). Every unary gRPC call is a `POST`, so
     /// the HTTP idempotency rule would never retry one; gRPC's retry design (A6) makes the
     /// retryable status codes the policy owner's choice, and UNAVAILABLE means the server did
     /// not do the work. Turn it off for services whose UNAVAILABLE may follow side effects.
     /// See [`RetryPolicy::retry_grpc_statuses`].
     pub fn retry_unavailable(mut self, on: bool) -> Self {
-        self.retry_statuses = on;
+        self.client = self.client.retry(|p| p.retry_grpc_statuses(on));
         self
     }
 
@@ -302,9 +311,7 @@ impl GrpcClientBuilder {
     ///
     /// As [`ClientBuilder::build`].
     pub fn build(self) -> Result<GrpcClientLayer, PresetError> {
-        let on = self.retry_statuses;
-        let client = self.client.retry(|p| p.retry_grpc_statuses(on));
-        Ok(GrpcClientLayer(client.build()?))
+        Ok(GrpcClientLayer(self.client.build()?))
     }
 }
 

@@ -94,8 +94,9 @@ enum Verdict {
     Evict,
     /// Closed but used recently: evict only if nothing better turns up (by age).
     Candidate(u64),
-    /// Not Closed (open, half-open, forced or disabled) and used within the idle time: kept,
-    /// so a flood of new keys cannot reset a breaker that is protecting its callers.
+    /// Open or half-open and used within the idle time, or put in a state by hand (forced
+    /// open, disabled, metrics only): kept, so a flood of new keys cannot reset a breaker
+    /// that is protecting its callers, nor undo what an operator did.
     Keep,
 }
 
@@ -169,16 +170,15 @@ impl<K: Hash + Eq + Clone, C> KeyedMap<K, C> {
     }
 
     fn verdict(&self, e: &Entry<C>, now: u64) -> Verdict {
-        let age = now.saturating_sub(e.last_used.load(Relaxed));
+        let used = e.last_used.load(Relaxed);
         // Durations under a second count as "any age" (the clock here ticks in seconds).
-        let idle = age >= self.idle.as_secs();
-        if e.stripe.shared.state() != State::Closed && !idle {
-            return Verdict::Keep;
-        }
-        if idle {
-            Verdict::Evict
-        } else {
-            Verdict::Candidate(e.last_used.load(Relaxed))
+        let idle = now.saturating_sub(used) >= self.idle.as_secs();
+        match e.stripe.shared.state() {
+            // Set by hand through a handle: kept for as long as the layer lives.
+            State::ForcedOpen | State::Disabled | State::MetricsOnly => Verdict::Keep,
+            State::Open | State::HalfOpen if !idle => Verdict::Keep,
+            _ if idle => Verdict::Evict,
+            _ => Verdict::Candidate(used),
         }
     }
 

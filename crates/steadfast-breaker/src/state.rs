@@ -138,8 +138,8 @@ enum Window {
 /// The state shared by every service and handle of one breaker, about 120 bytes. What every
 /// call reads (the state word, the policy, the window's address, the clock's base) comes
 /// first; what failures and transitions write (the consecutive count, probes, schedule
-/// stamps) starts 64 bytes later, so the state word never shares a cache line with it and a
-/// burst of failures does not evict the word every admission reads. The struct is not
+/// stamps) starts 64 bytes later, so on 64-byte cache lines the state word never shares a
+/// line with it and a burst of failures does not evict the word every admission reads. The struct is not
 /// cache-line *aligned* (an aligned allocation costs the allocator up to a line more, and
 /// per-key breakers pay for this once per key); the distance is what keeps them apart. Rate
 /// windows, written on every call, live in their own allocation; the policy is shared by
@@ -191,8 +191,9 @@ struct Cold {
     trips: AtomicU32,
 }
 
-// The layout the docs above describe (checked where the atomics are the real ones).
-#[cfg(not(loom))]
+// The layout the docs above describe (checked where the atomics are the real ones, on the
+// 64-bit targets the sizes above assume).
+#[cfg(all(not(loom), target_pointer_width = "64"))]
 const _: () = {
     assert!(std::mem::offset_of!(Shared, cold) == 64);
     assert!(std::mem::size_of::<Shared>() <= 128);
@@ -611,12 +612,14 @@ impl Shared {
             if state_of(w) == to && to != State::Closed {
                 return;
             }
-            if to == State::Closed {
-                self.reset_window();
-                self.cold.trips.store(0, Relaxed);
-            }
             let to_word = next(w, tag_of(to));
             if self.cas_word(w, to_word) {
+                if to == State::Closed {
+                    // After the move: an outcome of the old generation that raced in before
+                    // it is cleared too (one that starts now is refused by its generation).
+                    self.reset_window();
+                    self.cold.trips.store(0, Relaxed);
+                }
                 if to == State::Open {
                     self.schedule(to_word, self.policy.open_time);
                 }

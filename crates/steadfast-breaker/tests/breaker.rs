@@ -1243,6 +1243,25 @@ async fn a_flood_of_new_keys_does_not_evict_an_open_breaker() {
         layer.handle(&Some(down)).is_none(),
         "an idle open breaker is evictable"
     );
+
+    // A breaker an operator forced open stays, however long it is left unused.
+    svc.ready().await.unwrap().call(get("kept")).await.unwrap();
+    let kept: http::uri::Authority = "kept".parse().unwrap();
+    layer.handle(&Some(kept.clone())).unwrap().force_open();
+    advance(Duration::from_secs(3600)).await;
+    for i in 0..2_000 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("much-later{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        layer.handle(&Some(kept)).unwrap().state(),
+        State::ForcedOpen,
+        "a forced state is never evicted"
+    );
 }
 
 #[tokio::test(start_paused = true)]

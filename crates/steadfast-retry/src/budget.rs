@@ -13,8 +13,11 @@
 //! "swept", so every deposit is counted exactly once, and the first eight threads, each the
 //! only writer of its own stripe's total, deposit with a plain load and store. Deposits wait in
 //! their stripe without a timestamp (a clock read per request would cost more than the
-//! deposit), so a sweep ages them as if made evenly since the word's last update: a deposit
-//! made windows ago and swept only now is worth almost nothing, as the docs above promise.
+//! deposit), so a sweep ages them as if made evenly since the word's last update (read before
+//! claiming them, so a racing update cannot make them look fresh): a deposit made windows ago
+//! and swept only now is worth almost nothing. The price of the estimate: a burst after a
+//! long quiet spell is undervalued (it looks spread over the quiet spell), which only ever
+//! denies a retry, never grants one the traffic did not pay for.
 //!
 //! A token is taken when a retry is decided, before its wait; if the caller gives up during
 //! the wait, the token is given back.
@@ -147,6 +150,11 @@ impl Budget {
     /// Sweeps pending deposits, decays and refills, then takes `cost` milli-tokens if there
     /// are enough (`cost` 0 only refreshes). One CAS loop on one word: race-free.
     fn update(&self, cost: u64) -> bool {
+        let now = self.now_tick();
+        // The word's last update, read before claiming: every deposit claimed below was made
+        // after it (or missed by the sweep that stamped it), so this is the span to age them
+        // over, whoever wins the compare-and-swap that follows.
+        let since = now.wrapping_sub(self.word.load(Acquire) >> BALANCE_BITS) & TICK_MASK;
         let mut swept = 0u64;
         for s in &self.pending {
             // `swept` first: every value it holds was read from `deposited` by a sweeper, so
@@ -167,7 +175,16 @@ impl Budget {
                 swept = swept.saturating_add(fresh);
             }
         }
-        let now = self.now_tick();
+        // Deposits that waited in a stripe were made at unknown times over that span: aged
+        // as if made evenly over it (the mean of the decay over it), so a deposit from windows
+        // ago no longer pays for a retry, and steady traffic swept after a long quiet spell is
+        // worth what its last window was.
+        let aged = if swept == 0 || since == 0 || since > TICK_MASK / 2 {
+            swept as f64
+        } else {
+            let since = since as f64;
+            swept as f64 * (1.0 - (-since / self.window_ticks).exp()) * self.window_ticks / since
+        };
         let mut ok = false;
         let _ = self.word.fetch_update(AcqRel, Acquire, |w| {
             let balance = w & BALANCE_MASK;
@@ -181,17 +198,11 @@ impl Budget {
                 stamp = last;
             }
             let decayed = if elapsed == 0 {
-                balance as f64 + swept as f64
+                balance as f64 + aged
             } else {
-                let elapsed = elapsed as f64;
-                let keep = (-elapsed / self.window_ticks).exp();
+                let keep = (-(elapsed as f64) / self.window_ticks).exp();
                 // Exact steady state of a constant trickle under the same decay.
                 let floor = self.floor_milli_per_tick * self.window_ticks * (1.0 - keep);
-                // Deposits that waited in a stripe were made at unknown times since the last
-                // update: aged as if made evenly over that span (the mean of the decay over
-                // it), so a deposit from windows ago no longer pays for a retry, and steady
-                // traffic swept after a long quiet spell is worth what its last window was.
-                let aged = swept as f64 * (1.0 - keep) * self.window_ticks / elapsed;
                 balance as f64 * keep + floor + aged
             };
             let total = (decayed.round() as u64).min(BALANCE_MASK);

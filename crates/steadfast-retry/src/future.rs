@@ -13,7 +13,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use steadfast_core::header::{Pushback, server_hint};
 use steadfast_core::{
-    BoxError, Class, Classify, Deadline, Delivery, PolicyRejected, ResponseClass,
+    BoxError, Class, Classify, Deadline, Delivery, GRPC_STATUS, PolicyRejected, ResponseClass,
     is_grpc_content_type, saturating_add,
 };
 use tokio::time::{Instant, Sleep};
@@ -175,7 +175,12 @@ impl<S, B, C> Ctx<S, B, C> {
             }
             return Decision::Return(out);
         }
-        let default = class.is_retryable() && self.safe_to_repeat(&class);
+        // A gRPC status the server answered with in the head (trailers-only): the one case
+        // `retry_grpc_statuses` covers (not an HTTP status from a proxy on the way).
+        let grpc_status = out
+            .as_ref()
+            .is_ok_and(|r| r.headers().contains_key(&GRPC_STATUS));
+        let default = class.is_retryable() && self.safe_to_repeat(&class, grpc_status);
         let retry = match &config.predicate {
             Some(p) => p(&self.parts, &class).unwrap_or(default),
             None => default,
@@ -270,12 +275,13 @@ impl<S, B, C> Ctx<S, B, C> {
         Decision::Wait(delay)
     }
 
-    fn safe_to_repeat(&self, class: &Class) -> bool {
+    fn safe_to_repeat(&self, class: &Class, grpc_status: bool) -> bool {
         class.delivery() == Delivery::NotSent
             || idempotent(&self.parts.method)
             || self.parts.headers.contains_key(IDEMPOTENCY_KEY)
             || self.config.retry_non_idempotent
             || (self.config.grpc_statuses
+                && grpc_status
                 && class.delivery() == Delivery::Answered
                 && is_grpc_content_type(&self.parts.headers))
     }

@@ -180,8 +180,10 @@ impl<C> RetryPolicy<C> {
         self
     }
 
-    /// Retry a gRPC call answered with a status the classifier calls retryable (UNAVAILABLE
-    /// by default) whatever its method (off by default; on in the gRPC client preset).
+    /// Retry a gRPC call whose server answered, in the response head (trailers-only), with a
+    /// gRPC status the classifier calls retryable (UNAVAILABLE by default), whatever its
+    /// method (off by default; on in the gRPC client preset). An HTTP status without a
+    /// `grpc-status` (say a proxy's 503 or 504) is not covered.
     ///
     /// Every unary gRPC call is a `POST`, so the idempotency rule alone would never retry
     /// one. gRPC's retry design (A6) leaves the choice of retryable status codes to the

@@ -123,7 +123,12 @@ impl<B: Body<Data = Bytes> + 'static> ReplayBody<B> {
                     overflow,
                     failed: false,
                     eos: false,
-                    waiters: Arc::new(Waiters(Mutex::new(vec![Slot::Idle]))),
+                    // Room for the two readers a retry makes up front.
+                    waiters: Arc::new(Waiters(Mutex::new({
+                        let mut slots = Vec::with_capacity(2);
+                        slots.push(Slot::Idle);
+                        slots
+                    }))),
                 })),
                 pos: 0,
                 sent_bytes: 0,
@@ -278,26 +283,32 @@ impl Waiters {
         }
     }
 
-    /// Wakes every waiting reader but `except` (`usize::MAX`: all).
-    fn wake_others(&self, except: usize) {
+    /// Takes the wakers of every waiting reader but `except` (`usize::MAX`: all), to be
+    /// woken once no lock is held (a waker may run code that reaches this body again). No
+    /// allocation unless someone is waiting.
+    #[must_use]
+    fn take_others(&self, except: usize) -> Vec<Waker> {
+        let mut woken = Vec::new();
         for (i, slot) in self.slots().iter_mut().enumerate() {
             if i != except && matches!(slot, Slot::Waiting(_)) {
                 if let Slot::Waiting(w) = std::mem::replace(slot, Slot::Idle) {
-                    // Waking schedules a task; it does not poll under this lock.
-                    w.wake();
+                    woken.push(w);
                 }
             }
         }
+        woken
     }
 }
 
 impl std::task::Wake for Waiters {
     fn wake(self: Arc<Self>) {
-        self.wake_others(usize::MAX);
+        self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.wake_others(usize::MAX);
+        self.take_others(usize::MAX)
+            .into_iter()
+            .for_each(Waker::wake);
     }
 }
 
@@ -386,9 +397,9 @@ where
             Poll::Ready(f) => f,
         };
         // The caller's body moved on (a frame, its end, an error): the other waiting readers
-        // have news too.
+        // have news too (woken below, once the state is unlocked).
         s.waiters.set(reader, Slot::Idle);
-        s.waiters.wake_others(reader);
+        let others = s.waiters.take_others(reader);
         match &frame {
             None => s.eos = true,
             Some(Err(_)) => s.failed = true,
@@ -413,6 +424,8 @@ where
                 }
             }
         }
+        drop(s);
+        others.into_iter().for_each(Waker::wake);
         Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
@@ -433,7 +446,9 @@ where
                 } else {
                     *pos >= s.frames.len()
                 };
-                s.eos && caught_up && (s.trailers.is_none() || *trailers_sent)
+                // The caller's body may know it is done before it was polled to its end.
+                let ended = s.eos || (!s.failed && s.body.is_end_stream());
+                ended && caught_up && (s.trailers.is_none() || *trailers_sent)
             }
         }
     }

@@ -721,6 +721,18 @@ async fn a_caller_cancelled_during_the_backoff_spends_no_budget() {
         (after - before).abs() < 0.01,
         "the token came back: {before} -> {after}"
     );
+
+    // The control: the same call left to finish sends its retry and spends the token.
+    let (up, seen) = scripted(vec![status(503), status(200)]);
+    let before = layer.budget_balance().unwrap();
+    layer
+        .layer(up)
+        .oneshot(req(Method::GET, b""))
+        .await
+        .unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    let spent = before - layer.budget_balance().unwrap();
+    assert!((0.98..1.01).contains(&spent), "one token spent: {spent}");
 }
 
 /// A deposit that waited three windows in its stripe no longer pays for a retry: the budget
@@ -756,4 +768,59 @@ async fn an_old_deposit_does_not_pay_for_a_retry() {
         (90.0..=110.0).contains(&balance),
         "10 deposits a second over a 10 s window: about 100 tokens, got {balance}"
     );
+}
+
+/// `retry_grpc_statuses`: a gRPC POST answered with a retryable gRPC status in the head is
+/// retried; the same POST answered with a plain HTTP 503 (a proxy, no `grpc-status`) is not.
+#[tokio::test(start_paused = true)]
+async fn grpc_statuses_are_retried_whatever_the_method_but_not_a_proxy_s_503() {
+    let unavailable = || {
+        Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "14")
+            .body(())
+            .unwrap())
+    };
+    let grpc_post = || {
+        let mut r = req(Method::POST, b"\0\0\0\0\0");
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        r
+    };
+    let (up, seen) = scripted(vec![unavailable(), status(200)]);
+    exact()
+        .retry_grpc_statuses(true)
+        .build()
+        .unwrap()
+        .layer(up)
+        .oneshot(grpc_post())
+        .await
+        .unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 2, "UNAVAILABLE retried");
+
+    let (up, seen) = scripted(vec![status(503), status(200)]);
+    let res = exact()
+        .retry_grpc_statuses(true)
+        .build()
+        .unwrap()
+        .layer(up)
+        .oneshot(grpc_post())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "a proxy's 503 on a POST is not"
+    );
+
+    let (up, seen) = scripted(vec![unavailable(), status(200)]);
+    exact()
+        .build()
+        .unwrap()
+        .layer(up)
+        .oneshot(grpc_post())
+        .await
+        .unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1, "off by default");
 }

@@ -28,9 +28,10 @@ use crate::service::Timeout;
 /// frame that would arrive past the deadline ends the body with an [`Elapsed`] error instead.
 /// The deadline bounds waiting for the upstream, not the caller's own pace: frames already
 /// at hand are passed on however late the caller reads them, and a caller that starts
-/// reading after the deadline gets what the transport had already received (it is given
-/// [`LATE_READ_GRACE`], once per body, to hand it over — hyper's HTTP/1 body passes data on
-/// frame by frame). The deadline runs from the call; when the head answered at its first
+/// reading after the deadline gets what the transport hands over within
+/// [`LATE_READ_GRACE`] (once per body, from its first wait past the deadline: hyper's HTTP/1
+/// body passes data on frame by frame, each after a `Pending`). A wait that began before
+/// the deadline ends at the deadline. The deadline runs from the call; when the head answered at its first
 /// poll with no deadline known yet, from that poll (as a lazy [`TimeoutLayer`] counts).
 ///
 /// Optionally, [`idle`](Self::idle) also bounds the wait for each next frame. For long-lived
