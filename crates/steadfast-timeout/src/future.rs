@@ -1,4 +1,3 @@
-use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -14,58 +13,32 @@ pin_project! {
     /// The response future of [`Timeout`](crate::Timeout).
     ///
     /// The timer is armed lazily: a call whose inner future answers on its first poll never
-    /// touches the clock or the timer wheel. Inside a tokio task whose recent calls did need
-    /// their timer, it is built in `call` instead (see [`Timeout`](crate::Timeout#the-timer)).
+    /// touches the clock or the timer wheel.
     pub struct ResponseFuture<F> {
         // `None`: the call failed before it was sent (its deadline had already passed).
         #[pin]
         inner: Option<F>,
-        // Built in `call` when the timer is predicted to be needed, else at the first
-        // `Pending` (so a call made outside a runtime may still be polled inside one).
+        // Built at the first `Pending` (so a call made outside a runtime may still be polled
+        // inside one).
         #[pin]
         sleep: Option<Sleep>,
         // `None`: start counting at the first `Pending` (no inherited deadline).
         at: Option<Instant>,
         limit: Duration,
         inherited: bool,
-        // The `Sleep` was built in `call` and has not been polled yet.
-        unpolled: bool,
     }
 }
 
-thread_local! {
-    /// Whether the last call on this thread that had to wait for its answer was inside a
-    /// tokio task: then the next one builds its `Sleep` in `call`, in place, rather than at
-    /// its first `Pending` (which costs a copy of the `Sleep` and a later clock read). Only a
-    /// prediction: it never changes what a call does, only where its timer is built.
-    static ARMED_IN_TASK: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Whether to build the `Sleep` in `call`: the thread's recent calls needed their timer,
-/// and this one is made inside a tokio task (so a runtime, and its timer, is at hand).
-#[inline]
-fn arm_in_call() -> bool {
-    ARMED_IN_TASK.get() && tokio::task::try_id().is_some()
-}
-
 impl<F> ResponseFuture<F> {
-    /// Timed from the first `Pending`, where the `Sleep` is built (or from now, when it is
-    /// built at once: see [`arm_in_call`]).
+    /// Timed from the first `Pending`, where the `Sleep` is built.
     #[inline]
     pub(crate) fn lazy(inner: F, limit: Duration) -> Self {
-        if arm_in_call() {
-            return Self::armed(inner, tokio::time::sleep(limit), None, limit, false);
-        }
         Self::running(inner, None, limit, false)
     }
 
     /// Due by `at`.
     #[inline]
     pub(crate) fn at(inner: F, at: Instant, limit: Duration, inherited: bool) -> Self {
-        if arm_in_call() {
-            let sleep = tokio::time::sleep_until(at);
-            return Self::armed(inner, sleep, Some(at), limit, inherited);
-        }
         Self::running(inner, Some(at), limit, inherited)
     }
 
@@ -77,26 +50,16 @@ impl<F> ResponseFuture<F> {
             at,
             limit,
             inherited,
-            unpolled: false,
         }
     }
 
-    /// With its `Sleep` already built, in place.
-    #[inline]
-    fn armed(
-        inner: F,
-        sleep: Sleep,
-        at: Option<Instant>,
-        limit: Duration,
-        inherited: bool,
-    ) -> Self {
+    pub(crate) fn elapsed(elapsed: Elapsed) -> Self {
         Self {
-            inner: Some(inner),
-            sleep: Some(sleep),
-            at,
-            limit,
-            inherited,
-            unpolled: true,
+            inner: None,
+            sleep: None,
+            at: None,
+            limit: elapsed.limit(),
+            inherited: elapsed.is_inherited(),
         }
     }
 
@@ -114,17 +77,6 @@ impl<F> ResponseFuture<F> {
     /// Whether the limit comes from an inherited deadline.
     pub(crate) fn inherited(&self) -> bool {
         self.inherited
-    }
-
-    pub(crate) fn elapsed(elapsed: Elapsed) -> Self {
-        Self {
-            inner: None,
-            sleep: None,
-            at: None,
-            limit: elapsed.limit(),
-            inherited: elapsed.is_inherited(),
-            unpolled: false,
-        }
     }
 }
 
@@ -150,13 +102,8 @@ where
             return Poll::Ready(Err(elapsed(*this.limit, *this.inherited)));
         };
         if let Poll::Ready(r) = inner.poll(cx) {
-            if *this.unpolled {
-                // Built in `call` for nothing: this thread's calls answer at once again.
-                ARMED_IN_TASK.set(false);
-            }
             return Poll::Ready(r.map_err(Into::into));
         }
-        *this.unpolled = false;
         poll_timer(this.sleep, *this.at, *this.limit, *this.inherited, cx).map(Err)
     }
 }
@@ -181,7 +128,6 @@ fn poll_timer(
     let timer = match sleep.as_mut().as_pin_mut() {
         Some(timer) => timer,
         None => {
-            ARMED_IN_TASK.set(tokio::task::try_id().is_some());
             sleep.set(Some(match at {
                 Some(at) => tokio::time::sleep_until(at),
                 None => tokio::time::sleep(limit),
@@ -199,73 +145,4 @@ fn poll_timer(
         "elapsed"
     );
     Poll::Ready(elapsed(limit, inherited))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::future::{pending, ready};
-
-    use super::*;
-
-    const LIMIT: Duration = Duration::from_secs(1);
-
-    fn slow() -> ResponseFuture<std::future::Pending<Result<(), BoxError>>> {
-        ResponseFuture::lazy(pending(), LIMIT)
-    }
-
-    fn fast() -> ResponseFuture<std::future::Ready<Result<(), BoxError>>> {
-        ResponseFuture::lazy(ready(Ok(())), LIMIT)
-    }
-
-    async fn fires_at(fut: impl Future<Output = Result<(), BoxError>>, after: Duration) {
-        let start = Instant::now();
-        let e = fut.await.unwrap_err();
-        assert!(e.is::<Elapsed>(), "{e}");
-        assert_eq!(start.elapsed(), after);
-    }
-
-    /// The `Sleep` is built in `call` only inside a task, and only after a call on this
-    /// thread had to wait; a call that then answers at once turns that off again. Either way
-    /// the limit is the same.
-    #[tokio::test(start_paused = true)]
-    async fn the_timer_is_built_in_call_only_in_a_task_after_a_wait() {
-        ARMED_IN_TASK.set(false);
-        // The test body is not a task: always lazy, and it teaches nothing.
-        fires_at(slow(), LIMIT).await;
-        assert!(!ARMED_IN_TASK.get());
-        assert!(slow().sleep.is_none());
-
-        tokio::spawn(async {
-            let first = slow();
-            assert!(first.sleep.is_none(), "nothing learnt yet");
-            fires_at(first, LIMIT).await;
-            assert!(ARMED_IN_TASK.get(), "a wait inside a task is learnt");
-
-            let built = slow();
-            assert!(built.sleep.is_some() && built.unpolled);
-            fires_at(built, LIMIT).await;
-
-            let at = Instant::now() + Duration::from_millis(300);
-            let due = ResponseFuture::at(
-                pending::<Result<(), BoxError>>(),
-                at,
-                Duration::from_millis(300),
-                true,
-            );
-            assert!(due.sleep.is_some());
-            let start = Instant::now();
-            let e = due.await.unwrap_err();
-            let e = e.downcast_ref::<Elapsed>().expect("an Elapsed");
-            assert!(e.is_inherited());
-            assert_eq!(start.elapsed(), Duration::from_millis(300));
-
-            let answered = fast();
-            assert!(answered.sleep.is_some());
-            answered.await.unwrap();
-            assert!(!ARMED_IN_TASK.get(), "an answer at once is learnt too");
-            assert!(fast().sleep.is_none());
-        })
-        .await
-        .unwrap();
-    }
 }

@@ -33,16 +33,11 @@ pub struct RequestTimeout(pub Duration);
 /// # The timer
 ///
 /// A call whose inner future answers on its first poll never touches the clock or the timer
-/// wheel: by default the `Sleep` is built at the first `Pending`, and the limit counts from
-/// there. That also lets a call made outside any runtime be polled inside one.
-///
-/// Inside a tokio task, once a call on the same thread has had to wait, the next calls build
-/// their `Sleep` in `call`, as `tower::timeout` does, and count the limit from `call`. This
-/// saves moving the `Sleep` into the pinned future and a clock read on the hot path, so a call
-/// that waits costs what `tower::timeout` costs. A call that then answers at once switches
-/// the thread back to the lazy timer. The choice is only a prediction. The limit is the same
-/// either way, except for a future left unpolled after `call`: with the timer built in `call`,
-/// that wait counts.
+/// wheel: the `Sleep` is built at the first `Pending`, and, without a deadline to honour, the
+/// limit counts from there (a future left unpolled after `call` is not timed until it is
+/// polled). That also lets a call made outside any runtime be polled inside one. With a
+/// deadline (inherited, or [`propagate_own`](TimeoutLayer::propagate_own)), the limit counts
+/// from `call`.
 ///
 /// # Clone
 ///

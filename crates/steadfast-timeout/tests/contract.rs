@@ -469,9 +469,8 @@ fn a_call_made_outside_a_runtime_is_timed_where_it_is_polled() {
     }
 }
 
-/// Inside a task, once a call has had to wait, the layer builds the next calls' timers in
-/// `call` (see `Timeout`'s docs): the limits, the errors and the deadline written downstream
-/// are the same as when the timer is built at the first `Pending`.
+/// Inside a task, call after call (some waiting, some answered at once): the limits, the
+/// errors and the deadline written downstream are the same every time.
 #[tokio::test(start_paused = true)]
 async fn in_a_task_calls_are_timed_alike_wherever_the_timer_is_built() {
     tokio::spawn(async {
