@@ -1,5 +1,5 @@
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,12 +39,6 @@ pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
     idle: Duration,
 }
 
-fn random_seed() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u8(0);
-    h.finish()
-}
-
 impl Default for CircuitBreakerBuilder {
     fn default() -> Self {
         Self {
@@ -58,7 +52,7 @@ impl Default for CircuitBreakerBuilder {
                 max_open_time: Duration::from_secs(300),
                 jitter_percent: 10,
                 probes: 1,
-                seed: random_seed(),
+                seed: steadfast_core::rand::random_seed(0),
             },
             classifier: DefaultClassifier::new(),
             backpressure: false,

@@ -22,6 +22,8 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+use steadfast_core::rand;
+
 use crate::error::BreakerOpen;
 use crate::window::{CountWindow, TimeWindow, WindowCounts};
 
@@ -549,8 +551,8 @@ impl Shared {
         let jittered = if p.jitter_percent == 0 {
             grown
         } else {
-            let r = splitmix(self.cold.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Relaxed));
-            let frac = (r >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+            let r = rand::next(self.cold.rng.fetch_add(rand::STEP, Relaxed));
+            let frac = rand::unit(r); // [0, 1)
             grown.mul_f64(1.0 - f64::from(p.jitter_percent) / 100.0 * frac)
         };
         match hint {
@@ -725,13 +727,6 @@ fn pack(gen32: u32, taken: u16, succ: u16) -> u64 {
 
 fn unpack(h: u64) -> (u32, u16, u16) {
     ((h >> 32) as u32, (h >> 16) as u16, h as u16)
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

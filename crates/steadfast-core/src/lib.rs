@@ -43,6 +43,7 @@ mod deadline;
 mod error;
 mod grpc;
 pub mod header;
+pub mod rand;
 mod response;
 mod thread;
 

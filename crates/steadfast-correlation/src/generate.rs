@@ -1,12 +1,13 @@
 //! Generating ids: time-ordered UUIDv7 by default.
 
 use std::cell::Cell;
-use std::hash::{BuildHasher, Hasher};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
+use steadfast_core::rand;
 
 use crate::id::CorrelationId;
 
@@ -62,29 +63,18 @@ impl UuidV7 {
 
     fn next_random(&self) -> u64 {
         match &self.seeded {
-            Some(state) => splitmix(state.fetch_add(GOLDEN, Ordering::Relaxed)),
+            Some(state) => rand::next(state.fetch_add(rand::STEP, Ordering::Relaxed)),
             None => THREAD_RNG.with(|s| {
-                let x = s.get().wrapping_add(GOLDEN);
-                s.set(x);
-                splitmix(x)
+                let before = s.get();
+                s.set(before.wrapping_add(rand::STEP));
+                rand::next(before)
             }),
         }
     }
 }
 
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(GOLDEN);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 thread_local! {
-    static THREAD_RNG: Cell<u64> = Cell::new(
-        std::collections::hash_map::RandomState::new().build_hasher().finish(),
-    );
+    static THREAD_RNG: Cell<u64> = Cell::new(rand::random_seed(2));
 }
 
 impl MakeCorrelationId for UuidV7 {

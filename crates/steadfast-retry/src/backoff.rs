@@ -97,30 +97,9 @@ impl Backoff {
     }
 }
 
-/// A small, seedable random stream (SplitMix64). Each request that retries gets its own.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A stream from `seed`.
-    pub const fn seeded(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+/// The seedable random stream jitter draws from (the workspace's one source, from
+/// `steadfast-core`). Each request that retries gets its own.
+pub use steadfast_core::rand::Rng;
 
 #[cfg(test)]
 mod tests {

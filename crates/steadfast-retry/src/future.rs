@@ -212,7 +212,7 @@ impl<S, B, C> Ctx<S, B, C> {
                 let rng = self.rng.get_or_insert_with(|| {
                     let stream = config.streams.fetch_add(1, Relaxed);
                     let mut mix =
-                        Rng::seeded(config.seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                        Rng::seeded(config.seed ^ stream.wrapping_mul(steadfast_core::rand::STEP));
                     Rng::seeded(mix.next_u64())
                 });
                 // The backoff counts retries since the last server hint: a hint replaces

@@ -262,12 +262,9 @@ impl<C> RetryPolicy<C> {
         if self.total.is_some_and(|t| t.is_zero()) {
             return Err(InvalidRetryConfig::ZeroTotalTimeout);
         }
-        let seed = self.seed.unwrap_or_else(|| {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u8(1);
-            h.finish()
-        });
+        let seed = self
+            .seed
+            .unwrap_or_else(|| steadfast_core::rand::random_seed(1));
         Ok(RetryLayer {
             config: Arc::new(Config {
                 max_attempts: self.max_attempts,
