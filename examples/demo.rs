@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!                      ┌──────── users        (down from 2 s to 5 s, then back)
-//!   load driver ──▶ gateway ──── orders ×2 ──┬── inventory (every 5th call stalls past the attempt timeout)
+//!   load driver ──▶ gateway ──── orders ×2 ──┬── inventory (every 7th call stalls past the attempt timeout)
 //!   (burst + spike)  │  rate limit 100 r/s,  └── payments  (bursts of 503 + Retry-After)
 //!                    │  burst 200 (payments 20)
 //!                    └── /health, /metrics (Prometheus text)
