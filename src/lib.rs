@@ -6,12 +6,13 @@
 //!
 //! | feature | crate | layer |
 //! |---|---|---|
-//! | `retry` | [`steadfast-retry`](retry) | `RetryLayer` |
-//! | `breaker` | [`steadfast-breaker`](breaker) | `CircuitBreakerLayer` |
-//! | `timeout` | [`steadfast-timeout`](timeout) | `TimeoutLayer` |
-//! | `correlation` | [`steadfast-correlation`](correlation) | `CorrelationIdLayer` |
-//! | `full` (default) | all of the above, plus the [`client`] and [`server`] presets | |
-//! | `tonic` | the gRPC client preset ([`client::grpc`]) for a tonic `Channel` | |
+//! | `retry` | `steadfast-retry` (`steadfast::retry`) | `RetryLayer` |
+//! | `breaker` | `steadfast-breaker` (`steadfast::breaker`) | `CircuitBreakerLayer` |
+//! | `timeout` | `steadfast-timeout` (`steadfast::timeout`) | `TimeoutLayer` |
+//! | `correlation` | `steadfast-correlation` (`steadfast::correlation`) | `CorrelationIdLayer` |
+//! | `full` (default) | all of the above, plus the `client` and `server` presets | |
+//! | `tonic` | the gRPC client preset (`client::grpc`) for a tonic `Channel`, and `grpc_status` (the stack's errors as tonic statuses) | |
+//! | `metrics` | counters and histograms from every layer through the `metrics` facade (see `docs/observability.md`) | |
 //!
 //! The shared foundation — outcome classification, header codecs, the ambient deadline — is
 //! [`core`] (`steadfast-core`), always available.
@@ -22,7 +23,8 @@
 //!
 //! ```text
 //! CorrelationId   copy the ambient id onto the outgoing request
-//!   Timeout       total budget for the call incl. retries; min(own, inherited deadline)
+//!   Timeout       total budget for the call incl. retries and the response body;
+//!                 min(own, inherited deadline)
 //!     Retry       classify, budget, backoff + full jitter, Retry-After, replay body
 //!       Breaker   per upstream authority; fail fast when open
 //!         Timeout per attempt
