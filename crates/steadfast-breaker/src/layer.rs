@@ -471,6 +471,11 @@ impl<C, K, Key> fmt::Debug for KeyedCircuitBreakerLayer<C, K, Key> {
 
 impl<C, K, Key: Hash + Eq + Clone> KeyedCircuitBreakerLayer<C, K, Key> {
     /// The handle of `key`'s breaker, if it exists.
+    ///
+    /// A handle controls the breaker it was taken from. A Closed per-key breaker that goes
+    /// unused can be evicted, and a later call to its key makes a new one: take the handle
+    /// again before acting on a key that may have been idle (a breaker put in a state by hand
+    /// is never evicted, so a state set through a fresh handle holds).
     pub fn handle(&self, key: &Key) -> Option<BreakerHandle<C>> {
         self.map.handle(key)
     }

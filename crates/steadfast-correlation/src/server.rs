@@ -109,12 +109,14 @@ impl<M: MakeCorrelationId, V: ValidateId> CorrelationIdLayer<M, V> {
         if source != Source::Header {
             headers.insert(self.header.clone(), id.header_value().clone());
         }
-        if let Some(name) = &self.fallback {
+        // A header that is also the id's own header holds the id just written: left alone.
+        if let Some(name) = self.fallback.as_ref().filter(|n| **n != self.header) {
             if !self.clean(headers, name, |v| self.accept(v)) {
                 headers.remove(name);
             }
         }
         if self.traceparent
+            && self.header != TRACEPARENT
             && !self.clean(headers, &TRACEPARENT, |v| trace_id(v.as_bytes()).is_some())
         {
             headers.remove(&TRACEPARENT);

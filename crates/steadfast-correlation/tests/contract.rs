@@ -361,3 +361,34 @@ fn services_are_send_sync() {
     send_sync(&svc);
     send_sync(&client(ClientCorrelationIdLayer::new()));
 }
+
+/// A layer whose own header is also one it reads for ids (here `traceparent`): the id it
+/// writes there is not then removed as an invalid copy; the request keeps exactly one.
+#[tokio::test]
+async fn the_id_s_own_header_is_never_cleaned_away() {
+    let seen: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let s = seen.clone();
+    let svc = ServiceBuilder::new()
+        .layer(
+            CorrelationIdLayer::new()
+                .header(http::HeaderName::from_static("traceparent"))
+                .fallback(Some(http::HeaderName::from_static("traceparent")))
+                .from_traceparent(true),
+        )
+        .service(service_fn(move |req: Request<()>| {
+            let s = s.clone();
+            async move {
+                let values = req
+                    .headers()
+                    .get_all("traceparent")
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .collect();
+                s.lock().unwrap().push(values);
+                Ok::<_, std::convert::Infallible>(Response::new(()))
+            }
+        }));
+    svc.oneshot(Request::new(())).await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0].len(), 1, "exactly one id header: {:?}", seen[0]);
+}

@@ -15,9 +15,12 @@
 //! their stripe without a timestamp (a clock read per request would cost more than the
 //! deposit), so a sweep ages them as if made evenly since the word's last update (read before
 //! claiming them, so a racing update cannot make them look fresh): a deposit made windows ago
-//! and swept only now is worth almost nothing. The price of the estimate: a burst after a
-//! long quiet spell is undervalued (it looks spread over the quiet spell), which only ever
-//! denies a retry, never grants one the traffic did not pay for.
+//! and swept only now is worth almost nothing. The estimate errs both ways for uneven
+//! traffic: a burst just before a withdrawal is undervalued (it looks spread over the quiet
+//! spell before it), a burst just after the last update overvalued (by at most the factor
+//! `window / quiet spell` of its full worth, so it fades as the spell grows). The stamp is 24
+//! bits of 10 ms ticks: a word unused for more than half its range (about 23 hours) counts as
+//! fully decayed.
 //!
 //! A token is taken when a retry is decided, before its wait; if the caller gives up during
 //! the wait, the token is given back.
@@ -36,6 +39,12 @@ const BALANCE_BITS: u32 = 40;
 const BALANCE_MASK: u64 = (1 << BALANCE_BITS) - 1;
 pub(crate) const TICK: Duration = Duration::from_millis(10);
 const TICK_MASK: u64 = (1 << (64 - BALANCE_BITS)) - 1;
+/// How far (10 ms ticks) another thread's later clock read may put the stored stamp ahead of
+/// ours: a race, not a wrap.
+const SKEW_TICKS: u64 = 100;
+/// Time enough, in ticks, for any balance to decay to nothing (used once the 24-bit stamp has
+/// wrapped, after about 23 hours unused).
+const FULL_DECAY_TICKS: u64 = TICK_MASK / 2;
 /// Threads with a stripe of their own; later threads share as many more.
 const OWNED: usize = 8;
 
@@ -179,7 +188,14 @@ impl Budget {
         // as if made evenly over it (the mean of the decay over it), so a deposit from windows
         // ago no longer pays for a retry, and steady traffic swept after a long quiet spell is
         // worth what its last window was.
-        let aged = if swept == 0 || since == 0 || since > TICK_MASK / 2 {
+        let since = if since > TICK_MASK - SKEW_TICKS {
+            0 // a racing update stamped a tick just after our clock read
+        } else if since > TICK_MASK / 2 {
+            FULL_DECAY_TICKS // unused for about a day: the stamp wrapped
+        } else {
+            since
+        };
+        let aged = if swept == 0 || since == 0 {
             swept as f64
         } else {
             let since = since as f64;
@@ -191,11 +207,15 @@ impl Budget {
             let last = w >> BALANCE_BITS;
             let mut elapsed = now.wrapping_sub(last) & TICK_MASK;
             let mut stamp = now & TICK_MASK;
-            if elapsed > TICK_MASK / 2 {
-                // Another thread read the clock after us and stored a later tick first: for
-                // us no time has passed (the tick never moves backwards; it wraps forwards).
+            if elapsed > TICK_MASK - SKEW_TICKS {
+                // Another thread read the clock just after us and stored a later tick first:
+                // for us no time has passed (the tick never moves backwards; it wraps forwards).
                 elapsed = 0;
                 stamp = last;
+            } else if elapsed > TICK_MASK / 2 {
+                // Not a race: the word sat unused for longer than half the tick's range (about
+                // a day), so the stamp wrapped. Whatever it held has long decayed.
+                elapsed = FULL_DECAY_TICKS;
             }
             let decayed = if elapsed == 0 {
                 balance as f64 + aged

@@ -177,9 +177,9 @@ impl<S, B, C> Ctx<S, B, C> {
         }
         // A gRPC status the server answered with in the head (trailers-only): the one case
         // `retry_grpc_statuses` covers (not an HTTP status from a proxy on the way).
-        let grpc_status = out
-            .as_ref()
-            .is_ok_and(|r| r.headers().contains_key(&GRPC_STATUS));
+        let grpc_status = out.as_ref().is_ok_and(|r| {
+            is_grpc_content_type(r.headers()) && r.headers().contains_key(&GRPC_STATUS)
+        });
         let default = class.is_retryable() && self.safe_to_repeat(&class, grpc_status);
         let retry = match &config.predicate {
             Some(p) => p(&self.parts, &class).unwrap_or(default),

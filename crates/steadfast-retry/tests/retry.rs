@@ -757,6 +757,21 @@ async fn an_old_deposit_does_not_pay_for_a_retry() {
     tokio::time::advance(Duration::from_millis(10)).await;
     assert!(budget.withdraw(), "a fresh token pays");
 
+    // A day and more unused (the 24-bit stamp wraps at about 46 hours; past half of that a
+    // gap used to read as "no time passed"): nothing old pays.
+    for hours in [22, 24, 30, 47] {
+        let budget = steadfast_retry::Budget::new(BudgetConfig {
+            ratio: 0.1,
+            ..config
+        });
+        for _ in 0..1000 {
+            budget.deposit();
+        }
+        assert!(budget.balance() > 99.0, "100 tokens to start with");
+        tokio::time::advance(Duration::from_secs(hours * 3600)).await;
+        assert!(!budget.withdraw(), "{hours} h later, nothing is left");
+    }
+
     // Steady traffic swept after a long quiet spell: worth about its last window.
     let budget = steadfast_retry::Budget::new(config);
     for _ in 0..600 {

@@ -30,8 +30,9 @@ use crate::service::Timeout;
 /// at hand are passed on however late the caller reads them, and a caller that starts
 /// reading after the deadline gets what the transport hands over within
 /// [`LATE_READ_GRACE`] (once per body, from its first wait past the deadline: hyper's HTTP/1
-/// body passes data on frame by frame, each after a `Pending`). A wait that began before
-/// the deadline ends at the deadline. The deadline runs from the call; when the head answered at its first
+/// body passes data on frame by frame, each after a `Pending`: a few hundred KiB fit on an
+/// idle machine, less under load). A wait that began before the deadline ends at the
+/// deadline. The deadline runs from the call; when the head answered at its first
 /// poll with no deadline known yet, from that poll (as a lazy [`TimeoutLayer`] counts).
 ///
 /// Optionally, [`idle`](Self::idle) also bounds the wait for each next frame. For long-lived
