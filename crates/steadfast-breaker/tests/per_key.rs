@@ -1,0 +1,226 @@
+//! Per-key breakers: isolation, bounded memory, eviction, floods. Paused time.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use http::{Request, Response};
+use steadfast_breaker::{
+    BreakerOpen, State,
+};
+use tokio::time::advance;
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+use common::*;
+
+#[tokio::test(start_paused = true)]
+async fn per_authority_breakers_are_isolated_and_bounded() {
+    let layer = builder()
+        .consecutive_failures(Some(1))
+        .max_keys(1000)
+        .build_per_authority()
+        .unwrap();
+    let svc_fn = service_fn(|req: Request<()>| async move {
+        let status = if req.uri().host() == Some("down") {
+            503
+        } else {
+            200
+        };
+        Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
+    });
+    let mut svc = layer.layer(svc_fn);
+    let get = |host: &str| Request::get(format!("http://{host}/")).body(()).unwrap();
+    svc.ready().await.unwrap().call(get("down")).await.unwrap();
+    let e = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get("down"))
+        .await
+        .unwrap_err();
+    assert!(e.downcast_ref::<BreakerOpen>().is_some());
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get("up"))
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "other hosts unaffected"
+    );
+    let down: http::uri::Authority = "down".parse().unwrap();
+    assert_eq!(layer.handle(&Some(down)).unwrap().state(), State::Open);
+
+    for i in 0..100_000 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("h{i}")))
+            .await
+            .unwrap();
+    }
+    assert!(layer.len() <= 1000 + 16, "memory bounded: {}", layer.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_per_key_breakers_are_evicted_and_recently_used_ones_kept() {
+    let layer = builder()
+        .max_keys(1600)
+        .idle_eviction(Duration::from_secs(600))
+        .build_per_authority()
+        .unwrap();
+    let mut svc = layer.layer(service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(()))
+    }));
+    let get = |host: &str| Request::get(format!("http://{host}/")).body(()).unwrap();
+    for i in 0..1600 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("old{i}")))
+            .await
+            .unwrap();
+    }
+    svc.ready().await.unwrap().call(get("hot")).await.unwrap();
+    advance(Duration::from_secs(650)).await;
+    svc.ready().await.unwrap().call(get("hot")).await.unwrap(); // used again: not idle
+    advance(Duration::from_secs(50)).await;
+    for i in 0..400 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("new{i}")))
+            .await
+            .unwrap();
+    }
+    let hot: http::uri::Authority = "hot".parse().unwrap();
+    assert!(
+        layer.handle(&Some(hot)).is_some(),
+        "recently used breakers stay"
+    );
+    assert!(layer.len() <= 1600, "room was made, never past max_keys");
+    for i in 0..400 {
+        let new: http::uri::Authority = format!("new{i}").parse().unwrap();
+        assert!(layer.handle(&Some(new)).is_some(), "new{i} was kept");
+    }
+}
+
+/// A flood of new authorities cannot reset an open breaker by pushing it out of the map:
+/// breakers that are not Closed are kept while in use (within the idle time), and every
+/// insertion stays O(1) (a bounded number of entries looked at).
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_new_keys_does_not_evict_an_open_breaker() {
+    let layer = builder()
+        .consecutive_failures(Some(1))
+        .max_keys(32)
+        .build_per_authority()
+        .unwrap();
+    let mut svc = layer.layer(service_fn(|req: Request<()>| async move {
+        let status = if req.uri().host() == Some("down") {
+            503
+        } else {
+            200
+        };
+        Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
+    }));
+    let get = |host: &str| Request::get(format!("http://{host}/")).body(()).unwrap();
+    svc.ready().await.unwrap().call(get("down")).await.unwrap();
+    let down: http::uri::Authority = "down".parse().unwrap();
+    assert_eq!(
+        layer.handle(&Some(down.clone())).unwrap().state(),
+        State::Open
+    );
+    for i in 0..10_000 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("flood{i}")))
+            .await
+            .unwrap();
+    }
+    assert!(layer.len() <= 32, "bounded: {}", layer.len());
+    assert_eq!(
+        layer.handle(&Some(down.clone())).unwrap().state(),
+        State::Open,
+        "still open after 10 000 new keys"
+    );
+    let e = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get("down"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.downcast_ref::<BreakerOpen>().is_some(),
+        "callers still fail fast"
+    );
+
+    // Protection lasts while the breaker is in use: one idle past the idle time (10 min by
+    // default) makes room like any other.
+    advance(Duration::from_secs(601)).await;
+    // Enough new keys that every shard (keys are spread by a per-process random hash) gets
+    // many: the one holding "down" makes room at least twice.
+    for i in 0..2_000 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("later{i}")))
+            .await
+            .unwrap();
+    }
+    assert!(
+        layer.handle(&Some(down)).is_none(),
+        "an idle open breaker is evictable"
+    );
+
+    // A breaker an operator forced open stays, however long it is left unused.
+    svc.ready().await.unwrap().call(get("kept")).await.unwrap();
+    let kept: http::uri::Authority = "kept".parse().unwrap();
+    layer.handle(&Some(kept.clone())).unwrap().force_open();
+    advance(Duration::from_secs(3600)).await;
+    for i in 0..2_000 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get(&format!("much-later{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        layer.handle(&Some(kept)).unwrap().state(),
+        State::ForcedOpen,
+        "a forced state is never evicted"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyed_layers_report_their_size_and_poll_the_inner_service() {
+    let layer = builder().build_per_authority().unwrap();
+    assert!(layer.is_empty());
+    let (mock, mut handle) = tower_test::mock::pair::<Request<()>, Response<()>>();
+    let mut svc = layer.layer(mock);
+    handle.allow(0);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), svc.ready())
+            .await
+            .is_err(),
+        "not ready while the inner is not"
+    );
+    handle.allow(2);
+    for host in ["a", "b"] {
+        let fut = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::get(format!("http://{host}/")).body(()).unwrap());
+        let (_r, send) = handle.next_request().await.unwrap();
+        send.send_response(Response::new(()));
+        fut.await.unwrap();
+    }
+    assert_eq!(layer.len(), 2);
+    assert!(!layer.is_empty());
+}
