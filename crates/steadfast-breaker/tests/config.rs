@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use steadfast_breaker::CircuitBreakerLayer;
 
-
 #[test]
 fn configuration_errors_say_what_to_change() {
     use steadfast_breaker::InvalidConfig;

@@ -6,9 +6,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use http::{Request, Response};
-use steadfast_breaker::{
-    BreakerOpen, State,
-};
+use steadfast_breaker::{BreakerOpen, State};
 use tokio::time::advance;
 use tower::{Layer, Service, ServiceExt, service_fn};
 

@@ -7,9 +7,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use http::{Request, Response};
-use steadfast_breaker::{
-    BreakerOpen, State,
-};
+use steadfast_breaker::{BreakerOpen, State};
 use tower::{Layer, Service, ServiceExt};
 
 use common::*;

@@ -8,9 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
-use steadfast_breaker::{
-    CircuitBreakerLayer, State,
-};
+use steadfast_breaker::{CircuitBreakerLayer, State};
 use steadfast_core::{BoxError, DefaultClassifier};
 use tokio::time::advance;
 use tower::{Layer, Service, ServiceExt, service_fn};

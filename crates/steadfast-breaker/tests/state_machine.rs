@@ -9,9 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::{Request, Response};
-use steadfast_breaker::{
-    BreakerHandle, BreakerOpen, CircuitBreakerLayer, State,
-};
+use steadfast_breaker::{BreakerHandle, BreakerOpen, CircuitBreakerLayer, State};
 use steadfast_core::{BoxError, DefaultClassifier};
 use tokio::time::advance;
 use tower::{Layer, Service, ServiceExt, service_fn};
