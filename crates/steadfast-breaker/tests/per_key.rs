@@ -12,6 +12,19 @@ use tower::{Layer, Service, ServiceExt, service_fn};
 
 use common::*;
 
+/// One call to each of `n` authorities `{prefix}{i}`, each answered.
+async fn call_each<S, B>(svc: &mut S, prefix: &str, n: usize)
+where
+    S: Service<Request<()>, Response = Response<B>, Error = steadfast_core::BoxError>,
+{
+    for i in 0..n {
+        let req = Request::get(format!("http://{prefix}{i}/"))
+            .body(())
+            .unwrap();
+        svc.ready().await.unwrap().call(req).await.unwrap();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn per_authority_breakers_are_isolated_and_bounded() {
     let layer = builder()
@@ -52,14 +65,7 @@ async fn per_authority_breakers_are_isolated_and_bounded() {
     let down: http::uri::Authority = "down".parse().unwrap();
     assert_eq!(layer.handle(&Some(down)).unwrap().state(), State::Open);
 
-    for i in 0..100_000 {
-        svc.ready()
-            .await
-            .unwrap()
-            .call(get(&format!("h{i}")))
-            .await
-            .unwrap();
-    }
+    call_each(&mut svc, "h", 100_000).await;
     assert!(layer.len() <= 1000 + 16, "memory bounded: {}", layer.len());
 }
 
@@ -74,26 +80,12 @@ async fn idle_per_key_breakers_are_evicted_and_recently_used_ones_kept() {
         Ok::<_, Infallible>(Response::new(()))
     }));
     let get = |host: &str| Request::get(format!("http://{host}/")).body(()).unwrap();
-    for i in 0..1600 {
-        svc.ready()
-            .await
-            .unwrap()
-            .call(get(&format!("old{i}")))
-            .await
-            .unwrap();
-    }
+    call_each(&mut svc, "old", 1600).await;
     svc.ready().await.unwrap().call(get("hot")).await.unwrap();
     advance(Duration::from_secs(650)).await;
     svc.ready().await.unwrap().call(get("hot")).await.unwrap(); // used again: not idle
     advance(Duration::from_secs(50)).await;
-    for i in 0..400 {
-        svc.ready()
-            .await
-            .unwrap()
-            .call(get(&format!("new{i}")))
-            .await
-            .unwrap();
-    }
+    call_each(&mut svc, "new", 400).await;
     let hot: http::uri::Authority = "hot".parse().unwrap();
     assert!(
         layer.handle(&Some(hot)).is_some(),
@@ -131,14 +123,7 @@ async fn a_flood_of_new_keys_does_not_evict_an_open_breaker() {
         layer.handle(&Some(down.clone())).unwrap().state(),
         State::Open
     );
-    for i in 0..10_000 {
-        svc.ready()
-            .await
-            .unwrap()
-            .call(get(&format!("flood{i}")))
-            .await
-            .unwrap();
-    }
+    call_each(&mut svc, "flood", 10_000).await;
     assert!(layer.len() <= 32, "bounded: {}", layer.len());
     assert_eq!(
         layer.handle(&Some(down.clone())).unwrap().state(),
@@ -162,14 +147,7 @@ async fn a_flood_of_new_keys_does_not_evict_an_open_breaker() {
     advance(Duration::from_secs(601)).await;
     // Enough new keys that every shard (keys are spread by a per-process random hash) gets
     // many: the one holding "down" makes room at least twice.
-    for i in 0..2_000 {
-        svc.ready()
-            .await
-            .unwrap()
-            .call(get(&format!("later{i}")))
-            .await
-            .unwrap();
-    }
+    call_each(&mut svc, "later", 2_000).await;
     assert!(
         layer.handle(&Some(down)).is_none(),
         "an idle open breaker is evictable"
@@ -180,14 +158,7 @@ async fn a_flood_of_new_keys_does_not_evict_an_open_breaker() {
     let kept: http::uri::Authority = "kept".parse().unwrap();
     layer.handle(&Some(kept.clone())).unwrap().force_open();
     advance(Duration::from_secs(3600)).await;
-    for i in 0..2_000 {
-        svc.ready()
-            .await
-            .unwrap()
-            .call(get(&format!("much-later{i}")))
-            .await
-            .unwrap();
-    }
+    call_each(&mut svc, "much-later", 2_000).await;
     assert_eq!(
         layer.handle(&Some(kept)).unwrap().state(),
         State::ForcedOpen,
