@@ -156,3 +156,37 @@ async fn unavailable_is_retried_by_default_and_the_opt_out_holds() {
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert_eq!(hits.load(Ordering::SeqCst), 1, "no retry once opted out");
 }
+
+/// A server-streaming RPC (health `Watch`: one message, then the stream stays open): the
+/// stack's total deadline ends the stream with DEADLINE_EXCEEDED, not UNKNOWN; with the body
+/// deadline turned off, the stream outlives the total timeout.
+#[tokio::test(start_paused = true)]
+async fn a_deadline_that_ends_a_stream_is_deadline_exceeded_and_streams_can_opt_out() {
+    let (url, _) = server(0, Duration::ZERO).await;
+    let stack = steadfast::client::grpc()
+        .with(|c| {
+            c.attempt_timeout(Duration::from_secs(1))
+                .total_timeout(Duration::from_secs(2))
+        })
+        .build()
+        .unwrap();
+    let mut client = HealthClient::new(stack.layer(channel(url.clone()).await));
+    let mut stream = client.watch(check()).await.unwrap().into_inner();
+    stream.message().await.expect("the first message").unwrap();
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+
+    let streaming = steadfast::client::grpc()
+        .with(|c| {
+            c.attempt_timeout(Duration::from_secs(1))
+                .total_timeout(Duration::from_secs(2))
+                .total_covers_body(false)
+        })
+        .build()
+        .unwrap();
+    let mut client = HealthClient::new(streaming.layer(channel(url).await));
+    let mut stream = client.watch(check()).await.unwrap().into_inner();
+    stream.message().await.expect("the first message").unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(60), stream.message()).await;
+    assert!(next.is_err(), "still open a minute later: {next:?}");
+}
