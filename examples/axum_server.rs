@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use steadfast::breaker::CircuitBreakerLayer;
-use steadfast::core::Deadline;
+use steadfast::common::Deadline;
 use steadfast::correlation::CorrelationId;
 
 /// What a handler sees: the id and the remaining deadline, with no code to fetch them.

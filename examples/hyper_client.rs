@@ -14,7 +14,7 @@ use steadfast::retry::ReplayBody;
 use steadfast_testkit::{Fault, FaultServer};
 use tower::{Layer, ServiceExt};
 
-async fn fetch(url: &str) -> Result<(u16, String), steadfast::core::BoxError> {
+async fn fetch(url: &str) -> Result<(u16, String), steadfast::common::BoxError> {
     let transport: Client<_, ReplayBody<Full<Bytes>>> =
         Client::builder(TokioExecutor::new()).build_http();
     let client = steadfast::client::http()

@@ -33,46 +33,50 @@ mod sealed {
 /// # let _ = client;
 /// ```
 pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
-    /// Adds a client-side [`TimeoutLayer`](crate::timeout::TimeoutLayer) of `limit`.
+    /// Adds a client-side [`TimeoutLayer`](crate::timeout::TimeoutLayer) of `limit` (named
+    /// apart from tower's own inherent `timeout`, which would win).
     #[cfg(feature = "timeout")]
     fn client_timeout(
         self,
         limit: Duration,
     ) -> ServiceBuilder<Stack<crate::timeout::TimeoutLayer, L>>;
 
-    /// Adds a [`ServerTimeoutLayer`](crate::timeout::ServerTimeoutLayer) of at most `limit`.
+    /// Adds a [`SetDeadlineLayer`](crate::timeout::SetDeadlineLayer) of at most `limit`.
     #[cfg(feature = "timeout")]
-    fn server_timeout(
+    fn set_deadline(
         self,
         limit: Duration,
-    ) -> ServiceBuilder<Stack<crate::timeout::ServerTimeoutLayer, L>>;
+    ) -> ServiceBuilder<Stack<crate::timeout::SetDeadlineLayer, L>>;
 
-    /// Adds a server-side [`CorrelationIdLayer`](crate::correlation::CorrelationIdLayer) with
-    /// its defaults.
+    /// Adds a server-side [`SetCorrelationIdLayer`](crate::correlation::SetCorrelationIdLayer)
+    /// with its defaults.
     #[cfg(feature = "correlation")]
-    fn correlation_id(self) -> ServiceBuilder<Stack<crate::correlation::CorrelationIdLayer, L>>;
-
-    /// Adds a [`ClientCorrelationIdLayer`](crate::correlation::ClientCorrelationIdLayer) with
-    /// its defaults.
-    #[cfg(feature = "correlation")]
-    fn client_correlation_id(
+    fn set_correlation_id(
         self,
-    ) -> ServiceBuilder<Stack<crate::correlation::ClientCorrelationIdLayer, L>>;
+    ) -> ServiceBuilder<Stack<crate::correlation::SetCorrelationIdLayer, L>>;
 
-    /// Adds a clone of `breaker`: services built from it share its state with every other
-    /// service made from the same layer value.
+    /// Adds a client-side
+    /// [`PropagateCorrelationIdLayer`](crate::correlation::PropagateCorrelationIdLayer) with its
+    /// defaults.
+    #[cfg(feature = "correlation")]
+    fn propagate_correlation_id(
+        self,
+    ) -> ServiceBuilder<Stack<crate::correlation::PropagateCorrelationIdLayer, L>>;
+
+    /// Adds `breaker`. Pass a clone to keep a handle: every service made from the layer or
+    /// its clones shares one breaker.
     #[cfg(feature = "breaker")]
     fn circuit_breaker<C>(
         self,
-        breaker: &crate::breaker::CircuitBreakerLayer<C>,
+        breaker: crate::breaker::CircuitBreakerLayer<C>,
     ) -> ServiceBuilder<Stack<crate::breaker::CircuitBreakerLayer<C>, L>>;
 
-    /// Adds a clone of `retry` (its budget is shared with every other service made from the
-    /// same layer value). Named so it does not collide with tower's own `retry`.
+    /// Adds `retry`; its budget is shared by every service made from the layer or its clones.
+    /// Named apart from tower's own inherent `retry`, which would win.
     #[cfg(feature = "retry")]
     fn with_retry<C>(
         self,
-        retry: &crate::retry::RetryLayer<C>,
+        retry: crate::retry::RetryLayer<C>,
     ) -> ServiceBuilder<Stack<crate::retry::RetryLayer<C>, L>>;
 }
 
@@ -88,38 +92,40 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     }
 
     #[cfg(feature = "timeout")]
-    fn server_timeout(
+    fn set_deadline(
         self,
         limit: Duration,
-    ) -> ServiceBuilder<Stack<crate::timeout::ServerTimeoutLayer, L>> {
-        self.layer(crate::timeout::ServerTimeoutLayer::new(limit))
+    ) -> ServiceBuilder<Stack<crate::timeout::SetDeadlineLayer, L>> {
+        self.layer(crate::timeout::SetDeadlineLayer::new(limit))
     }
 
     #[cfg(feature = "correlation")]
-    fn correlation_id(self) -> ServiceBuilder<Stack<crate::correlation::CorrelationIdLayer, L>> {
-        self.layer(crate::correlation::CorrelationIdLayer::new())
-    }
-
-    #[cfg(feature = "correlation")]
-    fn client_correlation_id(
+    fn set_correlation_id(
         self,
-    ) -> ServiceBuilder<Stack<crate::correlation::ClientCorrelationIdLayer, L>> {
-        self.layer(crate::correlation::ClientCorrelationIdLayer::new())
+    ) -> ServiceBuilder<Stack<crate::correlation::SetCorrelationIdLayer, L>> {
+        self.layer(crate::correlation::SetCorrelationIdLayer::new())
+    }
+
+    #[cfg(feature = "correlation")]
+    fn propagate_correlation_id(
+        self,
+    ) -> ServiceBuilder<Stack<crate::correlation::PropagateCorrelationIdLayer, L>> {
+        self.layer(crate::correlation::PropagateCorrelationIdLayer::new())
     }
 
     #[cfg(feature = "breaker")]
     fn circuit_breaker<C>(
         self,
-        breaker: &crate::breaker::CircuitBreakerLayer<C>,
+        breaker: crate::breaker::CircuitBreakerLayer<C>,
     ) -> ServiceBuilder<Stack<crate::breaker::CircuitBreakerLayer<C>, L>> {
-        self.layer(breaker.clone())
+        self.layer(breaker)
     }
 
     #[cfg(feature = "retry")]
     fn with_retry<C>(
         self,
-        retry: &crate::retry::RetryLayer<C>,
+        retry: crate::retry::RetryLayer<C>,
     ) -> ServiceBuilder<Stack<crate::retry::RetryLayer<C>, L>> {
-        self.layer(retry.clone())
+        self.layer(retry)
     }
 }

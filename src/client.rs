@@ -1,7 +1,7 @@
 //! The standard client stack.
 //!
 //! ```text
-//! ClientCorrelationId   the ambient id (or a new one) on every outgoing request
+//! PropagateCorrelationId   the ambient id (or a new one) on every outgoing request
 //!   Timeout (total)     10 s, or less if the inbound deadline says so; propagated downstream;
 //!                       covers the response body too (opt out for long-lived streams)
 //!     Retry             3 attempts, 429/502/503/504 + connect errors + UNAVAILABLE, budgeted
@@ -37,12 +37,14 @@ use steadfast_breaker::{
     KeyedCircuitBreakerLayer,
 };
 use steadfast_core::DefaultClassifier;
-use steadfast_correlation::{ClientCorrelationId, ClientCorrelationIdLayer, DefaultRule, UuidV7};
-use steadfast_retry::{Retry, RetryLayer, RetryPolicy};
+use steadfast_correlation::{
+    DefaultRule, PropagateCorrelationId, PropagateCorrelationIdLayer, UuidV7,
+};
+use steadfast_retry::{Retry, RetryBuilder, RetryLayer};
 use steadfast_timeout::{BodyTimeout, BodyTimeoutLayer, Timeout, TimeoutLayer};
 use tower_layer::Layer;
 
-use crate::preset::PresetError;
+use crate::preset::InvalidPresetConfig;
 
 /// The seed's client timeout, per attempt.
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,9 +56,8 @@ pub fn http() -> ClientBuilder {
     ClientBuilder {
         total: DEFAULT_TOTAL_TIMEOUT,
         attempt: DEFAULT_ATTEMPT_TIMEOUT,
-        retry: RetryLayer::policy(),
+        retry: RetryLayer::builder(),
         breaker: CircuitBreakerLayer::builder(),
-        time_window: None,
         covers_body: true,
         body_idle: None,
     }
@@ -68,9 +69,8 @@ pub fn http() -> ClientBuilder {
 pub struct ClientBuilder {
     total: Duration,
     attempt: Duration,
-    retry: RetryPolicy,
+    retry: RetryBuilder,
     breaker: CircuitBreakerBuilder,
-    time_window: Option<Duration>,
     covers_body: bool,
     body_idle: Option<Duration>,
 }
@@ -84,7 +84,7 @@ impl ClientBuilder {
 
     /// Whether the total timeout also bounds the response body (default on: a call never
     /// hangs on an upstream that sends its head and then trickles the body; the body ends
-    /// with [`Elapsed`](steadfast_timeout::Elapsed) at the deadline). Turn it off for
+    /// with [`Elapsed`](steadfast_timeout::error::Elapsed) at the deadline). Turn it off for
     /// long-lived streams (server-sent events, gRPC server streaming): the head stays bounded,
     /// the body is not, except by [`body_idle_timeout`](Self::body_idle_timeout). The deadline
     /// propagated downstream is the same either way. See
@@ -108,7 +108,7 @@ impl ClientBuilder {
     }
 
     /// Adjusts the retry policy.
-    pub fn retry(mut self, f: impl FnOnce(RetryPolicy) -> RetryPolicy) -> Self {
+    pub fn retry(mut self, f: impl FnOnce(RetryBuilder) -> RetryBuilder) -> Self {
         self.retry = f(self.retry);
         self
     }
@@ -122,53 +122,26 @@ impl ClientBuilder {
         self
     }
 
-    /// Declares that the breaker uses a time window of `window` in total, so the preset can
-    /// check it against the attempt timeout (set the window itself with
-    /// [`breaker`](Self::breaker)).
-    pub fn breaker_time_window(mut self, window: Duration) -> Self {
-        self.time_window = Some(window);
-        self
-    }
-
-    fn validate(
-        &self,
-        max_attempts: u32,
-        backoff_cap: Duration,
-        backoff_base: Duration,
-    ) -> Result<(), PresetError> {
+    fn validate(&self) -> Result<(), InvalidPresetConfig> {
         if self.total.is_zero() || self.attempt.is_zero() {
-            return Err(PresetError::ZeroTimeout);
+            return Err(InvalidPresetConfig::ZeroTimeout);
         }
         if self.attempt > self.total {
-            return Err(PresetError::AttemptExceedsTotal {
+            return Err(InvalidPresetConfig::AttemptExceedsTotal {
                 attempt: self.attempt,
                 total: self.total,
             });
         }
-        // Saturating, and in O(1) steps: once the delay stops growing (capped, or the
-        // exponent at its limit) the remaining retries add that delay each, as one product,
-        // so a policy of u32::MAX attempts costs no four billion iterations here.
-        let mut backoffs = Duration::ZERO;
-        let retries = max_attempts.saturating_sub(1);
-        for n in 1..=retries {
-            let delay = backoff_base
-                .saturating_mul(1 << (n - 1).min(31))
-                .min(backoff_cap);
-            if delay == backoff_cap || n > 31 {
-                backoffs = backoffs.saturating_add(delay.saturating_mul(retries - n + 1));
-                break;
-            }
-            backoffs = backoffs.saturating_add(delay);
-        }
+        let backoffs = self.retry.worst_case_backoff();
         if backoffs >= self.total {
-            return Err(PresetError::BackoffsExceedTotal {
+            return Err(InvalidPresetConfig::BackoffsExceedTotal {
                 backoffs,
                 total: self.total,
             });
         }
-        if let Some(window) = self.time_window {
+        if let Some(window) = self.breaker.time_window_len() {
             if window < self.attempt {
-                return Err(PresetError::BreakerWindowTooShort {
+                return Err(InvalidPresetConfig::BreakerWindowTooShort {
                     window,
                     attempt: self.attempt,
                 });
@@ -182,24 +155,24 @@ impl ClientBuilder {
     ///
     /// # Errors
     ///
-    /// [`PresetError`] when the timeouts, backoffs and breaker window do not fit together,
+    /// [`InvalidPresetConfig`] when the timeouts, backoffs and breaker window do not fit together,
     /// or a policy is invalid.
-    pub fn build(self) -> Result<HttpClientLayer, PresetError> {
-        let settings = self.retry.settings();
-        self.validate(
-            settings.max_attempts,
-            settings.backoff.cap(),
-            settings.backoff.base(),
-        )?;
-        let retry = self.retry.total_timeout(self.total).build()?;
+    pub fn build(self) -> Result<HttpClientLayer, InvalidPresetConfig> {
+        self.validate()?;
+        // The total budget reaches the retry layer as the deadline the total timeout sets
+        // on each request (one channel: the retry layer has no total of its own).
+        let retry = self.retry.build()?;
         let breaker = self.breaker.build_per_authority()?;
+        let total = TimeoutLayer::builder()
+            .limit(self.total)
+            .propagate_own(true)
+            .covering_body()
+            .whole_call(self.covers_body)
+            .idle(self.body_idle)
+            .build()?;
         Ok(HttpClientLayer {
-            correlation: ClientCorrelationIdLayer::new(),
-            total: TimeoutLayer::new(self.total)
-                .propagate_own(true)
-                .covering_body()
-                .whole_call(self.covers_body)
-                .idle(self.body_idle),
+            correlation: PropagateCorrelationIdLayer::new(),
+            total,
             retry,
             breaker,
             attempt: TimeoutLayer::new(self.attempt),
@@ -214,7 +187,7 @@ pub type AuthorityBreaker =
 /// The standard client stack as one layer; see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct HttpClientLayer {
-    correlation: ClientCorrelationIdLayer,
+    correlation: PropagateCorrelationIdLayer,
     total: BodyTimeoutLayer,
     retry: RetryLayer,
     breaker: AuthorityBreaker,
@@ -222,7 +195,7 @@ pub struct HttpClientLayer {
 }
 
 /// The service the client stack makes from a transport `S`.
-pub type HttpClient<S> = ClientCorrelationId<
+pub type HttpClient<S> = PropagateCorrelationId<
     BodyTimeout<
         Retry<
             KeyedCircuitBreaker<Timeout<S>, DefaultClassifier, ByAuthority, Option<Authority>>,
@@ -295,11 +268,11 @@ impl GrpcClientBuilder {
 
     /// Whether a call answered UNAVAILABLE (a trailers-only status: the head carried it, so
     /// nothing was streamed) is retried (default on; the last of this and a
-    /// [`with`](Self::with) that sets [`RetryPolicy::retry_grpc_statuses`] wins). Every unary gRPC call is a `POST`, so
+    /// [`with`](Self::with) that sets [`RetryBuilder::retry_grpc_statuses`] wins). Every unary gRPC call is a `POST`, so
     /// the HTTP idempotency rule would never retry one; gRPC's retry design (A6) makes the
     /// retryable status codes the policy owner's choice, and UNAVAILABLE means the server did
     /// not do the work. Turn it off for services whose UNAVAILABLE may follow side effects.
-    /// See [`RetryPolicy::retry_grpc_statuses`].
+    /// See [`RetryBuilder::retry_grpc_statuses`].
     pub fn retry_unavailable(mut self, on: bool) -> Self {
         self.client = self.client.retry(|p| p.retry_grpc_statuses(on));
         self
@@ -310,7 +283,7 @@ impl GrpcClientBuilder {
     /// # Errors
     ///
     /// As [`ClientBuilder::build`].
-    pub fn build(self) -> Result<GrpcClientLayer, PresetError> {
+    pub fn build(self) -> Result<GrpcClientLayer, InvalidPresetConfig> {
         Ok(GrpcClientLayer(self.client.build()?))
     }
 }

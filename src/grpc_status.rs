@@ -21,10 +21,10 @@ use std::task::{Context, Poll, ready};
 
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
-use steadfast_breaker::BreakerOpen;
+use steadfast_breaker::error::BreakerOpen;
 use steadfast_core::BoxError;
 use steadfast_core::header::{Pushback, encode_pushback};
-use steadfast_timeout::Elapsed;
+use steadfast_timeout::error::Elapsed;
 use tower_service::Service;
 
 /// The outermost service of the gRPC client stack: errors become the `tonic::Status` they

@@ -9,13 +9,14 @@
 //! | `retry` | `steadfast-retry` (`steadfast::retry`) | `RetryLayer` |
 //! | `breaker` | `steadfast-breaker` (`steadfast::breaker`) | `CircuitBreakerLayer` |
 //! | `timeout` | `steadfast-timeout` (`steadfast::timeout`) | `TimeoutLayer` |
-//! | `correlation` | `steadfast-correlation` (`steadfast::correlation`) | `CorrelationIdLayer` |
+//! | `correlation` | `steadfast-correlation` (`steadfast::correlation`) | `SetCorrelationIdLayer` |
 //! | `full` (default) | all of the above, plus the `client` and `server` presets | |
 //! | `tonic` | the gRPC client preset (`client::grpc`) for a tonic `Channel`, and `grpc_status` (the stack's errors as tonic statuses) | |
 //! | `metrics` | counters and histograms from every layer through the `metrics` facade (see `docs/observability.md`) | |
 //!
 //! The shared foundation — outcome classification, header codecs, the ambient deadline — is
-//! [`core`] (`steadfast-core`), always available.
+//! [`common`] (`steadfast-core`), always available (named apart from the built-in `core`
+//! crate, which it would shadow).
 //!
 //! # Stack order
 //!
@@ -42,7 +43,7 @@
 //! # Example
 //!
 //! ```
-//! use steadfast::core::{Classify, DefaultClassifier, ResponseClass};
+//! use steadfast::common::{Classify, DefaultClassifier, ResponseClass};
 //!
 //! let res = http::Response::builder().status(503).body(()).unwrap();
 //! let ResponseClass::Ready(class) = DefaultClassifier::new().classify_response(&res) else {
@@ -55,15 +56,20 @@
 //!
 //! 1.85.
 
-pub use steadfast_core as core;
+#[doc(inline)]
+pub use steadfast_core as common;
 
 #[cfg(feature = "breaker")]
+#[doc(inline)]
 pub use steadfast_breaker as breaker;
 #[cfg(feature = "correlation")]
+#[doc(inline)]
 pub use steadfast_correlation as correlation;
 #[cfg(feature = "retry")]
+#[doc(inline)]
 pub use steadfast_retry as retry;
 #[cfg(feature = "timeout")]
+#[doc(inline)]
 pub use steadfast_timeout as timeout;
 
 mod builder;
@@ -79,7 +85,7 @@ pub mod server;
 
 pub use builder::ServiceBuilderExt;
 #[cfg(feature = "full")]
-pub use preset::PresetError;
+pub use preset::InvalidPresetConfig;
 pub use propagate::propagate;
 
 /// The README's code blocks, compiled and run as doctests.

@@ -3,13 +3,14 @@
 use std::fmt;
 use std::time::Duration;
 
-use steadfast_breaker::InvalidConfig;
-use steadfast_retry::InvalidRetryConfig;
+use steadfast_breaker::error::InvalidBreakerConfig;
+use steadfast_retry::error::InvalidRetryConfig;
+use steadfast_timeout::error::InvalidTimeoutConfig;
 
 /// A preset whose settings do not fit together; the message says what to change.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
-pub enum PresetError {
+pub enum InvalidPresetConfig {
     /// The per-attempt timeout is longer than the total timeout.
     AttemptExceedsTotal {
         /// The per-attempt timeout.
@@ -36,10 +37,12 @@ pub enum PresetError {
     /// The retry policy is invalid.
     Retry(InvalidRetryConfig),
     /// The breaker policy is invalid.
-    Breaker(InvalidConfig),
+    Breaker(InvalidBreakerConfig),
+    /// A timeout setting is invalid (a zero body idle limit).
+    Timeout(InvalidTimeoutConfig),
 }
 
-impl fmt::Display for PresetError {
+impl fmt::Display for InvalidPresetConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::AttemptExceedsTotal { attempt, total } => write!(
@@ -54,23 +57,32 @@ impl fmt::Display for PresetError {
                 f,
                 "the breaker's time window ({window:?}) is shorter than one attempt ({attempt:?}): widen the window so slow calls land in it"
             ),
-            Self::ZeroTimeout => f.write_str("timeouts must be longer than zero"),
+            Self::ZeroTimeout => f.write_str(
+                "timeouts must be longer than zero: give attempt_timeout and total_timeout (or the server timeout) a positive value",
+            ),
             Self::Retry(e) => write!(f, "retry: {e}"),
             Self::Breaker(e) => write!(f, "breaker: {e}"),
+            Self::Timeout(e) => write!(f, "timeout: {e}"),
         }
     }
 }
 
-impl std::error::Error for PresetError {}
+impl std::error::Error for InvalidPresetConfig {}
 
-impl From<InvalidRetryConfig> for PresetError {
+impl From<InvalidRetryConfig> for InvalidPresetConfig {
     fn from(e: InvalidRetryConfig) -> Self {
         Self::Retry(e)
     }
 }
 
-impl From<InvalidConfig> for PresetError {
-    fn from(e: InvalidConfig) -> Self {
+impl From<InvalidBreakerConfig> for InvalidPresetConfig {
+    fn from(e: InvalidBreakerConfig) -> Self {
         Self::Breaker(e)
+    }
+}
+
+impl From<InvalidTimeoutConfig> for InvalidPresetConfig {
+    fn from(e: InvalidTimeoutConfig) -> Self {
+        Self::Timeout(e)
     }
 }

@@ -3,12 +3,12 @@
 use std::future::Future;
 
 /// Wraps `fut` so it keeps the current task's ambient context — the
-/// [`Deadline`](crate::core::Deadline) and (with the `correlation` feature) the
+/// [`Deadline`](crate::common::Deadline) and (with the `correlation` feature) the
 /// `CorrelationId` — when spawned. Task-locals do not cross `tokio::spawn` on their own.
 ///
 /// ```
 /// use std::time::Duration;
-/// use steadfast::core::Deadline;
+/// use steadfast::common::Deadline;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let d = Deadline::after(Duration::from_secs(3));
@@ -21,5 +21,5 @@ use std::future::Future;
 pub fn propagate<F: Future>(fut: F) -> impl Future<Output = F::Output> {
     #[cfg(feature = "correlation")]
     let fut = crate::correlation::CorrelationId::propagate(fut);
-    crate::core::Deadline::propagate(fut)
+    crate::common::Deadline::propagate(fut)
 }

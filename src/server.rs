@@ -21,11 +21,11 @@
 
 use std::time::Duration;
 
-use steadfast_correlation::{CorrelationIdLayer, CorrelationIdService, DefaultRule, UuidV7};
-use steadfast_timeout::{ServerTimeout, ServerTimeoutLayer};
+use steadfast_correlation::{DefaultRule, SetCorrelationId, SetCorrelationIdLayer, UuidV7};
+use steadfast_timeout::{SetDeadline, SetDeadlineLayer};
 use tower_layer::Layer;
 
-use crate::preset::PresetError;
+use crate::preset::InvalidPresetConfig;
 
 /// A server's own limit per request.
 pub const DEFAULT_SERVER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,7 +34,7 @@ pub const DEFAULT_SERVER_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn http() -> ServerBuilder {
     ServerBuilder {
         timeout: DEFAULT_SERVER_TIMEOUT,
-        correlation: CorrelationIdLayer::new(),
+        correlation: SetCorrelationIdLayer::new(),
     }
 }
 
@@ -49,7 +49,7 @@ pub fn grpc() -> ServerBuilder {
 #[derive(Clone, Debug)]
 pub struct ServerBuilder {
     timeout: Duration,
-    correlation: CorrelationIdLayer,
+    correlation: SetCorrelationIdLayer,
 }
 
 impl ServerBuilder {
@@ -60,7 +60,10 @@ impl ServerBuilder {
     }
 
     /// Adjusts the correlation layer.
-    pub fn correlation(mut self, f: impl FnOnce(CorrelationIdLayer) -> CorrelationIdLayer) -> Self {
+    pub fn correlation(
+        mut self,
+        f: impl FnOnce(SetCorrelationIdLayer) -> SetCorrelationIdLayer,
+    ) -> Self {
         self.correlation = f(self.correlation);
         self
     }
@@ -69,14 +72,14 @@ impl ServerBuilder {
     ///
     /// # Errors
     ///
-    /// [`PresetError::ZeroTimeout`] for a zero timeout.
-    pub fn build(self) -> Result<ServerLayer, PresetError> {
+    /// [`InvalidPresetConfig::ZeroTimeout`] for a zero timeout.
+    pub fn build(self) -> Result<ServerLayer, InvalidPresetConfig> {
         if self.timeout.is_zero() {
-            return Err(PresetError::ZeroTimeout);
+            return Err(InvalidPresetConfig::ZeroTimeout);
         }
         Ok(ServerLayer {
             correlation: self.correlation,
-            timeout: ServerTimeoutLayer::new(self.timeout),
+            timeout: SetDeadlineLayer::new(self.timeout),
         })
     }
 }
@@ -84,12 +87,12 @@ impl ServerBuilder {
 /// The standard server stack as one layer; see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct ServerLayer {
-    correlation: CorrelationIdLayer,
-    timeout: ServerTimeoutLayer,
+    correlation: SetCorrelationIdLayer,
+    timeout: SetDeadlineLayer,
 }
 
 /// The service the server stack makes from `S`.
-pub type Server<S> = CorrelationIdService<ServerTimeout<S>, UuidV7, DefaultRule>;
+pub type Server<S> = SetCorrelationId<SetDeadline<S>, UuidV7, DefaultRule>;
 
 impl<S> Layer<S> for ServerLayer {
     type Service = Server<S>;

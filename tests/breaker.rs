@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::{Router, extract::State as AxState, routing::get};
-use steadfast::breaker::{BreakerOpen, CircuitBreakerLayer, State};
+use steadfast::breaker::{BreakerState, CircuitBreakerLayer, error::BreakerOpen};
 use support::{get as get_req, http_client, serve_axum};
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -57,7 +57,7 @@ async fn upstream_down_then_back_opens_rejects_probes_and_closes() {
         assert_eq!(res.status(), 503);
     }
     let handle = breaker.handle(&key).unwrap();
-    assert_eq!(handle.state(), State::Open);
+    assert_eq!(handle.state(), BreakerState::Open);
 
     // Open: rejected without network traffic.
     let hits = up.hits.load(Ordering::SeqCst);
@@ -79,7 +79,7 @@ async fn upstream_down_then_back_opens_rejects_probes_and_closes() {
     tokio::time::advance(Duration::from_secs(30)).await;
     let res = client.clone().oneshot(get_req(addr, "/")).await.unwrap();
     assert_eq!(res.status(), 503);
-    assert_eq!(handle.state(), State::Open);
+    assert_eq!(handle.state(), BreakerState::Open);
     assert_eq!(
         up.hits.load(Ordering::SeqCst),
         hits + 1,
@@ -96,7 +96,7 @@ async fn upstream_down_then_back_opens_rejects_probes_and_closes() {
     tokio::time::advance(Duration::from_secs(1)).await;
     let res = client.clone().oneshot(get_req(addr, "/")).await.unwrap();
     assert_eq!(res.status(), 200);
-    assert_eq!(handle.state(), State::Closed);
+    assert_eq!(handle.state(), BreakerState::Closed);
     for _ in 0..10 {
         assert_eq!(
             client
@@ -136,5 +136,5 @@ async fn connection_refused_counts_as_failure() {
             .unwrap_err();
         assert!(err.downcast_ref::<BreakerOpen>().is_none());
     }
-    assert_eq!(breaker.handle().state(), State::Open);
+    assert_eq!(breaker.handle().state(), BreakerState::Open);
 }

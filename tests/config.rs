@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use proptest::prelude::*;
 use steadfast::breaker::{CircuitBreakerBuilder, CircuitBreakerLayer};
-use steadfast::retry::{Backoff, BudgetConfig, Jitter, ReplayBody, RetryLayer, RetryPolicy};
+use steadfast::retry::{Backoff, BudgetConfig, Jitter, ReplayBody, RetryBuilder, RetryLayer};
 use steadfast::timeout::TimeoutLayer;
 use steadfast_testkit::{Fault, FaultServer};
 use tower::{Layer, ServiceExt, service_fn};
@@ -94,7 +94,6 @@ struct RetryCfg {
     attempts: Option<u32>,
     backoff: Option<(Duration, Duration, Jitter)>,
     max_hint: Option<Duration>,
-    total: Option<Duration>,
     replay_cap: Option<usize>,
     budget: Option<Option<(f64, u32, Duration)>>,
 }
@@ -103,7 +102,6 @@ fn retry_cfg() -> BoxedStrategy<RetryCfg> {
     (
         maybe(attempts()),
         maybe((duration(), duration(), jitter())),
-        maybe(duration()),
         maybe(duration()),
         maybe(prop_oneof![
             Just(0usize),
@@ -114,11 +112,10 @@ fn retry_cfg() -> BoxedStrategy<RetryCfg> {
         maybe(prop::option::of((ratio(), count(), duration()))),
     )
         .prop_map(
-            |(attempts, backoff, max_hint, total, replay_cap, budget)| RetryCfg {
+            |(attempts, backoff, max_hint, replay_cap, budget)| RetryCfg {
                 attempts,
                 backoff,
                 max_hint,
-                total,
                 replay_cap,
                 budget,
             },
@@ -126,7 +123,7 @@ fn retry_cfg() -> BoxedStrategy<RetryCfg> {
         .boxed()
 }
 
-fn apply_retry(mut p: RetryPolicy, c: &RetryCfg) -> RetryPolicy {
+fn apply_retry(mut p: RetryBuilder, c: &RetryCfg) -> RetryBuilder {
     p = p.seed(3);
     if let Some(n) = c.attempts {
         p = p.max_attempts(n);
@@ -136,9 +133,6 @@ fn apply_retry(mut p: RetryPolicy, c: &RetryCfg) -> RetryPolicy {
     }
     if let Some(d) = c.max_hint {
         p = p.max_server_delay(d);
-    }
-    if let Some(t) = c.total {
-        p = p.total_timeout(t);
     }
     if let Some(n) = c.replay_cap {
         p = p.replay_cap(n);
@@ -299,7 +293,7 @@ proptest! {
 
     #[test]
     fn retry_policies_build_or_refuse_and_never_panic(c in retry_cfg()) {
-        let Ok(layer) = apply_retry(RetryLayer::policy(), &c).build() else {
+        let Ok(layer) = apply_retry(RetryLayer::builder(), &c).build() else {
             return Ok(());
         };
         paused().block_on(async {
@@ -329,7 +323,7 @@ proptest! {
 
     #[test]
     fn timeouts_never_panic(limit in duration(), cover in any::<bool>(), own in any::<bool>()) {
-        let layer = TimeoutLayer::new(limit).cover_ready(cover).propagate_own(own);
+        let layer = TimeoutLayer::builder().limit(limit).cover_ready(cover).propagate_own(own).build().unwrap();
         paused().block_on(async {
             bounded(layer.layer(failing()).oneshot(put())).await;
             let slow = service_fn(|_req: Request<Full<Bytes>>| async {
@@ -429,7 +423,10 @@ fn a_preset_with_four_billion_attempts_builds_at_once() {
         .build()
         .unwrap_err();
     assert!(
-        matches!(e, steadfast::PresetError::BackoffsExceedTotal { .. }),
+        matches!(
+            e,
+            steadfast::InvalidPresetConfig::BackoffsExceedTotal { .. }
+        ),
         "{e}"
     );
 }
@@ -447,13 +444,7 @@ fn the_reported_configurations_do_not_panic() {
                 .body(Full::<Bytes>::default())
                 .unwrap()
         };
-        // total_timeout(Duration::MAX), directly and through the preset.
-        let retry = RetryLayer::policy()
-            .total_timeout(Duration::MAX)
-            .build()
-            .unwrap();
-        let res = retry.layer(transport.clone()).oneshot(get()).await.unwrap();
-        assert_eq!(res.status(), 503);
+        // total_timeout(Duration::MAX) through the preset.
         let preset = steadfast::client::http()
             .total_timeout(Duration::MAX)
             .build()
@@ -465,14 +456,14 @@ fn the_reported_configurations_do_not_panic() {
             .unwrap();
         assert_eq!(res.status(), 503);
         // Backoff::new(MAX, MAX) without jitter: a thirty-year wait, then the next attempt.
-        let retry = RetryLayer::policy()
+        let retry = RetryLayer::builder()
             .backoff(Backoff::new(Duration::MAX, Duration::MAX).jitter(Jitter::None))
             .max_attempts(2)
             .build()
             .unwrap();
         let res = retry.layer(transport.clone()).oneshot(get()).await.unwrap();
         assert_eq!(res.status(), 503);
-        assert_eq!(server.hits(), 2 * 3 + 2);
+        assert_eq!(server.hits(), 3 + 2);
     });
     // A preset whose backoffs overflow any sum: a typed error, not "overflow in iter::sum".
     let e = steadfast::client::http()
@@ -485,7 +476,10 @@ fn the_reported_configurations_do_not_panic() {
         .build()
         .unwrap_err();
     assert!(
-        matches!(e, steadfast::PresetError::BackoffsExceedTotal { .. }),
+        matches!(
+            e,
+            steadfast::InvalidPresetConfig::BackoffsExceedTotal { .. }
+        ),
         "{e}"
     );
 }

@@ -6,7 +6,7 @@ mod support;
 use std::sync::{Arc, Mutex};
 
 use axum::{Router, extract::State, http::HeaderMap, routing::get};
-use steadfast::correlation::{ClientCorrelationIdLayer, CorrelationId, CorrelationIdLayer};
+use steadfast::correlation::{CorrelationId, PropagateCorrelationIdLayer, SetCorrelationIdLayer};
 use support::{get as get_req, http_client, serve_axum};
 use tower::{ServiceBuilder, ServiceExt};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -75,12 +75,12 @@ async fn two_hops() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
         Router::new()
             .route("/b", get(b_handler))
             .with_state(seen.clone())
-            .layer(CorrelationIdLayer::new()),
+            .layer(SetCorrelationIdLayer::new()),
     )
     .await;
     // A's handler calls B through a client stack; it has no correlation code.
     let client = ServiceBuilder::new()
-        .layer(ClientCorrelationIdLayer::new())
+        .layer(PropagateCorrelationIdLayer::new())
         .service(http_client());
     let a = serve_axum(
         Router::new()
@@ -103,7 +103,7 @@ async fn two_hops() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
                     }
                 }),
             )
-            .layer(CorrelationIdLayer::new()),
+            .layer(SetCorrelationIdLayer::new()),
     )
     .await;
     (a, seen)
@@ -217,7 +217,7 @@ async fn tonic_hop_carries_the_id_in_metadata() {
     let incoming = support::incoming(listener);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .layer(CorrelationIdLayer::new())
+            .layer(SetCorrelationIdLayer::new())
             .layer(record)
             .add_service(health)
             .serve_with_incoming(incoming),
@@ -228,7 +228,7 @@ async fn tonic_hop_carries_the_id_in_metadata() {
         .await
         .unwrap();
     let stack = ServiceBuilder::new()
-        .layer(ClientCorrelationIdLayer::new())
+        .layer(PropagateCorrelationIdLayer::new())
         .service(channel);
     let mut client = HealthClient::new(stack);
     let id = CorrelationId::parse("grpc-hop-1").unwrap();
@@ -257,7 +257,7 @@ async fn duplicate_id_headers_never_cross_a_hop() {
     let seen_by_handler: Arc<Mutex<Option<HeaderMap>>> = Arc::default();
     let seen = seen_by_handler.clone();
     let client = ServiceBuilder::new()
-        .layer(ClientCorrelationIdLayer::new())
+        .layer(PropagateCorrelationIdLayer::new())
         .service(http_client());
     let gateway = serve_axum(
         Router::new()
@@ -280,7 +280,12 @@ async fn duplicate_id_headers_never_cross_a_hop() {
                     }
                 }),
             )
-            .layer(CorrelationIdLayer::new().from_traceparent(true)),
+            .layer(
+                SetCorrelationIdLayer::builder()
+                    .from_traceparent(true)
+                    .build()
+                    .unwrap(),
+            ),
     )
     .await;
 
@@ -349,7 +354,7 @@ async fn duplicate_id_headers_never_cross_a_hop() {
 async fn the_client_layer_sends_exactly_one_id() {
     let upstream = steadfast_testkit::FaultServer::start().await;
     let client = ServiceBuilder::new()
-        .layer(ClientCorrelationIdLayer::new())
+        .layer(PropagateCorrelationIdLayer::new())
         .service(http_client());
     let mut req = http::Request::get(upstream.url("/"))
         .body(http_body_util::Full::default())
@@ -379,7 +384,7 @@ async fn a_handler_s_own_response_id_wins() {
                 "/",
                 get(|| async { ([("x-correlation-id", "set-by-handler")], "ok") }),
             )
-            .layer(CorrelationIdLayer::new()),
+            .layer(SetCorrelationIdLayer::new()),
     )
     .await;
     let mut req = get_req(server, "/");
@@ -406,7 +411,12 @@ async fn beside_a_valid_id_ambiguous_or_invalid_fallbacks_are_removed() {
                     async { "ok" }
                 }),
             )
-            .layer(CorrelationIdLayer::new().from_traceparent(true)),
+            .layer(
+                SetCorrelationIdLayer::builder()
+                    .from_traceparent(true)
+                    .build()
+                    .unwrap(),
+            ),
     )
     .await;
     let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";

@@ -52,8 +52,8 @@ where
         Box::pin(async move {
             tokio::time::sleep(delay).await;
             if unavailable {
-                let (parts, _) = steadfast::core::grpc_response::<()>(
-                    steadfast::core::GrpcCode::Unavailable,
+                let (parts, _) = steadfast::common::grpc_response::<()>(
+                    steadfast::common::GrpcCode::Unavailable,
                     "warming up",
                 )
                 .into_parts();

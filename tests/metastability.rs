@@ -57,7 +57,7 @@ impl Server {
 
 impl Service<http::Request<ReplayBody<Empty<Bytes>>>> for Server {
     type Response = http::Response<()>;
-    type Error = steadfast::core::BoxError;
+    type Error = steadfast::common::BoxError;
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<http::Response<()>, Self::Error>> + Send>,
     >;
@@ -88,7 +88,7 @@ struct Phases {
 async fn experiment(budgeted: bool) -> Phases {
     let t0 = Instant::now();
     let (server, _) = Server::start(t0);
-    let policy = RetryLayer::policy()
+    let policy = RetryLayer::builder()
         .backoff(Backoff::new(
             Duration::from_millis(10),
             Duration::from_millis(50),

@@ -17,7 +17,7 @@ use metrics::{
 };
 use steadfast::breaker::CircuitBreakerLayer;
 use steadfast::retry::{Backoff, Jitter, RetryLayer};
-use steadfast::timeout::{ServerTimeoutLayer, TimeoutLayer};
+use steadfast::timeout::{SetDeadlineLayer, TimeoutLayer};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 /// Counts per metric name and label set, e.g. `steadfast_breaker_rejected_total{}`.
@@ -135,7 +135,7 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
         let mut svc = layer().layer(failing());
         let _ = svc.ready().await.unwrap().call(get()).await;
         let e = svc.ready().await.unwrap().call(get()).await.unwrap_err();
-        assert!(e.is::<steadfast::breaker::BreakerOpen>());
+        assert!(e.is::<steadfast::breaker::error::BreakerOpen>());
     });
     assert_eq!(
         seen.get("steadfast_breaker_transitions_total{to=open}"),
@@ -152,7 +152,7 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
         let mut svc = keyed.layer(failing());
         let _ = svc.ready().await.unwrap().call(get()).await;
         let e = svc.ready().await.unwrap().call(get()).await.unwrap_err();
-        assert!(e.is::<steadfast::breaker::BreakerOpen>());
+        assert!(e.is::<steadfast::breaker::error::BreakerOpen>());
     });
     assert_eq!(
         seen.get("steadfast_breaker_transitions_total{to=open}"),
@@ -189,7 +189,7 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
 #[test]
 fn the_retry_counts_attempts_waits_and_why_it_gave_up() {
     let seen = recorded(|| async {
-        let retry = RetryLayer::policy()
+        let retry = RetryLayer::builder()
             .backoff(
                 Backoff::new(Duration::from_millis(100), Duration::from_secs(1))
                     .jitter(Jitter::None),
@@ -238,7 +238,7 @@ fn every_timeout_side_counts_what_fired() {
             .oneshot(get())
             .await
             .unwrap_err();
-        assert!(e.is::<steadfast::timeout::Elapsed>());
+        assert!(e.is::<steadfast::timeout::error::Elapsed>());
         // Client, body.
         let trickle = service_fn(|_req: Request<()>| async {
             let frames = futures_util::stream::once(async {
@@ -247,8 +247,11 @@ fn every_timeout_side_counts_what_fired() {
             });
             Ok::<_, Infallible>(Response::new(StreamBody::new(Box::pin(frames))))
         });
-        let res = TimeoutLayer::new(Duration::from_secs(1))
+        let res = TimeoutLayer::builder()
+            .limit(Duration::from_secs(1))
             .covering_body()
+            .build()
+            .unwrap()
             .layer(trickle)
             .oneshot(get())
             .await
@@ -259,7 +262,7 @@ fn every_timeout_side_counts_what_fired() {
             tokio::time::sleep(Duration::from_secs(10)).await;
             Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
         });
-        let res = ServerTimeoutLayer::new(Duration::from_secs(1))
+        let res = SetDeadlineLayer::new(Duration::from_secs(1))
             .layer(handler)
             .oneshot(get())
             .await

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use steadfast::PresetError;
+use steadfast::InvalidPresetConfig;
 use steadfast::correlation::CorrelationId;
 use steadfast::retry::ReplayBody;
 use steadfast_testkit::{Fault, FaultServer};
@@ -22,7 +22,7 @@ fn invalid_combinations_are_typed_errors_that_say_what_to_change() {
         .total_timeout(Duration::from_secs(2))
         .build()
         .unwrap_err();
-    assert!(matches!(e, PresetError::AttemptExceedsTotal { .. }));
+    assert!(matches!(e, InvalidPresetConfig::AttemptExceedsTotal { .. }));
     assert!(
         e.to_string()
             .contains("lower attempt_timeout or raise total_timeout")
@@ -34,24 +34,30 @@ fn invalid_combinations_are_typed_errors_that_say_what_to_change() {
         .retry(|r| r.max_attempts(5))
         .build()
         .unwrap_err();
-    assert!(matches!(e, PresetError::BackoffsExceedTotal { .. }), "{e}");
+    assert!(
+        matches!(e, InvalidPresetConfig::BackoffsExceedTotal { .. }),
+        "{e}"
+    );
 
     let e = steadfast::client::http()
-        .breaker_time_window(Duration::from_secs(1))
+        .breaker(|b| b.time_window(Duration::from_millis(100), 10))
         .build()
         .unwrap_err();
-    assert!(matches!(e, PresetError::BreakerWindowTooShort { .. }));
+    assert!(matches!(
+        e,
+        InvalidPresetConfig::BreakerWindowTooShort { .. }
+    ));
 
     let e = steadfast::client::http()
         .retry(|r| r.max_attempts(0))
         .build()
         .unwrap_err();
-    assert!(matches!(e, PresetError::Retry(_)));
+    assert!(matches!(e, InvalidPresetConfig::Retry(_)));
     let e = steadfast::client::http()
         .breaker(|b| b.half_open_probes(0))
         .build()
         .unwrap_err();
-    assert!(matches!(e, PresetError::Breaker(_)));
+    assert!(matches!(e, InvalidPresetConfig::Breaker(_)));
     assert!(
         steadfast::server::http()
             .timeout(Duration::ZERO)

@@ -17,10 +17,10 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use steadfast::breaker::BreakerOpen;
+use steadfast::breaker::error::BreakerOpen;
 use steadfast::client::{HttpClient, HttpClientLayer};
 use steadfast::retry::ReplayBody;
-use steadfast::timeout::Elapsed;
+use steadfast::timeout::error::Elapsed;
 use steadfast_testkit::{Fault, FaultServer, hash_body};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
@@ -105,7 +105,7 @@ async fn at_five_percent_failure_success_matches_unbudgeted_retry() {
             }
         });
         server.script(faults);
-        let policy = steadfast::retry::RetryLayer::policy().seed(5);
+        let policy = steadfast::retry::RetryLayer::builder().seed(5);
         let policy = if budgeted {
             policy
         } else {
@@ -152,7 +152,7 @@ async fn recovery_after_an_outage() {
         let open_before = layer
             .breakers()
             .handle(&key)
-            .is_some_and(|h| h.state() == steadfast::breaker::State::Open);
+            .is_some_and(|h| h.state() == steadfast::breaker::BreakerState::Open);
         let out = svc.clone().oneshot(get(&server)).await;
         assert!(
             began.elapsed() <= Duration::from_secs(3),
@@ -182,7 +182,7 @@ async fn recovery_after_an_outage() {
     );
     assert_eq!(
         layer.breakers().handle(&key).unwrap().state(),
-        steadfast::breaker::State::Closed
+        steadfast::breaker::BreakerState::Closed
     );
 }
 
@@ -343,7 +343,7 @@ async fn a_slow_response_body_is_delivered_not_retried() {
 
 #[tokio::test(start_paused = true)]
 async fn the_edge_deadline_reaches_the_transport() {
-    use steadfast::core::Deadline;
+    use steadfast::common::Deadline;
     let server = FaultServer::start().await;
     server.set_default(Fault::Hang);
     let svc = client(&stack());

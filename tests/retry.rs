@@ -171,8 +171,8 @@ async fn tonic_client_retries_unavailable_with_its_body_replayed() {
                     v.len()
                 };
                 if n <= 2 {
-                    let res = steadfast::core::grpc_response::<tonic::body::Body>(
-                        steadfast::core::GrpcCode::Unavailable,
+                    let res = steadfast::common::grpc_response::<tonic::body::Body>(
+                        steadfast::common::GrpcCode::Unavailable,
                         "warming up",
                     );
                     let (p, _) = res.into_parts();
@@ -218,7 +218,7 @@ async fn tonic_client_retries_unavailable_with_its_body_replayed() {
             req.map(tonic::body::Body::new)
         })
         .layer(channel);
-    let stack = RetryLayer::policy()
+    let stack = RetryLayer::builder()
         .retry_non_idempotent(true) // a health check is safe to repeat
         .build()
         .unwrap()

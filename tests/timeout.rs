@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::{Router, extract::State, http::HeaderMap, routing::get};
-use steadfast::core::{BoxError, Deadline};
-use steadfast::timeout::{Elapsed, ServerTimeoutLayer, TimeoutLayer};
+use steadfast::common::{BoxError, Deadline};
+use steadfast::timeout::error::Elapsed;
+use steadfast::timeout::{SetDeadlineLayer, TimeoutLayer};
 use support::{get as get_req, http_client, serve_axum};
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
@@ -24,7 +25,7 @@ async fn axum_slow_handler_gets_504_fast_one_is_untouched() {
             }),
         )
         .route("/fast", get(|| async { "fast" }))
-        .layer(ServerTimeoutLayer::new(Duration::from_secs(2)));
+        .layer(SetDeadlineLayer::new(Duration::from_secs(2)));
     let addr = serve_axum(app).await;
     let client = http_client();
 
@@ -67,7 +68,7 @@ async fn tonic_client_sees_deadline_exceeded_from_slow_server() {
     };
     tokio::spawn(
         tonic::transport::Server::builder()
-            .layer(ServerTimeoutLayer::new(Duration::from_secs(1)))
+            .layer(SetDeadlineLayer::new(Duration::from_secs(1)))
             .layer(record)
             .layer(slow)
             .add_service(health)
@@ -168,7 +169,7 @@ async fn deadline_propagates_across_hops_and_cuts_the_innermost_call() {
         Router::new()
             .route("/b", get(b_handler))
             .with_state((seen.clone(), c))
-            .layer(ServerTimeoutLayer::new(Duration::from_secs(30))),
+            .layer(SetDeadlineLayer::new(Duration::from_secs(30))),
     )
     .await;
 
@@ -188,7 +189,7 @@ async fn deadline_propagates_across_hops_and_cuts_the_innermost_call() {
                     }
                 }),
             )
-            .layer(ServerTimeoutLayer::new(Duration::from_secs(30))),
+            .layer(SetDeadlineLayer::new(Duration::from_secs(30))),
     )
     .await;
 
@@ -234,7 +235,7 @@ mod body {
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
     use steadfast::retry::ReplayBody;
-    use steadfast::timeout::Elapsed;
+    use steadfast::timeout::error::Elapsed;
     use steadfast_testkit::{Fault, FaultServer};
     use tokio::time::Instant;
     use tower::{Layer, ServiceExt};
@@ -251,14 +252,14 @@ mod body {
     async fn drain<B>(mut body: B) -> (usize, Option<Elapsed>)
     where
         B: http_body::Body<Data = Bytes> + Unpin,
-        B::Error: Into<steadfast::core::BoxError>,
+        B::Error: Into<steadfast::common::BoxError>,
     {
         let mut n = 0;
         while let Some(frame) = body.frame().await {
             match frame {
                 Ok(f) => n += f.into_data().map_or(0, |d| d.len()),
                 Err(e) => {
-                    let e: steadfast::core::BoxError = e.into();
+                    let e: steadfast::common::BoxError = e.into();
                     return (n, Some(*e.downcast_ref::<Elapsed>().expect("an Elapsed")));
                 }
             }

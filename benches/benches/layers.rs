@@ -10,7 +10,7 @@ use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::{Empty, Full};
 use steadfast::breaker::CircuitBreakerLayer;
-use steadfast::correlation::{ClientCorrelationIdLayer, CorrelationId, CorrelationIdLayer};
+use steadfast::correlation::{CorrelationId, PropagateCorrelationIdLayer, SetCorrelationIdLayer};
 use steadfast::retry::{Backoff, RetryLayer};
 use steadfast_bench::peers::{
     FailEveryOther, Failing, Failsafe, TowerPolicy, fs_breaker, tr_breaker_layer,
@@ -110,7 +110,7 @@ fn timeout(c: &mut Criterion) {
     );
     rec.bench(
         "steadfast-server",
-        steadfast::timeout::ServerTimeoutLayer::new(FIVE_S).layer(Bare),
+        steadfast::timeout::SetDeadlineLayer::new(FIVE_S).layer(Bare),
     );
     drop(rec);
 
@@ -227,7 +227,7 @@ fn retry(c: &mut Criterion) {
     );
     rec.bench_blocking(
         "steadfast",
-        RetryLayer::policy()
+        RetryLayer::builder()
             .backoff(Backoff::new(Duration::ZERO, Duration::ZERO))
             .budget(None)
             .build()
@@ -356,10 +356,18 @@ fn correlation(c: &mut Criterion) {
         let mut rec = Recorder::new(c, group);
         rec.bench_req("bare", Bare, make_req);
         rec.bench_req("tower-http", tower_http_pair(Bare), make_req);
-        rec.bench_req("steadfast", CorrelationIdLayer::new().layer(Bare), make_req);
+        rec.bench_req(
+            "steadfast",
+            SetCorrelationIdLayer::new().layer(Bare),
+            make_req,
+        );
         rec.bench_req(
             "steadfast-no-extension",
-            CorrelationIdLayer::new().extension(false).layer(Bare),
+            SetCorrelationIdLayer::builder()
+                .extension(false)
+                .build()
+                .unwrap()
+                .layer(Bare),
             make_req,
         );
     }
@@ -370,7 +378,7 @@ fn correlation(c: &mut Criterion) {
     rec.bench_req("bare", InScope(id.clone(), Bare), with_id);
     rec.bench_req(
         "steadfast",
-        InScope(id.clone(), ClientCorrelationIdLayer::new().layer(Bare)),
+        InScope(id.clone(), PropagateCorrelationIdLayer::new().layer(Bare)),
         with_id,
     );
 }

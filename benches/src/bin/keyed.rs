@@ -25,7 +25,7 @@ type Svc = steadfast::breaker::KeyedCircuitBreaker<
     tower::util::ServiceFn<
         fn(http::Request<()>) -> std::future::Ready<Result<http::Response<()>, Infallible>>,
     >,
-    steadfast::core::DefaultClassifier,
+    steadfast::common::DefaultClassifier,
     steadfast::breaker::ByAuthority,
     Option<http::uri::Authority>,
 >;

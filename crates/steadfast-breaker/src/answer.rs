@@ -14,7 +14,7 @@ use tower_service::Service;
 
 use crate::breaker::{Breaker, Stripe};
 use crate::error::BreakerOpen;
-use crate::future::{BreakerBody, Guard, ResponseFuture};
+use crate::future::{BreakerBody, Guard, classified, report_error};
 use crate::layer::CircuitBreakerLayer;
 
 /// A breaker in front of a server's routes that *answers* when open — `503` with
@@ -116,32 +116,23 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let stripe: &Arc<Stripe<C>> = self.breaker.stripe();
-        match stripe.admit() {
-            Ok(permit) => {
-                let guard = Guard::new(stripe.clone(), permit);
-                AnsweringFuture {
-                    state: AnswerState::Called {
-                        inner: ResponseFuture::called(
-                            Passthrough {
-                                inner: self.inner.call(req),
-                            },
-                            guard,
-                        ),
-                    },
-                }
-            }
-            Err(open) => AnsweringFuture {
-                state: AnswerState::Open {
-                    open,
-                    grpc: is_grpc_content_type(req.headers()),
-                },
+        let state = match stripe.admit() {
+            Ok(permit) => AnswerState::Called {
+                inner: self.inner.call(req),
+                guard: Some(Guard::new(stripe.clone(), permit)),
             },
-        }
+            Err(open) => AnswerState::Open {
+                open,
+                grpc: is_grpc_content_type(req.headers()),
+            },
+        };
+        AnsweringFuture { state }
     }
 }
 
 pin_project! {
-    /// The response future of [`AnsweringBreaker`].
+    /// The response future of [`AnsweringBreaker`]: the inner error type is kept as it is
+    /// (classified by reference, never boxed).
     pub struct AnsweringFuture<F, C> {
         #[pin]
         state: AnswerState<F, C>,
@@ -153,7 +144,8 @@ pin_project! {
     enum AnswerState<F, C> {
         Called {
             #[pin]
-            inner: ResponseFuture<Passthrough<F>, C>,
+            inner: F,
+            guard: Option<Guard<C>>,
         },
         Open {
             open: BreakerOpen,
@@ -167,44 +159,6 @@ impl<F, C> fmt::Debug for AnsweringFuture<F, C> {
         f.debug_struct("AnsweringFuture").finish_non_exhaustive()
     }
 }
-
-pin_project! {
-    /// Carries the inner error through the classifying future untouched.
-    pub(crate) struct Passthrough<F> {
-        #[pin]
-        inner: F,
-    }
-}
-
-impl<F> fmt::Debug for Passthrough<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Passthrough").finish_non_exhaustive()
-    }
-}
-
-impl<F, T, E> Future for Passthrough<F>
-where
-    F: Future<Output = Result<T, E>>,
-    E: std::error::Error + 'static,
-{
-    type Output = Result<T, Carried<E>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().inner.poll(cx).map_err(Carried)
-    }
-}
-
-/// An inner error on its way through the breaker's classification.
-#[derive(Debug)]
-pub(crate) struct Carried<E>(E);
-
-impl<E: fmt::Display> fmt::Display for Carried<E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl<E: std::error::Error + 'static> std::error::Error for Carried<E> {}
 
 impl<F, C, ResB, E> Future for AnsweringFuture<F, C>
 where
@@ -221,24 +175,17 @@ where
             } else {
                 open.to_http_response()
             })),
-            AnswerProj::Called { inner } => match ready!(inner.poll(cx)) {
-                Ok(res) => Poll::Ready(Ok(res.map(ResponseBody::inner))),
-                Err(e) => match e.downcast::<Carried<E>>() {
-                    Ok(carried) => Poll::Ready(Err(carried.0)),
-                    Err(_) => unreachable!("the breaker's future only returns the inner error"),
-                },
-            },
+            AnswerProj::Called { inner, guard } => {
+                let out = ready!(inner.poll(cx));
+                let guard = guard.take().expect("polled after completion");
+                Poll::Ready(match out {
+                    Ok(res) => Ok(classified(res, guard).map(ResponseBody::inner)),
+                    Err(e) => {
+                        report_error(&e, guard);
+                        Err(e)
+                    }
+                })
+            }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn carried_errors_read_like_the_inner_error() {
-        let e = Carried(std::io::Error::other("inner"));
-        assert_eq!(e.to_string(), "inner");
     }
 }

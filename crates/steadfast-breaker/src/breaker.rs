@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use steadfast_core::thread_number;
+use steadfast_core::__private::thread_number;
 
 use crate::error::BreakerOpen;
 use crate::state::{Permit, Policy, Shared};

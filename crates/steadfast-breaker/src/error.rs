@@ -1,3 +1,5 @@
+//! The errors of this crate.
+
 use std::error::Error;
 use std::fmt;
 use std::time::Duration;
@@ -14,7 +16,7 @@ use steadfast_core::{GrpcCode, PolicyRejected, ResponseBody, grpc_response, http
 ///
 /// ```
 /// use std::time::Duration;
-/// use steadfast_breaker::BreakerOpen;
+/// use steadfast_breaker::error::BreakerOpen;
 /// use steadfast_core::PolicyRejected;
 ///
 /// let e = BreakerOpen::new(Some(Duration::from_secs(3)));
@@ -85,7 +87,7 @@ impl Error for BreakerOpen {
 /// An invalid breaker configuration; its message says what to change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum InvalidConfig {
+pub enum InvalidBreakerConfig {
     /// A threshold, window size, minimum or key count of zero.
     Zero(&'static str),
     /// A count outside what the breaker supports.
@@ -114,7 +116,7 @@ pub enum InvalidConfig {
     NeverTrips(&'static str),
 }
 
-impl fmt::Display for InvalidConfig {
+impl fmt::Display for InvalidBreakerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Zero(what) => write!(f, "breaker {what} must be at least 1"),
@@ -131,4 +133,4 @@ impl fmt::Display for InvalidConfig {
     }
 }
 
-impl Error for InvalidConfig {}
+impl Error for InvalidBreakerConfig {}

@@ -1,3 +1,5 @@
+//! The response futures of the breaker services, and the body that reports a streamed outcome.
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +16,8 @@ use steadfast_core::{BoxError, Class, Classify, Delivery, GrpcClassifier, Respon
 
 use crate::breaker::Stripe;
 use crate::error::BreakerOpen;
+
+pub use crate::answer::AnsweringFuture;
 use crate::state::{Permit, nanos};
 
 pin_project! {
@@ -295,16 +299,28 @@ where
             unreachable!("a called future has its inner future");
         };
         let out = ready!(inner.poll(cx));
-        let mut guard = guard.take().expect("polled after completion");
+        let guard = guard.take().expect("polled after completion");
         Poll::Ready(match out {
-            Ok(res) => match guard.stripe.classifier.classify_response(&res) {
-                ResponseClass::Ready(class) if guard.report_noop(class) => {
-                    Ok(res.map(BreakerBody::reported))
-                }
-                class => Ok(settle(res, guard, class)),
-            },
-            Err(e) => Err(failed(e.into(), guard)),
+            Ok(res) => Ok(classified(res, guard)),
+            Err(e) => {
+                let e = e.into();
+                report_error(&*e, guard);
+                Err(e)
+            }
         })
+    }
+}
+
+/// Reports a response's outcome and wraps its body. The breaker services share it; a success
+/// that changes nothing goes straight through, every other outcome is settled out of line.
+#[inline]
+pub(crate) fn classified<B, C: Classify<Response<B>>>(
+    res: Response<B>,
+    mut guard: Guard<C>,
+) -> Response<BreakerBody<B, C>> {
+    match guard.stripe.classifier.classify_response(&res) {
+        ResponseClass::Ready(class) if guard.report_noop(class) => res.map(BreakerBody::reported),
+        class => settle(res, guard, class),
     }
 }
 
@@ -331,10 +347,12 @@ fn settle<B, C>(
     }
 }
 
-/// Reports an inner error.
+/// Reports an inner error (the caller keeps it).
 #[inline(never)]
-fn failed<C: Classify<Response<B>>, B>(e: BoxError, guard: Guard<C>) -> BoxError {
-    let class = guard.stripe.classifier.classify_error(&*e);
+pub(crate) fn report_error<C: Classify<Response<B>>, B>(
+    e: &(dyn std::error::Error + Send + Sync + 'static),
+    guard: Guard<C>,
+) {
+    let class = guard.stripe.classifier.classify_error(e);
     guard.report(Some(class), None);
-    e
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use crate::breaker::Breaker;
-use crate::state::{State, Transition, state_of};
+use crate::state::{BreakerState, Transition, state_of};
 use crate::window::WindowCounts;
 
 /// Observe and control one breaker.
@@ -13,13 +13,13 @@ use crate::window::WindowCounts;
 /// breaker.
 ///
 /// ```
-/// use steadfast_breaker::{CircuitBreakerLayer, State};
+/// use steadfast_breaker::{CircuitBreakerLayer, BreakerState};
 ///
 /// let layer = CircuitBreakerLayer::new();
 /// let handle = layer.handle();
-/// assert_eq!(handle.state(), State::Closed);
+/// assert_eq!(handle.state(), BreakerState::Closed);
 /// handle.force_open();
-/// assert_eq!(handle.state(), State::ForcedOpen);
+/// assert_eq!(handle.state(), BreakerState::ForcedOpen);
 /// handle.close();
 /// assert_eq!(handle.metrics().rejected, 0);
 /// ```
@@ -48,7 +48,7 @@ impl<C> fmt::Debug for BreakerHandle<C> {
 #[non_exhaustive]
 pub struct Metrics {
     /// The current state.
-    pub state: State,
+    pub state: BreakerState,
     /// The current generation (one per transition).
     pub generation: u64,
     /// Calls admitted since creation.
@@ -75,7 +75,7 @@ impl Metrics {
 
 impl<C> BreakerHandle<C> {
     /// The current state.
-    pub fn state(&self) -> State {
+    pub fn state(&self) -> BreakerState {
         self.breaker.shared.state()
     }
 
@@ -98,24 +98,24 @@ impl<C> BreakerHandle<C> {
 
     /// Rejects every call until [`close`](Self::close) or another manual transition.
     pub fn force_open(&self) {
-        self.breaker.shared.force(State::ForcedOpen);
+        self.breaker.shared.force(BreakerState::ForcedOpen);
     }
 
     /// Closes the breaker and clears its counts (the window, the consecutive count and the
     /// trip count), from any state: a Closed breaker is reset too, and subscribers see a
     /// Closed -> Closed transition. Outcomes of calls still in flight no longer count.
     pub fn close(&self) {
-        self.breaker.shared.force(State::Closed);
+        self.breaker.shared.force(BreakerState::Closed);
     }
 
     /// Lets every call through and stops counting towards trips.
     pub fn disable(&self) {
-        self.breaker.shared.force(State::Disabled);
+        self.breaker.shared.force(BreakerState::Disabled);
     }
 
     /// Lets every call through but keeps recording window metrics (a dry run).
     pub fn metrics_only(&self) {
-        self.breaker.shared.force(State::MetricsOnly);
+        self.breaker.shared.force(BreakerState::MetricsOnly);
     }
 
     /// Subscribes to state transitions.

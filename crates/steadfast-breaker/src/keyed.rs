@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::breaker::{Breaker, Stripe};
 use crate::handle::BreakerHandle;
-use crate::state::{Policy, State};
+use crate::state::{BreakerState, Policy};
 
 /// Picks the breaker a request belongs to.
 ///
@@ -175,8 +175,10 @@ impl<K: Hash + Eq + Clone, C> KeyedMap<K, C> {
         let idle = now.saturating_sub(used) >= self.idle.as_secs();
         match e.stripe.shared.state() {
             // Set by hand through a handle: kept for as long as the layer lives.
-            State::ForcedOpen | State::Disabled | State::MetricsOnly => Verdict::Keep,
-            State::Open | State::HalfOpen if !idle => Verdict::Keep,
+            BreakerState::ForcedOpen | BreakerState::Disabled | BreakerState::MetricsOnly => {
+                Verdict::Keep
+            }
+            BreakerState::Open | BreakerState::HalfOpen if !idle => Verdict::Keep,
             _ if idle => Verdict::Evict,
             _ => Verdict::Candidate(used),
         }

@@ -8,7 +8,7 @@ use steadfast_core::DefaultClassifier;
 use tower_layer::Layer;
 
 use crate::breaker::{Breaker, STRIPES};
-use crate::error::InvalidConfig;
+use crate::error::InvalidBreakerConfig;
 use crate::handle::BreakerHandle;
 use crate::keyed::{ByAuthority, ExtractKey, KeyedMap};
 use crate::service::{CircuitBreaker, KeyedCircuitBreaker};
@@ -52,7 +52,7 @@ impl Default for CircuitBreakerBuilder {
                 max_open_time: Duration::from_secs(300),
                 jitter_percent: 10,
                 probes: 1,
-                seed: steadfast_core::rand::random_seed(0),
+                seed: steadfast_core::__private::rand::random_seed(0),
             },
             classifier: DefaultClassifier::new(),
             backpressure: false,
@@ -75,6 +75,15 @@ impl<C> CircuitBreakerBuilder<C> {
     pub fn count_window(mut self, size: u32) -> Self {
         self.policy.window = Some(WindowKind::Count { size });
         self
+    }
+
+    /// The whole time window (bucket width × buckets, saturating) when one is set: what a
+    /// preset checks against its attempt timeout.
+    pub fn time_window_len(&self) -> Option<Duration> {
+        match self.policy.window {
+            Some(WindowKind::Time { width, buckets }) => Some(width.saturating_mul(buckets)),
+            _ => None,
+        }
     }
 
     /// Measure rates over `buckets` time buckets of `width` each (window = width × buckets).
@@ -178,28 +187,30 @@ impl<C> CircuitBreakerBuilder<C> {
         }
     }
 
-    fn validated(&self) -> Result<Policy, InvalidConfig> {
+    fn validated(&self) -> Result<Policy, InvalidBreakerConfig> {
         let mut p = self.policy;
         if p.consecutive == Some(0) {
-            return Err(InvalidConfig::Zero("consecutive_failures"));
+            return Err(InvalidBreakerConfig::Zero("consecutive_failures"));
         }
         if p.probes == 0 {
-            return Err(InvalidConfig::Zero("half_open_probes"));
+            return Err(InvalidBreakerConfig::Zero("half_open_probes"));
         }
         if p.probes > u32::from(u16::MAX) {
-            return Err(InvalidConfig::OutOfRange {
+            return Err(InvalidBreakerConfig::OutOfRange {
                 what: "half_open_probes",
                 range: "1-65535",
                 got: p.probes.into(),
             });
         }
         if p.min_calls == 0 {
-            return Err(InvalidConfig::Zero("min_calls"));
+            return Err(InvalidBreakerConfig::Zero("min_calls"));
         }
         match p.window {
-            Some(WindowKind::Count { size: 0 }) => return Err(InvalidConfig::Zero("count_window")),
+            Some(WindowKind::Count { size: 0 }) => {
+                return Err(InvalidBreakerConfig::Zero("count_window"));
+            }
             Some(WindowKind::Count { size }) if size > MAX_COUNT_WINDOW => {
-                return Err(InvalidConfig::OutOfRange {
+                return Err(InvalidBreakerConfig::OutOfRange {
                     what: "count_window",
                     range: "1-1048576 calls",
                     got: size.into(),
@@ -209,14 +220,14 @@ impl<C> CircuitBreakerBuilder<C> {
             // the minimum is at most the size (else the rate rule could never apply).
             Some(WindowKind::Count { size }) => p.min_calls = p.min_calls.min(size),
             Some(WindowKind::Time { buckets, .. }) if buckets == 0 || buckets > 64 => {
-                return Err(InvalidConfig::OutOfRange {
+                return Err(InvalidBreakerConfig::OutOfRange {
                     what: "time_window buckets",
                     range: "1-64",
                     got: buckets.into(),
                 });
             }
             Some(WindowKind::Time { width, .. }) if width.is_zero() => {
-                return Err(InvalidConfig::TooShort {
+                return Err(InvalidBreakerConfig::TooShort {
                     what: "time_window bucket width",
                     min: Duration::from_nanos(1),
                     got: width,
@@ -230,13 +241,13 @@ impl<C> CircuitBreakerBuilder<C> {
         ] {
             if let Some(r) = rate {
                 if r == 0 || r > 100 {
-                    return Err(InvalidConfig::Rate(what, r));
+                    return Err(InvalidBreakerConfig::Rate(what, r));
                 }
             }
         }
         if let Some((threshold, _)) = p.slow {
             if threshold.is_zero() {
-                return Err(InvalidConfig::TooShort {
+                return Err(InvalidBreakerConfig::TooShort {
                     what: "slow_calls threshold",
                     min: Duration::from_nanos(1),
                     got: threshold,
@@ -245,12 +256,12 @@ impl<C> CircuitBreakerBuilder<C> {
         }
         if p.window.is_none() {
             if p.failure_rate.is_some() || p.slow.is_some() {
-                return Err(InvalidConfig::NeverTrips(
+                return Err(InvalidBreakerConfig::NeverTrips(
                     "failure_rate and slow_calls are judged over a window: add count_window or time_window",
                 ));
             }
             if p.consecutive.is_none() {
-                return Err(InvalidConfig::NeverTrips(
+                return Err(InvalidBreakerConfig::NeverTrips(
                     "no consecutive_failures rule and no window: set one of them",
                 ));
             }
@@ -259,17 +270,17 @@ impl<C> CircuitBreakerBuilder<C> {
             p.failure_rate = Some(50);
         }
         if p.open_time < MIN_OPEN_TIME {
-            return Err(InvalidConfig::TooShort {
+            return Err(InvalidBreakerConfig::TooShort {
                 what: "open_time",
                 min: MIN_OPEN_TIME,
                 got: p.open_time,
             });
         }
         if p.max_open_time < p.open_time {
-            return Err(InvalidConfig::OpenTimes);
+            return Err(InvalidBreakerConfig::OpenTimes);
         }
         if self.max_keys == 0 {
-            return Err(InvalidConfig::Zero("max_keys"));
+            return Err(InvalidBreakerConfig::Zero("max_keys"));
         }
         Ok(p)
     }
@@ -278,9 +289,9 @@ impl<C> CircuitBreakerBuilder<C> {
     ///
     /// # Errors
     ///
-    /// [`InvalidConfig`] when a count is zero or out of range, a rate is outside 1-100 %, a
+    /// [`InvalidBreakerConfig`] when a count is zero or out of range, a rate is outside 1-100 %, a
     /// duration is too short, the open times are inverted, or the breaker could never trip.
-    pub fn build(self) -> Result<CircuitBreakerLayer<C>, InvalidConfig> {
+    pub fn build(self) -> Result<CircuitBreakerLayer<C>, InvalidBreakerConfig> {
         let policy = self.validated()?;
         Ok(CircuitBreakerLayer {
             breaker: Arc::new(Breaker::new(
@@ -299,7 +310,8 @@ impl<C> CircuitBreakerBuilder<C> {
     /// As [`build`](Self::build).
     pub fn build_per_authority(
         self,
-    ) -> Result<KeyedCircuitBreakerLayer<C, ByAuthority, Option<Authority>>, InvalidConfig> {
+    ) -> Result<KeyedCircuitBreakerLayer<C, ByAuthority, Option<Authority>>, InvalidBreakerConfig>
+    {
         self.build_per_key(ByAuthority)
     }
 
@@ -311,7 +323,7 @@ impl<C> CircuitBreakerBuilder<C> {
     pub fn build_per_key<K, Key>(
         self,
         extract: K,
-    ) -> Result<KeyedCircuitBreakerLayer<C, K, Key>, InvalidConfig>
+    ) -> Result<KeyedCircuitBreakerLayer<C, K, Key>, InvalidBreakerConfig>
     where
         K: ExtractKey<Key>,
         Key: Hash + Eq + Clone,
@@ -345,14 +357,15 @@ impl<C> CircuitBreakerBuilder<C> {
 /// built for that route). For one breaker per upstream, use
 /// [`build_per_authority`](CircuitBreakerBuilder::build_per_authority).
 ///
-/// An open breaker fails the call with [`BreakerOpen`](crate::BreakerOpen) without touching
+/// An open breaker fails the call with [`BreakerOpen`](crate::error::BreakerOpen) without touching
 /// the inner service; `poll_ready` never fails for policy reasons.
 ///
 /// # Example
 ///
 /// ```
 /// use std::time::Duration;
-/// use steadfast_breaker::{BreakerOpen, CircuitBreakerLayer, State};
+/// use steadfast_breaker::{CircuitBreakerLayer, BreakerState};
+/// use steadfast_breaker::error::BreakerOpen;
 /// use tower::{Service, ServiceExt, service_fn};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
@@ -371,7 +384,7 @@ impl<C> CircuitBreakerBuilder<C> {
 ///     let res = svc.ready().await.unwrap().call(http::Request::new(())).await.unwrap();
 ///     assert_eq!(res.status(), 503);
 /// }
-/// assert_eq!(handle.state(), State::Open);
+/// assert_eq!(handle.state(), BreakerState::Open);
 /// let err = svc.ready().await.unwrap().call(http::Request::new(())).await.unwrap_err();
 /// assert_eq!(err.downcast_ref::<BreakerOpen>().unwrap().retry_after(), Some(Duration::from_secs(10)));
 /// # }

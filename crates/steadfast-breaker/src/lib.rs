@@ -40,13 +40,13 @@
 //!
 //! On a server, [`CircuitBreakerLayer::answering`] answers `503` + `Retry-After` (HTTP) or a
 //! trailers-only `UNAVAILABLE` (gRPC) and keeps the inner error type. Gateways that call
-//! through a client stack turn [`BreakerOpen`] into the same answers with
-//! [`BreakerOpen::to_http_response`] / [`BreakerOpen::to_grpc_response`].
+//! through a client stack turn [`BreakerOpen`](error::BreakerOpen) into the same answers with
+//! [`BreakerOpen::to_http_response`](error::BreakerOpen::to_http_response) / [`BreakerOpen::to_grpc_response`](error::BreakerOpen::to_grpc_response).
 
 mod answer;
 mod breaker;
-mod error;
-mod future;
+pub mod error;
+pub mod future;
 mod handle;
 mod keyed;
 mod layer;
@@ -55,12 +55,11 @@ mod state;
 mod sync;
 mod window;
 
-pub use answer::{AnsweringBreaker, AnsweringBreakerLayer, AnsweringFuture};
-pub use error::{BreakerOpen, InvalidConfig};
-pub use future::{BreakerBody, ResponseFuture};
+pub use answer::{AnsweringBreaker, AnsweringBreakerLayer};
+pub use future::BreakerBody;
 pub use handle::{BreakerHandle, Metrics, Transitions};
 pub use keyed::{ByAuthority, ExtractKey};
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, KeyedCircuitBreakerLayer};
 pub use service::{CircuitBreaker, KeyedCircuitBreaker};
-pub use state::{State, Transition};
+pub use state::{BreakerState, Transition};
 pub use window::WindowCounts;

@@ -15,7 +15,7 @@ use tower_service::Service;
 use crate::breaker::{Breaker, Stripe};
 use crate::future::{BreakerBody, Guard, ResponseFuture};
 use crate::keyed::{ExtractKey, KeyedMap};
-use crate::state::State;
+use crate::state::BreakerState;
 
 /// Admits or rejects one call on `stripe`'s breaker and calls `inner` when admitted (the
 /// stripe is cloned only for an admitted call, and only if borrowed).
@@ -102,8 +102,8 @@ impl<S, C> CircuitBreaker<S, C> {
     fn would_reject(&self) -> Option<Duration> {
         let shared = &self.breaker.shared;
         match shared.state() {
-            State::ForcedOpen => Some(RECHECK),
-            State::Open => shared.wait_hint().filter(|d| !d.is_zero()),
+            BreakerState::ForcedOpen => Some(RECHECK),
+            BreakerState::Open => shared.wait_hint().filter(|d| !d.is_zero()),
             _ => None,
         }
     }

@@ -22,14 +22,14 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use steadfast_core::rand;
+use steadfast_core::__private::rand;
 
 use crate::error::BreakerOpen;
 use crate::window::{CountWindow, TimeWindow, WindowCounts};
 
 /// A breaker's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum State {
+pub enum BreakerState {
     /// Calls pass; outcomes are counted.
     Closed,
     /// Calls fail fast with [`BreakerOpen`] until the open time has passed.
@@ -44,17 +44,17 @@ pub enum State {
     MetricsOnly,
 }
 
-impl State {
+impl BreakerState {
     /// A stable lower-case name (`closed`, `open`, `half_open`, `disabled`, `forced_open`,
     /// `metrics_only`) for logs and metric labels.
     pub const fn as_str(self) -> &'static str {
         match self {
-            State::Closed => "closed",
-            State::Open => "open",
-            State::HalfOpen => "half_open",
-            State::Disabled => "disabled",
-            State::ForcedOpen => "forced_open",
-            State::MetricsOnly => "metrics_only",
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+            BreakerState::Disabled => "disabled",
+            BreakerState::ForcedOpen => "forced_open",
+            BreakerState::MetricsOnly => "metrics_only",
         }
     }
 }
@@ -67,26 +67,26 @@ const FORCED_OPEN: u64 = 4;
 const METRICS_ONLY: u64 = 5;
 const TAG: u64 = 0b111;
 
-fn tag_of(s: State) -> u64 {
+fn tag_of(s: BreakerState) -> u64 {
     match s {
-        State::Closed => CLOSED,
-        State::Open => OPEN,
-        State::HalfOpen => HALF_OPEN,
-        State::Disabled => DISABLED,
-        State::ForcedOpen => FORCED_OPEN,
-        State::MetricsOnly => METRICS_ONLY,
+        BreakerState::Closed => CLOSED,
+        BreakerState::Open => OPEN,
+        BreakerState::HalfOpen => HALF_OPEN,
+        BreakerState::Disabled => DISABLED,
+        BreakerState::ForcedOpen => FORCED_OPEN,
+        BreakerState::MetricsOnly => METRICS_ONLY,
     }
 }
 
 /// The state of a state word.
-pub(crate) fn state_of(word: u64) -> State {
+pub(crate) fn state_of(word: u64) -> BreakerState {
     match word & TAG {
-        CLOSED => State::Closed,
-        OPEN => State::Open,
-        HALF_OPEN => State::HalfOpen,
-        DISABLED => State::Disabled,
-        FORCED_OPEN => State::ForcedOpen,
-        _ => State::MetricsOnly,
+        CLOSED => BreakerState::Closed,
+        OPEN => BreakerState::Open,
+        HALF_OPEN => BreakerState::HalfOpen,
+        DISABLED => BreakerState::Disabled,
+        FORCED_OPEN => BreakerState::ForcedOpen,
+        _ => BreakerState::MetricsOnly,
     }
 }
 
@@ -98,9 +98,9 @@ fn next(word: u64, to: u64) -> u64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transition {
     /// The state left.
-    pub from: State,
+    pub from: BreakerState,
     /// The state entered.
-    pub to: State,
+    pub to: BreakerState,
     /// When (tokio time).
     pub at: Instant,
     /// The generation entered (increases by one per transition).
@@ -246,7 +246,7 @@ impl Shared {
         nanos(Instant::now().saturating_duration_since(self.base))
     }
 
-    pub(crate) fn state(&self) -> State {
+    pub(crate) fn state(&self) -> BreakerState {
         state_of(self.word())
     }
 
@@ -608,21 +608,21 @@ impl Shared {
     /// state, Closed included: the window and the trip count are cleared, a new generation
     /// voids the consecutive count and the outcomes of calls still in flight, and a
     /// Closed -> Closed transition is announced.
-    pub(crate) fn force(&self, to: State) {
+    pub(crate) fn force(&self, to: BreakerState) {
         let mut w = self.word.load(Acquire);
         loop {
-            if state_of(w) == to && to != State::Closed {
+            if state_of(w) == to && to != BreakerState::Closed {
                 return;
             }
             let to_word = next(w, tag_of(to));
             if self.cas_word(w, to_word) {
-                if to == State::Closed {
+                if to == BreakerState::Closed {
                     // After the move: an outcome of the old generation that raced in before
                     // it is cleared too (one that starts now is refused by its generation).
                     self.reset_window();
                     self.cold.trips.store(0, Relaxed);
                 }
-                if to == State::Open {
+                if to == BreakerState::Open {
                     self.schedule(to_word, self.policy.open_time);
                 }
                 self.announce(w, to_word, None);
@@ -833,7 +833,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(shared.state(), State::Open);
+        assert_eq!(shared.state(), BreakerState::Open);
         assert_eq!(shared.generation(), 1);
         assert!(rx.try_recv().is_ok());
         assert!(rx.try_recv().is_err(), "exactly one transition");

@@ -8,12 +8,12 @@ use steadfast_breaker::CircuitBreakerLayer;
 
 #[test]
 fn configuration_errors_say_what_to_change() {
-    use steadfast_breaker::InvalidConfig;
+    use steadfast_breaker::error::InvalidBreakerConfig;
     let e = CircuitBreakerLayer::builder()
         .half_open_probes(0)
         .build()
         .unwrap_err();
-    assert_eq!(e, InvalidConfig::Zero("half_open_probes"));
+    assert_eq!(e, InvalidBreakerConfig::Zero("half_open_probes"));
     assert_eq!(e.to_string(), "breaker half_open_probes must be at least 1");
     let e = CircuitBreakerLayer::builder()
         .count_window(10)
@@ -31,11 +31,11 @@ fn configuration_errors_say_what_to_change() {
 
 #[test]
 fn every_invalid_setting_is_refused() {
-    use steadfast_breaker::InvalidConfig;
+    use steadfast_breaker::error::InvalidBreakerConfig;
     let b = CircuitBreakerLayer::builder;
     assert_eq!(
         b().consecutive_failures(Some(0)).build().unwrap_err(),
-        InvalidConfig::Zero("consecutive_failures")
+        InvalidBreakerConfig::Zero("consecutive_failures")
     );
     let e = b().half_open_probes(70_000).build().unwrap_err();
     assert_eq!(
@@ -46,7 +46,7 @@ fn every_invalid_setting_is_refused() {
     assert!(b().half_open_probes(65_535).build().is_ok());
     assert_eq!(
         b().count_window(0).build().unwrap_err(),
-        InvalidConfig::Zero("count_window")
+        InvalidBreakerConfig::Zero("count_window")
     );
     for (width, buckets) in [
         (Duration::from_secs(1), 0),
@@ -73,7 +73,7 @@ fn every_invalid_setting_is_refused() {
     assert!(b().count_window(1 << 20).build().is_ok());
     assert_eq!(
         b().min_calls(0).build().unwrap_err(),
-        InvalidConfig::Zero("min_calls")
+        InvalidBreakerConfig::Zero("min_calls")
     );
     assert_eq!(
         b().open_time(Duration::ZERO)
@@ -88,7 +88,7 @@ fn every_invalid_setting_is_refused() {
             .slow_calls(Duration::ZERO, 50)
             .build()
             .unwrap_err(),
-        InvalidConfig::TooShort {
+        InvalidBreakerConfig::TooShort {
             what: "slow_calls threshold",
             ..
         }
@@ -100,12 +100,12 @@ fn every_invalid_setting_is_refused() {
         b().consecutive_failures(None),
     ] {
         let e = never.build().unwrap_err();
-        assert!(matches!(e, InvalidConfig::NeverTrips(_)), "{e}");
+        assert!(matches!(e, InvalidBreakerConfig::NeverTrips(_)), "{e}");
         assert!(e.to_string().starts_with("breaker could never trip: "));
     }
     assert_eq!(
         b().count_window(10).failure_rate(101).build().unwrap_err(),
-        InvalidConfig::Rate("failure_rate", 101)
+        InvalidBreakerConfig::Rate("failure_rate", 101)
     );
     assert!(b().count_window(10).failure_rate(100).build().is_ok());
     assert_eq!(
@@ -113,11 +113,11 @@ fn every_invalid_setting_is_refused() {
             .slow_calls(Duration::from_secs(1), 0)
             .build()
             .unwrap_err(),
-        InvalidConfig::Rate("slow_calls rate", 0)
+        InvalidBreakerConfig::Rate("slow_calls rate", 0)
     );
     assert_eq!(
         b().max_keys(0).build_per_authority().unwrap_err(),
-        InvalidConfig::Zero("max_keys")
+        InvalidBreakerConfig::Zero("max_keys")
     );
     assert!(
         b().open_time(Duration::from_secs(5))

@@ -6,7 +6,8 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use http::{Request, Response};
-use steadfast_breaker::{BreakerOpen, State};
+use steadfast_breaker::BreakerState;
+use steadfast_breaker::error::BreakerOpen;
 use tokio::time::advance;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -45,9 +46,13 @@ async fn grpc_status_in_trailers_is_judged_at_end_of_stream() {
         .call(Request::new(()))
         .await
         .unwrap();
-    assert_eq!(h.state(), State::Closed, "verdict not known from the head");
+    assert_eq!(
+        h.state(),
+        BreakerState::Closed,
+        "verdict not known from the head"
+    );
     let _ = res.into_body().collect().await.unwrap();
-    assert_eq!(h.state(), State::Open, "UNAVAILABLE in the trailers");
+    assert_eq!(h.state(), BreakerState::Open, "UNAVAILABLE in the trailers");
 }
 
 /// A gRPC probe's verdict comes with its trailers; a probe whose body is dropped before them
@@ -73,7 +78,7 @@ async fn a_grpc_probe_body_dropped_before_its_trailers_gives_the_permit_back() {
         .await
         .unwrap();
     let _ = fail.into_body().collect().await.unwrap();
-    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.state(), BreakerState::Open);
     advance(Duration::from_secs(30)).await;
 
     let probe = svc
@@ -83,7 +88,7 @@ async fn a_grpc_probe_body_dropped_before_its_trailers_gives_the_permit_back() {
         .call(Request::new(()))
         .await
         .unwrap();
-    assert_eq!(h.state(), State::HalfOpen);
+    assert_eq!(h.state(), BreakerState::HalfOpen);
     let mut body = probe.into_body();
     let first = body.frame().await.unwrap().unwrap();
     assert!(first.is_data(), "a data frame carries no verdict");
@@ -93,7 +98,11 @@ async fn a_grpc_probe_body_dropped_before_its_trailers_gives_the_permit_back() {
         "the probe's permit is still out"
     );
     drop(body);
-    assert_eq!(h.state(), State::HalfOpen, "no verdict from a dropped body");
+    assert_eq!(
+        h.state(),
+        BreakerState::HalfOpen,
+        "no verdict from a dropped body"
+    );
 
     let next = svc
         .ready()
@@ -103,7 +112,11 @@ async fn a_grpc_probe_body_dropped_before_its_trailers_gives_the_permit_back() {
         .await
         .expect("the permit came back");
     let _ = next.into_body().collect().await.unwrap();
-    assert_eq!(h.state(), State::Closed, "grpc-status 0 in the trailers");
+    assert_eq!(
+        h.state(),
+        BreakerState::Closed,
+        "grpc-status 0 in the trailers"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use proptest::prelude::*;
-use steadfast_breaker::{BreakerOpen, CircuitBreakerLayer, State};
+use steadfast_breaker::error::BreakerOpen;
+use steadfast_breaker::{BreakerState, CircuitBreakerLayer};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 #[derive(Clone, Copy, Debug)]
@@ -31,7 +32,7 @@ struct Model {
     window: Option<(usize, u32, u8)>, // size, min calls, rate
     base: u64,
     max: u64,
-    state: State,
+    state: BreakerState,
     consecutive: u32,
     outcomes: VecDeque<bool>,
     open_until: u64,
@@ -47,19 +48,19 @@ impl Model {
     fn trip(&mut self) {
         self.open_until = self.now + self.open_ms();
         self.trips += 1;
-        self.state = State::Open;
+        self.state = BreakerState::Open;
     }
 
     /// Returns whether the call was admitted.
     fn call(&mut self, fail: bool) -> bool {
         match self.state {
-            State::Open if self.now < self.open_until => false,
-            State::Open | State::HalfOpen => {
+            BreakerState::Open if self.now < self.open_until => false,
+            BreakerState::Open | BreakerState::HalfOpen => {
                 // Sequential calls: the probe's verdict is immediate.
                 if fail {
                     self.trip();
                 } else {
-                    self.state = State::Closed;
+                    self.state = BreakerState::Closed;
                     self.consecutive = 0;
                     self.outcomes.clear();
                     self.trips = 0;
@@ -127,7 +128,7 @@ fn run(
             window: window.map(|(s, m, r)| (s as usize, m.min(s), r)),
             base: 10_000,
             max: 60_000,
-            state: State::Closed,
+            state: BreakerState::Closed,
             consecutive: 0,
             outcomes: VecDeque::new(),
             open_until: 0,

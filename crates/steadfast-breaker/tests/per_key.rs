@@ -6,7 +6,8 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use http::{Request, Response};
-use steadfast_breaker::{BreakerOpen, State};
+use steadfast_breaker::BreakerState;
+use steadfast_breaker::error::BreakerOpen;
 use tokio::time::advance;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -63,7 +64,10 @@ async fn per_authority_breakers_are_isolated_and_bounded() {
         "other hosts unaffected"
     );
     let down: http::uri::Authority = "down".parse().unwrap();
-    assert_eq!(layer.handle(&Some(down)).unwrap().state(), State::Open);
+    assert_eq!(
+        layer.handle(&Some(down)).unwrap().state(),
+        BreakerState::Open
+    );
 
     call_each(&mut svc, "h", 100_000).await;
     assert!(layer.len() <= 1000 + 16, "memory bounded: {}", layer.len());
@@ -121,13 +125,13 @@ async fn a_flood_of_new_keys_does_not_evict_an_open_breaker() {
     let down: http::uri::Authority = "down".parse().unwrap();
     assert_eq!(
         layer.handle(&Some(down.clone())).unwrap().state(),
-        State::Open
+        BreakerState::Open
     );
     call_each(&mut svc, "flood", 10_000).await;
     assert!(layer.len() <= 32, "bounded: {}", layer.len());
     assert_eq!(
         layer.handle(&Some(down.clone())).unwrap().state(),
-        State::Open,
+        BreakerState::Open,
         "still open after 10 000 new keys"
     );
     let e = svc
@@ -161,7 +165,7 @@ async fn a_flood_of_new_keys_does_not_evict_an_open_breaker() {
     call_each(&mut svc, "much-later", 2_000).await;
     assert_eq!(
         layer.handle(&Some(kept)).unwrap().state(),
-        State::ForcedOpen,
+        BreakerState::ForcedOpen,
         "a forced state is never evicted"
     );
 }

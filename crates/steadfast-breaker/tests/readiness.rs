@@ -7,7 +7,8 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use http::{Request, Response};
-use steadfast_breaker::{BreakerOpen, State};
+use steadfast_breaker::BreakerState;
+use steadfast_breaker::error::BreakerOpen;
 use tower::{Layer, Service, ServiceExt};
 
 use common::*;
@@ -51,7 +52,7 @@ async fn backpressure_keeps_poll_ready_pending_until_a_probe_is_allowed() {
     let mut svc = layer.layer(up.svc());
     up.set(503);
     call(&mut svc).await.unwrap();
-    assert_eq!(h2.state(), State::Open);
+    assert_eq!(h2.state(), BreakerState::Open);
     let start = tokio::time::Instant::now();
     svc.ready().await.unwrap();
     assert_eq!(
@@ -61,7 +62,7 @@ async fn backpressure_keeps_poll_ready_pending_until_a_probe_is_allowed() {
     );
     up.set(200);
     assert_eq!(svc.call(Request::new(())).await.unwrap().status(), 200);
-    assert_eq!(h2.state(), State::Closed);
+    assert_eq!(h2.state(), BreakerState::Closed);
     let _ = h;
 }
 

@@ -1,4 +1,4 @@
-//! State shared across clones and tasks, Send/Sync, metrics and state names. Paused time.
+//! BreakerState shared across clones and tasks, Send/Sync, metrics and state names. Paused time.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
-use steadfast_breaker::{CircuitBreakerLayer, State};
+use steadfast_breaker::{BreakerState, CircuitBreakerLayer};
 use steadfast_core::{BoxError, DefaultClassifier};
 use tokio::time::advance;
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -26,7 +26,7 @@ async fn state_is_shared_by_every_service_from_one_layer() {
         let mut svc = layer.layer(up.svc());
         call(&mut svc).await.unwrap();
     }
-    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.state(), BreakerState::Open);
     let mut other = layer.clone().layer(up.svc());
     assert!(is_open(&call(&mut other).await));
     // A separately built layer is a separate breaker (one per route).
@@ -70,7 +70,7 @@ async fn many_tasks_never_exceed_n_probes_and_lose_no_permit() {
             .unwrap()
             .call(Request::get("/fail").body(()).unwrap())
             .await;
-        assert_eq!(h.state(), State::Open, "round {round}");
+        assert_eq!(h.state(), BreakerState::Open, "round {round}");
         advance(Duration::from_secs(1)).await;
         in_flight.store(0, Ordering::SeqCst);
         let rejected = Arc::new(AtomicUsize::new(0));
@@ -98,7 +98,7 @@ async fn many_tasks_never_exceed_n_probes_and_lose_no_permit() {
         tasks.join_all().await;
         assert_eq!(
             h.state(),
-            State::Closed,
+            BreakerState::Closed,
             "3 successes close; no permit was lost"
         );
     }
@@ -116,7 +116,7 @@ fn services_and_futures_are_send_sync() {
     >();
     send_sync::<CircuitBreakerLayer>();
     send::<
-        steadfast_breaker::ResponseFuture<
+        steadfast_breaker::future::ResponseFuture<
             std::future::Ready<Result<Response<()>, BoxError>>,
             DefaultClassifier,
         >,
@@ -156,7 +156,7 @@ async fn metrics_count_calls_failures_and_rejections() {
     }
     let m = h.metrics();
     assert_eq!((m.calls, m.failures, m.rejected), (10, 5, 2));
-    assert_eq!(m.state, State::Open);
+    assert_eq!(m.state, BreakerState::Open);
     // Calls from other threads land on other stripes and are summed.
     let mut handles = Vec::new();
     for _ in 0..3 {
@@ -198,12 +198,12 @@ async fn metrics_sum_every_thread_stripe() {
 #[test]
 fn state_names_are_stable() {
     let names: Vec<_> = [
-        State::Closed,
-        State::Open,
-        State::HalfOpen,
-        State::Disabled,
-        State::ForcedOpen,
-        State::MetricsOnly,
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+        BreakerState::Disabled,
+        BreakerState::ForcedOpen,
+        BreakerState::MetricsOnly,
     ]
     .iter()
     .map(|s| s.as_str())

@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::{Request, Response};
-use steadfast_breaker::{BreakerHandle, BreakerOpen, CircuitBreakerLayer, State};
+use steadfast_breaker::error::BreakerOpen;
+use steadfast_breaker::{BreakerHandle, BreakerState, CircuitBreakerLayer};
 use steadfast_core::{BoxError, DefaultClassifier};
 use tokio::time::advance;
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -21,10 +22,14 @@ async fn closed_to_open_after_five_consecutive_failures_seed_default() {
     let (up, h, mut svc) = setup(builder());
     up.set(503);
     for i in 0..5 {
-        assert_eq!(h.state(), State::Closed, "still closed before failure {i}");
+        assert_eq!(
+            h.state(),
+            BreakerState::Closed,
+            "still closed before failure {i}"
+        );
         assert_eq!(call(&mut svc).await.unwrap(), 503);
     }
-    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.state(), BreakerState::Open);
     let hits = up.hits();
     let r = call(&mut svc).await;
     assert!(is_open(&r));
@@ -42,7 +47,7 @@ async fn a_success_resets_the_consecutive_count_and_4xx_is_success() {
         up.set(404);
         call(&mut svc).await.unwrap();
     }
-    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.state(), BreakerState::Closed);
 }
 
 #[tokio::test(start_paused = true)]
@@ -64,7 +69,7 @@ async fn open_to_half_open_exactly_at_open_time_then_close_on_success() {
     advance(Duration::from_nanos(1)).await;
     up.set(200);
     assert_eq!(call(&mut svc).await.unwrap(), 200, "the probe");
-    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.state(), BreakerState::Closed);
 }
 
 #[tokio::test(start_paused = true)]
@@ -79,7 +84,7 @@ async fn probe_failure_reopens_with_a_longer_open_time_reset_on_close() {
     for next in expected {
         advance(Duration::from_secs(open_for)).await;
         assert_eq!(call(&mut svc).await.unwrap(), 503, "probe fails");
-        assert_eq!(h.state(), State::Open);
+        assert_eq!(h.state(), BreakerState::Open);
         let Err(e) = call(&mut svc).await else {
             panic!()
         };
@@ -92,7 +97,7 @@ async fn probe_failure_reopens_with_a_longer_open_time_reset_on_close() {
     advance(Duration::from_secs(open_for)).await;
     up.set(200);
     call(&mut svc).await.unwrap();
-    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.state(), BreakerState::Closed);
     up.set(503);
     for _ in 0..5 {
         call(&mut svc).await.unwrap();
@@ -115,22 +120,22 @@ async fn illegal_transitions_do_not_happen() {
     for _ in 0..100 {
         call(&mut svc).await.unwrap();
     }
-    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.state(), BreakerState::Closed);
     // Open never closes without a probe, whatever late successes arrive.
     up.set(503);
     for _ in 0..5 {
         call(&mut svc).await.unwrap();
     }
-    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.state(), BreakerState::Open);
     advance(Duration::from_secs(29)).await;
-    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.state(), BreakerState::Open);
     // Disabled / MetricsOnly never trip; ForcedOpen never half-opens.
     for (set, expect) in [
         (
             BreakerHandle::disable as fn(&BreakerHandle<DefaultClassifier>),
-            State::Disabled,
+            BreakerState::Disabled,
         ),
-        (BreakerHandle::metrics_only, State::MetricsOnly),
+        (BreakerHandle::metrics_only, BreakerState::MetricsOnly),
     ] {
         set(&h);
         up.set(503);
@@ -151,12 +156,12 @@ async fn illegal_transitions_do_not_happen() {
         let Err(e) = r else { panic!() };
         assert_eq!(e.downcast_ref::<BreakerOpen>().unwrap().retry_after(), None);
     }
-    assert_eq!(h.state(), State::ForcedOpen);
+    assert_eq!(h.state(), BreakerState::ForcedOpen);
     assert_eq!(up.hits(), hits);
     h.close();
     up.set(200);
     assert_eq!(call(&mut svc).await.unwrap(), 200);
-    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.state(), BreakerState::Closed);
 }
 
 #[tokio::test(start_paused = true)]
@@ -178,7 +183,7 @@ async fn every_transition_is_published() {
     while let Some(t) = sub.try_recv() {
         seen.push((t.from, t.to));
     }
-    use State::*;
+    use BreakerState::*;
     assert_eq!(
         seen,
         vec![
@@ -220,16 +225,16 @@ async fn outcomes_from_an_earlier_generation_never_decide() {
     tokio::task::yield_now().await;
     // Trip with another call, let it half-open, probe it closed: generation moved twice.
     call(&mut svc).await.unwrap();
-    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.state(), BreakerState::Open);
     advance(Duration::from_secs(30)).await;
     fail_slow.store(false, Ordering::SeqCst);
     call(&mut svc).await.unwrap();
-    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.state(), BreakerState::Closed);
     // Now the old call fails: it was admitted two generations ago and must not trip.
     fail_slow.store(true, Ordering::SeqCst);
     gate.notify_one();
     assert_eq!(slow.await.unwrap().unwrap().status(), 500);
-    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.state(), BreakerState::Closed);
 }
 
 #[tokio::test(start_paused = true)]
@@ -269,12 +274,12 @@ async fn half_open_admits_exactly_n_probes_and_dropped_probes_return_permits() {
         r = p3 => r,
     };
     first.unwrap().unwrap();
-    assert_eq!(h.state(), State::HalfOpen, "one success of two");
+    assert_eq!(h.state(), BreakerState::HalfOpen, "one success of two");
     gate.add_permits(1);
-    while h.state() != State::Closed {
+    while h.state() != BreakerState::Closed {
         tokio::task::yield_now().await;
     }
-    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.state(), BreakerState::Closed);
 }
 
 #[tokio::test(start_paused = true)]
@@ -298,15 +303,15 @@ async fn half_open_without_a_verdict_reopens_after_the_open_time() {
             .call(Request::get("/hang").body(()).unwrap()),
     );
     tokio::task::yield_now().await;
-    assert_eq!(h.state(), State::HalfOpen);
+    assert_eq!(h.state(), BreakerState::HalfOpen);
     advance(Duration::from_secs(29)).await;
     assert!(is_open(&call(&mut svc).await));
-    assert_eq!(h.state(), State::HalfOpen);
+    assert_eq!(h.state(), BreakerState::HalfOpen);
     advance(Duration::from_secs(1)).await;
     assert!(is_open(&call(&mut svc).await));
     assert_eq!(
         h.state(),
-        State::Open,
+        BreakerState::Open,
         "no verdict within the open time: re-open"
     );
 }
@@ -361,13 +366,13 @@ async fn a_probe_refused_by_an_inner_policy_gives_its_permit_back_without_a_verd
         }
     }));
     call(&mut svc).await.unwrap();
-    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.state(), BreakerState::Open);
     advance(Duration::from_secs(30)).await;
     refuse.store(true, Ordering::SeqCst);
     assert!(call(&mut svc).await.is_err());
     assert_eq!(
         h.state(),
-        State::HalfOpen,
+        BreakerState::HalfOpen,
         "no verdict: neither closed nor re-opened"
     );
     // The permit came back: the next call is admitted as a probe again.
@@ -388,11 +393,11 @@ async fn resetting_a_closed_breaker_clears_its_counts_and_says_so() {
     for _ in 0..4 {
         call(&mut svc).await.unwrap();
     }
-    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.state(), BreakerState::Closed);
     assert_eq!(h.metrics().window.unwrap().calls, 4);
     h.close();
     let t = sub.try_recv().expect("the reset is announced");
-    assert_eq!((t.from, t.to), (State::Closed, State::Closed));
+    assert_eq!((t.from, t.to), (BreakerState::Closed, BreakerState::Closed));
     assert_eq!(
         h.metrics().window.unwrap().calls,
         0,
@@ -403,13 +408,13 @@ async fn resetting_a_closed_breaker_clears_its_counts_and_says_so() {
     call(&mut svc).await.unwrap();
     assert_eq!(
         h.state(),
-        State::Closed,
+        BreakerState::Closed,
         "the consecutive count was cleared"
     );
     for _ in 0..4 {
         call(&mut svc).await.unwrap();
     }
-    assert_eq!(h.state(), State::Open, "five fresh failures trip");
+    assert_eq!(h.state(), BreakerState::Open, "five fresh failures trip");
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use http::{Request, Response};
-use steadfast_breaker::State;
+use steadfast_breaker::BreakerState;
 use tokio::time::advance;
 use tower::{Layer, service_fn};
 
@@ -25,10 +25,10 @@ async fn a_count_window_smaller_than_min_calls_still_trips() {
     );
     up.set(503);
     for i in 0..5 {
-        assert_eq!(h.state(), State::Closed, "closed before failure {i}");
+        assert_eq!(h.state(), BreakerState::Closed, "closed before failure {i}");
         assert_eq!(call(&mut svc).await.unwrap(), 503);
     }
-    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.state(), BreakerState::Open);
 }
 
 #[tokio::test(start_paused = true)]
@@ -44,7 +44,7 @@ async fn regression_window_100_threshold_50_opens_within_50_failures_after_1000_
     }
     up.set(500);
     let mut failures = 0;
-    while h.state() == State::Closed {
+    while h.state() == BreakerState::Closed {
         call(&mut svc).await.unwrap();
         failures += 1;
         assert!(failures <= 50, "peers need 1000 here");
@@ -65,9 +65,9 @@ async fn min_calls_gates_the_rate() {
     for _ in 0..19 {
         call(&mut svc).await.unwrap();
     }
-    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.state(), BreakerState::Closed);
     call(&mut svc).await.unwrap();
-    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.state(), BreakerState::Open);
 }
 
 #[tokio::test(start_paused = true)]
@@ -92,7 +92,7 @@ async fn time_window_forgets_old_failures() {
     call(&mut svc).await.unwrap();
     assert_eq!(
         h.state(),
-        State::Closed,
+        BreakerState::Closed,
         "the old failures left the window: 1 of 10 failed"
     );
     assert_eq!(h.metrics().window.unwrap().calls, 10);
@@ -115,7 +115,7 @@ async fn slow_call_rate_trips() {
     for _ in 0..10 {
         call(&mut svc).await.unwrap();
     }
-    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.state(), BreakerState::Open);
     assert_eq!(h.metrics().slow, 10);
 }
 
@@ -161,5 +161,5 @@ async fn window_rates_and_async_subscriptions_are_observable() {
         let _ = call(&mut svc).await;
     }
     let t = sub.recv().await.expect("a transition");
-    assert_eq!((t.from, t.to), (State::Closed, State::Open));
+    assert_eq!((t.from, t.to), (BreakerState::Closed, BreakerState::Open));
 }

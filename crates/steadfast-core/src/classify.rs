@@ -7,7 +7,8 @@
 //!
 //! gRPC puts its status in the trailers at the end of a streamed body, so a gRPC response whose
 //! headers carry no `grpc-status` classifies as [`ResponseClass::Deferred`]; wrap its body in
-//! [`ClassifyEos`](crate::ClassifyEos) to learn the verdict at end of stream.
+//! frames through [`GrpcClassifier::classify_frame`] to learn the verdict at end of stream (the
+//! breaker's body does).
 
 use std::error::Error;
 
@@ -69,7 +70,7 @@ pub enum ResponseClass {
     /// The head decides.
     Ready(Class),
     /// A gRPC response whose status arrives in the trailers: classify the end of the body
-    /// with this classifier (see [`ClassifyEos`](crate::ClassifyEos)).
+    /// with this classifier (see [`GrpcClassifier::classify_frame`]).
     Deferred(GrpcClassifier),
 }
 
@@ -351,11 +352,6 @@ impl GrpcClassifier {
     }
 }
 
-/// Whether a response is gRPC (`content-type: application/grpc` or `application/grpc+...`).
-pub fn is_grpc_response<B>(res: &Response<B>) -> bool {
-    is_grpc_content_type(res.headers())
-}
-
 /// Whether a header map declares a gRPC content type.
 #[inline]
 pub fn is_grpc_content_type(headers: &HeaderMap) -> bool {
@@ -529,7 +525,7 @@ mod tests {
             .header("content-type", "application/grpc-web")
             .body(())
             .unwrap();
-        assert!(!is_grpc_response(&res), "grpc-web is not grpc");
+        assert!(!is_grpc_content_type(res.headers()), "grpc-web is not grpc");
     }
 
     #[test]

@@ -134,8 +134,8 @@ impl Deadline {
 
     /// Runs `fut` with this deadline ambient (nested scopes see the innermost value; the
     /// timeout layer always scopes the earliest deadline, so an inner scope never extends one).
-    pub fn scope<F: Future>(self, fut: F) -> Scoped<F> {
-        Scoped {
+    pub fn scope<F: Future>(self, fut: F) -> WithDeadline<F> {
+        WithDeadline {
             inner: CURRENT.scope(Some(self), fut),
         }
     }
@@ -162,8 +162,8 @@ impl Deadline {
     /// assert_eq!(seen, Some(d));
     /// # }
     /// ```
-    pub fn propagate<F: Future>(fut: F) -> Scoped<F> {
-        Scoped {
+    pub fn propagate<F: Future>(fut: F) -> WithDeadline<F> {
+        WithDeadline {
             inner: CURRENT.scope(Self::current(), fut),
         }
     }
@@ -171,19 +171,19 @@ impl Deadline {
 
 pin_project! {
     /// A future running with an ambient [`Deadline`]; see [`Deadline::scope`].
-    pub struct Scoped<F> {
+    pub struct WithDeadline<F> {
         #[pin]
         inner: TaskLocalFuture<Option<Deadline>, F>,
     }
 }
 
-impl<F> fmt::Debug for Scoped<F> {
+impl<F> fmt::Debug for WithDeadline<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Scoped").finish_non_exhaustive()
+        f.debug_struct("WithDeadline").finish_non_exhaustive()
     }
 }
 
-impl<F: Future> Future for Scoped<F> {
+impl<F: Future> Future for WithDeadline<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {

@@ -61,7 +61,7 @@ fn chain<'a>(err: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Er
 }
 
 /// Whether the error chain proves the request never left this process.
-pub fn certainly_not_sent(err: &(dyn Error + 'static)) -> bool {
+pub(crate) fn certainly_not_sent(err: &(dyn Error + 'static)) -> bool {
     chain(err).any(|e| {
         #[cfg(feature = "hyper-util")]
         if let Some(e) = e.downcast_ref::<hyper_util::client::legacy::Error>() {

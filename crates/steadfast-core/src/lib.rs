@@ -4,7 +4,8 @@
 //! `steadfast-correlation`) never depend on each other; they meet here:
 //!
 //! - **Classification** ([`Classify`], [`DefaultClassifier`], [`Class`]): one verdict on every
-//!   outcome — HTTP status, gRPC status in headers *and* trailers ([`ClassifyEos`]), and transport
+//!   outcome — HTTP status, gRPC status in headers *and* trailers
+//!   ([`GrpcClassifier::classify_frame`]), and transport
 //!   errors by how far the request got ([`Delivery`]). Retry and breaker read the same verdict.
 //! - **The policy-rejection marker** ([`PolicyRejected`]): set by the breaker, honoured by retry.
 //! - **Header codecs** ([`header`]): `Retry-After`, `grpc-retry-pushback-ms`, `grpc-timeout`
@@ -37,23 +38,33 @@
 //!
 //! 1.85.
 
-mod body;
 mod classify;
 mod deadline;
 mod error;
 mod grpc;
 pub mod header;
-pub mod rand;
+#[path = "rand.rs"]
+mod rand_impl;
 mod response;
 mod thread;
 
-pub use body::{ClassifyEos, OnEos};
 pub use classify::{
     Class, Classify, DefaultClassifier, GrpcClassifier, HttpClassifier, ResponseClass, StatusSet,
-    is_grpc_content_type, is_grpc_response,
+    is_grpc_content_type,
 };
-pub use deadline::{Deadline, Scoped, saturating_add};
-pub use error::{BoxError, Delivery, PolicyRejected, certainly_not_sent, classify_transport_error};
+pub use deadline::{Deadline, WithDeadline, saturating_add};
+pub use error::{BoxError, Delivery, PolicyRejected, classify_transport_error};
 pub use grpc::{GRPC_MESSAGE, GRPC_STATUS, GrpcCode, GrpcCodeSet};
-pub use response::{ResponseBody, grpc_response, http_response, percent_encode_grpc_message};
-pub use thread::thread_number;
+pub use response::{ResponseBody, grpc_response, http_response};
+
+/// What the steadfast crates share with each other and users do not need: the seedable random
+/// source and the thread numbering behind striped counters. Not part of the public API; may
+/// change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub mod rand {
+        //! The workspace's one seedable random source.
+        pub use crate::rand_impl::*;
+    }
+    pub use crate::thread::thread_number;
+}

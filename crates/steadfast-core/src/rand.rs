@@ -4,7 +4,7 @@
 //! means the same thing everywhere.
 //!
 //! ```
-//! use steadfast_core::rand::Rng;
+//! use steadfast_core::__private::rand::Rng;
 //!
 //! let (mut a, mut b) = (Rng::seeded(7), Rng::seeded(7));
 //! assert_eq!(a.next_u64(), b.next_u64()); // same seed, same stream

@@ -153,7 +153,7 @@ pub fn grpc_response<B>(code: GrpcCode, message: &str) -> Response<ResponseBody<
 
 /// Percent-encodes a `grpc-message` as the gRPC HTTP/2 protocol requires: bytes outside
 /// printable ASCII (0x20-0x7E) and `%` itself become `%XX`.
-pub fn percent_encode_grpc_message(message: &str) -> String {
+pub(crate) fn percent_encode_grpc_message(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     for &b in message.as_bytes() {
         if (0x20..=0x7e).contains(&b) && b != b'%' {

@@ -17,9 +17,9 @@ thread_local! {
 /// later threads over shared counters.
 ///
 /// ```
-/// let here = steadfast_core::thread_number();
-/// assert_eq!(here, steadfast_core::thread_number());
-/// let there = std::thread::spawn(steadfast_core::thread_number).join().unwrap();
+/// let here = steadfast_core::__private::thread_number();
+/// assert_eq!(here, steadfast_core::__private::thread_number());
+/// let there = std::thread::spawn(steadfast_core::__private::thread_number).join().unwrap();
 /// assert_ne!(here, there);
 /// ```
 #[inline]

@@ -6,24 +6,29 @@ use tower_service::Service;
 
 use crate::generate::MakeCorrelationId;
 use crate::id::CorrelationId;
-use crate::layer::ClientCorrelationIdLayer;
+use crate::layer::PropagateCorrelationIdLayer;
 use crate::validate::ValidateId;
 
-/// The client-side service; see [`ClientCorrelationIdLayer`].
+/// The client-side service; see [`PropagateCorrelationIdLayer`].
 ///
 /// # Clone
 ///
 /// Clones share only configuration.
 #[derive(Clone, Debug)]
-pub struct ClientCorrelationId<S, M, V> {
+pub struct PropagateCorrelationId<S, M, V> {
     inner: S,
-    config: ClientCorrelationIdLayer<M, V>,
+    config: PropagateCorrelationIdLayer<M, V>,
 }
 
-impl<S, M, V> ClientCorrelationId<S, M, V> {
+impl<S, M, V> PropagateCorrelationId<S, M, V> {
     /// Wraps `inner`.
-    pub fn new(inner: S, config: ClientCorrelationIdLayer<M, V>) -> Self {
+    pub fn new(inner: S, config: PropagateCorrelationIdLayer<M, V>) -> Self {
         Self { inner, config }
+    }
+
+    /// A layer with the defaults.
+    pub fn layer() -> PropagateCorrelationIdLayer {
+        PropagateCorrelationIdLayer::new()
     }
 
     /// The inner service.
@@ -42,7 +47,7 @@ impl<S, M, V> ClientCorrelationId<S, M, V> {
     }
 }
 
-impl<S, M, V, B> Service<Request<B>> for ClientCorrelationId<S, M, V>
+impl<S, M, V, B> Service<Request<B>> for PropagateCorrelationId<S, M, V>
 where
     S: Service<Request<B>>,
     M: MakeCorrelationId,

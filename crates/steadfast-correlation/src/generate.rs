@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
-use steadfast_core::rand;
+use steadfast_core::__private::rand;
 
 use crate::id::CorrelationId;
 

@@ -16,9 +16,9 @@ tokio::task_local! {
 /// A validated correlation id.
 ///
 /// Cheap to clone (a reference-counted header value). Inside a handler behind the server
-/// [`CorrelationIdLayer`](crate::CorrelationIdLayer), [`CorrelationId::current`] returns the
+/// [`SetCorrelationIdLayer`](crate::SetCorrelationIdLayer), [`CorrelationId::current`] returns the
 /// request's id, and client stacks with a
-/// [`ClientCorrelationIdLayer`](crate::ClientCorrelationIdLayer) stamp it on outgoing calls.
+/// [`PropagateCorrelationIdLayer`](crate::PropagateCorrelationIdLayer) stamp it on outgoing calls.
 ///
 /// # Message metadata
 ///
@@ -80,8 +80,8 @@ impl CorrelationId {
     }
 
     /// Runs `fut` with this id ambient.
-    pub fn scope<F: Future>(self, fut: F) -> Scoped<F> {
-        Scoped {
+    pub fn scope<F: Future>(self, fut: F) -> WithCorrelationId<F> {
+        WithCorrelationId {
             inner: CURRENT.scope(self, fut),
         }
     }
@@ -108,7 +108,7 @@ impl CorrelationId {
     pub fn propagate<F: Future>(fut: F) -> Propagated<F> {
         match Self::current() {
             Some(id) => Propagated {
-                inner: Either::Scoped {
+                inner: Either::WithCorrelationId {
                     inner: CURRENT.scope(id, fut),
                 },
             },
@@ -147,26 +147,26 @@ impl AsRef<str> for CorrelationId {
 
 pin_project! {
     /// A future with an ambient [`CorrelationId`]; see [`CorrelationId::scope`].
-    pub struct Scoped<F> {
+    pub struct WithCorrelationId<F> {
         #[pin]
         inner: TaskLocalFuture<CorrelationId, F>,
     }
 }
 
-impl<F> fmt::Debug for Scoped<F> {
+impl<F> fmt::Debug for WithCorrelationId<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Scoped").finish_non_exhaustive()
+        f.debug_struct("WithCorrelationId").finish_non_exhaustive()
     }
 }
 
-impl<F> Scoped<F> {
+impl<F> WithCorrelationId<F> {
     /// Takes the id back out once the future is done (so it can be moved, not cloned).
     pub(crate) fn take_id(self: Pin<&mut Self>) -> Option<CorrelationId> {
         self.project().inner.take_value()
     }
 }
 
-impl<F: Future> Future for Scoped<F> {
+impl<F: Future> Future for WithCorrelationId<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -186,7 +186,7 @@ pin_project! {
 pin_project! {
     #[project = EitherProj]
     enum Either<F> {
-        Scoped { #[pin] inner: TaskLocalFuture<CorrelationId, F> },
+        WithCorrelationId { #[pin] inner: TaskLocalFuture<CorrelationId, F> },
         Plain { #[pin] inner: F },
     }
 }
@@ -202,7 +202,7 @@ impl<F: Future> Future for Propagated<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         match self.project().inner.project() {
-            EitherProj::Scoped { inner } => inner.poll(cx),
+            EitherProj::WithCorrelationId { inner } => inner.poll(cx),
             EitherProj::Plain { inner } => inner.poll(cx),
         }
     }

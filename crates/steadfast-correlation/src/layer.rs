@@ -1,9 +1,10 @@
 use http::HeaderName;
 use tower_layer::Layer;
 
-use crate::client::ClientCorrelationId;
+use crate::client::PropagateCorrelationId;
+use crate::error::InvalidCorrelationConfig;
 use crate::generate::{MakeCorrelationId, UuidV7};
-use crate::server::CorrelationIdService;
+use crate::server::SetCorrelationId;
 use crate::validate::{DefaultRule, ValidateId};
 
 /// The default correlation header (the seed's `correlationId`).
@@ -14,7 +15,7 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Server side: accept a valid inbound id or generate one, and make it visible everywhere.
 ///
 /// Per request, in order of precedence: a valid `x-correlation-id` (name configurable), else
-/// a valid `x-request-id`, else (when [enabled](Self::from_traceparent)) the trace-id of a
+/// a valid `x-request-id`, else (when [enabled](SetCorrelationIdBuilder::from_traceparent)) the trace-id of a
 /// valid W3C `traceparent`, else a freshly [generated](crate::UuidV7) id. Rejected inbound
 /// values are replaced and never echoed or logged. A header sent twice (two fields, valid or
 /// not, equal or not) is ambiguous and counts as invalid: a payload cannot ride beside a
@@ -36,13 +37,13 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 ///
 /// ```
 /// use axum::{Router, routing::get};
-/// use steadfast_correlation::{CorrelationId, CorrelationIdLayer};
+/// use steadfast_correlation::{CorrelationId, SetCorrelationIdLayer};
 /// use tower::ServiceExt;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let app = Router::new()
 ///     .route("/", get(|| async { CorrelationId::current().unwrap().to_string() }))
-///     .layer(CorrelationIdLayer::new());
+///     .layer(SetCorrelationIdLayer::new());
 /// let req = http::Request::get("/")
 ///     .header("x-correlation-id", "order-7")
 ///     .body(axum::body::Body::empty())
@@ -56,7 +57,7 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 ///
 /// Configuration only; generators made with [`UuidV7::seeded`] share their sequence.
 #[derive(Clone, Debug)]
-pub struct CorrelationIdLayer<M = UuidV7, V = DefaultRule> {
+pub struct SetCorrelationIdLayer<M = UuidV7, V = DefaultRule> {
     pub(crate) header: HeaderName,
     pub(crate) fallback: Option<HeaderName>,
     pub(crate) traceparent: bool,
@@ -66,13 +67,13 @@ pub struct CorrelationIdLayer<M = UuidV7, V = DefaultRule> {
     pub(crate) validate: V,
 }
 
-impl Default for CorrelationIdLayer {
+impl Default for SetCorrelationIdLayer {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl CorrelationIdLayer {
+impl SetCorrelationIdLayer {
     /// The defaults: `x-correlation-id`, falling back to `x-request-id`, UUIDv7 generation,
     /// the default validation rule, extension and echo on, `traceparent` off.
     pub fn new() -> Self {
@@ -88,77 +89,155 @@ impl CorrelationIdLayer {
     }
 }
 
-impl<M, V> CorrelationIdLayer<M, V> {
+impl SetCorrelationIdLayer {
+    /// A builder with the defaults (see [`new`](Self::new)).
+    pub fn builder() -> SetCorrelationIdBuilder {
+        SetCorrelationIdBuilder { layer: Self::new() }
+    }
+}
+
+/// Configures a [`SetCorrelationIdLayer`].
+///
+/// ```
+/// use steadfast_correlation::SetCorrelationIdLayer;
+///
+/// let layer = SetCorrelationIdLayer::builder()
+///     .header(http::HeaderName::from_static("x-trace"))
+///     .fallback(None)
+///     .from_traceparent(true)
+///     .build()
+///     .unwrap();
+/// # let _ = layer;
+/// // A header that carries the message itself is refused.
+/// let err = SetCorrelationIdLayer::builder()
+///     .header(http::header::CONTENT_LENGTH)
+///     .build()
+///     .unwrap_err();
+/// assert!(err.to_string().contains("content-length"));
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct SetCorrelationIdBuilder<M = UuidV7, V = DefaultRule> {
+    layer: SetCorrelationIdLayer<M, V>,
+}
+
+impl<M, V> SetCorrelationIdBuilder<M, V> {
     /// The header to read, write and echo (default `x-correlation-id`).
-    #[must_use]
     pub fn header(mut self, name: HeaderName) -> Self {
-        self.header = name;
+        self.layer.header = name;
         self
     }
 
     /// The header read when the main one is missing or invalid (default `x-request-id`);
     /// `None` disables the fallback.
-    #[must_use]
     pub fn fallback(mut self, name: Option<HeaderName>) -> Self {
-        self.fallback = name;
+        self.layer.fallback = name;
         self
     }
 
     /// Also derive the id from a valid W3C `traceparent`'s trace-id (off by default).
-    #[must_use]
     pub fn from_traceparent(mut self, on: bool) -> Self {
-        self.traceparent = on;
+        self.layer.traceparent = on;
         self
     }
 
     /// Whether to insert the [`CorrelationId`](crate::CorrelationId) request extension
     /// (default on; off saves the extension map's allocations when only the ambient id is
     /// used).
-    #[must_use]
     pub fn extension(mut self, on: bool) -> Self {
-        self.extension = on;
+        self.layer.extension = on;
         self
     }
 
     /// Whether to echo the id on the response (default on).
-    #[must_use]
     pub fn echo(mut self, on: bool) -> Self {
-        self.echo = on;
+        self.layer.echo = on;
         self
     }
 
     /// Replaces the id generator.
-    pub fn make_id<M2: MakeCorrelationId>(self, make: M2) -> CorrelationIdLayer<M2, V> {
-        CorrelationIdLayer {
-            header: self.header,
-            fallback: self.fallback,
-            traceparent: self.traceparent,
-            extension: self.extension,
-            echo: self.echo,
-            make,
-            validate: self.validate,
+    pub fn make_id<M2: MakeCorrelationId>(self, make: M2) -> SetCorrelationIdBuilder<M2, V> {
+        let l = self.layer;
+        SetCorrelationIdBuilder {
+            layer: SetCorrelationIdLayer {
+                header: l.header,
+                fallback: l.fallback,
+                traceparent: l.traceparent,
+                extension: l.extension,
+                echo: l.echo,
+                make,
+                validate: l.validate,
+            },
         }
     }
 
     /// Replaces the validation rule. Whatever the rule, only visible ASCII is ever accepted.
-    pub fn validate<V2: ValidateId>(self, validate: V2) -> CorrelationIdLayer<M, V2> {
-        CorrelationIdLayer {
-            header: self.header,
-            fallback: self.fallback,
-            traceparent: self.traceparent,
-            extension: self.extension,
-            echo: self.echo,
-            make: self.make,
-            validate,
+    pub fn validate<V2: ValidateId>(self, validate: V2) -> SetCorrelationIdBuilder<M, V2> {
+        let l = self.layer;
+        SetCorrelationIdBuilder {
+            layer: SetCorrelationIdLayer {
+                header: l.header,
+                fallback: l.fallback,
+                traceparent: l.traceparent,
+                extension: l.extension,
+                echo: l.echo,
+                make: l.make,
+                validate,
+            },
         }
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidCorrelationConfig`] when the header or the fallback is one the protocol
+    /// owns (framing, connection, gRPC or trace-context headers), or when the fallback is
+    /// the header itself.
+    pub fn build(self) -> Result<SetCorrelationIdLayer<M, V>, InvalidCorrelationConfig> {
+        check_header(&self.layer.header)?;
+        if let Some(f) = &self.layer.fallback {
+            check_header(f)?;
+            if *f == self.layer.header {
+                return Err(InvalidCorrelationConfig::FallbackIsHeader(f.clone()));
+            }
+        }
+        Ok(self.layer)
     }
 }
 
-impl<S, M: Clone, V: Clone> Layer<S> for CorrelationIdLayer<M, V> {
-    type Service = CorrelationIdService<S, M, V>;
+/// Refuses a header whose value the protocol or another layer owns: writing an id there would
+/// corrupt the message (`content-length`), the connection (`connection`), gRPC (`grpc-*`) or
+/// the trace (`traceparent`).
+fn check_header(name: &HeaderName) -> Result<(), InvalidCorrelationConfig> {
+    const RESERVED: [&str; 14] = [
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "traceparent",
+        "tracestate",
+        "authorization",
+    ];
+    let n = name.as_str();
+    if RESERVED.contains(&n) || n.starts_with("grpc-") {
+        return Err(InvalidCorrelationConfig::ReservedHeader(name.clone()));
+    }
+    Ok(())
+}
+
+impl<S, M: Clone, V: Clone> Layer<S> for SetCorrelationIdLayer<M, V> {
+    type Service = SetCorrelationId<S, M, V>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CorrelationIdService::new(inner, self.clone())
+        SetCorrelationId::new(inner, self.clone())
     }
 }
 
@@ -167,7 +246,7 @@ impl<S, M: Clone, V: Clone> Layer<S> for CorrelationIdLayer<M, V> {
 /// The id comes from, in order: the request's [`CorrelationId`](crate::CorrelationId)
 /// extension, a valid header the caller already set, the ambient id of the request being
 /// handled ([`CorrelationId::current`](crate::CorrelationId::current)), or a newly generated id
-/// ([switchable](Self::generate)). An invalid header already on the request, or one sent as
+/// ([switchable](PropagateCorrelationIdBuilder::generate)). An invalid header already on the request, or one sent as
 /// two or more fields, is replaced, or removed when there is nothing to replace it with: the
 /// request leaves with at most one id header.
 ///
@@ -175,12 +254,12 @@ impl<S, M: Clone, V: Clone> Layer<S> for CorrelationIdLayer<M, V> {
 /// metadata travels as HTTP/2 headers).
 ///
 /// ```
-/// use steadfast_correlation::{ClientCorrelationIdLayer, CorrelationId};
+/// use steadfast_correlation::{PropagateCorrelationIdLayer, CorrelationId};
 /// use tower::{ServiceBuilder, ServiceExt, service_fn};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let client = ServiceBuilder::new()
-///     .layer(ClientCorrelationIdLayer::new())
+///     .layer(PropagateCorrelationIdLayer::new())
 ///     .service(service_fn(|req: http::Request<()>| async move {
 ///         Ok::<_, std::convert::Infallible>(req.headers()["x-correlation-id"].clone())
 ///     }));
@@ -190,20 +269,20 @@ impl<S, M: Clone, V: Clone> Layer<S> for CorrelationIdLayer<M, V> {
 /// # }
 /// ```
 #[derive(Clone, Debug)]
-pub struct ClientCorrelationIdLayer<M = UuidV7, V = DefaultRule> {
+pub struct PropagateCorrelationIdLayer<M = UuidV7, V = DefaultRule> {
     pub(crate) header: HeaderName,
     pub(crate) generate: bool,
     pub(crate) make: M,
     pub(crate) validate: V,
 }
 
-impl Default for ClientCorrelationIdLayer {
+impl Default for PropagateCorrelationIdLayer {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl ClientCorrelationIdLayer {
+impl PropagateCorrelationIdLayer {
     /// The defaults: `x-correlation-id`, generate when there is no id, UUIDv7.
     pub fn new() -> Self {
         Self {
@@ -215,46 +294,82 @@ impl ClientCorrelationIdLayer {
     }
 }
 
-impl<M, V> ClientCorrelationIdLayer<M, V> {
+impl PropagateCorrelationIdLayer {
+    /// A builder with the defaults (see [`new`](Self::new)).
+    pub fn builder() -> PropagateCorrelationIdBuilder {
+        PropagateCorrelationIdBuilder { layer: Self::new() }
+    }
+}
+
+/// Configures a [`PropagateCorrelationIdLayer`].
+///
+/// ```
+/// use steadfast_correlation::PropagateCorrelationIdLayer;
+///
+/// let layer = PropagateCorrelationIdLayer::builder().generate(false).build().unwrap();
+/// # let _ = layer;
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct PropagateCorrelationIdBuilder<M = UuidV7, V = DefaultRule> {
+    layer: PropagateCorrelationIdLayer<M, V>,
+}
+
+impl<M, V> PropagateCorrelationIdBuilder<M, V> {
     /// The header to write (default `x-correlation-id`).
-    #[must_use]
     pub fn header(mut self, name: HeaderName) -> Self {
-        self.header = name;
+        self.layer.header = name;
         self
     }
 
     /// Whether to generate an id when the request has none and none is ambient (default on).
-    #[must_use]
     pub fn generate(mut self, on: bool) -> Self {
-        self.generate = on;
+        self.layer.generate = on;
         self
     }
 
     /// Replaces the id generator.
-    pub fn make_id<M2: MakeCorrelationId>(self, make: M2) -> ClientCorrelationIdLayer<M2, V> {
-        ClientCorrelationIdLayer {
-            header: self.header,
-            generate: self.generate,
-            make,
-            validate: self.validate,
+    pub fn make_id<M2: MakeCorrelationId>(self, make: M2) -> PropagateCorrelationIdBuilder<M2, V> {
+        let l = self.layer;
+        PropagateCorrelationIdBuilder {
+            layer: PropagateCorrelationIdLayer {
+                header: l.header,
+                generate: l.generate,
+                make,
+                validate: l.validate,
+            },
         }
     }
 
     /// Replaces the rule a caller-set header must pass to be kept.
-    pub fn validate<V2: ValidateId>(self, validate: V2) -> ClientCorrelationIdLayer<M, V2> {
-        ClientCorrelationIdLayer {
-            header: self.header,
-            generate: self.generate,
-            make: self.make,
-            validate,
+    pub fn validate<V2: ValidateId>(self, validate: V2) -> PropagateCorrelationIdBuilder<M, V2> {
+        let l = self.layer;
+        PropagateCorrelationIdBuilder {
+            layer: PropagateCorrelationIdLayer {
+                header: l.header,
+                generate: l.generate,
+                make: l.make,
+                validate,
+            },
         }
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidCorrelationConfig::ReservedHeader`] when the header is one the protocol
+    /// owns (framing, connection, gRPC or trace-context headers).
+    pub fn build(self) -> Result<PropagateCorrelationIdLayer<M, V>, InvalidCorrelationConfig> {
+        check_header(&self.layer.header)?;
+        Ok(self.layer)
     }
 }
 
-impl<S, M: Clone, V: Clone> Layer<S> for ClientCorrelationIdLayer<M, V> {
-    type Service = ClientCorrelationId<S, M, V>;
+impl<S, M: Clone, V: Clone> Layer<S> for PropagateCorrelationIdLayer<M, V> {
+    type Service = PropagateCorrelationId<S, M, V>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ClientCorrelationId::new(inner, self.clone())
+        PropagateCorrelationId::new(inner, self.clone())
     }
 }

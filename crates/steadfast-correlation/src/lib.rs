@@ -1,17 +1,17 @@
 //! One correlation id from the edge through every hop, safe against hostile input.
 //!
-//! - [`CorrelationIdLayer`] (server side) accepts a valid inbound `x-correlation-id` (or
+//! - [`SetCorrelationIdLayer`] (server side) accepts a valid inbound `x-correlation-id` (or
 //!   `x-request-id`, or optionally a `traceparent` trace-id) or generates a time-ordered
 //!   UUIDv7, and makes it visible to the handler — request extension, ambient
 //!   [`CorrelationId::current`], a `correlation_id` field on a `request` tracing span — and on
 //!   the response.
-//! - [`ClientCorrelationIdLayer`] (client side) stamps the id on outgoing requests: from the
+//! - [`PropagateCorrelationIdLayer`] (client side) stamps the id on outgoing requests: from the
 //!   request's extension, else the ambient id, else a new one.
 //!
 //! Together they carry one id across hops with no code in the handler:
 //!
 //! ```text
-//!   x-correlation-id: abc ─▶ [CorrelationIdLayer] handler ─▶ [ClientCorrelationIdLayer] ─▶ x-correlation-id: abc
+//!   x-correlation-id: abc ─▶ [SetCorrelationIdLayer] handler ─▶ [PropagateCorrelationIdLayer] ─▶ x-correlation-id: abc
 //!                              CorrelationId::current() == "abc", span field correlation_id=abc
 //! ```
 //!
@@ -28,13 +28,13 @@
 //!
 //! ```
 //! use axum::{Router, routing::get};
-//! use steadfast_correlation::{ClientCorrelationIdLayer, CorrelationIdLayer};
+//! use steadfast_correlation::{PropagateCorrelationIdLayer, SetCorrelationIdLayer};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! // A downstream service that reports the id it received.
 //! let downstream = ServiceBuilder::new()
-//!     .layer(ClientCorrelationIdLayer::new())
+//!     .layer(PropagateCorrelationIdLayer::new())
 //!     .service(service_fn(|req: http::Request<()>| async move {
 //!         Ok::<_, std::convert::Infallible>(req.headers()["x-correlation-id"].to_str().unwrap().to_owned())
 //!     }));
@@ -44,7 +44,7 @@
 //!         let downstream = downstream.clone();
 //!         async move { downstream.oneshot(http::Request::new(())).await.unwrap() }
 //!     }))
-//!     .layer(CorrelationIdLayer::new());
+//!     .layer(SetCorrelationIdLayer::new());
 //! let req = http::Request::get("/").header("x-correlation-id", "abc").body(axum::body::Body::empty()).unwrap();
 //! let res = app.oneshot(req).await.unwrap();
 //! assert_eq!(res.headers()["x-correlation-id"], "abc");
@@ -54,6 +54,8 @@
 //! ```
 
 mod client;
+pub mod error;
+pub mod future;
 mod generate;
 mod id;
 mod layer;
@@ -61,10 +63,13 @@ mod server;
 mod traceparent;
 mod validate;
 
-pub use client::ClientCorrelationId;
+pub use client::PropagateCorrelationId;
 pub use generate::{MakeCorrelationId, UuidV7};
-pub use id::{CorrelationId, Propagated, Scoped};
-pub use layer::{ClientCorrelationIdLayer, CorrelationIdLayer, X_CORRELATION_ID, X_REQUEST_ID};
-pub use server::{CorrelationIdService, ServerFuture};
+pub use id::{CorrelationId, Propagated, WithCorrelationId};
+pub use layer::{
+    PropagateCorrelationIdBuilder, PropagateCorrelationIdLayer, SetCorrelationIdBuilder,
+    SetCorrelationIdLayer, X_CORRELATION_ID, X_REQUEST_ID,
+};
+pub use server::SetCorrelationId;
 pub use traceparent::{TRACEPARENT, trace_id};
 pub use validate::{DefaultRule, MAX_LEN, ValidateId, is_valid_default};

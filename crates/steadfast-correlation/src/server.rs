@@ -10,26 +10,31 @@ use tower_service::Service;
 use tracing::Span;
 
 use crate::generate::MakeCorrelationId;
-use crate::id::{CorrelationId, Scoped};
-use crate::layer::CorrelationIdLayer;
+use crate::id::{CorrelationId, WithCorrelationId};
+use crate::layer::SetCorrelationIdLayer;
 use crate::traceparent::{TRACEPARENT, trace_id};
 use crate::validate::ValidateId;
 
-/// The server-side service; see [`CorrelationIdLayer`].
+/// The server-side service; see [`SetCorrelationIdLayer`].
 ///
 /// # Clone
 ///
 /// Clones share only configuration.
 #[derive(Clone, Debug)]
-pub struct CorrelationIdService<S, M, V> {
+pub struct SetCorrelationId<S, M, V> {
     inner: S,
-    config: CorrelationIdLayer<M, V>,
+    config: SetCorrelationIdLayer<M, V>,
 }
 
-impl<S, M, V> CorrelationIdService<S, M, V> {
+impl<S, M, V> SetCorrelationId<S, M, V> {
     /// Wraps `inner`.
-    pub fn new(inner: S, config: CorrelationIdLayer<M, V>) -> Self {
+    pub fn new(inner: S, config: SetCorrelationIdLayer<M, V>) -> Self {
         Self { inner, config }
+    }
+
+    /// A layer with the defaults.
+    pub fn layer() -> SetCorrelationIdLayer {
+        SetCorrelationIdLayer::new()
     }
 
     /// The inner service.
@@ -57,7 +62,7 @@ enum Source {
     Generated,
 }
 
-impl<M: MakeCorrelationId, V: ValidateId> CorrelationIdLayer<M, V> {
+impl<M: MakeCorrelationId, V: ValidateId> SetCorrelationIdLayer<M, V> {
     fn accept(&self, v: &HeaderValue) -> bool {
         self.validate.accepts(v.as_bytes())
     }
@@ -140,7 +145,7 @@ impl<M: MakeCorrelationId, V: ValidateId> CorrelationIdLayer<M, V> {
     }
 }
 
-impl<S, M, V, ReqBody, ResBody> Service<Request<ReqBody>> for CorrelationIdService<S, M, V>
+impl<S, M, V, ReqBody, ResBody> Service<Request<ReqBody>> for SetCorrelationId<S, M, V>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     M: MakeCorrelationId,
@@ -148,7 +153,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ServerFuture<S::Future>;
+    type Future = SetCorrelationIdFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -166,7 +171,7 @@ where
             let _entered = span.enter();
             id.clone().sync_scope(|| self.inner.call(req))
         };
-        ServerFuture {
+        SetCorrelationIdFuture {
             inner: Some(id.scope(inner)),
             span,
             echo,
@@ -175,18 +180,18 @@ where
 }
 
 pin_project! {
-    /// The response future of [`CorrelationIdService`].
-    pub struct ServerFuture<F> {
+    /// The response future of [`SetCorrelationId`].
+    pub struct SetCorrelationIdFuture<F> {
         // `None` only while being dropped.
         #[pin]
-        inner: Option<Scoped<F>>,
+        inner: Option<WithCorrelationId<F>>,
         // Entered around every poll of `inner`, and while it is dropped.
         span: Span,
         // The header to echo the id on; the id itself comes back out of the scope.
         echo: Option<HeaderName>,
     }
 
-    impl<F> PinnedDrop for ServerFuture<F> {
+    impl<F> PinnedDrop for SetCorrelationIdFuture<F> {
         fn drop(this: Pin<&mut Self>) {
             // What the handler logs while it is cancelled still belongs to the request.
             let mut this = this.project();
@@ -196,13 +201,14 @@ pin_project! {
     }
 }
 
-impl<F> fmt::Debug for ServerFuture<F> {
+impl<F> fmt::Debug for SetCorrelationIdFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServerFuture").finish_non_exhaustive()
+        f.debug_struct("SetCorrelationIdFuture")
+            .finish_non_exhaustive()
     }
 }
 
-impl<F, B, E> Future for ServerFuture<F>
+impl<F, B, E> Future for SetCorrelationIdFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
@@ -211,7 +217,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
-            unreachable!("a ServerFuture is only empty while dropped");
+            unreachable!("a SetCorrelationIdFuture is only empty while dropped");
         };
         let mut res = {
             let _entered = this.span.enter();

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use http::{HeaderValue, Request, Response};
 use steadfast_correlation::{
-    ClientCorrelationIdLayer, CorrelationId, CorrelationIdLayer, MakeCorrelationId, UuidV7,
+    CorrelationId, MakeCorrelationId, PropagateCorrelationIdLayer, SetCorrelationIdLayer, UuidV7,
     is_valid_default,
 };
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
@@ -13,7 +13,7 @@ type Seen = Arc<Mutex<Vec<(Option<String>, Option<String>, Option<String>)>>>;
 
 /// A server stack whose handler records (header, extension, ambient) ids.
 fn server(
-    layer: CorrelationIdLayer<
+    layer: SetCorrelationIdLayer<
         impl MakeCorrelationId + Clone,
         impl steadfast_correlation::ValidateId + Clone,
     >,
@@ -91,7 +91,12 @@ async fn precedence_header_then_request_id_then_traceparent_then_generated() {
         (vec![], None),
     ];
     for (headers, expected) in cases {
-        let (svc, seen) = server(CorrelationIdLayer::new().from_traceparent(true));
+        let (svc, seen) = server(
+            SetCorrelationIdLayer::builder()
+                .from_traceparent(true)
+                .build()
+                .unwrap(),
+        );
         let res = svc.oneshot(req_with(&headers)).await.unwrap();
         let echoed = res.headers()["x-correlation-id"]
             .to_str()
@@ -117,7 +122,7 @@ async fn precedence_header_then_request_id_then_traceparent_then_generated() {
 
 #[tokio::test]
 async fn traceparent_is_off_by_default() {
-    let (svc, _) = server(CorrelationIdLayer::new());
+    let (svc, _) = server(SetCorrelationIdLayer::new());
     let res = svc
         .oneshot(req_with(&[(
             "traceparent",
@@ -144,7 +149,12 @@ async fn hostile_ids_are_replaced_and_never_echoed() {
         b"<script>alert(1)</script>".to_vec(),
     ];
     for raw in hostile {
-        let (svc, seen) = server(CorrelationIdLayer::new().fallback(None));
+        let (svc, seen) = server(
+            SetCorrelationIdLayer::builder()
+                .fallback(None)
+                .build()
+                .unwrap(),
+        );
         let res = svc
             .oneshot(req_with(&[("x-correlation-id", &raw)]))
             .await
@@ -161,10 +171,12 @@ async fn hostile_ids_are_replaced_and_never_echoed() {
 
 #[tokio::test]
 async fn custom_rule_and_header_name() {
-    let layer = CorrelationIdLayer::new()
+    let layer = SetCorrelationIdLayer::builder()
         .header(http::HeaderName::from_static("x-trace"))
         .validate(|id: &[u8]| id.starts_with(b"ok-"))
-        .make_id(|| CorrelationId::parse("made").unwrap());
+        .make_id(|| CorrelationId::parse("made").unwrap())
+        .build()
+        .unwrap();
     let svc = ServiceBuilder::new()
         .layer(layer)
         .service(service_fn(|_req: Request<()>| async {
@@ -183,9 +195,11 @@ async fn custom_rule_and_header_name() {
         .unwrap();
     assert_eq!(res.headers()["x-trace"], "made");
     // A rule that would admit non-visible bytes is still held to visible ASCII.
-    let lax = CorrelationIdLayer::new()
+    let lax = SetCorrelationIdLayer::builder()
         .validate(|_: &[u8]| true)
-        .fallback(None);
+        .fallback(None)
+        .build()
+        .unwrap();
     let svc = ServiceBuilder::new()
         .layer(lax)
         .service(service_fn(|_req: Request<()>| async {
@@ -200,7 +214,13 @@ async fn custom_rule_and_header_name() {
 
 #[tokio::test]
 async fn echo_and_extension_can_be_switched_off() {
-    let (svc, seen) = server(CorrelationIdLayer::new().echo(false).extension(false));
+    let (svc, seen) = server(
+        SetCorrelationIdLayer::builder()
+            .echo(false)
+            .extension(false)
+            .build()
+            .unwrap(),
+    );
     let res = svc
         .oneshot(req_with(&[("x-correlation-id", b"abc")]))
         .await
@@ -213,7 +233,7 @@ async fn echo_and_extension_can_be_switched_off() {
 
 /// A client that reports the header it would send.
 fn client<M: MakeCorrelationId + Clone>(
-    layer: ClientCorrelationIdLayer<M>,
+    layer: PropagateCorrelationIdLayer<M>,
 ) -> impl Service<Request<()>, Response = Option<String>, Error = std::convert::Infallible> + Clone
 {
     ServiceBuilder::new()
@@ -230,8 +250,12 @@ fn client<M: MakeCorrelationId + Clone>(
 #[tokio::test]
 async fn client_precedence_extension_header_ambient_generated() {
     let ambient = CorrelationId::parse("ambient").unwrap();
-    let c =
-        client(ClientCorrelationIdLayer::new().make_id(|| CorrelationId::parse("fresh").unwrap()));
+    let c = client(
+        PropagateCorrelationIdLayer::builder()
+            .make_id(|| CorrelationId::parse("fresh").unwrap())
+            .build()
+            .unwrap(),
+    );
 
     let mut req = req_with(&[("x-correlation-id", b"set-by-caller")]);
     req.extensions_mut()
@@ -250,7 +274,12 @@ async fn client_precedence_extension_header_ambient_generated() {
     let sent = c.clone().oneshot(Request::new(())).await.unwrap();
     assert_eq!(sent.as_deref(), Some("fresh"));
 
-    let quiet = client(ClientCorrelationIdLayer::new().generate(false));
+    let quiet = client(
+        PropagateCorrelationIdLayer::builder()
+            .generate(false)
+            .build()
+            .unwrap(),
+    );
     let sent = quiet.clone().oneshot(Request::new(())).await.unwrap();
     assert_eq!(sent, None);
     let sent = quiet
@@ -294,7 +323,7 @@ async fn span_carries_the_id() {
     }
     let capture = Capture::default();
     let _guard = tracing::subscriber::set_default(Registry::default().with(capture.clone()));
-    let (svc, _) = server(CorrelationIdLayer::new());
+    let (svc, _) = server(SetCorrelationIdLayer::new());
     svc.oneshot(req_with(&[("x-correlation-id", b"span-me")]))
         .await
         .unwrap();
@@ -332,7 +361,7 @@ fn a_cancelled_handler_logs_inside_the_request_span() {
     let seen = SpanOfEvents::default();
     let _guard = tracing::subscriber::set_default(Registry::default().with(seen.clone()));
     let svc = tower::Layer::layer(
-        &CorrelationIdLayer::new(),
+        &SetCorrelationIdLayer::new(),
         service_fn(|_: Request<()>| async {
             let _log = LogOnDrop;
             std::future::pending::<Result<Response<()>, std::convert::Infallible>>().await
@@ -357,38 +386,51 @@ async fn generated_ids_are_time_ordered_uuid_v7() {
 #[test]
 fn services_are_send_sync() {
     fn send_sync<T: Send + Sync>(_: &T) {}
-    let (svc, _) = server(CorrelationIdLayer::new());
+    let (svc, _) = server(SetCorrelationIdLayer::new());
     send_sync(&svc);
-    send_sync(&client(ClientCorrelationIdLayer::new()));
+    send_sync(&client(PropagateCorrelationIdLayer::new()));
 }
 
-/// A layer whose own header is also one it reads for ids (here `traceparent`): the id it
-/// writes there is not then removed as an invalid copy; the request keeps exactly one.
-#[tokio::test]
-async fn the_id_s_own_header_is_never_cleaned_away() {
-    let seen: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
-    let s = seen.clone();
-    let svc = ServiceBuilder::new()
-        .layer(
-            CorrelationIdLayer::new()
-                .header(http::HeaderName::from_static("traceparent"))
-                .fallback(Some(http::HeaderName::from_static("traceparent")))
-                .from_traceparent(true),
-        )
-        .service(service_fn(move |req: Request<()>| {
-            let s = s.clone();
-            async move {
-                let values = req
-                    .headers()
-                    .get_all("traceparent")
-                    .iter()
-                    .map(|v| v.to_str().unwrap().to_owned())
-                    .collect();
-                s.lock().unwrap().push(values);
-                Ok::<_, std::convert::Infallible>(Response::new(()))
-            }
-        }));
-    svc.oneshot(Request::new(())).await.unwrap();
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen[0].len(), 1, "exactly one id header: {:?}", seen[0]);
+/// A header the protocol or the trace owns (`traceparent`, `content-length`, `grpc-*`, ...)
+/// cannot be the id's header or fallback: writing an id there would corrupt the message or the
+/// trace (a hostile pass found a layer whose header was `traceparent` removing its own id).
+#[test]
+fn a_header_the_protocol_owns_is_refused_when_built() {
+    use steadfast_correlation::error::InvalidCorrelationConfig;
+    for name in [
+        "traceparent",
+        "content-length",
+        "host",
+        "grpc-timeout",
+        "connection",
+    ] {
+        let h = http::HeaderName::from_static(name);
+        let err = SetCorrelationIdLayer::builder()
+            .header(h.clone())
+            .build()
+            .unwrap_err();
+        assert_eq!(err, InvalidCorrelationConfig::ReservedHeader(h.clone()));
+        assert!(
+            err.to_string().contains("choose a header of your own"),
+            "{err}"
+        );
+        let err = SetCorrelationIdLayer::builder()
+            .fallback(Some(h.clone()))
+            .build()
+            .unwrap_err();
+        assert_eq!(err, InvalidCorrelationConfig::ReservedHeader(h.clone()));
+        let err = PropagateCorrelationIdLayer::builder()
+            .header(h.clone())
+            .build()
+            .unwrap_err();
+        assert_eq!(err, InvalidCorrelationConfig::ReservedHeader(h));
+    }
+    let same = SetCorrelationIdLayer::builder()
+        .fallback(Some(http::HeaderName::from_static("x-correlation-id")))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(same, InvalidCorrelationConfig::FallbackIsHeader(_)),
+        "{same}"
+    );
 }

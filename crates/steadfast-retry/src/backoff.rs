@@ -26,8 +26,7 @@ pub enum Jitter {
 ///
 /// // The seed's schedule: min(1000 · 2^(n-1), 10000) ms.
 /// let seed = Backoff::new(Duration::from_secs(1), Duration::from_secs(10)).jitter(Jitter::None);
-/// let mut rng = steadfast_retry::Rng::seeded(0);
-/// let delays: Vec<_> = (1..=5).map(|n| seed.delay(n, Duration::ZERO, &mut rng).as_millis()).collect();
+/// let delays: Vec<_> = (1..=5).map(|n| seed.exponential(n).as_millis()).collect();
 /// assert_eq!(delays, [1000, 2000, 4000, 8000, 10000]);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,9 +75,36 @@ impl Backoff {
         self.base.saturating_mul(1 << shift).min(self.cap)
     }
 
+    /// The longest `retries` waits can add up to: each at its largest delay before jitter
+    /// (saturating; O(1) once the delay stops growing, so `u32::MAX` retries cost nothing).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use steadfast_retry::Backoff;
+    ///
+    /// let b = Backoff::new(Duration::from_millis(100), Duration::from_millis(300));
+    /// // 100 + 200 + 300 + 300
+    /// assert_eq!(b.worst_case_total(4), Duration::from_millis(900));
+    /// // Saturates instead of overflowing.
+    /// let huge = Backoff::new(Duration::from_secs(u64::MAX / 2), Duration::MAX);
+    /// assert_eq!(huge.worst_case_total(u32::MAX), Duration::MAX);
+    /// ```
+    pub fn worst_case_total(&self, retries: u32) -> Duration {
+        let mut total = Duration::ZERO;
+        for n in 1..=retries {
+            let delay = self.exponential(n);
+            if delay == self.cap || n > 31 {
+                // Every remaining wait is this one.
+                return total.saturating_add(delay.saturating_mul(retries - n + 1));
+            }
+            total = total.saturating_add(delay);
+        }
+        total
+    }
+
     /// The delay before retry `n` (1-based); `previous` is the last delay (for
     /// [`Jitter::Decorrelated`]).
-    pub fn delay(&self, n: u32, previous: Duration, rng: &mut Rng) -> Duration {
+    pub(crate) fn delay(&self, n: u32, previous: Duration, rng: &mut Rng) -> Duration {
         let exp = self.exponential(n);
         match self.jitter {
             Jitter::None => exp,
@@ -99,7 +125,7 @@ impl Backoff {
 
 /// The seedable random stream jitter draws from (the workspace's one source, from
 /// `steadfast-core`). Each request that retries gets its own.
-pub use steadfast_core::rand::Rng;
+pub(crate) use steadfast_core::__private::rand::Rng;
 
 #[cfg(test)]
 mod tests {

@@ -31,7 +31,7 @@ use std::sync::atomic::{
 };
 use std::time::Duration;
 
-use steadfast_core::thread_number;
+use steadfast_core::__private::thread_number;
 use tokio::time::Instant;
 
 const MILLI: u64 = 1000;

@@ -1,3 +1,5 @@
+//! The errors of this crate.
+
 use std::error::Error;
 use std::fmt;
 
@@ -16,15 +18,15 @@ pub enum InvalidRetryConfig {
     BudgetNeverPays,
     /// The budget's window is shorter than its 10 ms tick.
     BudgetWindow,
-    /// A total timeout of zero leaves no time for any retry.
-    ZeroTotalTimeout,
 }
 
 impl fmt::Display for InvalidRetryConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::ZeroAttempts => f.write_str("max_attempts must be at least 1 (1 = no retry)"),
-            Self::BackoffCapBelowBase => f.write_str("backoff cap must be >= its base delay"),
+            Self::BackoffCapBelowBase => f.write_str(
+                "backoff cap must be >= its base delay: raise the cap or lower the base",
+            ),
             Self::BudgetRatio => {
                 f.write_str("budget ratio must be a finite number from 0 to 1000 (0.1 = 10 %)")
             }
@@ -32,13 +34,13 @@ impl fmt::Display for InvalidRetryConfig {
                 "budget ratio and min_per_sec are both 0, so no retry could ever be paid for: \
                  raise one, or turn the budget off with budget(None)",
             ),
-            Self::BudgetWindow => f.write_str("budget window must be at least 10 ms"),
-            Self::ZeroTotalTimeout => f.write_str(
-                "total_timeout must be longer than zero (zero leaves no time for a retry; \
-                 use max_attempts(1) for no retry)",
-            ),
+            Self::BudgetWindow => {
+                f.write_str("budget window must be at least 10 ms (its tick): raise the window")
+            }
         }
     }
 }
 
 impl Error for InvalidRetryConfig {}
+
+pub use crate::replay::ReplayLost;

@@ -1,26 +1,24 @@
+//! The response future of [`Retry`](crate::Retry).
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use steadfast_core::header::{Pushback, server_hint};
-use steadfast_core::{
-    BoxError, Class, Classify, Deadline, Delivery, GRPC_STATUS, PolicyRejected, ResponseClass,
-    is_grpc_content_type, saturating_add,
-};
+use steadfast_core::{BoxError, Classify, is_grpc_content_type};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::backoff::Rng;
-use crate::layer::{ATTEMPT_HEADER, Config, GRPC_PREVIOUS_ATTEMPTS, IDEMPOTENCY_KEY};
+use crate::header::{ATTEMPT_HEADER, GRPC_PREVIOUS_ATTEMPTS};
+use crate::layer::Config;
+use crate::policy::{History, Verdict, decide};
 use crate::replay::ReplayBody;
 
 /// What a retrying call keeps between attempts.
@@ -31,13 +29,7 @@ pub(crate) struct Ctx<S, B, C> {
     /// The body for the next attempt, taken when the retry was decided.
     pub(crate) next_body: Option<ReplayBody<B>>,
     pub(crate) config: Arc<Config<C>>,
-    pub(crate) attempt: u32,
-    pub(crate) started: Option<Instant>,
-    pub(crate) deadline: Option<Deadline>,
-    pub(crate) rng: Option<Rng>,
-    pub(crate) previous_delay: Duration,
-    /// Backoff waits since the last server hint (a hint restarts the schedule).
-    pub(crate) backoffs: u32,
+    pub(crate) history: History,
     /// A budget token is held for a retry decided but not sent yet.
     pub(crate) reserved: bool,
 }
@@ -78,7 +70,7 @@ pin_project! {
 impl<F, S, B, C> fmt::Debug for ResponseFuture<F, S, B, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("attempt", &self.ctx.as_ref().map(|c| c.attempt))
+            .field("attempt", &self.ctx.as_ref().map(|c| c.history.attempt))
             .finish_non_exhaustive()
     }
 }
@@ -99,19 +91,6 @@ impl<F, S, B, C> ResponseFuture<F, S, B, C> {
     }
 }
 
-/// A server's retry hint.
-enum Hint {
-    After(Duration),
-    Stop,
-}
-
-fn hint<B>(res: &Response<B>) -> Option<Hint> {
-    server_hint(res.headers(), SystemTime::now()).map(|p| match p {
-        Pushback::After(d) => Hint::After(d),
-        Pushback::Stop => Hint::Stop,
-    })
-}
-
 /// A header value for a small count without allocating (static for 0-9).
 fn small_number(n: u32) -> HeaderValue {
     const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
@@ -121,116 +100,44 @@ fn small_number(n: u32) -> HeaderValue {
     }
 }
 
-fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
-enum Decision<T> {
+enum Step<T> {
     Return(T),
     Wait(Duration),
 }
 
 impl<S, B, C> Ctx<S, B, C> {
-    fn give_up<T>(&self, out: T, reason: &'static str) -> Decision<T> {
+    fn give_up<T>(&self, out: T, reason: &'static str) -> Step<T> {
         #[cfg(feature = "metrics")]
         metrics::counter!("steadfast_retry_gave_up_total", "reason" => reason).increment(1);
         tracing::event!(
             name: "retry.gave_up",
             target: "steadfast::retry",
             tracing::Level::DEBUG,
-            attempt = self.attempt,
+            attempt = self.history.attempt,
             reason,
         );
-        Decision::Return(out)
+        Step::Return(out)
     }
 
-    fn decide<ResB>(
+    /// Asks the policy, then takes what a retry needs that the policy does not own: the next
+    /// body and a budget token.
+    fn next_step<ResB>(
         &mut self,
         out: Result<Response<ResB>, BoxError>,
-    ) -> Decision<Result<Response<ResB>, BoxError>>
+    ) -> Step<Result<Response<ResB>, BoxError>>
     where
         C: Classify<Response<ResB>>,
     {
         let config = &*self.config;
-        let class = match &out {
-            Ok(res) => match config.classifier.classify_response(res) {
-                ResponseClass::Ready(c) => c,
-                // A streamed gRPC response whose head arrived is committed (gRPC A6).
-                ResponseClass::Deferred(_) => return Decision::Return(out),
-            },
-            Err(e) => {
-                if PolicyRejected::is_in(&**e) {
-                    // Refused by a local policy (open breaker): not retried, costs no budget.
-                    return self.give_up(out, "policy_rejected");
-                }
-                config.classifier.classify_error(&**e)
-            }
-        };
-        if self.attempt >= config.max_attempts {
-            if class.is_retryable() {
-                return self.give_up(out, "attempts_exhausted");
-            }
-            return Decision::Return(out);
-        }
-        // A gRPC status the server answered with in the head (trailers-only): the one case
-        // `retry_grpc_statuses` covers (not an HTTP status from a proxy on the way).
-        let grpc_status = out.as_ref().is_ok_and(|r| {
-            is_grpc_content_type(r.headers()) && r.headers().contains_key(&GRPC_STATUS)
-        });
-        let default = class.is_retryable() && self.safe_to_repeat(&class, grpc_status);
-        let retry = match &config.predicate {
-            Some(p) => p(&self.parts, &class).unwrap_or(default),
-            None => default,
-        };
-        if !retry {
-            if class.is_retryable() {
-                return self.give_up(out, "not_idempotent");
-            }
-            return Decision::Return(out);
-        }
-        // Take the next attempt's body now: the check and the handle are one step.
+        let (delay, from_hint) =
+            match decide(config, &self.parts, &mut self.history, &out, Instant::now()) {
+                Verdict::Done => return Step::Return(out),
+                Verdict::GiveUp(reason) => return self.give_up(out, reason),
+                Verdict::Retry { delay, from_hint } => (delay, from_hint),
+            };
         let Some(next_body) = self.body.replay() else {
             return self.give_up(out, "body_not_replayable");
         };
-        // Read the server's hint only for an outcome that will be retried.
-        let hint = out.as_ref().ok().and_then(hint);
-        let mut from_hint = false;
-        let delay = match hint {
-            Some(Hint::Stop) => return self.give_up(out, "server_pushback_stop"),
-            // Pinned 7: never sooner than asked, never longer than the cap.
-            Some(Hint::After(d)) if d > config.max_hint => {
-                return self.give_up(out, "server_hint_over_cap");
-            }
-            Some(Hint::After(d)) => {
-                from_hint = true;
-                d
-            }
-            None => {
-                let rng = self.rng.get_or_insert_with(|| {
-                    let stream = config.streams.fetch_add(1, Relaxed);
-                    let mut mix =
-                        Rng::seeded(config.seed ^ stream.wrapping_mul(steadfast_core::rand::STEP));
-                    Rng::seeded(mix.next_u64())
-                });
-                // The backoff counts retries since the last server hint: a hint replaces
-                // the schedule, which then starts again from its base.
-                config
-                    .backoff
-                    .delay(self.backoffs + 1, self.previous_delay, rng)
-            }
-        };
-        let ends = saturating_add(Instant::now(), delay);
-        if self.deadline.is_some_and(|d| ends >= d.instant()) {
-            return self.give_up(out, "deadline");
-        }
-        if let (Some(start), Some(total)) = (self.started, config.total) {
-            if ends >= saturating_add(start, total) {
-                return self.give_up(out, "total_timeout");
-            }
-        }
         if let Some(budget) = &config.budget {
             if !budget.withdraw() {
                 #[cfg(feature = "metrics")]
@@ -239,17 +146,17 @@ impl<S, B, C> Ctx<S, B, C> {
                     name: "retry.budget_exhausted",
                     target: "steadfast::retry",
                     tracing::Level::INFO,
-                    attempt = self.attempt,
+                    attempt = self.history.attempt,
                     "retry budget exhausted; returning the last outcome"
                 );
-                return Decision::Return(out);
+                return Step::Return(out);
             }
         }
         tracing::event!(
             name: "retry.attempt",
             target: "steadfast::retry",
             tracing::Level::DEBUG,
-            attempt = self.attempt + 1,
+            attempt = self.history.attempt + 1,
             delay_ms = delay.as_millis() as u64,
             status = out.as_ref().ok().map(|r| r.status().as_u16()),
             error = out.is_err(),
@@ -260,39 +167,22 @@ impl<S, B, C> Ctx<S, B, C> {
             metrics::counter!("steadfast_retry_attempts_total").increment(1);
             metrics::histogram!("steadfast_retry_backoff_seconds").record(delay.as_secs_f64());
         }
-        self.attempt += 1;
-        if from_hint {
-            self.backoffs = 0;
-            self.previous_delay = Duration::ZERO;
-        } else {
-            self.backoffs += 1;
-            self.previous_delay = delay;
-        }
+        self.history.retried(delay, from_hint);
         self.next_body = Some(next_body);
         // The token is spent only when the retry is sent: a caller that gives up during the
         // wait gets it back (see `Drop`).
         self.reserved = config.budget.is_some();
-        Decision::Wait(delay)
-    }
-
-    fn safe_to_repeat(&self, class: &Class, grpc_status: bool) -> bool {
-        class.delivery() == Delivery::NotSent
-            || idempotent(&self.parts.method)
-            || self.parts.headers.contains_key(IDEMPOTENCY_KEY)
-            || self.config.retry_non_idempotent
-            || (self.config.grpc_statuses
-                && grpc_status
-                && class.delivery() == Delivery::Answered
-                && is_grpc_content_type(&self.parts.headers))
+        Step::Wait(delay)
     }
 
     fn next_request(&mut self) -> Option<Request<ReplayBody<B>>> {
         let body = self.next_body.take()?;
+        let attempt = self.history.attempt;
         let mut req = Request::from_parts(self.parts.clone(), body);
         let headers = req.headers_mut();
-        headers.insert(ATTEMPT_HEADER, small_number(self.attempt));
+        headers.insert(ATTEMPT_HEADER, small_number(attempt));
         if is_grpc_content_type(headers) {
-            headers.insert(GRPC_PREVIOUS_ATTEMPTS, small_number(self.attempt - 1));
+            headers.insert(GRPC_PREVIOUS_ATTEMPTS, small_number(attempt - 1));
         }
         Some(req)
     }
@@ -318,13 +208,13 @@ where
                     let Some(ctx) = this.ctx.as_mut() else {
                         return Poll::Ready(out);
                     };
-                    match ctx.decide(out) {
-                        Decision::Return(out) => {
+                    match ctx.next_step(out) {
+                        Step::Return(out) => {
                             *this.ctx = None;
                             return Poll::Ready(out);
                         }
-                        Decision::Wait(d) if d.is_zero() => this.state.set(State::Ready),
-                        Decision::Wait(d) => this.state.set(State::Waiting {
+                        Step::Wait(d) if d.is_zero() => this.state.set(State::Ready),
+                        Step::Wait(d) => this.state.set(State::Waiting {
                             sleep: Box::pin(tokio::time::sleep(d)),
                         }),
                     }

@@ -3,7 +3,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use http::HeaderName;
 use http::request::Parts;
 use steadfast_core::{Class, DefaultClassifier};
 use tower_layer::Layer;
@@ -14,28 +13,60 @@ use crate::error::InvalidRetryConfig;
 use crate::replay::DEFAULT_REPLAY_CAP;
 use crate::service::Retry;
 
-/// The header that marks a request safe to repeat whatever its method.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-/// Set on every attempt after the first: the attempt's number (2, 3, ...).
-pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-retry-attempt");
-/// Set on gRPC attempts after the first: how many attempts came before (gRPC A6).
-pub const GRPC_PREVIOUS_ATTEMPTS: HeaderName =
-    HeaderName::from_static("grpc-previous-rpc-attempts");
+/// A caller's say on one outcome, consulted after the default rules (a trait like
+/// [`Classify`](steadfast_core::Classify), so a policy can be a type of its own; any
+/// `Fn(&Parts, &Class) -> Option<bool>` is one).
+///
+/// `Some(true)` retries (if attempts, budget, body and deadline allow), `Some(false)` never
+/// does, `None` keeps the default rules.
+///
+/// ```
+/// use steadfast_retry::RetryLayer;
+///
+/// use http::request::Parts;
+/// use steadfast_core::Class;
+/// use steadfast_retry::RetryPredicate;
+///
+/// // Never retry calls to /payments, whatever the method.
+/// let layer = RetryLayer::builder()
+///     .predicate(|req, _| req.uri.path().starts_with("/payments").then_some(false))
+///     .build()
+///     .unwrap();
+/// # let _ = layer;
+///
+/// // The same rule as a type, for a policy that carries state.
+/// struct NoRetryUnder(&'static str);
+/// impl RetryPredicate for NoRetryUnder {
+///     fn retry(&self, req: &Parts, _: &Class) -> Option<bool> {
+///         req.uri.path().starts_with(self.0).then_some(false)
+///     }
+/// }
+/// let layer = RetryLayer::builder().retry_predicate(NoRetryUnder("/payments")).build().unwrap();
+/// # let _ = layer;
+/// ```
+pub trait RetryPredicate: Send + Sync + 'static {
+    /// Whether to retry `request` after an outcome classified as `class`.
+    fn retry(&self, request: &Parts, class: &Class) -> Option<bool>;
+}
 
-/// A caller's say on one outcome: `Some(true)` retry (if attempts, budget, body and deadline
-/// allow), `Some(false)` never, `None` the default rules.
-pub type Predicate = dyn Fn(&Parts, &Class) -> Option<bool> + Send + Sync;
+impl<F> RetryPredicate for F
+where
+    F: Fn(&Parts, &Class) -> Option<bool> + Send + Sync + 'static,
+{
+    fn retry(&self, request: &Parts, class: &Class) -> Option<bool> {
+        self(request, class)
+    }
+}
 
 pub(crate) struct Config<C> {
     pub(crate) max_attempts: u32,
     pub(crate) classifier: C,
     pub(crate) backoff: Backoff,
     pub(crate) max_hint: Duration,
-    pub(crate) total: Option<Duration>,
     pub(crate) replay_cap: usize,
     pub(crate) retry_non_idempotent: bool,
     pub(crate) grpc_statuses: bool,
-    pub(crate) predicate: Option<Box<Predicate>>,
+    pub(crate) predicate: Option<Box<dyn RetryPredicate>>,
     pub(crate) budget: Option<Budget>,
     pub(crate) seed: u64,
     pub(crate) streams: AtomicU64,
@@ -48,7 +79,6 @@ impl<C: fmt::Debug> fmt::Debug for Config<C> {
             .field("classifier", &self.classifier)
             .field("backoff", &self.backoff)
             .field("max_hint", &self.max_hint)
-            .field("total", &self.total)
             .field("replay_cap", &self.replay_cap)
             .field("retry_non_idempotent", &self.retry_non_idempotent)
             .field("grpc_statuses", &self.grpc_statuses)
@@ -72,23 +102,22 @@ impl<C: fmt::Debug> fmt::Debug for Config<C> {
 /// | budget | on: retries ≤ 10 % of recent requests + 10/s ([`BudgetConfig`]) |
 /// | replay | bodies up to 64 KiB |
 #[must_use]
-pub struct RetryPolicy<C = DefaultClassifier> {
+pub struct RetryBuilder<C = DefaultClassifier> {
     max_attempts: u32,
     classifier: C,
     backoff: Backoff,
     max_hint: Duration,
-    total: Option<Duration>,
     replay_cap: usize,
     retry_non_idempotent: bool,
     grpc_statuses: bool,
-    predicate: Option<Box<Predicate>>,
+    predicate: Option<Box<dyn RetryPredicate>>,
     budget: Option<BudgetConfig>,
     seed: Option<u64>,
 }
 
-impl<C: fmt::Debug> fmt::Debug for RetryPolicy<C> {
+impl<C: fmt::Debug> fmt::Debug for RetryBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RetryPolicy")
+        f.debug_struct("RetryBuilder")
             .field("max_attempts", &self.max_attempts)
             .field("backoff", &self.backoff)
             .field("budget", &self.budget)
@@ -96,14 +125,13 @@ impl<C: fmt::Debug> fmt::Debug for RetryPolicy<C> {
     }
 }
 
-impl Default for RetryPolicy {
+impl Default for RetryBuilder {
     fn default() -> Self {
         Self {
             max_attempts: 3,
             classifier: DefaultClassifier::new(),
             backoff: Backoff::default(),
             max_hint: Duration::from_secs(300),
-            total: None,
             replay_cap: DEFAULT_REPLAY_CAP,
             retry_non_idempotent: false,
             grpc_statuses: false,
@@ -114,29 +142,13 @@ impl Default for RetryPolicy {
     }
 }
 
-/// What a [`RetryPolicy`] is set to, for presets that check it against other settings.
-#[derive(Clone, Copy, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct RetrySettings {
-    /// Attempts in total.
-    pub max_attempts: u32,
-    /// The backoff.
-    pub backoff: Backoff,
-    /// The longest server hint honoured.
-    pub max_server_delay: Duration,
-    /// The total time for all attempts, if set.
-    pub total_timeout: Option<Duration>,
-}
-
-impl<C> RetryPolicy<C> {
-    /// The current settings.
-    pub fn settings(&self) -> RetrySettings {
-        RetrySettings {
-            max_attempts: self.max_attempts,
-            backoff: self.backoff,
-            max_server_delay: self.max_hint,
-            total_timeout: self.total,
-        }
+impl<C> RetryBuilder<C> {
+    /// The longest the backoff waits between attempts can add up to (every retry at its
+    /// largest delay, before jitter; server hints not included): what a total timeout around
+    /// this layer must leave room for.
+    pub fn worst_case_backoff(&self) -> Duration {
+        self.backoff
+            .worst_case_total(self.max_attempts.saturating_sub(1))
     }
 
     /// Attempts in total, the first included (1 = no retry; 0 is an error at build time).
@@ -155,13 +167,6 @@ impl<C> RetryPolicy<C> {
     /// caller gets the last outcome now (default 300 s).
     pub fn max_server_delay(mut self, d: Duration) -> Self {
         self.max_hint = d;
-        self
-    }
-
-    /// A total time for all attempts and waits; a wait that would end past it means no
-    /// retry. The ambient [`Deadline`](steadfast_core::Deadline) always applies too.
-    pub fn total_timeout(mut self, d: Duration) -> Self {
-        self.total = Some(d);
         self
     }
 
@@ -196,12 +201,17 @@ impl<C> RetryPolicy<C> {
         self
     }
 
-    /// A custom predicate on request and outcome; see [`Predicate`].
+    /// A custom say on request and outcome, as a closure; see [`RetryPredicate`].
     pub fn predicate(
-        mut self,
+        self,
         f: impl Fn(&Parts, &Class) -> Option<bool> + Send + Sync + 'static,
     ) -> Self {
-        self.predicate = Some(Box::new(f));
+        self.retry_predicate(f)
+    }
+
+    /// A custom say on request and outcome, as a type of its own; see [`RetryPredicate`].
+    pub fn retry_predicate(mut self, predicate: impl RetryPredicate) -> Self {
+        self.predicate = Some(Box::new(predicate));
         self
     }
 
@@ -219,13 +229,12 @@ impl<C> RetryPolicy<C> {
     }
 
     /// Replaces what counts as retryable.
-    pub fn classifier<C2>(self, classifier: C2) -> RetryPolicy<C2> {
-        RetryPolicy {
+    pub fn classifier<C2>(self, classifier: C2) -> RetryBuilder<C2> {
+        RetryBuilder {
             max_attempts: self.max_attempts,
             classifier,
             backoff: self.backoff,
             max_hint: self.max_hint,
-            total: self.total,
             replay_cap: self.replay_cap,
             retry_non_idempotent: self.retry_non_idempotent,
             grpc_statuses: self.grpc_statuses,
@@ -239,8 +248,8 @@ impl<C> RetryPolicy<C> {
     ///
     /// # Errors
     ///
-    /// [`InvalidRetryConfig`] for zero attempts, a backoff cap below its base, a zero total
-    /// timeout, or a budget that is out of range or could never pay for a retry.
+    /// [`InvalidRetryConfig`] for zero attempts, a backoff cap below its base, or a budget
+    /// that is out of range or could never pay for a retry.
     pub fn build(self) -> Result<RetryLayer<C>, InvalidRetryConfig> {
         if self.max_attempts == 0 {
             return Err(InvalidRetryConfig::ZeroAttempts);
@@ -259,19 +268,15 @@ impl<C> RetryPolicy<C> {
                 return Err(InvalidRetryConfig::BudgetWindow);
             }
         }
-        if self.total.is_some_and(|t| t.is_zero()) {
-            return Err(InvalidRetryConfig::ZeroTotalTimeout);
-        }
         let seed = self
             .seed
-            .unwrap_or_else(|| steadfast_core::rand::random_seed(1));
+            .unwrap_or_else(|| steadfast_core::__private::rand::random_seed(1));
         Ok(RetryLayer {
             config: Arc::new(Config {
                 max_attempts: self.max_attempts,
                 classifier: self.classifier,
                 backoff: self.backoff,
                 max_hint: self.max_hint,
-                total: self.total,
                 replay_cap: self.replay_cap,
                 retry_non_idempotent: self.retry_non_idempotent,
                 grpc_statuses: self.grpc_statuses,
@@ -353,16 +358,16 @@ impl Default for RetryLayer {
 }
 
 impl RetryLayer {
-    /// A layer with the defaults (see [`RetryPolicy`]).
+    /// A layer with the defaults (see [`RetryBuilder`]).
     pub fn new() -> Self {
-        RetryPolicy::default()
+        RetryBuilder::default()
             .build()
             .expect("the defaults are valid")
     }
 
-    /// A policy builder with the defaults.
-    pub fn policy() -> RetryPolicy {
-        RetryPolicy::default()
+    /// A builder with the defaults.
+    pub fn builder() -> RetryBuilder {
+        RetryBuilder::default()
     }
 }
 

@@ -36,23 +36,21 @@
 //! `tracing` events on target `steadfast::retry`: `retry.attempt` (attempt, delay_ms, status,
 //! error, budget_left), `retry.budget_exhausted` (attempt), `retry.gave_up` (attempt, reason:
 //! `attempts_exhausted`, `not_idempotent`, `body_not_replayable`, `server_pushback_stop`,
-//! `server_hint_over_cap`, `deadline`, `total_timeout`, `policy_rejected`).
+//! `server_hint_over_cap`, `deadline`, `policy_rejected`).
 
 mod backoff;
 mod budget;
-mod error;
-mod future;
+pub mod error;
+pub mod future;
+mod header;
 mod layer;
+mod policy;
 mod replay;
 mod service;
 
-pub use backoff::{Backoff, Jitter, Rng};
+pub use backoff::{Backoff, Jitter};
 pub use budget::{Budget, BudgetConfig};
-pub use error::InvalidRetryConfig;
-pub use future::ResponseFuture;
-pub use layer::{
-    ATTEMPT_HEADER, GRPC_PREVIOUS_ATTEMPTS, IDEMPOTENCY_KEY, Predicate, RetryLayer, RetryPolicy,
-    RetrySettings,
-};
-pub use replay::{DEFAULT_REPLAY_CAP, ReplayBody, ReplayLost};
+pub use header::{ATTEMPT_HEADER, GRPC_PREVIOUS_ATTEMPTS, IDEMPOTENCY_KEY};
+pub use layer::{RetryBuilder, RetryLayer, RetryPredicate};
+pub use replay::{DEFAULT_REPLAY_CAP, ReplayBody};
 pub use service::Retry;

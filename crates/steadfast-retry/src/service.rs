@@ -6,11 +6,11 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use steadfast_core::{BoxError, Classify, Deadline};
-use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::future::{Ctx, ResponseFuture};
 use crate::layer::Config;
+use crate::policy::History;
 use crate::replay::ReplayBody;
 
 /// The retry service; see [`RetryLayer`](crate::RetryLayer).
@@ -21,6 +21,13 @@ use crate::replay::ReplayBody;
 pub struct Retry<S, C> {
     inner: S,
     config: Arc<Config<C>>,
+}
+
+impl<S> Retry<S, steadfast_core::DefaultClassifier> {
+    /// A layer with the defaults (see [`RetryBuilder`](crate::RetryBuilder)).
+    pub fn layer() -> crate::RetryLayer {
+        crate::RetryLayer::new()
+    }
 }
 
 impl<S, C> Retry<S, C> {
@@ -104,12 +111,7 @@ where
                 body: retry_body,
                 next_body: None,
                 config: self.config.clone(),
-                attempt: 1,
-                started: config.total.map(|_| Instant::now()),
-                deadline,
-                rng: None,
-                previous_delay: std::time::Duration::ZERO,
-                backoffs: 0,
+                history: History::new(deadline),
                 reserved: false,
             },
         )

@@ -14,15 +14,15 @@ use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::client::Timeout;
 use crate::error::Elapsed;
 use crate::future::ResponseFuture;
 use crate::layer::TimeoutLayer;
-use crate::service::Timeout;
 
 /// A [`TimeoutLayer`] whose deadline also bounds the response **body**: a call never hangs,
 /// even when the upstream sends its head at once and then trickles the body.
 ///
-/// Made with [`TimeoutLayer::covering_body`]. The head is timed exactly as by the
+/// Made with [`BodyTimeoutLayer::new`] or [`TimeoutBuilder::covering_body`](crate::TimeoutBuilder::covering_body). The head is timed exactly as by the
 /// [`TimeoutLayer`]; the body then gets what is left of the same deadline (as a gRPC deadline
 /// covers the whole call, and as reqwest's `timeout` runs until the body has been read). A body
 /// frame that would arrive past the deadline ends the body with an [`Elapsed`] error instead.
@@ -35,16 +35,17 @@ use crate::service::Timeout;
 /// deadline. The deadline runs from the call; when the head answered at its first
 /// poll with no deadline known yet, from that poll (as a lazy [`TimeoutLayer`] counts).
 ///
-/// Optionally, [`idle`](Self::idle) also bounds the wait for each next frame. For long-lived
-/// streams (server-sent events, gRPC server streaming) turn the body deadline off with
-/// [`whole_call(false)`](Self::whole_call): the head stays bounded, the body is not. The
+/// Optionally, [`idle`](crate::BodyTimeoutBuilder::idle) also bounds the wait for each next
+/// frame. For long-lived streams (server-sent events, gRPC server streaming) turn the body
+/// deadline off with [`whole_call(false)`](crate::BodyTimeoutBuilder::whole_call): the head stays bounded, the body is not. The
 /// deadline propagated downstream is the same either way.
 ///
 /// ```
 /// use std::time::Duration;
 /// use bytes::Bytes;
 /// use http_body_util::{BodyExt, StreamBody};
-/// use steadfast_timeout::{Elapsed, TimeoutLayer};
+/// use steadfast_timeout::BodyTimeoutLayer;
+/// use steadfast_timeout::error::Elapsed;
 /// use tower::{Layer, ServiceExt, service_fn};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
@@ -56,7 +57,7 @@ use crate::service::Timeout;
 ///     });
 ///     Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(frames)))
 /// });
-/// let client = TimeoutLayer::new(Duration::from_millis(2500)).covering_body().layer(trickle);
+/// let client = BodyTimeoutLayer::new(Duration::from_millis(2500)).layer(trickle);
 /// let res = client.oneshot(http::Request::new(())).await.unwrap();
 /// let err = res.into_body().collect().await.unwrap_err();
 /// assert_eq!(err.downcast_ref::<Elapsed>().unwrap().limit(), Duration::from_millis(2500));
@@ -65,37 +66,20 @@ use crate::service::Timeout;
 #[derive(Clone, Copy, Debug)]
 #[must_use]
 pub struct BodyTimeoutLayer {
-    head: TimeoutLayer,
-    whole_call: bool,
-    idle: Option<Duration>,
+    pub(crate) head: TimeoutLayer,
+    pub(crate) whole_call: bool,
+    pub(crate) idle: Option<Duration>,
 }
 
 impl BodyTimeoutLayer {
-    pub(crate) const fn new(head: TimeoutLayer) -> Self {
+    /// A body-covering timeout of `limit` with the other settings at their defaults (see
+    /// [`BodyTimeoutBuilder`](crate::BodyTimeoutBuilder)).
+    pub const fn new(limit: Duration) -> Self {
         Self {
-            head,
+            head: TimeoutLayer::new(limit),
             whole_call: true,
             idle: None,
         }
-    }
-
-    /// Whether the deadline covers the body too (default on). Off: the head is bounded, the
-    /// body streams for as long as it streams (for long-lived streams), except for an
-    /// [`idle`](Self::idle) limit if one is set.
-    pub const fn whole_call(mut self, on: bool) -> Self {
-        self.whole_call = on;
-        self
-    }
-
-    /// Also end the body with [`Elapsed`] (its [`is_idle`](Elapsed::is_idle) set) when the
-    /// upstream sends nothing for `limit` between two frames (off by default). Measured from
-    /// the moment the body starts waiting; a zero limit is treated as off.
-    pub const fn idle(mut self, limit: Option<Duration>) -> Self {
-        self.idle = match limit {
-            Some(d) if d.is_zero() => None,
-            other => other,
-        };
-        self
     }
 
     /// The head's timeout layer.
@@ -126,6 +110,11 @@ pub struct BodyTimeout<S> {
 }
 
 impl<S> BodyTimeout<S> {
+    /// A layer whose deadline of `limit` covers the body, with the defaults.
+    pub const fn layer(limit: Duration) -> BodyTimeoutLayer {
+        BodyTimeoutLayer::new(limit)
+    }
+
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         self.inner.get_ref()
@@ -149,7 +138,7 @@ where
 {
     type Response = Response<TimeoutBody<ResB>>;
     type Error = BoxError;
-    type Future = BodyResponseFuture<S::Future>;
+    type Future = BodyTimeoutFuture<S::Future>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
@@ -158,7 +147,7 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        BodyResponseFuture {
+        BodyTimeoutFuture {
             inner: self.inner.call(req),
             whole_call: self.whole_call,
             idle: self.idle,
@@ -168,7 +157,7 @@ where
 
 pin_project! {
     /// The response future of [`BodyTimeout`].
-    pub struct BodyResponseFuture<F> {
+    pub struct BodyTimeoutFuture<F> {
         #[pin]
         inner: ResponseFuture<F>,
         whole_call: bool,
@@ -176,13 +165,13 @@ pin_project! {
     }
 }
 
-impl<F> fmt::Debug for BodyResponseFuture<F> {
+impl<F> fmt::Debug for BodyTimeoutFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BodyResponseFuture").finish_non_exhaustive()
+        f.debug_struct("BodyTimeoutFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, B, E> Future for BodyResponseFuture<F>
+impl<F, B, E> Future for BodyTimeoutFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,

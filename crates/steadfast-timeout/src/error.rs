@@ -1,3 +1,5 @@
+//! The errors of this crate.
+
 use std::error::Error;
 use std::fmt;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use std::time::Duration;
 ///
 /// ```
 /// use std::time::Duration;
-/// use steadfast_timeout::Elapsed;
+/// use steadfast_timeout::error::Elapsed;
 ///
 /// let e = Elapsed::new(Duration::from_secs(5), false);
 /// assert_eq!(e.to_string(), "request timed out after 5s");
@@ -35,7 +37,7 @@ impl Elapsed {
     }
 
     /// A response body that waited longer than `limit` for its next frame (see
-    /// [`BodyTimeoutLayer::idle`](crate::BodyTimeoutLayer::idle)).
+    /// [`BodyTimeoutBuilder::idle`](crate::BodyTimeoutBuilder::idle)).
     pub const fn idle(limit: Duration) -> Self {
         Self {
             limit,
@@ -78,3 +80,31 @@ impl fmt::Display for Elapsed {
 }
 
 impl Error for Elapsed {}
+
+/// A timeout builder was given a setting that cannot work; the message says what to change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidTimeoutConfig {
+    /// An idle limit of zero between body frames.
+    ZeroIdle,
+    /// A server answer on expiry that is not an error status.
+    StatusNotAnError(http::StatusCode),
+}
+
+impl fmt::Display for InvalidTimeoutConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ZeroIdle => f.write_str(
+                "body idle limit is zero, which would end every body at its first wait: \
+                 give a positive limit, or None to turn the idle limit off",
+            ),
+            Self::StatusNotAnError(s) => write!(
+                f,
+                "status {s} answered on an expired deadline is not an error: \
+                 use a 4xx or 5xx status (default 504)"
+            ),
+        }
+    }
+}
+
+impl Error for InvalidTimeoutConfig {}

@@ -1,3 +1,5 @@
+//! The response futures of this crate's services.
+
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -8,6 +10,9 @@ use steadfast_core::BoxError;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::Elapsed;
+
+pub use crate::body::BodyTimeoutFuture;
+pub use crate::server::SetDeadlineFuture;
 
 pin_project! {
     /// The response future of [`Timeout`](crate::Timeout).

@@ -4,23 +4,23 @@ use http::StatusCode;
 use tower_layer::Layer;
 
 use crate::body::BodyTimeoutLayer;
-
-use crate::server::ServerTimeout;
-use crate::service::Timeout;
+use crate::client::Timeout;
+use crate::error::InvalidTimeoutConfig;
+use crate::server::SetDeadline;
 
 /// The seed's client timeout: 5 s.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Client-side timeout: fails a call that takes longer than its limit with
-/// [`Elapsed`](crate::Elapsed), and carries the remaining deadline downstream.
+/// [`Elapsed`](crate::error::Elapsed), and carries the remaining deadline downstream.
 ///
 /// The limit applied to a request is the smallest of: the layer's limit, a
 /// [`RequestTimeout`](crate::RequestTimeout) extension, and the time left of an inherited
 /// [`Deadline`](steadfast_core::Deadline) (a request extension or the ambient one a
-/// [`ServerTimeoutLayer`] set for the handler). An inherited deadline that has already passed
+/// [`SetDeadlineLayer`] set for the handler). An inherited deadline that has already passed
 /// fails the call at once without sending anything.
 ///
-/// When a deadline is inherited (or [`propagate_own`](Self::propagate_own) is on), the
+/// When a deadline is inherited (or [`propagate_own`](TimeoutBuilder::propagate_own) is on), the
 /// remaining budget is written onto the request: `grpc-timeout` for gRPC requests,
 /// `x-request-timeout-ms` otherwise, and a [`Deadline`](steadfast_core::Deadline) extension is
 /// set for inner layers (retry reads it).
@@ -29,7 +29,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// ```
 /// use std::time::Duration;
-/// use steadfast_timeout::{Elapsed, TimeoutLayer};
+/// use steadfast_timeout::TimeoutLayer;
+/// use steadfast_timeout::error::Elapsed;
 /// use tower::{ServiceBuilder, ServiceExt, service_fn};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
@@ -57,10 +58,8 @@ impl Default for TimeoutLayer {
 }
 
 impl TimeoutLayer {
-    /// A timeout of `limit` for each call. A limit of zero is a deadline already passed:
-    /// every call fails at once with [`Elapsed`](crate::Elapsed) without reaching the inner
-    /// service. Limits past about thirty years (`Duration::MAX` included) count as thirty
-    /// years, as tokio's timers do.
+    /// A timeout of `limit` for each call, with the other settings at their defaults (see
+    /// [`TimeoutBuilder`]).
     pub const fn new(limit: Duration) -> Self {
         Self {
             limit,
@@ -69,36 +68,135 @@ impl TimeoutLayer {
         }
     }
 
-    /// Also bound the wait in `poll_ready` by the limit (off by default, as in tower).
-    ///
-    /// `poll_ready` never fails for this: when the wait runs out the service reports ready,
-    /// and the next call fails at once with [`Elapsed`](crate::Elapsed) without reaching the
-    /// inner service.
-    #[must_use]
-    pub const fn cover_ready(mut self, on: bool) -> Self {
-        self.cover_ready = on;
-        self
-    }
-
-    /// Write this layer's own limit downstream even when no deadline was inherited (off by
-    /// default: it costs a header and an extension per call). Turn it on for the outermost
-    /// (total) timeout of a client stack so upstreams learn the caller's budget.
-    #[must_use]
-    pub const fn propagate_own(mut self, on: bool) -> Self {
-        self.propagate_own = on;
-        self
+    /// A builder with the defaults: [`DEFAULT_TIMEOUT`], readiness not covered, own limit
+    /// not propagated.
+    pub const fn builder() -> TimeoutBuilder {
+        TimeoutBuilder {
+            layer: Self::new(DEFAULT_TIMEOUT),
+        }
     }
 
     /// The configured limit.
     pub const fn limit(&self) -> Duration {
         self.limit
     }
+}
 
-    /// The same timeout, with its deadline also bounding the response body (see
-    /// [`BodyTimeoutLayer`]): what a client's total timeout should be, so a call never hangs
-    /// on a trickling body. Needs `http::Response` responses.
-    pub const fn covering_body(self) -> BodyTimeoutLayer {
-        BodyTimeoutLayer::new(self)
+/// Configures a [`TimeoutLayer`], or with [`covering_body`](Self::covering_body) a
+/// [`BodyTimeoutLayer`].
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast_timeout::TimeoutLayer;
+///
+/// let total = TimeoutLayer::builder()
+///     .limit(Duration::from_secs(2))
+///     .propagate_own(true)
+///     .build()
+///     .unwrap();
+/// assert_eq!(total.limit(), Duration::from_secs(2));
+/// ```
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct TimeoutBuilder {
+    layer: TimeoutLayer,
+}
+
+impl TimeoutBuilder {
+    /// The limit for each call (default [`DEFAULT_TIMEOUT`]). A limit of zero is a deadline
+    /// already passed: every call fails at once with [`Elapsed`](crate::error::Elapsed)
+    /// without reaching the inner service. Limits past about thirty years
+    /// (`Duration::MAX` included) count as thirty years, as tokio's timers do.
+    pub const fn limit(mut self, limit: Duration) -> Self {
+        self.layer.limit = limit;
+        self
+    }
+
+    /// Also bound the wait in `poll_ready` by the limit (off by default, as in tower).
+    ///
+    /// `poll_ready` never fails for this: when the wait runs out the service reports ready,
+    /// and the next call fails at once with [`Elapsed`](crate::error::Elapsed) without
+    /// reaching the inner service.
+    pub const fn cover_ready(mut self, on: bool) -> Self {
+        self.layer.cover_ready = on;
+        self
+    }
+
+    /// Write this layer's own limit downstream even when no deadline was inherited (off by
+    /// default: it costs a header and an extension per call). Turn it on for the outermost
+    /// (total) timeout of a client stack so upstreams learn the caller's budget.
+    pub const fn propagate_own(mut self, on: bool) -> Self {
+        self.layer.propagate_own = on;
+        self
+    }
+
+    /// Let the deadline also bound the response body (see [`BodyTimeoutLayer`]): what a
+    /// client's total timeout should be, so a call never hangs on a trickling body. Needs
+    /// `http::Response` responses.
+    pub const fn covering_body(self) -> BodyTimeoutBuilder {
+        BodyTimeoutBuilder {
+            head: self.layer,
+            whole_call: true,
+            idle: None,
+        }
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// None today: every limit is valid (see [`limit`](Self::limit)). The `Result` is the
+    /// shape every steadfast builder has, so a setting that can be wrong can be added without
+    /// breaking callers.
+    pub const fn build(self) -> Result<TimeoutLayer, InvalidTimeoutConfig> {
+        Ok(self.layer)
+    }
+}
+
+/// Configures a [`BodyTimeoutLayer`]; made by [`TimeoutBuilder::covering_body`].
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct BodyTimeoutBuilder {
+    head: TimeoutLayer,
+    whole_call: bool,
+    idle: Option<Duration>,
+}
+
+impl BodyTimeoutBuilder {
+    /// Whether the deadline covers the body too (default on). Off: the head is bounded, the
+    /// body streams for as long as it streams (for long-lived streams), except for an
+    /// [`idle`](Self::idle) limit if one is set.
+    pub const fn whole_call(mut self, on: bool) -> Self {
+        self.whole_call = on;
+        self
+    }
+
+    /// Also end the body with [`Elapsed`](crate::error::Elapsed) (its
+    /// [`is_idle`](crate::error::Elapsed::is_idle) set) when the upstream sends nothing for
+    /// `limit` between two frames (off by default, `None`). Measured from the moment the body
+    /// starts waiting.
+    pub const fn idle(mut self, limit: Option<Duration>) -> Self {
+        self.idle = limit;
+        self
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidTimeoutConfig::ZeroIdle`] for an idle limit of zero, which would end every
+    /// body at its first wait (pass `None` to turn the idle limit off).
+    pub const fn build(self) -> Result<BodyTimeoutLayer, InvalidTimeoutConfig> {
+        if let Some(idle) = self.idle {
+            if idle.is_zero() {
+                return Err(InvalidTimeoutConfig::ZeroIdle);
+            }
+        }
+        Ok(BodyTimeoutLayer {
+            head: self.head,
+            whole_call: self.whole_call,
+            idle: self.idle,
+        })
     }
 }
 
@@ -110,7 +208,7 @@ impl<S> Layer<S> for TimeoutLayer {
     }
 }
 
-/// Server-side timeout: makes the request's deadline ambient for the handler and answers
+/// Server-side deadline: makes the request's deadline ambient for the handler and answers
 /// `504 Gateway Timeout` (HTTP) or a trailers-only `DEADLINE_EXCEEDED` (gRPC) when it passes.
 ///
 /// The deadline is `now + min(own limit, inbound budget)`, where the inbound budget is a valid
@@ -124,7 +222,7 @@ impl<S> Layer<S> for TimeoutLayer {
 /// ```
 /// use std::time::Duration;
 /// use axum::{Router, routing::get};
-/// use steadfast_timeout::ServerTimeoutLayer;
+/// use steadfast_timeout::SetDeadlineLayer;
 /// use tower::ServiceExt;
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
@@ -133,26 +231,26 @@ impl<S> Layer<S> for TimeoutLayer {
 ///         tokio::time::sleep(Duration::from_secs(60)).await;
 ///         "late"
 ///     }))
-///     .layer(ServerTimeoutLayer::new(Duration::from_secs(2)));
+///     .layer(SetDeadlineLayer::new(Duration::from_secs(2)));
 /// let req = http::Request::get("/slow").body(axum::body::Body::empty()).unwrap();
 /// let res = app.oneshot(req).await.unwrap(); // Router's error stays `Infallible`
 /// assert_eq!(res.status(), 504);
 /// # }
 /// ```
 #[derive(Clone, Copy, Debug)]
-pub struct ServerTimeoutLayer {
+pub struct SetDeadlineLayer {
     pub(crate) limit: Duration,
     pub(crate) status: StatusCode,
 }
 
-impl Default for ServerTimeoutLayer {
+impl Default for SetDeadlineLayer {
     fn default() -> Self {
         Self::new(DEFAULT_TIMEOUT)
     }
 }
 
-impl ServerTimeoutLayer {
-    /// A server timeout of at most `limit` per request.
+impl SetDeadlineLayer {
+    /// A server deadline of at most `limit` per request, answered with `504`.
     pub const fn new(limit: Duration) -> Self {
         Self {
             limit,
@@ -160,11 +258,11 @@ impl ServerTimeoutLayer {
         }
     }
 
-    /// The HTTP status answered on expiry (default `504 Gateway Timeout`).
-    #[must_use]
-    pub const fn status(mut self, status: StatusCode) -> Self {
-        self.status = status;
-        self
+    /// A builder with the defaults: [`DEFAULT_TIMEOUT`], answered with `504`.
+    pub const fn builder() -> SetDeadlineBuilder {
+        SetDeadlineBuilder {
+            layer: Self::new(DEFAULT_TIMEOUT),
+        }
     }
 
     /// The configured limit.
@@ -173,10 +271,58 @@ impl ServerTimeoutLayer {
     }
 }
 
-impl<S> Layer<S> for ServerTimeoutLayer {
-    type Service = ServerTimeout<S>;
+/// Configures a [`SetDeadlineLayer`].
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast_timeout::SetDeadlineLayer;
+///
+/// let layer = SetDeadlineLayer::builder()
+///     .limit(Duration::from_secs(30))
+///     .status(http::StatusCode::SERVICE_UNAVAILABLE)
+///     .build()
+///     .unwrap();
+/// assert_eq!(layer.limit(), Duration::from_secs(30));
+/// ```
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct SetDeadlineBuilder {
+    layer: SetDeadlineLayer,
+}
 
-    fn layer(&self, inner: S) -> ServerTimeout<S> {
-        ServerTimeout::new(inner, *self)
+impl SetDeadlineBuilder {
+    /// The longest a request may take, whatever the caller allows (default
+    /// [`DEFAULT_TIMEOUT`]).
+    pub const fn limit(mut self, limit: Duration) -> Self {
+        self.layer.limit = limit;
+        self
+    }
+
+    /// The HTTP status answered on expiry (default `504 Gateway Timeout`); gRPC calls are
+    /// answered `DEADLINE_EXCEEDED` whatever this says.
+    pub const fn status(mut self, status: StatusCode) -> Self {
+        self.layer.status = status;
+        self
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidTimeoutConfig::StatusNotAnError`] for a status outside 400-599: a client
+    /// must not read an expired deadline as success.
+    pub fn build(self) -> Result<SetDeadlineLayer, InvalidTimeoutConfig> {
+        if !(self.layer.status.is_client_error() || self.layer.status.is_server_error()) {
+            return Err(InvalidTimeoutConfig::StatusNotAnError(self.layer.status));
+        }
+        Ok(self.layer)
+    }
+}
+
+impl<S> Layer<S> for SetDeadlineLayer {
+    type Service = SetDeadline<S>;
+
+    fn layer(&self, inner: S) -> SetDeadline<S> {
+        SetDeadline::new(inner, *self)
     }
 }

@@ -1,19 +1,19 @@
 //! Timeouts that never hang a call and carry the deadline across hops.
 //!
 //! - [`TimeoutLayer`] (client side): fails a call that outlives its limit with a typed
-//!   [`Elapsed`]; takes the smaller of its own limit, a [`RequestTimeout`] extension and an
+//!   [`Elapsed`](error::Elapsed); takes the smaller of its own limit, a [`RequestTimeout`] extension and an
 //!   inherited [`Deadline`]; writes the remaining budget downstream as `grpc-timeout` (gRPC) or
 //!   `x-request-timeout-ms` (HTTP); fails at once, sending nothing, when the budget is spent.
-//! - [`ServerTimeoutLayer`] (server side): reads the inbound budget, takes the smaller of it and
+//! - [`SetDeadlineLayer`] (server side): reads the inbound budget, takes the smaller of it and
 //!   its own limit, makes the deadline ambient for the handler, and on expiry *answers* —
 //!   HTTP `504` or gRPC trailers-only `DEADLINE_EXCEEDED` — instead of erroring, so axum and
 //!   tonic need no `HandleErrorLayer`.
 //!
-//! A handler behind a [`ServerTimeoutLayer`] that calls another service through a client stack
+//! A handler behind a [`SetDeadlineLayer`] that calls another service through a client stack
 //! with a [`TimeoutLayer`] propagates the remaining deadline with no code of its own:
 //!
 //! ```text
-//!   caller ──grpc-timeout: 2S──▶ [ServerTimeout] handler ──▶ [Timeout] ──x-request-timeout-ms: 1730──▶ next hop
+//!   caller ──grpc-timeout: 2S──▶ [SetDeadline] handler ──▶ [Timeout] ──x-request-timeout-ms: 1730──▶ next hop
 //!                                    Deadline::current() = now + 2 s
 //! ```
 //!
@@ -25,7 +25,7 @@
 //! ```
 //! use std::time::Duration;
 //! use steadfast_core::Deadline;
-//! use steadfast_timeout::{ServerTimeoutLayer, TimeoutLayer};
+//! use steadfast_timeout::{SetDeadlineLayer, TimeoutLayer};
 //! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
@@ -40,7 +40,7 @@
 //!
 //! // A server whose handler calls downstream, with no deadline code of its own.
 //! let server = ServiceBuilder::new()
-//!     .layer(ServerTimeoutLayer::new(Duration::from_secs(30)))
+//!     .layer(SetDeadlineLayer::new(Duration::from_secs(30)))
 //!     .service(service_fn(move |_req: http::Request<()>| {
 //!         let client = client.clone();
 //!         async move {
@@ -63,8 +63,8 @@
 //! [`TimeoutLayer`] bounds the time until the response *head*, as tower's does. A client's
 //! total timeout should bound the body too, or a call whose upstream sends its head and then
 //! trickles the body hangs for as long as the upstream likes:
-//! [`TimeoutLayer::covering_body`] gives a [`BodyTimeoutLayer`], whose responses carry a
-//! [`TimeoutBody`] that ends with [`Elapsed`] when its next frame would arrive past the call's
+//! [`BodyTimeoutLayer`] (or [`TimeoutBuilder::covering_body`]) is one, whose responses carry a
+//! [`TimeoutBody`] that ends with [`Elapsed`](error::Elapsed) when its next frame would arrive past the call's
 //! deadline, and optionally when the upstream goes idle between frames. The standard client
 //! stack's total timeout is one (with a documented opt-out for long-lived streams).
 //!
@@ -78,17 +78,18 @@
 //! (`0S`, `0`) is a deadline that has already passed: the server answers at once.
 
 mod body;
-mod error;
-mod future;
+mod client;
+pub mod error;
+pub mod future;
 mod layer;
 mod propagate;
 mod server;
-mod service;
 
-pub use body::{BodyResponseFuture, BodyTimeout, BodyTimeoutLayer, LATE_READ_GRACE, TimeoutBody};
-pub use error::Elapsed;
-pub use future::ResponseFuture;
-pub use layer::{DEFAULT_TIMEOUT, ServerTimeoutLayer, TimeoutLayer};
-pub use server::{ServerResponseFuture, ServerTimeout};
-pub use service::{RequestTimeout, Timeout};
+pub use body::{BodyTimeout, BodyTimeoutLayer, LATE_READ_GRACE, TimeoutBody};
+pub use client::{RequestTimeout, Timeout};
+pub use layer::{
+    BodyTimeoutBuilder, DEFAULT_TIMEOUT, SetDeadlineBuilder, SetDeadlineLayer, TimeoutBuilder,
+    TimeoutLayer,
+};
+pub use server::SetDeadline;
 pub use steadfast_core::Deadline;

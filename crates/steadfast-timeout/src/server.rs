@@ -11,27 +11,32 @@ use steadfast_core::{
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::layer::ServerTimeoutLayer;
+use crate::layer::SetDeadlineLayer;
 use crate::propagate;
 
 const MESSAGE: &str = "deadline exceeded\n";
 const GRPC_MESSAGE: &str = "Timeout expired";
 
-/// The server-side timeout service; see [`ServerTimeoutLayer`].
+/// The server-side deadline service; see [`SetDeadlineLayer`].
 ///
 /// # Clone
 ///
 /// Clones share only configuration; there is no per-instance state.
 #[derive(Clone, Debug)]
-pub struct ServerTimeout<S> {
+pub struct SetDeadline<S> {
     inner: S,
-    config: ServerTimeoutLayer,
+    config: SetDeadlineLayer,
 }
 
-impl<S> ServerTimeout<S> {
+impl<S> SetDeadline<S> {
     /// Wraps `inner`.
-    pub const fn new(inner: S, config: ServerTimeoutLayer) -> Self {
+    pub const fn new(inner: S, config: SetDeadlineLayer) -> Self {
         Self { inner, config }
+    }
+
+    /// A layer with limit `limit` and the defaults.
+    pub const fn layer(limit: std::time::Duration) -> SetDeadlineLayer {
+        SetDeadlineLayer::new(limit)
     }
 
     /// The inner service.
@@ -50,13 +55,13 @@ impl<S> ServerTimeout<S> {
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ServerTimeout<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SetDeadline<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ServerResponseFuture<S::Future>;
+    type Future = SetDeadlineFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -80,13 +85,13 @@ where
         // `now` stands for the present: no second clock read for this check.
         if deadline.instant() <= now {
             tracing::debug!(target: "steadfast::timeout", grpc, "inbound deadline already passed");
-            return ServerResponseFuture {
+            return SetDeadlineFuture {
                 state: ServerState::Expired { on_expiry },
             };
         }
         req.extensions_mut().insert(deadline);
         let inner = deadline.sync_scope(|| self.inner.call(req));
-        ServerResponseFuture {
+        SetDeadlineFuture {
             state: ServerState::Running {
                 inner: Some(inner),
                 sleep: None,
@@ -114,17 +119,17 @@ impl Expiry {
 }
 
 pin_project! {
-    /// The response future of [`ServerTimeout`].
+    /// The response future of [`SetDeadline`].
     ///
     /// The deadline is ambient (a task-local) while the handler's future is polled and while
     /// it is dropped. The scope is entered around each poll here rather than by wrapping the
     /// handler in a scoped future: one future less to move every response through.
-    pub struct ServerResponseFuture<F> {
+    pub struct SetDeadlineFuture<F> {
         #[pin]
         state: ServerState<F>,
     }
 
-    impl<F> PinnedDrop for ServerResponseFuture<F> {
+    impl<F> PinnedDrop for SetDeadlineFuture<F> {
         fn drop(this: Pin<&mut Self>) {
             // A cancelled handler's drop glue still sees its deadline.
             if let ServerStateProj::Running { mut inner, deadline, .. } =
@@ -154,14 +159,13 @@ pin_project! {
     }
 }
 
-impl<F> fmt::Debug for ServerResponseFuture<F> {
+impl<F> fmt::Debug for SetDeadlineFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServerResponseFuture")
-            .finish_non_exhaustive()
+        f.debug_struct("SetDeadlineFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, B, E> Future for ServerResponseFuture<F>
+impl<F, B, E> Future for SetDeadlineFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {

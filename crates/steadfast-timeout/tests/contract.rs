@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use steadfast_core::{BoxError, Deadline, GrpcCode};
-use steadfast_timeout::{Elapsed, RequestTimeout, ServerTimeoutLayer, TimeoutLayer};
+use steadfast_timeout::error::Elapsed;
+use steadfast_timeout::{RequestTimeout, SetDeadlineLayer, TimeoutLayer};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tower_test::mock;
@@ -116,7 +117,11 @@ async fn grpc_requests_get_grpc_timeout() {
 #[tokio::test(start_paused = true)]
 async fn own_limit_propagates_when_asked() {
     let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
-        TimeoutLayer::new(Duration::from_secs(3)).propagate_own(true),
+        TimeoutLayer::builder()
+            .limit(Duration::from_secs(3))
+            .propagate_own(true)
+            .build()
+            .unwrap(),
     );
     assert!(svc.poll_ready().is_ready());
     let fut = svc.call(Request::new(()));
@@ -149,7 +154,11 @@ async fn spent_budget_fails_at_once_without_sending() {
 async fn zero_never_sends_and_max_never_panics() {
     for propagate in [false, true] {
         let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
-            TimeoutLayer::new(Duration::ZERO).propagate_own(propagate),
+            TimeoutLayer::builder()
+                .limit(Duration::ZERO)
+                .propagate_own(propagate)
+                .build()
+                .unwrap(),
         );
         assert!(svc.poll_ready().is_ready());
         let e = elapsed(svc.call(Request::new(())).await.unwrap_err());
@@ -159,7 +168,11 @@ async fn zero_never_sends_and_max_never_panics() {
     }
     for propagate in [false, true] {
         let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
-            TimeoutLayer::new(Duration::MAX).propagate_own(propagate),
+            TimeoutLayer::builder()
+                .limit(Duration::MAX)
+                .propagate_own(propagate)
+                .build()
+                .unwrap(),
         );
         assert!(svc.poll_ready().is_ready());
         let fut = svc.call(Request::new(()));
@@ -173,8 +186,11 @@ async fn zero_never_sends_and_max_never_panics() {
 #[tokio::test(start_paused = true)]
 async fn cover_ready_bounds_the_readiness_wait_without_erroring_poll_ready() {
     let (svc, mut handle) = mock::pair::<Req, Res>();
-    let mut svc = TimeoutLayer::new(Duration::from_secs(1))
+    let mut svc = TimeoutLayer::builder()
+        .limit(Duration::from_secs(1))
         .cover_ready(true)
+        .build()
+        .unwrap()
         .layer_svc(svc);
     handle.allow(0);
     let start = Instant::now();
@@ -216,7 +232,7 @@ impl LayerSvc for TimeoutLayer {
 #[tokio::test(start_paused = true)]
 async fn server_makes_the_smaller_deadline_ambient() {
     let (mut svc, mut handle) =
-        mock::spawn_layer::<Req, Res, _>(ServerTimeoutLayer::new(Duration::from_secs(5)));
+        mock::spawn_layer::<Req, Res, _>(SetDeadlineLayer::new(Duration::from_secs(5)));
     assert!(svc.poll_ready().is_ready());
     let req = Request::builder()
         .header("grpc-timeout", "1S")
@@ -235,7 +251,7 @@ async fn server_makes_the_smaller_deadline_ambient() {
 async fn server_answers_504_for_http_and_deadline_exceeded_for_grpc() {
     for grpc in [false, true] {
         let (mut svc, mut handle) =
-            mock::spawn_layer::<Req, Res, _>(ServerTimeoutLayer::new(Duration::from_secs(2)));
+            mock::spawn_layer::<Req, Res, _>(SetDeadlineLayer::new(Duration::from_secs(2)));
         assert!(svc.poll_ready().is_ready());
         let mut b = Request::builder();
         if grpc {
@@ -262,8 +278,11 @@ async fn server_answers_504_for_http_and_deadline_exceeded_for_grpc() {
 #[tokio::test(start_paused = true)]
 async fn server_status_is_configurable() {
     let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
-        ServerTimeoutLayer::new(Duration::from_secs(1))
-            .status(http::StatusCode::SERVICE_UNAVAILABLE),
+        SetDeadlineLayer::builder()
+            .limit(Duration::from_secs(1))
+            .status(http::StatusCode::SERVICE_UNAVAILABLE)
+            .build()
+            .unwrap(),
     );
     assert!(svc.poll_ready().is_ready());
     let fut = svc.call(Request::new(()));
@@ -288,7 +307,7 @@ async fn malformed_inbound_budgets_fall_back_to_own_limit() {
     for raw in bad {
         for name in ["grpc-timeout", "x-request-timeout-ms"] {
             let (mut svc, mut handle) =
-                mock::spawn_layer::<Req, Res, _>(ServerTimeoutLayer::new(Duration::from_secs(3)));
+                mock::spawn_layer::<Req, Res, _>(SetDeadlineLayer::new(Duration::from_secs(3)));
             assert!(svc.poll_ready().is_ready());
             let mut req = Request::new(());
             req.headers_mut()
@@ -311,7 +330,7 @@ async fn malformed_inbound_budgets_fall_back_to_own_limit() {
 async fn zero_inbound_budget_answers_at_once_without_calling_inner() {
     for zero in ["0S", "0m", "0n", "0H"] {
         let (mut svc, mut handle) =
-            mock::spawn_layer::<Req, Res, _>(ServerTimeoutLayer::new(Duration::from_secs(3)));
+            mock::spawn_layer::<Req, Res, _>(SetDeadlineLayer::new(Duration::from_secs(3)));
         assert!(svc.poll_ready().is_ready());
         let req = Request::builder()
             .header("content-type", "application/grpc")
@@ -335,7 +354,7 @@ async fn zero_inbound_budget_answers_at_once_without_calling_inner() {
 #[tokio::test(start_paused = true)]
 async fn spawned_work_inherits_with_propagate() {
     let svc = tower::ServiceBuilder::new()
-        .layer(ServerTimeoutLayer::new(Duration::from_secs(4)))
+        .layer(SetDeadlineLayer::new(Duration::from_secs(4)))
         .service(tower::service_fn(|_req: Req| async {
             let inner = tokio::spawn(Deadline::propagate(async { Deadline::current() }))
                 .await
@@ -384,7 +403,7 @@ async fn deadline_is_ambient_in_call_in_poll_and_in_drop() {
     let seen: Seen = Arc::default();
     let s = seen.clone();
     let mut svc = tower::ServiceBuilder::new()
-        .layer(ServerTimeoutLayer::new(Duration::from_secs(3)))
+        .layer(SetDeadlineLayer::new(Duration::from_secs(3)))
         .service(tower::service_fn(move |_req: Req| {
             s.lock().unwrap().push(("call", Deadline::current()));
             Handler(s.clone())
@@ -421,7 +440,7 @@ async fn axum_router_keeps_infallible_and_answers() {
             }),
         )
         .route("/fast", get(|| async { "ok" }))
-        .layer(ServerTimeoutLayer::new(Duration::from_secs(1)));
+        .layer(SetDeadlineLayer::new(Duration::from_secs(1)));
     assert_infallible(&app);
     let get = |p: &str| Request::get(p).body(axum::body::Body::empty()).unwrap();
     let res = app.clone().oneshot(get("/fast")).await.unwrap();
@@ -440,11 +459,11 @@ fn services_and_futures_are_send_sync() {
     fn send_sync<T: Send + Sync>() {}
     fn send<T: Send>() {}
     send_sync::<steadfast_timeout::Timeout<tower::util::BoxCloneSyncService<Req, Res, BoxError>>>();
-    send_sync::<
-        steadfast_timeout::ServerTimeout<tower::util::BoxCloneSyncService<Req, Res, BoxError>>,
-    >();
-    send::<steadfast_timeout::ResponseFuture<std::future::Ready<Result<Res, BoxError>>>>();
-    send::<steadfast_timeout::ServerResponseFuture<std::future::Ready<Result<Res, BoxError>>>>();
+    send_sync::<steadfast_timeout::SetDeadline<tower::util::BoxCloneSyncService<Req, Res, BoxError>>>(
+    );
+    send::<steadfast_timeout::future::ResponseFuture<std::future::Ready<Result<Res, BoxError>>>>();
+    send::<steadfast_timeout::future::SetDeadlineFuture<std::future::Ready<Result<Res, BoxError>>>>(
+    );
 }
 
 /// A call made outside any runtime (the future is built in sync code, then run) needs no
@@ -453,8 +472,11 @@ fn services_and_futures_are_send_sync() {
 #[test]
 fn a_call_made_outside_a_runtime_is_timed_where_it_is_polled() {
     for propagate in [false, true] {
-        let mut svc = TimeoutLayer::new(Duration::from_secs(2))
+        let mut svc = TimeoutLayer::builder()
+            .limit(Duration::from_secs(2))
             .propagate_own(propagate)
+            .build()
+            .unwrap()
             .layer(tower::service_fn(|_: Req| {
                 std::future::pending::<Result<Res, BoxError>>()
             }));
@@ -475,7 +497,11 @@ fn a_call_made_outside_a_runtime_is_timed_where_it_is_polled() {
 async fn in_a_task_calls_are_timed_alike_wherever_the_timer_is_built() {
     tokio::spawn(async {
         let (mut svc, mut handle) = mock::spawn_layer::<Req, Res, _>(
-            TimeoutLayer::new(Duration::from_secs(1)).propagate_own(true),
+            TimeoutLayer::builder()
+                .limit(Duration::from_secs(1))
+                .propagate_own(true)
+                .build()
+                .unwrap(),
         );
         for round in 0..3 {
             assert!(svc.poll_ready().is_ready());
@@ -510,7 +536,8 @@ mod body {
     use bytes::Bytes;
     use http_body::{Body, Frame};
     use http_body_util::{BodyExt, StreamBody};
-    use steadfast_timeout::{Elapsed, TimeoutLayer};
+    use steadfast_timeout::TimeoutLayer;
+    use steadfast_timeout::error::Elapsed;
     use tokio::time::Instant;
     use tower::{Layer, ServiceExt, service_fn};
 
@@ -552,8 +579,11 @@ mod body {
             tokio::time::sleep(Duration::from_millis(300)).await;
             Ok::<_, Infallible>(http::Response::new(gaps(vec![100, 100, 10_000])))
         });
-        let client = TimeoutLayer::new(Duration::from_secs(1))
+        let client = TimeoutLayer::builder()
+            .limit(Duration::from_secs(1))
             .covering_body()
+            .build()
+            .unwrap()
             .layer(svc);
         let res = client.oneshot(http::Request::new(())).await.unwrap();
         let (n, e, took) = drain(res.into_body()).await;
@@ -569,8 +599,11 @@ mod body {
         let svc = service_fn(|_req: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(gaps(vec![0, 0, 600, 600])))
         });
-        let client = TimeoutLayer::new(Duration::from_secs(1))
+        let client = TimeoutLayer::builder()
+            .limit(Duration::from_secs(1))
             .covering_body()
+            .build()
+            .unwrap()
             .layer(svc);
         let res = client.oneshot(http::Request::new(())).await.unwrap();
         let (n, e, took) = drain(res.into_body()).await;
@@ -586,8 +619,11 @@ mod body {
         let svc = service_fn(|_req: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(gaps(vec![110; 50])))
         });
-        let client = TimeoutLayer::new(Duration::from_millis(500))
+        let client = TimeoutLayer::builder()
+            .limit(Duration::from_millis(500))
             .covering_body()
+            .build()
+            .unwrap()
             .layer(svc);
         let start = Instant::now();
         let res = client.oneshot(http::Request::new(())).await.unwrap();
@@ -625,8 +661,11 @@ mod body {
         let svc = service_fn(|_req: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(HandOver(20, false)))
         });
-        let client = TimeoutLayer::new(Duration::from_millis(300))
+        let client = TimeoutLayer::builder()
+            .limit(Duration::from_millis(300))
             .covering_body()
+            .build()
+            .unwrap()
             .layer(svc);
         let res = client.oneshot(http::Request::new(())).await.unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -641,8 +680,11 @@ mod body {
         let svc = service_fn(|_req: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(gaps(vec![0, 60_000])))
         });
-        let client = TimeoutLayer::new(Duration::from_millis(300))
+        let client = TimeoutLayer::builder()
+            .limit(Duration::from_millis(300))
             .covering_body()
+            .build()
+            .unwrap()
             .layer(svc);
         let res = client.oneshot(http::Request::new(())).await.unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -659,10 +701,13 @@ mod body {
         let svc = service_fn(|_req: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(gaps(vec![400, 400, 400, 400, 600])))
         });
-        let client = TimeoutLayer::new(Duration::from_secs(1))
+        let client = TimeoutLayer::builder()
+            .limit(Duration::from_secs(1))
             .covering_body()
             .whole_call(false)
             .idle(Some(Duration::from_millis(500)))
+            .build()
+            .unwrap()
             .layer(svc);
         let res = client.oneshot(http::Request::new(())).await.unwrap();
         let (n, e, took) = drain(res.into_body()).await;
@@ -673,15 +718,29 @@ mod body {
         assert_eq!(took, Duration::from_millis(2100));
     }
 
-    /// `Duration::MAX` and an idle limit of zero (off) never panic and never cut a body.
+    /// `Duration::MAX` for both limits never panics and never cuts a body; an idle limit of
+    /// zero is refused when built (it would end every body at its first wait).
     #[tokio::test(start_paused = true)]
     async fn absurd_limits_never_panic() {
+        let zero = TimeoutLayer::builder()
+            .covering_body()
+            .idle(Some(Duration::ZERO))
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            zero,
+            steadfast_timeout::error::InvalidTimeoutConfig::ZeroIdle
+        );
+        assert!(zero.to_string().contains("None to turn the idle limit off"));
         let svc = service_fn(|_req: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(gaps(vec![1_000_000, 5])))
         });
-        let client = TimeoutLayer::new(Duration::MAX)
+        let client = TimeoutLayer::builder()
+            .limit(Duration::MAX)
             .covering_body()
-            .idle(Some(Duration::ZERO))
+            .idle(Some(Duration::MAX))
+            .build()
+            .unwrap()
             .layer(svc);
         let res = client.oneshot(http::Request::new(())).await.unwrap();
         let (n, e, _) = drain(res.into_body()).await;
@@ -694,11 +753,34 @@ mod body {
         let svc = service_fn(|_req: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(gaps(vec![5_000])))
         });
-        let client = TimeoutLayer::new(Duration::from_secs(1))
+        let client = TimeoutLayer::builder()
+            .limit(Duration::from_secs(1))
             .covering_body()
+            .build()
+            .unwrap()
             .layer(svc);
         let res = client.oneshot(http::Request::new(())).await.unwrap();
         let err = res.into_body().collect().await.unwrap_err();
         assert!(err.is::<Elapsed>());
+    }
+}
+
+/// A server deadline answered with a success status would read as success to the caller:
+/// refused when built, with a message that says which statuses work.
+#[test]
+fn a_server_answer_that_is_not_an_error_is_refused_when_built() {
+    use steadfast_timeout::error::InvalidTimeoutConfig;
+    for code in [200, 204, 302, 399] {
+        let status = http::StatusCode::from_u16(code).unwrap();
+        let err = SetDeadlineLayer::builder()
+            .status(status)
+            .build()
+            .unwrap_err();
+        assert_eq!(err, InvalidTimeoutConfig::StatusNotAnError(status));
+        assert!(err.to_string().contains("use a 4xx or 5xx status"), "{err}");
+    }
+    for code in [400, 503, 504, 599] {
+        let status = http::StatusCode::from_u16(code).unwrap();
+        assert!(SetDeadlineLayer::builder().status(status).build().is_ok());
     }
 }

@@ -89,7 +89,10 @@ fn probe(shared: &Shared) -> Permit {
 fn open_and_due(probes: u32) -> Shared {
     let shared = frozen(policy(1, probes, Duration::ZERO));
     shared.on_outcome(pass(&shared), true, false, None);
-    assert_eq!((shared.state(), shared.generation()), (State::Open, 1));
+    assert_eq!(
+        (shared.state(), shared.generation()),
+        (BreakerState::Open, 1)
+    );
     shared
 }
 
@@ -104,7 +107,7 @@ fn taken(shared: &Shared) -> u16 {
 }
 
 /// Every transition announced so far, as (from, to, generation).
-fn announced(rx: &mut broadcast::Receiver<Transition>) -> Vec<(State, State, u64)> {
+fn announced(rx: &mut broadcast::Receiver<Transition>) -> Vec<(BreakerState, BreakerState, u64)> {
     std::iter::from_fn(|| rx.try_recv().ok())
         .map(|t| (t.from, t.to, t.generation))
         .collect()
@@ -155,7 +158,10 @@ fn half_open_admits_at_most_n_probes() {
                 .filter(|&got| got)
                 .count();
             assert!(admitted >= 1, "the first probe is always admitted");
-            assert_eq!((shared.state(), shared.generation()), (State::HalfOpen, 2));
+            assert_eq!(
+                (shared.state(), shared.generation()),
+                (BreakerState::HalfOpen, 2)
+            );
             assert_eq!(taken(&shared), 0, "a permit was lost");
             probe(&shared);
         });
@@ -184,7 +190,10 @@ fn a_dropped_probe_lets_another_call_probe() {
             c.join().unwrap();
         }
         assert_eq!(taken(&shared), 0, "a permit was lost");
-        assert_eq!((shared.state(), shared.generation()), (State::HalfOpen, 2));
+        assert_eq!(
+            (shared.state(), shared.generation()),
+            (BreakerState::HalfOpen, 2)
+        );
     });
 }
 
@@ -200,8 +209,14 @@ fn concurrent_failures_trip_once() {
             let mut rx = shared.subscribe();
             let permit = pass(&shared);
             fail_twice_at_once(&shared, permit);
-            assert_eq!((shared.state(), shared.generation()), (State::Open, 1));
-            assert_eq!(announced(&mut rx), [(State::Closed, State::Open, 1)]);
+            assert_eq!(
+                (shared.state(), shared.generation()),
+                (BreakerState::Open, 1)
+            );
+            assert_eq!(
+                announced(&mut rx),
+                [(BreakerState::Closed, BreakerState::Open, 1)]
+            );
             assert_eq!(shared.cold.trips.load(SeqCst), 1, "one trip counted");
             assert!(shared.admit().is_err(), "open for an hour");
         });
@@ -221,10 +236,13 @@ fn stale_outcomes_do_not_decide_a_probe_verdict() {
         shared.on_outcome(pass(&shared), true, false, None);
         // Generation 2: HalfOpen, its probe still out when the breaker is forced Open.
         let old_probe = probe(&shared);
-        shared.force(State::Open);
+        shared.force(BreakerState::Open);
         // Generation 4: HalfOpen with the probe that decides.
         let current = probe(&shared);
-        assert_eq!((shared.state(), shared.generation()), (State::HalfOpen, 4));
+        assert_eq!(
+            (shared.state(), shared.generation()),
+            (BreakerState::HalfOpen, 4)
+        );
         let mut rx = shared.subscribe();
 
         let verdict = {
@@ -242,8 +260,14 @@ fn stale_outcomes_do_not_decide_a_probe_verdict() {
         for s in stale {
             s.join().unwrap();
         }
-        assert_eq!((shared.state(), shared.generation()), (State::Closed, 5));
-        assert_eq!(announced(&mut rx), [(State::HalfOpen, State::Closed, 5)]);
+        assert_eq!(
+            (shared.state(), shared.generation()),
+            (BreakerState::Closed, 5)
+        );
+        assert_eq!(
+            announced(&mut rx),
+            [(BreakerState::HalfOpen, BreakerState::Closed, 5)]
+        );
         let w = shared.word.load(SeqCst);
         assert_eq!(shared.consecutive_failures(w), 0, "a stale failure counted");
         assert_eq!(shared.cold.trips.load(SeqCst), 0);
@@ -362,7 +386,10 @@ fn an_outcome_from_an_earlier_closed_generation_does_not_count() {
         };
         cycle.join().unwrap();
         stale.join().unwrap();
-        assert_eq!((shared.state(), shared.generation()), (State::Closed, 3));
+        assert_eq!(
+            (shared.state(), shared.generation()),
+            (BreakerState::Closed, 3)
+        );
         let w = shared.word.load(SeqCst);
         assert_eq!(shared.consecutive_failures(w), 0, "a stale failure counted");
     });

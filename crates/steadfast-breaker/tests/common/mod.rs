@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
-use steadfast_breaker::{BreakerHandle, BreakerOpen, CircuitBreakerBuilder, CircuitBreakerLayer};
+use steadfast_breaker::error::BreakerOpen;
+use steadfast_breaker::{BreakerHandle, CircuitBreakerBuilder, CircuitBreakerLayer};
 use steadfast_core::{BoxError, DefaultClassifier};
 use tower::{Layer, Service, ServiceExt, service_fn};
 

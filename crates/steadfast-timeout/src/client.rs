@@ -36,13 +36,13 @@ pub struct RequestTimeout(pub Duration);
 /// wheel: the `Sleep` is built at the first `Pending`, and, without a deadline to honour, the
 /// limit counts from there (a future left unpolled after `call` is not timed until it is
 /// polled). That also lets a call made outside any runtime be polled inside one. With a
-/// deadline (inherited, or [`propagate_own`](TimeoutLayer::propagate_own)), the limit counts
+/// deadline (inherited, or [`propagate_own`](crate::TimeoutBuilder::propagate_own)), the limit counts
 /// from `call`.
 ///
 /// # Clone
 ///
 /// Clones share nothing but configuration. A pending readiness wait (with
-/// [`cover_ready`](TimeoutLayer::cover_ready)) belongs to the instance and is not cloned.
+/// [`cover_ready`](crate::TimeoutBuilder::cover_ready)) belongs to the instance and is not cloned.
 pub struct Timeout<S> {
     inner: S,
     config: TimeoutLayer,
@@ -170,7 +170,7 @@ impl<S> Timeout<S> {
     }
 
     /// A call with a deadline to honour and write on the wire: an inherited one, or our own
-    /// when [`propagate_own`](TimeoutLayer::propagate_own) is set.
+    /// when [`propagate_own`](crate::TimeoutBuilder::propagate_own) is set.
     fn call_with_deadline<B>(
         &mut self,
         mut req: Request<B>,

@@ -1,0 +1,37 @@
+//! The errors of this crate.
+
+use std::error::Error;
+use std::fmt;
+
+use http::HeaderName;
+
+/// A correlation builder was given a setting that cannot work; the message says what to
+/// change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidCorrelationConfig {
+    /// The header (or fallback) is one the protocol or another layer owns.
+    ReservedHeader(HeaderName),
+    /// The fallback header is the main header itself.
+    FallbackIsHeader(HeaderName),
+}
+
+impl fmt::Display for InvalidCorrelationConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ReservedHeader(h) => write!(
+                f,
+                "`{h}` carries the message, the connection, gRPC or the trace, and an id \
+                 written there would corrupt it: choose a header of your own \
+                 (default `x-correlation-id`)"
+            ),
+            Self::FallbackIsHeader(h) => write!(
+                f,
+                "the fallback header `{h}` is the main header: choose another fallback \
+                 (default `x-request-id`) or `None`"
+            ),
+        }
+    }
+}
+
+impl Error for InvalidCorrelationConfig {}

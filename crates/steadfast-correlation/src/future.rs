@@ -1,0 +1,3 @@
+//! The response futures of this crate's services.
+
+pub use crate::server::SetCorrelationIdFuture;

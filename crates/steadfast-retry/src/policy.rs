@@ -1,0 +1,320 @@
+//! The retry decision for one outcome, apart from the future that drives the attempts.
+//!
+//! [`decide`] reads the outcome, the request head and what the call has done so far, and
+//! says whether to hand the outcome to the caller or retry after a delay. It has no service,
+//! body or budget: the future takes the next body and the budget token once the policy says
+//! retry (both can still refuse), and keeps the events and metrics.
+
+use std::time::{Duration, SystemTime};
+
+use http::request::Parts;
+use http::{HeaderMap, Method, Response};
+use steadfast_core::__private::rand::STEP;
+use steadfast_core::header::{Pushback, server_hint};
+use steadfast_core::{
+    BoxError, Class, Classify, Deadline, Delivery, GRPC_STATUS, PolicyRejected, ResponseClass,
+    is_grpc_content_type, saturating_add,
+};
+use tokio::time::Instant;
+
+use crate::backoff::Rng;
+use crate::header::IDEMPOTENCY_KEY;
+use crate::layer::Config;
+
+/// What the policy says about one outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Hand the outcome to the caller: it is not one to retry.
+    Done,
+    /// Hand the outcome to the caller: it would be worth retrying, but `reason` forbids it.
+    GiveUp(&'static str),
+    /// Retry after `delay`; `from_hint` says a server's hint set it.
+    Retry { delay: Duration, from_hint: bool },
+}
+
+/// What one call has done so far, as the policy needs it.
+#[derive(Debug)]
+pub(crate) struct History {
+    /// Attempts made, the current one included.
+    pub(crate) attempt: u32,
+    /// Backoff waits since the last server hint (a hint restarts the schedule).
+    pub(crate) backoffs: u32,
+    pub(crate) previous_delay: Duration,
+    pub(crate) deadline: Option<Deadline>,
+    /// The call's jitter stream, drawn from only when a backoff is needed.
+    pub(crate) rng: Option<Rng>,
+}
+
+impl History {
+    pub(crate) fn new(deadline: Option<Deadline>) -> Self {
+        Self {
+            attempt: 1,
+            backoffs: 0,
+            previous_delay: Duration::ZERO,
+            deadline,
+            rng: None,
+        }
+    }
+
+    /// Records a retry the policy decided and the caller committed to.
+    pub(crate) fn retried(&mut self, delay: Duration, from_hint: bool) {
+        self.attempt += 1;
+        if from_hint {
+            self.backoffs = 0;
+            self.previous_delay = Duration::ZERO;
+        } else {
+            self.backoffs += 1;
+            self.previous_delay = delay;
+        }
+    }
+}
+
+pub(crate) fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Decides what to do with `out`, the outcome of attempt `history.attempt` of `request`.
+pub(crate) fn decide<C, B>(
+    config: &Config<C>,
+    request: &Parts,
+    history: &mut History,
+    out: &Result<Response<B>, BoxError>,
+    now: Instant,
+) -> Verdict
+where
+    C: Classify<Response<B>>,
+{
+    let class = match out {
+        Ok(res) => match config.classifier.classify_response(res) {
+            ResponseClass::Ready(c) => c,
+            // A streamed gRPC response whose head arrived is committed (gRPC A6).
+            ResponseClass::Deferred(_) => return Verdict::Done,
+        },
+        // Refused by a local policy (open breaker): not retried, costs no budget.
+        Err(e) if PolicyRejected::is_in(&**e) => return Verdict::GiveUp("policy_rejected"),
+        Err(e) => config.classifier.classify_error(&**e),
+    };
+    let headers = out.as_ref().ok().map(Response::headers);
+    if history.attempt >= config.max_attempts {
+        return give_up_if_retryable(&class, "attempts_exhausted");
+    }
+    let default = class.is_retryable() && safe_to_repeat(config, request, &class, headers);
+    let retry = match &config.predicate {
+        Some(p) => p.retry(request, &class).unwrap_or(default),
+        None => default,
+    };
+    if !retry {
+        return give_up_if_retryable(&class, "not_idempotent");
+    }
+    // Read the server's hint only for an outcome that will be retried.
+    let hint = headers.and_then(|h| server_hint(h, SystemTime::now()));
+    let (delay, from_hint) = match hint {
+        Some(Pushback::Stop) => return Verdict::GiveUp("server_pushback_stop"),
+        // Never sooner than asked, never longer than the cap.
+        Some(Pushback::After(d)) if d > config.max_hint => {
+            return Verdict::GiveUp("server_hint_over_cap");
+        }
+        Some(Pushback::After(d)) => (d, true),
+        None => {
+            let rng = history.rng.get_or_insert_with(|| jitter_stream(config));
+            // The backoff counts retries since the last server hint: a hint replaces the
+            // schedule, which then starts again from its base.
+            let d = config
+                .backoff
+                .delay(history.backoffs + 1, history.previous_delay, rng);
+            (d, false)
+        }
+    };
+    if history
+        .deadline
+        .is_some_and(|d| saturating_add(now, delay) >= d.instant())
+    {
+        return Verdict::GiveUp("deadline");
+    }
+    Verdict::Retry { delay, from_hint }
+}
+
+fn give_up_if_retryable(class: &Class, reason: &'static str) -> Verdict {
+    if class.is_retryable() {
+        Verdict::GiveUp(reason)
+    } else {
+        Verdict::Done
+    }
+}
+
+/// Each call that backs off gets its own stream, derived from the layer's seed.
+fn jitter_stream<C>(config: &Config<C>) -> Rng {
+    let stream = config
+        .streams
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut mix = Rng::seeded(config.seed ^ stream.wrapping_mul(STEP));
+    Rng::seeded(mix.next_u64())
+}
+
+/// Whether sending `request` again cannot do harm the caller did not accept.
+fn safe_to_repeat<C>(
+    config: &Config<C>,
+    request: &Parts,
+    class: &Class,
+    response: Option<&HeaderMap>,
+) -> bool {
+    // A gRPC status the server answered with in the head (trailers-only): the one case
+    // `retry_grpc_statuses` covers (not an HTTP status from a proxy on the way).
+    let grpc_status = || {
+        response.is_some_and(|h| is_grpc_content_type(h) && h.contains_key(&GRPC_STATUS))
+            && is_grpc_content_type(&request.headers)
+    };
+    class.delivery() == Delivery::NotSent
+        || idempotent(&request.method)
+        || request.headers.contains_key(IDEMPOTENCY_KEY)
+        || config.retry_non_idempotent
+        || (config.grpc_statuses && class.delivery() == Delivery::Answered && grpc_status())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{RetryBuilder, RetryLayer};
+
+    fn config(b: RetryBuilder) -> std::sync::Arc<Config<steadfast_core::DefaultClassifier>> {
+        b.seed(7).build().unwrap().config
+    }
+
+    fn parts(method: Method) -> Parts {
+        http::Request::builder()
+            .method(method)
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    fn status(code: u16) -> Result<Response<()>, BoxError> {
+        Ok(Response::builder().status(code).body(()).unwrap())
+    }
+
+    #[test]
+    fn a_success_is_done() {
+        let c = config(RetryLayer::builder());
+        let mut h = History::new(None);
+        let v = decide(
+            &c,
+            &parts(Method::GET),
+            &mut h,
+            &status(200),
+            Instant::now(),
+        );
+        assert_eq!(v, Verdict::Done);
+    }
+
+    #[test]
+    fn a_503_on_get_is_retried_after_the_backoff() {
+        let c = config(RetryLayer::builder());
+        let mut h = History::new(None);
+        let v = decide(
+            &c,
+            &parts(Method::GET),
+            &mut h,
+            &status(503),
+            Instant::now(),
+        );
+        assert!(
+            matches!(v, Verdict::Retry { from_hint: false, delay } if delay <= Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn a_503_on_post_is_not_retried() {
+        let c = config(RetryLayer::builder());
+        let mut h = History::new(None);
+        let v = decide(
+            &c,
+            &parts(Method::POST),
+            &mut h,
+            &status(503),
+            Instant::now(),
+        );
+        assert_eq!(v, Verdict::GiveUp("not_idempotent"));
+    }
+
+    #[test]
+    fn the_last_attempt_gives_up() {
+        let c = config(RetryLayer::builder().max_attempts(2));
+        let mut h = History::new(None);
+        h.retried(Duration::ZERO, false);
+        let v = decide(
+            &c,
+            &parts(Method::GET),
+            &mut h,
+            &status(503),
+            Instant::now(),
+        );
+        assert_eq!(v, Verdict::GiveUp("attempts_exhausted"));
+    }
+
+    #[test]
+    fn a_retry_after_sets_the_delay_and_over_the_cap_gives_up() {
+        let c = config(RetryLayer::builder().max_server_delay(Duration::from_secs(5)));
+        let hinted = |secs: &str| -> Result<Response<()>, BoxError> {
+            Ok(Response::builder()
+                .status(503)
+                .header("retry-after", secs)
+                .body(())
+                .unwrap())
+        };
+        let mut h = History::new(None);
+        let v = decide(
+            &c,
+            &parts(Method::GET),
+            &mut h,
+            &hinted("2"),
+            Instant::now(),
+        );
+        assert_eq!(
+            v,
+            Verdict::Retry {
+                delay: Duration::from_secs(2),
+                from_hint: true
+            }
+        );
+        let v = decide(
+            &c,
+            &parts(Method::GET),
+            &mut h,
+            &hinted("6"),
+            Instant::now(),
+        );
+        assert_eq!(v, Verdict::GiveUp("server_hint_over_cap"));
+    }
+
+    #[test]
+    fn a_wait_that_ends_at_the_deadline_gives_up() {
+        let c = config(
+            RetryLayer::builder().backoff(
+                crate::Backoff::new(Duration::from_secs(1), Duration::from_secs(1))
+                    .jitter(crate::Jitter::None),
+            ),
+        );
+        let now = Instant::now();
+        let mut h = History::new(Some(Deadline::at(now + Duration::from_secs(1))));
+        let v = decide(&c, &parts(Method::GET), &mut h, &status(503), now);
+        assert_eq!(v, Verdict::GiveUp("deadline"));
+    }
+
+    #[test]
+    fn the_predicate_overrides_the_method_rule() {
+        let c = config(RetryLayer::builder().predicate(|_: &Parts, _: &Class| Some(true)));
+        let mut h = History::new(None);
+        let v = decide(
+            &c,
+            &parts(Method::POST),
+            &mut h,
+            &status(503),
+            Instant::now(),
+        );
+        assert!(matches!(v, Verdict::Retry { .. }));
+    }
+}
