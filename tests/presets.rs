@@ -153,3 +153,96 @@ async fn grpc_presets_with_tonic() {
         "grpc-preset"
     );
 }
+
+/// Every service names its layer, as tower's do, with no type annotations at the call.
+#[tokio::test]
+async fn every_service_names_its_layer() {
+    use steadfast::breaker::{AnsweringBreaker, CircuitBreaker, KeyedCircuitBreaker};
+    use steadfast::correlation::{PropagateCorrelationId, SetCorrelationId};
+    use steadfast::retry::Retry;
+    use steadfast::timeout::{BodyTimeout, SetDeadline, Timeout};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    let ok = || {
+        service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+        })
+    };
+    let d = Duration::from_secs(1);
+    let req = || http::Request::new(());
+    assert_eq!(
+        Timeout::layer(d)
+            .layer(ok())
+            .oneshot(req())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        BodyTimeout::layer(d)
+            .layer(ok())
+            .oneshot(req())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        SetDeadline::layer(d)
+            .layer(ok())
+            .oneshot(req())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let res = SetCorrelationId::layer()
+        .layer(ok())
+        .oneshot(req())
+        .await
+        .unwrap();
+    assert!(res.headers().contains_key("x-correlation-id"));
+    let seen = service_fn(|req: http::Request<()>| async move {
+        Ok::<_, std::convert::Infallible>(req.headers().contains_key("x-correlation-id"))
+    });
+    assert!(
+        PropagateCorrelationId::layer()
+            .layer(seen)
+            .oneshot(req())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        CircuitBreaker::layer()
+            .layer(ok())
+            .oneshot(req())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let res = KeyedCircuitBreaker::layer()
+        .layer(ok())
+        .oneshot(req())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = AnsweringBreaker::layer()
+        .layer(ok())
+        .oneshot(req())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let replayed = service_fn(
+        |_req: http::Request<steadfast::retry::ReplayBody<String>>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        },
+    );
+    let res = Retry::layer()
+        .layer(replayed)
+        .oneshot(http::Request::new(String::new()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}

@@ -83,6 +83,31 @@ pub struct AnsweringBreaker<S, C> {
     breaker: Arc<Breaker<C>>,
 }
 
+impl AnsweringBreaker<(), steadfast_core::DefaultClassifier> {
+    /// An answering layer over a breaker of its own, with the defaults. To share a breaker
+    /// with a client stack or keep its handle, use [`CircuitBreakerLayer::answering`].
+    pub fn layer() -> AnsweringBreakerLayer<steadfast_core::DefaultClassifier> {
+        CircuitBreakerLayer::new().answering()
+    }
+}
+
+impl<S, C> AnsweringBreaker<S, C> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
 impl<S: Clone, C> Clone for AnsweringBreaker<S, C> {
     fn clone(&self) -> Self {
         Self {

@@ -50,6 +50,13 @@ pub struct CircuitBreaker<S, C> {
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
+impl CircuitBreaker<(), steadfast_core::DefaultClassifier> {
+    /// A layer with the defaults (see [`CircuitBreakerBuilder`](crate::CircuitBreakerBuilder)).
+    pub fn layer() -> crate::CircuitBreakerLayer {
+        crate::CircuitBreakerLayer::new()
+    }
+}
+
 impl<S, C> CircuitBreaker<S, C> {
     pub(crate) fn new(inner: S, breaker: Arc<Breaker<C>>, backpressure: bool) -> Self {
         Self {
@@ -173,6 +180,27 @@ pub struct KeyedCircuitBreaker<S, C, K, Key> {
     extract: K,
 }
 
+impl
+    KeyedCircuitBreaker<
+        (),
+        steadfast_core::DefaultClassifier,
+        crate::ByAuthority,
+        Option<http::uri::Authority>,
+    >
+{
+    /// A layer of one breaker per upstream authority, with the defaults (see
+    /// [`CircuitBreakerBuilder::build_per_authority`](crate::CircuitBreakerBuilder::build_per_authority)).
+    pub fn layer() -> crate::KeyedCircuitBreakerLayer<
+        steadfast_core::DefaultClassifier,
+        crate::ByAuthority,
+        Option<http::uri::Authority>,
+    > {
+        crate::CircuitBreakerLayer::builder()
+            .build_per_authority()
+            .expect("the defaults are valid")
+    }
+}
+
 impl<S, C, K, Key> KeyedCircuitBreaker<S, C, K, Key> {
     pub(crate) fn new(inner: S, map: Arc<KeyedMap<Key, C>>, extract: K) -> Self {
         Self {
@@ -185,6 +213,11 @@ impl<S, C, K, Key> KeyedCircuitBreaker<S, C, K, Key> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
     }
 
     /// Unwraps the inner service.

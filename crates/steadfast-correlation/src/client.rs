@@ -20,15 +20,17 @@ pub struct PropagateCorrelationId<S, M, V> {
     config: PropagateCorrelationIdLayer<M, V>,
 }
 
+impl PropagateCorrelationId<(), crate::UuidV7, crate::DefaultRule> {
+    /// A layer with the defaults.
+    pub fn layer() -> PropagateCorrelationIdLayer {
+        PropagateCorrelationIdLayer::new()
+    }
+}
+
 impl<S, M, V> PropagateCorrelationId<S, M, V> {
     /// Wraps `inner`.
     pub fn new(inner: S, config: PropagateCorrelationIdLayer<M, V>) -> Self {
         Self { inner, config }
-    }
-
-    /// A layer with the defaults.
-    pub fn layer() -> PropagateCorrelationIdLayer {
-        PropagateCorrelationIdLayer::new()
     }
 
     /// The inner service.

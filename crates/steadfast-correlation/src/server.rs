@@ -26,15 +26,17 @@ pub struct SetCorrelationId<S, M, V> {
     config: SetCorrelationIdLayer<M, V>,
 }
 
+impl SetCorrelationId<(), crate::UuidV7, crate::DefaultRule> {
+    /// A layer with the defaults.
+    pub fn layer() -> SetCorrelationIdLayer {
+        SetCorrelationIdLayer::new()
+    }
+}
+
 impl<S, M, V> SetCorrelationId<S, M, V> {
     /// Wraps `inner`.
     pub fn new(inner: S, config: SetCorrelationIdLayer<M, V>) -> Self {
         Self { inner, config }
-    }
-
-    /// A layer with the defaults.
-    pub fn layer() -> SetCorrelationIdLayer {
-        SetCorrelationIdLayer::new()
     }
 
     /// The inner service.

@@ -23,7 +23,7 @@ pub struct Retry<S, C> {
     config: Arc<Config<C>>,
 }
 
-impl<S> Retry<S, steadfast_core::DefaultClassifier> {
+impl Retry<(), steadfast_core::DefaultClassifier> {
     /// A layer with the defaults (see [`RetryBuilder`](crate::RetryBuilder)).
     pub fn layer() -> crate::RetryLayer {
         crate::RetryLayer::new()

@@ -109,12 +109,14 @@ pub struct BodyTimeout<S> {
     idle: Option<Duration>,
 }
 
-impl<S> BodyTimeout<S> {
+impl BodyTimeout<()> {
     /// A layer whose deadline of `limit` covers the body, with the defaults.
     pub const fn layer(limit: Duration) -> BodyTimeoutLayer {
         BodyTimeoutLayer::new(limit)
     }
+}
 
+impl<S> BodyTimeout<S> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         self.inner.get_ref()

@@ -50,6 +50,13 @@ pub struct Timeout<S> {
     ready_expired: bool,
 }
 
+impl Timeout<()> {
+    /// A layer with limit `limit`.
+    pub const fn layer(limit: Duration) -> TimeoutLayer {
+        TimeoutLayer::new(limit)
+    }
+}
+
 impl<S> Timeout<S> {
     /// Wraps `inner`.
     pub const fn new(inner: S, config: TimeoutLayer) -> Self {
@@ -59,11 +66,6 @@ impl<S> Timeout<S> {
             ready_sleep: None,
             ready_expired: false,
         }
-    }
-
-    /// A layer with limit `limit`.
-    pub const fn layer(limit: Duration) -> TimeoutLayer {
-        TimeoutLayer::new(limit)
     }
 
     /// The inner service.

@@ -28,15 +28,17 @@ pub struct SetDeadline<S> {
     config: SetDeadlineLayer,
 }
 
+impl SetDeadline<()> {
+    /// A layer with limit `limit` and the defaults.
+    pub const fn layer(limit: std::time::Duration) -> SetDeadlineLayer {
+        SetDeadlineLayer::new(limit)
+    }
+}
+
 impl<S> SetDeadline<S> {
     /// Wraps `inner`.
     pub const fn new(inner: S, config: SetDeadlineLayer) -> Self {
         Self { inner, config }
-    }
-
-    /// A layer with limit `limit` and the defaults.
-    pub const fn layer(limit: std::time::Duration) -> SetDeadlineLayer {
-        SetDeadlineLayer::new(limit)
     }
 
     /// The inner service.
