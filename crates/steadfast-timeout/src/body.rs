@@ -22,8 +22,9 @@ use crate::layer::TimeoutLayer;
 /// A [`TimeoutLayer`] whose deadline also bounds the response **body**: a call never hangs,
 /// even when the upstream sends its head at once and then trickles the body.
 ///
-/// Made with [`BodyTimeoutLayer::new`] or [`TimeoutBuilder::covering_body`](crate::TimeoutBuilder::covering_body). The head is timed exactly as by the
-/// [`TimeoutLayer`]; the body then gets what is left of the same deadline (as a gRPC deadline
+/// Made with [`BodyTimeoutLayer::new`] or
+/// [`TimeoutBuilder::covering_body`](crate::TimeoutBuilder::covering_body). The head is timed
+/// exactly as by the [`TimeoutLayer`]; the body then gets what is left of the same deadline (as a gRPC deadline
 /// covers the whole call, and as reqwest's `timeout` runs until the body has been read). A body
 /// frame that would arrive past the deadline ends the body with an [`Elapsed`] error instead.
 /// The deadline bounds waiting for the upstream, not the caller's own pace: frames already
