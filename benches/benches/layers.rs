@@ -383,6 +383,26 @@ fn correlation(c: &mut Criterion) {
     );
 }
 
+/// Our UUIDv7 generator against the `uuid` crate's `now_v7` (both ordered by creation), each
+/// ending as the header value a correlation id is.
+fn uuid_v7(c: &mut Criterion) {
+    use steadfast::correlation::{MakeCorrelationId, UuidV7};
+
+    let mut g = c.benchmark_group("uuid-v7");
+    let ours = UuidV7::new();
+    g.bench_function("steadfast", |b| {
+        b.iter(|| std::hint::black_box(ours.make_id()));
+    });
+    g.bench_function("uuid-now_v7", |b| {
+        b.iter(|| {
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let s = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+            std::hint::black_box(http::HeaderValue::from_str(s).expect("hex and dashes"))
+        });
+    });
+    g.finish();
+}
+
 fn stacks(c: &mut Criterion) {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
@@ -495,6 +515,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = timeout, retry, breaker, correlation, stacks
+    targets = timeout, retry, breaker, correlation, uuid_v7, stacks
 }
 criterion_main!(benches);

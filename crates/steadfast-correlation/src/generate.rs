@@ -23,12 +23,19 @@ impl<F: Fn() -> CorrelationId> MakeCorrelationId for F {
     }
 }
 
-/// Time-ordered UUIDv7 ids (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits.
+/// Time-ordered UUIDv7 ids (RFC 9562): 48 bits of Unix milliseconds, a 12-bit sequence, then
+/// 62 random bits.
 ///
-/// Ids sort by creation time at millisecond granularity, so logs and stores index them well.
+/// Ids sort by creation, also within one millisecond and across threads: every id made in the
+/// process is greater than every id made before it (the `uuid` crate's `Uuid::now_v7` gives
+/// the same guarantee). The sequence counts ids within a millisecond (RFC 9562 §6.2, method 1);
+/// past 4096 in one millisecond, or when the wall clock steps back, the timestamp runs ahead of
+/// the clock until the clock catches up, as the RFC allows. The ordering costs one
+/// compare-and-swap on a process-wide counter, no lock.
+///
 /// Each id costs one allocation: the final header value. The default draws randomness from a
 /// per-thread generator seeded by the process's random hash keys (no locks, no syscalls);
-/// [`UuidV7::seeded`] gives a reproducible sequence for tests.
+/// [`UuidV7::seeded`] gives a reproducible sequence of random bits for tests.
 ///
 /// ```
 /// use steadfast_correlation::{MakeCorrelationId, UuidV7};
@@ -39,9 +46,12 @@ impl<F: Fn() -> CorrelationId> MakeCorrelationId for F {
 /// assert_eq!(&s[14..15], "7"); // version
 /// assert!(matches!(&s[19..20], "8" | "9" | "a" | "b")); // RFC 9562 variant
 ///
+/// let (first, second) = (UuidV7::new().make_id(), UuidV7::new().make_id());
+/// assert!(first.as_str() < second.as_str()); // ordered by creation
+///
 /// let a = UuidV7::seeded(42);
 /// let b = UuidV7::seeded(42);
-/// assert_eq!(&a.make_id().as_str()[14..], &b.make_id().as_str()[14..]); // same random bits
+/// assert_eq!(&a.make_id().as_str()[19..], &b.make_id().as_str()[19..]); // same random bits
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct UuidV7 {
@@ -77,18 +87,46 @@ thread_local! {
     static THREAD_RNG: Cell<u64> = Cell::new(rand::random_seed(2));
 }
 
+/// The last timestamp and sequence handed out in this process, as `ms << 12 | sequence`.
+static LAST: AtomicU64 = AtomicU64::new(0);
+
+/// The next `ms << 12 | sequence`: the clock's millisecond with sequence 0 when the clock has
+/// moved past every stamp given out, else one more than the last stamp.
+fn next_stamp(counter: &AtomicU64, ms: u64) -> u64 {
+    let now = (ms & ((1 << 48) - 1)) << 12;
+    let mut last = counter.load(Ordering::Relaxed);
+    loop {
+        let next = if now > last {
+            now
+        } else {
+            // Wraps only after the 48-bit millisecond field is spent (year 10889).
+            last.wrapping_add(1) & ((1 << 60) - 1)
+        };
+        match counter.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
+impl UuidV7 {
+    fn make_at(&self, counter: &AtomicU64, ms: u64) -> CorrelationId {
+        let stamp = next_stamp(counter, ms);
+        let hi = ((stamp >> 12) << 16) | 0x7000 | (stamp & 0x0fff);
+        let lo = (self.next_random() & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+        let bytes = format_uuid(((hi as u128) << 64) | lo as u128);
+        CorrelationId::from_validated(
+            HeaderValue::from_bytes(&bytes).expect("hex digits and dashes are a valid header"),
+        )
+    }
+}
+
 impl MakeCorrelationId for UuidV7 {
     fn make_id(&self) -> CorrelationId {
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let (r1, r2) = (self.next_random(), self.next_random());
-        let hi = (ms << 16) | 0x7000 | (r1 & 0x0fff);
-        let lo = (r2 & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-        let bytes = format_uuid(((hi as u128) << 64) | lo as u128);
-        CorrelationId::from_validated(
-            HeaderValue::from_bytes(&bytes).expect("hex digits and dashes are a valid header"),
-        )
+        self.make_at(&LAST, ms)
     }
 }
 
@@ -127,9 +165,46 @@ mod tests {
         for id in &ids {
             assert!(is_valid_default(id.as_bytes()));
         }
-        // The 48-bit millisecond prefix never goes backwards.
-        let prefixes: Vec<String> = ids.iter().map(|i| i.as_str()[..13].to_owned()).collect();
-        assert!(prefixes.windows(2).all(|w| w[0] <= w[1]));
+        // Every id sorts after the one made before it, within a millisecond too.
+        assert!(ids.windows(2).all(|w| w[0].as_str() < w[1].as_str()));
+    }
+
+    #[test]
+    fn ids_keep_their_order_when_the_clock_steps_back_or_a_millisecond_overflows() {
+        let g = UuidV7::seeded(1);
+        let c = AtomicU64::new(0);
+        let ms = 1_764_979_200_000;
+        let mut ids = vec![g.make_at(&c, ms)];
+        ids.extend((0..5000).map(|_| g.make_at(&c, ms))); // > 4096 in one millisecond
+        ids.push(g.make_at(&c, ms - 60_000)); // the clock steps back a minute
+        ids.push(g.make_at(&c, ms + 10)); // and then forward again
+        assert!(ids.windows(2).all(|w| w[0].as_str() < w[1].as_str()));
+        // The clock caught up: the last id carries its millisecond, sequence 0.
+        let last = ids.last().unwrap().as_str().replace('-', "");
+        let hi = u64::from_str_radix(&last[..16], 16).unwrap();
+        assert_eq!(hi >> 16, ms + 10);
+        assert_eq!(hi & 0x0fff, 0);
+    }
+
+    #[test]
+    fn ids_made_on_many_threads_are_unique_and_each_thread_sees_them_rise() {
+        let per_thread: Vec<Vec<String>> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    let g = UuidV7::new();
+                    (0..5000).map(|_| g.make_id().as_str().to_owned()).collect()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let mut all = HashSet::new();
+        for ids in &per_thread {
+            assert!(ids.windows(2).all(|w| w[0] < w[1]));
+            all.extend(ids.iter().cloned());
+        }
+        assert_eq!(all.len(), 4 * 5000);
     }
 
     #[test]
