@@ -96,6 +96,23 @@ fn exact() -> RetryBuilder {
         .seed(7)
 }
 
+/// Sends `request` once through a retry layer built from `builder` over `upstream`.
+async fn send<S>(
+    builder: RetryBuilder,
+    upstream: S,
+    request: Request<Full<Bytes>>,
+) -> Result<Response<()>, BoxError>
+where
+    S: Service<Request<ReplayBody<Full<Bytes>>>, Response = Response<()>, Error = BoxError> + Clone,
+{
+    builder
+        .build()
+        .unwrap()
+        .layer(upstream)
+        .oneshot(request)
+        .await
+}
+
 fn req(method: Method, body: &'static [u8]) -> Request<Full<Bytes>> {
     Request::builder()
         .method(method)
@@ -128,13 +145,7 @@ async fn retries_503_503_then_succeeds_on_attempt_3_with_attempt_headers() {
 #[tokio::test(start_paused = true)]
 async fn three_attempts_at_most_by_default() {
     let (up, seen) = scripted(vec![status(503)]);
-    let res = exact()
-        .build()
-        .unwrap()
-        .layer(up)
-        .oneshot(req(Method::GET, b""))
-        .await
-        .unwrap();
+    let res = send(exact(), up, req(Method::GET, b"")).await.unwrap();
     assert_eq!(res.status(), 503, "the last real outcome");
     assert_eq!(seen.lock().unwrap().len(), 3);
 }
@@ -143,12 +154,7 @@ async fn three_attempts_at_most_by_default() {
 async fn a_post_without_idempotency_key_is_sent_once() {
     for failure in [status(503), status(502), Err("reset")] {
         let (up, seen) = scripted(vec![failure]);
-        let _ = exact()
-            .build()
-            .unwrap()
-            .layer(up)
-            .oneshot(req(Method::POST, b"order"))
-            .await;
+        let _ = send(exact(), up, req(Method::POST, b"order")).await;
         assert_eq!(seen.lock().unwrap().len(), 1, "never sent twice");
     }
 }
@@ -159,25 +165,13 @@ async fn a_post_with_idempotency_key_or_opt_in_is_retried() {
     let mut r = req(Method::POST, b"order");
     r.headers_mut()
         .insert("idempotency-key", "k-1".parse().unwrap());
-    assert_eq!(
-        exact()
-            .build()
-            .unwrap()
-            .layer(up)
-            .oneshot(r)
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(send(exact(), up, r).await.unwrap().status(), 200);
     assert_eq!(seen.lock().unwrap().len(), 2);
 
     let (up, seen) = scripted(vec![status(503), status(200)]);
-    let layer = exact().retry_non_idempotent(true).build().unwrap();
+    let builder = exact().retry_non_idempotent(true);
     assert_eq!(
-        layer
-            .layer(up)
-            .oneshot(req(Method::POST, b"x"))
+        send(builder, up, req(Method::POST, b"x"))
             .await
             .unwrap()
             .status(),
@@ -189,11 +183,7 @@ async fn a_post_with_idempotency_key_or_opt_in_is_retried() {
 #[tokio::test(start_paused = true)]
 async fn a_post_that_certainly_was_not_sent_is_retried() {
     let (up, seen) = scripted(vec![Err("refused"), status(201)]);
-    let res = exact()
-        .build()
-        .unwrap()
-        .layer(up)
-        .oneshot(req(Method::POST, b"order"))
+    let res = send(exact(), up, req(Method::POST, b"order"))
         .await
         .unwrap();
     assert_eq!(res.status(), 201);
@@ -204,13 +194,7 @@ async fn a_post_that_certainly_was_not_sent_is_retried() {
 async fn retry_after_is_honoured_and_capped() {
     let (up, seen) = scripted(vec![with_header(503, "retry-after", "2"), status(200)]);
     let start = Instant::now();
-    exact()
-        .build()
-        .unwrap()
-        .layer(up)
-        .oneshot(req(Method::GET, b""))
-        .await
-        .unwrap();
+    send(exact(), up, req(Method::GET, b"")).await.unwrap();
     let asked = seen.lock().unwrap()[1].0 - start;
     assert_eq!(
         asked,
@@ -221,13 +205,7 @@ async fn retry_after_is_honoured_and_capped() {
     // Longer than the cap: no retry, at once.
     let (up, seen) = scripted(vec![with_header(503, "retry-after", "400"), status(200)]);
     let start = Instant::now();
-    let res = exact()
-        .build()
-        .unwrap()
-        .layer(up)
-        .oneshot(req(Method::GET, b""))
-        .await
-        .unwrap();
+    let res = send(exact(), up, req(Method::GET, b"")).await.unwrap();
     assert_eq!(res.status(), 503);
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(seen.lock().unwrap().len(), 1);
@@ -236,15 +214,10 @@ async fn retry_after_is_honoured_and_capped() {
 #[tokio::test(start_paused = true)]
 async fn a_hint_exactly_at_the_cap_is_honoured_and_applies_to_predicate_retries_too() {
     let (up, seen) = scripted(vec![with_header(503, "retry-after", "2"), status(200)]);
-    let layer = exact()
-        .max_server_delay(Duration::from_secs(2))
-        .build()
-        .unwrap();
+    let builder = exact().max_server_delay(Duration::from_secs(2));
     let start = Instant::now();
     assert_eq!(
-        layer
-            .layer(up)
-            .oneshot(req(Method::GET, b""))
+        send(builder, up, req(Method::GET, b""))
             .await
             .unwrap()
             .status(),
@@ -255,16 +228,9 @@ async fn a_hint_exactly_at_the_cap_is_honoured_and_applies_to_predicate_retries_
 
     // A response retried only because a predicate said so still gets the server's wait.
     let (up, seen) = scripted(vec![with_header(500, "retry-after", "3"), status(200)]);
-    let layer = exact()
-        .predicate(|_, c| c.is_failure().then_some(true))
-        .build()
-        .unwrap();
+    let builder = exact().predicate(|_, c| c.is_failure().then_some(true));
     let start = Instant::now();
-    layer
-        .layer(up)
-        .oneshot(req(Method::GET, b""))
-        .await
-        .unwrap();
+    send(builder, up, req(Method::GET, b"")).await.unwrap();
     let waited = seen.lock().unwrap()[1].0 - start;
     assert_eq!(waited, Duration::from_secs(3));
 }
@@ -359,7 +325,7 @@ async fn grpc_pushback_replaces_backoff_and_negative_stops() {
         .insert("content-type", "application/grpc".parse().unwrap());
     r.headers_mut()
         .insert("idempotency-key", "rpc-1".parse().unwrap());
-    exact().build().unwrap().layer(up).oneshot(r).await.unwrap();
+    send(exact(), up, r).await.unwrap();
     {
         let seen = seen.lock().unwrap();
         assert_eq!(seen[1].0 - start, Duration::from_millis(750));
@@ -367,13 +333,7 @@ async fn grpc_pushback_replaces_backoff_and_negative_stops() {
     }
 
     let (up, seen) = scripted(vec![grpc("14", "-1"), grpc("0", "0")]);
-    exact()
-        .build()
-        .unwrap()
-        .layer(up)
-        .oneshot(req(Method::GET, b""))
-        .await
-        .unwrap();
+    send(exact(), up, req(Method::GET, b"")).await.unwrap();
     assert_eq!(
         seen.lock().unwrap().len(),
         1,
@@ -388,13 +348,7 @@ async fn a_streamed_grpc_response_is_committed() {
         with_header(200, "content-type", "application/grpc"),
         status(200),
     ]);
-    exact()
-        .build()
-        .unwrap()
-        .layer(up)
-        .oneshot(req(Method::GET, b""))
-        .await
-        .unwrap();
+    send(exact(), up, req(Method::GET, b"")).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
 
@@ -404,13 +358,7 @@ async fn a_wait_past_the_deadline_returns_the_last_outcome_now() {
     let deadline = Deadline::after(Duration::from_millis(250));
     let start = Instant::now();
     let res = deadline
-        .scope(
-            exact()
-                .build()
-                .unwrap()
-                .layer(up)
-                .oneshot(req(Method::GET, b"")),
-        )
+        .scope(send(exact(), up, req(Method::GET, b"")))
         .await
         .unwrap();
     assert_eq!(res.status(), 503);
@@ -445,12 +393,7 @@ async fn breaker_rejections_are_not_retried_and_cost_no_budget() {
 #[tokio::test(start_paused = true)]
 async fn max_attempts_one_means_no_retry_and_zero_is_an_error() {
     let (up, seen) = scripted(vec![status(503)]);
-    exact()
-        .max_attempts(1)
-        .build()
-        .unwrap()
-        .layer(up)
-        .oneshot(req(Method::GET, b""))
+    send(exact().max_attempts(1), up, req(Method::GET, b""))
         .await
         .unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1);
@@ -492,7 +435,7 @@ async fn over_the_replay_cap_exactly_one_attempt() {
     let (up, seen) = scripted(vec![status(503), status(200)]);
     let big = Full::new(Bytes::from(vec![7u8; 1024 * 1024]));
     let r = Request::get("http://up/").body(big).unwrap();
-    let res = exact().build().unwrap().layer(up).oneshot(r).await.unwrap();
+    let res = send(exact(), up, r).await.unwrap();
     assert_eq!(res.status(), 503);
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 1);
@@ -509,17 +452,7 @@ async fn the_default_cap_is_64_kib() {
     let (up, seen) = scripted(vec![status(503), status(200)]);
     let body = Full::new(Bytes::from(vec![1u8; 60 * 1024]));
     let r = Request::get("http://up/").body(body).unwrap();
-    assert_eq!(
-        exact()
-            .build()
-            .unwrap()
-            .layer(up)
-            .oneshot(r)
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(send(exact(), up, r).await.unwrap().status(), 200);
     assert_eq!(seen.lock().unwrap().len(), 2, "60 KiB is replayed");
 }
 
@@ -575,14 +508,9 @@ async fn jitter_streams_are_per_request_and_seedable() {
 #[tokio::test(start_paused = true)]
 async fn custom_predicate_overrides() {
     let (up, seen) = scripted(vec![status(500), status(200)]);
-    let layer = exact()
-        .predicate(|_parts, class| class.is_failure().then_some(true))
-        .build()
-        .unwrap();
+    let builder = exact().predicate(|_parts, class| class.is_failure().then_some(true));
     assert_eq!(
-        layer
-            .layer(up)
-            .oneshot(req(Method::GET, b""))
+        send(builder, up, req(Method::GET, b""))
             .await
             .unwrap()
             .status(),
@@ -595,15 +523,8 @@ async fn custom_predicate_overrides() {
     );
 
     let (up, seen) = scripted(vec![status(503), status(200)]);
-    let layer = exact()
-        .predicate(|parts, _| (parts.uri.path() == "/x").then_some(false))
-        .build()
-        .unwrap();
-    layer
-        .layer(up)
-        .oneshot(req(Method::GET, b""))
-        .await
-        .unwrap();
+    let builder = exact().predicate(|parts, _| (parts.uri.path() == "/x").then_some(false));
+    send(builder, up, req(Method::GET, b"")).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
 
@@ -628,12 +549,7 @@ async fn the_backoff_restarts_from_its_base_after_a_server_hint() {
         status(503),
         status(200),
     ]);
-    exact()
-        .max_attempts(4)
-        .build()
-        .unwrap()
-        .layer(up)
-        .oneshot(req(Method::GET, b""))
+    send(exact().max_attempts(4), up, req(Method::GET, b""))
         .await
         .unwrap();
     let seen = seen.lock().unwrap();
@@ -660,13 +576,7 @@ async fn of_two_retry_after_fields_the_longer_wins() {
             .body(())
             .unwrap());
         let (up, seen) = scripted(vec![both, status(200)]);
-        exact()
-            .build()
-            .unwrap()
-            .layer(up)
-            .oneshot(req(Method::GET, b""))
-            .await
-            .unwrap();
+        send(exact(), up, req(Method::GET, b"")).await.unwrap();
         let seen = seen.lock().unwrap();
         assert_eq!(seen[1].0 - seen[0].0, Duration::from_secs(3), "{a}, {b}");
     }
@@ -780,23 +690,13 @@ async fn grpc_statuses_are_retried_whatever_the_method_but_not_a_proxy_s_503() {
         r
     };
     let (up, seen) = scripted(vec![unavailable(), status(200)]);
-    exact()
-        .retry_grpc_statuses(true)
-        .build()
-        .unwrap()
-        .layer(up)
-        .oneshot(grpc_post())
+    send(exact().retry_grpc_statuses(true), up, grpc_post())
         .await
         .unwrap();
     assert_eq!(seen.lock().unwrap().len(), 2, "UNAVAILABLE retried");
 
     let (up, seen) = scripted(vec![status(503), status(200)]);
-    let res = exact()
-        .retry_grpc_statuses(true)
-        .build()
-        .unwrap()
-        .layer(up)
-        .oneshot(grpc_post())
+    let res = send(exact().retry_grpc_statuses(true), up, grpc_post())
         .await
         .unwrap();
     assert_eq!(res.status(), 503);
@@ -807,12 +707,6 @@ async fn grpc_statuses_are_retried_whatever_the_method_but_not_a_proxy_s_503() {
     );
 
     let (up, seen) = scripted(vec![unavailable(), status(200)]);
-    exact()
-        .build()
-        .unwrap()
-        .layer(up)
-        .oneshot(grpc_post())
-        .await
-        .unwrap();
+    send(exact(), up, grpc_post()).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1, "off by default");
 }
