@@ -5,17 +5,17 @@
 //! alone through an in-process upstream that fails. Paused time, so thirty-year waits pass
 //! at once; every call is bounded.
 
+mod support;
+
 use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use proptest::prelude::*;
 use steadfast::breaker::{CircuitBreakerBuilder, CircuitBreakerLayer};
-use steadfast::retry::{Backoff, BudgetConfig, Jitter, ReplayBody, RetryBuilder, RetryLayer};
+use steadfast::retry::{Backoff, BudgetConfig, Jitter, RetryBuilder, RetryLayer};
 use steadfast::timeout::TimeoutLayer;
 use steadfast_testkit::{Fault, FaultServer};
 use tower::{Layer, ServiceExt, service_fn};
@@ -388,8 +388,7 @@ proptest! {
             } else {
                 Fault::status(503)
             });
-            let transport = Client::builder(TokioExecutor::new())
-                .build_http::<ReplayBody<Full<Bytes>>>();
+            let transport = support::transport::<Full<Bytes>>();
             for _ in 0..4 {
                 let req = Request::put(server.url("/orders/1"))
                     .body(Full::new(Bytes::from_static(b"body")))
@@ -437,13 +436,8 @@ fn the_reported_configurations_do_not_panic() {
     paused().block_on(async {
         let server = FaultServer::start().await;
         server.set_default(Fault::status(503));
-        let transport =
-            Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
-        let get = || {
-            Request::get(server.url("/"))
-                .body(Full::<Bytes>::default())
-                .unwrap()
-        };
+        let transport = support::transport::<Full<Bytes>>();
+        let get = || support::get_from(&server);
         // total_timeout(Duration::MAX) through the preset.
         let preset = steadfast::client::http()
             .total_timeout(Duration::MAX)

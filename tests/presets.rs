@@ -7,11 +7,8 @@ use std::time::Duration;
 use axum::{Router, routing::get};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use steadfast::InvalidPresetConfig;
 use steadfast::correlation::CorrelationId;
-use steadfast::retry::ReplayBody;
 use steadfast_testkit::{Fault, FaultServer};
 use tower::{Layer, ServiceExt};
 
@@ -71,8 +68,7 @@ fn invalid_combinations_are_typed_errors_that_say_what_to_change() {
 async fn client_preset_over_hyper_retries_and_propagates() {
     let upstream = FaultServer::start().await;
     upstream.script([Fault::status(503)]);
-    let transport: Client<_, ReplayBody<Full<Bytes>>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let transport = support::transport::<Full<Bytes>>();
     let client = steadfast::client::http().build().unwrap().layer(transport);
     let id = CorrelationId::parse("preset-1").unwrap();
     let req = http::Request::get(upstream.url("/"))

@@ -8,32 +8,21 @@
 //! 5. resets and slow bodies: replay stays byte-identical, or no retry happens
 //! 6. deadlines across three hops (see also `tests/timeout.rs`)
 
+mod support;
+
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use steadfast::breaker::error::BreakerOpen;
 use steadfast::client::{HttpClient, HttpClientLayer};
-use steadfast::retry::ReplayBody;
 use steadfast::timeout::error::Elapsed;
 use steadfast_testkit::{Fault, FaultServer, hash_body};
+use support::{Transport, get_from as get, transport};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
-
-type Transport<B> = Client<HttpConnector, ReplayBody<B>>;
-
-fn transport<B>() -> Transport<B>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    Client::builder(TokioExecutor::new()).build_http()
-}
 
 fn stack() -> HttpClientLayer {
     steadfast::client::http()
@@ -47,17 +36,14 @@ fn client(layer: &HttpClientLayer) -> HttpClient<Transport<Full<Bytes>>> {
     layer.layer(transport())
 }
 
-fn get(server: &FaultServer) -> Request<Full<Bytes>> {
-    Request::get(server.url("/")).body(Full::default()).unwrap()
-}
-
 // ---- 1. amplification ----
 
 #[tokio::test(start_paused = true)]
 async fn amplification_at_total_failure_is_bounded() {
     let server = FaultServer::start().await;
     server.set_default(Fault::status(503));
-    // Retry alone (the breaker would stop the storm by itself; here the budget must).
+    // Retry alone (the breaker would stop the storm by itself; here the budget must): 10
+    // waves of 100 concurrent requests.
     let retry = steadfast::retry::RetryLayer::new();
     let http = transport::<Full<Bytes>>();
     let start = Instant::now();

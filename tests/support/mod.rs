@@ -27,6 +27,24 @@ pub fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// A hyper-util client for a stack whose retry layer hands it replayable bodies.
+pub type Transport<B> = Client<HttpConnector, steadfast::retry::ReplayBody<B>>;
+
+pub fn transport<B>() -> Transport<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A GET request to the fault server's `/`.
+pub fn get_from(server: &steadfast_testkit::FaultServer) -> http::Request<Full<Bytes>> {
+    http::Request::get(server.url("/"))
+        .body(Full::default())
+        .unwrap()
+}
+
 /// A GET request to `addr` + `path`.
 pub fn get(addr: SocketAddr, path: &str) -> http::Request<Full<Bytes>> {
     http::Request::get(format!("http://{addr}{path}"))
