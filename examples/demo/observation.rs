@@ -1,0 +1,143 @@
+//! What the run observed: a tracing layer reads the layers' own events (no hooks needed).
+
+#[allow(unused_imports)]
+use super::*;
+
+#[derive(Default)]
+pub(crate) struct Upstream {
+    pub(crate) requests: u64,
+    pub(crate) ok: u64,
+    pub(crate) retries: u64,
+    pub(crate) budget_denials: u64,
+    pub(crate) timeouts: u64,
+    pub(crate) rejected: u64,
+    pub(crate) transitions: Vec<(Duration, String, String)>,
+    pub(crate) latencies: Vec<Duration>,
+}
+
+#[derive(Default)]
+pub(crate) struct Observed {
+    pub(crate) upstreams: BTreeMap<String, Upstream>,
+    /// (time, hop, correlation id, what)
+    pub(crate) hops: Vec<(Duration, String, String, String)>,
+}
+
+pub(crate) fn start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+pub(crate) fn observed() -> &'static Mutex<Observed> {
+    static OBSERVED: OnceLock<Mutex<Observed>> = OnceLock::new();
+    OBSERVED.get_or_init(Default::default)
+}
+
+/// Span fields the demo cares about, stored on each span.
+#[derive(Default)]
+pub(crate) struct Fields {
+    pub(crate) upstream: Option<String>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) hop: Option<String>,
+    pub(crate) what: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) from: Option<String>,
+    pub(crate) to: Option<String>,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        let slot = match field.name() {
+            "upstream" => &mut self.upstream,
+            "hop" => &mut self.hop,
+            "what" => &mut self.what,
+            "from" => &mut self.from,
+            "to" => &mut self.to,
+            _ => return,
+        };
+        *slot = Some(value.to_owned());
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "correlation_id" => self.correlation_id = Some(format!("{value:?}")),
+            "message" => self.name = Some(format!("{value:?}")),
+            _ => {}
+        }
+    }
+}
+
+pub(crate) struct Observer;
+
+impl<S> tracing_subscriber::Layer<S> for Observer
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut f = Fields::default();
+        attrs.record(&mut f);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(f);
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let mut f = Fields::default();
+        event.record(&mut f);
+        let (mut upstream, mut correlation) = (None, None);
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope {
+                if let Some(sf) = span.extensions().get::<Fields>() {
+                    upstream = upstream.or_else(|| sf.upstream.clone());
+                    correlation = correlation.or_else(|| sf.correlation_id.clone());
+                }
+            }
+        }
+        let t = start().elapsed();
+        let meta = event.metadata();
+        let mut o = observed().lock().unwrap();
+        if let Some(hop) = f.hop {
+            o.hops.push((
+                t,
+                hop,
+                correlation.unwrap_or_default(),
+                f.what.unwrap_or_default(),
+            ));
+            return;
+        }
+        let Some(up) = upstream else { return };
+        let u = o.upstreams.entry(up).or_default();
+        match (meta.target(), meta.name()) {
+            (_, "retry.attempt") => u.retries += 1,
+            (_, "retry.budget_exhausted") => u.budget_denials += 1,
+            ("steadfast::timeout", _) if f.name.as_deref() == Some("elapsed") => u.timeouts += 1,
+            ("steadfast::breaker", _) if f.to.is_some() => {
+                u.transitions
+                    .push((t, f.from.unwrap_or_default(), f.to.unwrap_or_default()));
+            }
+            _ => {}
+        }
+    }
+}
+
+pub(crate) fn record_call(
+    upstream: &str,
+    latency: Duration,
+    status: Option<StatusCode>,
+    rejected: bool,
+) {
+    let mut o = observed().lock().unwrap();
+    let u = o.upstreams.entry(upstream.to_owned()).or_default();
+    u.requests += 1;
+    u.latencies.push(latency);
+    if status.is_some_and(|s| s.is_success()) {
+        u.ok += 1;
+    }
+    if rejected {
+        u.rejected += 1;
+    }
+}

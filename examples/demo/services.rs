@@ -1,0 +1,256 @@
+//! The services: users, inventory, payments, orders and the gateway, each behind the standard
+//! server stack, each calling the next through the standard client stack.
+
+#[allow(unused_imports)]
+use super::*;
+
+pub(crate) type Transport = Client<HttpConnector, ReplayBody<Body>>;
+pub(crate) type Stack = HttpClient<Transport>;
+
+pub(crate) fn transport() -> Transport {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub(crate) async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
+    });
+    addr
+}
+
+pub(crate) fn log_hop(hop: &str, what: &str) {
+    tracing::info!(hop, what, "handled");
+}
+
+/// Calls `uri` through a client stack inside an `upstream` span; maps the typed errors to
+/// the answers a gateway gives.
+pub(crate) async fn call(stack: Stack, upstream: &str, req: http::Request<Body>) -> Response {
+    let began = Instant::now();
+    let span = tracing::info_span!("upstream_call", upstream);
+    let out = stack.oneshot(req).instrument(span).await;
+    let latency = began.elapsed();
+    match out {
+        Ok(res) => {
+            record_call(upstream, latency, Some(res.status()), false);
+            let (parts, body) = res.into_parts();
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(e) => {
+            if let Some(open) = e.downcast_ref::<BreakerOpen>() {
+                record_call(upstream, latency, None, true);
+                return open.to_http_response::<Body>().map(Body::new);
+            }
+            record_call(upstream, latency, None, false);
+            if e.downcast_ref::<Elapsed>().is_some() {
+                return (StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n").into_response();
+            }
+            (StatusCode::BAD_GATEWAY, format!("upstream error: {e}\n")).into_response()
+        }
+    }
+}
+
+pub(crate) fn in_window(t: Duration, w: (Duration, Duration)) -> bool {
+    t >= w.0 && t < w.1
+}
+
+pub(crate) fn users(scen: Arc<Scenario>) -> Router {
+    Router::new()
+        .route(
+            "/users/{id}",
+            get(move |Path(id): Path<u64>| {
+                let scen = scen.clone();
+                async move {
+                    if in_window(start().elapsed(), scen.users_down) {
+                        log_hop("users", "down: 503");
+                        return (StatusCode::SERVICE_UNAVAILABLE, "down\n").into_response();
+                    }
+                    log_hop("users", "200");
+                    format!("user {id}\n").into_response()
+                }
+            }),
+        )
+        .layer(steadfast::server::http().build().expect("server stack"))
+}
+
+pub(crate) fn inventory(scen: Arc<Scenario>) -> Router {
+    let hits = Arc::new(AtomicU64::new(0));
+    Router::new()
+        .route(
+            "/items/{id}",
+            get(move |Path(id): Path<u64>| {
+                let (scen, hits) = (scen.clone(), hits.clone());
+                async move {
+                    let n = hits.fetch_add(1, Ordering::Relaxed);
+                    if n % scen.inventory_stall_every == scen.inventory_stall_every - 1 {
+                        log_hop("inventory", "stalling past the attempt timeout");
+                        tokio::time::sleep(scen.inventory_stall).await;
+                    }
+                    log_hop("inventory", "200");
+                    format!("item {id}: 3 in stock\n")
+                }
+            }),
+        )
+        .layer(steadfast::server::http().build().expect("server stack"))
+}
+
+pub(crate) fn payments(scen: Arc<Scenario>) -> Router {
+    Router::new()
+        .route(
+            "/charge",
+            post(move || {
+                let scen = scen.clone();
+                async move {
+                    let t = start().elapsed();
+                    if scen.payments_bursts.iter().any(|w| in_window(t, *w)) {
+                        log_hop("payments", "burst: 503 Retry-After 1");
+                        let mut res = (StatusCode::SERVICE_UNAVAILABLE, "busy\n").into_response();
+                        res.headers_mut()
+                            .insert("retry-after", HeaderValue::from_static("1"));
+                        return res;
+                    }
+                    log_hop("payments", "charged");
+                    "charged\n".into_response()
+                }
+            }),
+        )
+        .layer(steadfast::server::http().build().expect("server stack"))
+}
+
+#[derive(Clone)]
+pub(crate) struct Orders {
+    pub(crate) name: &'static str,
+    pub(crate) client: Arc<HttpClientLayer>,
+    pub(crate) transport: Transport,
+    pub(crate) inventory: SocketAddr,
+    pub(crate) payments: SocketAddr,
+}
+
+pub(crate) async fn place_order(State(o): State<Orders>, Path(id): Path<u64>) -> Response {
+    // No id or deadline code: both travel with the client stack.
+    log_hop(o.name, "placing order");
+    let stack = o.client.layer(o.transport.clone());
+    let item = http::Request::get(format!("http://{}/items/{id}", o.inventory))
+        .body(Body::empty())
+        .expect("request");
+    let inv = call(stack.clone(), "inventory", item).await;
+    if !inv.status().is_success() {
+        log_hop(o.name, "inventory failed");
+        return (StatusCode::BAD_GATEWAY, "inventory unavailable\n").into_response();
+    }
+    let charge = http::Request::post(format!("http://{}/charge", o.payments))
+        .header("idempotency-key", format!("order-{id}"))
+        .body(Body::from(format!("{{\"order\":{id}}}")))
+        .expect("request");
+    let pay = call(stack, "payments", charge).await;
+    if !pay.status().is_success() {
+        log_hop(o.name, "payment failed");
+        return (StatusCode::BAD_GATEWAY, "payment unavailable\n").into_response();
+    }
+    log_hop(o.name, "order placed");
+    format!("order {id} placed by {}\n", o.name).into_response()
+}
+
+#[derive(Clone)]
+pub(crate) struct Gateway {
+    pub(crate) client: Arc<HttpClientLayer>,
+    pub(crate) transport: Transport,
+    pub(crate) users: SocketAddr,
+    pub(crate) orders: [SocketAddr; 2],
+    pub(crate) inventory: SocketAddr,
+    pub(crate) payments: SocketAddr,
+    pub(crate) next: Arc<AtomicUsize>,
+    pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+pub(crate) async fn proxy(
+    State(gw): State<Gateway>,
+    Path((service, rest)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    forward(gw, &service, rest, req).await
+}
+
+pub(crate) async fn proxy_payments(
+    State(gw): State<Gateway>,
+    Path(rest): Path<String>,
+    req: Request,
+) -> Response {
+    forward(gw, "payments", rest, req).await
+}
+
+/// Routes `/api/v1/<service>/<rest>` to `<upstream>/<rest>` through the client stack.
+pub(crate) async fn forward(gw: Gateway, service: &str, rest: String, req: Request) -> Response {
+    let (name, addr) = match service {
+        "users" => ("users".to_owned(), gw.users),
+        "orders" => {
+            // Round-robin across the two instances.
+            let i = gw.next.fetch_add(1, Ordering::Relaxed) % 2;
+            (format!("orders-{}", i + 1), gw.orders[i])
+        }
+        "inventory" => ("inventory".to_owned(), gw.inventory),
+        "payments" => ("payments".to_owned(), gw.payments),
+        _ => return (StatusCode::NOT_FOUND, "no such service\n").into_response(),
+    };
+    log_hop("gateway", &format!("-> {name} /{rest}"));
+    let (parts, body) = req.into_parts();
+    let mut out = http::Request::builder()
+        .method(parts.method)
+        .uri(format!("http://{addr}/{rest}"))
+        .body(body)
+        .expect("request");
+    for (k, v) in &parts.headers {
+        if k != http::header::HOST {
+            out.headers_mut().append(k, v.clone());
+        }
+    }
+    call(gw.client.layer(gw.transport.clone()), &name, out).await
+}
+
+/// A per-client-address rate limit (GCRA, from tower_governor): one request per `per_ms`
+/// milliseconds, bursts of `burst`; over it, 429 with `Retry-After`.
+macro_rules! limiter {
+    ($per_ms:expr, $burst:expr) => {
+        tower_governor::GovernorLayer::new(
+            tower_governor::governor::GovernorConfigBuilder::default()
+                .per_millisecond($per_ms)
+                .burst_size($burst)
+                .finish()
+                .expect("a valid rate limit"),
+        )
+    };
+}
+
+pub(crate) fn gateway(gw: Gateway) -> Router {
+    // The seed's nginx: 100 r/s per client address, burst 200; payments burst 20.
+    let api = Router::new()
+        .route("/api/v1/{service}/{*rest}", any(proxy))
+        .layer(limiter!(10, 200));
+    let payments = Router::new()
+        .route("/api/v1/payments/{*rest}", any(proxy_payments))
+        .layer(limiter!(10, 20));
+    let ops = Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(|State(gw): State<Gateway>| async move { gw.metrics.render() }),
+        );
+    Router::new()
+        .merge(payments)
+        .merge(api)
+        .merge(ops)
+        .with_state(gw)
+        .layer(
+            steadfast::server::http()
+                .timeout(Duration::from_secs(3))
+                .build()
+                .expect("server stack"),
+        )
+}
