@@ -77,6 +77,19 @@ pub struct ClientBuilder {
 
 impl ClientBuilder {
     /// The budget for the whole call, retries and waits included (default 10 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let stack = steadfast::client::http()
+    ///     .attempt_timeout(Duration::from_secs(1))
+    ///     .total_timeout(Duration::from_secs(3))
+    ///     .build();
+    /// assert!(stack.is_ok());
+    /// // A total shorter than one attempt cannot work: a typed error says what to change.
+    /// let err = steadfast::client::http().total_timeout(Duration::from_secs(1)).build();
+    /// assert!(err.unwrap_err().to_string().contains("lower attempt_timeout"));
+    /// ```
     pub fn total_timeout(mut self, d: Duration) -> Self {
         self.total = d;
         self
@@ -89,6 +102,12 @@ impl ClientBuilder {
     /// the body is not, except by [`body_idle_timeout`](Self::body_idle_timeout). The deadline
     /// propagated downstream is the same either way. See
     /// [`BodyTimeoutLayer`].
+    ///
+    /// ```
+    /// // A client for server-sent events: the head is bounded, the stream is not.
+    /// let sse = steadfast::client::http().total_covers_body(false).build().unwrap();
+    /// # let _ = sse;
+    /// ```
     pub fn total_covers_body(mut self, on: bool) -> Self {
         self.covers_body = on;
         self
@@ -96,24 +115,70 @@ impl ClientBuilder {
 
     /// Also end a response body that receives nothing for `limit` between two frames (off by
     /// default); useful with [`total_covers_body(false)`](Self::total_covers_body).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let stream = steadfast::client::http()
+    ///     .total_covers_body(false)
+    ///     .body_idle_timeout(Some(Duration::from_secs(30)))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = stream;
+    /// // Zero would end every body at once: refused.
+    /// assert!(steadfast::client::http().body_idle_timeout(Some(Duration::ZERO)).build().is_err());
+    /// ```
     pub fn body_idle_timeout(mut self, limit: Option<Duration>) -> Self {
         self.body_idle = limit;
         self
     }
 
     /// The budget for one attempt (default 5 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let stack = steadfast::client::http().attempt_timeout(Duration::from_secs(1)).build();
+    /// assert!(stack.is_ok());
+    /// ```
     pub fn attempt_timeout(mut self, d: Duration) -> Self {
         self.attempt = d;
         self
     }
 
     /// Adjusts the retry policy.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use steadfast::retry::Backoff;
+    ///
+    /// let stack = steadfast::client::http()
+    ///     .retry(|r| {
+    ///         r.max_attempts(2)
+    ///             .backoff(Backoff::new(Duration::from_millis(50), Duration::from_secs(1)))
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = stack;
+    /// ```
     pub fn retry(mut self, f: impl FnOnce(RetryBuilder) -> RetryBuilder) -> Self {
         self.retry = f(self.retry);
         self
     }
 
     /// Adjusts the breaker policy.
+    /// A time window shorter than one attempt is refused when built: a slow call could never
+    /// land in it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let stack = steadfast::client::http()
+    ///     .breaker(|b| b.consecutive_failures(Some(3)).open_time(Duration::from_secs(10)))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = stack;
+    /// ```
     pub fn breaker(
         mut self,
         f: impl FnOnce(CircuitBreakerBuilder) -> CircuitBreakerBuilder,
@@ -208,11 +273,23 @@ pub type HttpClient<S> = PropagateCorrelationId<
 
 impl HttpClientLayer {
     /// The per-authority breakers (for handles and metrics).
+    ///
+    /// ```
+    /// let stack = steadfast::client::http().build().unwrap();
+    /// let authority = http::uri::Authority::from_static("orders:8080");
+    /// // No breaker exists for an upstream not called yet.
+    /// assert!(stack.breakers().handle(&Some(authority)).is_none());
+    /// ```
     pub fn breakers(&self) -> &AuthorityBreaker {
         &self.breaker
     }
 
     /// The retry layer (for its budget balance).
+    ///
+    /// ```
+    /// let stack = steadfast::client::http().build().unwrap();
+    /// assert!(stack.retry().budget_balance().unwrap() > 0.0); // the budget starts with its floor
+    /// ```
     pub fn retry(&self) -> &RetryLayer {
         &self.retry
     }
@@ -261,6 +338,17 @@ pub struct GrpcClientBuilder {
 #[cfg(feature = "tonic")]
 impl GrpcClientBuilder {
     /// Adjusts the shared settings (timeouts, retry, breaker).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // A server-streaming RPC that may outlive the total timeout.
+    /// let stack = steadfast::client::grpc()
+    ///     .with(|c| c.total_covers_body(false).body_idle_timeout(Some(Duration::from_secs(60))))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = stack;
+    /// ```
     pub fn with(mut self, f: impl FnOnce(ClientBuilder) -> ClientBuilder) -> Self {
         self.client = f(self.client);
         self
@@ -268,11 +356,17 @@ impl GrpcClientBuilder {
 
     /// Whether a call answered UNAVAILABLE (a trailers-only status: the head carried it, so
     /// nothing was streamed) is retried (default on; the last of this and a
-    /// [`with`](Self::with) that sets [`RetryBuilder::retry_grpc_statuses`] wins). Every unary gRPC call is a `POST`, so
-    /// the HTTP idempotency rule would never retry one; gRPC's retry design (A6) makes the
-    /// retryable status codes the policy owner's choice, and UNAVAILABLE means the server did
-    /// not do the work. Turn it off for services whose UNAVAILABLE may follow side effects.
+    /// [`with`](Self::with) that sets [`RetryBuilder::retry_grpc_statuses`] wins). Every unary
+    /// gRPC call is a `POST`, so the HTTP idempotency rule would never retry one; gRPC's retry
+    /// design (A6) makes the retryable status codes the policy owner's choice, and UNAVAILABLE
+    /// means the server did not do the work. Turn it off for services whose UNAVAILABLE may
+    /// follow side effects.
     /// See [`RetryBuilder::retry_grpc_statuses`].
+    ///
+    /// ```
+    /// let stack = steadfast::client::grpc().retry_unavailable(false).build().unwrap();
+    /// # let _ = stack;
+    /// ```
     pub fn retry_unavailable(mut self, on: bool) -> Self {
         self.client = self.client.retry(|p| p.retry_grpc_statuses(on));
         self
@@ -342,7 +436,13 @@ pub type GrpcClient<S> = crate::grpc_status::GrpcStatusErrors<HttpClient<TonicTr
 
 #[cfg(feature = "tonic")]
 impl GrpcClientLayer {
-    /// The per-authority breakers.
+    /// The per-authority breakers (one for the whole stack: tonic's requests carry no
+    /// authority).
+    ///
+    /// ```
+    /// let stack = steadfast::client::grpc().build().unwrap();
+    /// assert!(stack.breakers().handle(&None).is_none()); // until the first call
+    /// ```
     pub fn breakers(&self) -> &AuthorityBreaker {
         self.0.breakers()
     }

@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use steadfast_breaker::error::InvalidBreakerConfig;
+use steadfast_correlation::error::InvalidCorrelationConfig;
 use steadfast_retry::error::InvalidRetryConfig;
 use steadfast_timeout::error::InvalidTimeoutConfig;
 
@@ -40,6 +41,8 @@ pub enum InvalidPresetConfig {
     Breaker(InvalidBreakerConfig),
     /// A timeout setting is invalid (a zero body idle limit).
     Timeout(InvalidTimeoutConfig),
+    /// A correlation setting is invalid (a header the protocol owns).
+    Correlation(InvalidCorrelationConfig),
 }
 
 impl fmt::Display for InvalidPresetConfig {
@@ -63,6 +66,7 @@ impl fmt::Display for InvalidPresetConfig {
             Self::Retry(e) => write!(f, "retry: {e}"),
             Self::Breaker(e) => write!(f, "breaker: {e}"),
             Self::Timeout(e) => write!(f, "timeout: {e}"),
+            Self::Correlation(e) => write!(f, "correlation: {e}"),
         }
     }
 }
@@ -84,5 +88,11 @@ impl From<InvalidBreakerConfig> for InvalidPresetConfig {
 impl From<InvalidTimeoutConfig> for InvalidPresetConfig {
     fn from(e: InvalidTimeoutConfig) -> Self {
         Self::Timeout(e)
+    }
+}
+
+impl From<InvalidCorrelationConfig> for InvalidPresetConfig {
+    fn from(e: InvalidCorrelationConfig) -> Self {
+        Self::Correlation(e)
     }
 }

@@ -21,7 +21,9 @@
 
 use std::time::Duration;
 
-use steadfast_correlation::{DefaultRule, SetCorrelationId, SetCorrelationIdLayer, UuidV7};
+use steadfast_correlation::{
+    DefaultRule, SetCorrelationId, SetCorrelationIdBuilder, SetCorrelationIdLayer, UuidV7,
+};
 use steadfast_timeout::{SetDeadline, SetDeadlineLayer};
 use tower_layer::Layer;
 
@@ -31,15 +33,36 @@ use crate::preset::InvalidPresetConfig;
 pub const DEFAULT_SERVER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Starts the standard HTTP server stack.
+///
+/// ```
+/// use axum::{Router, routing::get};
+///
+/// let app: Router = Router::new()
+///     .route("/", get(|| async { "ok" }))
+///     .layer(steadfast::server::http().build().unwrap());
+/// ```
 pub fn http() -> ServerBuilder {
     ServerBuilder {
         timeout: DEFAULT_SERVER_TIMEOUT,
-        correlation: SetCorrelationIdLayer::new(),
+        correlation: SetCorrelationIdLayer::builder(),
     }
 }
 
 /// The gRPC server stack: the same layers (they recognise gRPC requests by content type and
 /// answer with trailers-only statuses).
+///
+/// ```no_run
+/// use tonic_health::server::health_reporter;
+///
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let (_reporter, health) = health_reporter();
+/// tonic::transport::Server::builder()
+///     .layer(steadfast::server::grpc().build()?)
+///     .add_service(health)
+///     .serve("127.0.0.1:50051".parse()?)
+///     .await?;
+/// # Ok(()) }
+/// ```
 pub fn grpc() -> ServerBuilder {
     http()
 }
@@ -49,20 +72,35 @@ pub fn grpc() -> ServerBuilder {
 #[derive(Clone, Debug)]
 pub struct ServerBuilder {
     timeout: Duration,
-    correlation: SetCorrelationIdLayer,
+    correlation: SetCorrelationIdBuilder,
 }
 
 impl ServerBuilder {
     /// The server's own limit per request (default 30 s); an inbound budget can only lower it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = steadfast::server::http().timeout(Duration::from_secs(5)).build().unwrap();
+    /// # let _ = layer;
+    /// ```
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
         self
     }
 
     /// Adjusts the correlation layer.
+    ///
+    /// ```
+    /// let layer = steadfast::server::http()
+    ///     .correlation(|c| c.from_traceparent(true).echo(false))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer;
+    /// ```
     pub fn correlation(
         mut self,
-        f: impl FnOnce(SetCorrelationIdLayer) -> SetCorrelationIdLayer,
+        f: impl FnOnce(SetCorrelationIdBuilder) -> SetCorrelationIdBuilder,
     ) -> Self {
         self.correlation = f(self.correlation);
         self
@@ -72,13 +110,14 @@ impl ServerBuilder {
     ///
     /// # Errors
     ///
-    /// [`InvalidPresetConfig::ZeroTimeout`] for a zero timeout.
+    /// [`InvalidPresetConfig::ZeroTimeout`] for a zero timeout,
+    /// [`InvalidPresetConfig::Correlation`] for a correlation header the protocol owns.
     pub fn build(self) -> Result<ServerLayer, InvalidPresetConfig> {
         if self.timeout.is_zero() {
             return Err(InvalidPresetConfig::ZeroTimeout);
         }
         Ok(ServerLayer {
-            correlation: self.correlation,
+            correlation: self.correlation.build()?,
             timeout: SetDeadlineLayer::new(self.timeout),
         })
     }

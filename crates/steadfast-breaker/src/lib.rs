@@ -30,11 +30,9 @@
 //!
 //! # Performance
 //!
-//! The closed path takes no lock and allocates nothing: one atomic load of the state word,
-//! and writes only to the calling thread's stripe (a per-thread counter and reference count
-//! on their own cache line). A success writes the shared consecutive-failure counter only
-//! when it is non-zero. The first eight threads that use a breaker own their stripe and
-//! count admissions with a plain store; later threads share stripes and use `fetch_add`.
+//! The closed path takes no lock and allocates nothing, and threads sharing one breaker do
+//! not contend on a shared counter while calls succeed: two threads on one breaker run at
+//! twice the calls per second of one (the README's benchmark tables).
 //!
 //! # Answering instead of failing
 //!

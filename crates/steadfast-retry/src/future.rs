@@ -130,7 +130,7 @@ impl<S, B, C> Ctx<S, B, C> {
     {
         let config = &*self.config;
         let (delay, from_hint) =
-            match decide(config, &self.parts, &mut self.history, &out, Instant::now()) {
+            match decide(config, &self.parts, &mut self.history, &out, Instant::now) {
                 Verdict::Done => return Step::Return(out),
                 Verdict::GiveUp(reason) => return self.give_up(out, reason),
                 Verdict::Retry { delay, from_hint } => (delay, from_hint),

@@ -30,19 +30,20 @@ pub struct RequestTimeout(pub Duration);
 
 /// The client-side timeout service; see [`TimeoutLayer`].
 ///
-/// # The timer
+/// # When the limit starts
 ///
-/// A call whose inner future answers on its first poll never touches the clock or the timer
-/// wheel: the `Sleep` is built at the first `Pending`, and, without a deadline to honour, the
-/// limit counts from there (a future left unpolled after `call` is not timed until it is
-/// polled). That also lets a call made outside any runtime be polled inside one. With a
-/// deadline (inherited, or [`propagate_own`](crate::TimeoutBuilder::propagate_own)), the limit counts
-/// from `call`.
+/// Without a deadline to honour, the limit counts from the first poll at which the call has to
+/// wait: a future left unpolled after `call` is not timed until it is polled, and a call made
+/// outside any runtime may be polled inside one. With a deadline (inherited, or
+/// [`propagate_own`](crate::TimeoutBuilder::propagate_own)), the limit counts from `call`.
 ///
 /// # Clone
 ///
 /// Clones share nothing but configuration. A pending readiness wait (with
-/// [`cover_ready`](crate::TimeoutBuilder::cover_ready)) belongs to the instance and is not cloned.
+/// [`cover_ready`](crate::TimeoutBuilder::cover_ready)) belongs to the instance and is not
+/// cloned.
+// A call whose inner future answers on its first poll never touches the clock or the timer
+// wheel: the `Sleep` is built at the first `Pending` (see `ResponseFuture::lazy`).
 pub struct Timeout<S> {
     inner: S,
     config: TimeoutLayer,

@@ -16,9 +16,8 @@ pub use crate::server::SetDeadlineFuture;
 
 pin_project! {
     /// The response future of [`Timeout`](crate::Timeout).
-    ///
-    /// The timer is armed lazily: a call whose inner future answers on its first poll never
-    /// touches the clock or the timer wheel.
+    // The timer is armed lazily: a call whose inner future answers on its first poll never
+    // touches the clock or the timer wheel.
     pub struct ResponseFuture<F> {
         // `None`: the call failed before it was sent (its deadline had already passed).
         #[pin]
