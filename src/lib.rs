@@ -54,7 +54,8 @@
 //!
 //! # Minimum supported Rust version
 //!
-//! 1.85.
+//! 1.85, checked in CI by clippy's `incompatible_msrv` lint against the declared
+//! `rust-version`.
 
 #[doc(inline)]
 pub use steadfast_core as common;
