@@ -32,6 +32,7 @@
 use std::time::Duration;
 
 use http::uri::Authority;
+use steadfast_balance::{Balance, BalanceBuilder, BalanceLayer};
 use steadfast_breaker::{
     ByAuthority, CircuitBreakerBuilder, CircuitBreakerLayer, KeyedCircuitBreaker,
     KeyedCircuitBreakerLayer,
@@ -58,6 +59,7 @@ pub fn http() -> ClientBuilder {
         attempt: DEFAULT_ATTEMPT_TIMEOUT,
         retry: RetryLayer::builder(),
         breaker: CircuitBreakerLayer::builder(),
+        balance: None,
         covers_body: true,
         body_idle: None,
     }
@@ -71,6 +73,7 @@ pub struct ClientBuilder {
     attempt: Duration,
     retry: RetryBuilder,
     breaker: CircuitBreakerBuilder,
+    balance: Option<BalanceBuilder>,
     covers_body: bool,
     body_idle: Option<Duration>,
 }
@@ -187,6 +190,27 @@ impl ClientBuilder {
         self
     }
 
+    /// Builds the stack for a *service* of several endpoints rather than one address: every
+    /// attempt goes to one of them (its URI's authority rewritten; `Host` keeps the name the
+    /// caller used), chosen by the balancer, which ejects endpoints that fail (see
+    /// [`BalanceBuilder`] for its settings and defaults). A retry then goes to an endpoint that
+    /// has not just failed, and each endpoint has its own breaker. Without this the stack
+    /// calls the request's own authority, as before.
+    ///
+    /// ```
+    /// let stack = steadfast::client::http()
+    ///     .balance(|b| b.endpoints(["10.0.0.1:8080", "10.0.0.2:8080"]))
+    ///     .build()
+    ///     .unwrap();
+    /// // Endpoints can join and leave while calls run.
+    /// stack.endpoints().insert("10.0.0.3:8080".parse().unwrap());
+    /// assert_eq!(stack.endpoints().list().len(), 3);
+    /// ```
+    pub fn balance(mut self, f: impl FnOnce(BalanceBuilder) -> BalanceBuilder) -> Self {
+        self.balance = Some(f(self.balance.unwrap_or_else(BalanceLayer::builder)));
+        self
+    }
+
     fn validate(&self) -> Result<(), InvalidPresetConfig> {
         if self.total.is_zero() || self.attempt.is_zero() {
             return Err(InvalidPresetConfig::ZeroTimeout);
@@ -203,6 +227,14 @@ impl ClientBuilder {
                 backoffs,
                 total: self.total,
             });
+        }
+        if let Some(threshold) = self.breaker.slow_call_threshold() {
+            if threshold >= self.attempt {
+                return Err(InvalidPresetConfig::SlowCallsUnreachable {
+                    threshold,
+                    attempt: self.attempt,
+                });
+            }
         }
         if let Some(window) = self.breaker.time_window_len() {
             if window < self.attempt {
@@ -235,9 +267,14 @@ impl ClientBuilder {
             .whole_call(self.covers_body)
             .idle(self.body_idle)
             .build()?;
+        let balance = match self.balance {
+            Some(b) => b.build()?,
+            None => BalanceLayer::disabled(),
+        };
         Ok(HttpClientLayer {
             correlation: PropagateCorrelationIdLayer::new(),
             total,
+            balance,
             retry,
             breaker,
             attempt: TimeoutLayer::new(self.attempt),
@@ -255,6 +292,7 @@ pub struct HttpClientLayer {
     correlation: PropagateCorrelationIdLayer,
     total: BodyTimeoutLayer,
     retry: RetryLayer,
+    balance: BalanceLayer,
     breaker: AuthorityBreaker,
     attempt: TimeoutLayer,
 }
@@ -263,7 +301,9 @@ pub struct HttpClientLayer {
 pub type HttpClient<S> = PropagateCorrelationId<
     BodyTimeout<
         Retry<
-            KeyedCircuitBreaker<Timeout<S>, DefaultClassifier, ByAuthority, Option<Authority>>,
+            Balance<
+                KeyedCircuitBreaker<Timeout<S>, DefaultClassifier, ByAuthority, Option<Authority>>,
+            >,
             DefaultClassifier,
         >,
     >,
@@ -284,6 +324,13 @@ impl HttpClientLayer {
         &self.breaker
     }
 
+    /// The service's endpoints, to list them, see which are ejected, and add or remove
+    /// endpoints while calls run (an empty set that nothing reads when the stack was not
+    /// built with [`balance`](ClientBuilder::balance)).
+    pub fn endpoints(&self) -> steadfast_balance::EndpointsHandle<DefaultClassifier> {
+        self.balance.handle()
+    }
+
     /// The retry layer (for its budget balance).
     ///
     /// ```
@@ -301,6 +348,7 @@ impl<S> Layer<S> for HttpClientLayer {
     fn layer(&self, transport: S) -> Self::Service {
         let s = self.attempt.layer(transport);
         let s = self.breaker.layer(s);
+        let s = self.balance.layer(s);
         let s = self.retry.layer(s);
         let s = self.total.layer(s);
         self.correlation.layer(s)

@@ -34,8 +34,29 @@ pub struct GrpcStatusErrors<S> {
     inner: S,
 }
 
+/// Layers [`GrpcStatusErrors`] onto a service: for a stack of your own in front of a tonic
+/// `Channel`, outermost.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GrpcStatusErrorsLayer;
+
+impl<S> tower_layer::Layer<S> for GrpcStatusErrorsLayer {
+    type Service = GrpcStatusErrors<S>;
+
+    fn layer(&self, inner: S) -> GrpcStatusErrors<S> {
+        GrpcStatusErrors::new(inner)
+    }
+}
+
+impl GrpcStatusErrors<()> {
+    /// The layer.
+    pub fn layer() -> GrpcStatusErrorsLayer {
+        GrpcStatusErrorsLayer
+    }
+}
+
 impl<S> GrpcStatusErrors<S> {
-    pub(crate) fn new(inner: S) -> Self {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
         Self { inner }
     }
 

@@ -10,6 +10,7 @@
 //! | `breaker` | `steadfast-breaker` (`steadfast::breaker`) | `CircuitBreakerLayer` |
 //! | `timeout` | `steadfast-timeout` (`steadfast::timeout`) | `TimeoutLayer` |
 //! | `correlation` | `steadfast-correlation` (`steadfast::correlation`) | `SetCorrelationIdLayer` |
+//! | `balance` | `steadfast-balance` (`steadfast::balance`) | `BalanceLayer` |
 //! | `full` (default) | all of the above, plus the `client` and `server` presets | |
 //! | `tonic` | the gRPC client preset (`client::grpc`) for a tonic `Channel`, and `grpc_status` (the stack's errors as tonic statuses) | |
 //! | `metrics` | counters and histograms from every layer through the `metrics` facade (see `docs/observability.md`) | |
@@ -60,6 +61,9 @@
 #[doc(inline)]
 pub use steadfast_core as common;
 
+#[cfg(feature = "balance")]
+#[doc(inline)]
+pub use steadfast_balance as balance;
 #[cfg(feature = "breaker")]
 #[doc(inline)]
 pub use steadfast_breaker as breaker;

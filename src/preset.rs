@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use steadfast_balance::error::InvalidBalanceConfig;
 use steadfast_breaker::error::InvalidBreakerConfig;
 use steadfast_correlation::error::InvalidCorrelationConfig;
 use steadfast_retry::error::InvalidRetryConfig;
@@ -33,6 +34,14 @@ pub enum InvalidPresetConfig {
         /// The per-attempt timeout.
         attempt: Duration,
     },
+    /// A slow-call threshold the attempt timeout cuts off first: no call could ever count
+    /// as slow.
+    SlowCallsUnreachable {
+        /// The breaker's slow-call threshold.
+        threshold: std::time::Duration,
+        /// The per-attempt timeout.
+        attempt: std::time::Duration,
+    },
     /// A timeout of zero.
     ZeroTimeout,
     /// The retry policy is invalid.
@@ -43,6 +52,8 @@ pub enum InvalidPresetConfig {
     Timeout(InvalidTimeoutConfig),
     /// A correlation setting is invalid (a header the protocol owns).
     Correlation(InvalidCorrelationConfig),
+    /// A balancer setting is invalid (an endpoint that is not `host:port`, ...).
+    Balance(InvalidBalanceConfig),
 }
 
 impl fmt::Display for InvalidPresetConfig {
@@ -60,6 +71,10 @@ impl fmt::Display for InvalidPresetConfig {
                 f,
                 "the breaker's time window ({window:?}) is shorter than one attempt ({attempt:?}): widen the window so slow calls land in it"
             ),
+            Self::SlowCallsUnreachable { threshold, attempt } => write!(
+                f,
+                "the breaker's slow-call threshold ({threshold:?}) is not below the attempt timeout ({attempt:?}), so no call could count as slow: lower the threshold or raise attempt_timeout"
+            ),
             Self::ZeroTimeout => f.write_str(
                 "timeouts must be longer than zero: give attempt_timeout and total_timeout (or the server timeout) a positive value",
             ),
@@ -67,6 +82,7 @@ impl fmt::Display for InvalidPresetConfig {
             Self::Breaker(e) => write!(f, "breaker: {e}"),
             Self::Timeout(e) => write!(f, "timeout: {e}"),
             Self::Correlation(e) => write!(f, "correlation: {e}"),
+            Self::Balance(e) => write!(f, "balance: {e}"),
         }
     }
 }
@@ -94,5 +110,11 @@ impl From<InvalidTimeoutConfig> for InvalidPresetConfig {
 impl From<InvalidCorrelationConfig> for InvalidPresetConfig {
     fn from(e: InvalidCorrelationConfig) -> Self {
         Self::Correlation(e)
+    }
+}
+
+impl From<InvalidBalanceConfig> for InvalidPresetConfig {
+    fn from(e: InvalidBalanceConfig) -> Self {
+        Self::Balance(e)
     }
 }

@@ -45,6 +45,42 @@ fn invalid_combinations_are_typed_errors_that_say_what_to_change() {
         InvalidPresetConfig::BreakerWindowTooShort { .. }
     ));
 
+    // A slow-call threshold the attempt timeout cuts off first could never fire.
+    let e = steadfast::client::http()
+        .attempt_timeout(Duration::from_secs(1))
+        .breaker(|b| {
+            b.time_window(Duration::from_secs(1), 10)
+                .slow_calls(Duration::from_secs(5), 50)
+        })
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(e, InvalidPresetConfig::SlowCallsUnreachable { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("lower the threshold"));
+    // Decorrelated jitter can wait three times its last wait: the preset counts it.
+    let e = steadfast::client::http()
+        .attempt_timeout(Duration::from_millis(100))
+        .total_timeout(Duration::from_millis(400))
+        .retry(|r| {
+            r.backoff(
+                steadfast::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(10))
+                    .jitter(steadfast::retry::Jitter::Decorrelated),
+            )
+        })
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(e, InvalidPresetConfig::BackoffsExceedTotal { .. }),
+        "{e}"
+    );
+    let e = steadfast::client::http()
+        .breaker(|b| b.backpressure(true))
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, InvalidPresetConfig::Breaker(_)), "{e}");
+
     let e = steadfast::client::http()
         .retry(|r| r.max_attempts(0))
         .build()

@@ -114,6 +114,8 @@ pub enum InvalidBreakerConfig {
     OpenTimes,
     /// A configuration under which the breaker could never trip; the text says why.
     NeverTrips(&'static str),
+    /// Backpressure asked of a per-key breaker.
+    BackpressurePerKey,
 }
 
 impl fmt::Display for InvalidBreakerConfig {
@@ -129,6 +131,10 @@ impl fmt::Display for InvalidBreakerConfig {
             Self::Rate(what, v) => write!(f, "breaker {what} must be 1-100 %, got {v}"),
             Self::OpenTimes => f.write_str("breaker max_open_time must be >= open_time"),
             Self::NeverTrips(why) => write!(f, "breaker could never trip: {why}"),
+            Self::BackpressurePerKey => f.write_str(
+                "breaker backpressure works for a single breaker only (poll_ready comes \
+                 before the request and its key): turn it off for per-key breakers",
+            ),
         }
     }
 }

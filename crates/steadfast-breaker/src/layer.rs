@@ -77,6 +77,12 @@ impl<C> CircuitBreakerBuilder<C> {
         self
     }
 
+    /// The slow-call threshold when the slow-call rule is on: what a preset checks against its
+    /// attempt timeout.
+    pub fn slow_call_threshold(&self) -> Option<Duration> {
+        self.policy.slow.map(|s| s.0)
+    }
+
     /// The whole time window (bucket width × buckets, saturating) when one is set: what a
     /// preset checks against its attempt timeout.
     pub fn time_window_len(&self) -> Option<Duration> {
@@ -146,7 +152,8 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Opt-in backpressure: instead of failing calls fast, `poll_ready` stays `Pending` while
     /// the breaker is open and wakes when a probe may be admitted. For load balancers that
-    /// route around services that are not ready. Applies to the single-breaker layer.
+    /// route around services that are not ready. Single-breaker layers only: the per-key
+    /// builds refuse it (readiness comes before the request, so before its key).
     pub fn backpressure(mut self, on: bool) -> Self {
         self.backpressure = on;
         self
@@ -328,6 +335,9 @@ impl<C> CircuitBreakerBuilder<C> {
         K: ExtractKey<Key>,
         Key: Hash + Eq + Clone,
     {
+        if self.backpressure {
+            return Err(InvalidBreakerConfig::BackpressurePerKey);
+        }
         let policy = self.validated()?;
         Ok(KeyedCircuitBreakerLayer {
             map: Arc::new(KeyedMap::new(

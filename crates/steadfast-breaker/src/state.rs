@@ -553,7 +553,10 @@ impl Shared {
         } else {
             let r = rand::next(self.cold.rng.fetch_add(rand::STEP, Relaxed));
             let frac = rand::unit(r); // [0, 1)
-            grown.mul_f64(1.0 - f64::from(p.jitter_percent) / 100.0 * frac)
+            let factor = 1.0 - f64::from(p.jitter_percent) / 100.0 * frac;
+            // `mul_f64` panics when rounding takes a time near `Duration::MAX` past it.
+            Duration::try_from_secs_f64(grown.as_secs_f64() * factor)
+                .map_or(grown, |d| d.min(grown))
         };
         match hint {
             Some(h) => jittered.max(h.min(p.max_open_time)),

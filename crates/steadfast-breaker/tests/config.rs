@@ -126,3 +126,53 @@ fn every_invalid_setting_is_refused() {
             .is_ok()
     );
 }
+
+/// An open time near `Duration::MAX` with the jitter's largest factor used to panic in
+/// `Duration::mul_f64` (found by a hostile pass with this seed); now it saturates.
+#[tokio::test(start_paused = true)]
+async fn an_open_time_of_duration_max_never_panics_whatever_the_jitter_draw() {
+    use tower::{Layer, ServiceExt, service_fn};
+    for seed in [0u64.wrapping_sub(0x9e37_79b9_7f4a_7c15), 0, 1, u64::MAX] {
+        let layer = CircuitBreakerLayer::builder()
+            .consecutive_failures(Some(1))
+            .open_time(Duration::MAX)
+            .max_open_time(Duration::MAX)
+            .seed(seed)
+            .build()
+            .unwrap();
+        let failing = service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder().status(500).body(()).unwrap(),
+            )
+        });
+        let res = layer
+            .layer(failing)
+            .oneshot(http::Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 500);
+        assert_eq!(
+            layer.handle().state(),
+            steadfast_breaker::BreakerState::Open
+        );
+    }
+}
+
+/// Backpressure waits in `poll_ready`, before the request and its key: a per-key build
+/// refuses it instead of dropping it silently.
+#[test]
+fn backpressure_is_refused_for_per_key_breakers() {
+    use steadfast_breaker::error::InvalidBreakerConfig;
+    let e = CircuitBreakerLayer::builder()
+        .backpressure(true)
+        .build_per_authority()
+        .unwrap_err();
+    assert_eq!(e, InvalidBreakerConfig::BackpressurePerKey);
+    assert!(e.to_string().contains("turn it off"));
+    assert!(
+        CircuitBreakerLayer::builder()
+            .backpressure(true)
+            .build()
+            .is_ok()
+    );
+}

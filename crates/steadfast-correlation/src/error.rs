@@ -21,8 +21,9 @@ impl fmt::Display for InvalidCorrelationConfig {
         match self {
             Self::ReservedHeader(h) => write!(
                 f,
-                "`{h}` carries the message, the connection, gRPC or the trace, and an id \
-                 written there would corrupt it: choose a header of your own \
+                "`{h}` belongs to the protocol, the caller's credentials, another layer \
+                 (a deadline, an idempotency key, a retry hint), gRPC or the trace, and an \
+                 id written there would corrupt it: choose a header of your own \
                  (default `x-correlation-id`)"
             ),
             Self::FallbackIsHeader(h) => write!(

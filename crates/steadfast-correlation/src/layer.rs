@@ -191,9 +191,10 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
     ///
     /// # Errors
     ///
-    /// [`InvalidCorrelationConfig`] when the header or the fallback is one the protocol
-    /// owns (framing, connection, gRPC or trace-context headers), or when the fallback is
-    /// the header itself.
+    /// [`InvalidCorrelationConfig`] when the header or the fallback is one the protocol, the
+    /// caller's credentials or another layer owns (framing, connection, `content-*`,
+    /// credentials, deadline, idempotency and retry headers, `grpc-*`, trace context), or
+    /// when the fallback is the header itself.
     pub fn build(self) -> Result<SetCorrelationIdLayer<M, V>, InvalidCorrelationConfig> {
         check_header(&self.layer.header)?;
         if let Some(f) = &self.layer.fallback {
@@ -206,15 +207,15 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
     }
 }
 
-/// Refuses a header whose value the protocol or another layer owns: writing an id there would
-/// corrupt the message (`content-length`), the connection (`connection`), gRPC (`grpc-*`) or
-/// the trace (`traceparent`).
+/// Refuses a header whose value the protocol, the caller's credentials or another layer
+/// owns: writing an id there would corrupt the message (`content-length`), the connection
+/// (`connection`), a credential (`cookie`), a deadline or retry hint another hop acts on
+/// (`x-request-timeout-ms`, `idempotency-key`, `retry-after`), gRPC (`grpc-*`) or the trace
+/// (`traceparent`).
 fn check_header(name: &HeaderName) -> Result<(), InvalidCorrelationConfig> {
-    const RESERVED: [&str; 14] = [
+    const RESERVED: [&str; 30] = [
+        // Framing, connection and negotiation.
         "host",
-        "content-length",
-        "content-type",
-        "content-encoding",
         "transfer-encoding",
         "connection",
         "keep-alive",
@@ -222,12 +223,35 @@ fn check_header(name: &HeaderName) -> Result<(), InvalidCorrelationConfig> {
         "te",
         "trailer",
         "upgrade",
+        "expect",
+        "range",
+        "if-match",
+        "if-none-match",
+        "if-modified-since",
+        "if-unmodified-since",
+        "if-range",
+        // Credentials.
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "www-authenticate",
+        "proxy-authenticate",
+        // What steadfast's own layers and their peers act on.
+        "x-request-timeout-ms",
+        "idempotency-key",
+        "x-retry-attempt",
+        "retry-after",
+        // Trace context.
         "traceparent",
         "tracestate",
-        "authorization",
+        "baggage",
+        // Caching and location.
+        "location",
+        "cache-control",
     ];
     let n = name.as_str();
-    if RESERVED.contains(&n) || n.starts_with("grpc-") {
+    if RESERVED.contains(&n) || n.starts_with("grpc-") || n.starts_with("content-") {
         return Err(InvalidCorrelationConfig::ReservedHeader(name.clone()));
     }
     Ok(())
@@ -358,8 +382,9 @@ impl<M, V> PropagateCorrelationIdBuilder<M, V> {
     ///
     /// # Errors
     ///
-    /// [`InvalidCorrelationConfig::ReservedHeader`] when the header is one the protocol
-    /// owns (framing, connection, gRPC or trace-context headers).
+    /// [`InvalidCorrelationConfig::ReservedHeader`] when the header is one the protocol,
+    /// the caller's credentials or another layer owns (framing, connection, `content-*`,
+    /// credentials, deadline, idempotency and retry headers, `grpc-*`, trace context).
     pub fn build(self) -> Result<PropagateCorrelationIdLayer<M, V>, InvalidCorrelationConfig> {
         check_header(&self.layer.header)?;
         Ok(self.layer)

@@ -75,24 +75,37 @@ impl Backoff {
         self.base.saturating_mul(1 << shift).min(self.cap)
     }
 
-    /// The longest `retries` waits can add up to: each at its largest delay before jitter
-    /// (saturating; O(1) once the delay stops growing, so `u32::MAX` retries cost nothing).
+    /// The longest `retries` waits can add up to, jitter included: each exponential wait at
+    /// its largest, or for [`Jitter::Decorrelated`] each up to three times the one before
+    /// (from three times the base), capped (saturating; O(1) once the delay stops growing, so
+    /// `u32::MAX` retries cost nothing).
     ///
     /// ```
     /// use std::time::Duration;
-    /// use steadfast_retry::Backoff;
+    /// use steadfast_retry::{Backoff, Jitter};
     ///
     /// let b = Backoff::new(Duration::from_millis(100), Duration::from_millis(300));
     /// // 100 + 200 + 300 + 300
     /// assert_eq!(b.worst_case_total(4), Duration::from_millis(900));
+    /// // Decorrelated jitter can wait up to three times the last wait: 300 + 300 + ...
+    /// let d = Backoff::new(Duration::from_millis(100), Duration::from_secs(10))
+    ///     .jitter(Jitter::Decorrelated);
+    /// assert_eq!(d.worst_case_total(2), Duration::from_millis(300 + 900));
     /// // Saturates instead of overflowing.
     /// let huge = Backoff::new(Duration::from_secs(u64::MAX / 2), Duration::MAX);
     /// assert_eq!(huge.worst_case_total(u32::MAX), Duration::MAX);
     /// ```
     pub fn worst_case_total(&self, retries: u32) -> Duration {
         let mut total = Duration::ZERO;
+        let mut previous = self.base;
         for n in 1..=retries {
-            let delay = self.exponential(n);
+            let delay = match self.jitter {
+                Jitter::Decorrelated => {
+                    previous = previous.max(self.base).saturating_mul(3).min(self.cap);
+                    previous
+                }
+                _ => self.exponential(n),
+            };
             if delay == self.cap || n > 31 {
                 // Every remaining wait is this one.
                 return total.saturating_add(delay.saturating_mul(retries - n + 1));
@@ -156,6 +169,31 @@ mod tests {
             prop_assert!(dec <= cap);
             prop_assert!(dec >= base.min(cap));
             prop_assert!(dec <= prev.max(base).saturating_mul(3).max(base.min(cap)));
+        }
+    }
+
+    proptest! {
+        /// What the waits of one call add up to never exceeds `worst_case_total`, whatever
+        /// the jitter (decorrelated jitter may wait three times its last wait: a hostile
+        /// pass found the bound ignoring that).
+        #[test]
+        fn the_waits_of_a_call_never_exceed_the_worst_case(
+            base_ms in 0u64..5_000,
+            extra_ms in 0u64..60_000,
+            retries in 1u32..12,
+            jitter in prop_oneof![Just(Jitter::None), Just(Jitter::Full), Just(Jitter::Equal), Just(Jitter::Decorrelated)],
+            seed in any::<u64>(),
+        ) {
+            let base = Duration::from_millis(base_ms);
+            let b = Backoff::new(base, base + Duration::from_millis(extra_ms)).jitter(jitter);
+            let mut rng = super::Rng::seeded(seed);
+            let (mut total, mut prev) = (Duration::ZERO, Duration::ZERO);
+            for n in 1..=retries {
+                let d = b.delay(n, prev, &mut rng);
+                total += d;
+                prev = d;
+            }
+            prop_assert!(total <= b.worst_case_total(retries), "{total:?} > {:?}", b.worst_case_total(retries));
         }
     }
 

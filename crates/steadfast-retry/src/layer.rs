@@ -13,12 +13,16 @@ use crate::error::InvalidRetryConfig;
 use crate::replay::DEFAULT_REPLAY_CAP;
 use crate::service::Retry;
 
-/// A caller's say on one outcome, consulted after the default rules (a trait like
+/// A caller's say on one outcome, in place of the method and status rules (a trait like
 /// [`Classify`](steadfast_core::Classify), so a policy can be a type of its own; any
 /// `Fn(&Parts, &Class) -> Option<bool>` is one).
 ///
-/// `Some(true)` retries (if attempts, budget, body and deadline allow), `Some(false)` never
-/// does, `None` keeps the default rules.
+/// - `Some(true)`: retry, whatever the method, an outcome that is a failure or retryable
+///   (a 500, a POST's 503, a reset), if attempts, budget, body and deadline allow. A success
+///   or the caller's own error (2xx, 3xx, 4xx other than 429) is never repeated, so "POSTs
+///   are safe to retry here" cannot send a created order twice.
+/// - `Some(false)`: never retry (reported as `reason = "predicate"`).
+/// - `None`: the default rules.
 ///
 /// ```
 /// use steadfast_retry::RetryLayer;

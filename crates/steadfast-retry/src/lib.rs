@@ -36,7 +36,7 @@
 //! `tracing` events on target `steadfast::retry`: `retry.attempt` (attempt, delay_ms, status,
 //! error, budget_left), `retry.budget_exhausted` (attempt), `retry.gave_up` (attempt, reason:
 //! `attempts_exhausted`, `not_idempotent`, `body_not_replayable`, `server_pushback_stop`,
-//! `server_hint_over_cap`, `deadline`, `policy_rejected`).
+//! `server_hint_over_cap`, `predicate`, `deadline`, `policy_rejected`).
 
 mod backoff;
 mod budget;

@@ -103,13 +103,18 @@ where
     if history.attempt >= config.max_attempts {
         return give_up_if_retryable(&class, "attempts_exhausted");
     }
-    let default = class.is_retryable() && safe_to_repeat(config, request, &class, headers);
-    let retry = match &config.predicate {
-        Some(p) => p.retry(request, &class).unwrap_or(default),
-        None => default,
-    };
-    if !retry {
-        return give_up_if_retryable(&class, "not_idempotent");
+    let safe = safe_to_repeat(config, request, &class, headers);
+    match config
+        .predicate
+        .as_ref()
+        .and_then(|p| p.retry(request, &class))
+    {
+        // The caller's say widens the retry to any failure and to requests the method rule
+        // would keep, but a success or the caller's own error (2xx-4xx but 429) is final.
+        Some(true) if class.is_retryable() || class.is_failure() => {}
+        Some(_) => return give_up_if_retryable(&class, "predicate"),
+        None if class.is_retryable() && safe => {}
+        None => return give_up_if_retryable(&class, "not_idempotent"),
     }
     // Read the server's hint only for an outcome that will be retried.
     let hint = headers.and_then(|h| server_hint(h, SystemTime::now()));
@@ -268,6 +273,26 @@ mod tests {
         let mut h = History::new(Some(Deadline::at(now + Duration::from_secs(1))));
         let v = decide(&c, &parts(Method::GET), &mut h, &status(503), || now);
         assert_eq!(v, Verdict::GiveUp("deadline"));
+    }
+
+    #[test]
+    fn a_predicate_never_repeats_a_success_or_a_client_error() {
+        let c = config(RetryLayer::builder().predicate(|_: &Parts, _: &Class| Some(true)));
+        for code in [200, 201, 204, 304, 400, 404] {
+            let mut h = History::new(None);
+            let v = decide(
+                &c,
+                &parts(Method::POST),
+                &mut h,
+                &status(code),
+                Instant::now,
+            );
+            assert_eq!(v, Verdict::Done, "{code}");
+        }
+        let c = config(RetryLayer::builder().predicate(|_: &Parts, _: &Class| Some(false)));
+        let mut h = History::new(None);
+        let v = decide(&c, &parts(Method::GET), &mut h, &status(503), Instant::now);
+        assert_eq!(v, Verdict::GiveUp("predicate"));
     }
 
     #[test]

@@ -83,6 +83,12 @@ impl BodyTimeoutLayer {
         }
     }
 
+    /// A builder with the defaults ([`DEFAULT_TIMEOUT`](crate::DEFAULT_TIMEOUT), the body
+    /// covered, no idle limit); the same as `TimeoutLayer::builder().covering_body()`.
+    pub const fn builder() -> crate::BodyTimeoutBuilder {
+        TimeoutLayer::builder().covering_body()
+    }
+
     /// The head's timeout layer.
     pub const fn head(&self) -> &TimeoutLayer {
         &self.head

@@ -1,0 +1,119 @@
+//! One endpoint's live state: its load estimate and its health.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+
+use http::uri::Authority;
+
+/// An endpoint of the service, shared by the set and by every call in flight to it (a call
+/// that outlives the endpoint's removal reports into state nobody reads any more: removal
+/// drains, it never fails a call).
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    pub(crate) authority: Authority,
+    in_flight: AtomicU32,
+    /// Peak-EWMA latency estimate in nanoseconds (`f64` bits), and when it was last set
+    /// (nanoseconds since the set's epoch).
+    ewma: AtomicU64,
+    stamp: AtomicU64,
+    pub(crate) consecutive: AtomicU32,
+    /// This interval's outcomes: successes in the low 32 bits, failures in the high 32.
+    interval: AtomicU64,
+    /// Nanoseconds since the epoch until which the endpoint is ejected; 0 when in service.
+    pub(crate) ejected_until: AtomicU64,
+    /// Ejections so far, the multiplier of the next ejection time; decays while healthy.
+    pub(crate) ejections: AtomicU32,
+    pub(crate) removed: AtomicBool,
+}
+
+/// One interval's outcomes of an endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub(crate) successes: u32,
+    pub(crate) failures: u32,
+}
+
+impl Tally {
+    pub(crate) fn total(self) -> u64 {
+        u64::from(self.successes) + u64::from(self.failures)
+    }
+}
+
+impl Endpoint {
+    pub(crate) fn new(authority: Authority, initial_rtt_ns: f64, now: u64) -> Self {
+        Self {
+            authority,
+            in_flight: AtomicU32::new(0),
+            ewma: AtomicU64::new(initial_rtt_ns.to_bits()),
+            stamp: AtomicU64::new(now),
+            consecutive: AtomicU32::new(0),
+            interval: AtomicU64::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            removed: AtomicBool::new(false),
+        }
+    }
+
+    /// The load a new call would see: the latency estimate, decayed for the time since it was
+    /// last set, times the calls in flight plus this one (peak-EWMA, as linkerd and Finagle
+    /// weigh endpoints).
+    #[inline]
+    pub(crate) fn cost(&self, now: u64, decay_ns: f64) -> f64 {
+        let ewma = f64::from_bits(self.ewma.load(Relaxed));
+        let age = now.saturating_sub(self.stamp.load(Relaxed)) as f64;
+        let decayed = if age > 0.0 {
+            ewma * (-age / decay_ns).exp()
+        } else {
+            ewma
+        };
+        decayed * f64::from(self.in_flight.load(Relaxed) + 1)
+    }
+
+    #[inline]
+    pub(crate) fn start(&self) {
+        self.in_flight.fetch_add(1, Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn finish(&self) {
+        self.in_flight.fetch_sub(1, Relaxed);
+    }
+
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// Folds a latency sample into the estimate: a sample above the (decayed) estimate
+    /// replaces it at once (the peak), a lower one is blended in with weight by its age.
+    pub(crate) fn observe(&self, rtt_ns: f64, now: u64, decay_ns: f64) {
+        let prev_stamp = self.stamp.swap(now, Relaxed);
+        let age = now.saturating_sub(prev_stamp) as f64;
+        let keep = (-age / decay_ns).exp();
+        // A lost race between two samples keeps one of them: an estimate, not a ledger.
+        let old = f64::from_bits(self.ewma.load(Relaxed));
+        let next = if rtt_ns > old {
+            rtt_ns
+        } else {
+            old * keep + rtt_ns * (1.0 - keep)
+        };
+        self.ewma.store(next.to_bits(), Relaxed);
+    }
+
+    pub(crate) fn count(&self, success: bool) {
+        self.interval
+            .fetch_add(if success { 1 } else { 1 << 32 }, Relaxed);
+    }
+
+    /// This interval's outcomes, and a fresh interval.
+    pub(crate) fn take_tally(&self) -> Tally {
+        let v = self.interval.swap(0, Relaxed);
+        Tally {
+            successes: v as u32,
+            failures: (v >> 32) as u32,
+        }
+    }
+
+    pub(crate) fn is_ejected(&self) -> bool {
+        self.ejected_until.load(Relaxed) != 0
+    }
+}

@@ -1,0 +1,80 @@
+//! The errors of this crate.
+
+use std::error::Error;
+use std::fmt;
+
+use steadfast_core::PolicyRejected;
+
+/// A balancer builder was given a setting that cannot work; the message says what to change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidBalanceConfig {
+    /// An endpoint that is not a `host:port` authority.
+    Endpoint(String),
+    /// A setting that must be at least 1 (or longer than zero).
+    Zero(&'static str),
+    /// A percentage over 100.
+    Percent(&'static str, u8),
+    /// The longest ejection time is below the first one.
+    EjectionMaxBelowBase,
+    /// A success-rate factor that is not a positive number.
+    StdevFactor,
+}
+
+impl fmt::Display for InvalidBalanceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Endpoint(e) => write!(
+                f,
+                "endpoint {e:?} is not a host:port address: give each endpoint as \
+                 \"10.0.0.7:8080\" or \"orders-1.internal:8080\" (no scheme, no path)"
+            ),
+            Self::Zero(what) => write!(f, "balancer {what} must be at least 1 (or above zero)"),
+            Self::Percent(what, v) => write!(f, "balancer {what} must be 0-100 %, got {v}"),
+            Self::EjectionMaxBelowBase => {
+                f.write_str("balancer ejection_time max must be >= its base: raise max")
+            }
+            Self::StdevFactor => f.write_str(
+                "balancer success_rate stdev_factor must be a positive number (default 1.9)",
+            ),
+        }
+    }
+}
+
+impl Error for InvalidBalanceConfig {}
+
+/// No endpoint could take the call: the set is empty, or (with
+/// [`fail_fast`](crate::BalanceBuilder::fail_fast)) every endpoint is ejected. Nothing was
+/// sent. Its [`source`](Error::source) is [`PolicyRejected`], so a retry layer above neither
+/// retries it nor charges its budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoEndpoint {
+    empty: bool,
+}
+
+impl NoEndpoint {
+    pub(crate) fn new(empty: bool) -> Self {
+        Self { empty }
+    }
+
+    /// Whether the set had no endpoint at all (rather than none in service).
+    pub fn is_empty_set(&self) -> bool {
+        self.empty
+    }
+}
+
+impl fmt::Display for NoEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.empty {
+            f.write_str("the service has no endpoints")
+        } else {
+            f.write_str("every endpoint of the service is ejected")
+        }
+    }
+}
+
+impl Error for NoEndpoint {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&PolicyRejected::INSTANCE)
+    }
+}

@@ -1,0 +1,146 @@
+//! The response future of [`Balance`](crate::Balance).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll, ready};
+
+use http::Response;
+use pin_project_lite::pin_project;
+use steadfast_core::{BoxError, Classify, PolicyRejected, ResponseClass};
+
+use crate::endpoint::Endpoint;
+use crate::error::NoEndpoint;
+use crate::set::{Reason, Shared};
+
+/// One call's hold on its endpoint: counts it in flight until the outcome (or the drop).
+pub(crate) struct Guard<C> {
+    shared: Arc<Shared<C>>,
+    endpoint: Arc<Endpoint>,
+    started: u64,
+    done: bool,
+}
+
+impl<C> Guard<C> {
+    pub(crate) fn new(shared: Arc<Shared<C>>, endpoint: Arc<Endpoint>, started: u64) -> Self {
+        Self {
+            shared,
+            endpoint,
+            started,
+            done: false,
+        }
+    }
+
+    /// Reports the outcome: the latency (a failure counts as at least the penalty) and, for
+    /// the outlier rules, success or failure.
+    fn report(mut self, failure: bool) {
+        self.done = true;
+        let shared = &*self.shared;
+        let ep = &*self.endpoint;
+        ep.finish();
+        let now = shared.now();
+        let mut rtt = now.saturating_sub(self.started) as f64;
+        if failure {
+            rtt = rtt.max(shared.config.failure_penalty.as_nanos() as f64);
+        }
+        ep.observe(rtt, now, shared.config.decay.as_nanos() as f64);
+        ep.count(!failure);
+        if failure {
+            let n = ep.consecutive.fetch_add(1, Relaxed).saturating_add(1);
+            if shared
+                .config
+                .consecutive_failures
+                .is_some_and(|max| n >= max)
+            {
+                shared.eject(ep, now, Reason::ConsecutiveFailures);
+            }
+        } else if ep.consecutive.load(Relaxed) != 0 {
+            ep.consecutive.store(0, Relaxed);
+        }
+    }
+}
+
+impl<C> Drop for Guard<C> {
+    fn drop(&mut self) {
+        if !self.done {
+            // The caller gave up before an outcome: no verdict on the endpoint.
+            self.endpoint.finish();
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Balance`](crate::Balance).
+    pub struct ResponseFuture<F, C> {
+        #[pin]
+        inner: Option<F>,
+        guard: Option<Guard<C>>,
+        failed: Option<NoEndpoint>,
+    }
+}
+
+impl<F, C> fmt::Debug for ResponseFuture<F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, C> ResponseFuture<F, C> {
+    pub(crate) fn passthrough(inner: F) -> Self {
+        Self {
+            inner: Some(inner),
+            guard: None,
+            failed: None,
+        }
+    }
+
+    pub(crate) fn called(inner: F, guard: Guard<C>) -> Self {
+        Self {
+            inner: Some(inner),
+            guard: Some(guard),
+            failed: None,
+        }
+    }
+
+    pub(crate) fn failed(err: NoEndpoint) -> Self {
+        Self {
+            inner: None,
+            guard: None,
+            failed: Some(err),
+        }
+    }
+}
+
+impl<F, C, B, E> Future for ResponseFuture<F, C>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    C: Classify<Response<B>>,
+{
+    type Output = Result<Response<B>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            let err = this.failed.take().expect("polled after completion");
+            return Poll::Ready(Err(err.into()));
+        };
+        let out = ready!(inner.poll(cx)).map_err(Into::into);
+        if let Some(guard) = this.guard.take() {
+            let failure = match &out {
+                Ok(res) => match guard.shared.classifier.classify_response(res) {
+                    ResponseClass::Ready(class) => class.is_failure(),
+                    // A gRPC status still to come in the trailers: judged by its head.
+                    ResponseClass::Deferred(_) => false,
+                },
+                // An endpoint whose own breaker refuses calls is down for the balancer.
+                Err(e) if PolicyRejected::is_in(&**e) => true,
+                Err(e) => guard.shared.classifier.classify_error(&**e).is_failure(),
+            };
+            guard.report(failure);
+        }
+        Poll::Ready(out)
+    }
+}

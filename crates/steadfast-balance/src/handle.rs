@@ -1,0 +1,163 @@
+//! Changing the endpoint set while calls run.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use futures_core::Stream;
+use http::uri::Authority;
+
+use crate::set::Shared;
+
+/// A change to a service's endpoints, as a discovery source reports it (the shape of tower's
+/// `discover::Change`, keyed by address).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Change {
+    /// An endpoint joined.
+    Insert(Authority),
+    /// An endpoint left; calls in flight to it finish.
+    Remove(Authority),
+}
+
+/// What an endpoint is doing now, for dashboards and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EndpointStatus {
+    /// Its address.
+    pub authority: Authority,
+    /// Whether it is ejected now.
+    pub ejected: bool,
+    /// How many times it has been ejected (decays while healthy).
+    pub ejections: u32,
+    /// Calls in flight to it.
+    pub in_flight: u32,
+}
+
+/// Lists and changes the endpoints of a [`BalanceLayer`](crate::BalanceLayer) while calls
+/// run. A change never fails a call in flight: an endpoint that leaves drains.
+///
+/// ```
+/// use steadfast_balance::BalanceLayer;
+///
+/// let layer = BalanceLayer::builder().endpoints(["10.0.0.1:80"]).build().unwrap();
+/// let handle = layer.handle();
+/// handle.insert("10.0.0.2:80".parse().unwrap());
+/// handle.remove(&"10.0.0.1:80".parse().unwrap());
+/// let now: Vec<String> = handle.list().iter().map(|e| e.authority.to_string()).collect();
+/// assert_eq!(now, ["10.0.0.2:80"]);
+/// ```
+pub struct EndpointsHandle<C> {
+    shared: Option<Arc<Shared<C>>>,
+}
+
+impl<C> Clone for EndpointsHandle<C> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<C> fmt::Debug for EndpointsHandle<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointsHandle")
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl<C> EndpointsHandle<C> {
+    pub(crate) fn new(shared: Option<Arc<Shared<C>>>) -> Self {
+        Self { shared }
+    }
+
+    /// The endpoints now, in the set's order.
+    pub fn list(&self) -> Vec<EndpointStatus> {
+        let Some(shared) = &self.shared else {
+            return Vec::new();
+        };
+        shared
+            .endpoints
+            .load()
+            .iter()
+            .map(|ep| EndpointStatus {
+                authority: ep.authority.clone(),
+                ejected: ep.is_ejected(),
+                ejections: ep.ejections.load(Relaxed),
+                in_flight: ep.in_flight(),
+            })
+            .collect()
+    }
+
+    /// How many endpoints are ejected now.
+    pub fn ejected(&self) -> usize {
+        self.shared.as_ref().map_or(0, |s| s.ejected_now())
+    }
+
+    /// Replaces the whole set (what a source that lists every endpoint each time, such as a
+    /// DNS answer, reports). Endpoints that stay keep their load estimate and ejections.
+    pub fn set(&self, endpoints: impl IntoIterator<Item = Authority>) {
+        if let Some(shared) = &self.shared {
+            let before = shared.endpoints.load_full();
+            shared.replace(endpoints.into_iter().collect());
+            shared.mark_removed(&before);
+        }
+    }
+
+    /// Adds an endpoint (no change if it is there already).
+    pub fn insert(&self, endpoint: Authority) {
+        self.apply(Change::Insert(endpoint));
+    }
+
+    /// Removes an endpoint; calls in flight to it finish.
+    pub fn remove(&self, endpoint: &Authority) {
+        self.apply(Change::Remove(endpoint.clone()));
+    }
+
+    /// Applies one change.
+    pub fn apply(&self, change: Change) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let mut list: Vec<Authority> = shared
+            .endpoints
+            .load()
+            .iter()
+            .map(|ep| ep.authority.clone())
+            .collect();
+        match change {
+            Change::Insert(a) => {
+                if !list.contains(&a) {
+                    list.push(a);
+                }
+            }
+            Change::Remove(a) => list.retain(|e| *e != a),
+        }
+        self.set(list);
+    }
+
+    /// Follows a discovery stream: every change it yields is applied, until it ends or
+    /// yields an error (logged). Spawned on the current tokio runtime; call it from inside
+    /// one. Drop or abort the returned handle to stop following.
+    pub fn follow<St, E>(&self, changes: St) -> tokio::task::JoinHandle<()>
+    where
+        St: Stream<Item = Result<Change, E>> + Send + 'static,
+        E: fmt::Display,
+        C: Send + Sync + 'static,
+    {
+        let handle = self.clone();
+        tokio::spawn(async move {
+            let mut changes = std::pin::pin!(changes);
+            while let Some(next) = std::future::poll_fn(|cx| changes.as_mut().poll_next(cx)).await {
+                match next {
+                    Ok(change) => handle.apply(change),
+                    Err(e) => {
+                        tracing::warn!(target: "steadfast::balance", error = %e, "discovery stream failed; endpoints stay as they are");
+                        return;
+                    }
+                }
+            }
+        })
+    }
+}

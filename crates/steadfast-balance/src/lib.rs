@@ -1,0 +1,58 @@
+//! Call a service, not an address: balancing with passive health for tower.
+//!
+//! A [`BalanceLayer`] turns the endpoints of one service into a balanced, healthy set. Each
+//! call goes to one endpoint (its request URI's authority is rewritten to it):
+//!
+//! - **Picking**: power of two choices over a load estimate (a peak-EWMA of latency times
+//!   the calls in flight plus one, as linkerd and Finagle weigh endpoints), or round-robin.
+//!   Lock-free and O(1) per call; clones share one set with no `Buffer` in front.
+//! - **A failure costs the endpoint the next choices**: it counts as a latency of at least
+//!   the failure penalty (1 s), so a retry goes to an endpoint that has not just failed, and
+//!   the endpoint gets calls again as the penalty decays.
+//! - **Outlier ejection** (Envoy, gRPC A50), with the same outcome classification as retry
+//!   and breaker: consecutive failures (5), and per interval (10 s) success rate
+//!   (mean − 1.9 σ) and failure percentage (85 %). An ejection lasts 30 s × the ejections so
+//!   far, at most 300 s; at most 10 % of the endpoints (at least one of two or more, never
+//!   all) are ejected at once.
+//! - **Endpoints change while calls run** ([`EndpointsHandle`]): a static list, any stream of
+//!   [`Change`]s, or your own code; a removed endpoint drains.
+//!
+//! Where it sits in a client stack:
+//!
+//! ```text
+//! PropagateCorrelationId
+//!   Timeout (total)
+//!     Retry               a failed attempt is retried; the balancer sends it elsewhere
+//!       Balance           <- this crate: picks the endpoint, rewrites the authority
+//!         CircuitBreaker  per authority = per endpoint
+//!           Timeout (per attempt)
+//!             transport   any client that dials the request's authority (hyper-util)
+//! ```
+//!
+//! The transport must connect to the authority in the request URI, as hyper-util's client
+//! does. A tonic `Channel` is bound to one address and ignores it: balance gRPC over a
+//! hyper-util HTTP/2 client, or use tonic's own balanced channel.
+//!
+//! Not yet here (see the project's issue list): DNS and Consul sources (a stream of
+//! [`Change`]s from your own resolver or registry client works today) and hedged requests.
+//!
+//! # Events
+//!
+//! `tracing` events on target `steadfast::balance`: `balance.ejected` (endpoint, reason:
+//! `consecutive_failures`, `success_rate`, `failure_percentage`; ejection_ms, ejections) and
+//! `balance.returned` (endpoint). With the `metrics` feature:
+//! `steadfast_balance_ejections_total{endpoint, reason}`,
+//! `steadfast_balance_returned_total{endpoint}`.
+
+mod endpoint;
+pub mod error;
+pub mod future;
+mod handle;
+mod layer;
+mod pick;
+mod service;
+mod set;
+
+pub use handle::{Change, EndpointStatus, EndpointsHandle};
+pub use layer::{BalanceBuilder, BalanceLayer, FailurePercentage, HostHeader, Pick, SuccessRate};
+pub use service::Balance;

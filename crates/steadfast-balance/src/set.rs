@@ -1,0 +1,332 @@
+//! The endpoint set: a snapshot read without locks, ejection accounting, and the periodic
+//! outlier evaluation.
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::Authority;
+use steadfast_core::__private::rand;
+use tokio::time::Instant;
+
+use crate::endpoint::{Endpoint, Tally};
+use crate::layer::{Config, Pick};
+
+/// Why an endpoint was ejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reason {
+    ConsecutiveFailures,
+    SuccessRate,
+    FailurePercentage,
+}
+
+impl Reason {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::ConsecutiveFailures => "consecutive_failures",
+            Self::SuccessRate => "success_rate",
+            Self::FailurePercentage => "failure_percentage",
+        }
+    }
+}
+
+/// What every clone of a balancer shares.
+pub(crate) struct Shared<C> {
+    pub(crate) endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    pub(crate) config: Config,
+    pub(crate) classifier: C,
+    ejected: AtomicUsize,
+    next_eval: AtomicU64,
+    epoch: Instant,
+    rng: Option<AtomicU64>,
+    rr: AtomicUsize,
+}
+
+impl<C> std::fmt::Debug for Shared<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer")
+            .field("endpoints", &self.endpoints.load().len())
+            .field("ejected", &self.ejected.load(Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    static THREAD_RNG: Cell<u64> = Cell::new(rand::random_seed(3));
+}
+
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl<C> Shared<C> {
+    pub(crate) fn new(config: Config, classifier: C, endpoints: Vec<Authority>) -> Self {
+        let epoch = Instant::now();
+        let interval = nanos(config.interval);
+        let rng = config.seed.map(AtomicU64::new);
+        let initial = config.default_rtt.as_nanos() as f64;
+        let list = dedup(endpoints)
+            .into_iter()
+            .map(|a| Arc::new(Endpoint::new(a, initial, 0)))
+            .collect();
+        Self {
+            endpoints: ArcSwap::from_pointee(list),
+            config,
+            classifier,
+            ejected: AtomicUsize::new(0),
+            next_eval: AtomicU64::new(interval),
+            epoch,
+            rng,
+            rr: AtomicUsize::new(0),
+        }
+    }
+
+    /// Nanoseconds since the set was made.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        nanos(Instant::now().saturating_duration_since(self.epoch))
+    }
+
+    #[inline]
+    pub(crate) fn random(&self) -> u64 {
+        match &self.rng {
+            Some(state) => rand::next(state.fetch_add(rand::STEP, Relaxed)),
+            None => THREAD_RNG.with(|s| {
+                let before = s.get();
+                s.set(before.wrapping_add(rand::STEP));
+                rand::next(before)
+            }),
+        }
+    }
+
+    pub(crate) fn next_round_robin(&self) -> usize {
+        self.rr.fetch_add(1, Relaxed)
+    }
+
+    /// Whether `ep` may take calls now: in service, or its ejection has run out (then it is
+    /// returned to service here, once).
+    #[inline]
+    pub(crate) fn available(&self, ep: &Endpoint, now: u64) -> bool {
+        let until = ep.ejected_until.load(Acquire);
+        until == 0 || (now >= until && self.readmit(ep, until))
+    }
+
+    /// Returns an endpoint whose ejection ran out; true when it is in service afterwards.
+    fn readmit(&self, ep: &Endpoint, until: u64) -> bool {
+        if ep
+            .ejected_until
+            .compare_exchange(until, 0, AcqRel, Acquire)
+            .is_ok()
+        {
+            self.ejected.fetch_sub(1, Relaxed);
+            ep.consecutive.store(0, Relaxed);
+            tracing::event!(
+                name: "balance.returned",
+                target: "steadfast::balance",
+                tracing::Level::INFO,
+                endpoint = %ep.authority,
+            );
+            #[cfg(feature = "metrics")]
+            metrics::counter!("steadfast_balance_returned_total", "endpoint" => ep.authority.to_string())
+                .increment(1);
+        }
+        ep.ejected_until.load(Acquire) == 0
+    }
+
+    /// How many endpoints of `n` may be ejected at once: the configured share, at least one
+    /// when there are two or more, and never all.
+    pub(crate) fn max_ejected(&self, n: usize) -> usize {
+        if n < 2 {
+            return 0;
+        }
+        let share = n * usize::from(self.config.max_ejection_percent) / 100;
+        share.max(1).min(n - 1)
+    }
+
+    pub(crate) fn ejected_now(&self) -> usize {
+        self.ejected.load(Relaxed)
+    }
+
+    /// Ejects `ep` unless it already is, or the cap on ejected endpoints is reached. The time
+    /// out grows with each ejection: `base × n`, capped.
+    pub(crate) fn eject(&self, ep: &Endpoint, now: u64, reason: Reason) -> bool {
+        if ep.is_ejected() || ep.removed.load(Relaxed) {
+            return false;
+        }
+        let n = self.endpoints.load().len();
+        let max = self.max_ejected(n);
+        let mut current = self.ejected.load(Relaxed);
+        loop {
+            if current >= max {
+                return false;
+            }
+            match self
+                .ejected
+                .compare_exchange_weak(current, current + 1, AcqRel, Relaxed)
+            {
+                Ok(_) => break,
+                Err(seen) => current = seen,
+            }
+        }
+        let times = ep.ejections.fetch_add(1, Relaxed).saturating_add(1);
+        let base = self.config.ejection_base;
+        let time = base
+            .saturating_mul(times)
+            .min(self.config.ejection_max.max(base));
+        let until = now.saturating_add(nanos(time)).max(1);
+        if ep
+            .ejected_until
+            .compare_exchange(0, until, AcqRel, Acquire)
+            .is_err()
+        {
+            // Another thread ejected it first: give the slot back.
+            self.ejected.fetch_sub(1, Relaxed);
+            return false;
+        }
+        tracing::event!(
+            name: "balance.ejected",
+            target: "steadfast::balance",
+            tracing::Level::WARN,
+            endpoint = %ep.authority,
+            reason = reason.as_str(),
+            ejection_ms = time.as_millis() as u64,
+            ejections = times,
+        );
+        #[cfg(feature = "metrics")]
+        metrics::counter!(
+            "steadfast_balance_ejections_total",
+            "endpoint" => ep.authority.to_string(),
+            "reason" => reason.as_str()
+        )
+        .increment(1);
+        true
+    }
+
+    /// Runs the interval's outlier rules when the interval has passed (one caller wins).
+    #[inline]
+    pub(crate) fn maybe_evaluate(&self, now: u64) {
+        let due = self.next_eval.load(Relaxed);
+        if now < due {
+            return;
+        }
+        let next = now.saturating_add(nanos(self.config.interval));
+        if self
+            .next_eval
+            .compare_exchange(due, next, Relaxed, Relaxed)
+            .is_ok()
+        {
+            self.evaluate(now);
+        }
+    }
+
+    #[cold]
+    fn evaluate(&self, now: u64) {
+        let list = self.endpoints.load();
+        let tallies: Vec<(&Arc<Endpoint>, Tally)> = list
+            .iter()
+            .map(|ep| {
+                // Returns endpoints whose time is up; a healthy interval lowers the multiplier.
+                if self.available(ep, now) {
+                    let _ = ep
+                        .ejections
+                        .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+                }
+                (ep, ep.take_tally())
+            })
+            .collect();
+        let in_service: Vec<&(&Arc<Endpoint>, Tally)> =
+            tallies.iter().filter(|(ep, _)| !ep.is_ejected()).collect();
+        if let Some(rule) = &self.config.success_rate {
+            let eligible: Vec<_> = in_service
+                .iter()
+                .filter(|(_, t)| t.total() >= u64::from(rule.request_volume))
+                .collect();
+            if eligible.len() >= rule.minimum_hosts && !eligible.is_empty() {
+                let rates: Vec<f64> = eligible
+                    .iter()
+                    .map(|(_, t)| f64::from(t.successes) / t.total() as f64)
+                    .collect();
+                let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+                let var =
+                    rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rates.len() as f64;
+                let threshold = mean - rule.stdev_factor * var.sqrt();
+                for ((ep, _), rate) in eligible.iter().zip(rates) {
+                    if rate < threshold {
+                        self.eject(ep, now, Reason::SuccessRate);
+                    }
+                }
+            }
+        }
+        if let Some(rule) = &self.config.failure_percentage {
+            let eligible: Vec<_> = in_service
+                .iter()
+                .filter(|(_, t)| t.total() >= u64::from(rule.request_volume))
+                .collect();
+            if eligible.len() >= rule.minimum_hosts {
+                for (ep, t) in eligible {
+                    let failed = 100.0 * f64::from(t.failures) / t.total() as f64;
+                    if failed > f64::from(rule.threshold) {
+                        self.eject(ep, now, Reason::FailurePercentage);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Replaces the set. Endpoints that stay keep their state; removed ones drain: calls in
+    /// flight finish and report into state nobody reads, and new calls no longer pick them.
+    pub(crate) fn replace(&self, authorities: Vec<Authority>) {
+        let now = self.now();
+        let initial = self.config.default_rtt.as_nanos() as f64;
+        self.endpoints.rcu(|current| {
+            dedup(authorities.clone())
+                .into_iter()
+                .map(|a| {
+                    current
+                        .iter()
+                        .find(|ep| ep.authority == a)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Endpoint::new(a, initial, now)))
+                })
+                .collect::<Vec<_>>()
+        });
+        // Settle the accounting of endpoints that left.
+        let list = self.endpoints.load();
+        let mut ejected = 0;
+        for ep in list.iter() {
+            if ep.is_ejected() {
+                ejected += 1;
+            }
+        }
+        self.ejected.store(ejected, Relaxed);
+    }
+
+    pub(crate) fn mark_removed(&self, before: &[Arc<Endpoint>]) {
+        let list = self.endpoints.load();
+        for ep in before {
+            if !list.iter().any(|e| Arc::ptr_eq(e, ep)) {
+                ep.removed.store(true, Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn pick_kind(&self) -> Pick {
+        self.config.pick
+    }
+}
+
+fn dedup(mut v: Vec<Authority>) -> Vec<Authority> {
+    let mut seen = Vec::with_capacity(v.len());
+    v.retain(|a| {
+        if seen.contains(a) {
+            false
+        } else {
+            seen.push(a.clone());
+            true
+        }
+    });
+    v
+}

@@ -1,0 +1,488 @@
+//! Balancer contracts on paused time, over an in-process upstream that answers per endpoint.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use steadfast_balance::error::NoEndpoint;
+use steadfast_balance::{
+    BalanceBuilder, BalanceLayer, FailurePercentage, HostHeader, Pick, SuccessRate,
+};
+use steadfast_core::{BoxError, PolicyRejected};
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+/// What each endpoint answers: a status per call, from a function of the call's number.
+type Script = Arc<Mutex<HashMap<String, Box<dyn FnMut(u64) -> u16 + Send>>>>;
+
+#[derive(Clone, Default)]
+struct Upstream {
+    script: Script,
+    calls: Arc<Mutex<HashMap<String, u64>>>,
+    hosts: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+impl Upstream {
+    fn answer(&self, endpoint: &str, f: impl FnMut(u64) -> u16 + Send + 'static) {
+        self.script
+            .lock()
+            .unwrap()
+            .insert(endpoint.to_owned(), Box::new(f));
+    }
+
+    fn calls(&self, endpoint: &str) -> u64 {
+        self.calls
+            .lock()
+            .unwrap()
+            .get(endpoint)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn service(
+        &self,
+    ) -> impl Service<Request<()>, Response = Response<()>, Error = BoxError, Future: Send> + Clone + Send
+    {
+        let up = self.clone();
+        service_fn(move |req: Request<()>| {
+            let up = up.clone();
+            async move {
+                let to = req.uri().authority().unwrap().to_string();
+                up.hosts.lock().unwrap().push(
+                    req.headers()
+                        .get("host")
+                        .map(|h| h.to_str().unwrap().to_owned()),
+                );
+                let n = {
+                    let mut calls = up.calls.lock().unwrap();
+                    let c = calls.entry(to.clone()).or_default();
+                    *c += 1;
+                    *c
+                };
+                let status = match up.script.lock().unwrap().get_mut(&to) {
+                    Some(f) => f(n),
+                    None => 200,
+                };
+                Ok::<_, BoxError>(Response::builder().status(status).body(()).unwrap())
+            }
+        })
+    }
+}
+
+fn endpoints(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("10.0.0.{i}:80")).collect()
+}
+
+fn builder(n: usize) -> BalanceBuilder {
+    BalanceLayer::builder().endpoints(endpoints(n)).seed(11)
+}
+
+fn get() -> Request<()> {
+    Request::get("http://orders/items").body(()).unwrap()
+}
+
+async fn send<S>(svc: &mut S) -> Result<Response<()>, BoxError>
+where
+    S: Service<Request<()>, Response = Response<()>, Error = BoxError>,
+{
+    svc.ready().await?.call(get()).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_call_goes_to_one_endpoint_with_the_service_name_as_host() {
+    let up = Upstream::default();
+    let mut svc = builder(3).build().unwrap().layer(up.service());
+    for _ in 0..300 {
+        assert_eq!(send(&mut svc).await.unwrap().status(), 200);
+    }
+    let total: u64 = endpoints(3).iter().map(|e| up.calls(e)).sum();
+    assert_eq!(total, 300);
+    for e in endpoints(3) {
+        assert!(up.calls(&e) > 30, "{e} got {}", up.calls(&e));
+    }
+    assert!(
+        up.hosts
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|h| h.as_deref() == Some("orders"))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_host_header_can_name_the_endpoint_and_a_callers_host_is_kept() {
+    let up = Upstream::default();
+    let mut svc = builder(1)
+        .host_header(HostHeader::Endpoint)
+        .build()
+        .unwrap()
+        .layer(up.service());
+    send(&mut svc).await.unwrap();
+    let mut own = get();
+    own.headers_mut().insert("host", "mine".parse().unwrap());
+    let mut svc2 = builder(1).build().unwrap().layer(up.service());
+    svc2.ready().await.unwrap().call(own).await.unwrap();
+    let hosts = up.hosts.lock().unwrap().clone();
+    assert_eq!(hosts, [None, Some("mine".to_owned())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn round_robin_takes_each_endpoint_in_turn() {
+    let up = Upstream::default();
+    let mut svc = builder(3)
+        .pick(Pick::RoundRobin)
+        .build()
+        .unwrap()
+        .layer(up.service());
+    for _ in 0..30 {
+        send(&mut svc).await.unwrap();
+    }
+    for e in endpoints(3) {
+        assert_eq!(up.calls(&e), 10);
+    }
+}
+
+/// After a failure, the endpoint loses every choice against one that has not failed: the
+/// next calls (a retry among them) go elsewhere.
+#[tokio::test(start_paused = true)]
+async fn a_failed_endpoint_loses_the_next_choices() {
+    for n in [2, 3, 5] {
+        let up = Upstream::default();
+        let bad = "10.0.0.1:80";
+        up.answer(bad, |_| 503);
+        let mut svc = builder(n)
+            .consecutive_failures(None)
+            .build()
+            .unwrap()
+            .layer(up.service());
+        // Until the bad endpoint has been tried once.
+        while up.calls(bad) == 0 {
+            send(&mut svc).await.unwrap();
+        }
+        for _ in 0..200 {
+            assert_eq!(send(&mut svc).await.unwrap().status(), 200, "n = {n}");
+        }
+        assert_eq!(up.calls(bad), 1, "n = {n}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn five_failures_in_a_row_eject_for_30_s_then_60_s() {
+    let up = Upstream::default();
+    let bad = "10.0.0.1:80";
+    up.answer(bad, |_| 503);
+    let layer = builder(2)
+        .failure_penalty(Duration::ZERO)
+        .pick(Pick::RoundRobin)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(up.service());
+    for _ in 0..10 {
+        send(&mut svc).await.unwrap();
+    }
+    assert_eq!(up.calls(bad), 5);
+    assert_eq!(handle.ejected(), 1);
+    // 29.9 s later still ejected; at 30 s it takes calls again.
+    tokio::time::advance(Duration::from_millis(29_900)).await;
+    for _ in 0..10 {
+        send(&mut svc).await.unwrap();
+    }
+    assert_eq!(up.calls(bad), 5);
+    tokio::time::advance(Duration::from_millis(100)).await;
+    for _ in 0..10 {
+        send(&mut svc).await.unwrap();
+    }
+    assert_eq!(
+        up.calls(bad),
+        10,
+        "returned, and ejected again after 5 more"
+    );
+    assert_eq!(handle.ejected(), 1);
+    // The second ejection lasts 60 s.
+    tokio::time::advance(Duration::from_millis(59_900)).await;
+    send(&mut svc).await.unwrap();
+    send(&mut svc).await.unwrap();
+    assert_eq!(up.calls(bad), 10);
+    tokio::time::advance(Duration::from_millis(100)).await;
+    for _ in 0..4 {
+        send(&mut svc).await.unwrap();
+    }
+    assert_eq!(up.calls(bad), 12);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_ejection_time_is_capped_and_decays_while_healthy() {
+    let up = Upstream::default();
+    let bad = "10.0.0.1:80";
+    let failing = Arc::new(Mutex::new(true));
+    let f = failing.clone();
+    up.answer(bad, move |_| if *f.lock().unwrap() { 503 } else { 200 });
+    let layer = builder(2)
+        .failure_penalty(Duration::ZERO)
+        .pick(Pick::RoundRobin)
+        .ejection_time(Duration::from_secs(30), Duration::from_secs(70))
+        .interval(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(up.service());
+    // Three ejections: 30 s, 60 s, then 70 s (capped).
+    for (k, wait) in [(1, 30), (2, 60), (3, 70)] {
+        while handle.list()[0].ejections < k {
+            send(&mut svc).await.unwrap();
+        }
+        let before = up.calls(bad);
+        tokio::time::advance(Duration::from_secs(wait) - Duration::from_millis(1)).await;
+        send(&mut svc).await.unwrap();
+        send(&mut svc).await.unwrap();
+        assert_eq!(up.calls(bad), before, "ejection {k} lasts {wait} s");
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    // Healthy now: each interval it is not ejected takes one off the multiplier.
+    *failing.lock().unwrap() = false;
+    for _ in 0..3 {
+        send(&mut svc).await.unwrap();
+        tokio::time::advance(Duration::from_secs(10)).await;
+    }
+    send(&mut svc).await.unwrap();
+    assert_eq!(handle.list()[0].ejections, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_success_rate_rule_ejects_the_outlier_after_an_interval() {
+    let up = Upstream::default();
+    let bad = "10.0.0.3:80";
+    up.answer(bad, |n| if n % 2 == 0 { 503 } else { 200 });
+    let layer = builder(5)
+        .failure_penalty(Duration::ZERO)
+        .consecutive_failures(None)
+        .failure_percentage(None)
+        .success_rate(Some(SuccessRate::default().request_volume(20)))
+        .max_ejection_percent(20)
+        .pick(Pick::RoundRobin)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(up.service());
+    for _ in 0..200 {
+        send(&mut svc).await.unwrap();
+    }
+    assert_eq!(handle.ejected(), 0, "not before the interval ends");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    send(&mut svc).await.unwrap();
+    let ejected: Vec<String> = handle
+        .list()
+        .into_iter()
+        .filter(|e| e.ejected)
+        .map(|e| e.authority.to_string())
+        .collect();
+    assert_eq!(ejected, [bad]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_failure_percentage_rule_ejects_above_its_threshold_only() {
+    for (fail_one_in, ejected) in [(1, true), (2, false)] {
+        let up = Upstream::default();
+        let bad = "10.0.0.2:80";
+        up.answer(bad, move |n| if n % fail_one_in == 0 { 503 } else { 200 });
+        let layer = builder(3)
+            .failure_penalty(Duration::ZERO)
+            .consecutive_failures(None)
+            .success_rate(None)
+            .failure_percentage(Some(
+                FailurePercentage::default()
+                    .minimum_hosts(3)
+                    .request_volume(10),
+            ))
+            .pick(Pick::RoundRobin)
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let mut svc = layer.layer(up.service());
+        for _ in 0..60 {
+            send(&mut svc).await.unwrap();
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+        send(&mut svc).await.unwrap();
+        assert_eq!(handle.ejected() == 1, ejected, "fails 1 in {fail_one_in}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_every_endpoint_failing_one_stays_in_service_or_the_call_fails_fast() {
+    for fail_fast in [false, true] {
+        let up = Upstream::default();
+        for e in endpoints(4) {
+            up.answer(&e, |_| 503);
+        }
+        let layer = builder(4)
+            .max_ejection_percent(100)
+            .fail_fast(fail_fast)
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let mut svc = layer.layer(up.service());
+        for _ in 0..100 {
+            let _ = send(&mut svc).await;
+            assert!(handle.ejected() <= 3, "never all");
+        }
+        assert_eq!(handle.ejected(), 3);
+        // The one left in service still takes calls.
+        assert_eq!(send(&mut svc).await.unwrap().status(), 503);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_set_fails_fast_with_a_policy_rejection() {
+    let up = Upstream::default();
+    let layer = BalanceLayer::builder().build().unwrap();
+    let mut svc = layer.layer(up.service());
+    let err = send(&mut svc).await.unwrap_err();
+    let e = err.downcast_ref::<NoEndpoint>().unwrap();
+    assert!(e.is_empty_set());
+    assert!(PolicyRejected::is_in(&*err));
+    // An endpoint joins while the service runs.
+    layer.handle().insert("10.0.0.9:80".parse().unwrap());
+    assert_eq!(send(&mut svc).await.unwrap().status(), 200);
+    assert_eq!(up.calls("10.0.0.9:80"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_endpoint_drains_its_calls_in_flight() {
+    let slow = service_fn(|req: Request<()>| async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok::<_, BoxError>(
+            Response::builder()
+                .header("to", req.uri().authority().unwrap().as_str())
+                .body(())
+                .unwrap(),
+        )
+    });
+    let layer = builder(1).build().unwrap();
+    let svc = layer.layer(slow);
+    let in_flight = tokio::spawn(svc.clone().oneshot(get()));
+    tokio::task::yield_now().await;
+    assert_eq!(layer.handle().list()[0].in_flight, 1);
+    layer.handle().set(["10.0.0.2:80".parse().unwrap()]);
+    let res = in_flight.await.unwrap().unwrap();
+    assert_eq!(
+        res.headers()["to"],
+        "10.0.0.1:80",
+        "finished where it started"
+    );
+    let res = svc.oneshot(get()).await.unwrap();
+    assert_eq!(res.headers()["to"], "10.0.0.2:80");
+}
+
+#[test]
+fn bad_settings_are_refused_with_what_to_change() {
+    let cases: Vec<(BalanceBuilder, &str)> = vec![
+        (
+            BalanceLayer::builder().endpoints(["http://a:80"]),
+            "host:port",
+        ),
+        (BalanceLayer::builder().endpoints(["a"]), "host:port"),
+        (BalanceLayer::builder().endpoints(["u@a:80"]), "host:port"),
+        (BalanceLayer::builder().interval(Duration::ZERO), "interval"),
+        (
+            BalanceLayer::builder().ejection_time(Duration::from_secs(30), Duration::from_secs(1)),
+            "raise max",
+        ),
+        (BalanceLayer::builder().max_ejection_percent(101), "0-100"),
+        (
+            BalanceLayer::builder().consecutive_failures(Some(0)),
+            "at least 1",
+        ),
+        (
+            BalanceLayer::builder()
+                .failure_percentage(Some(FailurePercentage::default().threshold(150))),
+            "0-100",
+        ),
+        (
+            BalanceLayer::builder().success_rate(Some(SuccessRate::default().minimum_hosts(0))),
+            "at least 1",
+        ),
+    ];
+    for (b, says) in cases {
+        let e = b.build().unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+    }
+}
+
+#[test]
+fn services_futures_and_layers_are_send() {
+    fn send<T: Send>(_: &T) {}
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    let up = Upstream::default();
+    let svc = builder(2).build().unwrap().layer(up.service());
+    send(&svc.clone().oneshot(get()));
+    let layer = builder(2).build().unwrap();
+    send_sync(&layer);
+    send_sync(&layer.handle());
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn allowed(n: usize, percent: u8) -> usize {
+        if n < 2 {
+            0
+        } else {
+            (n * usize::from(percent) / 100).max(1).min(n - 1)
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever fails and whenever time moves, no more than the allowed share of the
+        /// endpoints is ejected at once, never all, and the count the handle reports is the
+        /// endpoints marked ejected.
+        #[test]
+        fn never_more_than_the_allowed_share_is_ejected(
+            n in 1usize..10,
+            percent in 0u8..=100,
+            fail_every in proptest::collection::vec(1u64..4, 10),
+            steps in proptest::collection::vec((0u32..40, 0u64..45_000), 1..12),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let up = Upstream::default();
+                for (i, e) in endpoints(n).iter().enumerate() {
+                    let every = fail_every[i];
+                    up.answer(e, move |k| if k % every == 0 { 503 } else { 200 });
+                }
+                let layer = builder(n)
+                    .max_ejection_percent(percent)
+                    .consecutive_failures(Some(2))
+                    .failure_percentage(Some(
+                        FailurePercentage::default().minimum_hosts(1).request_volume(1).threshold(30),
+                    ))
+                    .success_rate(Some(SuccessRate::default().minimum_hosts(1).request_volume(1)))
+                    .interval(Duration::from_secs(1))
+                    .build()
+                    .unwrap();
+                let handle = layer.handle();
+                let mut svc = layer.layer(up.service());
+                for (calls, wait_ms) in steps {
+                    for _ in 0..calls {
+                        let _ = send(&mut svc).await;
+                        let list = handle.list();
+                        let marked = list.iter().filter(|e| e.ejected).count();
+                        prop_assert!(marked <= allowed(n, percent), "{marked} of {n} at {percent} %");
+                        prop_assert!(n == 0 || marked < n);
+                        prop_assert_eq!(marked, handle.ejected());
+                    }
+                    tokio::time::advance(Duration::from_millis(wait_ms)).await;
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
