@@ -403,6 +403,67 @@ fn uuid_v7(c: &mut Criterion) {
     g.finish();
 }
 
+/// One balanced call over `n` endpoints (pick, authority rewrite, load and outcome
+/// bookkeeping) beside tower's power-of-two-choices balancer over `PeakEwma`-wrapped
+/// services (tower's needs its endpoints as services, and a `Buffer` to be shared).
+fn balance(c: &mut Criterion) {
+    use steadfast::balance::BalanceLayer;
+    use tower::balance::p2c::Balance as TowerBalance;
+    use tower::discover::ServiceList;
+    use tower::load::{CompleteOnResponse, PeakEwma};
+
+    fn to_orders() -> http::Request<()> {
+        http::Request::get("http://orders/items/7")
+            .body(())
+            .expect("request")
+    }
+    let rt = runtime();
+    let _guard = rt.enter();
+    for (group, group_2t, n) in [
+        ("balance-3", None, 3),
+        ("balance-100", None, 100),
+        ("balance-1000", Some("balance-1000-2t"), 1000),
+    ] {
+        let endpoints: Vec<String> = (0..n)
+            .map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250 + 1))
+            .collect();
+        let tower_p2c = || {
+            let list: Vec<_> = (0..n)
+                .map(|_| {
+                    PeakEwma::new(
+                        Bare,
+                        Duration::from_millis(30),
+                        10e9,
+                        CompleteOnResponse::default(),
+                    )
+                })
+                .collect();
+            TowerBalance::new(ServiceList::new::<http::Request<()>>(list))
+        };
+        let ours = BalanceLayer::builder()
+            .endpoints(&endpoints)
+            .build()
+            .expect("valid");
+        {
+            let mut rec = Recorder::new(c, group);
+            rec.bench_req("bare", Bare, to_orders);
+            rec.bench_req("tower-p2c", tower_p2c(), to_orders);
+            rec.bench_req("steadfast", ours.layer(Bare), to_orders);
+        }
+        if let Some(group_2t) = group_2t {
+            let mut rec = Recorder::new(c, group_2t);
+            rec.bench_two_threads("bare", Bare, rt.handle(), to_orders);
+            rec.bench_two_threads(
+                "tower-p2c+buffer",
+                tower::buffer::Buffer::new(tower_p2c(), 1024),
+                rt.handle(),
+                to_orders,
+            );
+            rec.bench_two_threads("steadfast", ours.layer(Bare), rt.handle(), to_orders);
+        }
+    }
+}
+
 fn stacks(c: &mut Criterion) {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
@@ -515,6 +576,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = timeout, retry, breaker, correlation, uuid_v7, stacks
+    targets = timeout, retry, breaker, correlation, uuid_v7, balance, stacks
 }
 criterion_main!(benches);

@@ -4,7 +4,7 @@ use std::task::{Context, Poll};
 
 use http::header::HOST;
 use http::uri::{PathAndQuery, Scheme, Uri};
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use steadfast_core::{BoxError, Classify, DefaultClassifier};
 use tower_service::Service;
 
@@ -92,10 +92,8 @@ where
             return ResponseFuture::failed(NoEndpoint::new(shared.endpoints.load().is_empty()));
         };
         if shared.config.host == HostHeader::Service && !req.headers().contains_key(HOST) {
-            if let Some(service) = req.uri().authority() {
-                if let Ok(v) = HeaderValue::from_str(service.as_str()) {
-                    req.headers_mut().insert(HOST, v);
-                }
+            if let Some(v) = req.uri().authority().and_then(|a| shared.host_value(a)) {
+                req.headers_mut().insert(HOST, v);
             }
         }
         let parts = std::mem::take(req.uri_mut()).into_parts();

@@ -43,6 +43,9 @@ pub(crate) struct Shared<C> {
     epoch: Instant,
     rng: Option<AtomicU64>,
     rr: AtomicUsize,
+    /// The `Host` value for the service name callers use, made once (callers of one balancer
+    /// name one service): a header value costs an allocation to make, none to clone.
+    service_host: arc_swap::ArcSwapOption<(Authority, http::HeaderValue)>,
 }
 
 impl<C> std::fmt::Debug for Shared<C> {
@@ -81,7 +84,22 @@ impl<C> Shared<C> {
             epoch,
             rng,
             rr: AtomicUsize::new(0),
+            service_host: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// The `Host` header value for `service`.
+    #[inline]
+    pub(crate) fn host_value(&self, service: &Authority) -> Option<http::HeaderValue> {
+        if let Some(cached) = &*self.service_host.load() {
+            if cached.0 == *service {
+                return Some(cached.1.clone());
+            }
+        }
+        let v = http::HeaderValue::from_str(service.as_str()).ok()?;
+        self.service_host
+            .store(Some(Arc::new((service.clone(), v.clone()))));
+        Some(v)
     }
 
     /// Nanoseconds since the set was made.
