@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!                      ┌──────── users        (down from 2 s to 5 s, then back)
-//!   load driver ──▶ gateway ──── orders ×2 ──┬── inventory (every 7th call stalls past the attempt timeout)
+//!   load driver ──▶ gateway ──── orders ×3 ──┬── inventory (every 7th call stalls past the attempt timeout)
 //!   (burst + spike)  │  rate limit 100 r/s,  └── payments  (bursts of 503 + Retry-After)
 //!                    │  burst 200 (payments 20)
 //!                    └── /health, /metrics (Prometheus text)
@@ -13,7 +13,9 @@
 //!
 //! Every hop runs the standard server stack; every outgoing call goes through the standard
 //! client stack (correlation id, total timeout, retry with budget, per-host breaker,
-//! attempt timeout). Handlers contain no resilience code: the correlation id and the
+//! attempt timeout). The gateway calls orders as a *service*: its stack balances over the
+//! three instances, of which orders-3 answers 503 to every other order (a bad deploy), and
+//! ejects it for a while when it fails too often. Handlers contain no resilience code: the correlation id and the
 //! remaining deadline travel on their own.
 //!
 //! At the end it prints a table per upstream, the breaker timeline, one request's
@@ -22,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -35,6 +37,7 @@ use axum::routing::{any, get, post};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use steadfast::balance::FailurePercentage;
 use steadfast::breaker::error::BreakerOpen;
 use steadfast::client::{HttpClient, HttpClientLayer};
 use steadfast::retry::{Backoff, ReplayBody};

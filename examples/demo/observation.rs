@@ -12,6 +12,8 @@ pub(crate) struct Upstream {
     pub(crate) timeouts: u64,
     pub(crate) rejected: u64,
     pub(crate) transitions: Vec<(Duration, String, String)>,
+    /// (time, endpoint, what): the balancer's ejections and returns.
+    pub(crate) ejections: Vec<(Duration, String, String)>,
     pub(crate) latencies: Vec<Duration>,
 }
 
@@ -20,6 +22,8 @@ pub(crate) struct Observed {
     pub(crate) upstreams: BTreeMap<String, Upstream>,
     /// (time, hop, correlation id, what)
     pub(crate) hops: Vec<(Duration, String, String, String)>,
+    /// Instance names by address.
+    pub(crate) names: BTreeMap<String, String>,
 }
 
 pub(crate) fn start() -> Instant {
@@ -42,6 +46,8 @@ pub(crate) struct Fields {
     pub(crate) name: Option<String>,
     pub(crate) from: Option<String>,
     pub(crate) to: Option<String>,
+    pub(crate) endpoint: Option<String>,
+    pub(crate) reason: Option<String>,
 }
 
 impl tracing::field::Visit for Fields {
@@ -52,6 +58,7 @@ impl tracing::field::Visit for Fields {
             "what" => &mut self.what,
             "from" => &mut self.from,
             "to" => &mut self.to,
+            "reason" => &mut self.reason,
             _ => return,
         };
         *slot = Some(value.to_owned());
@@ -61,6 +68,7 @@ impl tracing::field::Visit for Fields {
         match field.name() {
             "correlation_id" => self.correlation_id = Some(format!("{value:?}")),
             "message" => self.name = Some(format!("{value:?}")),
+            "endpoint" => self.endpoint = Some(format!("{value:?}")),
             _ => {}
         }
     }
@@ -107,6 +115,23 @@ where
                 correlation.unwrap_or_default(),
                 f.what.unwrap_or_default(),
             ));
+            return;
+        }
+        if meta.target() == "steadfast::balance" {
+            if let Some(endpoint) = f.endpoint {
+                let name = o.names.get(&endpoint).cloned().unwrap_or(endpoint);
+                let what = match (meta.name(), f.reason) {
+                    ("balance.ejected", Some(reason)) => format!("ejected ({reason})"),
+                    ("balance.returned", _) => "returned".to_owned(),
+                    _ => return,
+                };
+                let up = upstream.unwrap_or_else(|| "orders".to_owned());
+                o.upstreams
+                    .entry(up)
+                    .or_default()
+                    .ejections
+                    .push((t, name, what));
+            }
             return;
         }
         let Some(up) = upstream else { return };

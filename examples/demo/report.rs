@@ -104,6 +104,13 @@ pub(crate) fn render(
         let _ = writeln!(out, "  {name:<10} {line}");
     }
     let _ = writeln!(out);
+    for (name, u) in o.upstreams.iter().filter(|(_, u)| !u.ejections.is_empty()) {
+        let _ = writeln!(out, "{name}: instances ejected by the balancer, and back");
+        for (t, endpoint, what) in &u.ejections {
+            let _ = writeln!(out, "  {:>6.2} s  {endpoint:<9} {what}", t.as_secs_f64());
+        }
+        let _ = writeln!(out);
+    }
     let mut traced_hops = 0;
     if let Some(id) = traced {
         let _ = writeln!(out, "one request, every hop (correlation id {id}):");

@@ -52,7 +52,13 @@ impl Scenario {
     }
 
     pub(crate) fn client(&self) -> HttpClientLayer {
-        steadfast::client::http()
+        self.client_for(&[])
+    }
+
+    /// The client stack; for a service of several instances when `endpoints` are given: each
+    /// attempt balanced over them, instances that fail ejected for a while.
+    pub(crate) fn client_for(&self, endpoints: &[String]) -> HttpClientLayer {
+        let stack = steadfast::client::http()
             .attempt_timeout(self.attempt)
             .total_timeout(self.total)
             .retry(|r| {
@@ -64,9 +70,24 @@ impl Scenario {
             .breaker(|b| {
                 b.open_time(self.open_time)
                     .max_open_time(self.open_time * 4)
+            });
+        let stack = if endpoints.is_empty() {
+            stack
+        } else {
+            stack.balance(|b| {
+                b.endpoints(endpoints)
+                    .interval(self.open_time)
+                    .ejection_time(self.open_time, self.open_time * 4)
+                    .failure_percentage(Some(
+                        FailurePercentage::default()
+                            .threshold(30)
+                            .minimum_hosts(3)
+                            .request_volume(5),
+                    ))
+                    .max_ejection_percent(34)
             })
-            .build()
-            .expect("a valid client stack")
+        };
+        stack.build().expect("a valid client stack")
     }
 }
 
@@ -82,9 +103,10 @@ pub(crate) async fn run(scen: Scenario) -> Report {
     let inventory = serve(inventory(scen.clone())).await;
     let payments = serve(payments(scen.clone())).await;
     let mut orders = Vec::new();
-    for name in ["orders-1", "orders-2"] {
+    for name in ["orders-1", "orders-2", "orders-3"] {
         let o = Orders {
             name,
+            flaky: (name == "orders-3").then(Arc::default),
             client: Arc::new(scen.client()),
             transport: transport(),
             inventory,
@@ -94,16 +116,21 @@ pub(crate) async fn run(scen: Scenario) -> Report {
             .route("/orders/{id}", post(place_order))
             .with_state(o)
             .layer(steadfast::server::http().build().expect("server stack"));
-        orders.push(serve(app).await);
+        let addr = serve(app).await;
+        observed()
+            .lock()
+            .unwrap()
+            .names
+            .insert(addr.to_string(), name.to_owned());
+        orders.push(addr.to_string());
     }
     let gw = serve(gateway(Gateway {
         client: Arc::new(scen.client()),
+        orders: Arc::new(scen.client_for(&orders)),
         transport: transport(),
         users,
-        orders: [orders[0], orders[1]],
         inventory,
         payments,
-        next: Arc::default(),
         metrics: handle,
     }))
     .await;

@@ -127,6 +127,8 @@ pub(crate) fn payments(scen: Arc<Scenario>) -> Router {
 #[derive(Clone)]
 pub(crate) struct Orders {
     pub(crate) name: &'static str,
+    /// Answers 503 to every other order, before doing any work (a bad deploy).
+    pub(crate) flaky: Option<Arc<AtomicU64>>,
     pub(crate) client: Arc<HttpClientLayer>,
     pub(crate) transport: Transport,
     pub(crate) inventory: SocketAddr,
@@ -134,6 +136,12 @@ pub(crate) struct Orders {
 }
 
 pub(crate) async fn place_order(State(o): State<Orders>, Path(id): Path<u64>) -> Response {
+    if let Some(n) = &o.flaky {
+        if n.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+            log_hop(o.name, "503 (bad deploy)");
+            return (StatusCode::SERVICE_UNAVAILABLE, "try another instance\n").into_response();
+        }
+    }
     // No id or deadline code: both travel with the client stack.
     log_hop(o.name, "placing order");
     let stack = o.client.layer(o.transport.clone());
@@ -161,12 +169,12 @@ pub(crate) async fn place_order(State(o): State<Orders>, Path(id): Path<u64>) ->
 #[derive(Clone)]
 pub(crate) struct Gateway {
     pub(crate) client: Arc<HttpClientLayer>,
+    /// The client stack for the orders *service*: balanced over its instances.
+    pub(crate) orders: Arc<HttpClientLayer>,
     pub(crate) transport: Transport,
     pub(crate) users: SocketAddr,
-    pub(crate) orders: [SocketAddr; 2],
     pub(crate) inventory: SocketAddr,
     pub(crate) payments: SocketAddr,
-    pub(crate) next: Arc<AtomicUsize>,
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
@@ -188,22 +196,19 @@ pub(crate) async fn proxy_payments(
 
 /// Routes `/api/v1/<service>/<rest>` to `<upstream>/<rest>` through the client stack.
 pub(crate) async fn forward(gw: Gateway, service: &str, rest: String, req: Request) -> Response {
-    let (name, addr) = match service {
-        "users" => ("users".to_owned(), gw.users),
-        "orders" => {
-            // Round-robin across the two instances.
-            let i = gw.next.fetch_add(1, Ordering::Relaxed) % 2;
-            (format!("orders-{}", i + 1), gw.orders[i])
-        }
-        "inventory" => ("inventory".to_owned(), gw.inventory),
-        "payments" => ("payments".to_owned(), gw.payments),
+    // The orders service is called by name: its client stack balances over the instances.
+    let (name, authority, client) = match service {
+        "users" => ("users", gw.users.to_string(), &gw.client),
+        "orders" => ("orders", "orders".to_owned(), &gw.orders),
+        "inventory" => ("inventory", gw.inventory.to_string(), &gw.client),
+        "payments" => ("payments", gw.payments.to_string(), &gw.client),
         _ => return (StatusCode::NOT_FOUND, "no such service\n").into_response(),
     };
     log_hop("gateway", &format!("-> {name} /{rest}"));
     let (parts, body) = req.into_parts();
     let mut out = http::Request::builder()
         .method(parts.method)
-        .uri(format!("http://{addr}/{rest}"))
+        .uri(format!("http://{authority}/{rest}"))
         .body(body)
         .expect("request");
     for (k, v) in &parts.headers {
@@ -211,7 +216,7 @@ pub(crate) async fn forward(gw: Gateway, service: &str, rest: String, req: Reque
             out.headers_mut().append(k, v.clone());
         }
     }
-    call(gw.client.layer(gw.transport.clone()), &name, out).await
+    call(client.layer(gw.transport.clone()), name, out).await
 }
 
 /// A per-client-address rate limit (GCRA, from tower_governor): one request per `per_ms`

@@ -128,7 +128,9 @@ mod tests {
 
     #[test]
     fn keep_is_e_to_the_minus_x() {
-        for x in [0.0_f64, 1e-9, 1e-6, 5e-4, 0.999e-3, 1e-3, 0.5, 1.0, 10.0, 1e6] {
+        for x in [
+            0.0_f64, 1e-9, 1e-6, 5e-4, 0.999e-3, 1e-3, 0.5, 1.0, 10.0, 1e6,
+        ] {
             let want: f64 = (-x).exp();
             assert!((keep(x) - want).abs() < 1e-6, "{x}: {} vs {want}", keep(x));
         }
