@@ -11,6 +11,7 @@
 //! | `timeout` | `steadfast-timeout` (`steadfast::timeout`) | `TimeoutLayer` |
 //! | `correlation` | `steadfast-correlation` (`steadfast::correlation`) | `SetCorrelationIdLayer` |
 //! | `balance` | `steadfast-balance` (`steadfast::balance`) | `BalanceLayer` |
+//! | `consul` | the balancer's Consul source (`steadfast::balance::Consul`) | |
 //! | `full` (default) | all of the above, plus the `client` and `server` presets | |
 //! | `tonic` | the gRPC client preset (`client::grpc`) for a tonic `Channel`, and `grpc_status` (the stack's errors as tonic statuses) | |
 //! | `metrics` | counters and histograms from every layer through the `metrics` facade (see `docs/observability.md`) | |

@@ -144,3 +144,78 @@ async fn both_instances_down_15_s_then_back() {
         );
     }
 }
+
+/// Endpoints from Consul's health API (a testkit server that follows its documented protocol:
+/// no Consul agent can be installed here): instances join, stop passing their checks, and
+/// the agent goes away, while calls run; the set follows, and stays when the agent is gone.
+#[tokio::test(start_paused = true)]
+async fn endpoints_follow_consul_while_calls_run() {
+    use steadfast::balance::Consul;
+    use steadfast_testkit::{ConsulInstance, ConsulServer};
+
+    let consul = ConsulServer::start().await;
+    let (a, b, c) = (
+        FaultServer::start().await,
+        FaultServer::start().await,
+        FaultServer::start().await,
+    );
+    consul.set(
+        "orders",
+        vec![
+            ConsulInstance::passing(a.addr()),
+            ConsulInstance::passing(b.addr()),
+            ConsulInstance::failing(c.addr()),
+        ],
+    );
+    let layer = steadfast::client::http()
+        .attempt_timeout(Duration::from_secs(1))
+        .total_timeout(Duration::from_secs(3))
+        .balance(|b| b.seed(7))
+        .build()
+        .unwrap();
+    let source = Consul::new(&format!("http://{}", consul.addr()), "orders")
+        .unwrap()
+        .wait(Duration::from_secs(30));
+    let follower = layer.endpoints().follow_consul(source);
+    let client = layer.layer(support::transport::<Full<Bytes>>());
+    let send = |n: usize| {
+        let client = client.clone();
+        async move {
+            for _ in 0..n {
+                let res = client.clone().oneshot(order()).await.unwrap();
+                assert_eq!(res.status(), 200);
+            }
+        }
+    };
+    // Until the first answer arrives, the set is empty.
+    while layer.endpoints().list().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    send(100).await;
+    assert!(a.hits() > 10 && b.hits() > 10, "{} {}", a.hits(), b.hits());
+    assert_eq!(c.hits(), 0, "a failing instance is never called");
+
+    // b stops passing, c starts: the blocked query answers at once.
+    consul.set(
+        "orders",
+        vec![
+            ConsulInstance::passing(a.addr()),
+            ConsulInstance::failing(b.addr()),
+            ConsulInstance::passing(c.addr()),
+        ],
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let b_before = b.hits();
+    send(100).await;
+    assert_eq!(b.hits(), b_before);
+    assert!(c.hits() > 10, "c got {}", c.hits());
+
+    // The agent goes away: the set stays, calls keep working.
+    let queries = consul.queries();
+    drop(consul);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    send(50).await;
+    assert_eq!(layer.endpoints().list().len(), 2);
+    assert!(queries >= 2);
+    follower.abort();
+}

@@ -16,6 +16,8 @@ pub(crate) struct Endpoint {
     /// (nanoseconds since the set's epoch).
     ewma: AtomicU64,
     stamp: AtomicU64,
+    /// When it last failed (nanoseconds since the epoch; 0: not yet).
+    failed_at: AtomicU64,
     pub(crate) consecutive: AtomicU32,
     /// This interval's outcomes: successes in the low 32 bits, failures in the high 32.
     interval: AtomicU64,
@@ -46,6 +48,7 @@ impl Endpoint {
             in_flight: AtomicU32::new(0),
             ewma: AtomicU64::new(initial_rtt_ns.to_bits()),
             stamp: AtomicU64::new(now),
+            failed_at: AtomicU64::new(0),
             consecutive: AtomicU32::new(0),
             interval: AtomicU64::new(0),
             ejected_until: AtomicU64::new(0),
@@ -56,13 +59,29 @@ impl Endpoint {
 
     /// The load a new call would see: the latency estimate, decayed for the time since it was
     /// last set, times the calls in flight plus this one (peak-EWMA, as linkerd and Finagle
-    /// weigh endpoints).
+    /// weigh endpoints), plus what is left of the penalty of its last failure.
     #[inline]
-    pub(crate) fn cost(&self, now: u64, decay_ns: f64) -> f64 {
+    pub(crate) fn cost(&self, now: u64, decay_ns: f64, penalty_ns: f64) -> f64 {
+        let decayed = self.estimate(now, decay_ns);
+        let load = decayed * f64::from(self.in_flight.load(Relaxed) + 1);
+        let failed_at = self.failed_at.load(Relaxed);
+        if failed_at == 0 {
+            load
+        } else {
+            let since = now.saturating_sub(failed_at) as f64;
+            load + penalty_ns * keep(since / PENALTY_DECAY_NS)
+        }
+    }
+
+    /// The latency estimate now: decayed for the time since it was last set.
+    pub(crate) fn estimate(&self, now: u64, decay_ns: f64) -> f64 {
         let ewma = f64::from_bits(self.ewma.load(Relaxed));
         let age = now.saturating_sub(self.stamp.load(Relaxed)) as f64;
-        let decayed = ewma * keep(age / decay_ns);
-        decayed * f64::from(self.in_flight.load(Relaxed) + 1)
+        ewma * keep(age / decay_ns)
+    }
+
+    pub(crate) fn failed(&self, now: u64) {
+        self.failed_at.store(now.max(1), Relaxed);
     }
 
     #[inline]
@@ -113,6 +132,10 @@ impl Endpoint {
         self.ejected_until.load(Relaxed) != 0
     }
 }
+
+/// How fast a failure's penalty fades: its time constant (2 s). A retry, within its backoff
+/// of the failure, finds the penalty whole; seconds later the endpoint competes again.
+const PENALTY_DECAY_NS: f64 = 2e9;
 
 /// `e^-x` for `x >= 0`: the share of an estimate kept after `x` time constants. Calls come
 /// microseconds to milliseconds apart against a time constant of seconds, so `x` is almost

@@ -19,6 +19,8 @@ pub enum InvalidBalanceConfig {
     EjectionMaxBelowBase,
     /// A success-rate factor that is not a positive number.
     StdevFactor,
+    /// A Consul source that cannot work (the agent's URL, the service name, the token).
+    Consul(String),
 }
 
 impl fmt::Display for InvalidBalanceConfig {
@@ -37,6 +39,7 @@ impl fmt::Display for InvalidBalanceConfig {
             Self::StdevFactor => f.write_str(
                 "balancer success_rate stdev_factor must be a positive number (default 1.9)",
             ),
+            Self::Consul(why) => write!(f, "consul source: {why}"),
         }
     }
 }

@@ -33,19 +33,19 @@ impl<C> Guard<C> {
         }
     }
 
-    /// Reports the outcome: the latency (a failure counts as at least the penalty) and, for
-    /// the outlier rules, success or failure.
+    /// Reports the outcome: the latency, a failure's penalty, and, for the outlier rules,
+    /// success or failure.
     fn report(mut self, failure: bool) {
         self.done = true;
         let shared = &*self.shared;
         let ep = &*self.endpoint;
         ep.finish();
         let now = shared.now();
-        let mut rtt = now.saturating_sub(self.started) as f64;
-        if failure {
-            rtt = rtt.max(shared.config.failure_penalty.as_nanos() as f64);
-        }
+        let rtt = now.saturating_sub(self.started) as f64;
         ep.observe(rtt, now, shared.config.decay.as_nanos() as f64);
+        if failure {
+            ep.failed(now);
+        }
         ep.count(!failure);
         if failure {
             let n = ep.consecutive.fetch_add(1, Relaxed).saturating_add(1);

@@ -164,8 +164,8 @@ impl Default for Config {
 /// | setting | default |
 /// |---|---|
 /// | pick | power of two choices over peak-EWMA latency × (in flight + 1) |
-/// | a failure counts as a latency of | 1 s (decays with the estimate) |
-/// | estimate decay | 10 s; a new endpoint starts at 30 ms |
+/// | a failure adds to the load | 1 s of latency, fading with a time constant of 2 s |
+/// | estimate decay | 10 s; the first endpoint starts at 30 ms, later ones at the others' mean |
 /// | consecutive failures that eject | 5 |
 /// | evaluation interval | 10 s |
 /// | success-rate ejection | mean − 1.9 σ, ≥ 5 endpoints with ≥ 100 calls each |
@@ -267,16 +267,18 @@ impl<C> BalanceBuilder<C> {
         self
     }
 
-    /// The latency a failure counts as in the endpoint's load (default 1 s): after a failure
-    /// the endpoint loses every choice against one that has not failed lately, so a retry
-    /// goes elsewhere; the penalty decays with the estimate, and the endpoint is tried again.
+    /// What a failure adds to the endpoint's load, as a latency (default 1 s): right after a
+    /// failure the endpoint loses every choice against one that has not failed lately, so a
+    /// retry goes elsewhere. The penalty fades with a time constant of 2 s, and the endpoint
+    /// competes again (an endpoint that keeps failing is what ejection is for).
     pub fn failure_penalty(mut self, penalty: Duration) -> Self {
         self.config.failure_penalty = penalty;
         self
     }
 
-    /// The time constant of the latency estimate (default 10 s), and the latency a new
-    /// endpoint starts with (default 30 ms).
+    /// The time constant of the latency estimate (default 10 s), and the latency the first
+    /// endpoints start with (default 30 ms; one that joins later starts at the mean of the
+    /// others).
     pub fn load_estimate(mut self, decay: Duration, default_rtt: Duration) -> Self {
         self.config.decay = decay;
         self.config.default_rtt = default_rtt;

@@ -6,16 +6,17 @@
 //! - **Picking**: power of two choices over a load estimate (a peak-EWMA of latency times
 //!   the calls in flight plus one, as linkerd and Finagle weigh endpoints), or round-robin.
 //!   Lock-free and O(1) per call; clones share one set with no `Buffer` in front.
-//! - **A failure costs the endpoint the next choices**: it counts as a latency of at least
-//!   the failure penalty (1 s), so a retry goes to an endpoint that has not just failed, and
-//!   the endpoint gets calls again as the penalty decays.
+//! - **A failure costs the endpoint the next choices**: it adds a penalty (1 s of latency,
+//!   fading over seconds) to its load, so a retry goes to an endpoint that has not just
+//!   failed, and the endpoint competes again as the penalty fades.
 //! - **Outlier ejection** (Envoy, gRPC A50), with the same outcome classification as retry
 //!   and breaker: consecutive failures (5), and per interval (10 s) success rate
 //!   (mean − 1.9 σ) and failure percentage (85 %). An ejection lasts 30 s × the ejections so
 //!   far, at most 300 s; at most 10 % of the endpoints (at least one of two or more, never
 //!   all) are ejected at once.
 //! - **Endpoints change while calls run** ([`EndpointsHandle`]): a static list, any stream of
-//!   [`Change`]s, or your own code; a removed endpoint drains.
+//!   [`Change`]s, your own code, or (feature `consul`) the passing instances Consul's health
+//!   API reports, followed with blocking queries (`Consul`); a removed endpoint drains.
 //!
 //! Where it sits in a client stack:
 //!
@@ -33,8 +34,14 @@
 //! does. A tonic `Channel` is bound to one address and ignores it: balance gRPC over a
 //! hyper-util HTTP/2 client, or use tonic's own balanced channel.
 //!
-//! Not yet here (see the project's issue list): DNS and Consul sources (a stream of
-//! [`Change`]s from your own resolver or registry client works today) and hedged requests.
+//! Not yet here (see the project's issue list): a DNS source (a stream of [`Change`]s from
+//! your own resolver works today) and hedged requests.
+//!
+//! # Features
+//!
+//! - `consul`: the Consul source (plain HTTP to the agent, as a node's local agent is usually
+//!   reached).
+//! - `metrics`: the counters below.
 //!
 //! # Events
 //!
@@ -44,6 +51,8 @@
 //! `steadfast_balance_ejections_total{endpoint, reason}`,
 //! `steadfast_balance_returned_total{endpoint}`.
 
+#[cfg(feature = "consul")]
+mod consul;
 mod endpoint;
 pub mod error;
 pub mod future;
@@ -53,6 +62,8 @@ mod pick;
 mod service;
 mod set;
 
+#[cfg(feature = "consul")]
+pub use consul::Consul;
 pub use handle::{Change, EndpointStatus, EndpointsHandle};
 pub use layer::{BalanceBuilder, BalanceLayer, FailurePercentage, HostHeader, Pick, SuccessRate};
 pub use service::Balance;

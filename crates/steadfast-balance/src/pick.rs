@@ -24,6 +24,7 @@ pub(crate) fn pick<C>(shared: &Shared<C>, now: u64) -> Option<Arc<Endpoint>> {
     match shared.pick_kind() {
         Pick::PowerOfTwoChoices => {
             let decay = shared.config.decay.as_nanos() as f64;
+            let penalty = shared.config.failure_penalty.as_nanos() as f64;
             for _ in 0..DRAWS {
                 let r = shared.random();
                 let i = (r % n as u64) as usize;
@@ -34,11 +35,13 @@ pub(crate) fn pick<C>(shared: &Shared<C>, now: u64) -> Option<Arc<Endpoint>> {
                 let (a, b) = (&list[i], &list[j]);
                 match (shared.available(a, now), shared.available(b, now)) {
                     (true, true) => {
-                        return Some(if b.cost(now, decay) < a.cost(now, decay) {
-                            b.clone()
-                        } else {
-                            a.clone()
-                        });
+                        return Some(
+                            if b.cost(now, decay, penalty) < a.cost(now, decay, penalty) {
+                                b.clone()
+                            } else {
+                                a.clone()
+                            },
+                        );
                     }
                     (true, false) => return Some(a.clone()),
                     (false, true) => return Some(b.clone()),

@@ -298,8 +298,20 @@ impl<C> Shared<C> {
     /// flight finish and report into state nobody reads, and new calls no longer pick them.
     pub(crate) fn replace(&self, authorities: Vec<Authority>) {
         let now = self.now();
-        let initial = self.config.default_rtt.as_nanos() as f64;
+        let decay = self.config.decay.as_nanos() as f64;
         self.endpoints.rcu(|current| {
+            // A new endpoint starts at the mean estimate of the others, so it competes at once
+            // (starting it at a default slower than a fast set would starve it); the default
+            // only when it is the first.
+            let initial = if current.is_empty() {
+                self.config.default_rtt.as_nanos() as f64
+            } else {
+                current
+                    .iter()
+                    .map(|ep| ep.estimate(now, decay))
+                    .sum::<f64>()
+                    / current.len() as f64
+            };
             dedup(authorities.clone())
                 .into_iter()
                 .map(|a| {

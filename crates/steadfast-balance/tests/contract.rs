@@ -166,6 +166,73 @@ async fn a_failed_endpoint_loses_the_next_choices() {
     }
 }
 
+/// The penalty fades within seconds: an endpoint that failed once competes again.
+#[tokio::test(start_paused = true)]
+async fn a_failed_endpoint_competes_again_once_its_penalty_fades() {
+    let flaky = "10.0.0.1:80";
+    let failed_once = Arc::new(Mutex::new(false));
+    let calls = Arc::new(Mutex::new(0u32));
+    let (f, c) = (failed_once.clone(), calls.clone());
+    // Both endpoints answer in 1 ms; the flaky one fails its first call.
+    let up = service_fn(move |req: Request<()>| {
+        let (f, c) = (f.clone(), c.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let mut status = 200;
+            if req.uri().authority().unwrap().as_str() == flaky {
+                *c.lock().unwrap() += 1;
+                if !std::mem::replace(&mut *f.lock().unwrap(), true) {
+                    status = 503;
+                }
+            }
+            Ok::<_, BoxError>(Response::builder().status(status).body(()).unwrap())
+        }
+    });
+    let mut svc = builder(2).build().unwrap().layer(up);
+    while !*failed_once.lock().unwrap() {
+        send(&mut svc).await.unwrap();
+    }
+    // Right after the failure, it loses the choices.
+    for _ in 0..20 {
+        send(&mut svc).await.unwrap();
+    }
+    assert_eq!(*calls.lock().unwrap(), 1);
+    // Seconds later it competes again.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    for _ in 0..200 {
+        send(&mut svc).await.unwrap();
+    }
+    let got = *calls.lock().unwrap() - 1;
+    assert!(got > 20, "it got {got} of 200");
+}
+
+/// An endpoint that joins a set of fast endpoints takes calls at once (it starts at their
+/// mean estimate; a fixed slower start starved it: a hostile pass through Consul found it).
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_that_joins_a_fast_set_takes_calls_at_once() {
+    let fast = service_fn(|req: Request<()>| async move {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+        Ok::<_, BoxError>(
+            Response::builder()
+                .header("to", req.uri().authority().unwrap().as_str())
+                .body(())
+                .unwrap(),
+        )
+    });
+    let layer = builder(2).build().unwrap();
+    let mut svc = layer.layer(fast);
+    for _ in 0..100 {
+        svc.ready().await.unwrap().call(get()).await.unwrap();
+    }
+    layer.handle().insert("10.0.0.9:80".parse().unwrap());
+    let mut new = 0;
+    for _ in 0..300 {
+        let res = svc.ready().await.unwrap().call(get()).await.unwrap();
+        new += usize::from(res.headers()["to"] == "10.0.0.9:80");
+    }
+    assert!(new > 30, "the new endpoint got {new} of 300");
+}
+
 #[tokio::test(start_paused = true)]
 async fn five_failures_in_a_row_eject_for_30_s_then_60_s() {
     let up = Upstream::default();

@@ -354,3 +354,218 @@ async fn handle(
 fn full(b: Bytes) -> Body {
     BoxBody::new(http_body_util::Full::new(b).map_err(|e: Infallible| match e {}))
 }
+
+/// One instance a [`ConsulServer`] reports for a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsulInstance {
+    /// The service's address (an IP or a host name).
+    pub address: String,
+    /// The service's port.
+    pub port: u16,
+    /// Whether its health checks pass.
+    pub passing: bool,
+}
+
+impl ConsulInstance {
+    /// A passing instance at `addr`.
+    pub fn passing(addr: SocketAddr) -> Self {
+        Self {
+            address: addr.ip().to_string(),
+            port: addr.port(),
+            passing: true,
+        }
+    }
+
+    /// A failing instance at `addr`.
+    pub fn failing(addr: SocketAddr) -> Self {
+        Self {
+            passing: false,
+            ..Self::passing(addr)
+        }
+    }
+}
+
+struct ConsulState {
+    catalog: Mutex<(u64, std::collections::BTreeMap<String, Vec<ConsulInstance>>)>,
+    changed: tokio::sync::Notify,
+    queries: std::sync::atomic::AtomicUsize,
+}
+
+/// A small server that answers Consul's health API as Consul documents it, for testing
+/// discovery without a Consul agent (none can be installed where these tests run):
+/// `GET /v1/health/service/<name>` with `?passing` (only instances whose checks pass) and
+/// blocking queries (`?index=<n>&wait=<d>`: the answer waits until the catalog's index moves
+/// past `n` or `wait` runs out, default 5 min), answered with the `X-Consul-Index` header.
+/// Everything else is a 404.
+///
+/// ```
+/// use steadfast_testkit::{ConsulInstance, ConsulServer};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let consul = ConsulServer::start().await;
+/// consul.set("orders", vec![ConsulInstance::passing("127.0.0.1:8081".parse().unwrap())]);
+/// assert_eq!(consul.index(), 1);
+/// # }
+/// ```
+pub struct ConsulServer {
+    addr: SocketAddr,
+    state: Arc<ConsulState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ConsulServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ConsulServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ConsulServer {
+    /// Starts the server on `127.0.0.1` with an ephemeral port and an empty catalog (index 0).
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1");
+        let addr = listener.local_addr().expect("local addr");
+        let state = Arc::new(ConsulState {
+            catalog: Mutex::new((0, std::collections::BTreeMap::new())),
+            changed: tokio::sync::Notify::new(),
+            queries: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let s = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| consul_answer(s.clone(), req));
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    /// The agent's address, for `http://<addr>`.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Replaces a service's instances and moves the index on: blocked queries answer now.
+    pub fn set(&self, service: &str, instances: Vec<ConsulInstance>) {
+        {
+            let mut c = self
+                .state
+                .catalog
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            c.0 += 1;
+            c.1.insert(service.to_owned(), instances);
+        }
+        self.state.changed.notify_waiters();
+    }
+
+    /// The catalog's index now.
+    pub fn index(&self) -> u64 {
+        self.state
+            .catalog
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
+    /// How many health queries arrived.
+    pub fn queries(&self) -> usize {
+        self.state.queries.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Consul's duration syntax for `wait`: a number and `ms`, `s`, `m` or `h`.
+fn consul_wait(v: &str) -> Option<Duration> {
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return None,
+    })
+}
+
+async fn consul_answer(
+    state: Arc<ConsulState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let not_found = || {
+        let mut r = Response::new(full(Bytes::from_static(b"not found")));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        r
+    };
+    let Some(service) = req.uri().path().strip_prefix("/v1/health/service/") else {
+        return Ok(not_found());
+    };
+    let service = service.to_owned();
+    state
+        .queries
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let (mut passing, mut index, mut wait) = (false, 0u64, Duration::from_secs(300));
+    for pair in req.uri().query().unwrap_or("").split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "passing" => passing = v != "false",
+            "index" => index = v.parse().unwrap_or(0),
+            "wait" => wait = consul_wait(v).unwrap_or(wait).min(Duration::from_secs(600)),
+            _ => {}
+        }
+    }
+    // A blocking query: wait for the index to move past the caller's, or for `wait`.
+    let deadline = Instant::now() + wait;
+    loop {
+        let notified = state.changed.notified();
+        let current = state
+            .catalog
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        if index == 0 || current > index {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            break;
+        }
+    }
+    let (current, instances) = {
+        let c = state.catalog.lock().unwrap_or_else(PoisonError::into_inner);
+        (c.0, c.1.get(&service).cloned().unwrap_or_default())
+    };
+    let entries: Vec<String> = instances
+        .iter()
+        .filter(|i| i.passing || !passing)
+        .map(|i| {
+            let status = if i.passing { "passing" } else { "critical" };
+            format!(
+                r#"{{"Node":{{"Node":"node-{port}","Address":"{addr}"}},"Service":{{"ID":"{service}-{port}","Service":"{service}","Address":"{addr}","Port":{port}}},"Checks":[{{"Status":"{status}"}}]}}"#,
+                addr = i.address,
+                port = i.port,
+            )
+        })
+        .collect();
+    let mut res = Response::new(full(Bytes::from(format!("[{}]", entries.join(",")))));
+    res.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    res.headers_mut()
+        .insert("x-consul-index", HeaderValue::from(current.max(1)));
+    Ok(res)
+}
