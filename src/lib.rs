@@ -12,6 +12,7 @@
 //! | `correlation` | `steadfast-correlation` (`steadfast::correlation`) | `SetCorrelationIdLayer` |
 //! | `balance` | `steadfast-balance` (`steadfast::balance`) | `BalanceLayer` |
 //! | `consul` | the balancer's Consul source (`steadfast::balance::Consul`) | |
+//! | `dns` | the balancer's DNS source (`steadfast::balance::Dns`) | |
 //! | `full` (default) | all of the above, plus the `client` and `server` presets | |
 //! | `tonic` | the gRPC client preset (`client::grpc`) for a tonic `Channel`, and `grpc_status` (the stack's errors as tonic statuses) | |
 //! | `metrics` | counters and histograms from every layer through the `metrics` facade (see `docs/observability.md`) | |

@@ -219,3 +219,123 @@ async fn endpoints_follow_consul_while_calls_run() {
     assert!(queries >= 2);
     follower.abort();
 }
+
+/// Endpoints from DNS (a small authoritative server on 127.0.0.1 whose records the test
+/// changes): SRV records name the instances; one leaves and another joins while calls run,
+/// each change seen once the answer's TTL runs out; a name that stops resolving leaves the
+/// set as it was.
+#[tokio::test(start_paused = true)]
+async fn endpoints_follow_dns_srv_records_on_their_ttl() {
+    use steadfast::balance::Dns;
+    use steadfast_testkit::DnsServer;
+
+    let dns = DnsServer::start().await;
+    let (a, b, c) = (
+        FaultServer::start().await,
+        FaultServer::start().await,
+        FaultServer::start().await,
+    );
+    // Instances that take a millisecond, as real ones do (paused time would make every
+    // latency zero, and every load estimate equal).
+    for s in [&a, &b, &c] {
+        s.set_default(Fault::status(200).after(Duration::from_millis(1)));
+    }
+    let localhost = ["127.0.0.1".parse().unwrap()];
+    for name in ["a.orders.test", "b.orders.test", "c.orders.test"] {
+        dns.set_addresses(name, &localhost, 60);
+    }
+    let srv = "_http._tcp.orders.test";
+    dns.set_services(
+        srv,
+        &[
+            (a.addr().port(), "a.orders.test"),
+            (b.addr().port(), "b.orders.test"),
+        ],
+        5,
+    );
+    let layer = steadfast::client::http()
+        .attempt_timeout(Duration::from_secs(1))
+        .total_timeout(Duration::from_secs(3))
+        .balance(|b| b.seed(3))
+        .build()
+        .unwrap();
+    let source = Dns::services(srv)
+        .unwrap()
+        .name_servers([dns.addr()])
+        .ttl_bounds(Duration::from_secs(1), Duration::from_secs(60))
+        .unwrap();
+    let follower = layer.endpoints().follow_dns(source);
+    let client = layer.layer(support::transport::<Full<Bytes>>());
+    let send = |n: usize| {
+        let client = client.clone();
+        async move {
+            for _ in 0..n {
+                let res = client.clone().oneshot(order()).await.unwrap();
+                assert_eq!(res.status(), 200);
+            }
+        }
+    };
+    while layer.endpoints().list().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    send(100).await;
+    assert!(a.hits() > 10 && b.hits() > 10, "{} {}", a.hits(), b.hits());
+
+    // b leaves, c joins; seen when the 5 s TTL runs out, not before.
+    dns.set_services(
+        srv,
+        &[
+            (a.addr().port(), "a.orders.test"),
+            (c.addr().port(), "c.orders.test"),
+        ],
+        5,
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let b_before = b.hits();
+    send(100).await;
+    assert_eq!(b.hits(), b_before, "b left the records");
+    assert!(c.hits() > 10, "c got {}", c.hits());
+
+    // The name stops resolving: the set stays.
+    dns.set_services(srv, &[], 5);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(layer.endpoints().list().len(), 2);
+    send(20).await;
+    assert!(dns.queries() >= 3);
+    follower.abort();
+}
+
+/// A and AAAA records of a name, each with the given port.
+#[tokio::test(start_paused = true)]
+async fn endpoints_follow_dns_addresses() {
+    use steadfast::balance::Dns;
+    use steadfast_testkit::DnsServer;
+
+    let dns = DnsServer::start().await;
+    dns.set_addresses("orders.test", &["10.0.0.1".parse().unwrap()], 2);
+    let layer = steadfast::balance::BalanceLayer::builder().build().unwrap();
+    let follower = layer.handle().follow_dns(
+        Dns::addresses("orders.test", 8080)
+            .unwrap()
+            .name_servers([dns.addr()]),
+    );
+    let names = |l: &steadfast::balance::BalanceLayer| -> Vec<String> {
+        l.handle()
+            .list()
+            .iter()
+            .map(|e| e.authority.to_string())
+            .collect()
+    };
+    while names(&layer).is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(names(&layer), ["10.0.0.1:8080"]);
+    dns.set_addresses(
+        "orders.test",
+        &["10.0.0.1".parse().unwrap(), "fd00::2".parse().unwrap()],
+        2,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(names(&layer), ["10.0.0.1:8080", "[fd00::2]:8080"]);
+    follower.abort();
+}

@@ -21,6 +21,8 @@ pub enum InvalidBalanceConfig {
     StdevFactor,
     /// A Consul source that cannot work (the agent's URL, the service name, the token).
     Consul(String),
+    /// A DNS source that cannot work (the name, the port, the TTL bounds).
+    Dns(String),
 }
 
 impl fmt::Display for InvalidBalanceConfig {
@@ -40,6 +42,7 @@ impl fmt::Display for InvalidBalanceConfig {
                 "balancer success_rate stdev_factor must be a positive number (default 1.9)",
             ),
             Self::Consul(why) => write!(f, "consul source: {why}"),
+            Self::Dns(why) => write!(f, "dns source: {why}"),
         }
     }
 }

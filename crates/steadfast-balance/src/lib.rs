@@ -15,8 +15,9 @@
 //!   far, at most 300 s; at most 10 % of the endpoints (at least one of two or more, never
 //!   all) are ejected at once.
 //! - **Endpoints change while calls run** ([`EndpointsHandle`]): a static list, any stream of
-//!   [`Change`]s, your own code, or (feature `consul`) the passing instances Consul's health
-//!   API reports, followed with blocking queries (`Consul`); a removed endpoint drains.
+//!   [`Change`]s, your own code, DNS (feature `dns`: A/AAAA or SRV records re-resolved on
+//!   their TTL, `Dns`), or the passing instances Consul's health API reports (feature
+//!   `consul`, followed with blocking queries, `Consul`); a removed endpoint drains.
 //!
 //! Where it sits in a client stack:
 //!
@@ -34,11 +35,9 @@
 //! does. A tonic `Channel` is bound to one address and ignores it: balance gRPC over a
 //! hyper-util HTTP/2 client, or use tonic's own balanced channel.
 //!
-//! Not yet here (see the project's issue list): a DNS source (a stream of [`Change`]s from
-//! your own resolver works today) and hedged requests.
-//!
 //! # Features
 //!
+//! - `dns`: the DNS source (hickory-resolver).
 //! - `consul`: the Consul source (plain HTTP to the agent, as a node's local agent is usually
 //!   reached).
 //! - `metrics`: the counters below.
@@ -53,6 +52,8 @@
 
 #[cfg(feature = "consul")]
 mod consul;
+#[cfg(feature = "dns")]
+mod dns;
 mod endpoint;
 pub mod error;
 pub mod future;
@@ -64,6 +65,8 @@ mod set;
 
 #[cfg(feature = "consul")]
 pub use consul::Consul;
+#[cfg(feature = "dns")]
+pub use dns::Dns;
 pub use handle::{Change, EndpointStatus, EndpointsHandle};
 pub use layer::{BalanceBuilder, BalanceLayer, FailurePercentage, HostHeader, Pick, SuccessRate};
 pub use service::Balance;

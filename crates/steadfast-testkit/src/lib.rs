@@ -569,3 +569,190 @@ async fn consul_answer(
         .insert("x-consul-index", HeaderValue::from(current.max(1)));
     Ok(res)
 }
+
+/// Records a [`DnsServer`] answers with.
+#[derive(Clone, Debug, Default)]
+struct Zone {
+    /// Name (lower case, no trailing dot) -> addresses and their TTL.
+    addresses: std::collections::BTreeMap<String, (Vec<std::net::IpAddr>, u32)>,
+    /// Name -> (port, target) pairs and their TTL.
+    services: std::collections::BTreeMap<String, (Vec<(u16, String)>, u32)>,
+}
+
+/// A small authoritative DNS server on `127.0.0.1` (UDP, ephemeral port) whose records a test
+/// changes while clients resolve: A and AAAA records for names, SRV records for services.
+/// Unknown names are NXDOMAIN; other record types are answered with no records. Enough of
+/// RFC 1035 and RFC 2782 for a stub resolver to use it as its name server.
+///
+/// ```
+/// use steadfast_testkit::DnsServer;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let dns = DnsServer::start().await;
+/// dns.set_addresses("orders.test", &["10.0.0.1".parse().unwrap()], 5);
+/// dns.set_services("_http._tcp.orders.test", &[(8080, "orders-1.test")], 5);
+/// assert_eq!(dns.queries(), 0);
+/// # }
+/// ```
+pub struct DnsServer {
+    addr: SocketAddr,
+    zone: Arc<Mutex<Zone>>,
+    queries: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl DnsServer {
+    /// Starts the server with no records.
+    pub async fn start() -> Self {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1");
+        let addr = socket.local_addr().expect("local addr");
+        let zone: Arc<Mutex<Zone>> = Arc::default();
+        let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (z, q) = (zone.clone(), queries.clone());
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    continue;
+                };
+                q.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let zone = z.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                if let Some(answer) = dns_answer(&buf[..n], &zone) {
+                    let _ = socket.send_to(&answer, from).await;
+                }
+            }
+        });
+        Self {
+            addr,
+            zone,
+            queries,
+            task,
+        }
+    }
+
+    /// The address to use as a name server.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sets the A / AAAA records of `name` (an empty list removes the name).
+    pub fn set_addresses(&self, name: &str, addresses: &[std::net::IpAddr], ttl: u32) {
+        let mut z = self.zone.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = name.trim_end_matches('.').to_ascii_lowercase();
+        if addresses.is_empty() {
+            z.addresses.remove(&key);
+        } else {
+            z.addresses.insert(key, (addresses.to_vec(), ttl));
+        }
+    }
+
+    /// Sets the SRV records of `name`: `(port, target)` pairs (an empty list removes it).
+    pub fn set_services(&self, name: &str, services: &[(u16, &str)], ttl: u32) {
+        let mut z = self.zone.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = name.trim_end_matches('.').to_ascii_lowercase();
+        if services.is_empty() {
+            z.services.remove(&key);
+        } else {
+            let list = services
+                .iter()
+                .map(|(p, t)| (*p, t.trim_end_matches('.').to_ascii_lowercase()))
+                .collect();
+            z.services.insert(key, (list, ttl));
+        }
+    }
+
+    /// How many queries arrived.
+    pub fn queries(&self) -> usize {
+        self.queries.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Reads a name at `pos` (no compression: queries carry none); returns it and the position
+/// after it.
+fn dns_read_name(msg: &[u8], mut pos: usize) -> Option<(String, usize)> {
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*msg.get(pos)?);
+        pos += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        labels.push(String::from_utf8_lossy(msg.get(pos..pos + len)?).to_ascii_lowercase());
+        pos += len;
+    }
+    Some((labels.join("."), pos))
+}
+
+fn dns_write_name(out: &mut Vec<u8>, name: &str) {
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        out.push(label.len().min(63) as u8);
+        out.extend_from_slice(&label.as_bytes()[..label.len().min(63)]);
+    }
+    out.push(0);
+}
+
+/// The answer to one query, or `None` for a message that is not one.
+fn dns_answer(query: &[u8], zone: &Zone) -> Option<Vec<u8>> {
+    if query.len() < 12 || query[2] & 0x80 != 0 {
+        return None;
+    }
+    let (name, end) = dns_read_name(query, 12)?;
+    let qtype = u16::from_be_bytes([*query.get(end)?, *query.get(end + 1)?]);
+    let question = query.get(12..end + 4)?;
+    let mut records: Vec<(u16, u32, Vec<u8>)> = Vec::new();
+    let known = zone.addresses.contains_key(&name) || zone.services.contains_key(&name);
+    if let Some((addrs, ttl)) = zone.addresses.get(&name) {
+        for a in addrs {
+            match (a, qtype) {
+                (std::net::IpAddr::V4(v4), 1) => records.push((1, *ttl, v4.octets().to_vec())),
+                (std::net::IpAddr::V6(v6), 28) => records.push((28, *ttl, v6.octets().to_vec())),
+                _ => {}
+            }
+        }
+    }
+    if let (Some((services, ttl)), 33) = (zone.services.get(&name), qtype) {
+        for (port, target) in services {
+            let mut rdata = vec![0, 10, 0, 10];
+            rdata.extend_from_slice(&port.to_be_bytes());
+            dns_write_name(&mut rdata, target);
+            records.push((33, *ttl, rdata));
+        }
+    }
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(&query[0..2]);
+    // QR, AA, RD copied, RA; NXDOMAIN for an unknown name.
+    out.push(0x84 | (query[2] & 0x01));
+    out.push(0x80 | if known { 0 } else { 3 });
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(question);
+    for (rtype, ttl, rdata) in records {
+        out.extend_from_slice(&[0xc0, 12]);
+        out.extend_from_slice(&rtype.to_be_bytes());
+        out.extend_from_slice(&1u16.to_be_bytes());
+        out.extend_from_slice(&ttl.to_be_bytes());
+        out.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        out.extend_from_slice(&rdata);
+    }
+    Some(out)
+}
