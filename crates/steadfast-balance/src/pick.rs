@@ -6,8 +6,8 @@ use crate::endpoint::Endpoint;
 use crate::layer::Pick;
 use crate::set::Shared;
 
-/// Samples drawn before falling back to a scan (each draw finds an endpoint in service with
-/// probability at least one half, since at most half can be ejected by default).
+/// Draws per candidate before falling back to a scan (each draw finds an endpoint in service
+/// with probability at least one half whenever at most half are ejected).
 const DRAWS: usize = 4;
 
 /// The endpoint for the next call, or `None` when the set is empty (or, with `fail_fast`,
@@ -25,28 +25,27 @@ pub(crate) fn pick<C>(shared: &Shared<C>, now: u64) -> Option<Arc<Endpoint>> {
         Pick::PowerOfTwoChoices => {
             let decay = shared.config.decay.as_nanos() as f64;
             let penalty = shared.config.failure_penalty.as_nanos() as f64;
-            for _ in 0..DRAWS {
-                let r = shared.random();
-                let i = (r % n as u64) as usize;
-                let mut j = ((r >> 32) % (n as u64 - 1)) as usize;
-                if j >= i {
-                    j += 1;
-                }
-                let (a, b) = (&list[i], &list[j]);
-                match (shared.available(a, now), shared.available(b, now)) {
-                    (true, true) => {
-                        return Some(
-                            if b.cost(now, decay, penalty) < a.cost(now, decay, penalty) {
-                                b.clone()
-                            } else {
-                                a.clone()
-                            },
-                        );
+            // Two distinct endpoints in service, drawn at random; an ejected one drawn is
+            // replaced by another draw (taking the other of a pair with an ejected endpoint
+            // unweighed would hand a slow endpoint every pair it shares with an ejected one).
+            let first = (0..DRAWS)
+                .map(|_| (shared.random() % n as u64) as usize)
+                .find(|&i| shared.available(&list[i], now));
+            if let Some(i) = first {
+                let second = (0..DRAWS)
+                    .map(|_| {
+                        let j = (shared.random() % (n as u64 - 1)) as usize;
+                        if j >= i { j + 1 } else { j }
+                    })
+                    .find(|&j| shared.available(&list[j], now))
+                    .or_else(|| other_in_service(shared, &list, i, now));
+                let a = &list[i];
+                return Some(match second {
+                    Some(j) if list[j].cost(now, decay, penalty) < a.cost(now, decay, penalty) => {
+                        list[j].clone()
                     }
-                    (true, false) => return Some(a.clone()),
-                    (false, true) => return Some(b.clone()),
-                    (false, false) => {}
-                }
+                    _ => a.clone(),
+                });
             }
         }
         Pick::RoundRobin => {
@@ -60,6 +59,22 @@ pub(crate) fn pick<C>(shared: &Shared<C>, now: u64) -> Option<Arc<Endpoint>> {
         }
     }
     scan(shared, &list, now)
+}
+
+/// Another endpoint in service than `i`, from a random start (when draws kept meeting
+/// ejected ones).
+#[cold]
+fn other_in_service<C>(
+    shared: &Shared<C>,
+    list: &[Arc<Endpoint>],
+    i: usize,
+    now: u64,
+) -> Option<usize> {
+    let n = list.len();
+    let start = (shared.random() % n as u64) as usize;
+    (0..n)
+        .map(|k| (start + k) % n)
+        .find(|&j| j != i && shared.available(&list[j], now))
 }
 
 fn usable<C>(shared: &Shared<C>, ep: &Arc<Endpoint>, now: u64) -> Option<Arc<Endpoint>> {
