@@ -59,18 +59,17 @@ impl Endpoint {
 
     /// The load a new call would see: the latency estimate, decayed for the time since it was
     /// last set, times the calls in flight plus this one (peak-EWMA, as linkerd and Finagle
-    /// weigh endpoints), plus what is left of the penalty of its last failure.
+    /// weigh endpoints).
     #[inline]
-    pub(crate) fn cost(&self, now: u64, decay_ns: f64, penalty_ns: f64) -> f64 {
-        let decayed = self.estimate(now, decay_ns);
-        let load = decayed * f64::from(self.in_flight.load(Relaxed) + 1);
-        let failed_at = self.failed_at.load(Relaxed);
-        if failed_at == 0 {
-            load
-        } else {
-            let since = now.saturating_sub(failed_at) as f64;
-            load + penalty_ns * keep(since / PENALTY_DECAY_NS)
-        }
+    pub(crate) fn cost(&self, now: u64, decay_ns: f64) -> f64 {
+        self.estimate(now, decay_ns) * f64::from(self.in_flight.load(Relaxed) + 1)
+    }
+
+    /// Whether it failed within the last `window_ns`.
+    #[inline]
+    pub(crate) fn failed_lately(&self, now: u64, window_ns: u64) -> bool {
+        let at = self.failed_at.load(Relaxed);
+        at != 0 && now.saturating_sub(at) < window_ns
     }
 
     /// The latency estimate now: decayed for the time since it was last set.
@@ -132,10 +131,6 @@ impl Endpoint {
         self.ejected_until.load(Relaxed) != 0
     }
 }
-
-/// How fast a failure's penalty fades: its time constant (2 s). A retry, within its backoff
-/// of the failure, finds the penalty whole; seconds later the endpoint competes again.
-const PENALTY_DECAY_NS: f64 = 2e9;
 
 /// `e^-x` for `x >= 0`: the share of an estimate kept after `x` time constants. Calls come
 /// microseconds to milliseconds apart against a time constant of seconds, so `x` is almost

@@ -3,7 +3,8 @@
 use std::error::Error;
 use std::fmt;
 
-use steadfast_core::PolicyRejected;
+use http::uri::Authority;
+use steadfast_core::{BoxError, NotSent, PolicyRejected};
 
 /// A balancer builder was given a setting that cannot work; the message says what to change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,5 +83,48 @@ impl fmt::Display for NoEndpoint {
 impl Error for NoEndpoint {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         Some(&PolicyRejected::INSTANCE)
+    }
+}
+
+/// An endpoint's own breaker refused the call, and other endpoints are in service: nothing
+/// was sent, and the endpoint is ejected. Its [`source`](Error::source) is
+/// [`NotSent`], so a retry layer above sends the call again, to another endpoint (for any
+/// method: nothing reached a server). Without endpoints to go to, the balancer returns the
+/// breaker's own refusal instead, which is not retried.
+#[derive(Debug)]
+pub struct Rerouted {
+    endpoint: Authority,
+    refusal: BoxError,
+}
+
+impl Rerouted {
+    pub(crate) fn new(endpoint: Authority, refusal: BoxError) -> Self {
+        Self { endpoint, refusal }
+    }
+
+    /// The endpoint that refused.
+    pub fn endpoint(&self) -> &Authority {
+        &self.endpoint
+    }
+
+    /// The refusal (the breaker's error).
+    pub fn into_refusal(self) -> BoxError {
+        self.refusal
+    }
+}
+
+impl fmt::Display for Rerouted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "endpoint {} refused the call ({}); another endpoint can take it",
+            self.endpoint, self.refusal
+        )
+    }
+}
+
+impl Error for Rerouted {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&NotSent::INSTANCE)
     }
 }

@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use steadfast_core::{BoxError, Classify, PolicyRejected, ResponseClass};
 
 use crate::endpoint::Endpoint;
-use crate::error::NoEndpoint;
+use crate::error::{NoEndpoint, Rerouted};
 use crate::set::{Reason, Shared};
 
 /// One call's hold on its endpoint: counts it in flight until the outcome (or the drop).
@@ -59,6 +59,24 @@ impl<C> Guard<C> {
         } else if ep.consecutive.load(Relaxed) != 0 {
             ep.consecutive.store(0, Relaxed);
         }
+    }
+}
+
+impl<C> Guard<C> {
+    /// The endpoint's own breaker refused the call: a failure for the balancer, and an
+    /// ejection (within the cap). Returns whether another endpoint is in service to take it.
+    fn refused(self) -> (Arc<Endpoint>, bool) {
+        let ep = self.endpoint.clone();
+        let shared = self.shared.clone();
+        self.report(true);
+        let now = shared.now();
+        shared.eject(&ep, now, Reason::Refused);
+        let other = shared
+            .endpoints
+            .load()
+            .iter()
+            .any(|e| !Arc::ptr_eq(e, &ep) && shared.available(e, now));
+        (ep, other)
     }
 }
 
@@ -128,19 +146,27 @@ where
             return Poll::Ready(Err(err.into()));
         };
         let out = ready!(inner.poll(cx)).map_err(Into::into);
-        if let Some(guard) = this.guard.take() {
-            let failure = match &out {
-                Ok(res) => match guard.shared.classifier.classify_response(res) {
-                    ResponseClass::Ready(class) => class.is_failure(),
-                    // A gRPC status still to come in the trailers: judged by its head.
-                    ResponseClass::Deferred(_) => false,
-                },
-                // An endpoint whose own breaker refuses calls is down for the balancer.
-                Err(e) if PolicyRejected::is_in(&**e) => true,
-                Err(e) => guard.shared.classifier.classify_error(&**e).is_failure(),
-            };
-            guard.report(failure);
-        }
+        let Some(guard) = this.guard.take() else {
+            return Poll::Ready(out);
+        };
+        let failure = match &out {
+            Ok(res) => match guard.shared.classifier.classify_response(res) {
+                ResponseClass::Ready(class) => class.is_failure(),
+                // A gRPC status still to come in the trailers: judged by its head.
+                ResponseClass::Deferred(_) => false,
+            },
+            // The endpoint's own breaker refused: nothing was sent. Eject it, and hand the
+            // call back for another endpoint when there is one.
+            Err(e) if PolicyRejected::is_in(&**e) => {
+                let (ep, other) = guard.refused();
+                return Poll::Ready(match out {
+                    Err(e) if other => Err(Rerouted::new(ep.authority.clone(), e).into()),
+                    out => out,
+                });
+            }
+            Err(e) => guard.shared.classifier.classify_error(&**e).is_failure(),
+        };
+        guard.report(failure);
         Poll::Ready(out)
     }
 }

@@ -77,13 +77,15 @@ impl<C> EndpointsHandle<C> {
         let Some(shared) = &self.shared else {
             return Vec::new();
         };
+        let now = shared.now();
         shared
             .endpoints
             .load()
             .iter()
             .map(|ep| EndpointStatus {
                 authority: ep.authority.clone(),
-                ejected: ep.is_ejected(),
+                // An ejection whose time is up ends here, not at the next call.
+                ejected: !shared.available(ep, now),
                 ejections: ep.ejections.load(Relaxed),
                 in_flight: ep.in_flight(),
             })
@@ -92,16 +94,17 @@ impl<C> EndpointsHandle<C> {
 
     /// How many endpoints are ejected now.
     pub fn ejected(&self) -> usize {
-        self.shared.as_ref().map_or(0, |s| s.ejected_now())
+        self.list().iter().filter(|e| e.ejected).count()
     }
 
     /// Replaces the whole set (what a source that lists every endpoint each time, such as a
-    /// DNS answer, reports). Endpoints that stay keep their load estimate and ejections.
+    /// DNS answer, reports). Endpoints that stay keep their load estimate and ejections; when
+    /// the smaller set allows fewer ejected endpoints, the ones ejected longest ago return.
+    /// An authority that is not an endpoint (no port, port 0, userinfo) is skipped, with a
+    /// warning, as the builder would refuse it.
     pub fn set(&self, endpoints: impl IntoIterator<Item = Authority>) {
         if let Some(shared) = &self.shared {
-            let before = shared.endpoints.load_full();
             shared.replace(endpoints.into_iter().collect());
-            shared.mark_removed(&before);
         }
     }
 
@@ -138,8 +141,11 @@ impl<C> EndpointsHandle<C> {
     }
 
     /// Follows a discovery stream: every change it yields is applied, until it ends or
-    /// yields an error (logged). Spawned on the current tokio runtime; call it from inside
-    /// one. Drop or abort the returned handle to stop following.
+    /// yields an error (logged). Drop or abort the returned handle to stop following.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (it is spawned on the current one).
     pub fn follow<St, E>(&self, changes: St) -> tokio::task::JoinHandle<()>
     where
         St: Stream<Item = Result<Change, E>> + Send + 'static,

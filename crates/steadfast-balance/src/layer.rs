@@ -148,7 +148,7 @@ impl Default for Config {
             ejection_base: Duration::from_secs(30),
             ejection_max: Duration::from_secs(300),
             max_ejection_percent: 10,
-            failure_penalty: Duration::from_secs(1),
+            failure_penalty: Duration::from_secs(2),
             decay: Duration::from_secs(10),
             default_rtt: Duration::from_millis(30),
             fail_fast: false,
@@ -164,7 +164,7 @@ impl Default for Config {
 /// | setting | default |
 /// |---|---|
 /// | pick | power of two choices over peak-EWMA latency × (in flight + 1) |
-/// | a failure adds to the load | 1 s of latency, fading with a time constant of 2 s |
+/// | after a failure, the endpoint loses every choice against one that has not failed | for 2 s |
 /// | estimate decay | 10 s; the first endpoint starts at 30 ms, later ones at the others' mean |
 /// | consecutive failures that eject | 5 |
 /// | evaluation interval | 10 s |
@@ -267,10 +267,10 @@ impl<C> BalanceBuilder<C> {
         self
     }
 
-    /// What a failure adds to the endpoint's load, as a latency (default 1 s): right after a
-    /// failure the endpoint loses every choice against one that has not failed lately, so a
-    /// retry goes elsewhere. The penalty fades with a time constant of 2 s, and the endpoint
-    /// competes again (an endpoint that keeps failing is what ejection is for).
+    /// For how long after a failure the endpoint loses every choice against one that has not
+    /// failed in that time, whatever their loads (default 2 s): a retry goes elsewhere. Then
+    /// it competes on its load again (an endpoint that keeps failing is what ejection is for).
+    /// Zero turns it off.
     pub fn failure_penalty(mut self, penalty: Duration) -> Self {
         self.config.failure_penalty = penalty;
         self
@@ -374,10 +374,15 @@ impl<C> BalanceBuilder<C> {
     }
 }
 
+/// An authority a call can go to: a host and a port other than 0, no userinfo.
+pub(crate) fn valid_endpoint(a: &Authority) -> bool {
+    a.port_u16().is_some_and(|p| p != 0) && !a.host().is_empty() && !a.as_str().contains('@')
+}
+
 fn parse_endpoint(s: &str) -> Result<Authority, InvalidBalanceConfig> {
     let bad = || InvalidBalanceConfig::Endpoint(s.to_owned());
     let a: Authority = s.parse().map_err(|_| bad())?;
-    if a.port_u16().is_none() || a.host().is_empty() || s.contains('@') {
+    if !valid_endpoint(&a) {
         return Err(bad());
     }
     Ok(a)

@@ -6,9 +6,11 @@
 //! - **Picking**: power of two choices over a load estimate (a peak-EWMA of latency times
 //!   the calls in flight plus one, as linkerd and Finagle weigh endpoints), or round-robin.
 //!   Lock-free and O(1) per call; clones share one set with no `Buffer` in front.
-//! - **A failure costs the endpoint the next choices**: it adds a penalty (1 s of latency,
-//!   fading over seconds) to its load, so a retry goes to an endpoint that has not just
-//!   failed, and the endpoint competes again as the penalty fades.
+//! - **A failure costs the endpoint the next choices**: for 2 s it loses every choice against
+//!   an endpoint that has not failed, whatever their loads, so a retry goes elsewhere; then
+//!   it competes on its load again. A call refused by an endpoint's own breaker ejects the
+//!   endpoint and is handed back as [`Rerouted`](error::Rerouted), which a retry layer sends
+//!   to another endpoint (nothing was sent).
 //! - **Outlier ejection** (Envoy, gRPC A50), with the same outcome classification as retry
 //!   and breaker: consecutive failures (5), and per interval (10 s) success rate
 //!   (mean − 1.9 σ) and failure percentage (85 %). An ejection lasts 30 s × the ejections so
@@ -34,6 +36,10 @@
 //! The transport must connect to the authority in the request URI, as hyper-util's client
 //! does. A tonic `Channel` is bound to one address and ignores it: balance gRPC over a
 //! hyper-util HTTP/2 client, or use tonic's own balanced channel.
+//!
+//! A gRPC status that arrives in trailers is not seen by the balancer yet: it judges a
+//! streamed gRPC response by its head (the breaker below it, per endpoint, judges the
+//! trailers).
 //!
 //! # Features
 //!

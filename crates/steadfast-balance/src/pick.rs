@@ -24,7 +24,7 @@ pub(crate) fn pick<C>(shared: &Shared<C>, now: u64) -> Option<Arc<Endpoint>> {
     match shared.pick_kind() {
         Pick::PowerOfTwoChoices => {
             let decay = shared.config.decay.as_nanos() as f64;
-            let penalty = shared.config.failure_penalty.as_nanos() as f64;
+            let window = crate::set::nanos(shared.config.failure_penalty);
             // Two distinct endpoints in service, drawn at random; an ejected one drawn is
             // replaced by another draw (taking the other of a pair with an ejected endpoint
             // unweighed would hand a slow endpoint every pair it shares with an ejected one).
@@ -40,10 +40,11 @@ pub(crate) fn pick<C>(shared: &Shared<C>, now: u64) -> Option<Arc<Endpoint>> {
                     .find(|&j| shared.available(&list[j], now))
                     .or_else(|| other_in_service(shared, &list, i, now));
                 let a = &list[i];
+                // An endpoint that failed lately loses to one that did not, whatever their
+                // loads; between equals, the lower load wins.
+                let rank = |ep: &Endpoint| (ep.failed_lately(now, window), ep.cost(now, decay));
                 return Some(match second {
-                    Some(j) if list[j].cost(now, decay, penalty) < a.cost(now, decay, penalty) => {
-                        list[j].clone()
-                    }
+                    Some(j) if rank(&list[j]) < rank(a) => list[j].clone(),
                     _ => a.clone(),
                 });
             }

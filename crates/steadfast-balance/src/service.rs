@@ -86,6 +86,10 @@ where
         let Some(shared) = &self.shared else {
             return ResponseFuture::passthrough(self.inner.call(req));
         };
+        if req.method() == http::Method::CONNECT {
+            // A tunnel names its own target: not balanced.
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
         let now = shared.now();
         shared.maybe_evaluate(now);
         let Some(endpoint) = pick(shared, now) else {

@@ -2,6 +2,7 @@
 //! outlier evaluation.
 
 use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -21,6 +22,7 @@ pub(crate) enum Reason {
     ConsecutiveFailures,
     SuccessRate,
     FailurePercentage,
+    Refused,
 }
 
 impl Reason {
@@ -29,6 +31,7 @@ impl Reason {
             Self::ConsecutiveFailures => "consecutive_failures",
             Self::SuccessRate => "success_rate",
             Self::FailurePercentage => "failure_percentage",
+            Self::Refused => "refused",
         }
     }
 }
@@ -88,7 +91,7 @@ impl<C> Shared<C> {
         }
     }
 
-    /// The `Host` header value for `service`.
+    /// The `Host` header value for `service`: its host and port, never its userinfo.
     #[inline]
     pub(crate) fn host_value(&self, service: &Authority) -> Option<http::HeaderValue> {
         if let Some(cached) = &*self.service_host.load() {
@@ -96,7 +99,11 @@ impl<C> Shared<C> {
                 return Some(cached.1.clone());
             }
         }
-        let v = http::HeaderValue::from_str(service.as_str()).ok()?;
+        let host = match service.port_u16() {
+            Some(port) => format!("{}:{port}", service.host()),
+            None => service.host().to_owned(),
+        };
+        let v = http::HeaderValue::from_str(&host).ok()?;
         self.service_host
             .store(Some(Arc::new((service.clone(), v.clone()))));
         Some(v)
@@ -162,10 +169,6 @@ impl<C> Shared<C> {
         }
         let share = n * usize::from(self.config.max_ejection_percent) / 100;
         share.max(1).min(n - 1)
-    }
-
-    pub(crate) fn ejected_now(&self) -> usize {
-        self.ejected.load(Relaxed)
     }
 
     /// Ejects `ep` unless it already is, or the cap on ejected endpoints is reached. The time
@@ -246,13 +249,16 @@ impl<C> Shared<C> {
         let tallies: Vec<(&Arc<Endpoint>, Tally)> = list
             .iter()
             .map(|ep| {
-                // Returns endpoints whose time is up; a healthy interval lowers the multiplier.
-                if self.available(ep, now) {
+                // Returns endpoints whose time is up; an interval in service with successes and
+                // no failure lowers the multiplier (an endpoint kept from calls, or still
+                // failing, keeps it: its next ejection is longer).
+                let tally = ep.take_tally();
+                if self.available(ep, now) && tally.successes > 0 && tally.failures == 0 {
                     let _ = ep
                         .ejections
                         .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
                 }
-                (ep, ep.take_tally())
+                (ep, tally)
             })
             .collect();
         let in_service: Vec<&(&Arc<Endpoint>, Tally)> =
@@ -299,6 +305,8 @@ impl<C> Shared<C> {
     pub(crate) fn replace(&self, authorities: Vec<Authority>) {
         let now = self.now();
         let decay = self.config.decay.as_nanos() as f64;
+        let authorities = dedup(authorities);
+        let before = self.endpoints.load_full();
         self.endpoints.rcu(|current| {
             // A new endpoint starts at the mean estimate of the others, so it competes at once
             // (starting it at a default slower than a fast set would starve it); the default
@@ -312,35 +320,34 @@ impl<C> Shared<C> {
                     .sum::<f64>()
                     / current.len() as f64
             };
-            dedup(authorities.clone())
-                .into_iter()
-                .map(|a| {
-                    current
-                        .iter()
-                        .find(|ep| ep.authority == a)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(Endpoint::new(a, initial, now)))
+            let known: HashMap<&Authority, &Arc<Endpoint>> =
+                current.iter().map(|ep| (&ep.authority, ep)).collect();
+            authorities
+                .iter()
+                .map(|a| match known.get(a) {
+                    Some(ep) => Arc::clone(ep),
+                    None => Arc::new(Endpoint::new(a.clone(), initial, now)),
                 })
                 .collect::<Vec<_>>()
         });
-        // Settle the accounting of endpoints that left.
         let list = self.endpoints.load();
-        let mut ejected = 0;
-        for ep in list.iter() {
-            if ep.is_ejected() {
-                ejected += 1;
-            }
-        }
-        self.ejected.store(ejected, Relaxed);
-    }
-
-    pub(crate) fn mark_removed(&self, before: &[Arc<Endpoint>]) {
-        let list = self.endpoints.load();
-        for ep in before {
-            if !list.iter().any(|e| Arc::ptr_eq(e, ep)) {
+        let kept: HashSet<*const Endpoint> = list.iter().map(Arc::as_ptr).collect();
+        for ep in before.iter() {
+            if !kept.contains(&Arc::as_ptr(ep)) {
                 ep.removed.store(true, Relaxed);
             }
         }
+        // A smaller set allows fewer ejected endpoints: the ones ejected longest ago return.
+        let mut ejected: Vec<&Arc<Endpoint>> = list.iter().filter(|ep| ep.is_ejected()).collect();
+        let max = self.max_ejected(list.len());
+        if ejected.len() > max {
+            ejected.sort_by_key(|ep| ep.ejected_until.load(Relaxed));
+            let extra = ejected.len() - max;
+            for ep in ejected.drain(..extra) {
+                ep.ejected_until.store(0, Relaxed);
+            }
+        }
+        self.ejected.store(ejected.len(), Relaxed);
     }
 
     pub(crate) fn pick_kind(&self) -> Pick {
@@ -348,15 +355,15 @@ impl<C> Shared<C> {
     }
 }
 
+/// The endpoints that can be called, each once, in order.
 fn dedup(mut v: Vec<Authority>) -> Vec<Authority> {
-    let mut seen = Vec::with_capacity(v.len());
+    let mut seen = HashSet::with_capacity(v.len());
     v.retain(|a| {
-        if seen.contains(a) {
-            false
-        } else {
-            seen.push(a.clone());
-            true
+        if !crate::layer::valid_endpoint(a) {
+            tracing::warn!(target: "steadfast::balance", endpoint = %a, "not an endpoint (host:port, no userinfo, port not 0); skipped");
+            return false;
         }
+        seen.insert(a.clone())
     });
     v
 }

@@ -306,14 +306,20 @@ async fn the_ejection_time_is_capped_and_decays_while_healthy() {
         assert_eq!(up.calls(bad), before, "ejection {k} lasts {wait} s");
         tokio::time::advance(Duration::from_millis(1)).await;
     }
-    // Healthy now: each interval it is not ejected takes one off the multiplier.
+    // Healthy now: each interval in service with successes and no failure takes one off the
+    // multiplier; an interval without calls to it does not.
     *failing.lock().unwrap() = false;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    send(&mut svc).await.unwrap();
+    let idle = handle.list()[0].ejections;
     for _ in 0..3 {
-        send(&mut svc).await.unwrap();
+        for _ in 0..4 {
+            send(&mut svc).await.unwrap();
+        }
         tokio::time::advance(Duration::from_secs(10)).await;
     }
     send(&mut svc).await.unwrap();
-    assert_eq!(handle.list()[0].ejections, 0);
+    assert_eq!(handle.list()[0].ejections, 0, "from {idle}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -552,4 +558,162 @@ mod properties {
             })?;
         }
     }
+}
+
+/// An endpoint whose own breaker refuses is ejected, and the call comes back as `Rerouted`
+/// (not sent, retryable) while another endpoint can take it; with none, the refusal itself.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_by_an_endpoints_breaker_is_rerouted_and_ejects_it() {
+    use steadfast_balance::error::Rerouted;
+    #[derive(Debug)]
+    struct Open;
+    impl std::fmt::Display for Open {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("circuit open")
+        }
+    }
+    impl std::error::Error for Open {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&PolicyRejected::INSTANCE)
+        }
+    }
+    let refusing = service_fn(|req: Request<()>| async move {
+        if req.uri().authority().unwrap().as_str() == "10.0.0.1:80" {
+            Err::<Response<()>, BoxError>(Box::new(Open))
+        } else {
+            Ok(Response::new(()))
+        }
+    });
+    let layer = builder(2).pick(Pick::RoundRobin).build().unwrap();
+    let mut svc = layer.layer(refusing);
+    let mut rerouted = 0;
+    for _ in 0..10 {
+        if let Err(e) = send(&mut svc).await {
+            let r = e.downcast_ref::<Rerouted>().expect("rerouted");
+            assert_eq!(r.endpoint().as_str(), "10.0.0.1:80");
+            assert!(
+                !PolicyRejected::is_in(&*e),
+                "a retry layer may send it again"
+            );
+            let class = steadfast_core::classify_transport_error(&*e);
+            assert!(class.is_retryable());
+            assert_eq!(class.delivery(), steadfast_core::Delivery::NotSent);
+            rerouted += 1;
+        }
+    }
+    assert_eq!(rerouted, 1, "then ejected");
+    assert_eq!(layer.handle().ejected(), 1);
+    // Alone, the refusal is the breaker's own, which is final.
+    let alone = builder(1).build().unwrap();
+    let err = send(&mut alone.layer(refusing)).await.unwrap_err();
+    assert!(PolicyRejected::is_in(&*err));
+}
+
+/// After a failure the endpoint loses every choice against one that did not fail, even when
+/// that one is much slower or busier.
+#[tokio::test(start_paused = true)]
+async fn a_failed_endpoint_loses_even_to_slow_endpoints() {
+    let up = service_fn(|req: Request<()>| async move {
+        let fast_and_failing = req.uri().authority().unwrap().as_str() == "10.0.0.1:80";
+        if !fast_and_failing {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        let status = if fast_and_failing { 503 } else { 200 };
+        Ok::<_, BoxError>(Response::builder().status(status).body(()).unwrap())
+    });
+    let layer = builder(3).consecutive_failures(None).build().unwrap();
+    let svc = layer.layer(up);
+    // Warm the estimates, then make the fast endpoint fail once.
+    let mut failed = false;
+    for _ in 0..20 {
+        let res = svc.clone().oneshot(get()).await.unwrap();
+        failed |= res.status() == 503;
+        if failed {
+            break;
+        }
+    }
+    assert!(failed);
+    for _ in 0..20 {
+        let res = tokio::time::timeout(Duration::from_millis(1), svc.clone().oneshot(get())).await;
+        assert!(
+            res.is_err(),
+            "went to the slow ones, not back to the one that just failed"
+        );
+    }
+}
+
+/// A smaller set allows fewer ejected endpoints: the ones ejected longest ago return, and
+/// never all are ejected.
+#[tokio::test(start_paused = true)]
+async fn shrinking_the_set_keeps_the_ejection_cap() {
+    let up = Upstream::default();
+    for e in endpoints(20) {
+        up.answer(&e, |_| 503);
+    }
+    let layer = builder(20).max_ejection_percent(10).build().unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(up.service());
+    for _ in 0..400 {
+        let _ = send(&mut svc).await;
+    }
+    assert_eq!(handle.ejected(), 2);
+    let ejected: Vec<_> = handle
+        .list()
+        .into_iter()
+        .filter(|e| e.ejected)
+        .map(|e| e.authority)
+        .collect();
+    handle.set(
+        ejected
+            .clone()
+            .into_iter()
+            .chain(["10.0.0.99:80".parse().unwrap()]),
+    );
+    assert_eq!(handle.ejected(), 1, "3 endpoints allow 1");
+    handle.set(ejected);
+    assert_eq!(handle.ejected(), 1, "2 endpoints allow 1, never both");
+}
+
+/// The status says what is in force: an ejection whose time ran out has ended, with no call.
+#[tokio::test(start_paused = true)]
+async fn the_status_reports_an_ended_ejection_without_a_call() {
+    let up = Upstream::default();
+    up.answer("10.0.0.1:80", |_| 503);
+    let layer = builder(2).pick(Pick::RoundRobin).build().unwrap();
+    let mut svc = layer.layer(up.service());
+    for _ in 0..10 {
+        let _ = send(&mut svc).await;
+    }
+    assert_eq!(layer.handle().ejected(), 1);
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert_eq!(layer.handle().ejected(), 0);
+}
+
+/// Authorities that are not endpoints are skipped by the handle as the builder refuses them;
+/// `Host` never carries the caller's userinfo.
+#[tokio::test(start_paused = true)]
+async fn the_handle_skips_what_the_builder_refuses_and_host_drops_userinfo() {
+    let up = Upstream::default();
+    let layer = builder(1).build().unwrap();
+    let h = layer.handle();
+    for bad in ["nohost-port", "user:pw@b:2", "b:0"] {
+        h.insert(bad.parse().unwrap());
+    }
+    assert_eq!(h.list().len(), 1);
+    let mut svc = layer.layer(up.service());
+    let req = Request::get("http://user:secret@orders:8080/x")
+        .body(())
+        .unwrap();
+    svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(
+        up.hosts
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .flatten()
+            .as_deref(),
+        Some("orders:8080")
+    );
+    assert!(BalanceLayer::builder().endpoints(["a:0"]).build().is_err());
 }

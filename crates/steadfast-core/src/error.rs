@@ -75,9 +75,50 @@ pub(crate) fn certainly_not_sent(err: &(dyn Error + 'static)) -> bool {
                 io::ErrorKind::ConnectionRefused | io::ErrorKind::AddrNotAvailable
             );
         }
-        e.is::<PolicyRejected>()
+        e.is::<PolicyRejected>() || e.is::<NotSent>()
     })
 }
+
+/// Marks an error as "certainly not sent, and worth sending elsewhere": put it in an error's
+/// `source()` chain. Unlike [`PolicyRejected`], a retry layer retries such an error (for any
+/// method, since nothing reached a server), and it counts as a failure.
+///
+/// The balancer uses it for a call that an endpoint's own breaker refused while other
+/// endpoints can take it: the retry goes to one of them.
+///
+/// ```
+/// use std::error::Error;
+/// use steadfast_core::{Delivery, NotSent, classify_transport_error};
+///
+/// #[derive(Debug)]
+/// struct Elsewhere;
+/// impl std::fmt::Display for Elsewhere {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str("try elsewhere") }
+/// }
+/// impl Error for Elsewhere {
+///     fn source(&self) -> Option<&(dyn Error + 'static)> { Some(&NotSent::INSTANCE) }
+/// }
+/// let class = classify_transport_error(&Elsewhere);
+/// assert!(class.is_retryable() && class.is_failure());
+/// assert_eq!(class.delivery(), Delivery::NotSent);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotSent {
+    _p: (),
+}
+
+impl NotSent {
+    /// The marker value, for `source()` implementations.
+    pub const INSTANCE: NotSent = NotSent { _p: () };
+}
+
+impl fmt::Display for NotSent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not sent")
+    }
+}
+
+impl Error for NotSent {}
 
 /// The marker for "rejected by local policy, do not retry".
 ///
