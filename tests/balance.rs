@@ -357,5 +357,10 @@ async fn an_instance_whose_breaker_is_open_loses_no_call() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
 }
