@@ -27,6 +27,25 @@ fn stack(endpoints: &[String]) -> HttpClientLayer {
         .unwrap()
 }
 
+/// The client stack for the service `orders`, its endpoints from a discovery source.
+fn discovered() -> HttpClientLayer {
+    steadfast::client::http()
+        .attempt_timeout(Duration::from_secs(1))
+        .total_timeout(Duration::from_secs(3))
+        .balance(|b| b.seed(7))
+        .build()
+        .unwrap()
+}
+
+/// Sends `n` GETs through `layer`, each of which must get a 200.
+async fn all_ok(layer: &HttpClientLayer, n: usize) {
+    let client = layer.layer(support::transport::<Full<Bytes>>());
+    for _ in 0..n {
+        let res = client.clone().oneshot(order()).await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+}
+
 fn order() -> Request<Full<Bytes>> {
     Request::get("http://orders/orders/7")
         .body(Full::default())
@@ -167,31 +186,16 @@ async fn endpoints_follow_consul_while_calls_run() {
             ConsulInstance::failing(c.addr()),
         ],
     );
-    let layer = steadfast::client::http()
-        .attempt_timeout(Duration::from_secs(1))
-        .total_timeout(Duration::from_secs(3))
-        .balance(|b| b.seed(7))
-        .build()
-        .unwrap();
+    let layer = discovered();
     let source = Consul::new(&format!("http://{}", consul.addr()), "orders")
         .unwrap()
         .wait(Duration::from_secs(30));
     let follower = layer.endpoints().follow_consul(source);
-    let client = layer.layer(support::transport::<Full<Bytes>>());
-    let send = |n: usize| {
-        let client = client.clone();
-        async move {
-            for _ in 0..n {
-                let res = client.clone().oneshot(order()).await.unwrap();
-                assert_eq!(res.status(), 200);
-            }
-        }
-    };
     // Until the first answer arrives, the set is empty.
     while layer.endpoints().list().len() < 2 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    send(100).await;
+    all_ok(&layer, 100).await;
     assert!(a.hits() > 10 && b.hits() > 10, "{} {}", a.hits(), b.hits());
     assert_eq!(c.hits(), 0, "a failing instance is never called");
 
@@ -206,7 +210,7 @@ async fn endpoints_follow_consul_while_calls_run() {
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
     let b_before = b.hits();
-    send(100).await;
+    all_ok(&layer, 100).await;
     assert_eq!(b.hits(), b_before);
     assert!(c.hits() > 10, "c got {}", c.hits());
 
@@ -214,7 +218,7 @@ async fn endpoints_follow_consul_while_calls_run() {
     let queries = consul.queries();
     drop(consul);
     tokio::time::sleep(Duration::from_secs(60)).await;
-    send(50).await;
+    all_ok(&layer, 50).await;
     assert_eq!(layer.endpoints().list().len(), 2);
     assert!(queries >= 2);
     follower.abort();
@@ -253,32 +257,17 @@ async fn endpoints_follow_dns_srv_records_on_their_ttl() {
         ],
         5,
     );
-    let layer = steadfast::client::http()
-        .attempt_timeout(Duration::from_secs(1))
-        .total_timeout(Duration::from_secs(3))
-        .balance(|b| b.seed(3))
-        .build()
-        .unwrap();
+    let layer = discovered();
     let source = Dns::services(srv)
         .unwrap()
         .name_servers([dns.addr()])
         .ttl_bounds(Duration::from_secs(1), Duration::from_secs(60))
         .unwrap();
     let follower = layer.endpoints().follow_dns(source);
-    let client = layer.layer(support::transport::<Full<Bytes>>());
-    let send = |n: usize| {
-        let client = client.clone();
-        async move {
-            for _ in 0..n {
-                let res = client.clone().oneshot(order()).await.unwrap();
-                assert_eq!(res.status(), 200);
-            }
-        }
-    };
     while layer.endpoints().list().len() < 2 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    send(100).await;
+    all_ok(&layer, 100).await;
     assert!(a.hits() > 10 && b.hits() > 10, "{} {}", a.hits(), b.hits());
 
     // b leaves, c joins; seen when the 5 s TTL runs out, not before.
@@ -292,7 +281,7 @@ async fn endpoints_follow_dns_srv_records_on_their_ttl() {
     );
     tokio::time::sleep(Duration::from_secs(6)).await;
     let b_before = b.hits();
-    send(100).await;
+    all_ok(&layer, 100).await;
     assert_eq!(b.hits(), b_before, "b left the records");
     assert!(c.hits() > 10, "c got {}", c.hits());
 
@@ -300,7 +289,7 @@ async fn endpoints_follow_dns_srv_records_on_their_ttl() {
     dns.set_services(srv, &[], 5);
     tokio::time::sleep(Duration::from_secs(20)).await;
     assert_eq!(layer.endpoints().list().len(), 2);
-    send(20).await;
+    all_ok(&layer, 20).await;
     assert!(dns.queries() >= 3);
     follower.abort();
 }

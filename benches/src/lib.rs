@@ -425,3 +425,25 @@ pub fn record_allocs(group: &str, contender: &str, allocs: f64) {
         let _ = writeln!(f, "{group}\t{contender}\t{allocs}");
     }
 }
+
+/// Routes every request to one fixed address, whatever the URI says.
+#[derive(Clone, Debug)]
+pub struct Fixed<S>(pub S, pub std::net::SocketAddr);
+
+impl<S, B> Service<http::Request<B>> for Fixed<S>
+where
+    S: Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> S::Future {
+        *req.uri_mut() = format!("http://{}/", self.1).parse().expect("uri");
+        self.0.call(req)
+    }
+}

@@ -26,6 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use steadfast::balance::{BalanceLayer, Pick};
 use steadfast::retry::{ReplayBody, RetryLayer};
+use steadfast_bench::Fixed;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 const CALLERS: usize = 32;
@@ -70,31 +71,6 @@ async fn instance(fail_every_other: bool, delay: Duration) -> SocketAddr {
         }
     });
     addr
-}
-
-/// Sends every request to one address.
-#[derive(Clone)]
-struct Fixed<S>(S, SocketAddr);
-
-impl<S, B> Service<http::Request<B>> for Fixed<S>
-where
-    S: Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> S::Future {
-        *req.uri_mut() = format!("http://{}/", self.1).parse().expect("uri");
-        self.0.call(req)
-    }
 }
 
 struct Outcome {

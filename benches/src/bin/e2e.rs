@@ -27,6 +27,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use steadfast::retry::ReplayBody;
+use steadfast_bench::Fixed;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 const CONNECTIONS: usize = 32;
@@ -238,31 +239,6 @@ fn row(name: &str, runs: &[Figures], base: &[Figures]) {
         "| {name} | {rps:.0} | {rps_ratio:.2} | {lo:.2}–{hi:.2} | {:.0} µs | {p99_ratio:.2} |",
         p99 * 1e6
     );
-}
-
-/// Routes every request to one fixed address (the bench server), whatever the URI says.
-#[derive(Clone)]
-struct Fixed<S>(S, SocketAddr);
-
-impl<S, B> Service<http::Request<B>> for Fixed<S>
-where
-    S: Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> S::Future {
-        *req.uri_mut() = format!("http://{}/", self.1).parse().expect("uri");
-        self.0.call(req)
-    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
