@@ -25,24 +25,27 @@ pub(crate) fn pick<C>(shared: &Shared<C>, now: u64) -> Option<Arc<Endpoint>> {
         Pick::PowerOfTwoChoices => {
             let decay = shared.config.decay.as_nanos() as f64;
             let window = crate::set::nanos(shared.config.failure_penalty);
-            // Two distinct endpoints in service, drawn at random; an ejected one drawn is
-            // replaced by another draw (taking the other of a pair with an ejected endpoint
-            // unweighed would hand a slow endpoint every pair it shares with an ejected one).
-            let first = (0..DRAWS)
-                .map(|_| (shared.random() % n as u64) as usize)
-                .find(|&i| shared.available(&list[i], now));
-            if let Some(i) = first {
+            // Two distinct endpoints, drawn at random from those in service that have not
+            // failed lately; a draw that meets an ejected or lately failed one draws again
+            // (taking the other of such a pair unweighed would hand a slow endpoint every
+            // pair it shares with a failing one). When draws keep meeting them, endpoints
+            // that failed lately may take part, and lose to any that did not.
+            let fresh = |ep: &Endpoint| shared.available(ep, now) && !ep.failed_lately(now, window);
+            let usable = |ep: &Endpoint| shared.available(ep, now);
+            let rank = |ep: &Endpoint| (ep.failed_lately(now, window), ep.cost(now, decay));
+            for ok in [&fresh as &dyn Fn(&Endpoint) -> bool, &usable] {
+                let first = (0..DRAWS)
+                    .map(|_| (shared.random() % n as u64) as usize)
+                    .find(|&i| ok(&list[i]));
+                let Some(i) = first else { continue };
                 let second = (0..DRAWS)
                     .map(|_| {
                         let j = (shared.random() % (n as u64 - 1)) as usize;
                         if j >= i { j + 1 } else { j }
                     })
-                    .find(|&j| shared.available(&list[j], now))
-                    .or_else(|| other_in_service(shared, &list, i, now));
+                    .find(|&j| ok(&list[j]))
+                    .or_else(|| other_in_service(shared, &list, i, ok));
                 let a = &list[i];
-                // An endpoint that failed lately loses to one that did not, whatever their
-                // loads; between equals, the lower load wins.
-                let rank = |ep: &Endpoint| (ep.failed_lately(now, window), ep.cost(now, decay));
                 return Some(match second {
                     Some(j) if rank(&list[j]) < rank(a) => list[j].clone(),
                     _ => a.clone(),
@@ -62,20 +65,20 @@ pub(crate) fn pick<C>(shared: &Shared<C>, now: u64) -> Option<Arc<Endpoint>> {
     scan(shared, &list, now)
 }
 
-/// Another endpoint in service than `i`, from a random start (when draws kept meeting
-/// ejected ones).
+/// Another endpoint than `i` that `ok` accepts, from a random start (when draws kept meeting
+/// ones it refuses).
 #[cold]
 fn other_in_service<C>(
     shared: &Shared<C>,
     list: &[Arc<Endpoint>],
     i: usize,
-    now: u64,
+    ok: &dyn Fn(&Endpoint) -> bool,
 ) -> Option<usize> {
     let n = list.len();
     let start = (shared.random() % n as u64) as usize;
     (0..n)
         .map(|k| (start + k) % n)
-        .find(|&j| j != i && shared.available(&list[j], now))
+        .find(|&j| j != i && ok(&list[j]))
 }
 
 fn usable<C>(shared: &Shared<C>, ep: &Arc<Endpoint>, now: u64) -> Option<Arc<Endpoint>> {
