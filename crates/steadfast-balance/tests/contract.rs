@@ -717,3 +717,42 @@ async fn the_handle_skips_what_the_builder_refuses_and_host_drops_userinfo() {
     );
     assert!(BalanceLayer::builder().endpoints(["a:0"]).build().is_err());
 }
+
+/// A failing endpoint drawn beside a slow one does not hand it the call: candidates are drawn
+/// among endpoints that have not failed lately (the three-instance benchmark found the slow
+/// one taking every such pair).
+#[tokio::test(start_paused = true)]
+async fn a_failing_endpoint_does_not_hand_its_pairs_to_a_slow_one() {
+    let slow_calls = Arc::new(Mutex::new(0u32));
+    let s = slow_calls.clone();
+    let up = service_fn(move |req: Request<()>| {
+        let s = s.clone();
+        async move {
+            let status = match req.uri().authority().unwrap().as_str() {
+                "10.0.0.1:80" => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    200
+                }
+                "10.0.0.2:80" => 503,
+                _ => {
+                    *s.lock().unwrap() += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    200
+                }
+            };
+            Ok::<_, BoxError>(Response::builder().status(status).body(()).unwrap())
+        }
+    });
+    let layer = builder(3).consecutive_failures(None).build().unwrap();
+    let svc = layer.layer(up);
+    // Let every endpoint be measured once, then count.
+    for _ in 0..30 {
+        let _ = svc.clone().oneshot(get()).await;
+    }
+    let before = *slow_calls.lock().unwrap();
+    for _ in 0..300 {
+        let _ = svc.clone().oneshot(get()).await;
+    }
+    let slow = *slow_calls.lock().unwrap() - before;
+    assert!(slow <= 3, "the slow endpoint took {slow} of 300 calls");
+}
