@@ -170,13 +170,7 @@ impl Dns {
                     .lookup_ip(self.name.as_str())
                     .await
                     .map_err(|e| e.to_string())?;
-                ttl = lookup
-                    .as_lookup()
-                    .records()
-                    .iter()
-                    .map(|r| r.ttl())
-                    .min()
-                    .unwrap_or(ttl);
+                ttl = min_ttl(lookup.as_lookup()).unwrap_or(ttl);
                 out.extend(lookup.iter().map(|ip| authority(ip, port)));
             }
             None => {
@@ -184,19 +178,12 @@ impl Dns {
                     .srv_lookup(self.name.as_str())
                     .await
                     .map_err(|e| e.to_string())?;
-                ttl = srv
-                    .as_lookup()
-                    .records()
-                    .iter()
-                    .map(|r| r.ttl())
-                    .min()
-                    .unwrap_or(ttl);
+                ttl = min_ttl(srv.as_lookup()).unwrap_or(ttl);
                 for record in srv.iter() {
                     let target = record.target().to_utf8();
                     match resolver.lookup_ip(target.as_str()).await {
                         Ok(ips) => {
-                            let t = ips.as_lookup().records().iter().map(|r| r.ttl()).min();
-                            ttl = ttl.min(t.unwrap_or(ttl));
+                            ttl = ttl.min(min_ttl(ips.as_lookup()).unwrap_or(ttl));
                             out.extend(ips.iter().map(|ip| authority(ip, record.port())));
                         }
                         Err(e) => {
@@ -208,6 +195,11 @@ impl Dns {
         }
         Ok((out, ttl))
     }
+}
+
+/// The shortest TTL of an answer's records.
+fn min_ttl(lookup: &hickory_resolver::lookup::Lookup) -> Option<u32> {
+    lookup.records().iter().map(|r| r.ttl()).min()
 }
 
 fn authority(ip: IpAddr, port: u16) -> Authority {
