@@ -354,3 +354,49 @@ async fn an_instance_whose_breaker_is_open_loses_no_call() {
         &failed[..failed.len().min(5)]
     );
 }
+
+/// Consul answering with no passing instance empties the set, as documented: calls then fail
+/// at once with `NoEndpoint`, sending nothing; a passing instance brings them back.
+#[tokio::test(start_paused = true)]
+async fn no_passing_instance_in_consul_empties_the_set() {
+    use steadfast::balance::Consul;
+    use steadfast::balance::error::NoEndpoint;
+    use steadfast_testkit::{ConsulInstance, ConsulServer};
+
+    let consul = ConsulServer::start().await;
+    let a = FaultServer::start().await;
+    consul.set("orders", vec![ConsulInstance::passing(a.addr())]);
+    let layer = discovered();
+    let follower = layer.endpoints().follow_consul(
+        Consul::new(&format!("http://{}", consul.addr()), "orders")
+            .unwrap()
+            .wait(Duration::from_secs(30)),
+    );
+    while layer.endpoints().list().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    all_ok(&layer, 5).await;
+    consul.set("orders", vec![ConsulInstance::failing(a.addr())]);
+    while !layer.endpoints().list().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let hits = a.hits();
+    let client = layer.layer(support::transport::<Full<Bytes>>());
+    let err = client.clone().oneshot(order()).await.unwrap_err();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*err);
+    let mut found = false;
+    while let Some(e) = cause {
+        found |= e
+            .downcast_ref::<NoEndpoint>()
+            .is_some_and(NoEndpoint::is_empty_set);
+        cause = e.source();
+    }
+    assert!(found, "{err}");
+    assert_eq!(a.hits(), hits, "nothing sent");
+    consul.set("orders", vec![ConsulInstance::passing(a.addr())]);
+    while layer.endpoints().list().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    all_ok(&layer, 5).await;
+    follower.abort();
+}
