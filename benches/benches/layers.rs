@@ -15,7 +15,9 @@ use steadfast::retry::{Backoff, RetryLayer};
 use steadfast_bench::peers::{
     FailEveryOther, Failing, Failsafe, TowerPolicy, fs_breaker, tr_breaker_layer,
 };
-use steadfast_bench::{Bare, CountingAlloc, PendingOnce, Recorder};
+use steadfast_bench::{
+    Bare, CountingAlloc, PendingOnce, Recorder, allocations_per_call, record_allocs,
+};
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceBuilder};
 
@@ -464,6 +466,62 @@ fn balance(c: &mut Criterion) {
     }
 }
 
+/// The pick alone (clock read, interval check, two draws weighed), on one thread and on two
+/// threads sharing one balancer: what a call pays to choose its endpoint.
+fn balance_pick(c: &mut Criterion) {
+    use steadfast::balance::__private::{pick, pick_and_take};
+    use steadfast::balance::BalanceLayer;
+
+    let rt = runtime();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("balance-pick");
+    for n in [3, 100, 1000] {
+        let endpoints: Vec<String> = (0..n)
+            .map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250 + 1))
+            .collect();
+        let balance = BalanceLayer::builder()
+            .endpoints(&endpoints)
+            .build()
+            .expect("valid")
+            .layer(Bare);
+        for (name, f) in [
+            ("pick", pick as fn(&_) -> bool),
+            ("pick+take", pick_and_take as fn(&_) -> bool),
+        ] {
+            g.bench_function(format!("{name}/{n}"), |b| {
+                b.iter(|| std::hint::black_box(f(&balance)))
+            });
+            let allocs = allocations_per_call(10_000, || assert!(f(&balance)));
+            record_allocs("balance-pick", &format!("{name}/{n}"), allocs);
+            g.bench_function(format!("{name}/{n}-2t"), |b| {
+                b.iter_custom(|iters| {
+                    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
+                    let threads: Vec<_> = (0..2)
+                        .map(|_| {
+                            let (balance, barrier, rt) =
+                                (balance.clone(), barrier.clone(), rt.handle().clone());
+                            std::thread::spawn(move || {
+                                let _g = rt.enter();
+                                barrier.wait();
+                                for _ in 0..iters.div_ceil(2) {
+                                    std::hint::black_box(f(&balance));
+                                }
+                            })
+                        })
+                        .collect();
+                    barrier.wait();
+                    let start = std::time::Instant::now();
+                    for t in threads {
+                        t.join().expect("bench thread");
+                    }
+                    start.elapsed()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn stacks(c: &mut Criterion) {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
@@ -576,6 +634,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = timeout, retry, breaker, correlation, uuid_v7, balance, stacks
+    targets = timeout, retry, breaker, correlation, uuid_v7, balance, balance_pick, stacks
 }
 criterion_main!(benches);

@@ -42,7 +42,7 @@ impl<C> Guard<C> {
         ep.finish();
         let now = shared.now();
         let rtt = now.saturating_sub(self.started) as f64;
-        ep.observe(rtt, now, shared.config.decay.as_nanos() as f64);
+        ep.observe(rtt, now, shared.config.decay.as_secs_f64() * 1e9);
         if failure {
             ep.failed(now);
         }

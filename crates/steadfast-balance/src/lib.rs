@@ -76,3 +76,22 @@ pub use dns::Dns;
 pub use handle::{Change, EndpointStatus, EndpointsHandle};
 pub use layer::{BalanceBuilder, BalanceLayer, FailurePercentage, HostHeader, Pick, SuccessRate};
 pub use service::Balance;
+
+/// What the benchmarks measure in isolation. Not part of the public API; may change in any
+/// release.
+#[doc(hidden)]
+pub mod __private {
+    use crate::Balance;
+
+    /// Chooses an endpoint as a call would (the clock read, the interval check and the pick)
+    /// without taking it or calling anything; true when one was chosen.
+    pub fn pick<S, C>(balance: &Balance<S, C>) -> bool {
+        balance.choose(false)
+    }
+
+    /// [`pick`], then takes a reference to the endpoint as a call does (one shared counter
+    /// written), dropped at once.
+    pub fn pick_and_take<S, C>(balance: &Balance<S, C>) -> bool {
+        balance.choose(true)
+    }
+}

@@ -10,11 +10,11 @@ use crate::set::Shared;
 /// with probability at least one half whenever at most half are ejected).
 const DRAWS: usize = 4;
 
-/// The endpoint for the next call, or `None` when the set is empty (or, with `fail_fast`,
-/// when no endpoint is in service).
+/// The index in `list` (the set's current snapshot) of the endpoint for the next call, or
+/// `None` when the set is empty (or, with `fail_fast`, when no endpoint is in service). It
+/// writes nothing the other callers read: taking the endpoint is the caller's step.
 #[inline]
-pub(crate) fn pick<C>(shared: &Shared<C>, now: u64) -> Option<Arc<Endpoint>> {
-    let list = shared.endpoints.load();
+pub(crate) fn pick<C>(shared: &Shared<C>, list: &[Arc<Endpoint>], now: u64) -> Option<usize> {
     let n = list.len();
     match n {
         0 => return None,
@@ -23,7 +23,7 @@ pub(crate) fn pick<C>(shared: &Shared<C>, now: u64) -> Option<Arc<Endpoint>> {
     }
     match shared.pick_kind() {
         Pick::PowerOfTwoChoices => {
-            let decay = shared.config.decay.as_nanos() as f64;
+            let decay = shared.config.decay.as_secs_f64() * 1e9;
             let window = crate::set::nanos(shared.config.failure_penalty);
             // Two distinct endpoints, drawn at random from those in service that have not
             // failed lately; a draw that meets an ejected or lately failed one draws again
@@ -35,34 +35,33 @@ pub(crate) fn pick<C>(shared: &Shared<C>, now: u64) -> Option<Arc<Endpoint>> {
             let rank = |ep: &Endpoint| (ep.failed_lately(now, window), ep.cost(now, decay));
             for ok in [&fresh as &dyn Fn(&Endpoint) -> bool, &usable] {
                 let first = (0..DRAWS)
-                    .map(|_| (shared.random() % n as u64) as usize)
+                    .map(|_| shared.below(n))
                     .find(|&i| ok(&list[i]));
                 let Some(i) = first else { continue };
                 let second = (0..DRAWS)
                     .map(|_| {
-                        let j = (shared.random() % (n as u64 - 1)) as usize;
+                        let j = shared.below(n - 1);
                         if j >= i { j + 1 } else { j }
                     })
                     .find(|&j| ok(&list[j]))
-                    .or_else(|| other_in_service(shared, &list, i, ok));
-                let a = &list[i];
+                    .or_else(|| other_in_service(shared, list, i, ok));
                 return Some(match second {
-                    Some(j) if rank(&list[j]) < rank(a) => list[j].clone(),
-                    _ => a.clone(),
+                    Some(j) if rank(&list[j]) < rank(&list[i]) => j,
+                    _ => i,
                 });
             }
         }
         Pick::RoundRobin => {
             let start = shared.next_round_robin();
             for k in 0..n.min(DRAWS) {
-                let ep = &list[(start + k) % n];
-                if shared.available(ep, now) {
-                    return Some(ep.clone());
+                let i = (start + k) % n;
+                if shared.available(&list[i], now) {
+                    return Some(i);
                 }
             }
         }
     }
-    scan(shared, &list, now)
+    scan(shared, list, now)
 }
 
 /// Another endpoint than `i` that `ok` accepts, from a random start (when draws kept meeting
@@ -75,15 +74,15 @@ fn other_in_service<C>(
     ok: &dyn Fn(&Endpoint) -> bool,
 ) -> Option<usize> {
     let n = list.len();
-    let start = (shared.random() % n as u64) as usize;
+    let start = shared.below(n);
     (0..n)
         .map(|k| (start + k) % n)
         .find(|&j| j != i && ok(&list[j]))
 }
 
-fn usable<C>(shared: &Shared<C>, ep: &Arc<Endpoint>, now: u64) -> Option<Arc<Endpoint>> {
+fn usable<C>(shared: &Shared<C>, ep: &Endpoint, now: u64) -> Option<usize> {
     if shared.available(ep, now) || !shared.config.fail_fast {
-        Some(ep.clone())
+        Some(0)
     } else {
         None
     }
@@ -93,18 +92,14 @@ fn usable<C>(shared: &Shared<C>, ep: &Arc<Endpoint>, now: u64) -> Option<Arc<End
 /// none is (the cap keeps one in service, but the set may have changed), any endpoint unless
 /// the balancer fails fast.
 #[cold]
-fn scan<C>(shared: &Shared<C>, list: &[Arc<Endpoint>], now: u64) -> Option<Arc<Endpoint>> {
+fn scan<C>(shared: &Shared<C>, list: &[Arc<Endpoint>], now: u64) -> Option<usize> {
     let n = list.len();
-    let start = (shared.random() % n as u64) as usize;
+    let start = shared.below(n);
     for k in 0..n {
-        let ep = &list[(start + k) % n];
-        if shared.available(ep, now) {
-            return Some(ep.clone());
+        let i = (start + k) % n;
+        if shared.available(&list[i], now) {
+            return Some(i);
         }
     }
-    if shared.config.fail_fast {
-        None
-    } else {
-        Some(list[start].clone())
-    }
+    (!shared.config.fail_fast).then_some(start)
 }

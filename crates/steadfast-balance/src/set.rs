@@ -127,6 +127,13 @@ impl<C> Shared<C> {
         }
     }
 
+    /// A random index below `n` (`n > 0`): the high half of a 128-bit product, which costs a
+    /// multiplication where `%` costs a division.
+    #[inline]
+    pub(crate) fn below(&self, n: usize) -> usize {
+        ((u128::from(self.random()) * n as u128) >> 64) as usize
+    }
+
     pub(crate) fn next_round_robin(&self) -> usize {
         self.rr.fetch_add(1, Relaxed)
     }
