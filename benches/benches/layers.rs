@@ -468,6 +468,7 @@ fn balance(c: &mut Criterion) {
 
 /// The pick alone (clock read, interval check, two draws weighed), on one thread and on two
 /// threads sharing one balancer: what a call pays to choose its endpoint.
+#[allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall time is the measurement
 fn balance_pick(c: &mut Criterion) {
     use steadfast::balance::__private::{pick, pick_and_take};
     use steadfast::balance::BalanceLayer;
