@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
 use metrics::{
-    Counter, CounterFn, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
     SharedString, Unit,
 };
 use steadfast::breaker::CircuitBreakerLayer;
@@ -63,6 +63,25 @@ impl HistogramFn for Handle {
     }
 }
 
+/// A gauge keeps its last value.
+impl GaugeFn for Handle {
+    fn increment(&self, value: f64) {
+        *self
+            .seen
+            .0
+            .lock()
+            .unwrap()
+            .entry(self.key.clone())
+            .or_default() += value;
+    }
+    fn decrement(&self, value: f64) {
+        GaugeFn::increment(self, -value);
+    }
+    fn set(&self, value: f64) {
+        self.seen.0.lock().unwrap().insert(self.key.clone(), value);
+    }
+}
+
 struct Rec(Seen);
 
 impl Rec {
@@ -85,8 +104,8 @@ impl Recorder for Rec {
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         Counter::from_arc(self.handle(key))
     }
-    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-        Gauge::noop()
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(self.handle(key))
     }
     fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
         Histogram::from_arc(self.handle(key))
@@ -277,4 +296,49 @@ fn every_timeout_side_counts_what_fired() {
             "{side}: {all:?}"
         );
     }
+}
+
+#[test]
+fn the_balancer_counts_ejections_and_reports_each_endpoints_load_per_interval() {
+    use steadfast::balance::BalanceLayer;
+
+    let seen = recorded(|| async {
+        let bad = "10.0.0.1:80";
+        let up = service_fn(move |req: Request<()>| async move {
+            let to = req.uri().authority().unwrap().to_string();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Ok::<_, Infallible>(status(if to == bad { 503 } else { 200 }))
+        });
+        let mut svc = BalanceLayer::builder()
+            .endpoints([bad, "10.0.0.2:80"])
+            .seed(5)
+            .build()
+            .unwrap()
+            .layer(up);
+        // Beyond one interval (10 s): the gauges are set when the next one starts.
+        for _ in 0..6000 {
+            svc.ready().await.unwrap().call(get()).await.unwrap();
+        }
+    });
+    let all = seen.take();
+    let ejected = |ep: &str| {
+        all.get(&format!(
+            "steadfast_balance_endpoint_ejected{{endpoint={ep}}}"
+        ))
+    };
+    assert_eq!(ejected("10.0.0.1:80"), Some(&1.0), "{all:#?}");
+    assert_eq!(ejected("10.0.0.2:80"), Some(&0.0), "{all:#?}");
+    assert_eq!(
+        all.get(
+            "steadfast_balance_ejections_total{endpoint=10.0.0.1:80,reason=consecutive_failures}"
+        ),
+        Some(&1.0),
+        "{all:#?}"
+    );
+    let latency = all["steadfast_balance_endpoint_latency_seconds{endpoint=10.0.0.2:80}"];
+    assert!((0.0019..0.0301).contains(&latency), "{latency}");
+    assert_eq!(
+        all.get("steadfast_balance_endpoint_in_flight{endpoint=10.0.0.2:80}"),
+        Some(&0.0)
+    );
 }

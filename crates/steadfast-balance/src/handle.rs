@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use futures_core::Stream;
 use http::uri::Authority;
@@ -32,6 +33,9 @@ pub struct EndpointStatus {
     pub ejections: u32,
     /// Calls in flight to it.
     pub in_flight: u32,
+    /// Its latency estimate now (the peak-EWMA, decayed for the time since its last answer):
+    /// with `in_flight`, the load the picks weigh.
+    pub latency: Duration,
 }
 
 /// Lists and changes the endpoints of a [`BalanceLayer`](crate::BalanceLayer) while calls
@@ -88,6 +92,9 @@ impl<C> EndpointsHandle<C> {
                 ejected: !shared.available(ep, now),
                 ejections: ep.ejections.load(Relaxed),
                 in_flight: ep.in_flight(),
+                latency: Duration::from_secs_f64(
+                    ep.estimate(now, shared.config.decay.as_secs_f64() * 1e9) / 1e9,
+                ),
             })
             .collect()
     }

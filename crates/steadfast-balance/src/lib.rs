@@ -54,7 +54,11 @@
 //! `consecutive_failures`, `success_rate`, `failure_percentage`; ejection_ms, ejections) and
 //! `balance.returned` (endpoint). With the `metrics` feature:
 //! `steadfast_balance_ejections_total{endpoint, reason}`,
-//! `steadfast_balance_returned_total{endpoint}`.
+//! `steadfast_balance_returned_total{endpoint}`, and once per interval (when calls run) the
+//! gauges `steadfast_balance_endpoint_in_flight{endpoint}`,
+//! `steadfast_balance_endpoint_latency_seconds{endpoint}` (the latency estimate the picks
+//! weigh) and `steadfast_balance_endpoint_ejected{endpoint}` (1 while ejected). The same load
+//! is in [`EndpointsHandle::list`]'s [`EndpointStatus`].
 
 #[cfg(feature = "consul")]
 mod consul;

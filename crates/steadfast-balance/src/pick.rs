@@ -34,9 +34,7 @@ pub(crate) fn pick<C>(shared: &Shared<C>, list: &[Arc<Endpoint>], now: u64) -> O
             let usable = |ep: &Endpoint| shared.available(ep, now);
             let rank = |ep: &Endpoint| (ep.failed_lately(now, window), ep.cost(now, decay));
             for ok in [&fresh as &dyn Fn(&Endpoint) -> bool, &usable] {
-                let first = (0..DRAWS)
-                    .map(|_| shared.below(n))
-                    .find(|&i| ok(&list[i]));
+                let first = (0..DRAWS).map(|_| shared.below(n)).find(|&i| ok(&list[i]));
                 let Some(i) = first else { continue };
                 let second = (0..DRAWS)
                     .map(|_| {

@@ -268,6 +268,8 @@ impl<C> Shared<C> {
                 (ep, tally)
             })
             .collect();
+        #[cfg(feature = "metrics")]
+        self.record_load(&list, now);
         let in_service: Vec<&(&Arc<Endpoint>, Tally)> =
             tallies.iter().filter(|(ep, _)| !ep.is_ejected()).collect();
         if let Some(rule) = &self.config.success_rate {
@@ -304,6 +306,21 @@ impl<C> Shared<C> {
                     }
                 }
             }
+        }
+    }
+
+    /// Each endpoint's load and state as gauges, once per interval (nothing per call).
+    #[cfg(feature = "metrics")]
+    fn record_load(&self, list: &[Arc<Endpoint>], now: u64) {
+        let decay = self.config.decay.as_secs_f64() * 1e9;
+        for ep in list {
+            let endpoint = ep.authority.to_string();
+            metrics::gauge!("steadfast_balance_endpoint_in_flight", "endpoint" => endpoint.clone())
+                .set(f64::from(ep.in_flight()));
+            metrics::gauge!("steadfast_balance_endpoint_latency_seconds", "endpoint" => endpoint.clone())
+                .set(ep.estimate(now, decay) / 1e9);
+            metrics::gauge!("steadfast_balance_endpoint_ejected", "endpoint" => endpoint)
+                .set(if ep.is_ejected() { 1.0 } else { 0.0 });
         }
     }
 

@@ -166,6 +166,66 @@ async fn a_failed_endpoint_loses_the_next_choices() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_handle_reports_each_endpoints_latency_estimate_and_calls_in_flight() {
+    let slow = "10.0.0.1:80";
+    let up = service_fn(move |req: Request<()>| async move {
+        let to = req.uri().authority().unwrap().to_string();
+        let ms = if to == slow { 40 } else { 1 };
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok::<_, BoxError>(Response::new(()))
+    });
+    let layer = builder(2).build().unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(up);
+    let latency = |who: &str| {
+        handle
+            .list()
+            .into_iter()
+            .find(|e| e.authority.as_str() == who)
+            .unwrap()
+            .latency
+    };
+    let default = latency(slow);
+    let mut calls = 0;
+    // Until each has answered once (the slow one's estimate then jumps to its peak).
+    while latency(slow) == default || latency("10.0.0.2:80") == default {
+        send(&mut svc).await.unwrap();
+        calls += 1;
+        assert!(calls < 100, "both endpoints answered within 100 calls");
+    }
+    // A sample above the estimate replaces it at once (the peak); one below is blended in
+    // over the decay time (10 s).
+    let (s, f) = (latency(slow), latency("10.0.0.2:80"));
+    assert!(s >= Duration::from_millis(39), "slow: {s:?}");
+    assert!(f < s, "fast {f:?}, slow {s:?}");
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        send(&mut svc).await.unwrap();
+    }
+    let f = latency("10.0.0.2:80");
+    assert!(f <= Duration::from_millis(3), "fast after 30 s: {f:?}");
+    let pending = svc.call(get());
+    tokio::pin!(pending);
+    assert!(futures_poll_once(pending.as_mut()).await.is_none());
+    let busy: u32 = handle.list().iter().map(|e| e.in_flight).sum();
+    assert_eq!(busy, 1, "the call in flight is counted");
+    pending.await.unwrap();
+    assert!(handle.list().iter().all(|e| e.in_flight == 0));
+}
+
+/// Polls `fut` once.
+async fn futures_poll_once<F: std::future::Future + Unpin>(fut: F) -> Option<F::Output> {
+    let mut fut = fut;
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut fut).poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
 /// The penalty fades within seconds: an endpoint that failed once competes again.
 #[tokio::test(start_paused = true)]
 async fn a_failed_endpoint_competes_again_once_its_penalty_fades() {
