@@ -317,8 +317,10 @@ impl HttpClientLayer {
     /// ```
     /// let stack = steadfast::client::http().build().unwrap();
     /// let authority = http::uri::Authority::from_static("orders:8080");
-    /// // No breaker exists for an upstream not called yet.
-    /// assert!(stack.breakers().handle(&Some(authority)).is_none());
+    /// // A handle works before the first call: watch or set the breaker at once.
+    /// let handle = stack.breakers().handle(&Some(authority));
+    /// assert_eq!(handle.upstream(), "orders:8080");
+    /// assert_eq!(stack.breakers().keys().len(), 1);
     /// ```
     pub fn breakers(&self) -> &AuthorityBreaker {
         &self.breaker
@@ -489,7 +491,8 @@ impl GrpcClientLayer {
     ///
     /// ```
     /// let stack = steadfast::client::grpc().build().unwrap();
-    /// assert!(stack.breakers().handle(&None).is_none()); // until the first call
+    /// let handle = stack.breakers().handle(&None); // works before the first call
+    /// assert_eq!(handle.upstream(), "none");
     /// ```
     pub fn breakers(&self) -> &AuthorityBreaker {
         self.0.breakers()

@@ -56,7 +56,7 @@ async fn upstream_down_then_back_opens_rejects_probes_and_closes() {
         let res = client.clone().oneshot(get_req(addr, "/")).await.unwrap();
         assert_eq!(res.status(), 503);
     }
-    let handle = breaker.handle(&key).unwrap();
+    let handle = breaker.handle(&key);
     assert_eq!(handle.state(), BreakerState::Open);
 
     // Open: rejected without network traffic.

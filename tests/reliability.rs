@@ -138,7 +138,8 @@ async fn recovery_after_an_outage() {
         let open_before = layer
             .breakers()
             .handle(&key)
-            .is_some_and(|h| h.state() == steadfast::breaker::BreakerState::Open);
+            .state()
+            == steadfast::breaker::BreakerState::Open;
         let out = svc.clone().oneshot(get(&server)).await;
         assert!(
             began.elapsed() <= Duration::from_secs(3),
@@ -167,7 +168,7 @@ async fn recovery_after_an_outage() {
         "requests succeed after recovery ({recovered})"
     );
     assert_eq!(
-        layer.breakers().handle(&key).unwrap().state(),
+        layer.breakers().handle(&key).state(),
         steadfast::breaker::BreakerState::Closed
     );
 }

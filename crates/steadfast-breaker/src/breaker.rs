@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use steadfast_core::__private::thread_number;
 
 use crate::error::BreakerOpen;
-use crate::state::{Permit, Policy, Shared};
+use crate::state::{Meta, Permit, Policy, Shared};
 
 /// How many threads get a stripe of their own in a standalone breaker; the threads after
 /// them share as many more, spread by thread number.
@@ -56,7 +56,18 @@ impl<C> Stripe<C> {
     fn rejected(&self, open: BreakerOpen) -> BreakerOpen {
         self.count(&self.rejected);
         #[cfg(feature = "metrics")]
-        metrics::counter!("steadfast_breaker_rejected_total").increment(1);
+        self.shared
+            .meta
+            .rejected
+            .get_or_init(|| {
+                let meta = &self.shared.meta;
+                metrics::counter!(
+                    "steadfast_breaker_rejected_total",
+                    "breaker" => metrics::SharedString::from(meta.breaker.clone()),
+                    "upstream" => metrics::SharedString::from(meta.upstream.clone())
+                )
+            })
+            .increment(1);
         open
     }
 
@@ -85,8 +96,19 @@ impl<C> Breaker<C> {
     /// A breaker whose first `exclusive` threads get a stripe each; later threads share
     /// `exclusive.max(1)` more stripes, picked by thread number (with `exclusive = 0`, one
     /// shared stripe is all there is).
-    pub(crate) fn new(policy: Arc<Policy>, classifier: Arc<C>, exclusive: usize) -> Self {
-        let shared = Arc::new(Shared::new(policy));
+    pub(crate) fn new(
+        policy: Arc<Policy>,
+        classifier: Arc<C>,
+        exclusive: usize,
+        meta: Meta,
+    ) -> Self {
+        let shared = Arc::new(Shared::new(policy, meta));
+        #[cfg(feature = "metrics")]
+        crate::state::record_state(
+            &shared.meta,
+            crate::BreakerState::Closed,
+            crate::BreakerState::Closed,
+        );
         let timed = shared.needs_clock();
         let stripes = (0..exclusive + exclusive.max(1))
             .map(|i| {
@@ -169,7 +191,12 @@ mod tests {
     /// totals are exact (exclusive stripes have one writer; the rest share an atomic one).
     #[test]
     fn admission_counts_are_exact_with_more_threads_than_stripes() {
-        let breaker = Arc::new(Breaker::new(Arc::new(policy()), Arc::new(()), 2));
+        let breaker = Arc::new(Breaker::new(
+            Arc::new(policy()),
+            Arc::new(()),
+            2,
+            Meta::default(),
+        ));
         const THREADS: u64 = 6;
         const CALLS: u64 = 20_000;
         std::thread::scope(|s| {

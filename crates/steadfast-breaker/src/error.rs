@@ -116,6 +116,8 @@ pub enum InvalidBreakerConfig {
     NeverTrips(&'static str),
     /// Backpressure asked of a per-key breaker.
     BackpressurePerKey,
+    /// An empty breaker name.
+    EmptyName,
 }
 
 impl fmt::Display for InvalidBreakerConfig {
@@ -134,6 +136,9 @@ impl fmt::Display for InvalidBreakerConfig {
             Self::BackpressurePerKey => f.write_str(
                 "breaker backpressure works for a single breaker only (poll_ready comes \
                  before the request and its key): turn it off for per-key breakers",
+            ),
+            Self::EmptyName => f.write_str(
+                "breaker name must not be empty (it labels the breaker's events and metrics)",
             ),
         }
     }

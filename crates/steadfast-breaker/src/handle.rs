@@ -4,7 +4,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use crate::breaker::Breaker;
-use crate::state::{BreakerState, Transition, state_of};
+use crate::state::{BreakerState, Transition};
 use crate::window::WindowCounts;
 
 /// Observe and control one breaker.
@@ -74,9 +74,22 @@ impl Metrics {
 }
 
 impl<C> BreakerHandle<C> {
-    /// The current state.
+    /// The state in force now. An Open breaker whose open time has passed reports
+    /// `HalfOpen`: the next call is a probe, though the breaker moves (and announces the
+    /// transition) only when that call arrives. No timer runs for an open breaker.
     pub fn state(&self) -> BreakerState {
-        self.breaker.shared.state()
+        self.breaker.shared.state_in_force()
+    }
+
+    /// The name of the layer the breaker belongs to (`"default"` unless named).
+    pub fn name(&self) -> &str {
+        &self.breaker.shared.meta.breaker
+    }
+
+    /// What the breaker guards: its key's name for a per-key breaker, the layer's name for
+    /// a plain one.
+    pub fn upstream(&self) -> &str {
+        &self.breaker.shared.meta.upstream
     }
 
     /// A snapshot of the counters.
@@ -85,7 +98,7 @@ impl<C> BreakerHandle<C> {
         let shared = &self.breaker.shared;
         let word = shared.word();
         Metrics {
-            state: state_of(word),
+            state: shared.in_force(word),
             generation: word >> 3,
             calls,
             failures,
@@ -121,6 +134,36 @@ impl<C> BreakerHandle<C> {
     /// Subscribes to state transitions.
     pub fn subscribe(&self) -> Transitions {
         Transitions(self.breaker.shared.subscribe())
+    }
+}
+
+/// Every key's [`Transition`]s, each with its key; see
+/// [`KeyedCircuitBreakerLayer::subscribe_all`](crate::KeyedCircuitBreakerLayer::subscribe_all).
+#[derive(Debug)]
+pub struct KeyedTransitions<Key>(pub(crate) broadcast::Receiver<(Key, Transition)>);
+
+impl<Key: Clone> KeyedTransitions<Key> {
+    /// The next transition of any key; `None` once the layer is gone. A subscriber that falls
+    /// more than 256 transitions behind skips the oldest.
+    pub async fn recv(&mut self) -> Option<(Key, Transition)> {
+        loop {
+            match self.0.recv().await {
+                Ok(t) => return Some(t),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// The next transition if one is waiting.
+    pub fn try_recv(&mut self) -> Option<(Key, Transition)> {
+        loop {
+            match self.0.try_recv() {
+                Ok(t) => return Some(t),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
     }
 }
 

@@ -15,7 +15,8 @@ use tokio::time::Instant;
 
 use crate::breaker::{Breaker, Stripe};
 use crate::handle::BreakerHandle;
-use crate::state::{BreakerState, Policy};
+use crate::state::{BreakerState, Listener, Meta, Policy, Transition};
+use tokio::sync::broadcast;
 
 /// Picks the breaker a request belongs to.
 ///
@@ -34,6 +35,73 @@ where
         self(uri, headers)
     }
 }
+
+/// A key of per-key breakers. Its [`name`](Self::name) names the key's breaker in events,
+/// metrics (the `upstream` label) and [`Transition`]s.
+///
+/// Implemented for the per-authority key (`Option<Authority>`: its `host:port`, `"none"`
+/// for requests without one), `Authority`, strings and integers. A key type of your own
+/// implements it in a line:
+///
+/// ```
+/// use steadfast_breaker::BreakerKey;
+///
+/// #[derive(Clone, PartialEq, Eq, Hash)]
+/// struct Tenant(u32);
+///
+/// impl BreakerKey for Tenant {
+///     fn name(&self) -> String {
+///         format!("tenant-{}", self.0)
+///     }
+/// }
+/// assert_eq!(Tenant(7).name(), "tenant-7");
+/// ```
+pub trait BreakerKey: Hash + Eq + Clone + Send + Sync + 'static {
+    /// The name of this key's breaker; made once, when the breaker is.
+    fn name(&self) -> String;
+}
+
+impl BreakerKey for Option<Authority> {
+    fn name(&self) -> String {
+        self.as_ref()
+            .map_or_else(|| "none".to_owned(), |a| a.to_string())
+    }
+}
+
+impl BreakerKey for Authority {
+    fn name(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl BreakerKey for String {
+    fn name(&self) -> String {
+        self.clone()
+    }
+}
+
+impl BreakerKey for &'static str {
+    fn name(&self) -> String {
+        (*self).to_owned()
+    }
+}
+
+impl BreakerKey for Arc<str> {
+    fn name(&self) -> String {
+        self.to_string()
+    }
+}
+
+macro_rules! integer_keys {
+    ($($t:ty),*) => {$(
+        impl BreakerKey for $t {
+            fn name(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+integer_keys!(u8, u16, u32, u64, usize, i8, i16, i32, i64);
 
 /// One breaker per upstream authority (`host:port` of the request URI); requests without an
 /// authority share one breaker.
@@ -71,6 +139,10 @@ struct Shard<K, C>(RwLock<Slots<K, C>>);
 /// The shared map of one keyed layer.
 pub(crate) struct KeyedMap<K, C> {
     shards: Box<[Shard<K, C>]>,
+    /// The layer's name.
+    name: Arc<str>,
+    /// Every key's transitions (`subscribe_all`); sent to only while someone listens.
+    all: broadcast::Sender<(K, Transition)>,
     hasher: RandomState,
     policy: Arc<Policy>,
     classifier: Arc<C>,
@@ -100,8 +172,14 @@ enum Verdict {
     Keep,
 }
 
-impl<K: Hash + Eq + Clone, C> KeyedMap<K, C> {
-    pub(crate) fn new(policy: Policy, classifier: Arc<C>, max_keys: usize, idle: Duration) -> Self {
+impl<K: BreakerKey, C> KeyedMap<K, C> {
+    pub(crate) fn new(
+        name: Arc<str>,
+        policy: Policy,
+        classifier: Arc<C>,
+        max_keys: usize,
+        idle: Duration,
+    ) -> Self {
         let per_shard = max_keys.div_ceil(SHARDS).max(1);
         Self {
             shards: (0..SHARDS)
@@ -112,6 +190,8 @@ impl<K: Hash + Eq + Clone, C> KeyedMap<K, C> {
                     }))
                 })
                 .collect(),
+            name,
+            all: broadcast::channel(256).0,
             hasher: RandomState::new(),
             policy: Arc::new(policy),
             classifier,
@@ -129,8 +209,16 @@ impl<K: Hash + Eq + Clone, C> KeyedMap<K, C> {
         self.base.elapsed().as_secs()
     }
 
-    fn new_stripe(&self) -> Arc<Stripe<C>> {
-        Breaker::new(self.policy.clone(), self.classifier.clone(), 0).stripes[0].clone()
+    fn new_stripe(&self, key: &K) -> Arc<Stripe<C>> {
+        let all = self.all.clone();
+        let owned = key.clone();
+        let listener: Listener = Box::new(move |t: &Transition| {
+            if all.receiver_count() > 0 {
+                let _ = all.send((owned.clone(), t.clone()));
+            }
+        });
+        let meta = Meta::new(self.name.clone(), Arc::from(key.name()), Some(listener));
+        Breaker::new(self.policy.clone(), self.classifier.clone(), 0, meta).stripes[0].clone()
     }
 
     /// The stripe of `key`'s breaker, creating the breaker on first use.
@@ -151,7 +239,7 @@ impl<K: Hash + Eq + Clone, C> KeyedMap<K, C> {
         if let Some(e) = slots.map.get(&key) {
             return e.stripe.clone();
         }
-        let stripe = self.new_stripe();
+        let stripe = self.new_stripe(&key);
         if slots.map.len() >= self.per_shard && !self.evict_one(&mut slots, now) {
             // Every breaker this shard looked at is protecting its callers: the new key gets
             // a breaker of its own for this call, not kept (memory stays bounded; see
@@ -229,14 +317,25 @@ impl<K: Hash + Eq + Clone, C> KeyedMap<K, C> {
             .sum()
     }
 
-    pub(crate) fn handle(&self, key: &K) -> Option<BreakerHandle<C>> {
-        let slots = self
-            .shard(key)
-            .0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        slots.map.get(key).map(|e| BreakerHandle {
-            breaker: Arc::new(Breaker::of_stripe(e.stripe.clone())),
-        })
+    /// The handle of `key`'s breaker, made now if it does not exist yet.
+    pub(crate) fn handle(&self, key: &K) -> BreakerHandle<C> {
+        BreakerHandle {
+            breaker: Arc::new(Breaker::of_stripe(self.stripe(key.clone()))),
+        }
+    }
+
+    /// The keys that have a breaker now.
+    pub(crate) fn keys(&self) -> Vec<K> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                let slots = s.0.read().unwrap_or_else(PoisonError::into_inner);
+                slots.map.keys().cloned().collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    pub(crate) fn subscribe_all(&self) -> broadcast::Receiver<(K, Transition)> {
+        self.all.subscribe()
     }
 }

@@ -1,5 +1,4 @@
 use std::fmt;
-use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,9 +9,10 @@ use tower_layer::Layer;
 use crate::breaker::{Breaker, STRIPES};
 use crate::error::InvalidBreakerConfig;
 use crate::handle::BreakerHandle;
-use crate::keyed::{ByAuthority, ExtractKey, KeyedMap};
+use crate::handle::KeyedTransitions;
+use crate::keyed::{BreakerKey, ByAuthority, ExtractKey, KeyedMap};
 use crate::service::{CircuitBreaker, KeyedCircuitBreaker};
-use crate::state::{Policy, WindowKind};
+use crate::state::{DEFAULT_NAME, Meta, Policy, WindowKind};
 
 /// The largest count window: one byte per slot, so at most 1 MiB per breaker.
 const MAX_COUNT_WINDOW: u32 = 1 << 20;
@@ -37,6 +37,7 @@ pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
     backpressure: bool,
     max_keys: usize,
     idle: Duration,
+    name: Arc<str>,
 }
 
 impl Default for CircuitBreakerBuilder {
@@ -58,6 +59,7 @@ impl Default for CircuitBreakerBuilder {
             backpressure: false,
             max_keys: 10_000,
             idle: Duration::from_secs(600),
+            name: Arc::from(DEFAULT_NAME),
         }
     }
 }
@@ -191,10 +193,31 @@ impl<C> CircuitBreakerBuilder<C> {
             backpressure: self.backpressure,
             max_keys: self.max_keys,
             idle: self.idle,
+            name: self.name,
         }
     }
 
+    /// Names the layer's breakers in events, metrics (the `breaker` label) and transitions
+    /// (default `"default"`). A plain breaker's `upstream` is this name too; a per-key
+    /// breaker's `upstream` is its key's [`BreakerKey::name`](crate::BreakerKey::name), so
+    /// the name tells apart two callers' breakers for one upstream.
+    ///
+    /// ```
+    /// let layer = steadfast_breaker::CircuitBreakerLayer::builder()
+    ///     .name("payments")
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(layer.handle().name(), "payments");
+    /// ```
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     fn validated(&self) -> Result<Policy, InvalidBreakerConfig> {
+        if self.name.is_empty() {
+            return Err(InvalidBreakerConfig::EmptyName);
+        }
         let mut p = self.policy;
         if p.consecutive == Some(0) {
             return Err(InvalidBreakerConfig::Zero("consecutive_failures"));
@@ -305,6 +328,7 @@ impl<C> CircuitBreakerBuilder<C> {
                 Arc::new(policy),
                 Arc::new(self.classifier),
                 STRIPES,
+                Meta::new(self.name.clone(), self.name, None),
             )),
             backpressure: self.backpressure,
         })
@@ -333,7 +357,7 @@ impl<C> CircuitBreakerBuilder<C> {
     ) -> Result<KeyedCircuitBreakerLayer<C, K, Key>, InvalidBreakerConfig>
     where
         K: ExtractKey<Key>,
-        Key: Hash + Eq + Clone,
+        Key: BreakerKey,
     {
         if self.backpressure {
             return Err(InvalidBreakerConfig::BackpressurePerKey);
@@ -341,6 +365,7 @@ impl<C> CircuitBreakerBuilder<C> {
         let policy = self.validated()?;
         Ok(KeyedCircuitBreakerLayer {
             map: Arc::new(KeyedMap::new(
+                self.name,
                 policy,
                 Arc::new(self.classifier),
                 self.max_keys,
@@ -492,15 +517,60 @@ impl<C, K, Key> fmt::Debug for KeyedCircuitBreakerLayer<C, K, Key> {
     }
 }
 
-impl<C, K, Key: Hash + Eq + Clone> KeyedCircuitBreakerLayer<C, K, Key> {
-    /// The handle of `key`'s breaker, if it exists.
+impl<C, K, Key: BreakerKey> KeyedCircuitBreakerLayer<C, K, Key> {
+    /// The handle of `key`'s breaker, made now if no call has made it yet: subscribe or set
+    /// a state before the first call.
     ///
     /// A handle controls the breaker it was taken from. A Closed per-key breaker that goes
     /// unused can be evicted, and a later call to its key makes a new one: take the handle
     /// again before acting on a key that may have been idle (a breaker put in a state by hand
-    /// is never evicted, so a state set through a fresh handle holds).
-    pub fn handle(&self, key: &Key) -> Option<BreakerHandle<C>> {
+    /// is never evicted, so a state set through a fresh handle holds). When the map is full of
+    /// breakers that must be kept (see
+    /// [`max_keys`](CircuitBreakerBuilder::max_keys)), the handle is of a breaker the map
+    /// does not keep.
+    pub fn handle(&self, key: &Key) -> BreakerHandle<C> {
         self.map.handle(key)
+    }
+
+    /// The handle of the breaker calls to `uri` use (the key the layer's extractor finds in
+    /// it, with no headers), made now if no call has made it yet.
+    ///
+    /// ```
+    /// use steadfast_breaker::CircuitBreakerLayer;
+    ///
+    /// let layer = CircuitBreakerLayer::builder().build_per_authority().unwrap();
+    /// let uri: http::Uri = "http://orders:8080/items".parse().unwrap();
+    /// let handle = layer.handle_for_uri(&uri);
+    /// assert_eq!(handle.upstream(), "orders:8080");
+    /// assert_eq!(layer.keys().len(), 1);
+    /// ```
+    pub fn handle_for_uri(&self, uri: &http::Uri) -> BreakerHandle<C>
+    where
+        K: ExtractKey<Key>,
+    {
+        self.handle(&self.extract.extract(uri, &http::HeaderMap::new()))
+    }
+
+    /// The keys that have a breaker now (made by a call or a handle, not evicted yet).
+    pub fn keys(&self) -> Vec<Key> {
+        self.map.keys()
+    }
+
+    /// Subscribes to every key's transitions, breakers made later included: each comes with
+    /// its key.
+    ///
+    /// ```
+    /// use steadfast_breaker::{BreakerState, CircuitBreakerLayer};
+    ///
+    /// let layer = CircuitBreakerLayer::builder().build_per_authority().unwrap();
+    /// let mut all = layer.subscribe_all();
+    /// let key = Some("orders:8080".parse().unwrap());
+    /// layer.handle(&key).force_open();
+    /// let (seen, t) = all.try_recv().unwrap();
+    /// assert_eq!((seen, t.to), (key, BreakerState::ForcedOpen));
+    /// ```
+    pub fn subscribe_all(&self) -> KeyedTransitions<Key> {
+        KeyedTransitions(self.map.subscribe_all())
     }
 
     /// How many per-key breakers exist now.

@@ -55,8 +55,8 @@ mod window;
 
 pub use answer::{AnsweringBreaker, AnsweringBreakerLayer};
 pub use future::BreakerBody;
-pub use handle::{BreakerHandle, Metrics, Transitions};
-pub use keyed::{ByAuthority, ExtractKey};
+pub use handle::{BreakerHandle, KeyedTransitions, Metrics, Transitions};
+pub use keyed::{BreakerKey, ByAuthority, ExtractKey};
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, KeyedCircuitBreakerLayer};
 pub use service::{CircuitBreaker, KeyedCircuitBreaker};
 pub use state::{BreakerState, Transition};

@@ -1,7 +1,6 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
-use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -14,7 +13,7 @@ use tower_service::Service;
 
 use crate::breaker::{Breaker, Stripe};
 use crate::future::{BreakerBody, Guard, ResponseFuture};
-use crate::keyed::{ExtractKey, KeyedMap};
+use crate::keyed::{BreakerKey, ExtractKey, KeyedMap};
 use crate::state::BreakerState;
 
 /// Admits or rejects one call on `stripe`'s breaker and calls `inner` when admitted (the
@@ -246,7 +245,7 @@ where
     S::Error: Into<BoxError>,
     C: Classify<Response<ResB>>,
     K: ExtractKey<Key>,
-    Key: Hash + Eq + Clone,
+    Key: BreakerKey,
 {
     type Response = Response<BreakerBody<ResB, C>>;
     type Error = BoxError;

@@ -95,8 +95,17 @@ fn next(word: u64, to: u64) -> u64 {
 }
 
 /// A state change, as seen by subscribers and the `steadfast::breaker` tracing target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Transition {
+    /// The name of the layer the breaker belongs to, given to
+    /// [`CircuitBreakerBuilder::name`](crate::CircuitBreakerBuilder::name) (`"default"`
+    /// otherwise): it tells apart two callers' breakers for one upstream.
+    pub breaker: Arc<str>,
+    /// What the breaker guards: the key's [`BreakerKey::name`](crate::BreakerKey::name) for
+    /// a per-key breaker (the upstream's `host:port` for per-authority breakers), the layer's
+    /// name for a plain one.
+    pub upstream: Arc<str>,
     /// The state left.
     pub from: BreakerState,
     /// The state entered.
@@ -154,9 +163,8 @@ pub(crate) struct Shared {
     pub(crate) policy: Arc<Policy>,
     window: Option<Box<Window>>,
     base: Instant,
-    /// Made at the first subscription: an unwatched breaker (most per-key breakers) pays
-    /// nothing for the 64-slot channel.
-    events: std::sync::OnceLock<broadcast::Sender<Transition>>,
+    /// Its name and listeners: read by transitions and rejections only.
+    pub(crate) meta: Box<Meta>,
     /// Keeps `cold` 64 bytes from `word`.
     _gap: [u8; GAP],
     // ---- written by failures and transitions ----
@@ -170,8 +178,61 @@ const GAP: usize = 64usize.saturating_sub(
         + std::mem::size_of::<Arc<Policy>>()
         + std::mem::size_of::<Option<Box<Window>>>()
         + std::mem::size_of::<Instant>()
-        + std::mem::size_of::<std::sync::OnceLock<broadcast::Sender<Transition>>>(),
+        + std::mem::size_of::<Box<Meta>>(),
 );
+
+/// What a per-key layer hears about every one of its breakers' transitions.
+pub(crate) type Listener = Box<dyn Fn(&Transition) + Send + Sync>;
+
+/// A breaker's name and who hears about its transitions, behind one pointer: the fields
+/// every call reads stay on one cache line.
+pub(crate) struct Meta {
+    /// The layer's name.
+    pub(crate) breaker: Arc<str>,
+    /// The key's name (per-key), or the layer's.
+    pub(crate) upstream: Arc<str>,
+    /// Made at the first subscription: an unwatched breaker (most per-key breakers) pays
+    /// nothing for the 64-slot channel.
+    events: std::sync::OnceLock<broadcast::Sender<Transition>>,
+    /// The per-key layer's listener (its `subscribe_all`).
+    listener: Option<Listener>,
+    /// The rejection counter with this breaker's label, registered at the first rejection
+    /// (a rejection then costs no label allocation or recorder lookup).
+    #[cfg(feature = "metrics")]
+    pub(crate) rejected: std::sync::OnceLock<metrics::Counter>,
+}
+
+impl Meta {
+    pub(crate) fn new(breaker: Arc<str>, upstream: Arc<str>, listener: Option<Listener>) -> Self {
+        Self {
+            breaker,
+            upstream,
+            events: std::sync::OnceLock::new(),
+            listener,
+            #[cfg(feature = "metrics")]
+            rejected: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl Default for Meta {
+    fn default() -> Self {
+        let name: Arc<str> = Arc::from(DEFAULT_NAME);
+        Self::new(name.clone(), name, None)
+    }
+}
+
+/// The name of a breaker nobody named.
+pub(crate) const DEFAULT_NAME: &str = "default";
+
+impl std::fmt::Debug for Meta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meta")
+            .field("breaker", &self.breaker)
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What failures and transitions write in [`Shared`].
 #[derive(Debug)]
@@ -209,7 +270,7 @@ pub(crate) enum Permit {
 }
 
 impl Shared {
-    pub(crate) fn new(policy: Arc<Policy>) -> Self {
+    pub(crate) fn new(policy: Arc<Policy>, meta: Meta) -> Self {
         let window = policy.window.map(|w| {
             Box::new(match w {
                 WindowKind::Count { size } => Window::Count(CountWindow::new(size)),
@@ -232,7 +293,7 @@ impl Shared {
             window,
             policy,
             base: Instant::now(),
-            events: std::sync::OnceLock::new(),
+            meta: Box::new(meta),
             _gap: [0; GAP],
         }
     }
@@ -248,6 +309,22 @@ impl Shared {
 
     pub(crate) fn state(&self) -> BreakerState {
         state_of(self.word())
+    }
+
+    /// The state in force: an Open breaker whose open time has passed would admit a probe,
+    /// so it reads as HalfOpen.
+    pub(crate) fn state_in_force(&self) -> BreakerState {
+        self.in_force(self.word())
+    }
+
+    /// The state in force for the state word `w`.
+    pub(crate) fn in_force(&self, w: u64) -> BreakerState {
+        match state_of(w) {
+            BreakerState::Open if self.open_until(w).is_some_and(|until| self.now() >= until) => {
+                BreakerState::HalfOpen
+            }
+            s => s,
+        }
     }
 
     #[cfg(test)]
@@ -281,7 +358,8 @@ impl Shared {
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Transition> {
-        self.events
+        self.meta
+            .events
             .get_or_init(|| broadcast::channel(64).0)
             .subscribe()
     }
@@ -645,6 +723,8 @@ impl Shared {
     /// Tells subscribers, tracing and metrics about a transition this thread made.
     fn announce(&self, from: u64, to: u64, open_for: Option<Duration>) {
         let t = Transition {
+            breaker: self.meta.breaker.clone(),
+            upstream: self.meta.upstream.clone(),
             from: state_of(from),
             to: state_of(to),
             at: Instant::now(),
@@ -653,6 +733,8 @@ impl Shared {
         };
         tracing::info!(
             target: "steadfast::breaker",
+            breaker = &*t.breaker,
+            upstream = &*t.upstream,
             from = t.from.as_str(),
             to = t.to.as_str(),
             generation = t.generation,
@@ -660,13 +742,43 @@ impl Shared {
             "breaker transition"
         );
         #[cfg(feature = "metrics")]
-        metrics::counter!("steadfast_breaker_transitions_total", "to" => t.to.as_str())
+        {
+            metrics::counter!(
+                "steadfast_breaker_transitions_total",
+                "breaker" => metrics::SharedString::from(t.breaker.clone()),
+                "upstream" => metrics::SharedString::from(t.upstream.clone()),
+                "from" => t.from.as_str(),
+                "to" => t.to.as_str()
+            )
             .increment(1);
+            record_state(&self.meta, t.from, t.to);
+        }
+        if let Some(listener) = &self.meta.listener {
+            listener(&t);
+        }
         // No receivers is fine: nobody listens.
-        if let Some(events) = self.events.get() {
+        if let Some(events) = self.meta.events.get() {
             let _ = events.send(t);
         }
     }
+}
+
+/// The state gauge, one series per state (1 for the state in force, 0 for the others, the
+/// Prometheus way of exporting an enum): the state left goes to 0, the one entered to 1.
+#[cfg(feature = "metrics")]
+pub(crate) fn record_state(meta: &Meta, from: BreakerState, to: BreakerState) {
+    let gauge = |state: BreakerState| {
+        metrics::gauge!(
+            "steadfast_breaker_state",
+            "breaker" => metrics::SharedString::from(meta.breaker.clone()),
+            "upstream" => metrics::SharedString::from(meta.upstream.clone()),
+            "state" => state.as_str()
+        )
+    };
+    if from != to {
+        gauge(from).set(0.0);
+    }
+    gauge(to).set(1.0);
 }
 
 /// What a rejection says about when to come back while a trip's schedule is being written
@@ -778,7 +890,7 @@ mod tests {
     /// than N probes out at once, and every permit comes back.
     #[test]
     fn probe_permits_under_real_contention() {
-        let shared = Arc::new(Shared::new(Arc::new(policy(3))));
+        let shared = Arc::new(Shared::new(Arc::new(policy(3)), Meta::default()));
         shared.word.store((7 << 3) | HALF_OPEN, Release);
         shared
             .cold
@@ -820,7 +932,7 @@ mod tests {
     /// Concurrent failures in Closed trip exactly once per generation.
     #[test]
     fn concurrent_trips_transition_once() {
-        let shared = Arc::new(Shared::new(Arc::new(policy(1))));
+        let shared = Arc::new(Shared::new(Arc::new(policy(1)), Meta::default()));
         let mut rx = shared.subscribe();
         let w = shared.word.load(Acquire);
         let threads: Vec<_> = (0..4)

@@ -64,10 +64,7 @@ async fn per_authority_breakers_are_isolated_and_bounded() {
         "other hosts unaffected"
     );
     let down: http::uri::Authority = "down".parse().unwrap();
-    assert_eq!(
-        layer.handle(&Some(down)).unwrap().state(),
-        BreakerState::Open
-    );
+    assert_eq!(layer.handle(&Some(down)).state(), BreakerState::Open);
 
     call_each(&mut svc, "h", 100_000).await;
     assert!(layer.len() <= 1000 + 16, "memory bounded: {}", layer.len());
@@ -92,13 +89,13 @@ async fn idle_per_key_breakers_are_evicted_and_recently_used_ones_kept() {
     call_each(&mut svc, "new", 400).await;
     let hot: http::uri::Authority = "hot".parse().unwrap();
     assert!(
-        layer.handle(&Some(hot)).is_some(),
+        layer.keys().contains(&Some(hot)),
         "recently used breakers stay"
     );
     assert!(layer.len() <= 1600, "room was made, never past max_keys");
     for i in 0..400 {
         let new: http::uri::Authority = format!("new{i}").parse().unwrap();
-        assert!(layer.handle(&Some(new)).is_some(), "new{i} was kept");
+        assert!(layer.keys().contains(&Some(new)), "new{i} was kept");
     }
 }
 
@@ -124,13 +121,13 @@ async fn a_flood_of_new_keys_does_not_evict_an_open_breaker() {
     svc.ready().await.unwrap().call(get("down")).await.unwrap();
     let down: http::uri::Authority = "down".parse().unwrap();
     assert_eq!(
-        layer.handle(&Some(down.clone())).unwrap().state(),
+        layer.handle(&Some(down.clone())).state(),
         BreakerState::Open
     );
     call_each(&mut svc, "flood", 10_000).await;
     assert!(layer.len() <= 32, "bounded: {}", layer.len());
     assert_eq!(
-        layer.handle(&Some(down.clone())).unwrap().state(),
+        layer.handle(&Some(down.clone())).state(),
         BreakerState::Open,
         "still open after 10 000 new keys"
     );
@@ -153,18 +150,18 @@ async fn a_flood_of_new_keys_does_not_evict_an_open_breaker() {
     // many: the one holding "down" makes room at least twice.
     call_each(&mut svc, "later", 2_000).await;
     assert!(
-        layer.handle(&Some(down)).is_none(),
+        !layer.keys().contains(&Some(down)),
         "an idle open breaker is evictable"
     );
 
     // A breaker an operator forced open stays, however long it is left unused.
     svc.ready().await.unwrap().call(get("kept")).await.unwrap();
     let kept: http::uri::Authority = "kept".parse().unwrap();
-    layer.handle(&Some(kept.clone())).unwrap().force_open();
+    layer.handle(&Some(kept.clone())).force_open();
     advance(Duration::from_secs(3600)).await;
     call_each(&mut svc, "much-later", 2_000).await;
     assert_eq!(
-        layer.handle(&Some(kept)).unwrap().state(),
+        layer.handle(&Some(kept)).state(),
         BreakerState::ForcedOpen,
         "a forced state is never evicted"
     );
@@ -196,4 +193,118 @@ async fn keyed_layers_report_their_size_and_poll_the_inner_service() {
     }
     assert_eq!(layer.len(), 2);
     assert!(!layer.is_empty());
+}
+
+/// Every per-key breaker is named by its key: transitions say which upstream and which
+/// layer, a handle made before the first call is the one calls use, `keys` lists them and
+/// `subscribe_all` hears every key, later ones included.
+#[tokio::test(start_paused = true)]
+async fn per_key_breakers_are_named_listed_and_watched_before_the_first_call() {
+    let layer = builder()
+        .name("gateway")
+        .consecutive_failures(Some(1))
+        .build_per_authority()
+        .unwrap();
+    let mut all = layer.subscribe_all();
+    let down: http::uri::Authority = "down:8080".parse().unwrap();
+    // Before any call: the handle exists, and subscribing to it works.
+    let handle = layer.handle_for_uri(&"http://down:8080/x".parse().unwrap());
+    assert_eq!((handle.name(), handle.upstream()), ("gateway", "down:8080"));
+    let mut one = handle.subscribe();
+    assert_eq!(layer.keys(), [Some(down.clone())]);
+
+    let mut svc = layer.layer(service_fn(|req: Request<()>| async move {
+        let status = if req.uri().host() == Some("down") {
+            503
+        } else {
+            200
+        };
+        Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
+    }));
+    let get = |host: &str| Request::get(format!("http://{host}/")).body(()).unwrap();
+    svc.ready()
+        .await
+        .unwrap()
+        .call(get("down:8080"))
+        .await
+        .unwrap();
+    svc.ready()
+        .await
+        .unwrap()
+        .call(get("up:8080"))
+        .await
+        .unwrap();
+
+    let t = one
+        .try_recv()
+        .expect("the early handle's breaker is the one calls used");
+    assert_eq!((&*t.breaker, &*t.upstream), ("gateway", "down:8080"));
+    assert_eq!((t.from, t.to), (BreakerState::Closed, BreakerState::Open));
+    let (key, t) = all.try_recv().expect("heard through subscribe_all");
+    assert_eq!((key, t.to), (Some(down.clone()), BreakerState::Open));
+    assert!(
+        all.try_recv().is_none(),
+        "the healthy upstream did not move"
+    );
+    let mut keys = layer.keys();
+    keys.sort_by_key(|k| k.as_ref().map(|a| a.to_string()));
+    assert_eq!(keys, [Some(down), Some("up:8080".parse().unwrap())]);
+    let none = layer.handle(&None);
+    assert_eq!(none.upstream(), "none", "requests without an authority");
+}
+
+/// `state()` reports the state in force: Open during the open time, HalfOpen once a call
+/// would be a probe (the move itself, and its event, wait for that call).
+#[tokio::test(start_paused = true)]
+async fn the_handle_reports_half_open_once_the_open_time_has_passed() {
+    let layer = builder()
+        .consecutive_failures(Some(1))
+        .open_time(Duration::from_secs(10))
+        .jitter_percent(0)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut events = handle.subscribe();
+    let mut svc = layer.layer(service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(Response::builder().status(503).body(()).unwrap())
+    }));
+    svc.ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
+    assert_eq!(events.try_recv().map(|t| t.to), Some(BreakerState::Open));
+    advance(Duration::from_millis(9_999)).await;
+    assert_eq!(handle.state(), BreakerState::Open);
+    assert_eq!(handle.metrics().state, BreakerState::Open);
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(handle.state(), BreakerState::HalfOpen);
+    assert_eq!(handle.metrics().state, BreakerState::HalfOpen);
+    assert!(
+        events.try_recv().is_none(),
+        "no transition until a call arrives"
+    );
+    svc.ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
+    let moves: Vec<_> = std::iter::from_fn(|| events.try_recv())
+        .map(|t| t.to)
+        .collect();
+    assert_eq!(
+        moves,
+        [BreakerState::HalfOpen, BreakerState::Open],
+        "probe failed"
+    );
+    assert_eq!(handle.state(), BreakerState::Open);
+}
+
+#[test]
+fn an_empty_breaker_name_is_refused() {
+    let err = builder().name("").build().unwrap_err();
+    assert!(err.to_string().contains("name must not be empty"), "{err}");
+    assert!(builder().name("").build_per_authority().is_err());
 }

@@ -51,7 +51,7 @@ fn policy(consecutive: u32, probes: u32, open_time: Duration) -> Policy {
 
 /// A breaker whose clock reads zero for as long as the model runs.
 fn frozen(policy: Policy) -> Shared {
-    let mut shared = Shared::new(std::sync::Arc::new(policy));
+    let mut shared = Shared::new(std::sync::Arc::new(policy), Meta::default());
     shared.base = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     assert_eq!(shared.now(), 0);
     shared
