@@ -156,15 +156,36 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
         let e = svc.ready().await.unwrap().call(get()).await.unwrap_err();
         assert!(e.is::<steadfast::breaker::error::BreakerOpen>());
     });
+    let plain = "breaker=default,upstream=default";
     assert_eq!(
-        seen.get("steadfast_breaker_transitions_total{to=open}"),
+        seen.get(&format!(
+            "steadfast_breaker_transitions_total{{{plain},from=closed,to=open}}"
+        )),
         1.0
     );
-    assert_eq!(seen.get("steadfast_breaker_rejected_total{}"), 1.0, "plain");
+    assert_eq!(
+        seen.get(&format!("steadfast_breaker_rejected_total{{{plain}}}")),
+        1.0,
+        "plain"
+    );
+    // The state gauge: one series per state, 1 for the one in force.
+    assert_eq!(
+        seen.get(&format!("steadfast_breaker_state{{{plain},state=open}}")),
+        1.0
+    );
+    assert_eq!(
+        seen.0
+            .lock()
+            .unwrap()
+            .get(&format!("steadfast_breaker_state{{{plain},state=closed}}")),
+        Some(&0.0),
+        "set to 1 when made, to 0 when left"
+    );
 
     // Per key.
     let seen = recorded(|| async {
         let keyed = CircuitBreakerLayer::builder()
+            .name("gateway")
             .consecutive_failures(Some(1))
             .build_per_authority()
             .unwrap();
@@ -173,14 +194,23 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
         let e = svc.ready().await.unwrap().call(get()).await.unwrap_err();
         assert!(e.is::<steadfast::breaker::error::BreakerOpen>());
     });
+    let keyed = "breaker=gateway,upstream=upstream.test";
     assert_eq!(
-        seen.get("steadfast_breaker_transitions_total{to=open}"),
-        1.0
+        seen.get(&format!(
+            "steadfast_breaker_transitions_total{{{keyed},from=closed,to=open}}"
+        )),
+        1.0,
+        "{:#?}",
+        seen.take()
     );
     assert_eq!(
-        seen.get("steadfast_breaker_rejected_total{}"),
+        seen.get(&format!("steadfast_breaker_rejected_total{{{keyed}}}")),
         1.0,
         "per key"
+    );
+    assert_eq!(
+        seen.get(&format!("steadfast_breaker_state{{{keyed},state=open}}")),
+        1.0
     );
 
     // Answering: the rejection is a 503 response, and it is counted all the same.
@@ -195,11 +225,13 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
         );
     });
     assert_eq!(
-        seen.get("steadfast_breaker_transitions_total{to=open}"),
+        seen.get(&format!(
+            "steadfast_breaker_transitions_total{{{plain},from=closed,to=open}}"
+        )),
         1.0
     );
     assert_eq!(
-        seen.get("steadfast_breaker_rejected_total{}"),
+        seen.get(&format!("steadfast_breaker_rejected_total{{{plain}}}")),
         1.0,
         "answering"
     );
