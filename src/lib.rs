@@ -79,6 +79,25 @@ pub use steadfast_retry as retry;
 #[doc(inline)]
 pub use steadfast_timeout as timeout;
 
+/// Describes every metric the enabled layers report (help text and unit) to the installed
+/// recorder: call it once after installing the recorder, so an exporter such as
+/// Prometheus's prints `# HELP` and unit lines. Lists are in `docs/observability.md`.
+///
+/// ```
+/// steadfast::describe_metrics(); // without a recorder: nothing happens
+/// ```
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    #[cfg(feature = "retry")]
+    steadfast_retry::describe_metrics();
+    #[cfg(feature = "breaker")]
+    steadfast_breaker::describe_metrics();
+    #[cfg(feature = "timeout")]
+    steadfast_timeout::describe_metrics();
+    #[cfg(feature = "balance")]
+    steadfast_balance::describe_metrics();
+}
+
 mod builder;
 #[cfg(feature = "full")]
 pub mod client;

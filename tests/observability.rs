@@ -85,6 +85,17 @@ impl GaugeFn for Handle {
 struct Rec(Seen);
 
 impl Rec {
+    /// Notes a description as `describe:<kind>:<name>:<unit>`; its help must say something.
+    fn described(&self, kind: &str, name: KeyName, unit: Option<Unit>, help: SharedString) {
+        assert!(help.len() > 20, "{}: {help}", name.as_str());
+        let unit = unit.map_or("none", |u| u.as_str());
+        self.0
+            .0
+            .lock()
+            .unwrap()
+            .insert(format!("describe:{kind}:{}:{unit}", name.as_str()), 1.0);
+    }
+
     fn handle(&self, key: &Key) -> Arc<Handle> {
         let labels: Vec<String> = key
             .labels()
@@ -98,9 +109,15 @@ impl Rec {
 }
 
 impl Recorder for Rec {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_counter(&self, name: KeyName, unit: Option<Unit>, help: SharedString) {
+        self.described("counter", name, unit, help);
+    }
+    fn describe_gauge(&self, name: KeyName, unit: Option<Unit>, help: SharedString) {
+        self.described("gauge", name, unit, help);
+    }
+    fn describe_histogram(&self, name: KeyName, unit: Option<Unit>, help: SharedString) {
+        self.described("histogram", name, unit, help);
+    }
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         Counter::from_arc(self.handle(key))
     }
@@ -167,6 +184,19 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
         seen.get(&format!("steadfast_breaker_rejected_total{{{plain}}}")),
         1.0,
         "plain"
+    );
+    // One call reached the upstream and failed; the rejected one is not a call.
+    assert_eq!(
+        seen.get(&format!(
+            "steadfast_breaker_call_duration_seconds{{{plain},outcome=failure}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        seen.get(&format!(
+            "steadfast_breaker_call_duration_seconds{{{plain},outcome=success}}"
+        )),
+        0.0
     );
     // The state gauge: one series per state, 1 for the one in force.
     assert_eq!(
@@ -241,15 +271,26 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
 fn the_retry_counts_attempts_waits_and_why_it_gave_up() {
     let seen = recorded(|| async {
         let retry = RetryLayer::builder()
+            .name("checkout")
             .backoff(
                 Backoff::new(Duration::from_millis(100), Duration::from_secs(1))
                     .jitter(Jitter::None),
             )
             .build()
             .unwrap();
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let up = service_fn(
-            |_req: Request<steadfast::retry::ReplayBody<Full<Bytes>>>| async {
-                Ok::<_, Infallible>(status(503))
+            move |_req: Request<steadfast::retry::ReplayBody<Full<Bytes>>>| {
+                let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                async move {
+                    let mut res = status(503);
+                    if first {
+                        // The server asks for a 1 s wait: a wait like any backoff.
+                        res.headers_mut()
+                            .insert("retry-after", http::HeaderValue::from_static("1"));
+                    }
+                    Ok::<_, Infallible>(res)
+                }
             },
         );
         let req = Request::get("http://upstream.test/")
@@ -260,20 +301,28 @@ fn the_retry_counts_attempts_waits_and_why_it_gave_up() {
     });
     let all = seen.take();
     assert_eq!(
-        all.get("steadfast_retry_attempts_total{}"),
+        all.get("steadfast_retry_attempts_total{retry=checkout}"),
         Some(&2.0),
         "{all:?}"
     );
+    for source in ["server_hint", "backoff"] {
+        assert_eq!(
+            all.get(&format!(
+                "steadfast_retry_backoff_seconds{{retry=checkout,source={source}}}"
+            )),
+            Some(&1.0),
+            "{all:?}"
+        );
+    }
     assert_eq!(
-        all.get("steadfast_retry_backoff_seconds{}"),
-        Some(&2.0),
-        "{all:?}"
-    );
-    assert_eq!(
-        all.get("steadfast_retry_gave_up_total{reason=attempts_exhausted}"),
+        all.get("steadfast_retry_gave_up_total{retry=checkout,reason=attempts_exhausted}"),
         Some(&1.0),
         "{all:?}"
     );
+    // The budget starts with its floor's worth for one window (10/s × 10 s); two retries
+    // took a token each.
+    let tokens = all["steadfast_retry_budget_tokens{retry=checkout}"];
+    assert!((97.0..99.0).contains(&tokens), "{tokens}");
 }
 
 #[test]
@@ -373,4 +422,50 @@ fn the_balancer_counts_ejections_and_reports_each_endpoints_load_per_interval() 
         all.get("steadfast_balance_endpoint_in_flight{endpoint=10.0.0.2:80}"),
         Some(&0.0)
     );
+}
+
+/// Every metric `docs/observability.md` lists is described (help text, and seconds as the
+/// unit of every `_seconds` metric), and nothing else is.
+#[test]
+fn every_documented_metric_is_described_with_its_kind_and_unit() {
+    let seen = recorded(|| async { steadfast::describe_metrics() });
+    let described: BTreeMap<String, (String, String)> = seen
+        .take()
+        .into_keys()
+        .filter_map(|k| {
+            let mut parts = k.strip_prefix("describe:")?.split(':');
+            let (kind, name, unit) = (parts.next()?, parts.next()?, parts.next()?);
+            Some((name.to_owned(), (kind.to_owned(), unit.to_owned())))
+        })
+        .collect();
+    let docs = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/observability.md"
+    ))
+    .unwrap();
+    let documented: BTreeMap<String, String> = docs
+        .lines()
+        .filter_map(|line| {
+            let mut cells = line.split('|').map(str::trim).skip(1);
+            let name = cells
+                .next()?
+                .strip_prefix("`steadfast_")?
+                .strip_suffix('`')?;
+            let kind = cells.next()?.split([',', ' ', ':']).next()?.to_owned();
+            Some((format!("steadfast_{name}"), kind))
+        })
+        .collect();
+    assert_eq!(
+        described.keys().collect::<Vec<_>>(),
+        documented.keys().collect::<Vec<_>>()
+    );
+    for (name, (kind, unit)) in &described {
+        assert_eq!(kind, &documented[name], "{name}");
+        let want = if name.ends_with("_seconds") {
+            "seconds"
+        } else {
+            "count"
+        };
+        assert_eq!(unit, want, "{name}");
+    }
 }

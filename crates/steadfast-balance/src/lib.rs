@@ -99,3 +99,39 @@ pub mod __private {
         balance.choose(true)
     }
 }
+
+/// Describes this crate's metrics to the installed recorder (help text and unit, which
+/// exporters such as Prometheus's print): call it once after installing the recorder.
+///
+/// ```
+/// steadfast_balance::describe_metrics(); // without a recorder: nothing happens
+/// ```
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_counter!(
+        "steadfast_balance_ejections_total",
+        Unit::Count,
+        "Endpoints ejected from a balanced service, by endpoint and reason."
+    );
+    describe_counter!(
+        "steadfast_balance_returned_total",
+        Unit::Count,
+        "Ejected endpoints returned to service when their ejection ran out."
+    );
+    describe_gauge!(
+        "steadfast_balance_endpoint_in_flight",
+        Unit::Count,
+        "Calls in flight to an endpoint, set once per interval while calls run."
+    );
+    describe_gauge!(
+        "steadfast_balance_endpoint_latency_seconds",
+        Unit::Seconds,
+        "An endpoint's peak-EWMA latency estimate, set once per interval while calls run."
+    );
+    describe_gauge!(
+        "steadfast_balance_endpoint_ejected",
+        Unit::Count,
+        "1 while an endpoint is ejected, else 0; set once per interval while calls run."
+    );
+}

@@ -195,10 +195,17 @@ impl<C> Guard<C> {
                 self.give_back(permit);
             }
             Some(c) => {
-                let slow = self.start != 0
-                    && shared
-                        .slow_threshold()
-                        .is_some_and(|t| shared.clock().saturating_sub(self.start) > nanos(t));
+                let took = if self.start != 0 {
+                    shared.clock().saturating_sub(self.start)
+                } else {
+                    0
+                };
+                #[cfg(feature = "metrics")]
+                shared
+                    .meta
+                    .record_duration(c.is_failure(), Duration::from_nanos(took).as_secs_f64());
+                let slow =
+                    self.start != 0 && shared.slow_threshold().is_some_and(|t| took > nanos(t));
                 if c.is_failure() {
                     self.stripe.failures.fetch_add(1, Relaxed);
                 }

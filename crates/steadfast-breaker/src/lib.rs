@@ -61,3 +61,34 @@ pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, KeyedCircuitBreakerL
 pub use service::{CircuitBreaker, KeyedCircuitBreaker};
 pub use state::{BreakerState, Transition};
 pub use window::WindowCounts;
+
+/// Describes this crate's metrics to the installed recorder (help text and unit, which
+/// exporters such as Prometheus's print): call it once after installing the recorder.
+///
+/// ```
+/// steadfast_breaker::describe_metrics(); // without a recorder: nothing happens
+/// ```
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "steadfast_breaker_transitions_total",
+        Unit::Count,
+        "Breaker state changes (labels breaker, upstream, from, to)."
+    );
+    describe_counter!(
+        "steadfast_breaker_rejected_total",
+        Unit::Count,
+        "Calls a breaker failed fast without calling its upstream."
+    );
+    describe_gauge!(
+        "steadfast_breaker_state",
+        Unit::Count,
+        "1 for the state a breaker is in, 0 for the states it left (label state)."
+    );
+    describe_histogram!(
+        "steadfast_breaker_call_duration_seconds",
+        Unit::Seconds,
+        "Duration of each call a breaker let through, by outcome (success or failure as the breaker classifies it)."
+    );
+}

@@ -200,6 +200,9 @@ pub(crate) struct Meta {
     /// (a rejection then costs no label allocation or recorder lookup).
     #[cfg(feature = "metrics")]
     pub(crate) rejected: std::sync::OnceLock<metrics::Counter>,
+    /// The call duration histograms (success, failure), registered at the first outcome.
+    #[cfg(feature = "metrics")]
+    durations: std::sync::OnceLock<[metrics::Histogram; 2]>,
 }
 
 impl Meta {
@@ -211,7 +214,25 @@ impl Meta {
             listener,
             #[cfg(feature = "metrics")]
             rejected: std::sync::OnceLock::new(),
+            #[cfg(feature = "metrics")]
+            durations: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records one call's duration under its outcome.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn record_duration(&self, failure: bool, seconds: f64) {
+        let [ok, failed] = self.durations.get_or_init(|| {
+            ["success", "failure"].map(|outcome| {
+                metrics::histogram!(
+                    "steadfast_breaker_call_duration_seconds",
+                    "breaker" => metrics::SharedString::from(self.breaker.clone()),
+                    "upstream" => metrics::SharedString::from(self.upstream.clone()),
+                    "outcome" => outcome
+                )
+            })
+        });
+        if failure { failed } else { ok }.record(seconds);
     }
 }
 
@@ -364,9 +385,12 @@ impl Shared {
             .subscribe()
     }
 
-    /// Whether the breaker needs per-call timing (slow calls or a time window).
+    /// Whether the breaker needs per-call timing (slow calls, a time window, or the call
+    /// duration histograms of the `metrics` feature).
     pub(crate) fn needs_clock(&self) -> bool {
-        self.policy.slow.is_some() || matches!(self.window.as_deref(), Some(Window::Time(_)))
+        cfg!(feature = "metrics")
+            || self.policy.slow.is_some()
+            || matches!(self.window.as_deref(), Some(Window::Time(_)))
     }
 
     pub(crate) fn slow_threshold(&self) -> Option<Duration> {

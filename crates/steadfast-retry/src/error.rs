@@ -18,6 +18,8 @@ pub enum InvalidRetryConfig {
     BudgetNeverPays,
     /// The budget's window is shorter than its 10 ms tick.
     BudgetWindow,
+    /// An empty layer name.
+    EmptyName,
 }
 
 impl fmt::Display for InvalidRetryConfig {
@@ -37,6 +39,9 @@ impl fmt::Display for InvalidRetryConfig {
             Self::BudgetWindow => {
                 f.write_str("budget window must be at least 10 ms (its tick): raise the window")
             }
+            Self::EmptyName => f.write_str(
+                "retry layer name must not be empty (it labels the layer's events and metrics)",
+            ),
         }
     }
 }

@@ -108,15 +108,32 @@ enum Step<T> {
 impl<S, B, C> Ctx<S, B, C> {
     fn give_up<T>(&self, out: T, reason: &'static str) -> Step<T> {
         #[cfg(feature = "metrics")]
-        metrics::counter!("steadfast_retry_gave_up_total", "reason" => reason).increment(1);
+        metrics::counter!("steadfast_retry_gave_up_total", "retry" => self.label(), "reason" => reason)
+            .increment(1);
         tracing::event!(
             name: "retry.gave_up",
             target: "steadfast::retry",
             tracing::Level::DEBUG,
+            retry = &*self.config.name,
             attempt = self.history.attempt,
             reason,
         );
         Step::Return(out)
+    }
+
+    /// The `retry` label: the layer's name.
+    #[cfg(feature = "metrics")]
+    fn label(&self) -> metrics::SharedString {
+        metrics::SharedString::from(self.config.name.clone())
+    }
+
+    /// The budget's level, set whenever the budget is asked for a retry.
+    #[cfg(feature = "metrics")]
+    fn record_budget(&self) {
+        if let Some(budget) = &self.config.budget {
+            metrics::gauge!("steadfast_retry_budget_tokens", "retry" => self.label())
+                .set(budget.balance());
+        }
     }
 
     /// Asks the policy, then takes what a retry needs that the policy does not own: the next
@@ -139,13 +156,18 @@ impl<S, B, C> Ctx<S, B, C> {
             return self.give_up(out, "body_not_replayable");
         };
         if let Some(budget) = &config.budget {
-            if !budget.withdraw() {
+            let paid = budget.withdraw();
+            #[cfg(feature = "metrics")]
+            self.record_budget();
+            if !paid {
                 #[cfg(feature = "metrics")]
-                metrics::counter!("steadfast_retry_budget_exhausted_total").increment(1);
+                metrics::counter!("steadfast_retry_budget_exhausted_total", "retry" => self.label())
+                    .increment(1);
                 tracing::event!(
                     name: "retry.budget_exhausted",
                     target: "steadfast::retry",
                     tracing::Level::INFO,
+                    retry = &*config.name,
                     attempt = self.history.attempt,
                     "retry budget exhausted; returning the last outcome"
                 );
@@ -156,6 +178,7 @@ impl<S, B, C> Ctx<S, B, C> {
             name: "retry.attempt",
             target: "steadfast::retry",
             tracing::Level::DEBUG,
+            retry = &*config.name,
             attempt = self.history.attempt + 1,
             delay_ms = delay.as_millis() as u64,
             status = out.as_ref().ok().map(|r| r.status().as_u16()),
@@ -164,8 +187,11 @@ impl<S, B, C> Ctx<S, B, C> {
         );
         #[cfg(feature = "metrics")]
         {
-            metrics::counter!("steadfast_retry_attempts_total").increment(1);
-            metrics::histogram!("steadfast_retry_backoff_seconds").record(delay.as_secs_f64());
+            metrics::counter!("steadfast_retry_attempts_total", "retry" => self.label())
+                .increment(1);
+            // Every wait is one observation, a server's hint as much as a backoff.
+            metrics::histogram!("steadfast_retry_backoff_seconds", "retry" => self.label(), "source" => if from_hint { "server_hint" } else { "backoff" })
+                .record(delay.as_secs_f64());
         }
         self.history.retried(delay, from_hint);
         self.next_body = Some(next_body);

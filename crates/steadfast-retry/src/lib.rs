@@ -54,3 +54,39 @@ pub use header::{ATTEMPT_HEADER, GRPC_PREVIOUS_ATTEMPTS, IDEMPOTENCY_KEY};
 pub use layer::{RetryBuilder, RetryLayer, RetryPredicate};
 pub use replay::{DEFAULT_REPLAY_CAP, ReplayBody};
 pub use service::Retry;
+
+/// Describes this crate's metrics to the installed recorder (help text and unit, which
+/// exporters such as Prometheus's print): call it once after installing the recorder.
+///
+/// ```
+/// steadfast_retry::describe_metrics(); // without a recorder: nothing happens
+/// ```
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "steadfast_retry_attempts_total",
+        Unit::Count,
+        "Retries sent: attempts after a call's first (label retry: the layer's name)."
+    );
+    describe_histogram!(
+        "steadfast_retry_backoff_seconds",
+        Unit::Seconds,
+        "Each wait before a retry, one observation per wait (label source: backoff or server_hint)."
+    );
+    describe_counter!(
+        "steadfast_retry_budget_exhausted_total",
+        Unit::Count,
+        "Retries the retry budget refused; the caller got the last outcome."
+    );
+    describe_counter!(
+        "steadfast_retry_gave_up_total",
+        Unit::Count,
+        "Retryable outcomes not retried, by reason."
+    );
+    describe_gauge!(
+        "steadfast_retry_budget_tokens",
+        Unit::Count,
+        "Tokens left in the retry budget, set whenever a retry asks the budget."
+    );
+}

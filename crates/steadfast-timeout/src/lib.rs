@@ -93,3 +93,18 @@ pub use layer::{
 };
 pub use server::SetDeadline;
 pub use steadfast_core::Deadline;
+
+/// Describes this crate's metrics to the installed recorder (help text and unit, which
+/// exporters such as Prometheus's print): call it once after installing the recorder.
+///
+/// ```
+/// steadfast_timeout::describe_metrics(); // without a recorder: nothing happens
+/// ```
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "steadfast_timeout_elapsed_total",
+        metrics::Unit::Count,
+        "Timeouts that fired, by side: client (head), client_body, server."
+    );
+}
