@@ -135,11 +135,8 @@ async fn recovery_after_an_outage() {
     while start.elapsed() < Duration::from_secs(120) {
         let began = Instant::now();
         let hits_before = server.hits();
-        let open_before = layer
-            .breakers()
-            .handle(&key)
-            .state()
-            == steadfast::breaker::BreakerState::Open;
+        let open_before =
+            layer.breakers().handle(&key).state() == steadfast::breaker::BreakerState::Open;
         let out = svc.clone().oneshot(get(&server)).await;
         assert!(
             began.elapsed() <= Duration::from_secs(3),
