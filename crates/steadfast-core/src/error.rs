@@ -52,6 +52,66 @@ pub fn classify_transport_error(err: &(dyn Error + 'static)) -> Class {
     Class::new(true, true, delivery)
 }
 
+/// A short, low-cardinality name for what went wrong, for OpenTelemetry's `error.type` and
+/// for logs: the first of these found along the `source()` chain, else `"_OTHER"` (the
+/// convention's fallback).
+///
+/// | found | name |
+/// |---|---|
+/// | [`PolicyRejected`] (a layer refused the call: open breaker, shed load) | `policy_rejected` |
+/// | [`NotSent`] (refused by one endpoint, worth sending elsewhere) | `not_sent` |
+/// | hyper-util's connect error | `connect` |
+/// | an `io::Error` | its kind: `connection_refused`, `connection_reset`, `timed_out`, … |
+/// | [`TimedOut`] (a timeout layer's error) or tokio's `Elapsed` | `timeout` |
+///
+/// ```
+/// use steadfast_core::error_type;
+///
+/// let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+/// assert_eq!(error_type(&refused), "connection_refused");
+/// assert_eq!(error_type(&std::fmt::Error), "_OTHER");
+/// ```
+pub fn error_type(err: &(dyn Error + 'static)) -> &'static str {
+    for e in chain(err) {
+        if e.is::<PolicyRejected>() {
+            return "policy_rejected";
+        }
+        if e.is::<NotSent>() {
+            return "not_sent";
+        }
+        #[cfg(feature = "hyper-util")]
+        if let Some(e) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            if e.is_connect() {
+                return "connect";
+            }
+        }
+        if let Some(e) = e.downcast_ref::<io::Error>() {
+            return io_kind(e.kind());
+        }
+        if e.is::<TimedOut>() || e.is::<tokio::time::error::Elapsed>() {
+            return "timeout";
+        }
+    }
+    "_OTHER"
+}
+
+fn io_kind(kind: io::ErrorKind) -> &'static str {
+    use io::ErrorKind::*;
+    match kind {
+        ConnectionRefused => "connection_refused",
+        ConnectionReset => "connection_reset",
+        ConnectionAborted => "connection_aborted",
+        NotConnected => "not_connected",
+        AddrInUse => "addr_in_use",
+        AddrNotAvailable => "addr_not_available",
+        BrokenPipe => "broken_pipe",
+        TimedOut => "timed_out",
+        UnexpectedEof => "unexpected_eof",
+        Interrupted => "interrupted",
+        _ => "io",
+    }
+}
+
 /// How many links of a `source()` chain are followed before giving up (a cyclic or absurdly
 /// deep chain must not hang a classifier).
 const MAX_CHAIN: usize = 32;
@@ -119,6 +179,45 @@ impl fmt::Display for NotSent {
 }
 
 impl Error for NotSent {}
+
+/// The marker for "a time limit ran out": a timeout error puts it in its `source()` chain,
+/// so code that knows no timeout type (metrics, spans, [`error_type`]) can still tell.
+///
+/// ```
+/// use steadfast_core::{TimedOut, error_type};
+///
+/// #[derive(Debug)]
+/// struct Late;
+/// impl std::fmt::Display for Late {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str("late") }
+/// }
+/// impl std::error::Error for Late {
+///     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> { Some(&TimedOut::INSTANCE) }
+/// }
+/// assert_eq!(error_type(&Late), "timeout");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedOut {
+    _p: (),
+}
+
+impl TimedOut {
+    /// The marker value, for `source()` implementations.
+    pub const INSTANCE: TimedOut = TimedOut { _p: () };
+
+    /// Whether `err` or any of its sources is the marker.
+    pub fn is_in(err: &(dyn Error + 'static)) -> bool {
+        chain(err).any(|e| e.is::<TimedOut>())
+    }
+}
+
+impl fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("timed out")
+    }
+}
+
+impl Error for TimedOut {}
 
 /// The marker for "rejected by local policy, do not retry".
 ///

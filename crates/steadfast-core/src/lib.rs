@@ -53,7 +53,9 @@ pub use classify::{
     is_grpc_content_type,
 };
 pub use deadline::{Deadline, WithDeadline, saturating_add};
-pub use error::{BoxError, Delivery, NotSent, PolicyRejected, classify_transport_error};
+pub use error::{
+    BoxError, Delivery, NotSent, PolicyRejected, TimedOut, classify_transport_error, error_type,
+};
 pub use grpc::{GRPC_MESSAGE, GRPC_STATUS, GrpcCode, GrpcCodeSet};
 pub use response::{ResponseBody, grpc_response, http_response};
 

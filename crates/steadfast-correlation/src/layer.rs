@@ -29,7 +29,7 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// - a [`CorrelationId`](crate::CorrelationId) request extension (can be switched off),
 /// - ambient for the handler: [`CorrelationId::current`](crate::CorrelationId::current),
 ///   which outgoing client stacks read,
-/// - a `correlation_id` field on a `request` tracing span around the handler,
+/// - a `correlation_id` field on a `correlation` tracing span around the handler,
 /// - echoed on the response header, unless the handler set that header itself (its value
 ///   wins).
 ///

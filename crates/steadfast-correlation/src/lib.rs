@@ -3,7 +3,7 @@
 //! - [`SetCorrelationIdLayer`] (server side) accepts a valid inbound `x-correlation-id` (or
 //!   `x-request-id`, or optionally a `traceparent` trace-id) or generates a time-ordered
 //!   UUIDv7, and makes it visible to the handler — request extension, ambient
-//!   [`CorrelationId::current`], a `correlation_id` field on a `request` tracing span — and on
+//!   [`CorrelationId::current`], a `correlation_id` field on a `correlation` tracing span — and on
 //!   the response.
 //! - [`PropagateCorrelationIdLayer`] (client side) stamps the id on outgoing requests: from the
 //!   request's extension, else the ambient id, else a new one.

@@ -167,7 +167,7 @@ where
         if self.config.extension {
             req.extensions_mut().insert(id.clone());
         }
-        let span = tracing::info_span!("request", correlation_id = %id);
+        let span = tracing::info_span!(target: "steadfast::correlation", "correlation", correlation_id = %id);
         let echo = self.config.echo.then(|| self.config.header.clone());
         let inner = {
             let _entered = span.enter();

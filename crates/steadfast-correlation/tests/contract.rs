@@ -329,7 +329,7 @@ async fn span_carries_the_id() {
         .unwrap();
     assert_eq!(
         *capture.0.lock().unwrap(),
-        vec![("request".to_owned(), "span-me".to_owned())]
+        vec![("correlation".to_owned(), "span-me".to_owned())]
     );
 }
 
@@ -371,7 +371,10 @@ fn a_cancelled_handler_logs_inside_the_request_span() {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     assert!(fut.as_mut().poll(&mut cx).is_pending());
     drop(fut); // the client went away
-    assert_eq!(*seen.0.lock().unwrap(), vec![Some("request".to_owned())]);
+    assert_eq!(
+        *seen.0.lock().unwrap(),
+        vec![Some("correlation".to_owned())]
+    );
 }
 
 #[tokio::test]

@@ -50,6 +50,52 @@ pin_project! {
         #[pin]
         state: State<F>,
         ctx: Option<Ctx<S, B, C>>,
+        // The running attempt's span (see `attempt_span`).
+        span: tracing::Span,
+    }
+}
+
+/// The span of one attempt, a child of the span current when the call was made: named
+/// `attempt` (`otel.name` is the method, `otel.kind` client), with OpenTelemetry's HTTP
+/// client attribute names. `http.request.resend_count` is set on resends only, the status
+/// and `error.type` when the attempt ends. With no subscriber (or the level filtered out)
+/// it is a disabled span: nothing is recorded or allocated.
+pub(crate) fn attempt_span(parts: &Parts, resend: u32) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: "steadfast::retry",
+        "attempt",
+        otel.name = parts.method.as_str(),
+        otel.kind = "client",
+        http.request.method = parts.method.as_str(),
+        server.address = parts.uri.host(),
+        server.port = parts.uri.port_u16(),
+        url.full = tracing::field::display(&parts.uri),
+        http.request.resend_count = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    if resend > 0 {
+        span.record("http.request.resend_count", resend);
+    }
+    span
+}
+
+/// Writes an attempt's outcome into its span.
+fn record_outcome<ResB>(span: &tracing::Span, out: &Result<Response<ResB>, BoxError>) {
+    if span.is_disabled() {
+        return;
+    }
+    match out {
+        Ok(res) => {
+            let status = res.status();
+            span.record("http.response.status_code", status.as_u16());
+            if status.is_client_error() || status.is_server_error() {
+                span.record("error.type", status.as_str());
+            }
+        }
+        Err(e) => {
+            span.record("error.type", steadfast_core::error_type(&**e));
+        }
     }
 }
 
@@ -76,17 +122,19 @@ impl<F, S, B, C> fmt::Debug for ResponseFuture<F, S, B, C> {
 }
 
 impl<F, S, B, C> ResponseFuture<F, S, B, C> {
-    pub(crate) fn once(fut: F) -> Self {
+    pub(crate) fn once(fut: F, span: tracing::Span) -> Self {
         Self {
             state: State::Called { fut },
             ctx: None,
+            span,
         }
     }
 
-    pub(crate) fn retrying(fut: F, ctx: Ctx<S, B, C>) -> Self {
+    pub(crate) fn retrying(fut: F, ctx: Ctx<S, B, C>, span: tracing::Span) -> Self {
         Self {
             state: State::Called { fut },
             ctx: Some(ctx),
+            span,
         }
     }
 }
@@ -230,7 +278,11 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Called { fut } => {
-                    let out = ready!(fut.poll(cx)).map_err(Into::into);
+                    let out = {
+                        let _attempt = this.span.enter();
+                        ready!(fut.poll(cx)).map_err(Into::into)
+                    };
+                    record_outcome(this.span, &out);
                     let Some(ctx) = this.ctx.as_mut() else {
                         return Poll::Ready(out);
                     };
@@ -256,7 +308,11 @@ where
                     let req = ctx
                         .next_request()
                         .expect("a retry is only decided with the next body in hand");
-                    let fut = ctx.service.call(req);
+                    *this.span = attempt_span(&ctx.parts, ctx.history.attempt - 1);
+                    let fut = {
+                        let _attempt = this.span.enter();
+                        ctx.service.call(req)
+                    };
                     ctx.reserved = false;
                     this.state.set(State::Called { fut });
                 }

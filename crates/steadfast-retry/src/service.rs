@@ -8,7 +8,7 @@ use http_body::Body;
 use steadfast_core::{BoxError, Classify, Deadline};
 use tower_service::Service;
 
-use crate::future::{Ctx, ResponseFuture};
+use crate::future::{Ctx, ResponseFuture, attempt_span};
 use crate::layer::Config;
 use crate::policy::History;
 use crate::replay::ReplayBody;
@@ -95,14 +95,22 @@ where
         } else {
             None
         };
+        let span = attempt_span(&parts, 0);
         let Some(retry_body) = retry_body else {
-            return ResponseFuture::once(self.inner.call(Request::from_parts(parts, body)));
+            let fut = {
+                let _attempt = span.enter();
+                self.inner.call(Request::from_parts(parts, body))
+            };
+            return ResponseFuture::once(fut, span);
         };
         let head = parts.clone();
         // Call the service that was made ready; keep a clone for later attempts.
         let ready = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, ready);
-        let fut = service.call(Request::from_parts(parts, body));
+        let fut = {
+            let _attempt = span.enter();
+            service.call(Request::from_parts(parts, body))
+        };
         ResponseFuture::retrying(
             fut,
             Ctx {
@@ -114,6 +122,7 @@ where
                 history: History::new(deadline),
                 reserved: false,
             },
+            span,
         )
     }
 }

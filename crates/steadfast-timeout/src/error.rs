@@ -79,7 +79,13 @@ impl fmt::Display for Elapsed {
     }
 }
 
-impl Error for Elapsed {}
+/// Its source is [`TimedOut`](steadfast_core::TimedOut), so code that knows no timeout type
+/// can tell a timeout ([`error_type`](steadfast_core::error_type) says `timeout`).
+impl Error for Elapsed {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&steadfast_core::TimedOut::INSTANCE)
+    }
+}
 
 /// A timeout builder was given a setting that cannot work; the message says what to change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
