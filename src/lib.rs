@@ -112,7 +112,7 @@ pub mod server;
 pub use builder::ServiceBuilderExt;
 #[cfg(feature = "full")]
 pub use preset::InvalidPresetConfig;
-pub use propagate::propagate;
+pub use propagate::{propagate, spawn};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(all(doctest, feature = "tonic"))]

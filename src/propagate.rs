@@ -2,9 +2,14 @@
 
 use std::future::Future;
 
-/// Wraps `fut` so it keeps the current task's ambient context — the
-/// [`Deadline`](crate::common::Deadline) and (with the `correlation` feature) the
-/// `CorrelationId` — when spawned. Task-locals do not cross `tokio::spawn` on their own.
+use tracing::Instrument;
+
+/// Wraps `fut` so it keeps the current task's ambient context when spawned: the
+/// [`Deadline`](crate::common::Deadline), the current `tracing` span (log lines and the
+/// calls' attempt spans stay under the request's span) and, with the `correlation` feature,
+/// the `CorrelationId` and the W3C `TraceContext`. Task-locals do not cross `tokio::spawn` on
+/// their own: without this, a spawned task's calls get a fresh correlation id, no deadline
+/// and no trace, and its log lines lose the request's span.
 ///
 /// ```
 /// use std::time::Duration;
@@ -20,6 +25,30 @@ use std::future::Future;
 /// ```
 pub fn propagate<F: Future>(fut: F) -> impl Future<Output = F::Output> {
     #[cfg(feature = "correlation")]
-    let fut = crate::correlation::CorrelationId::propagate(fut);
-    crate::common::Deadline::propagate(fut)
+    let fut = crate::correlation::TraceContext::propagate(
+        crate::correlation::CorrelationId::propagate(fut),
+    );
+    crate::common::Deadline::propagate(fut).in_current_span()
+}
+
+/// `tokio::spawn` of [`propagate`]`(fut)`: the spawned task keeps the request's deadline,
+/// span, correlation id and trace context.
+///
+/// ```
+/// use steadfast::correlation::CorrelationId;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let id = CorrelationId::parse("order-7").unwrap();
+/// let seen = id
+///     .scope(async { steadfast::spawn(async { CorrelationId::current() }).await.unwrap() })
+///     .await;
+/// assert_eq!(seen.unwrap().as_str(), "order-7");
+/// # }
+/// ```
+pub fn spawn<F>(fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(propagate(fut))
 }

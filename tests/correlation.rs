@@ -456,3 +456,121 @@ async fn beside_a_valid_id_ambiguous_or_invalid_fallbacks_are_removed() {
         assert!(!format!("{h:?}").contains("EVIL"), "{extra:?}");
     }
 }
+
+/// W3C trace context through two real hops: A's handler calls B with no tracing code; B sees
+/// A's trace id and flags with a new parent id, and the tracestate, or nothing at all when
+/// what reached A broke the rules.
+#[tokio::test]
+async fn trace_context_flows_from_the_inbound_request_to_outgoing_calls() {
+    let b = serve_axum(Router::new().route(
+        "/b",
+        get(|headers: HeaderMap| async move {
+            let get = |name: &str| {
+                let all: Vec<_> = headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .collect();
+                all.join(" | ")
+            };
+            format!("{}\n{}", get("traceparent"), get("tracestate"))
+        }),
+    ))
+    .await;
+    let client = ServiceBuilder::new()
+        .layer(PropagateCorrelationIdLayer::new())
+        .service(http_client());
+    let a = serve_axum(
+        Router::new()
+            .route(
+                "/a",
+                get(move || {
+                    let client = client.clone();
+                    async move {
+                        let res = client.oneshot(get_req(b, "/b")).await.unwrap();
+                        let body = http_body_util::BodyExt::collect(res.into_body())
+                            .await
+                            .unwrap()
+                            .to_bytes();
+                        String::from_utf8(body.to_vec()).unwrap()
+                    }
+                }),
+            )
+            .layer(SetCorrelationIdLayer::new()),
+    )
+    .await;
+    let call = |headers: Vec<(&'static str, &'static str)>| {
+        let mut req = get_req(a, "/a");
+        for (k, v) in headers {
+            req.headers_mut().append(k, v.parse().unwrap());
+        }
+        async move {
+            let res = http_client().oneshot(req).await.unwrap();
+            let body = http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let text = String::from_utf8(body.to_vec()).unwrap();
+            let (tp, ts) = text.split_once('\n').unwrap();
+            (tp.to_owned(), ts.to_owned())
+        }
+    };
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    let (tp, ts) = call(vec![
+        ("traceparent", TP),
+        ("tracestate", "rojo=00f067aa0ba902b7"),
+        ("tracestate", "congo=t61rcWkgMzE"),
+    ])
+    .await;
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "{tp}");
+    assert_eq!(parts[0], "00");
+    assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
+    assert_ne!(parts[2], "00f067aa0ba902b7", "A's call is a new span");
+    assert_ne!(parts[2], "0000000000000000");
+    assert_eq!(parts[3], "01", "flags kept");
+    assert_eq!(ts, "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE");
+
+    // Unsampled stays unsampled; a bad tracestate is dropped, the traceparent still counts.
+    let (tp, ts) = call(vec![
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        ),
+        ("tracestate", "Bad=Key"),
+    ])
+    .await;
+    assert!(tp.ends_with("-00"), "{tp}");
+    assert_eq!(ts, "");
+
+    for bad in [
+        vec![("traceparent", TP), ("traceparent", TP)],
+        vec![(
+            "traceparent",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+        )],
+        vec![(
+            "traceparent",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        )],
+        vec![(
+            "traceparent",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )],
+        vec![(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+        )],
+        vec![],
+    ] {
+        let sent = format!("{bad:?}");
+        let mut with_state = bad;
+        with_state.push(("tracestate", "congo=t61rcWkgMzE"));
+        assert_eq!(
+            call(with_state).await,
+            (String::new(), String::new()),
+            "nothing of {sent} goes further"
+        );
+    }
+}

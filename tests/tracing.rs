@@ -162,3 +162,45 @@ async fn a_failed_connection_names_its_error_type() {
         "{attempts:#?}"
     );
 }
+
+/// `steadfast::spawn` carries the request's whole context into the task: its span (so log
+/// lines and attempt spans stay under it), correlation id, trace context and deadline.
+#[tokio::test(start_paused = true)]
+async fn spawned_work_keeps_the_span_the_id_the_trace_and_the_deadline() {
+    use steadfast::common::Deadline;
+    use steadfast::correlation::{CorrelationId, TraceContext};
+
+    let capture = Capture::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
+    let trace =
+        TraceContext::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+    let deadline = Deadline::after(std::time::Duration::from_secs(3));
+    let id = CorrelationId::parse("order-7").unwrap();
+    let request = async {
+        steadfast::spawn(async {
+            tracing::info_span!("inside").in_scope(|| ());
+            (
+                CorrelationId::current().map(|id| id.to_string()),
+                TraceContext::current().map(|t| t.trace_id()),
+                Deadline::current(),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    let seen = deadline
+        .scope(id.scope(trace.scope(request)))
+        .instrument(tracing::info_span!("request"))
+        .await;
+    assert_eq!(
+        seen,
+        (
+            Some("order-7".to_owned()),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736".to_owned()),
+            Some(deadline)
+        )
+    );
+    let inside = capture.named("inside");
+    assert_eq!(inside[0].parent.as_deref(), Some("request"));
+}

@@ -7,6 +7,7 @@ use tower_service::Service;
 use crate::generate::MakeCorrelationId;
 use crate::id::CorrelationId;
 use crate::layer::PropagateCorrelationIdLayer;
+use crate::traceparent::{TRACEPARENT, TraceContext};
 use crate::validate::ValidateId;
 
 /// The client-side service; see [`PropagateCorrelationIdLayer`].
@@ -81,6 +82,11 @@ where
         };
         if let Some(v) = id {
             req.headers_mut().insert(header.clone(), v);
+        }
+        if self.config.trace_context && !req.headers().contains_key(TRACEPARENT) {
+            if let Some(trace) = TraceContext::current() {
+                trace.inject(req.headers_mut());
+            }
         }
         self.inner.call(req)
     }

@@ -61,6 +61,7 @@ pub struct SetCorrelationIdLayer<M = UuidV7, V = DefaultRule> {
     pub(crate) header: HeaderName,
     pub(crate) fallback: Option<HeaderName>,
     pub(crate) traceparent: bool,
+    pub(crate) trace_context: bool,
     pub(crate) extension: bool,
     pub(crate) echo: bool,
     pub(crate) make: M,
@@ -81,6 +82,7 @@ impl SetCorrelationIdLayer {
             header: X_CORRELATION_ID,
             fallback: Some(X_REQUEST_ID),
             traceparent: false,
+            trace_context: true,
             extension: true,
             echo: true,
             make: UuidV7::new(),
@@ -141,6 +143,17 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
         self
     }
 
+    /// Whether a valid W3C trace context (`traceparent`, `tracestate`) of the request is
+    /// made ambient for its handler, so that calls through a
+    /// [`PropagateCorrelationIdLayer`](crate::PropagateCorrelationIdLayer) carry it on
+    /// (default on; see [`TraceContext`](crate::TraceContext)). An invalid or repeated
+    /// `traceparent` is removed from the request with its `tracestate`, an invalid
+    /// `tracestate` alone, so a handler that forwards headers forwards nothing refused.
+    pub fn trace_context(mut self, on: bool) -> Self {
+        self.layer.trace_context = on;
+        self
+    }
+
     /// Whether to insert the [`CorrelationId`](crate::CorrelationId) request extension
     /// (default on; off saves the extension map's allocations when only the ambient id is
     /// used).
@@ -163,6 +176,7 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
                 header: l.header,
                 fallback: l.fallback,
                 traceparent: l.traceparent,
+                trace_context: l.trace_context,
                 extension: l.extension,
                 echo: l.echo,
                 make,
@@ -179,6 +193,7 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
                 header: l.header,
                 fallback: l.fallback,
                 traceparent: l.traceparent,
+                trace_context: l.trace_context,
                 extension: l.extension,
                 echo: l.echo,
                 make: l.make,
@@ -296,6 +311,7 @@ impl<S, M: Clone, V: Clone> Layer<S> for SetCorrelationIdLayer<M, V> {
 pub struct PropagateCorrelationIdLayer<M = UuidV7, V = DefaultRule> {
     pub(crate) header: HeaderName,
     pub(crate) generate: bool,
+    pub(crate) trace_context: bool,
     pub(crate) make: M,
     pub(crate) validate: V,
 }
@@ -312,6 +328,7 @@ impl PropagateCorrelationIdLayer {
         Self {
             header: X_CORRELATION_ID,
             generate: true,
+            trace_context: true,
             make: UuidV7::new(),
             validate: DefaultRule,
         }
@@ -346,6 +363,15 @@ impl<M, V> PropagateCorrelationIdBuilder<M, V> {
         self
     }
 
+    /// Whether calls made while a [`TraceContext`](crate::TraceContext) is ambient carry it
+    /// (default on): a `traceparent` with the same trace id and flags and a new span id,
+    /// and the `tracestate`. A request that already has a `traceparent` (set by the caller
+    /// or an OpenTelemetry propagator) keeps its own.
+    pub fn trace_context(mut self, on: bool) -> Self {
+        self.layer.trace_context = on;
+        self
+    }
+
     /// Whether to generate an id when the request has none and none is ambient (default on).
     pub fn generate(mut self, on: bool) -> Self {
         self.layer.generate = on;
@@ -359,6 +385,7 @@ impl<M, V> PropagateCorrelationIdBuilder<M, V> {
             layer: PropagateCorrelationIdLayer {
                 header: l.header,
                 generate: l.generate,
+                trace_context: l.trace_context,
                 make,
                 validate: l.validate,
             },
@@ -372,6 +399,7 @@ impl<M, V> PropagateCorrelationIdBuilder<M, V> {
             layer: PropagateCorrelationIdLayer {
                 header: l.header,
                 generate: l.generate,
+                trace_context: l.trace_context,
                 make: l.make,
                 validate,
             },

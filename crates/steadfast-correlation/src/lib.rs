@@ -71,5 +71,5 @@ pub use layer::{
     SetCorrelationIdLayer, X_CORRELATION_ID, X_REQUEST_ID,
 };
 pub use server::SetCorrelationId;
-pub use traceparent::{TRACEPARENT, trace_id};
+pub use traceparent::{TRACEPARENT, TRACESTATE, TraceContext, Traced, trace_id};
 pub use validate::{DefaultRule, MAX_LEN, ValidateId, is_valid_default};

@@ -13,6 +13,7 @@ use crate::generate::MakeCorrelationId;
 use crate::id::{CorrelationId, WithCorrelationId};
 use crate::layer::SetCorrelationIdLayer;
 use crate::traceparent::{TRACEPARENT, trace_id};
+use crate::traceparent::{TRACESTATE, TraceContext, Traced};
 use crate::validate::ValidateId;
 
 /// The server-side service; see [`SetCorrelationIdLayer`].
@@ -167,14 +168,23 @@ where
         if self.config.extension {
             req.extensions_mut().insert(id.clone());
         }
+        let trace = if self.config.trace_context {
+            trace_of(req.headers_mut())
+        } else {
+            None
+        };
         let span = tracing::info_span!(target: "steadfast::correlation", "correlation", correlation_id = %id);
         let echo = self.config.echo.then(|| self.config.header.clone());
         let inner = {
             let _entered = span.enter();
-            id.clone().sync_scope(|| self.inner.call(req))
+            let call = || id.clone().sync_scope(|| self.inner.call(req));
+            match &trace {
+                Some(t) => TraceContext::sync_scope_opt(Some(t.clone()), call),
+                None => call(),
+            }
         };
         SetCorrelationIdFuture {
-            inner: Some(id.scope(inner)),
+            inner: Some(id.scope(Traced::new(trace, inner))),
             span,
             echo,
         }
@@ -186,7 +196,7 @@ pin_project! {
     pub struct SetCorrelationIdFuture<F> {
         // `None` only while being dropped.
         #[pin]
-        inner: Option<WithCorrelationId<F>>,
+        inner: Option<WithCorrelationId<Traced<F>>>,
         // Entered around every poll of `inner`, and while it is dropped.
         span: Span,
         // The header to echo the id on; the id itself comes back out of the scope.
@@ -208,6 +218,28 @@ impl<F> fmt::Debug for SetCorrelationIdFuture<F> {
         f.debug_struct("SetCorrelationIdFuture")
             .finish_non_exhaustive()
     }
+}
+
+/// The request's trace context, and its trace headers cleaned: a `traceparent` that is
+/// repeated or invalid goes with its `tracestate`, an invalid `tracestate` alone.
+fn trace_of(headers: &mut HeaderMap) -> Option<TraceContext> {
+    if !headers.contains_key(TRACEPARENT) {
+        return None;
+    }
+    let Some(trace) = TraceContext::from_headers(headers) else {
+        headers.remove(TRACEPARENT);
+        headers.remove(TRACESTATE);
+        return None;
+    };
+    match trace.state() {
+        Some(state) => {
+            headers.insert(TRACESTATE, state.clone());
+        }
+        None => {
+            headers.remove(TRACESTATE);
+        }
+    }
+    Some(trace)
 }
 
 impl<F, B, E> Future for SetCorrelationIdFuture<F>
