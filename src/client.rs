@@ -62,6 +62,7 @@ pub fn http() -> ClientBuilder {
         balance: None,
         covers_body: true,
         body_idle: None,
+        deadline_header: None,
     }
 }
 
@@ -76,9 +77,40 @@ pub struct ClientBuilder {
     balance: Option<BalanceBuilder>,
     covers_body: bool,
     body_idle: Option<Duration>,
+    deadline_header: Option<http::HeaderName>,
 }
 
 impl ClientBuilder {
+    /// Names the stack's breakers and retry layer in events and metrics (the `breaker` and
+    /// `retry` labels; default `"default"`): two stacks in one process (a gateway's and a
+    /// service's, or one per upstream) tell their figures apart.
+    ///
+    /// ```
+    /// let stack = steadfast::client::http().name("gateway").build().unwrap();
+    /// assert_eq!(stack.breakers().handle(&None).name(), "gateway");
+    /// ```
+    pub fn name(mut self, name: &str) -> Self {
+        self.retry = self.retry.name(name);
+        self.breaker = self.breaker.name(name);
+        self
+    }
+
+    /// The header the remaining budget is written to on HTTP calls (default
+    /// `x-request-timeout-ms`; Envoy reads `x-envoy-expected-rq-timeout-ms`); gRPC calls
+    /// carry `grpc-timeout`.
+    ///
+    /// ```
+    /// let stack = steadfast::client::http()
+    ///     .deadline_header(http::HeaderName::from_static("x-envoy-expected-rq-timeout-ms"))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = stack;
+    /// ```
+    pub fn deadline_header(mut self, name: http::HeaderName) -> Self {
+        self.deadline_header = Some(name);
+        self
+    }
+
     /// The budget for the whole call, retries and waits included (default 10 s).
     ///
     /// ```
@@ -260,9 +292,14 @@ impl ClientBuilder {
         // on each request (one channel: the retry layer has no total of its own).
         let retry = self.retry.build()?;
         let breaker = self.breaker.build_per_authority()?;
-        let total = TimeoutLayer::builder()
-            .limit(self.total)
-            .propagate_own(true)
+        let mut total = TimeoutLayer::builder().limit(self.total).propagate_own(true);
+        let mut attempt = TimeoutLayer::builder().limit(self.attempt);
+        if let Some(name) = self.deadline_header {
+            total = total.deadline_header(name.clone());
+            attempt = attempt.deadline_header(name);
+        }
+        let attempt = attempt.build()?;
+        let total = total
             .covering_body()
             .whole_call(self.covers_body)
             .idle(self.body_idle)
@@ -277,7 +314,7 @@ impl ClientBuilder {
             balance,
             retry,
             breaker,
-            attempt: TimeoutLayer::new(self.attempt),
+            attempt,
         })
     }
 }

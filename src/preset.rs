@@ -87,7 +87,19 @@ impl fmt::Display for InvalidPresetConfig {
     }
 }
 
-impl std::error::Error for InvalidPresetConfig {}
+impl std::error::Error for InvalidPresetConfig {
+    /// The layer's own error, for the variants that wrap one.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Retry(e) => Some(e),
+            Self::Breaker(e) => Some(e),
+            Self::Timeout(e) => Some(e),
+            Self::Correlation(e) => Some(e),
+            Self::Balance(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<InvalidRetryConfig> for InvalidPresetConfig {
     fn from(e: InvalidRetryConfig) -> Self {

@@ -24,7 +24,7 @@ use std::time::Duration;
 use steadfast_correlation::{
     DefaultRule, SetCorrelationId, SetCorrelationIdBuilder, SetCorrelationIdLayer, UuidV7,
 };
-use steadfast_timeout::{SetDeadline, SetDeadlineLayer};
+use steadfast_timeout::{SetDeadline, SetDeadlineBuilder, SetDeadlineLayer};
 use tower_layer::Layer;
 
 use crate::preset::InvalidPresetConfig;
@@ -44,6 +44,7 @@ pub const DEFAULT_SERVER_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn http() -> ServerBuilder {
     ServerBuilder {
         timeout: DEFAULT_SERVER_TIMEOUT,
+        deadline: SetDeadlineLayer::builder(),
         correlation: SetCorrelationIdLayer::builder(),
     }
 }
@@ -72,6 +73,7 @@ pub fn grpc() -> ServerBuilder {
 #[derive(Clone, Debug)]
 pub struct ServerBuilder {
     timeout: Duration,
+    deadline: SetDeadlineBuilder,
     correlation: SetCorrelationIdBuilder,
 }
 
@@ -86,6 +88,27 @@ impl ServerBuilder {
     /// ```
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
+        self
+    }
+
+    /// Adjusts the deadline layer: the header a caller's budget is read from, whether it is
+    /// trusted at all (an edge server facing the internet ignores and strips it), the status
+    /// answered on expiry. The limit is [`timeout`](Self::timeout)'s.
+    ///
+    /// ```
+    /// let edge = steadfast::server::http()
+    ///     .deadline(|d| d.trust_inbound(false))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = edge;
+    /// let behind_envoy = steadfast::server::http()
+    ///     .deadline(|d| d.deadline_header(http::HeaderName::from_static("x-envoy-expected-rq-timeout-ms")))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = behind_envoy;
+    /// ```
+    pub fn deadline(mut self, f: impl FnOnce(SetDeadlineBuilder) -> SetDeadlineBuilder) -> Self {
+        self.deadline = f(self.deadline);
         self
     }
 
@@ -111,14 +134,15 @@ impl ServerBuilder {
     /// # Errors
     ///
     /// [`InvalidPresetConfig::ZeroTimeout`] for a zero timeout,
-    /// [`InvalidPresetConfig::Correlation`] for a correlation header the protocol owns.
+    /// [`InvalidPresetConfig::Correlation`] for a correlation header the protocol owns,
+    /// [`InvalidPresetConfig::Timeout`] for a deadline setting that cannot work.
     pub fn build(self) -> Result<ServerLayer, InvalidPresetConfig> {
         if self.timeout.is_zero() {
             return Err(InvalidPresetConfig::ZeroTimeout);
         }
         Ok(ServerLayer {
             correlation: self.correlation.build()?,
-            timeout: SetDeadlineLayer::new(self.timeout),
+            timeout: self.deadline.limit(self.timeout).build()?,
         })
     }
 }

@@ -278,3 +278,34 @@ async fn every_service_names_its_layer() {
         .unwrap();
     assert_eq!(res.status(), 200);
 }
+
+#[test]
+fn a_preset_error_hands_over_the_layers_own_error_as_its_source() {
+    use std::error::Error;
+    let e = steadfast::client::http()
+        .retry(|r| r.max_attempts(0))
+        .build()
+        .unwrap_err();
+    let source = e.source().expect("the retry layer's error");
+    assert!(source.is::<steadfast::retry::error::InvalidRetryConfig>());
+    let e = steadfast::server::http()
+        .deadline(|d| d.deadline_header(http::header::AUTHORIZATION))
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("authorization"), "{e}");
+    assert!(e.source().is_some());
+    let e = steadfast::client::http()
+        .total_timeout(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert!(e.source().is_none(), "the preset's own rule");
+}
+
+#[test]
+fn a_named_client_stack_names_its_breakers_and_retries() {
+    let stack = steadfast::client::http().name("gateway").build().unwrap();
+    let handle = stack
+        .breakers()
+        .handle(&Some(http::uri::Authority::from_static("orders:80")));
+    assert_eq!((handle.name(), handle.upstream()), ("gateway", "orders:80"));
+}

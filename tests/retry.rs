@@ -191,3 +191,37 @@ async fn tonic_client_retries_unavailable_with_its_body_replayed() {
         "the same message every attempt"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_attempt_header_can_be_renamed_or_left_out() {
+    let server = FaultServer::start().await;
+    server.script([Fault::status(503), Fault::status(503)]);
+    let renamed = RetryLayer::builder()
+        .attempt_header(Some(http::HeaderName::from_static("x-attempt")))
+        .build()
+        .unwrap();
+    let res = renamed
+        .layer(client::<Full<Bytes>>())
+        .oneshot(get(&server))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = server.received();
+    assert_eq!(seen[2].headers["x-attempt"], "3");
+    assert!(!seen[2].headers.contains_key("x-retry-attempt"));
+
+    let server = FaultServer::start().await;
+    server.script([Fault::status(503)]);
+    let quiet = RetryLayer::builder().attempt_header(None).build().unwrap();
+    quiet
+        .layer(client::<Full<Bytes>>())
+        .oneshot(get(&server))
+        .await
+        .unwrap();
+    let seen = server.received();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter()
+            .all(|r| !r.headers.contains_key("x-retry-attempt"))
+    );
+}

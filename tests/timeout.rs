@@ -12,7 +12,7 @@ use steadfast::timeout::error::Elapsed;
 use steadfast::timeout::{SetDeadlineLayer, TimeoutLayer};
 use support::{get as get_req, http_client, serve_axum};
 use tokio::time::Instant;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder, ServiceExt};
 
 #[tokio::test(start_paused = true)]
 async fn axum_slow_handler_gets_504_fast_one_is_untouched() {
@@ -399,4 +399,78 @@ mod body {
             assert_eq!(r.headers["x-request-timeout-ms"], "5000");
         }
     }
+}
+
+/// Deadline headers with another name on both sides (Envoy's), and an edge server that
+/// ignores (and strips) what its callers claim.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_header_can_be_renamed_and_an_edge_can_ignore_it() {
+    const ENVOY: &str = "x-envoy-expected-rq-timeout-ms";
+    /// Reports the budget left in the handler (ms) and the deadline headers it received.
+    async fn report(headers: HeaderMap) -> String {
+        let left = Deadline::current().unwrap().remaining().as_millis();
+        let seen = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+        format!(
+            "{left} {:?} {:?}",
+            seen("x-request-timeout-ms"),
+            seen(ENVOY)
+        )
+    }
+    async fn body<B>(res: http::Response<B>) -> String
+    where
+        B: http_body::Body,
+        B::Error: std::fmt::Debug,
+    {
+        let bytes = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+    let envoy = http::HeaderName::from_static(ENVOY);
+
+    // Behind Envoy: the server reads its header; the default one means nothing to it.
+    let inner = serve_axum(
+        Router::new().route("/", get(report)).layer(
+            steadfast::server::http()
+                .deadline(|d| d.deadline_header(envoy.clone()))
+                .build()
+                .unwrap(),
+        ),
+    )
+    .await;
+    let mut req = get_req(inner, "/");
+    req.headers_mut().insert(envoy.clone(), "1500".parse().unwrap());
+    req.headers_mut()
+        .insert("x-request-timeout-ms", "100".parse().unwrap());
+    let text = body(http_client().oneshot(req).await.unwrap()).await;
+    assert!(text.starts_with("1500 "), "{text}");
+
+    // A client stack writes the renamed header.
+    let client = steadfast::client::http()
+        .deadline_header(envoy.clone())
+        .build()
+        .unwrap()
+        .layer(support::transport::<http_body_util::Full<bytes::Bytes>>());
+    let res = client.oneshot(get_req(inner, "/")).await.unwrap();
+    let text = body(res).await;
+    let left: u128 = text.split(' ').next().unwrap().parse().unwrap();
+    assert!((4_000..=5_000).contains(&left), "the 5 s attempt budget: {text}");
+    assert!(text.ends_with("None Some(\"5000\")"), "{text}");
+
+    // An edge: a caller's 1 ms is ignored and not passed on; the server's own 30 s holds.
+    let edge = serve_axum(
+        Router::new().route("/", get(report)).layer(
+            steadfast::server::http()
+                .deadline(|d| d.trust_inbound(false))
+                .build()
+                .unwrap(),
+        ),
+    )
+    .await;
+    let mut req = get_req(edge, "/");
+    req.headers_mut()
+        .insert("x-request-timeout-ms", "1".parse().unwrap());
+    let text = body(http_client().oneshot(req).await.unwrap()).await;
+    assert_eq!(text, "30000 None None");
 }

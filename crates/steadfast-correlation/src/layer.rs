@@ -228,45 +228,7 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
 /// (`x-request-timeout-ms`, `idempotency-key`, `retry-after`), gRPC (`grpc-*`) or the trace
 /// (`traceparent`).
 fn check_header(name: &HeaderName) -> Result<(), InvalidCorrelationConfig> {
-    const RESERVED: [&str; 30] = [
-        // Framing, connection and negotiation.
-        "host",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-        "expect",
-        "range",
-        "if-match",
-        "if-none-match",
-        "if-modified-since",
-        "if-unmodified-since",
-        "if-range",
-        // Credentials.
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "set-cookie",
-        "www-authenticate",
-        "proxy-authenticate",
-        // What steadfast's own layers and their peers act on.
-        "x-request-timeout-ms",
-        "idempotency-key",
-        "x-retry-attempt",
-        "retry-after",
-        // Trace context.
-        "traceparent",
-        "tracestate",
-        "baggage",
-        // Caching and location.
-        "location",
-        "cache-control",
-    ];
-    let n = name.as_str();
-    if RESERVED.contains(&n) || n.starts_with("grpc-") || n.starts_with("content-") {
+    if steadfast_core::header::reserved(name) {
         return Err(InvalidCorrelationConfig::ReservedHeader(name.clone()));
     }
     Ok(())

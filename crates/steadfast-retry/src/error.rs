@@ -20,6 +20,8 @@ pub enum InvalidRetryConfig {
     BudgetWindow,
     /// An empty layer name.
     EmptyName,
+    /// An attempt header whose value the protocol, a credential or another layer owns.
+    ReservedHeader(http::HeaderName),
 }
 
 impl fmt::Display for InvalidRetryConfig {
@@ -39,6 +41,10 @@ impl fmt::Display for InvalidRetryConfig {
             Self::BudgetWindow => {
                 f.write_str("budget window must be at least 10 ms (its tick): raise the window")
             }
+            Self::ReservedHeader(name) => write!(
+                f,
+                "attempt_header {name} is owned by the protocol, a credential or another layer: pick another name (or None)"
+            ),
             Self::EmptyName => f.write_str(
                 "retry layer name must not be empty (it labels the layer's events and metrics)",
             ),

@@ -16,7 +16,7 @@ use steadfast_core::{BoxError, Classify, is_grpc_content_type};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::header::{ATTEMPT_HEADER, GRPC_PREVIOUS_ATTEMPTS};
+use crate::header::GRPC_PREVIOUS_ATTEMPTS;
 use crate::layer::Config;
 use crate::policy::{History, Verdict, decide};
 use crate::replay::ReplayBody;
@@ -254,7 +254,9 @@ impl<S, B, C> Ctx<S, B, C> {
         let attempt = self.history.attempt;
         let mut req = Request::from_parts(self.parts.clone(), body);
         let headers = req.headers_mut();
-        headers.insert(ATTEMPT_HEADER, small_number(attempt));
+        if let Some(name) = &self.config.attempt_header {
+            headers.insert(name.clone(), small_number(attempt));
+        }
         if is_grpc_content_type(headers) {
             headers.insert(GRPC_PREVIOUS_ATTEMPTS, small_number(attempt - 1));
         }

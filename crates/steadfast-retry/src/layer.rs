@@ -76,6 +76,8 @@ pub(crate) struct Config<C> {
     pub(crate) streams: AtomicU64,
     /// Labels the layer's events and metrics.
     pub(crate) name: Arc<str>,
+    /// Written on every retry with the attempt's number (`None`: not written).
+    pub(crate) attempt_header: Option<http::HeaderName>,
 }
 
 impl<C: fmt::Debug> fmt::Debug for Config<C> {
@@ -120,6 +122,7 @@ pub struct RetryBuilder<C = DefaultClassifier> {
     budget: Option<BudgetConfig>,
     seed: Option<u64>,
     name: Arc<str>,
+    attempt_header: Option<http::HeaderName>,
 }
 
 impl<C: fmt::Debug> fmt::Debug for RetryBuilder<C> {
@@ -146,6 +149,7 @@ impl Default for RetryBuilder {
             budget: Some(BudgetConfig::default()),
             seed: None,
             name: Arc::from("default"),
+            attempt_header: Some(crate::header::ATTEMPT_HEADER),
         }
     }
 }
@@ -250,7 +254,26 @@ impl<C> RetryBuilder<C> {
             budget: self.budget,
             seed: self.seed,
             name: self.name,
+            attempt_header: self.attempt_header,
         }
+    }
+
+    /// The header every retry carries with its attempt number (default `x-retry-attempt`,
+    /// so an upstream can tell a retry from a first attempt); `None` writes none. gRPC's
+    /// `grpc-previous-rpc-attempts` is written on gRPC retries either way, as A6 requires.
+    ///
+    /// ```
+    /// let quiet = steadfast_retry::RetryLayer::builder().attempt_header(None).build().unwrap();
+    /// # let _ = quiet;
+    /// // A header another party owns is refused.
+    /// let bad = steadfast_retry::RetryLayer::builder()
+    ///     .attempt_header(Some(http::header::CONTENT_LENGTH))
+    ///     .build();
+    /// assert!(bad.unwrap_err().to_string().contains("content-length"));
+    /// ```
+    pub fn attempt_header(mut self, name: Option<http::HeaderName>) -> Self {
+        self.attempt_header = name;
+        self
     }
 
     /// Names the layer in its events and metrics (the `retry` label; default `"default"`),
@@ -277,6 +300,11 @@ impl<C> RetryBuilder<C> {
         }
         if self.name.is_empty() {
             return Err(InvalidRetryConfig::EmptyName);
+        }
+        if let Some(name) = &self.attempt_header {
+            if *name != crate::header::ATTEMPT_HEADER && steadfast_core::header::reserved(name) {
+                return Err(InvalidRetryConfig::ReservedHeader(name.clone()));
+            }
         }
         if self.backoff.cap() < self.backoff.base() {
             return Err(InvalidRetryConfig::BackoffCapBelowBase);
@@ -309,6 +337,7 @@ impl<C> RetryBuilder<C> {
                 seed,
                 streams: AtomicU64::new(0),
                 name: self.name,
+                attempt_header: self.attempt_header,
             }),
         })
     }

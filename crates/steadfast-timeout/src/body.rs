@@ -64,7 +64,7 @@ use crate::layer::TimeoutLayer;
 /// assert_eq!(err.downcast_ref::<Elapsed>().unwrap().limit(), Duration::from_millis(2500));
 /// # }
 /// ```
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 #[must_use]
 pub struct BodyTimeoutLayer {
     pub(crate) head: TimeoutLayer,
@@ -85,7 +85,7 @@ impl BodyTimeoutLayer {
 
     /// A builder with the defaults ([`DEFAULT_TIMEOUT`](crate::DEFAULT_TIMEOUT), the body
     /// covered, no idle limit); the same as `TimeoutLayer::builder().covering_body()`.
-    pub const fn builder() -> crate::BodyTimeoutBuilder {
+    pub fn builder() -> crate::BodyTimeoutBuilder {
         TimeoutLayer::builder().covering_body()
     }
 

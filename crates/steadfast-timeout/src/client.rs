@@ -87,7 +87,7 @@ impl<S> Timeout<S> {
 
 impl<S: Clone> Clone for Timeout<S> {
     fn clone(&self) -> Self {
-        Self::new(self.inner.clone(), self.config)
+        Self::new(self.inner.clone(), self.config.clone())
     }
 }
 
@@ -200,7 +200,7 @@ impl<S> Timeout<S> {
             return ResponseFuture::elapsed(Elapsed::new(limit, is_inherited));
         }
         let deadline = Deadline::after_from(now, limit);
-        propagate::write(req.headers_mut(), limit);
+        propagate::write(req.headers_mut(), limit, &self.config.header);
         req.extensions_mut().insert(deadline);
         ResponseFuture::at(
             self.inner.call(req),

@@ -88,13 +88,15 @@ impl Error for Elapsed {
 }
 
 /// A timeout builder was given a setting that cannot work; the message says what to change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum InvalidTimeoutConfig {
     /// An idle limit of zero between body frames.
     ZeroIdle,
     /// A server answer on expiry that is not an error status.
     StatusNotAnError(http::StatusCode),
+    /// A deadline header whose value the protocol, a credential or another layer owns.
+    ReservedHeader(http::HeaderName),
 }
 
 impl fmt::Display for InvalidTimeoutConfig {
@@ -108,6 +110,11 @@ impl fmt::Display for InvalidTimeoutConfig {
                 f,
                 "status {s} answered on an expired deadline is not an error: \
                  use a 4xx or 5xx status (default 504)"
+            ),
+            Self::ReservedHeader(name) => write!(
+                f,
+                "deadline header {name} is owned by the protocol, a credential or another layer: \
+                 pick another name (default x-request-timeout-ms)"
             ),
         }
     }

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{HeaderName, StatusCode};
+use steadfast_core::header::{TIMEOUT_MS, reserved};
 use tower_layer::Layer;
 
 use crate::body::BodyTimeoutLayer;
@@ -44,11 +45,13 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// assert_eq!(err.downcast_ref::<Elapsed>().unwrap().limit(), Duration::from_secs(1));
 /// # }
 /// ```
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct TimeoutLayer {
     pub(crate) limit: Duration,
     pub(crate) cover_ready: bool,
     pub(crate) propagate_own: bool,
+    /// The header an HTTP request's remaining budget is written to.
+    pub(crate) header: HeaderName,
 }
 
 impl Default for TimeoutLayer {
@@ -65,6 +68,7 @@ impl TimeoutLayer {
             limit,
             cover_ready: false,
             propagate_own: false,
+            header: TIMEOUT_MS,
         }
     }
 
@@ -96,7 +100,7 @@ impl TimeoutLayer {
 ///     .unwrap();
 /// assert_eq!(total.limit(), Duration::from_secs(2));
 /// ```
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 #[must_use]
 pub struct TimeoutBuilder {
     layer: TimeoutLayer,
@@ -130,10 +134,31 @@ impl TimeoutBuilder {
         self
     }
 
+    /// The header an HTTP request's remaining budget is written to, in milliseconds (default
+    /// `x-request-timeout-ms`; e.g. Envoy's `x-envoy-expected-rq-timeout-ms`, or an in-house
+    /// name). gRPC requests always carry `grpc-timeout`. A header that the protocol, a
+    /// credential or another layer owns is refused when built.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use steadfast_timeout::TimeoutLayer;
+    ///
+    /// let envoy = TimeoutLayer::builder()
+    ///     .deadline_header(HeaderName::from_static("x-envoy-expected-rq-timeout-ms"))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = envoy;
+    /// assert!(TimeoutLayer::builder().deadline_header(http::header::HOST).build().is_err());
+    /// ```
+    pub fn deadline_header(mut self, name: HeaderName) -> Self {
+        self.layer.header = name;
+        self
+    }
+
     /// Let the deadline also bound the response body (see [`BodyTimeoutLayer`]): what a
     /// client's total timeout should be, so a call never hangs on a trickling body. Needs
     /// `http::Response` responses.
-    pub const fn covering_body(self) -> BodyTimeoutBuilder {
+    pub fn covering_body(self) -> BodyTimeoutBuilder {
         BodyTimeoutBuilder {
             head: self.layer,
             whole_call: true,
@@ -145,16 +170,16 @@ impl TimeoutBuilder {
     ///
     /// # Errors
     ///
-    /// None today: every limit is valid (see [`limit`](Self::limit)). The `Result` is the
-    /// shape every steadfast builder has, so a setting that can be wrong can be added without
-    /// breaking callers.
-    pub const fn build(self) -> Result<TimeoutLayer, InvalidTimeoutConfig> {
+    /// [`InvalidTimeoutConfig::ReservedHeader`] for a deadline header another party owns;
+    /// every limit is valid (see [`limit`](Self::limit)).
+    pub fn build(self) -> Result<TimeoutLayer, InvalidTimeoutConfig> {
+        check_header(&self.layer.header)?;
         Ok(self.layer)
     }
 }
 
 /// Configures a [`BodyTimeoutLayer`]; made by [`TimeoutBuilder::covering_body`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 #[must_use]
 pub struct BodyTimeoutBuilder {
     head: TimeoutLayer,
@@ -186,7 +211,7 @@ impl BodyTimeoutBuilder {
     ///
     /// [`InvalidTimeoutConfig::ZeroIdle`] for an idle limit of zero, which would end every
     /// body at its first wait (pass `None` to turn the idle limit off).
-    pub const fn build(self) -> Result<BodyTimeoutLayer, InvalidTimeoutConfig> {
+    pub fn build(self) -> Result<BodyTimeoutLayer, InvalidTimeoutConfig> {
         if let Some(idle) = self.idle {
             if idle.is_zero() {
                 return Err(InvalidTimeoutConfig::ZeroIdle);
@@ -204,7 +229,7 @@ impl<S> Layer<S> for TimeoutLayer {
     type Service = Timeout<S>;
 
     fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout::new(inner, *self)
+        Timeout::new(inner, self.clone())
     }
 }
 
@@ -237,10 +262,14 @@ impl<S> Layer<S> for TimeoutLayer {
 /// assert_eq!(res.status(), 504);
 /// # }
 /// ```
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SetDeadlineLayer {
     pub(crate) limit: Duration,
     pub(crate) status: StatusCode,
+    /// The header an HTTP request's budget is read from.
+    pub(crate) header: HeaderName,
+    /// Whether the inbound budget counts at all.
+    pub(crate) trust_inbound: bool,
 }
 
 impl Default for SetDeadlineLayer {
@@ -255,6 +284,8 @@ impl SetDeadlineLayer {
         Self {
             limit,
             status: StatusCode::GATEWAY_TIMEOUT,
+            header: TIMEOUT_MS,
+            trust_inbound: true,
         }
     }
 
@@ -284,7 +315,7 @@ impl SetDeadlineLayer {
 ///     .unwrap();
 /// assert_eq!(layer.limit(), Duration::from_secs(30));
 /// ```
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 #[must_use]
 pub struct SetDeadlineBuilder {
     layer: SetDeadlineLayer,
@@ -305,16 +336,46 @@ impl SetDeadlineBuilder {
         self
     }
 
+    /// The header an HTTP request's budget is read from, in milliseconds (default
+    /// `x-request-timeout-ms`); gRPC requests' `grpc-timeout` is read whatever this says.
+    pub fn deadline_header(mut self, name: HeaderName) -> Self {
+        self.layer.header = name;
+        self
+    }
+
+    /// Whether a caller's budget (`grpc-timeout`, the deadline header) shortens the
+    /// request's deadline (default on). Off for an edge server facing callers it does not
+    /// trust: their budget is ignored, and removed from the request so a handler that
+    /// forwards headers does not pass it on; the deadline is the layer's limit.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use steadfast_timeout::SetDeadlineLayer;
+    ///
+    /// let edge = SetDeadlineLayer::builder()
+    ///     .limit(Duration::from_secs(30))
+    ///     .trust_inbound(false)
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = edge;
+    /// ```
+    pub const fn trust_inbound(mut self, on: bool) -> Self {
+        self.layer.trust_inbound = on;
+        self
+    }
+
     /// Builds the layer.
     ///
     /// # Errors
     ///
     /// [`InvalidTimeoutConfig::StatusNotAnError`] for a status outside 400-599: a client
-    /// must not read an expired deadline as success.
+    /// must not read an expired deadline as success;
+    /// [`InvalidTimeoutConfig::ReservedHeader`] for a deadline header another party owns.
     pub fn build(self) -> Result<SetDeadlineLayer, InvalidTimeoutConfig> {
         if !(self.layer.status.is_client_error() || self.layer.status.is_server_error()) {
             return Err(InvalidTimeoutConfig::StatusNotAnError(self.layer.status));
         }
+        check_header(&self.layer.header)?;
         Ok(self.layer)
     }
 }
@@ -323,6 +384,15 @@ impl<S> Layer<S> for SetDeadlineLayer {
     type Service = SetDeadline<S>;
 
     fn layer(&self, inner: S) -> SetDeadline<S> {
-        SetDeadline::new(inner, *self)
+        SetDeadline::new(inner, self.clone())
     }
+}
+
+/// Refuses a deadline header that the protocol, a credential or another layer owns (the
+/// default, `x-request-timeout-ms`, is ours).
+fn check_header(name: &HeaderName) -> Result<(), InvalidTimeoutConfig> {
+    if *name != TIMEOUT_MS && reserved(name) {
+        return Err(InvalidTimeoutConfig::ReservedHeader(name.clone()));
+    }
+    Ok(())
 }

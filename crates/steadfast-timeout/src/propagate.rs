@@ -2,25 +2,26 @@
 
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use steadfast_core::header::{
-    GRPC_TIMEOUT, TIMEOUT_MS, encode_grpc_timeout, encode_timeout_ms, grpc_timeout, timeout_ms,
+    GRPC_TIMEOUT, encode_grpc_timeout, encode_timeout_ms, grpc_timeout, timeout_ms,
 };
 use steadfast_core::is_grpc_content_type;
 
-/// The inbound budget a request carries: `grpc-timeout` if present and valid, else
-/// `x-request-timeout-ms` if present and valid. Malformed values are ignored.
-pub(crate) fn inbound(headers: &HeaderMap) -> Option<Duration> {
+/// The inbound budget a request carries: `grpc-timeout` if present and valid, else the
+/// deadline header (`x-request-timeout-ms` by default) if present and valid. Malformed values
+/// are ignored.
+pub(crate) fn inbound(headers: &HeaderMap, header: &HeaderName) -> Option<Duration> {
     headers
         .get(&GRPC_TIMEOUT)
         .and_then(grpc_timeout)
-        .or_else(|| headers.get(&TIMEOUT_MS).and_then(timeout_ms))
+        .or_else(|| headers.get(header).and_then(timeout_ms))
 }
 
-/// Writes `budget` onto an outgoing request: `grpc-timeout` for gRPC, `x-request-timeout-ms`
-/// otherwise. A smaller value already on the request (set by the caller or an inner layer) is
-/// kept: a budget only ever shrinks on its way downstream.
-pub(crate) fn write(headers: &mut HeaderMap, budget: Duration) {
+/// Writes `budget` onto an outgoing request: `grpc-timeout` for gRPC, the deadline header
+/// (`x-request-timeout-ms` by default) otherwise. A smaller value already on the request (set
+/// by the caller or an inner layer) is kept: a budget only ever shrinks on its way downstream.
+pub(crate) fn write(headers: &mut HeaderMap, budget: Duration, header: &HeaderName) {
     let grpc = is_grpc_content_type(headers);
     let (name, existing) = if grpc {
         (
@@ -28,7 +29,7 @@ pub(crate) fn write(headers: &mut HeaderMap, budget: Duration) {
             headers.get(&GRPC_TIMEOUT).and_then(grpc_timeout),
         )
     } else {
-        (TIMEOUT_MS, headers.get(&TIMEOUT_MS).and_then(timeout_ms))
+        (header.clone(), headers.get(header).and_then(timeout_ms))
     };
     if existing.is_some_and(|e| e <= budget) {
         return;
@@ -44,38 +45,39 @@ pub(crate) fn write(headers: &mut HeaderMap, budget: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use steadfast_core::header::TIMEOUT_MS;
 
     #[test]
     fn inbound_prefers_valid_grpc_timeout() {
         let mut h = HeaderMap::new();
         h.insert(TIMEOUT_MS, "900".parse().unwrap());
-        assert_eq!(inbound(&h), Some(Duration::from_millis(900)));
+        assert_eq!(inbound(&h, &TIMEOUT_MS), Some(Duration::from_millis(900)));
         h.insert(GRPC_TIMEOUT, "2S".parse().unwrap());
-        assert_eq!(inbound(&h), Some(Duration::from_secs(2)));
+        assert_eq!(inbound(&h, &TIMEOUT_MS), Some(Duration::from_secs(2)));
         h.insert(GRPC_TIMEOUT, "123456789S".parse().unwrap());
         assert_eq!(
-            inbound(&h),
+            inbound(&h, &TIMEOUT_MS),
             Some(Duration::from_millis(900)),
             "bad grpc-timeout ignored"
         );
         h.insert(TIMEOUT_MS, "-1".parse().unwrap());
-        assert_eq!(inbound(&h), None);
+        assert_eq!(inbound(&h, &TIMEOUT_MS), None);
     }
 
     #[test]
     fn write_only_shrinks() {
         let mut h = HeaderMap::new();
-        write(&mut h, Duration::from_millis(1500));
+        write(&mut h, Duration::from_millis(1500), &TIMEOUT_MS);
         assert_eq!(h[TIMEOUT_MS], "1500");
-        write(&mut h, Duration::from_secs(5));
+        write(&mut h, Duration::from_secs(5), &TIMEOUT_MS);
         assert_eq!(h[TIMEOUT_MS], "1500");
-        write(&mut h, Duration::from_millis(10));
+        write(&mut h, Duration::from_millis(10), &TIMEOUT_MS);
         assert_eq!(h[TIMEOUT_MS], "10");
 
         let mut g = HeaderMap::new();
         g.insert("content-type", "application/grpc".parse().unwrap());
         g.insert(GRPC_TIMEOUT, "garbage".parse().unwrap());
-        write(&mut g, Duration::from_secs(1));
+        write(&mut g, Duration::from_secs(1), &TIMEOUT_MS);
         assert_eq!(g[GRPC_TIMEOUT], "1000000u");
         assert!(g.get(TIMEOUT_MS).is_none());
     }

@@ -71,7 +71,14 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let grpc = is_grpc_content_type(req.headers());
-        let inbound = propagate::inbound(req.headers());
+        let inbound = if self.config.trust_inbound {
+            propagate::inbound(req.headers(), &self.config.header)
+        } else {
+            let headers = req.headers_mut();
+            headers.remove(&steadfast_core::header::GRPC_TIMEOUT);
+            headers.remove(&self.config.header);
+            None
+        };
         let limit = inbound.map_or(self.config.limit, |i| i.min(self.config.limit));
         let now = Instant::now();
         // An earlier deadline already on the request (set by an outer layer) also holds.

@@ -26,6 +26,63 @@ pub use pushback::{GRPC_RETRY_PUSHBACK_MS, Pushback, encode_pushback, pushback};
 pub use retry_after::{MAX_RETRY_AFTER, retry_after};
 pub use timeout_ms::{MAX_TIMEOUT_MS, TIMEOUT_MS, encode_timeout_ms, timeout_ms};
 
+/// Whether a layer must refuse to write its own value into the header `name`: the protocol,
+/// the caller's credentials or another hop owns it. Writing there would corrupt the message
+/// (`content-length`), the connection (`connection`), a credential (`cookie`), a deadline or
+/// retry hint another hop acts on (`x-request-timeout-ms`, `idempotency-key`, `retry-after`,
+/// `x-retry-attempt`), gRPC (`grpc-*`) or the trace (`traceparent`). A layer that owns one of
+/// these by default (the retry layer's `x-retry-attempt`) compares with its own name first.
+///
+/// ```
+/// use http::HeaderName;
+/// use steadfast_core::header::reserved;
+///
+/// assert!(reserved(&http::header::CONTENT_LENGTH));
+/// assert!(reserved(&HeaderName::from_static("grpc-timeout")));
+/// assert!(!reserved(&HeaderName::from_static("x-correlation-id")));
+/// ```
+pub fn reserved(name: &http::HeaderName) -> bool {
+    const RESERVED: [&str; 30] = [
+        // Framing, connection and negotiation.
+        "host",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "range",
+        "if-match",
+        "if-none-match",
+        "if-modified-since",
+        "if-unmodified-since",
+        "if-range",
+        // Credentials.
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "www-authenticate",
+        "proxy-authenticate",
+        // What steadfast's own layers and their peers act on.
+        "x-request-timeout-ms",
+        "idempotency-key",
+        "x-retry-attempt",
+        "retry-after",
+        // Trace context.
+        "traceparent",
+        "tracestate",
+        "baggage",
+        // Caching and location.
+        "location",
+        "cache-control",
+    ];
+    let n = name.as_str();
+    RESERVED.contains(&n) || n.starts_with("grpc-") || n.starts_with("content-")
+}
+
 /// A response's hint of how long the caller should wait before trying again, read the same
 /// way by every layer: `grpc-retry-pushback-ms` when present (gRPC A6: a negative or garbled
 /// value asks for no retry), else `Retry-After` (seconds or an HTTP-date, measured from
