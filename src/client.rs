@@ -292,7 +292,9 @@ impl ClientBuilder {
         // on each request (one channel: the retry layer has no total of its own).
         let retry = self.retry.build()?;
         let breaker = self.breaker.build_per_authority()?;
-        let mut total = TimeoutLayer::builder().limit(self.total).propagate_own(true);
+        let mut total = TimeoutLayer::builder()
+            .limit(self.total)
+            .propagate_own(true);
         let mut attempt = TimeoutLayer::builder().limit(self.attempt);
         if let Some(name) = self.deadline_header {
             total = total.deadline_header(name.clone());
@@ -348,7 +350,57 @@ pub type HttpClient<S> = PropagateCorrelationId<
     DefaultRule,
 >;
 
+/// The hyper-util transport the HTTP client stack sends through. Its request body is
+/// [`ReplayBody<B>`](steadfast_retry::ReplayBody), not `B`: the retry layer wraps the body you
+/// send so that it can be sent again. A `Client<_, B>` of your own must be built for
+/// `ReplayBody<B>` too (a `Client<_, B>` under the stack fails with a long E0599 that does
+/// not name `ReplayBody`).
+#[cfg(feature = "hyper-util")]
+pub type HyperTransport<B> = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    steadfast_retry::ReplayBody<B>,
+>;
+
+/// The HTTP client stack over [`HyperTransport`]: a `tower::Service<http::Request<B>>`.
+#[cfg(feature = "hyper-util")]
+pub type HyperClient<B> = HttpClient<HyperTransport<B>>;
+
+/// A plain-HTTP hyper-util client for the stack (HTTP/1.1; pooled keep-alive connections).
+/// For TLS or HTTP/2, build a `hyper_util::client::legacy::Client` with your connector for
+/// body type `ReplayBody<B>` and pass it to `layer`.
+#[cfg(feature = "hyper-util")]
+pub fn hyper_transport<B>() -> HyperTransport<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<steadfast_core::BoxError>,
+{
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
 impl HttpClientLayer {
+    /// The stack over a new [`hyper_transport`]: a ready client for request body `B`.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::ServiceExt;
+    ///
+    /// # async fn f() -> Result<(), steadfast::common::BoxError> {
+    /// let client = steadfast::client::http().build()?.hyper_client::<Full<Bytes>>();
+    /// let res = client
+    ///     .oneshot(http::Request::get("http://127.0.0.1:3000/").body(Full::default())?)
+    ///     .await?;
+    /// # let _ = res; Ok(()) }
+    /// ```
+    #[cfg(feature = "hyper-util")]
+    pub fn hyper_client<B>(&self) -> HyperClient<B>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<steadfast_core::BoxError>,
+    {
+        self.layer(hyper_transport())
+    }
+
     /// The per-authority breakers (for handles and metrics).
     ///
     /// ```

@@ -101,6 +101,7 @@ pub fn describe_metrics() {
 mod builder;
 #[cfg(feature = "full")]
 pub mod client;
+pub mod errors;
 #[cfg(feature = "tonic")]
 pub mod grpc_status;
 #[cfg(feature = "full")]

@@ -309,3 +309,19 @@ fn a_named_client_stack_names_its_breakers_and_retries() {
         .handle(&Some(http::uri::Authority::from_static("orders:80")));
     assert_eq!((handle.name(), handle.upstream()), ("gateway", "orders:80"));
 }
+
+/// The ready hyper-util client: no transport type to spell out.
+#[tokio::test(start_paused = true)]
+async fn the_ready_hyper_client_calls_through_the_stack() {
+    let upstream = FaultServer::start().await;
+    upstream.script([Fault::status(503)]);
+    let client = steadfast::client::http()
+        .build()
+        .unwrap()
+        .hyper_client::<Full<Bytes>>();
+    let req = http::Request::get(upstream.url("/"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(client.oneshot(req).await.unwrap().status(), 200);
+    assert_eq!(upstream.hits(), 2, "retried once");
+}

@@ -440,7 +440,8 @@ async fn the_deadline_header_can_be_renamed_and_an_edge_can_ignore_it() {
     )
     .await;
     let mut req = get_req(inner, "/");
-    req.headers_mut().insert(envoy.clone(), "1500".parse().unwrap());
+    req.headers_mut()
+        .insert(envoy.clone(), "1500".parse().unwrap());
     req.headers_mut()
         .insert("x-request-timeout-ms", "100".parse().unwrap());
     let text = body(http_client().oneshot(req).await.unwrap()).await;
@@ -455,7 +456,10 @@ async fn the_deadline_header_can_be_renamed_and_an_edge_can_ignore_it() {
     let res = client.oneshot(get_req(inner, "/")).await.unwrap();
     let text = body(res).await;
     let left: u128 = text.split(' ').next().unwrap().parse().unwrap();
-    assert!((4_000..=5_000).contains(&left), "the 5 s attempt budget: {text}");
+    assert!(
+        (4_000..=5_000).contains(&left),
+        "the 5 s attempt budget: {text}"
+    );
     assert!(text.ends_with("None Some(\"5000\")"), "{text}");
 
     // An edge: a caller's 1 ms is ignored and not passed on; the server's own 30 s holds.

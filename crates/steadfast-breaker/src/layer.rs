@@ -395,6 +395,14 @@ impl<C> CircuitBreakerBuilder<C> {
 /// An open breaker fails the call with [`BreakerOpen`](crate::error::BreakerOpen) without touching
 /// the inner service; `poll_ready` never fails for policy reasons.
 ///
+/// # On a server (axum, tonic)
+///
+/// Failing with `BreakerOpen` makes the service's error a `BoxError`, which an axum `Router`
+/// refuses ("the trait `From<BoxError>` is not implemented for `Infallible`"). On a server
+/// use [`answering()`](Self::answering): an open breaker then answers `503` with
+/// `Retry-After` (gRPC: `UNAVAILABLE` with `grpc-retry-pushback-ms`) and the inner error type
+/// is kept.
+///
 /// # Example
 ///
 /// ```

@@ -26,6 +26,14 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `x-request-timeout-ms` otherwise, and a [`Deadline`](steadfast_core::Deadline) extension is
 /// set for inner layers (retry reads it).
 ///
+/// # On a server (axum, tonic)
+///
+/// This layer fails with [`Elapsed`](crate::error::Elapsed), so its service's error is a
+/// `BoxError`. An axum `Router` needs `Infallible` (`Router::layer` with this layer fails
+/// with "the trait `From<BoxError>` is not implemented for `Infallible`"): on a server use
+/// [`SetDeadlineLayer`], which answers `504` / `DEADLINE_EXCEEDED` itself and keeps the
+/// inner error type.
+///
 /// # Example
 ///
 /// ```
