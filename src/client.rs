@@ -63,24 +63,74 @@ pub fn http() -> ClientBuilder {
         covers_body: true,
         body_idle: None,
         deadline_header: None,
+        classifier: DefaultClassifier::new(),
     }
 }
 
 /// Configures the standard client stack; see the [module docs](self).
+///
+/// `C` is what counts as a failure, for retry, breaker and balancer alike
+/// ([`DefaultClassifier`] unless [`classifier`](Self::classifier) replaces it).
 #[must_use]
 #[derive(Debug)]
-pub struct ClientBuilder {
+pub struct ClientBuilder<C = DefaultClassifier> {
     total: Duration,
     attempt: Duration,
-    retry: RetryBuilder,
-    breaker: CircuitBreakerBuilder,
-    balance: Option<BalanceBuilder>,
+    retry: RetryBuilder<C>,
+    breaker: CircuitBreakerBuilder<C>,
+    balance: Option<BalanceBuilder<C>>,
     covers_body: bool,
     body_idle: Option<Duration>,
     deadline_header: Option<http::HeaderName>,
+    classifier: C,
 }
 
-impl ClientBuilder {
+impl<C: Clone> ClientBuilder<C> {
+    /// Replaces what counts as a failure, for the retry layer, the breakers and the balancer
+    /// at once: any [`Classify`](steadfast_core::Classify) (a closure of the response, or
+    /// your own type).
+    ///
+    /// ```
+    /// use std::error::Error;
+    /// use steadfast::common::{Class, Classify, DefaultClassifier, Delivery, ResponseClass};
+    ///
+    /// /// Also retries 409 Conflict (the upstream's optimistic lock lost a race).
+    /// #[derive(Clone, Debug)]
+    /// struct ConflictsRetry(DefaultClassifier);
+    ///
+    /// impl<B> Classify<http::Response<B>> for ConflictsRetry {
+    ///     fn classify_response(&self, res: &http::Response<B>) -> ResponseClass {
+    ///         if res.status() == http::StatusCode::CONFLICT {
+    ///             return ResponseClass::Ready(Class::new(true, true, Delivery::Answered));
+    ///         }
+    ///         self.0.classify_response(res)
+    ///     }
+    ///     fn classify_error(&self, err: &(dyn Error + 'static)) -> Class {
+    ///         Classify::<http::Response<B>>::classify_error(&self.0, err)
+    ///     }
+    /// }
+    ///
+    /// let stack = steadfast::client::http()
+    ///     .classifier(ConflictsRetry(DefaultClassifier::new()))
+    ///     .breaker(|b| b.consecutive_failures(Some(3))) // settings keep working after it
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = stack;
+    /// ```
+    pub fn classifier<C2: Clone>(self, classifier: C2) -> ClientBuilder<C2> {
+        ClientBuilder {
+            total: self.total,
+            attempt: self.attempt,
+            retry: self.retry.classifier(classifier.clone()),
+            breaker: self.breaker.classifier(classifier.clone()),
+            balance: self.balance.map(|b| b.classifier(classifier.clone())),
+            covers_body: self.covers_body,
+            body_idle: self.body_idle,
+            deadline_header: self.deadline_header,
+            classifier,
+        }
+    }
+
     /// Names the stack's breakers and retry layer in events and metrics (the `breaker` and
     /// `retry` labels; default `"default"`): two stacks in one process (a gateway's and a
     /// service's, or one per upstream) tell their figures apart.
@@ -196,7 +246,7 @@ impl ClientBuilder {
     ///     .unwrap();
     /// # let _ = stack;
     /// ```
-    pub fn retry(mut self, f: impl FnOnce(RetryBuilder) -> RetryBuilder) -> Self {
+    pub fn retry(mut self, f: impl FnOnce(RetryBuilder<C>) -> RetryBuilder<C>) -> Self {
         self.retry = f(self.retry);
         self
     }
@@ -216,7 +266,7 @@ impl ClientBuilder {
     /// ```
     pub fn breaker(
         mut self,
-        f: impl FnOnce(CircuitBreakerBuilder) -> CircuitBreakerBuilder,
+        f: impl FnOnce(CircuitBreakerBuilder<C>) -> CircuitBreakerBuilder<C>,
     ) -> Self {
         self.breaker = f(self.breaker);
         self
@@ -238,8 +288,12 @@ impl ClientBuilder {
     /// stack.endpoints().insert("10.0.0.3:8080".parse().unwrap());
     /// assert_eq!(stack.endpoints().list().len(), 3);
     /// ```
-    pub fn balance(mut self, f: impl FnOnce(BalanceBuilder) -> BalanceBuilder) -> Self {
-        self.balance = Some(f(self.balance.unwrap_or_else(BalanceLayer::builder)));
+    pub fn balance(mut self, f: impl FnOnce(BalanceBuilder<C>) -> BalanceBuilder<C>) -> Self {
+        let builder = match self.balance.take() {
+            Some(b) => b,
+            None => BalanceLayer::builder().classifier(self.classifier.clone()),
+        };
+        self.balance = Some(f(builder));
         self
     }
 
@@ -286,7 +340,7 @@ impl ClientBuilder {
     ///
     /// [`InvalidPresetConfig`] when the timeouts, backoffs and breaker window do not fit together,
     /// or a policy is invalid.
-    pub fn build(self) -> Result<HttpClientLayer, InvalidPresetConfig> {
+    pub fn build(self) -> Result<HttpClientLayer<C>, InvalidPresetConfig> {
         self.validate()?;
         // The total budget reaches the retry layer as the deadline the total timeout sets
         // on each request (one channel: the retry layer has no total of its own).
@@ -322,29 +376,24 @@ impl ClientBuilder {
 }
 
 /// The breaker type the client stack uses (one per upstream authority).
-pub type AuthorityBreaker =
-    KeyedCircuitBreakerLayer<DefaultClassifier, ByAuthority, Option<Authority>>;
+pub type AuthorityBreaker<C = DefaultClassifier> =
+    KeyedCircuitBreakerLayer<C, ByAuthority, Option<Authority>>;
 
 /// The standard client stack as one layer; see the [module docs](self).
 #[derive(Clone, Debug)]
-pub struct HttpClientLayer {
+pub struct HttpClientLayer<C = DefaultClassifier> {
     correlation: PropagateCorrelationIdLayer,
     total: BodyTimeoutLayer,
-    retry: RetryLayer,
-    balance: BalanceLayer,
-    breaker: AuthorityBreaker,
+    retry: RetryLayer<C>,
+    balance: BalanceLayer<C>,
+    breaker: AuthorityBreaker<C>,
     attempt: TimeoutLayer,
 }
 
 /// The service the client stack makes from a transport `S`.
-pub type HttpClient<S> = PropagateCorrelationId<
+pub type HttpClient<S, C = DefaultClassifier> = PropagateCorrelationId<
     BodyTimeout<
-        Retry<
-            Balance<
-                KeyedCircuitBreaker<Timeout<S>, DefaultClassifier, ByAuthority, Option<Authority>>,
-            >,
-            DefaultClassifier,
-        >,
+        Retry<Balance<KeyedCircuitBreaker<Timeout<S>, C, ByAuthority, Option<Authority>>, C>, C>,
     >,
     UuidV7,
     DefaultRule,
@@ -377,7 +426,7 @@ where
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
 }
 
-impl HttpClientLayer {
+impl<C> HttpClientLayer<C> {
     /// The stack over a new [`hyper_transport`]: a ready client for request body `B`.
     ///
     /// ```
@@ -393,7 +442,7 @@ impl HttpClientLayer {
     /// # let _ = res; Ok(()) }
     /// ```
     #[cfg(feature = "hyper-util")]
-    pub fn hyper_client<B>(&self) -> HyperClient<B>
+    pub fn hyper_client<B>(&self) -> HttpClient<HyperTransport<B>, C>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<steadfast_core::BoxError>,
@@ -411,14 +460,14 @@ impl HttpClientLayer {
     /// assert_eq!(handle.upstream(), "orders:8080");
     /// assert_eq!(stack.breakers().keys().len(), 1);
     /// ```
-    pub fn breakers(&self) -> &AuthorityBreaker {
+    pub fn breakers(&self) -> &AuthorityBreaker<C> {
         &self.breaker
     }
 
     /// The service's endpoints, to list them, see which are ejected, and add or remove
     /// endpoints while calls run (an empty set that nothing reads when the stack was not
     /// built with [`balance`](ClientBuilder::balance)).
-    pub fn endpoints(&self) -> steadfast_balance::EndpointsHandle<DefaultClassifier> {
+    pub fn endpoints(&self) -> steadfast_balance::EndpointsHandle<C> {
         self.balance.handle()
     }
 
@@ -428,13 +477,13 @@ impl HttpClientLayer {
     /// let stack = steadfast::client::http().build().unwrap();
     /// assert!(stack.retry().budget_balance().unwrap() > 0.0); // the budget starts with its floor
     /// ```
-    pub fn retry(&self) -> &RetryLayer {
+    pub fn retry(&self) -> &RetryLayer<C> {
         &self.retry
     }
 }
 
-impl<S> Layer<S> for HttpClientLayer {
-    type Service = HttpClient<S>;
+impl<S, C> Layer<S> for HttpClientLayer<C> {
+    type Service = HttpClient<S, C>;
 
     fn layer(&self, transport: S) -> Self::Service {
         let s = self.attempt.layer(transport);

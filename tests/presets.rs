@@ -325,3 +325,45 @@ async fn the_ready_hyper_client_calls_through_the_stack() {
     assert_eq!(client.oneshot(req).await.unwrap().status(), 200);
     assert_eq!(upstream.hits(), 2, "retried once");
 }
+
+/// A classifier of the caller's own type drives retry and breaker alike through the preset.
+#[tokio::test(start_paused = true)]
+async fn a_custom_classifier_drives_the_preset() {
+    use std::error::Error;
+    use steadfast::common::{Class, Classify, DefaultClassifier, Delivery, ResponseClass};
+
+    #[derive(Clone, Debug)]
+    struct ConflictsRetry(DefaultClassifier);
+    impl<B> Classify<http::Response<B>> for ConflictsRetry {
+        fn classify_response(&self, res: &http::Response<B>) -> ResponseClass {
+            if res.status() == http::StatusCode::CONFLICT {
+                return ResponseClass::Ready(Class::new(true, true, Delivery::Answered));
+            }
+            self.0.classify_response(res)
+        }
+        fn classify_error(&self, err: &(dyn Error + 'static)) -> Class {
+            Classify::<http::Response<B>>::classify_error(&self.0, err)
+        }
+    }
+
+    let upstream = FaultServer::start().await;
+    upstream.set_default(Fault::status(409));
+    let stack = steadfast::client::http()
+        .classifier(ConflictsRetry(DefaultClassifier::new()))
+        .breaker(|b| b.consecutive_failures(Some(3)))
+        .build()
+        .unwrap();
+    let client = stack.hyper_client::<Full<Bytes>>();
+    let req = || {
+        http::Request::get(upstream.url("/"))
+            .body(Full::default())
+            .unwrap()
+    };
+    let res = client.clone().oneshot(req()).await.unwrap();
+    assert_eq!(res.status(), 409);
+    assert_eq!(upstream.hits(), 3, "409 retried: 3 attempts");
+    // Three failures in a row: the breaker counted them as failures and opened.
+    let err = client.oneshot(req()).await.unwrap_err();
+    assert!(err.is::<steadfast::breaker::error::BreakerOpen>(), "{err}");
+    assert_eq!(upstream.hits(), 3);
+}

@@ -467,14 +467,14 @@ impl BalanceLayer {
             classifier: DefaultClassifier::new(),
         }
     }
+}
 
+impl<C> BalanceLayer<C> {
     /// A layer that passes every request through untouched.
     pub fn disabled() -> Self {
         Self { shared: None }
     }
-}
 
-impl<C> BalanceLayer<C> {
     /// The handle that lists, adds and removes endpoints while calls run (a disabled layer's
     /// handle manages an empty set that nothing reads).
     pub fn handle(&self) -> EndpointsHandle<C> {
