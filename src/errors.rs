@@ -4,7 +4,7 @@
 //! | the error (anywhere in its `source()` chain) | [`Failure`] | HTTP | gRPC |
 //! |---|---|---|---|
 //! | a timeout (`Elapsed`: the call's, an inherited deadline's, the body's; anything marked [`TimedOut`](crate::common::TimedOut)) | `Timeout` | 504 | `DEADLINE_EXCEEDED` |
-//! | an open breaker (`BreakerOpen`) | `BreakerOpen` | 503 + `Retry-After` (whole seconds, rounded up) | `UNAVAILABLE` + `grpc-retry-pushback-ms` |
+//! | an open breaker (`BreakerOpen`, also inside the balancer's `Rerouted`) | `BreakerOpen` | 503 + `Retry-After` (whole seconds, rounded up) | `UNAVAILABLE` + `grpc-retry-pushback-ms` |
 //! | no endpoint (`NoEndpoint`: the service has none, or every one is ejected) | `NoEndpoint` | 503 | `UNAVAILABLE` |
 //! | any other refusal by local policy ([`PolicyRejected`](crate::common::PolicyRejected)) | `Rejected` | 503 | `UNAVAILABLE` |
 //! | anything else: connect errors, resets, protocol errors | `Upstream` | 502 | `UNAVAILABLE` |
@@ -69,6 +69,12 @@ impl Failure {
             #[cfg(feature = "balance")]
             if e.is::<steadfast_balance::error::NoEndpoint>() {
                 return Failure::NoEndpoint;
+            }
+            // An endpoint's breaker refused and no retry took the call elsewhere: what the
+            // refusal means.
+            #[cfg(feature = "balance")]
+            if let Some(r) = e.downcast_ref::<steadfast_balance::error::Rerouted>() {
+                return Failure::of(r.refusal());
             }
             if e.is::<TimedOut>() || e.is::<tokio::time::error::Elapsed>() {
                 return Failure::Timeout;

@@ -159,3 +159,43 @@ async fn an_axum_handler_answers_with_the_stacks_error() {
     assert_eq!(second.status(), 503);
     assert_eq!(second.headers()["retry-after"], "30");
 }
+
+/// A balanced call refused by an endpoint's breaker, with no retry left to take it elsewhere,
+/// reaches the caller as the balancer's `Rerouted`: it means what the refusal means (503 and
+/// Retry-After), not a bad gateway.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_no_retry_could_reroute_is_an_open_breaker() {
+    let (a, b) = (FaultServer::start().await, FaultServer::start().await);
+    a.set_default(Fault::status(503));
+    b.set_default(Fault::status(503));
+    let stack = steadfast::client::http()
+        .retry(|r| r.max_attempts(1))
+        .breaker(|b| b.consecutive_failures(Some(1)).jitter_percent(0))
+        .balance(|bal| {
+            bal.endpoints([a.addr().to_string(), b.addr().to_string()])
+                .seed(3)
+        })
+        .build()
+        .unwrap();
+    let client = stack.hyper_client::<Full<Bytes>>();
+    let mut rerouted = None;
+    for _ in 0..20 {
+        let req = http::Request::get("http://orders/")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        if let Err(e) = client.clone().oneshot(req).await {
+            if e.is::<steadfast::balance::error::Rerouted>() {
+                rerouted = Some(e);
+                break;
+            }
+        }
+    }
+    let err = rerouted.expect("a refusal surfaced as Rerouted");
+    assert!(
+        matches!(Failure::of(&*err), Failure::BreakerOpen { .. }),
+        "{err}"
+    );
+    let res = http_response::<Full<Bytes>>(&*err);
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().contains_key("retry-after"));
+}

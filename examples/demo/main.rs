@@ -4,7 +4,8 @@
 //! The seed scenario in one process, on loopback, in about 15 seconds:
 //!
 //! ```text
-//!                      ┌──────── users        (down from 2 s to 5 s, then back)
+//!                      ┌──────── users        (down from 2 s to 5 s, then back; browns out
+//!                      │                      at 6-8.5 s: every other call fails)
 //!   load driver ──▶ gateway ──── orders ×3 ──┬── inventory (every 7th call stalls past the attempt timeout)
 //!   (burst + spike)  │  rate limit 100 r/s,  └── payments  (bursts of 503 + Retry-After)
 //!                    │  burst 200 (payments 20)
@@ -38,10 +39,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use steadfast::balance::FailurePercentage;
-use steadfast::breaker::error::BreakerOpen;
 use steadfast::client::{HttpClient, HttpClientLayer};
-use steadfast::retry::{Backoff, ReplayBody};
-use steadfast::timeout::error::Elapsed;
+use steadfast::errors::{self, Failure};
+use steadfast::retry::{Backoff, BudgetConfig, ReplayBody};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 use tracing::Instrument;
@@ -87,6 +87,13 @@ mod tests {
             "one id seen at every hop: {}",
             report.traced_hops
         );
-        assert!(report.text.contains("| users |"));
+        assert!(report.text.contains("| gateway → users |"));
+        // Rows and breakers are per caller: the orders instances' own calls show apart.
+        assert!(
+            report.text.contains("| orders-1 → inventory |"),
+            "{}",
+            report.text
+        );
+        assert!(report.text.contains("retry budget (one per stack)"));
     }
 }

@@ -36,10 +36,15 @@ pub(crate) fn render(
         "steadfast demo: {driver_total} requests through the gateway in {:.1} s",
         elapsed.as_secs_f64()
     );
+    let budget = scen.budget;
     let _ = writeln!(
         out,
-        "  client stack: attempt timeout {:?}, total {:?}, 3 attempts, budget 10 % + 10/s, breaker 5 failures / open {:?}",
-        scen.attempt, scen.total, scen.open_time
+        "  client stack: attempt timeout {:?}, total {:?}, 3 attempts, retry budget 10 % + 10/s ({:.0} % + {}/s for the gateway's calls to users, inventory and payments), breaker 5 failures / open {:?}",
+        scen.attempt,
+        scen.total,
+        budget.ratio * 100.0,
+        budget.min_per_sec,
+        scen.open_time
     );
     let _ = writeln!(out, "  gateway /health: {health}");
     let by_status: Vec<String> = statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect();
@@ -51,48 +56,73 @@ pub(crate) fn render(
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| upstream | requests | ok | retries | budget denials | timeouts | rejected (open) | transitions | p50 | p99 |"
+        "calls, by caller → upstream (p50/p99 include calls failed fast by an open breaker):"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|");
+    let _ = writeln!(
+        out,
+        "| caller → upstream | requests | ok | retries | budget denials | timeouts | rejected (open) | p50 | p99 |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut denials = Vec::new();
     for (name, u) in o.upstreams.iter_mut() {
-        let transitions: Vec<String> = u
-            .transitions
-            .iter()
-            .map(|(t, from, to)| format!("{from}→{to} @{:.1}s", t.as_secs_f64()))
-            .collect();
+        if u.budget_denials > 0 {
+            denials.push(format!("{name}: {}", u.budget_denials));
+        }
         let (p50, p99) = (pct(&mut u.latencies, 0.5), pct(&mut u.latencies, 0.99));
         let _ = writeln!(
             out,
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms |",
             u.requests,
             u.ok,
             u.retries,
             u.budget_denials,
             u.timeouts,
             u.rejected,
-            if transitions.is_empty() {
-                "—".to_owned()
-            } else {
-                transitions.join(", ")
-            },
             p50.as_secs_f64() * 1000.0,
             p99.as_secs_f64() * 1000.0,
         );
     }
     let _ = writeln!(out);
+    let brownout = scen.users_brownout;
+    let in_brownout = o.upstreams.get("gateway → users").map_or(0, |u| {
+        u.denied_at
+            .iter()
+            .filter(|t| in_window(**t, brownout))
+            .count()
+    });
     let _ = writeln!(
         out,
-        "breaker timeline (one character per 250 ms: . closed, X open, ? half-open)"
+        "retry budget (one per stack): retries denied: {}.",
+        if denials.is_empty() {
+            "none".to_owned()
+        } else {
+            denials.join(", ")
+        },
+    );
+    let _ = writeln!(
+        out,
+        "  The users brownout ({:.1}-{:.1} s: every other call fails, never enough in a row to open the breaker) asks for a retry of every other call; {in_brownout} of the gateway's retries to users were denied in it, so retries could not double the load on a struggling service.",
+        brownout.0.as_secs_f64(),
+        brownout.1.as_secs_f64(),
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "breakers, one per caller → upstream instance (one character per 250 ms: . closed, X open, ? half-open)"
+    );
+    let _ = writeln!(
+        out,
+        "  An open breaker half-opens on the first call after its open time (jittered by up to 10 %, doubling on repeated trips), not on a timer."
     );
     let slots = (elapsed.as_millis() / 250) as usize + 1;
-    for (name, u) in o.upstreams.iter() {
+    for (name, transitions) in o.breakers.iter() {
         let mut line = String::new();
         let mut state = "closed".to_owned();
         let mut k = 0;
         for s in 0..slots {
             let t = Duration::from_millis(s as u64 * 250);
-            while k < u.transitions.len() && u.transitions[k].0 <= t {
-                state = u.transitions[k].2.clone();
+            while k < transitions.len() && transitions[k].0 <= t {
+                state = transitions[k].2.clone();
                 k += 1;
             }
             line.push(match state.as_str() {
@@ -101,7 +131,14 @@ pub(crate) fn render(
                 _ => '.',
             });
         }
-        let _ = writeln!(out, "  {name:<10} {line}");
+        let moves: Vec<String> = transitions
+            .iter()
+            .map(|(t, from, to)| format!("{from}→{to} @{:.1}s", t.as_secs_f64()))
+            .collect();
+        let _ = writeln!(out, "  {name:<24} {line}  {}", moves.join(", "));
+    }
+    if o.breakers.is_empty() {
+        let _ = writeln!(out, "  (no breaker moved)");
     }
     let _ = writeln!(out);
     for (name, u) in o.upstreams.iter().filter(|(_, u)| !u.ejections.is_empty()) {
@@ -124,11 +161,15 @@ pub(crate) fn render(
         }
         let _ = writeln!(out);
     }
-    let _ = writeln!(out, "gateway /metrics (steadfast_* lines):");
-    for line in metrics_text
-        .lines()
-        .filter(|l| l.starts_with("steadfast_") && !l.contains("_bucket"))
-    {
+    let _ = writeln!(
+        out,
+        "gateway /metrics: the gateway's own steadfast_* series (every stack in this process reports to one registry; its breaker/retry label says whose a series is):"
+    );
+    for line in metrics_text.lines().filter(|l| {
+        l.starts_with("steadfast_")
+            && !l.contains("_bucket")
+            && (l.contains("breaker=\"gateway\"") || l.contains("retry=\"gateway\""))
+    }) {
         let _ = writeln!(out, "  {line}");
     }
     Report {

@@ -30,29 +30,29 @@ pub(crate) fn log_hop(hop: &str, what: &str) {
     tracing::info!(hop, what, "handled");
 }
 
-/// Calls `uri` through a client stack inside an `upstream` span; maps the typed errors to
-/// the answers a gateway gives.
-pub(crate) async fn call(stack: Stack, upstream: &str, req: http::Request<Body>) -> Response {
+/// Calls `uri` through a client stack inside an `upstream_call` span; the stack's errors
+/// become the answers a gateway gives (`steadfast::errors`: 504 for a timeout, 503 +
+/// Retry-After for an open breaker, 502 for a transport error).
+pub(crate) async fn call(
+    stack: Stack,
+    caller: &str,
+    upstream: &str,
+    req: http::Request<Body>,
+) -> Response {
     let began = Instant::now();
-    let span = tracing::info_span!("upstream_call", upstream);
+    let span = tracing::info_span!("upstream_call", caller, upstream);
     let out = stack.oneshot(req).instrument(span).await;
     let latency = began.elapsed();
     match out {
         Ok(res) => {
-            record_call(upstream, latency, Some(res.status()), false);
+            record_call(caller, upstream, latency, Some(res.status()), false);
             let (parts, body) = res.into_parts();
             Response::from_parts(parts, Body::new(body))
         }
         Err(e) => {
-            if let Some(open) = e.downcast_ref::<BreakerOpen>() {
-                record_call(upstream, latency, None, true);
-                return open.to_http_response::<Body>().map(Body::new);
-            }
-            record_call(upstream, latency, None, false);
-            if e.downcast_ref::<Elapsed>().is_some() {
-                return (StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n").into_response();
-            }
-            (StatusCode::BAD_GATEWAY, format!("upstream error: {e}\n")).into_response()
+            let rejected = matches!(Failure::of(&*e), Failure::BreakerOpen { .. });
+            record_call(caller, upstream, latency, None, rejected);
+            errors::http_response::<Body>(&*e).map(Body::new)
         }
     }
 }
@@ -62,15 +62,25 @@ pub(crate) fn in_window(t: Duration, w: (Duration, Duration)) -> bool {
 }
 
 pub(crate) fn users(scen: Arc<Scenario>) -> Router {
+    let hits = Arc::new(AtomicU64::new(0));
     Router::new()
         .route(
             "/users/{id}",
             get(move |Path(id): Path<u64>| {
-                let scen = scen.clone();
+                let (scen, hits) = (scen.clone(), hits.clone());
                 async move {
-                    if in_window(start().elapsed(), scen.users_down) {
+                    let t = start().elapsed();
+                    if in_window(t, scen.users_down) {
                         log_hop("users", "down: 503");
                         return (StatusCode::SERVICE_UNAVAILABLE, "down\n").into_response();
+                    }
+                    // A brownout: every other call fails. Too few in a row to open the
+                    // breaker; the retries it asks for are what the budget exists to cap.
+                    if in_window(t, scen.users_brownout)
+                        && hits.fetch_add(1, Ordering::Relaxed) % 2 == 0
+                    {
+                        log_hop("users", "brownout: 503");
+                        return (StatusCode::SERVICE_UNAVAILABLE, "brownout\n").into_response();
                     }
                     log_hop("users", "200");
                     format!("user {id}\n").into_response()
@@ -148,7 +158,7 @@ pub(crate) async fn place_order(State(o): State<Orders>, Path(id): Path<u64>) ->
     let item = http::Request::get(format!("http://{}/items/{id}", o.inventory))
         .body(Body::empty())
         .expect("request");
-    let inv = call(stack.clone(), "inventory", item).await;
+    let inv = call(stack.clone(), o.name, "inventory", item).await;
     if !inv.status().is_success() {
         log_hop(o.name, "inventory failed");
         return (StatusCode::BAD_GATEWAY, "inventory unavailable\n").into_response();
@@ -157,7 +167,7 @@ pub(crate) async fn place_order(State(o): State<Orders>, Path(id): Path<u64>) ->
         .header("idempotency-key", format!("order-{id}"))
         .body(Body::from(format!("{{\"order\":{id}}}")))
         .expect("request");
-    let pay = call(stack, "payments", charge).await;
+    let pay = call(stack, o.name, "payments", charge).await;
     if !pay.status().is_success() {
         log_hop(o.name, "payment failed");
         return (StatusCode::BAD_GATEWAY, "payment unavailable\n").into_response();
@@ -216,7 +226,7 @@ pub(crate) async fn forward(gw: Gateway, service: &str, rest: String, req: Reque
             out.headers_mut().append(k, v.clone());
         }
     }
-    call(client.layer(gw.transport.clone()), name, out).await
+    call(client.layer(gw.transport.clone()), "gateway", name, out).await
 }
 
 /// A per-client-address rate limit (GCRA, from tower_governor): one request per `per_ms`

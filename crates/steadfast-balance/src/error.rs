@@ -108,6 +108,11 @@ impl Rerouted {
     }
 
     /// The refusal (the breaker's error).
+    pub fn refusal(&self) -> &(dyn Error + Send + Sync + 'static) {
+        &*self.refusal
+    }
+
+    /// The refusal (the breaker's error), owned.
     pub fn into_refusal(self) -> BoxError {
         self.refusal
     }

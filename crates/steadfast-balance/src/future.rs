@@ -33,16 +33,18 @@ impl<C> Guard<C> {
         }
     }
 
-    /// Reports the outcome: the latency, a failure's penalty, and, for the outlier rules,
-    /// success or failure.
-    fn report(mut self, failure: bool) {
+    /// Reports the outcome: the latency (unless the call never left this process), a
+    /// failure's penalty, and, for the outlier rules, success or failure.
+    fn report(mut self, failure: bool, sent: bool) {
         self.done = true;
         let shared = &*self.shared;
         let ep = &*self.endpoint;
         ep.finish();
         let now = shared.now();
-        let rtt = now.saturating_sub(self.started) as f64;
-        ep.observe(rtt, now, shared.config.decay.as_secs_f64() * 1e9);
+        if sent {
+            let rtt = now.saturating_sub(self.started) as f64;
+            ep.observe(rtt, now, shared.config.decay.as_secs_f64() * 1e9);
+        }
         if failure {
             ep.failed(now);
         }
@@ -68,7 +70,8 @@ impl<C> Guard<C> {
     fn refused(self) -> (Arc<Endpoint>, bool) {
         let ep = self.endpoint.clone();
         let shared = self.shared.clone();
-        self.report(true);
+        // An instant refusal says nothing of the endpoint's latency.
+        self.report(true, false);
         let now = shared.now();
         shared.eject(&ep, now, Reason::Refused);
         let other = shared
@@ -166,7 +169,7 @@ where
             }
             Err(e) => guard.shared.classifier.classify_error(&**e).is_failure(),
         };
-        guard.report(failure);
+        guard.report(failure, true);
         Poll::Ready(out)
     }
 }

@@ -170,6 +170,11 @@ pub struct NotSent {
 impl NotSent {
     /// The marker value, for `source()` implementations.
     pub const INSTANCE: NotSent = NotSent { _p: () };
+
+    /// Whether `err` or any of its sources is the marker.
+    pub fn is_in(err: &(dyn Error + 'static)) -> bool {
+        chain(err).any(|e| e.is::<NotSent>())
+    }
 }
 
 impl fmt::Display for NotSent {

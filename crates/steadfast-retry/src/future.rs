@@ -194,15 +194,36 @@ impl<S, B, C> Ctx<S, B, C> {
         C: Classify<Response<ResB>>,
     {
         let config = &*self.config;
-        let (delay, from_hint) =
+        let (delay, from_hint, rerouted) =
             match decide(config, &self.parts, &mut self.history, &out, Instant::now) {
                 Verdict::Done => return Step::Return(out),
                 Verdict::GiveUp(reason) => return self.give_up(out, reason),
-                Verdict::Retry { delay, from_hint } => (delay, from_hint),
+                Verdict::Retry {
+                    delay,
+                    from_hint,
+                    rerouted,
+                } => (delay, from_hint, rerouted),
             };
         let Some(next_body) = self.body.replay() else {
             return self.give_up(out, "body_not_replayable");
         };
+        if rerouted {
+            // Nothing left this process: another endpoint takes it at once, and the budget,
+            // which limits load added to upstreams, is not asked.
+            tracing::event!(
+                name: "retry.rerouted",
+                target: "steadfast::retry",
+                tracing::Level::DEBUG,
+                retry = &*config.name,
+                attempt = self.history.attempt + 1,
+            );
+            #[cfg(feature = "metrics")]
+            metrics::counter!("steadfast_retry_attempts_total", "retry" => self.label())
+                .increment(1);
+            self.history.rerouted();
+            self.next_body = Some(next_body);
+            return Step::Wait(Duration::ZERO);
+        }
         if let Some(budget) = &config.budget {
             let paid = budget.withdraw();
             #[cfg(feature = "metrics")]

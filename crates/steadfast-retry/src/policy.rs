@@ -12,8 +12,8 @@ use http::{HeaderMap, Method, Response};
 use steadfast_core::__private::rand::STEP;
 use steadfast_core::header::{Pushback, server_hint};
 use steadfast_core::{
-    BoxError, Class, Classify, Deadline, Delivery, GRPC_STATUS, PolicyRejected, ResponseClass,
-    is_grpc_content_type, saturating_add,
+    BoxError, Class, Classify, Deadline, Delivery, GRPC_STATUS, NotSent, PolicyRejected,
+    ResponseClass, is_grpc_content_type, saturating_add,
 };
 use tokio::time::Instant;
 
@@ -28,8 +28,14 @@ pub(crate) enum Verdict {
     Done,
     /// Hand the outcome to the caller: it would be worth retrying, but `reason` forbids it.
     GiveUp(&'static str),
-    /// Retry after `delay`; `from_hint` says a server's hint set it.
-    Retry { delay: Duration, from_hint: bool },
+    /// Retry after `delay`; `from_hint` says a server's hint set it; `rerouted` says the
+    /// attempt was refused before leaving this process by one endpoint and goes to another
+    /// (no wait, no budget: it adds no load anywhere).
+    Retry {
+        delay: Duration,
+        from_hint: bool,
+        rerouted: bool,
+    },
 }
 
 /// What one call has done so far, as the policy needs it.
@@ -57,6 +63,12 @@ impl History {
     }
 
     /// Records a retry the policy decided and the caller committed to.
+    /// An attempt refused before it left the process goes to another endpoint: one more
+    /// attempt, and the backoff schedule untouched.
+    pub(crate) fn rerouted(&mut self) {
+        self.attempt += 1;
+    }
+
     pub(crate) fn retried(&mut self, delay: Duration, from_hint: bool) {
         self.attempt += 1;
         if from_hint {
@@ -116,9 +128,13 @@ where
         None if class.is_retryable() && safe => {}
         None => return give_up_if_retryable(&class, "not_idempotent"),
     }
+    // Refused by one endpoint before anything was sent, to be sent to another (the balancer's
+    // `Rerouted`): at once, and free of the budget.
+    let rerouted = out.as_ref().is_err_and(|e| NotSent::is_in(&**e));
     // Read the server's hint only for an outcome that will be retried.
     let hint = headers.and_then(|h| server_hint(h, SystemTime::now()));
     let (delay, from_hint) = match hint {
+        _ if rerouted => (Duration::ZERO, false),
         Some(Pushback::Stop) => return Verdict::GiveUp("server_pushback_stop"),
         // Never sooner than asked, never longer than the cap.
         Some(Pushback::After(d)) if d > config.max_hint => {
@@ -141,7 +157,11 @@ where
     {
         return Verdict::GiveUp("deadline");
     }
-    Verdict::Retry { delay, from_hint }
+    Verdict::Retry {
+        delay,
+        from_hint,
+        rerouted,
+    }
 }
 
 fn give_up_if_retryable(class: &Class, reason: &'static str) -> Verdict {
@@ -217,7 +237,7 @@ mod tests {
         let mut h = History::new(None);
         let v = decide(&c, &parts(Method::GET), &mut h, &status(503), Instant::now);
         assert!(
-            matches!(v, Verdict::Retry { from_hint: false, delay } if delay <= Duration::from_millis(100))
+            matches!(v, Verdict::Retry { from_hint: false, delay, .. } if delay <= Duration::from_millis(100))
         );
     }
 
@@ -254,7 +274,8 @@ mod tests {
             v,
             Verdict::Retry {
                 delay: Duration::from_secs(2),
-                from_hint: true
+                from_hint: true,
+                rerouted: false,
             }
         );
         let v = decide(&c, &parts(Method::GET), &mut h, &hinted("6"), Instant::now);

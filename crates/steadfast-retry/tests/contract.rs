@@ -58,6 +58,7 @@ fn scripted(
                     std::io::ErrorKind::ConnectionReset,
                 ))),
                 Err("breaker") => Err(BoxError::from(Rejected)),
+                Err("rerouted") => Err(BoxError::from(Elsewhere)),
                 Err(other) => panic!("unknown script entry {other}"),
             }
         }
@@ -75,6 +76,21 @@ impl std::fmt::Display for Rejected {
 impl std::error::Error for Rejected {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&PolicyRejected::INSTANCE)
+    }
+}
+
+/// What the balancer returns when an endpoint's breaker refused and another can take the
+/// call: marked "not sent".
+#[derive(Debug)]
+struct Elsewhere;
+impl std::fmt::Display for Elsewhere {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("refused here, try elsewhere")
+    }
+}
+impl std::error::Error for Elsewhere {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&steadfast_core::NotSent::INSTANCE)
     }
 }
 
@@ -388,6 +404,51 @@ async fn breaker_rejections_are_not_retried_and_cost_no_budget() {
     assert!(PolicyRejected::is_in(&*err));
     assert_eq!(seen.lock().unwrap().len(), 1);
     assert_eq!(layer.budget_balance().unwrap(), before);
+}
+
+/// An attempt an endpoint's breaker refused (nothing left the process) goes to another
+/// endpoint at once and asks nothing of the budget; it still counts as an attempt.
+#[tokio::test(start_paused = true)]
+async fn a_rerouted_attempt_is_retried_at_once_without_budget() {
+    // A budget with nothing in it: every ordinary retry is denied.
+    let empty = || {
+        exact().budget(Some(BudgetConfig {
+            ratio: 0.0,
+            min_per_sec: 1,
+            window: Duration::from_millis(10),
+        }))
+    };
+    let (up, seen) = scripted(vec![status(503), status(200)]);
+    let res = send(empty(), up, req(Method::POST, b"order"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503, "an ordinary retry is denied");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+
+    let (up, seen) = scripted(vec![Err("rerouted"), Err("rerouted"), status(200)]);
+    let began = Instant::now();
+    let res = send(empty(), up, req(Method::POST, b"order"))
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "rerouted twice, answered on the third attempt"
+    );
+    assert_eq!(began.elapsed(), Duration::ZERO, "no backoff");
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3);
+        assert!(
+            seen.iter().all(|(_, _, body)| body == "order"),
+            "the body every time"
+        );
+    }
+
+    let (up, seen) = scripted(vec![Err("rerouted")]);
+    let err = send(empty(), up, req(Method::GET, b"")).await.unwrap_err();
+    assert!(steadfast_core::NotSent::is_in(&*err));
+    assert_eq!(seen.lock().unwrap().len(), 3, "bounded by the attempts");
 }
 
 #[tokio::test(start_paused = true)]
