@@ -9,6 +9,8 @@ pub(crate) struct Upstream {
     pub(crate) requests: u64,
     pub(crate) ok: u64,
     pub(crate) retries: u64,
+    /// Attempts an endpoint's breaker refused, sent at once to another endpoint.
+    pub(crate) rerouted: u64,
     pub(crate) budget_denials: u64,
     /// When each retry was denied.
     pub(crate) denied_at: Vec<Duration>,
@@ -163,6 +165,7 @@ where
         let u = o.upstreams.entry(key(up)).or_default();
         match (meta.target(), meta.name()) {
             (_, "retry.attempt") => u.retries += 1,
+            (_, "retry.rerouted") => u.rerouted += 1,
             (_, "retry.budget_exhausted") => {
                 u.budget_denials += 1;
                 u.denied_at.push(t);

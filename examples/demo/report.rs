@@ -56,13 +56,13 @@ pub(crate) fn render(
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "calls, by caller → upstream (p50/p99 include calls failed fast by an open breaker):"
+        "calls, by caller → upstream (p50/p99 include calls failed fast by an open breaker; rerouted: attempts an instance's breaker refused, sent at once to another instance):"
     );
     let _ = writeln!(
         out,
-        "| caller → upstream | requests | ok | retries | budget denials | timeouts | rejected (open) | p50 | p99 |"
+        "| caller → upstream | requests | ok | retries | rerouted | budget denials | timeouts | rejected (open) | p50 | p99 |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut denials = Vec::new();
     for (name, u) in o.upstreams.iter_mut() {
         if u.budget_denials > 0 {
@@ -71,10 +71,11 @@ pub(crate) fn render(
         let (p50, p99) = (pct(&mut u.latencies, 0.5), pct(&mut u.latencies, 0.99));
         let _ = writeln!(
             out,
-            "| {name} | {} | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms |",
             u.requests,
             u.ok,
             u.retries,
+            u.rerouted,
             u.budget_denials,
             u.timeouts,
             u.rejected,
@@ -135,7 +136,7 @@ pub(crate) fn render(
             .iter()
             .map(|(t, from, to)| format!("{from}→{to} @{:.1}s", t.as_secs_f64()))
             .collect();
-        let _ = writeln!(out, "  {name:<24} {line}  {}", moves.join(", "));
+        let _ = writeln!(out, "  {name:<26} {line}  {}", moves.join(", "));
     }
     if o.breakers.is_empty() {
         let _ = writeln!(out, "  (no breaker moved)");
@@ -168,7 +169,7 @@ pub(crate) fn render(
     for line in metrics_text.lines().filter(|l| {
         l.starts_with("steadfast_")
             && !l.contains("_bucket")
-            && (l.contains("breaker=\"gateway\"") || l.contains("retry=\"gateway\""))
+            && (l.contains("breaker=\"gateway") || l.contains("retry=\"gateway"))
     }) {
         let _ = writeln!(out, "  {line}");
     }

@@ -166,7 +166,8 @@ pub(crate) async fn run(scen: Scenario) -> Report {
     }
     let gw = serve(gateway(Gateway {
         client: Arc::new(scen.client_for("gateway", &[], scen.budget)),
-        orders: Arc::new(scen.client_for("gateway", &orders, BudgetConfig::default())),
+        // A stack of its own (its breakers, budget and metrics apart from the other one).
+        orders: Arc::new(scen.client_for("gateway-orders", &orders, BudgetConfig::default())),
         transport: transport(),
         users,
         inventory,

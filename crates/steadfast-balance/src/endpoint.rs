@@ -30,6 +30,9 @@ pub(crate) struct Endpoint {
     pub(crate) ejected_until: AtomicU64,
     /// Ejections so far, the multiplier of the next ejection time; decays while healthy.
     pub(crate) ejections: AtomicU32,
+    /// Nanoseconds since the epoch until which its own breaker is taken to refuse calls
+    /// (0: not refusing).
+    refusing_until: AtomicU64,
     pub(crate) removed: AtomicBool,
 }
 
@@ -58,6 +61,7 @@ impl Endpoint {
             interval: AtomicU64::new(0),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            refusing_until: AtomicU64::new(0),
             removed: AtomicBool::new(false),
         }
     }
@@ -82,6 +86,18 @@ impl Endpoint {
         let ewma = f64::from_bits(self.ewma.load(Relaxed));
         let age = now.saturating_sub(self.stamp.load(Relaxed)) as f64;
         ewma * keep(age / decay_ns)
+    }
+
+    /// Its breaker refused a call: no call goes to it until `until` (while another can
+    /// take it).
+    pub(crate) fn refuse_until(&self, until: u64) {
+        self.refusing_until.store(until, Relaxed);
+    }
+
+    /// Whether its breaker is taken to refuse calls now.
+    #[inline]
+    pub(crate) fn refusing(&self, now: u64) -> bool {
+        now < self.refusing_until.load(Relaxed)
     }
 
     pub(crate) fn failed(&self, now: u64) {

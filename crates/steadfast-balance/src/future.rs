@@ -65,20 +65,26 @@ impl<C> Guard<C> {
 }
 
 impl<C> Guard<C> {
-    /// The endpoint's own breaker refused the call: a failure for the balancer, and an
-    /// ejection (within the cap). Returns whether another endpoint is in service to take it.
+    /// The endpoint's own breaker refused the call: a failure for the balancer, an ejection
+    /// (within the cap), and, ejected or not, no call for it for the failure penalty (2 s)
+    /// while another can take it: it would refuse that one too. Returns whether another
+    /// endpoint is in service to take the call.
     fn refused(self) -> (Arc<Endpoint>, bool) {
         let ep = self.endpoint.clone();
         let shared = self.shared.clone();
         // An instant refusal says nothing of the endpoint's latency.
         self.report(true, false);
         let now = shared.now();
+        ep.refuse_until(
+            now.saturating_add(crate::set::nanos(shared.config.failure_penalty))
+                .max(1),
+        );
         shared.eject(&ep, now, Reason::Refused);
         let other = shared
             .endpoints
             .load()
             .iter()
-            .any(|e| !Arc::ptr_eq(e, &ep) && shared.available(e, now));
+            .any(|e| !Arc::ptr_eq(e, &ep) && shared.in_service(e, now));
         (ep, other)
     }
 }

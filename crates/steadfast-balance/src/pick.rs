@@ -30,8 +30,9 @@ pub(crate) fn pick<C>(shared: &Shared<C>, list: &[Arc<Endpoint>], now: u64) -> O
             // (taking the other of such a pair unweighed would hand a slow endpoint every
             // pair it shares with a failing one). When draws keep meeting them, endpoints
             // that failed lately may take part, and lose to any that did not.
-            let fresh = |ep: &Endpoint| shared.available(ep, now) && !ep.failed_lately(now, window);
-            let usable = |ep: &Endpoint| shared.available(ep, now);
+            let fresh =
+                |ep: &Endpoint| shared.in_service(ep, now) && !ep.failed_lately(now, window);
+            let usable = |ep: &Endpoint| shared.in_service(ep, now);
             let rank = |ep: &Endpoint| (ep.failed_lately(now, window), ep.cost(now, decay));
             for ok in [&fresh as &dyn Fn(&Endpoint) -> bool, &usable] {
                 let first = (0..DRAWS).map(|_| shared.below(n)).find(|&i| ok(&list[i]));
@@ -53,7 +54,7 @@ pub(crate) fn pick<C>(shared: &Shared<C>, list: &[Arc<Endpoint>], now: u64) -> O
             let start = shared.next_round_robin();
             for k in 0..n.min(DRAWS) {
                 let i = (start + k) % n;
-                if shared.available(&list[i], now) {
+                if shared.in_service(&list[i], now) {
                     return Some(i);
                 }
             }
@@ -86,18 +87,20 @@ fn usable<C>(shared: &Shared<C>, ep: &Endpoint, now: u64) -> Option<usize> {
     }
 }
 
-/// Every draw met ejected endpoints: the first in service from a random start, or, when
-/// none is (the cap keeps one in service, but the set may have changed), any endpoint unless
-/// the balancer fails fast.
+/// Every draw met ejected or refusing endpoints: the first in service from a random start,
+/// else the first not ejected (its breaker may refuse; then the caller gets the refusal),
+/// or, when none is (the cap keeps one in service, but the set may have changed), any
+/// endpoint unless the balancer fails fast.
 #[cold]
 fn scan<C>(shared: &Shared<C>, list: &[Arc<Endpoint>], now: u64) -> Option<usize> {
     let n = list.len();
     let start = shared.below(n);
-    for k in 0..n {
-        let i = (start + k) % n;
-        if shared.available(&list[i], now) {
-            return Some(i);
-        }
+    let ring = || (0..n).map(|k| (start + k) % n);
+    if let Some(i) = ring().find(|&i| shared.in_service(&list[i], now)) {
+        return Some(i);
+    }
+    if let Some(i) = ring().find(|&i| shared.available(&list[i], now)) {
+        return Some(i);
     }
     (!shared.config.fail_fast).then_some(start)
 }

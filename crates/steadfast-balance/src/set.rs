@@ -146,6 +146,12 @@ impl<C> Shared<C> {
         until == 0 || (now >= until && self.readmit(ep, until))
     }
 
+    /// Whether `ep` should take a call now: available, and its breaker not refusing.
+    #[inline]
+    pub(crate) fn in_service(&self, ep: &Endpoint, now: u64) -> bool {
+        self.available(ep, now) && !ep.refusing(now)
+    }
+
     /// Returns an endpoint whose ejection ran out; true when it is in service afterwards.
     fn readmit(&self, ep: &Endpoint, until: u64) -> bool {
         if ep

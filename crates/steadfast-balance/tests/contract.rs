@@ -669,6 +669,56 @@ async fn a_refusal_by_an_endpoints_breaker_is_rerouted_and_ejects_it() {
     assert!(PolicyRejected::is_in(&*err));
 }
 
+/// Refusing endpoints beyond the ejection cap get no calls either while another endpoint can
+/// take them (they would refuse those too): two of three refuse, the cap ejects one, and
+/// each refuses one call per failure penalty (2 s), not every other call.
+#[tokio::test(start_paused = true)]
+async fn endpoints_whose_breakers_refuse_get_no_calls_even_past_the_ejection_cap() {
+    #[derive(Debug)]
+    struct Open;
+    impl std::fmt::Display for Open {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("circuit open")
+        }
+    }
+    impl std::error::Error for Open {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&PolicyRejected::INSTANCE)
+        }
+    }
+    let refused = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let seen = refused.clone();
+    let up = service_fn(move |req: Request<()>| {
+        let seen = seen.clone();
+        async move {
+            let to = req.uri().authority().unwrap().to_string();
+            // A busy healthy endpoint: the refusing ones look idle and cheap.
+            if to == "10.0.0.3:80" {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                return Ok(Response::new(()));
+            }
+            *seen.lock().unwrap().entry(to).or_default() += 1;
+            Err::<Response<()>, BoxError>(Box::new(Open))
+        }
+    });
+    for pick in [Pick::PowerOfTwoChoices, Pick::RoundRobin] {
+        refused.lock().unwrap().clear();
+        let layer = builder(3).pick(pick).build().unwrap();
+        let mut svc = layer.layer(up.clone());
+        let start = tokio::time::Instant::now();
+        let mut failed = 0;
+        while start.elapsed() < Duration::from_millis(1900) {
+            failed += u32::from(send(&mut svc).await.is_err());
+        }
+        assert_eq!(layer.handle().ejected(), 1, "the cap: one of three");
+        let by_endpoint = refused.lock().unwrap().clone();
+        assert!(
+            by_endpoint.values().all(|&n| n == 1) && failed == 2,
+            "{pick:?}: one refusal each within the penalty, {by_endpoint:?}, {failed} failed"
+        );
+    }
+}
+
 /// After a failure the endpoint loses every choice against one that did not fail, even when
 /// that one is much slower or busier.
 #[tokio::test(start_paused = true)]
