@@ -4,7 +4,7 @@
 //! The seed scenario in one process, on loopback, in about 15 seconds:
 //!
 //! ```text
-//!                      ┌──────── users        (down from 2 s to 5 s, then back; browns out
+//!                      ┌──────── users        (down from 2 s to 3.8 s, then back; browns out
 //!                      │                      at 6-8.5 s: every other call fails)
 //!   load driver ──▶ gateway ──── orders ×3 ──┬── inventory (every 7th call stalls past the attempt timeout)
 //!   (burst + spike)  │  rate limit 100 r/s,  └── payments  (bursts of 503 + Retry-After)
