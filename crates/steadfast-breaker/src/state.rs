@@ -200,9 +200,10 @@ pub(crate) struct Meta {
     /// (a rejection then costs no label allocation or recorder lookup).
     #[cfg(feature = "metrics")]
     pub(crate) rejected: std::sync::OnceLock<metrics::Counter>,
-    /// The call duration histograms (success, failure), registered at the first outcome.
+    /// The call duration histograms (success, failure), each registered at its first
+    /// outcome.
     #[cfg(feature = "metrics")]
-    durations: std::sync::OnceLock<[metrics::Histogram; 2]>,
+    durations: [std::sync::OnceLock<metrics::Histogram>; 2],
 }
 
 impl Meta {
@@ -215,15 +216,16 @@ impl Meta {
             #[cfg(feature = "metrics")]
             rejected: std::sync::OnceLock::new(),
             #[cfg(feature = "metrics")]
-            durations: std::sync::OnceLock::new(),
+            durations: [std::sync::OnceLock::new(), std::sync::OnceLock::new()],
         }
     }
 
     /// Records one call's duration under its outcome.
     #[cfg(feature = "metrics")]
     pub(crate) fn record_duration(&self, failure: bool, seconds: f64) {
-        let [ok, failed] = self.durations.get_or_init(|| {
-            ["success", "failure"].map(|outcome| {
+        let outcome = if failure { "failure" } else { "success" };
+        self.durations[usize::from(failure)]
+            .get_or_init(|| {
                 metrics::histogram!(
                     "steadfast_breaker_call_duration_seconds",
                     "breaker" => metrics::SharedString::from(self.breaker.clone()),
@@ -231,8 +233,7 @@ impl Meta {
                     "outcome" => outcome
                 )
             })
-        });
-        if failure { failed } else { ok }.record(seconds);
+            .record(seconds);
     }
 }
 
