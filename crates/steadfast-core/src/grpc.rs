@@ -167,6 +167,75 @@ impl GrpcCode {
     }
 }
 
+/// A name or number that is not a gRPC status code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownGrpcCode(String);
+
+impl fmt::Display for UnknownGrpcCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} is not a gRPC status code (a canonical name such as UNAVAILABLE, or 0-16)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnknownGrpcCode {}
+
+/// Parses a canonical name (`"UNAVAILABLE"`; case-insensitive, as gRPC's service configs
+/// write them either way) or a number (`"14"`). Unlike [`GrpcCode::from_header`], which
+/// reads what a server sent and maps anything unknown to `UNKNOWN` as the specification asks,
+/// this is for configuration: an unknown name is an error.
+///
+/// ```
+/// use steadfast_core::GrpcCode;
+///
+/// assert_eq!("UNAVAILABLE".parse::<GrpcCode>(), Ok(GrpcCode::Unavailable));
+/// assert_eq!("deadline_exceeded".parse::<GrpcCode>(), Ok(GrpcCode::DeadlineExceeded));
+/// assert_eq!("14".parse::<GrpcCode>(), Ok(GrpcCode::Unavailable));
+/// assert!("UNAVAILABLY".parse::<GrpcCode>().is_err());
+/// assert!("17".parse::<GrpcCode>().is_err());
+/// ```
+impl std::str::FromStr for GrpcCode {
+    type Err = UnknownGrpcCode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let trimmed = s.trim();
+        if let Ok(n) = trimmed.parse::<i32>() {
+            return GrpcCode::try_from(n).map_err(|_| UnknownGrpcCode(s.to_owned()));
+        }
+        ALL.into_iter()
+            .find(|c| c.as_str().eq_ignore_ascii_case(trimmed))
+            .ok_or_else(|| UnknownGrpcCode(s.to_owned()))
+    }
+}
+
+/// The code with this number; numbers outside 0-16 are an error (not `UNKNOWN`).
+///
+/// ```
+/// use steadfast_core::GrpcCode;
+///
+/// assert_eq!(GrpcCode::try_from(4), Ok(GrpcCode::DeadlineExceeded));
+/// assert!(GrpcCode::try_from(-1).is_err());
+/// ```
+impl TryFrom<i32> for GrpcCode {
+    type Error = UnknownGrpcCode;
+
+    fn try_from(n: i32) -> Result<Self, Self::Error> {
+        usize::try_from(n)
+            .ok()
+            .and_then(|i| ALL.get(i).copied())
+            .ok_or_else(|| UnknownGrpcCode(n.to_string()))
+    }
+}
+
+impl From<GrpcCode> for i32 {
+    fn from(code: GrpcCode) -> i32 {
+        code.as_i32()
+    }
+}
+
 impl fmt::Display for GrpcCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -230,7 +299,17 @@ mod tests {
             let v = code.to_header_value();
             assert_eq!(GrpcCode::from_header(&v), *code);
             assert_eq!(v.to_str().unwrap(), n.to_string());
+            assert_eq!(code.as_str().parse::<GrpcCode>(), Ok(*code));
+            assert_eq!(code.as_str().to_lowercase().parse::<GrpcCode>(), Ok(*code));
+            assert_eq!(n.to_string().parse::<GrpcCode>(), Ok(*code));
+            assert_eq!(GrpcCode::try_from(n as i32), Ok(*code));
+            assert_eq!(i32::from(*code), n as i32);
         }
+        for bad in ["", "17", "-1", "OKAY", "UNAVAILABLE_", "2147483648"] {
+            assert!(bad.parse::<GrpcCode>().is_err(), "{bad}");
+        }
+        assert!(GrpcCode::try_from(17).is_err());
+        assert!(GrpcCode::try_from(i32::MIN).is_err());
         assert_eq!(GrpcCode::DataLoss.to_string(), "DATA_LOSS");
     }
 

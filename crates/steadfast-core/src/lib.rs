@@ -56,7 +56,7 @@ pub use deadline::{Deadline, WithDeadline, saturating_add};
 pub use error::{
     BoxError, Delivery, NotSent, PolicyRejected, TimedOut, classify_transport_error, error_type,
 };
-pub use grpc::{GRPC_MESSAGE, GRPC_STATUS, GrpcCode, GrpcCodeSet};
+pub use grpc::{GRPC_MESSAGE, GRPC_STATUS, GrpcCode, GrpcCodeSet, UnknownGrpcCode};
 pub use response::{ResponseBody, grpc_response, http_response};
 
 /// What the steadfast crates share with each other and users do not need: the seedable random

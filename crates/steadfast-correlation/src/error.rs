@@ -36,3 +36,23 @@ impl fmt::Display for InvalidCorrelationConfig {
 }
 
 impl Error for InvalidCorrelationConfig {}
+
+/// A string that is not a valid correlation id: 1-128 bytes of `[A-Za-z0-9._:-]` (the
+/// default rule, so that it passes every hop's validation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidCorrelationId {
+    pub(crate) len: usize,
+}
+
+impl fmt::Display for InvalidCorrelationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the value itself: it may be an attacker's log-injection payload.
+        write!(
+            f,
+            "not a valid correlation id ({} bytes): use 1-128 bytes of letters, digits and . _ : -",
+            self.len
+        )
+    }
+}
+
+impl Error for InvalidCorrelationId {}

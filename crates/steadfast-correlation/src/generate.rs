@@ -114,10 +114,7 @@ impl UuidV7 {
         let stamp = next_stamp(counter, ms);
         let hi = ((stamp >> 12) << 16) | 0x7000 | (stamp & 0x0fff);
         let lo = (self.next_random() & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-        let bytes = format_uuid(((hi as u128) << 64) | lo as u128);
-        CorrelationId::from_validated(
-            HeaderValue::from_bytes(&bytes).expect("hex digits and dashes are a valid header"),
-        )
+        CorrelationId::from_validated(uuid_header(((hi as u128) << 64) | lo as u128))
     }
 }
 
@@ -128,6 +125,11 @@ impl MakeCorrelationId for UuidV7 {
             .map_or(0, |d| d.as_millis() as u64);
         self.make_at(&LAST, ms)
     }
+}
+
+/// The canonical text of a UUID as a header value.
+pub(crate) fn uuid_header(v: u128) -> HeaderValue {
+    HeaderValue::from_bytes(&format_uuid(v)).expect("hex digits and dashes are a valid header")
 }
 
 fn format_uuid(v: u128) -> [u8; 36] {

@@ -52,6 +52,25 @@ impl CorrelationId {
         HeaderValue::from_str(s).ok().map(Self)
     }
 
+    /// The id for a UUID the application made (a database key, an event id): its canonical
+    /// form, 36 lower-case hex digits and hyphens.
+    ///
+    /// ```
+    /// use steadfast_correlation::CorrelationId;
+    ///
+    /// let id = CorrelationId::from_uuid(0x0192_3c4f_a1b2_7c3d_8e4f_5a6b7c8d9e0f);
+    /// assert_eq!(id.as_str(), "01923c4f-a1b2-7c3d-8e4f-5a6b7c8d9e0f");
+    /// ```
+    pub fn from_uuid(uuid: u128) -> Self {
+        Self::from_validated(crate::generate::uuid_header(uuid))
+    }
+
+    /// The id for a UUID given as its 16 bytes (big-endian, as UUID crates store them:
+    /// `uuid::Uuid::as_bytes`).
+    pub fn from_uuid_bytes(bytes: [u8; 16]) -> Self {
+        Self::from_uuid(u128::from_be_bytes(bytes))
+    }
+
     /// Wraps a header value the caller has already validated. Used by generators and
     /// validators; the value must be visible ASCII.
     pub(crate) fn from_validated(value: HeaderValue) -> Self {
@@ -136,6 +155,40 @@ impl fmt::Display for CorrelationId {
 impl From<CorrelationId> for HeaderValue {
     fn from(id: CorrelationId) -> HeaderValue {
         id.0
+    }
+}
+
+/// Parses with the default rule, with an error that says what is allowed (never the value).
+///
+/// ```
+/// use steadfast_correlation::CorrelationId;
+///
+/// let id: CorrelationId = "order-7".parse().unwrap();
+/// assert_eq!(id.as_str(), "order-7");
+/// assert!("bad id\r\n".parse::<CorrelationId>().is_err());
+/// assert!(CorrelationId::try_from(String::from("x".repeat(129))).is_err());
+/// ```
+impl std::str::FromStr for CorrelationId {
+    type Err = crate::error::InvalidCorrelationId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s).ok_or(crate::error::InvalidCorrelationId { len: s.len() })
+    }
+}
+
+impl TryFrom<&str> for CorrelationId {
+    type Error = crate::error::InvalidCorrelationId;
+
+    fn try_from(s: &str) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl TryFrom<String> for CorrelationId {
+    type Error = crate::error::InvalidCorrelationId;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
     }
 }
 

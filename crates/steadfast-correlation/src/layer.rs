@@ -63,6 +63,7 @@ pub struct SetCorrelationIdLayer<M = UuidV7, V = DefaultRule> {
     pub(crate) traceparent: bool,
     pub(crate) trace_context: bool,
     pub(crate) extension: bool,
+    pub(crate) response_extension: bool,
     pub(crate) echo: bool,
     pub(crate) make: M,
     pub(crate) validate: V,
@@ -84,6 +85,7 @@ impl SetCorrelationIdLayer {
             traceparent: false,
             trace_context: true,
             extension: true,
+            response_extension: true,
             echo: true,
             make: UuidV7::new(),
             validate: DefaultRule,
@@ -162,6 +164,14 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
         self
     }
 
+    /// Whether the response carries the id as a [`CorrelationId`](crate::CorrelationId)
+    /// extension (default on), so outer layers and middleware that only see the response
+    /// can read it.
+    pub fn response_extension(mut self, on: bool) -> Self {
+        self.layer.response_extension = on;
+        self
+    }
+
     /// Whether to echo the id on the response (default on).
     pub fn echo(mut self, on: bool) -> Self {
         self.layer.echo = on;
@@ -178,6 +188,7 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
                 traceparent: l.traceparent,
                 trace_context: l.trace_context,
                 extension: l.extension,
+                response_extension: l.response_extension,
                 echo: l.echo,
                 make,
                 validate: l.validate,
@@ -195,6 +206,7 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
                 traceparent: l.traceparent,
                 trace_context: l.trace_context,
                 extension: l.extension,
+                response_extension: l.response_extension,
                 echo: l.echo,
                 make: l.make,
                 validate,

@@ -175,6 +175,7 @@ where
         };
         let span = tracing::info_span!(target: "steadfast::correlation", "correlation", correlation_id = %id);
         let echo = self.config.echo.then(|| self.config.header.clone());
+        let response_extension = self.config.response_extension;
         let inner = {
             let _entered = span.enter();
             let call = || id.clone().sync_scope(|| self.inner.call(req));
@@ -187,6 +188,7 @@ where
             inner: Some(id.scope(Traced::new(trace, inner))),
             span,
             echo,
+            response_extension,
         }
     }
 }
@@ -201,6 +203,8 @@ pin_project! {
         span: Span,
         // The header to echo the id on; the id itself comes back out of the scope.
         echo: Option<HeaderName>,
+        // Whether the response gets the id as an extension.
+        response_extension: bool,
     }
 
     impl<F> PinnedDrop for SetCorrelationIdFuture<F> {
@@ -257,11 +261,17 @@ where
             let _entered = this.span.enter();
             ready!(inner.as_mut().poll(cx))?
         };
-        if let Some(name) = this.echo.take() {
+        let echo = this.echo.take();
+        if echo.is_some() || *this.response_extension {
             if let Some(id) = inner.take_id() {
-                // A value the handler set on its own response wins.
-                if let http::header::Entry::Vacant(slot) = res.headers_mut().entry(name) {
-                    slot.insert(id.into());
+                if let Some(name) = echo {
+                    // A value the handler set on its own response wins.
+                    if let http::header::Entry::Vacant(slot) = res.headers_mut().entry(name) {
+                        slot.insert(id.header_value().clone());
+                    }
+                }
+                if *this.response_extension {
+                    res.extensions_mut().insert(id);
                 }
             }
         }

@@ -437,3 +437,66 @@ fn a_header_the_protocol_owns_is_refused_when_built() {
         "{same}"
     );
 }
+
+/// The response carries the id as an extension (outer layers read it without the header),
+/// generated or accepted, even when echo is off; and it can be switched off.
+#[tokio::test]
+async fn the_response_carries_the_id_as_an_extension() {
+    let handler = service_fn(|_req: Request<()>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(()))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(
+            SetCorrelationIdLayer::builder()
+                .echo(false)
+                .build()
+                .unwrap(),
+        )
+        .service(handler);
+    let req = Request::builder()
+        .header("x-correlation-id", "abc-1")
+        .body(())
+        .unwrap();
+    let res = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(
+        res.extensions()
+            .get::<CorrelationId>()
+            .map(CorrelationId::as_str),
+        Some("abc-1")
+    );
+    assert!(!res.headers().contains_key("x-correlation-id"), "echo off");
+    let generated = svc.oneshot(Request::new(())).await.unwrap();
+    let id = generated.extensions().get::<CorrelationId>().unwrap();
+    assert_eq!(id.as_str().len(), 36, "a generated UUIDv7");
+
+    let off = ServiceBuilder::new()
+        .layer(
+            SetCorrelationIdLayer::builder()
+                .response_extension(false)
+                .build()
+                .unwrap(),
+        )
+        .service(handler);
+    let res = off.oneshot(Request::new(())).await.unwrap();
+    assert!(res.extensions().get::<CorrelationId>().is_none());
+    assert!(
+        res.headers().contains_key("x-correlation-id"),
+        "echo still on"
+    );
+}
+
+#[test]
+fn ids_the_application_makes_are_checked_like_inbound_ones() {
+    let id = CorrelationId::from_uuid_bytes([0xab; 16]);
+    assert_eq!(id.as_str(), "abababab-abab-abab-abab-abababababab");
+    assert_eq!(
+        CorrelationId::try_from("order-7").unwrap().as_str(),
+        "order-7"
+    );
+    for bad in ["", "has space", "new\nline", "é"] {
+        let err = CorrelationId::try_from(bad).unwrap_err();
+        assert!(!err.to_string().contains(bad) || bad.is_empty(), "{err}");
+    }
+    assert!(CorrelationId::try_from("x".repeat(128)).is_ok());
+    assert!(CorrelationId::try_from("x".repeat(129)).is_err());
+}
