@@ -22,6 +22,8 @@ pub enum InvalidRetryConfig {
     EmptyName,
     /// An attempt header whose value the protocol, a credential or another layer owns.
     ReservedHeader(http::HeaderName),
+    /// A gRPC retry throttle outside what A6 allows; the text says which setting.
+    Throttle(&'static str),
 }
 
 impl fmt::Display for InvalidRetryConfig {
@@ -45,6 +47,7 @@ impl fmt::Display for InvalidRetryConfig {
                 f,
                 "attempt_header {name} is owned by the protocol, a credential or another layer: pick another name (or None)"
             ),
+            Self::Throttle(what) => write!(f, "grpc_throttling: {what}"),
             Self::EmptyName => f.write_str(
                 "retry layer name must not be empty (it labels the layer's events and metrics)",
             ),

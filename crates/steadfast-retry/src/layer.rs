@@ -2,6 +2,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
+use std::time::SystemTime;
 
 use http::request::Parts;
 use steadfast_core::{Class, DefaultClassifier};
@@ -12,6 +13,7 @@ use crate::budget::{Budget, BudgetConfig};
 use crate::error::InvalidRetryConfig;
 use crate::replay::DEFAULT_REPLAY_CAP;
 use crate::service::Retry;
+use crate::throttle::ThrottleConfig;
 
 /// A caller's say on one outcome, in place of the method and status rules (a trait like
 /// [`Classify`](steadfast_core::Classify), so a policy can be a type of its own; any
@@ -78,6 +80,10 @@ pub(crate) struct Config<C> {
     pub(crate) name: Arc<str>,
     /// Written on every retry with the attempt's number (`None`: not written).
     pub(crate) attempt_header: Option<http::HeaderName>,
+    /// The wall clock `Retry-After` dates are read against.
+    pub(crate) wall_clock: fn() -> SystemTime,
+    /// gRPC A6's retry throttling, when configured.
+    pub(crate) throttle: Option<crate::throttle::Throttle>,
 }
 
 impl<C: fmt::Debug> fmt::Debug for Config<C> {
@@ -123,6 +129,8 @@ pub struct RetryBuilder<C = DefaultClassifier> {
     seed: Option<u64>,
     name: Arc<str>,
     attempt_header: Option<http::HeaderName>,
+    wall_clock: fn() -> SystemTime,
+    throttle: Option<ThrottleConfig>,
 }
 
 impl<C: fmt::Debug> fmt::Debug for RetryBuilder<C> {
@@ -150,6 +158,8 @@ impl Default for RetryBuilder {
             seed: None,
             name: Arc::from("default"),
             attempt_header: Some(crate::header::ATTEMPT_HEADER),
+            wall_clock: SystemTime::now,
+            throttle: None,
         }
     }
 }
@@ -255,7 +265,48 @@ impl<C> RetryBuilder<C> {
             seed: self.seed,
             name: self.name,
             attempt_header: self.attempt_header,
+            wall_clock: self.wall_clock,
+            throttle: self.throttle,
         }
+    }
+
+    /// The wall clock a `Retry-After` HTTP date is compared with (default
+    /// `SystemTime::now`): tests and simulations that pause tokio's clock give one that
+    /// follows it.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// fn frozen() -> SystemTime {
+    ///     SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    /// }
+    /// let layer = steadfast_retry::RetryLayer::builder().wall_clock(frozen).build().unwrap();
+    /// # let _ = layer;
+    /// ```
+    pub fn wall_clock(mut self, now: fn() -> SystemTime) -> Self {
+        self.wall_clock = now;
+        self
+    }
+
+    /// gRPC A6's retry throttling, in addition to the budget (or instead of it, with
+    /// `budget(None)`): a token bucket per layer that every failed attempt drains by one
+    /// and every success refills by `token_ratio`, capped at `max_tokens`; retries (and
+    /// hedges) are allowed only while more than half the tokens are left. `None` (default)
+    /// turns it off.
+    ///
+    /// ```
+    /// use steadfast_retry::{RetryLayer, ThrottleConfig};
+    ///
+    /// // A6's example: maxTokens 10, tokenRatio 0.1.
+    /// let layer = RetryLayer::builder()
+    ///     .grpc_throttling(Some(ThrottleConfig { max_tokens: 10, token_ratio: 0.1 }))
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(layer.throttle_tokens(), Some(10.0));
+    /// ```
+    pub fn grpc_throttling(mut self, throttle: Option<ThrottleConfig>) -> Self {
+        self.throttle = throttle;
+        self
     }
 
     /// The header every retry carries with its attempt number (default `x-retry-attempt`,
@@ -301,6 +352,17 @@ impl<C> RetryBuilder<C> {
         if self.name.is_empty() {
             return Err(InvalidRetryConfig::EmptyName);
         }
+        if let Some(t) = &self.throttle {
+            // A6: maxTokens in (0, 1000], tokenRatio > 0 (kept to three decimals).
+            if t.max_tokens == 0 || t.max_tokens > 1000 {
+                return Err(InvalidRetryConfig::Throttle("max_tokens must be 1-1000"));
+            }
+            if !(t.token_ratio.is_finite() && t.token_ratio >= 0.001) {
+                return Err(InvalidRetryConfig::Throttle(
+                    "token_ratio must be a finite number of at least 0.001",
+                ));
+            }
+        }
         if let Some(name) = &self.attempt_header {
             if *name != crate::header::ATTEMPT_HEADER && steadfast_core::header::reserved(name) {
                 return Err(InvalidRetryConfig::ReservedHeader(name.clone()));
@@ -338,6 +400,8 @@ impl<C> RetryBuilder<C> {
                 streams: AtomicU64::new(0),
                 name: self.name,
                 attempt_header: self.attempt_header,
+                wall_clock: self.wall_clock,
+                throttle: self.throttle.map(crate::throttle::Throttle::new),
             }),
         })
     }
@@ -429,6 +493,14 @@ impl<C> RetryLayer<C> {
     /// The layer's name (see [`RetryBuilder::name`]).
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Tokens left in the gRPC retry throttle (`None` when it is off).
+    pub fn throttle_tokens(&self) -> Option<f64> {
+        self.config
+            .throttle
+            .as_ref()
+            .map(crate::throttle::Throttle::tokens)
     }
 
     /// Tokens left in the shared budget (`None` when the budget is off).

@@ -47,13 +47,15 @@ mod layer;
 mod policy;
 mod replay;
 mod service;
+mod throttle;
 
-pub use backoff::{Backoff, Jitter};
+pub use backoff::{Backoff, CustomSchedule, Jitter};
 pub use budget::{Budget, BudgetConfig};
 pub use header::{ATTEMPT_HEADER, GRPC_PREVIOUS_ATTEMPTS, IDEMPOTENCY_KEY};
 pub use layer::{RetryBuilder, RetryLayer, RetryPredicate};
 pub use replay::{DEFAULT_REPLAY_CAP, ReplayBody};
 pub use service::Retry;
+pub use throttle::ThrottleConfig;
 
 /// Describes this crate's metrics to the installed recorder (help text and unit, which
 /// exporters such as Prometheus's print): call it once after installing the recorder.

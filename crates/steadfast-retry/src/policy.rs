@@ -5,7 +5,7 @@
 //! body or budget: the future takes the next body and the budget token once the policy says
 //! retry (both can still refuse), and keeps the events and metrics.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::request::Parts;
 use http::{HeaderMap, Method, Response};
@@ -88,6 +88,9 @@ pub(crate) fn idempotent(m: &Method) -> bool {
     )
 }
 
+/// gRPC A6's client-side cap on attempts.
+pub(crate) const GRPC_MAX_ATTEMPTS: u32 = 5;
+
 /// Decides what to do with `out`, the outcome of attempt `history.attempt` of `request`.
 /// `now` is read only when a retry is on the table (a clock read costs more than the rest of a
 /// success's decision).
@@ -111,8 +114,21 @@ where
         Err(e) if PolicyRejected::is_in(&**e) => return Verdict::GiveUp("policy_rejected"),
         Err(e) => config.classifier.classify_error(&**e),
     };
+    if let Some(throttle) = &config.throttle {
+        if !class.is_failure() {
+            throttle.succeeded();
+        } else if class.is_retryable() {
+            throttle.failed();
+        }
+    }
     let headers = out.as_ref().ok().map(Response::headers);
-    if history.attempt >= config.max_attempts {
+    // gRPC A6: a client never makes more than 5 attempts, whatever its policy says.
+    let max_attempts = if is_grpc_content_type(&request.headers) {
+        config.max_attempts.min(GRPC_MAX_ATTEMPTS)
+    } else {
+        config.max_attempts
+    };
+    if history.attempt >= max_attempts {
         return give_up_if_retryable(&class, "attempts_exhausted");
     }
     let safe = safe_to_repeat(config, request, &class, headers);
@@ -132,7 +148,7 @@ where
     // `Rerouted`): at once, and free of the budget.
     let rerouted = out.as_ref().is_err_and(|e| NotSent::is_in(&**e));
     // Read the server's hint only for an outcome that will be retried.
-    let hint = headers.and_then(|h| server_hint(h, SystemTime::now()));
+    let hint = headers.and_then(|h| server_hint(h, (config.wall_clock)()));
     let (delay, from_hint) = match hint {
         _ if rerouted => (Duration::ZERO, false),
         Some(Pushback::Stop) => return Verdict::GiveUp("server_pushback_stop"),
@@ -156,6 +172,9 @@ where
         .is_some_and(|d| saturating_add(now(), delay) >= d.instant())
     {
         return Verdict::GiveUp("deadline");
+    }
+    if !rerouted && config.throttle.as_ref().is_some_and(|t| !t.allows()) {
+        return Verdict::GiveUp("throttled");
     }
     Verdict::Retry {
         delay,

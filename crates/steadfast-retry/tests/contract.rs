@@ -771,3 +771,80 @@ async fn grpc_statuses_are_retried_whatever_the_method_but_not_a_proxy_s_503() {
     send(exact(), up, grpc_post()).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1, "off by default");
 }
+
+/// gRPC A6: at most 5 attempts for a gRPC call, whatever the policy says; other calls keep
+/// the policy's number.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_call_makes_at_most_five_attempts() {
+    for (grpc, want) in [(true, 5), (false, 8)] {
+        let (up, seen) = scripted(vec![Err("refused")]);
+        let mut request = req(Method::POST, b"msg");
+        if grpc {
+            request
+                .headers_mut()
+                .insert("content-type", "application/grpc".parse().unwrap());
+        }
+        send(exact().max_attempts(8).budget(None), up, request)
+            .await
+            .unwrap_err();
+        assert_eq!(seen.lock().unwrap().len(), want, "grpc = {grpc}");
+    }
+}
+
+/// gRPC A6 retry throttling: failures drain the bucket, retries stop at half.
+#[tokio::test(start_paused = true)]
+async fn grpc_throttling_stops_retries_at_half_the_tokens() {
+    use steadfast_retry::ThrottleConfig;
+    let (up, seen) = scripted(vec![status(503)]);
+    let layer = exact()
+        .budget(None)
+        .grpc_throttling(Some(ThrottleConfig {
+            max_tokens: 10,
+            token_ratio: 0.1,
+        }))
+        .build()
+        .unwrap();
+    let svc = layer.clone().layer(up);
+    let mut per_call = Vec::new();
+    for _ in 0..3 {
+        let before = seen.lock().unwrap().len();
+        let res = svc.clone().oneshot(req(Method::GET, b"")).await.unwrap();
+        assert_eq!(res.status(), 503);
+        per_call.push(seen.lock().unwrap().len() - before);
+    }
+    // 10 → 9 → 8 → 7 (3 attempts); 6 → 5, stop (2); 4, stop (1).
+    assert_eq!(per_call, [3, 2, 1]);
+    assert_eq!(layer.throttle_tokens(), Some(4.0));
+    let bad = RetryLayer::builder()
+        .grpc_throttling(Some(ThrottleConfig {
+            max_tokens: 0,
+            token_ratio: 0.1,
+        }))
+        .build()
+        .unwrap_err();
+    assert!(bad.to_string().contains("max_tokens"), "{bad}");
+}
+
+/// A `Retry-After` date is read against the injected wall clock.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_date_is_read_against_the_injected_clock() {
+    fn frozen() -> std::time::SystemTime {
+        // Sun, 06 Nov 1994 08:49:37 GMT
+        std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777)
+    }
+    let (up, seen) = scripted(vec![
+        with_header(503, "retry-after", "Sun, 06 Nov 1994 08:49:40 GMT"),
+        status(200),
+    ]);
+    let began = Instant::now();
+    let res = send(exact().wall_clock(frozen), up, req(Method::GET, b""))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen[1].0 - began,
+        Duration::from_secs(3),
+        "three seconds after the frozen now"
+    );
+}
