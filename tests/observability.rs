@@ -176,7 +176,7 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
     let plain = "breaker=default,upstream=default";
     assert_eq!(
         seen.get(&format!(
-            "steadfast_breaker_transitions_total{{{plain},from=closed,to=open}}"
+            "steadfast_breaker_transitions_total{{{plain},from=closed,to=open,reason=consecutive_failures}}"
         )),
         1.0
     );
@@ -227,7 +227,7 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
     let keyed = "breaker=gateway,upstream=upstream.test";
     assert_eq!(
         seen.get(&format!(
-            "steadfast_breaker_transitions_total{{{keyed},from=closed,to=open}}"
+            "steadfast_breaker_transitions_total{{{keyed},from=closed,to=open,reason=consecutive_failures}}"
         )),
         1.0,
         "{:#?}",
@@ -256,7 +256,7 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
     });
     assert_eq!(
         seen.get(&format!(
-            "steadfast_breaker_transitions_total{{{plain},from=closed,to=open}}"
+            "steadfast_breaker_transitions_total{{{plain},from=closed,to=open,reason=consecutive_failures}}"
         )),
         1.0
     );

@@ -103,6 +103,7 @@ impl<C> Breaker<C> {
         meta: Meta,
     ) -> Self {
         let shared = Arc::new(Shared::new(policy, meta));
+        let _ = shared.meta.me.set(Arc::downgrade(&shared));
         #[cfg(feature = "metrics")]
         crate::state::record_state(
             &shared.meta,
@@ -181,6 +182,9 @@ mod tests {
             slow: None,
             open_time: Duration::from_secs(30),
             max_open_time: Duration::from_secs(30),
+            open_time_fn: crate::state::OpenTime::Exponential { factor: 2.0 },
+            max_half_open_wait: None,
+            auto_half_open: false,
             jitter_percent: 0,
             probes: 1,
             seed: 0,

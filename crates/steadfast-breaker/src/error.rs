@@ -8,6 +8,8 @@ use http::header::{HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use steadfast_core::{GrpcCode, PolicyRejected, ResponseBody, grpc_response, http_response};
 
+use crate::state::{FailureSummary, TransitionReason};
+
 /// The breaker refused the call: the upstream is considered down.
 ///
 /// Returned (boxed, behind [`BoxError`](steadfast_core::BoxError)) without touching the inner
@@ -29,18 +31,47 @@ use steadfast_core::{GrpcCode, PolicyRejected, ResponseBody, grpc_response, http
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BreakerOpen {
     retry_after: Option<Duration>,
+    reason: Option<TransitionReason>,
+    last_failure: Option<FailureSummary>,
 }
 
 impl BreakerOpen {
     /// A rejection; `retry_after` is how long until a probe may be admitted (`None` when the
     /// breaker was forced open and has no schedule).
     pub const fn new(retry_after: Option<Duration>) -> Self {
-        Self { retry_after }
+        Self {
+            retry_after,
+            reason: None,
+            last_failure: None,
+        }
+    }
+
+    /// The same rejection, saying what opened the breaker.
+    #[must_use]
+    pub const fn with_cause(
+        mut self,
+        reason: Option<TransitionReason>,
+        last_failure: Option<FailureSummary>,
+    ) -> Self {
+        self.reason = reason;
+        self.last_failure = last_failure;
+        self
     }
 
     /// How long until a probe may be admitted.
     pub const fn retry_after(&self) -> Option<Duration> {
         self.retry_after
+    }
+
+    /// Why the breaker is open: the rule that tripped it (or `Manual`).
+    pub const fn reason(&self) -> Option<TransitionReason> {
+        self.reason
+    }
+
+    /// The last failure the breaker counted before refusing, in brief (`HTTP 503`,
+    /// `timeout`, ...), so a caller can log why it was refused.
+    pub const fn last_failure(&self) -> Option<FailureSummary> {
+        self.last_failure
     }
 
     /// The answer a server or gateway gives for this rejection: `503 Service Unavailable` with
@@ -72,8 +103,14 @@ impl BreakerOpen {
 impl fmt::Display for BreakerOpen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.retry_after {
-            Some(d) => write!(f, "circuit open; next probe in {d:?}"),
-            None => f.write_str("circuit forced open"),
+            Some(d) => write!(f, "circuit open; next probe in {d:?}")?,
+            None => f.write_str("circuit forced open")?,
+        }
+        match (self.reason, self.last_failure) {
+            (Some(r), Some(l)) => write!(f, " (opened by {r}; last failure: {l})"),
+            (Some(r), None) => write!(f, " (opened by {r})"),
+            (None, Some(l)) => write!(f, " (last failure: {l})"),
+            (None, None) => Ok(()),
         }
     }
 }
@@ -118,6 +155,8 @@ pub enum InvalidBreakerConfig {
     BackpressurePerKey,
     /// An empty breaker name.
     EmptyName,
+    /// An exponential open-time growth whose factor is below 1 or not a number.
+    OpenTimeGrowth,
 }
 
 impl fmt::Display for InvalidBreakerConfig {
@@ -139,6 +178,10 @@ impl fmt::Display for InvalidBreakerConfig {
             ),
             Self::EmptyName => f.write_str(
                 "breaker name must not be empty (it labels the breaker's events and metrics)",
+            ),
+            Self::OpenTimeGrowth => f.write_str(
+                "breaker open_time_growth: an exponential factor must be a number of at least 1 \
+                 (1 keeps the open time constant; use OpenTime::Custom for shrinking times)",
             ),
         }
     }

@@ -18,7 +18,7 @@ use crate::breaker::Stripe;
 use crate::error::BreakerOpen;
 
 pub use crate::answer::AnsweringFuture;
-use crate::state::{Permit, nanos};
+use crate::state::{FailureSummary, Permit, nanos};
 
 pin_project! {
     /// The breaker's response body: the inner body, plus (for a gRPC response whose status
@@ -86,6 +86,18 @@ impl<B: Body, C> Body for BreakerBody<B, C> {
         };
         if let Some(class) = verdict {
             if let Some(d) = this.deferred.take() {
+                if class.is_failure() {
+                    let code = match &frame {
+                        Some(Ok(f)) => f
+                            .trailers_ref()
+                            .and_then(steadfast_core::GrpcCode::from_map),
+                        _ => None,
+                    };
+                    d.guard.stripe.shared.note_failure(match code {
+                        Some(code) => FailureSummary::Grpc(code),
+                        None => FailureSummary::Error("_OTHER"),
+                    });
+                }
                 d.guard.report(Some(class), None);
             }
         }
@@ -346,7 +358,15 @@ fn settle<B, C>(
 ) -> Response<BreakerBody<B, C>> {
     match class {
         ResponseClass::Ready(class) => {
-            let h = if class.is_failure() { hint(&res) } else { None };
+            let h = if class.is_failure() {
+                guard
+                    .stripe
+                    .shared
+                    .note_failure(FailureSummary::Status(res.status().as_u16()));
+                hint(&res)
+            } else {
+                None
+            };
             guard.report(Some(class), h);
             res.map(BreakerBody::reported)
         }
@@ -361,5 +381,11 @@ pub(crate) fn report_error<C: Classify<Response<B>>, B>(
     guard: Guard<C>,
 ) {
     let class = guard.stripe.classifier.classify_error(e);
+    if class.is_failure() {
+        guard
+            .stripe
+            .shared
+            .note_failure(FailureSummary::Error(steadfast_core::error_type(e)));
+    }
     guard.report(Some(class), None);
 }

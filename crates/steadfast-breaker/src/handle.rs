@@ -4,7 +4,9 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use crate::breaker::Breaker;
-use crate::state::{BreakerState, Transition};
+use std::time::Duration;
+
+use crate::state::{BreakerState, FailureSummary, Transition, TransitionReason};
 use crate::window::WindowCounts;
 
 /// Observe and control one breaker.
@@ -114,11 +116,65 @@ impl<C> BreakerHandle<C> {
         self.breaker.shared.force(BreakerState::ForcedOpen);
     }
 
+    /// Opens the breaker for `d`, after which it half-opens as after a trip (unlike
+    /// [`force_open`](Self::force_open), it recovers by itself). From any state; an open
+    /// breaker gets the new open time.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// use std::time::Duration;
+    /// use steadfast_breaker::{BreakerState, CircuitBreakerLayer};
+    ///
+    /// let handle = CircuitBreakerLayer::new().handle();
+    /// handle.open_for(Duration::from_secs(10)); // a deploy window
+    /// assert_eq!(handle.state(), BreakerState::Open);
+    /// tokio::time::advance(Duration::from_secs(10)).await;
+    /// assert_eq!(handle.state(), BreakerState::HalfOpen);
+    /// # }
+    /// ```
+    pub fn open_for(&self, d: Duration) {
+        self.breaker.shared.force_with(BreakerState::Open, d);
+    }
+
+    /// Opens the breaker until `until` (tokio time); see [`open_for`](Self::open_for). An
+    /// instant already past half-opens it at once.
+    pub fn open_until(&self, until: tokio::time::Instant) {
+        let d = until.saturating_duration_since(tokio::time::Instant::now());
+        if d.is_zero() {
+            self.half_open_now();
+        } else {
+            self.open_for(d);
+        }
+    }
+
+    /// Half-opens the breaker now, from any state: the next calls are probes (the half-open
+    /// probe count and verdict wait apply).
+    pub fn half_open_now(&self) {
+        self.breaker.shared.force(BreakerState::HalfOpen);
+    }
+
+    /// Why the breaker last opened (the rule that tripped it, or `Manual`); `None` if it
+    /// never did.
+    pub fn trip_reason(&self) -> Option<TransitionReason> {
+        self.breaker.shared.trip_reason()
+    }
+
+    /// The last failure the breaker counted, in brief (`HTTP 503`, `timeout`, ...).
+    pub fn last_failure(&self) -> Option<FailureSummary> {
+        self.breaker.shared.last_failure()
+    }
+
     /// Closes the breaker and clears its counts (the window, the consecutive count and the
     /// trip count), from any state: a Closed breaker is reset too, and subscribers see a
     /// Closed -> Closed transition. Outcomes of calls still in flight no longer count.
     pub fn close(&self) {
         self.breaker.shared.force(BreakerState::Closed);
+    }
+
+    /// The same as [`close`](Self::close): back to Closed with every count cleared, from any
+    /// state (resilience4j's `reset`).
+    pub fn reset(&self) {
+        self.close();
     }
 
     /// Lets every call through and stops counting towards trips.

@@ -12,7 +12,7 @@ use crate::handle::BreakerHandle;
 use crate::handle::KeyedTransitions;
 use crate::keyed::{BreakerKey, ByAuthority, ExtractKey, KeyedMap};
 use crate::service::{CircuitBreaker, KeyedCircuitBreaker};
-use crate::state::{DEFAULT_NAME, Meta, Policy, WindowKind};
+use crate::state::{BreakerState, DEFAULT_NAME, Meta, OpenTime, Policy, WindowKind};
 
 /// The largest count window: one byte per slot, so at most 1 MiB per breaker.
 const MAX_COUNT_WINDOW: u32 = 1 << 20;
@@ -38,6 +38,17 @@ pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
     max_keys: usize,
     idle: Duration,
     name: Arc<str>,
+    initial: Initial,
+}
+
+/// The state a breaker starts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Initial {
+    Closed,
+    OpenFor(Duration),
+    ForcedOpen,
+    Disabled,
+    MetricsOnly,
 }
 
 impl Default for CircuitBreakerBuilder {
@@ -51,6 +62,9 @@ impl Default for CircuitBreakerBuilder {
                 slow: None,
                 open_time: Duration::from_secs(30),
                 max_open_time: Duration::from_secs(300),
+                open_time_fn: OpenTime::Exponential { factor: 2.0 },
+                max_half_open_wait: None,
+                auto_half_open: false,
                 jitter_percent: 10,
                 probes: 1,
                 seed: steadfast_core::__private::rand::random_seed(0),
@@ -60,6 +74,7 @@ impl Default for CircuitBreakerBuilder {
             max_keys: 10_000,
             idle: Duration::from_secs(600),
             name: Arc::from(DEFAULT_NAME),
+            initial: Initial::Closed,
         }
     }
 }
@@ -194,7 +209,74 @@ impl<C> CircuitBreakerBuilder<C> {
             max_keys: self.max_keys,
             idle: self.idle,
             name: self.name,
+            initial: self.initial,
         }
+    }
+
+    /// How the open time grows with consecutive trips (default
+    /// `OpenTime::Exponential { factor: 2.0 }`: `open_time`, then twice that, and so on up to
+    /// `max_open_time`). `OpenTime::Constant` keeps `open_time`; `OpenTime::Custom(f)` takes
+    /// `f(trips)`, capped. Jitter and server hints apply afterwards.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use steadfast_breaker::{CircuitBreakerLayer, OpenTime};
+    ///
+    /// fn steps(trips: u32) -> Duration {
+    ///     Duration::from_secs(match trips { 1 => 5, 2 => 30, _ => 120 })
+    /// }
+    /// let layer = CircuitBreakerLayer::builder()
+    ///     .open_time_growth(OpenTime::Custom(steps))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer;
+    /// assert!(CircuitBreakerLayer::builder()
+    ///     .open_time_growth(OpenTime::Exponential { factor: 0.5 })
+    ///     .build()
+    ///     .is_err());
+    /// ```
+    pub fn open_time_growth(mut self, growth: OpenTime) -> Self {
+        self.policy.open_time_fn = growth;
+        self
+    }
+
+    /// How long half-open probes may go without a verdict before the breaker re-opens
+    /// (resilience4j's `maxWaitDurationInHalfOpenState`; default `None`: the open time that
+    /// preceded). The check happens when a call arrives, or on the timer of
+    /// [`auto_half_open`](Self::auto_half_open)'s next trip.
+    pub fn max_half_open_wait(mut self, wait: Option<Duration>) -> Self {
+        self.policy.max_half_open_wait = wait;
+        self
+    }
+
+    /// Half-open on a timer when the open time ends (default off: an open breaker half-opens
+    /// when the next call arrives, and `handle.state()` reports `HalfOpen` in between). For
+    /// dashboards and subscribers that watch state without traffic. Cost: one tokio timer
+    /// task per trip (none without a tokio runtime, where the breaker falls back to the
+    /// next call).
+    pub fn auto_half_open(mut self, on: bool) -> Self {
+        self.policy.auto_half_open = on;
+        self
+    }
+
+    /// Start open for `d` (then half-open as after a trip): for example until a first
+    /// health check, or to ramp a new upstream in.
+    pub fn start_open_for(mut self, d: Duration) -> Self {
+        self.initial = Initial::OpenFor(d);
+        self
+    }
+
+    /// Start in a state set by hand: `ForcedOpen` (until a handle closes it), `Disabled`,
+    /// `MetricsOnly`, or `Closed` (the default). `Open` and `HalfOpen` are not states to
+    /// start in by hand: use [`start_open_for`](Self::start_open_for).
+    pub fn initial_state(mut self, state: BreakerState) -> Self {
+        self.initial = match state {
+            BreakerState::ForcedOpen => Initial::ForcedOpen,
+            BreakerState::Disabled => Initial::Disabled,
+            BreakerState::MetricsOnly => Initial::MetricsOnly,
+            _ => Initial::Closed,
+        };
+        self
     }
 
     /// Names the layer's breakers in events, metrics (the `breaker` label) and transitions
@@ -217,6 +299,11 @@ impl<C> CircuitBreakerBuilder<C> {
     fn validated(&self) -> Result<Policy, InvalidBreakerConfig> {
         if self.name.is_empty() {
             return Err(InvalidBreakerConfig::EmptyName);
+        }
+        if let OpenTime::Exponential { factor } = self.policy.open_time_fn {
+            if !(factor.is_finite() && factor >= 1.0) {
+                return Err(InvalidBreakerConfig::OpenTimeGrowth);
+            }
         }
         let mut p = self.policy;
         if p.consecutive == Some(0) {
@@ -323,13 +410,21 @@ impl<C> CircuitBreakerBuilder<C> {
     /// duration is too short, the open times are inverted, or the breaker could never trip.
     pub fn build(self) -> Result<CircuitBreakerLayer<C>, InvalidBreakerConfig> {
         let policy = self.validated()?;
+        let breaker = Arc::new(Breaker::new(
+            Arc::new(policy),
+            Arc::new(self.classifier),
+            STRIPES,
+            Meta::new(self.name.clone(), self.name, None),
+        ));
+        match self.initial {
+            Initial::Closed => {}
+            Initial::OpenFor(d) => breaker.shared.force_with(BreakerState::Open, d),
+            Initial::ForcedOpen => breaker.shared.force(BreakerState::ForcedOpen),
+            Initial::Disabled => breaker.shared.force(BreakerState::Disabled),
+            Initial::MetricsOnly => breaker.shared.force(BreakerState::MetricsOnly),
+        }
         Ok(CircuitBreakerLayer {
-            breaker: Arc::new(Breaker::new(
-                Arc::new(policy),
-                Arc::new(self.classifier),
-                STRIPES,
-                Meta::new(self.name.clone(), self.name, None),
-            )),
+            breaker,
             backpressure: self.backpressure,
         })
     }

@@ -59,7 +59,7 @@ pub use handle::{BreakerHandle, KeyedTransitions, Metrics, Transitions};
 pub use keyed::{BreakerKey, ByAuthority, ExtractKey};
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, KeyedCircuitBreakerLayer};
 pub use service::{CircuitBreaker, KeyedCircuitBreaker};
-pub use state::{BreakerState, Transition};
+pub use state::{BreakerState, FailureSummary, OpenTime, Transition, TransitionReason};
 pub use window::WindowCounts;
 
 /// Describes this crate's metrics to the installed recorder (help text and unit, which

@@ -13,7 +13,7 @@
 //! that readers check against the generation they saw.
 
 use crate::sync::{
-    AtomicU32, AtomicU64,
+    AtomicU8, AtomicU32, AtomicU64,
     Ordering::{AcqRel, Acquire, Relaxed},
 };
 use std::sync::Arc;
@@ -116,6 +116,171 @@ pub struct Transition {
     pub generation: u64,
     /// For `to == Open`: how long until a probe is allowed.
     pub open_for: Option<Duration>,
+    /// Why.
+    pub reason: TransitionReason,
+}
+
+/// Why a breaker changed state: carried by [`Transition`]s, `tracing` events (`reason`),
+/// the transitions metric's `reason` label, the handle
+/// ([`BreakerHandle::trip_reason`](crate::BreakerHandle::trip_reason)) and every
+/// rejection ([`BreakerOpen::reason`](crate::error::BreakerOpen::reason)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransitionReason {
+    /// Tripped: the consecutive-failure threshold was reached.
+    ConsecutiveFailures,
+    /// Tripped: the window's failure rate reached its threshold.
+    FailureRate,
+    /// Tripped: the window's slow-call rate reached its threshold.
+    SlowCallRate,
+    /// Re-opened: a half-open probe failed.
+    ProbeFailed,
+    /// Re-opened: the half-open probes gave no verdict within the allowed wait.
+    ProbeTimedOut,
+    /// Half-opened: the open time passed (on the next call, or on the timer of
+    /// [`auto_half_open`](crate::CircuitBreakerBuilder::auto_half_open)).
+    OpenTimeElapsed,
+    /// Closed: the half-open probes succeeded.
+    ProbesSucceeded,
+    /// Set by hand through a handle, or the configured initial state.
+    Manual,
+}
+
+impl TransitionReason {
+    /// A stable snake_case name, as events and metrics carry it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ConsecutiveFailures => "consecutive_failures",
+            Self::FailureRate => "failure_rate",
+            Self::SlowCallRate => "slow_call_rate",
+            Self::ProbeFailed => "probe_failed",
+            Self::ProbeTimedOut => "probe_timed_out",
+            Self::OpenTimeElapsed => "open_time_elapsed",
+            Self::ProbesSucceeded => "probes_succeeded",
+            Self::Manual => "manual",
+        }
+    }
+
+    const ALL: [TransitionReason; 8] = [
+        Self::ConsecutiveFailures,
+        Self::FailureRate,
+        Self::SlowCallRate,
+        Self::ProbeFailed,
+        Self::ProbeTimedOut,
+        Self::OpenTimeElapsed,
+        Self::ProbesSucceeded,
+        Self::Manual,
+    ];
+
+    fn code(self) -> u8 {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0) as u8 + 1
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(code).checked_sub(1)?).copied()
+    }
+}
+
+impl std::fmt::Display for TransitionReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The last failure a breaker counted, in brief: what a rejection reports as the cause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FailureSummary {
+    /// A response with this HTTP status.
+    Status(u16),
+    /// A gRPC status that arrived in the trailers.
+    Grpc(steadfast_core::GrpcCode),
+    /// An error, by [`error_type`](steadfast_core::error_type) (`timeout`, `connect`, ...).
+    Error(&'static str),
+}
+
+impl std::fmt::Display for FailureSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Status(s) => write!(f, "HTTP {s}"),
+            Self::Grpc(c) => write!(f, "gRPC {c}"),
+            Self::Error(e) => f.write_str(e),
+        }
+    }
+}
+
+/// The error names `FailureSummary::Error` can hold, by index (one word of state).
+const ERROR_NAMES: [&str; 16] = [
+    "_OTHER",
+    "policy_rejected",
+    "not_sent",
+    "connect",
+    "timeout",
+    "connection_refused",
+    "connection_reset",
+    "connection_aborted",
+    "not_connected",
+    "addr_in_use",
+    "addr_not_available",
+    "broken_pipe",
+    "timed_out",
+    "unexpected_eof",
+    "interrupted",
+    "io",
+];
+
+impl FailureSummary {
+    /// One word: 1-999 an HTTP status, 1000 + code a gRPC status, 2000 + index an error name.
+    pub(crate) fn encode(self) -> u32 {
+        match self {
+            Self::Status(s) => u32::from(s.min(999)),
+            Self::Grpc(c) => 1000 + c.as_i32() as u32,
+            Self::Error(e) => 2000 + ERROR_NAMES.iter().position(|n| *n == e).unwrap_or(0) as u32,
+        }
+    }
+
+    pub(crate) fn decode(word: u32) -> Option<Self> {
+        match word {
+            0 => None,
+            1..=999 => Some(Self::Status(word as u16)),
+            1000..=1999 => Some(Self::Grpc(steadfast_core::GrpcCode::from_i32(
+                word as i32 - 1000,
+            ))),
+            _ => Some(Self::Error(
+                ERROR_NAMES
+                    .get((word - 2000) as usize)
+                    .copied()
+                    .unwrap_or("_OTHER"),
+            )),
+        }
+    }
+}
+
+/// How long a breaker stays open, as a function of its trips in a row.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub enum OpenTime {
+    /// `open_time × factor^(trips − 1)`, at most `max_open_time` (the default: factor 2).
+    Exponential {
+        /// The growth per consecutive trip (at least 1).
+        factor: f64,
+    },
+    /// Always `open_time`.
+    Constant,
+    /// `f(trips)` (1 for the first trip), at most `max_open_time`.
+    Custom(fn(u32) -> Duration),
+}
+
+impl PartialEq for OpenTime {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Exponential { factor: a }, Self::Exponential { factor: b }) => a == b,
+            (Self::Constant, Self::Constant) => true,
+            // The same function, by address.
+            (Self::Custom(a), Self::Custom(b)) => *a as usize == *b as usize,
+            _ => false,
+        }
+    }
 }
 
 /// How rates are measured.
@@ -135,6 +300,12 @@ pub(crate) struct Policy {
     pub(crate) slow: Option<(Duration, u8)>,
     pub(crate) open_time: Duration,
     pub(crate) max_open_time: Duration,
+    pub(crate) open_time_fn: OpenTime,
+    /// How long half-open probes may go without a verdict before the breaker re-opens
+    /// (`None`: the open time in force).
+    pub(crate) max_half_open_wait: Option<Duration>,
+    /// Half-open on a timer when the open time ends, without waiting for a call.
+    pub(crate) auto_half_open: bool,
     pub(crate) jitter_percent: u8,
     pub(crate) probes: u32,
     pub(crate) seed: u64,
@@ -200,6 +371,8 @@ pub(crate) struct Meta {
     /// (a rejection then costs no label allocation or recorder lookup).
     #[cfg(feature = "metrics")]
     pub(crate) rejected: std::sync::OnceLock<metrics::Counter>,
+    /// The breaker itself, for the timer of `auto_half_open` (set once it is in its `Arc`).
+    pub(crate) me: std::sync::OnceLock<std::sync::Weak<Shared>>,
     /// The call duration histograms (success, failure), each registered at its first
     /// outcome.
     #[cfg(feature = "metrics")]
@@ -213,6 +386,7 @@ impl Meta {
             upstream,
             events: std::sync::OnceLock::new(),
             listener,
+            me: std::sync::OnceLock::new(),
             #[cfg(feature = "metrics")]
             rejected: std::sync::OnceLock::new(),
             #[cfg(feature = "metrics")]
@@ -274,6 +448,10 @@ struct Cold {
     rng: AtomicU64,
     /// Consecutive trips since the last close (open time grows with it).
     trips: AtomicU32,
+    /// Why the breaker last opened ([`TransitionReason`] code; 0: never).
+    trip_reason: AtomicU8,
+    /// The last failure counted ([`FailureSummary::encode`]; 0: none).
+    last_failure: AtomicU32,
 }
 
 // The layout the docs above describe (checked where the atomics are the real ones, on the
@@ -311,6 +489,8 @@ impl Shared {
                 verdict_by: AtomicU64::new(0),
                 rng: AtomicU64::new(policy.seed),
                 trips: AtomicU32::new(0),
+                trip_reason: AtomicU8::new(0),
+                last_failure: AtomicU32::new(0),
             },
             window,
             policy,
@@ -489,24 +669,23 @@ impl Shared {
     fn admit_in(&self, w: u64) -> Result<Permit, BreakerOpen> {
         match w & TAG {
             CLOSED | DISABLED | METRICS_ONLY => Ok(Permit::Pass(w)),
-            FORCED_OPEN => Err(BreakerOpen::new(None)),
+            FORCED_OPEN => Err(self.rejection(None)),
             OPEN => {
                 let now = self.now();
                 let Some(until) = self.open_until(w) else {
                     // Tripped a moment ago; the schedule is being written.
-                    return Err(BreakerOpen::new(Some(UNSCHEDULED)));
+                    return Err(self.rejection(Some(UNSCHEDULED)));
                 };
                 if now < until {
-                    return Err(BreakerOpen::new(Some(Duration::from_nanos(until - now))));
+                    return Err(self.rejection(Some(Duration::from_nanos(until - now))));
                 }
                 // Pinned semantics 1: Open -> HalfOpen at now >= opened_at + open_time.
                 let half = next(w, HALF_OPEN);
                 if self.cas_word(w, half) {
                     // Only the thread that entered HalfOpen sets its verdict deadline.
                     let open_for = unstamp(self.cold.open_for.load(Acquire), w >> 3).unwrap_or(0);
-                    let by = micros_ceil(now).saturating_add(open_for.max(1));
-                    publish(&self.cold.verdict_by, stamp(half >> 3, by));
-                    self.announce(w, half, None);
+                    self.set_verdict_by(half, now, open_for);
+                    self.announce(w, half, None, TransitionReason::OpenTimeElapsed);
                     return self.take_probe(half, now);
                 }
                 self.admit()
@@ -531,12 +710,12 @@ impl Shared {
                 let by = unstamp(self.cold.verdict_by.load(Acquire), w >> 3)
                     .map(|us| us.saturating_mul(1000));
                 if by.is_some_and(|by| now >= by) {
-                    self.trip(w, None);
+                    self.trip(w, None, TransitionReason::ProbeTimedOut);
                 }
                 let retry = by.map_or(UNSCHEDULED, |by| {
                     Duration::from_nanos(by.saturating_sub(now).max(1))
                 });
-                return Err(BreakerOpen::new(Some(retry)));
+                return Err(self.rejection(Some(retry)));
             }
             match self.cold.half.compare_exchange_weak(
                 h,
@@ -575,19 +754,21 @@ impl Shared {
                 }
                 match w & TAG {
                     CLOSED => {
-                        let mut trip = false;
+                        let mut trip = None;
                         if let Some(threshold) = self.policy.consecutive {
                             if failure {
-                                trip = self.count_failure(w).is_some_and(|n| n >= threshold);
+                                if self.count_failure(w).is_some_and(|n| n >= threshold) {
+                                    trip = Some(TransitionReason::ConsecutiveFailures);
+                                }
                             } else {
                                 self.reset_consecutive(w);
                             }
                         }
                         if let Some(counts) = self.record_window(failure, slow) {
-                            trip |= self.rates_trip(counts);
+                            trip = trip.or(self.rates_trip(counts));
                         }
-                        if trip {
-                            self.trip(w, hint);
+                        if let Some(reason) = trip {
+                            self.trip(w, hint, reason);
                         }
                     }
                     METRICS_ONLY => {
@@ -601,7 +782,7 @@ impl Shared {
                     return;
                 }
                 if failure {
-                    self.trip(w, hint);
+                    self.trip(w, hint, TransitionReason::ProbeFailed);
                     return;
                 }
                 let gen32 = (w >> 3) as u32;
@@ -634,23 +815,42 @@ impl Shared {
         }
     }
 
-    fn rates_trip(&self, c: WindowCounts) -> bool {
+    /// Which rate, if any, trips the breaker with these counts.
+    fn rates_trip(&self, c: WindowCounts) -> Option<TransitionReason> {
         if c.calls < u64::from(self.policy.min_calls) || c.calls == 0 {
-            return false;
+            return None;
         }
         let over = |n: u64, pct: u8| u128::from(n) * 100 >= u128::from(pct) * u128::from(c.calls);
-        self.policy
+        if self
+            .policy
             .failure_rate
             .is_some_and(|p| over(c.failures, p))
-            || self.policy.slow.is_some_and(|(_, p)| over(c.slow, p))
+        {
+            Some(TransitionReason::FailureRate)
+        } else if self.policy.slow.is_some_and(|(_, p)| over(c.slow, p)) {
+            Some(TransitionReason::SlowCallRate)
+        } else {
+            None
+        }
     }
 
-    /// The open time for the next trip: `open_time * 2^trips`, capped, minus up to
-    /// `jitter_percent` at random; a server hint can only raise it (up to the cap).
+    /// The open time for the next trip: the [`OpenTime`] function of the trips in a row
+    /// (by default `open_time * 2^trips`), capped, minus up to `jitter_percent` at random; a
+    /// server hint can only raise it (up to the cap).
     fn open_duration(&self, hint: Option<Duration>) -> Duration {
         let p = &self.policy;
-        let trips = self.cold.trips.load(Relaxed).min(20);
-        let grown = p.open_time.saturating_mul(1 << trips).min(p.max_open_time);
+        let trips = self.cold.trips.load(Relaxed);
+        let grown = match p.open_time_fn {
+            OpenTime::Exponential { factor: 2.0 } => p.open_time.saturating_mul(1 << trips.min(20)),
+            OpenTime::Exponential { factor } => {
+                let secs = p.open_time.as_secs_f64() * factor.powi(trips.min(1 << 20) as i32);
+                Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+            }
+            OpenTime::Constant => p.open_time,
+            // A custom function's zero would never fail fast: the builder's floor applies.
+            OpenTime::Custom(f) => f(trips.saturating_add(1)).max(Duration::from_millis(1)),
+        }
+        .min(p.max_open_time);
         let jittered = if p.jitter_percent == 0 {
             grown
         } else {
@@ -670,16 +870,80 @@ impl Shared {
     /// Closed or HalfOpen (word `w`) -> Open. Only the thread whose compare-and-swap wins
     /// writes the schedule, so a losing trip (with another hint, or computed after the
     /// winner's trip count) cannot change the open time announced.
-    fn trip(&self, w: u64, hint: Option<Duration>) {
+    fn trip(&self, w: u64, hint: Option<Duration>, reason: TransitionReason) {
         let open_for = self.open_duration(hint);
         let open = next(w, OPEN);
         if self.cas_word(w, open) {
             self.cold.trips.fetch_add(1, Relaxed);
+            self.cold.trip_reason.store(reason.code(), Relaxed);
             // Schedule first, announce after: no subscriber or recorder code runs while the
             // new generation has no schedule.
             self.schedule(open, open_for);
-            self.announce(w, open, Some(open_for));
+            self.announce(w, open, Some(open_for), reason);
         }
+    }
+
+    /// With `auto_half_open`: a timer that half-opens the Open generation `open` after
+    /// `open_for`, if it is still in force then (one task per trip; needs a tokio runtime,
+    /// without one the breaker half-opens on the next call as usual).
+    #[cfg(not(loom))]
+    fn half_open_at(&self, open: u64, open_for: Duration) {
+        let (Some(me), Ok(rt)) = (self.meta.me.get(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let me = me.clone();
+        rt.spawn(async move {
+            tokio::time::sleep(open_for).await;
+            if let Some(shared) = me.upgrade() {
+                shared.half_open_if(open);
+            }
+        });
+    }
+
+    /// Open (word `w`, still in force) -> HalfOpen, without a call.
+    #[cfg(not(loom))]
+    fn half_open_if(&self, w: u64) {
+        let half = next(w, HALF_OPEN);
+        if self.word.load(Acquire) == w && self.cas_word(w, half) {
+            let open_for = unstamp(self.cold.open_for.load(Acquire), w >> 3).unwrap_or(0);
+            self.set_verdict_by(half, self.now(), open_for);
+            self.announce(w, half, None, TransitionReason::OpenTimeElapsed);
+        }
+    }
+
+    /// A rejection, with why the breaker is open and the last failure it counted.
+    #[cold]
+    fn rejection(&self, retry_after: Option<Duration>) -> BreakerOpen {
+        BreakerOpen::new(retry_after).with_cause(
+            TransitionReason::from_code(self.cold.trip_reason.load(Relaxed)),
+            FailureSummary::decode(self.cold.last_failure.load(Relaxed)),
+        )
+    }
+
+    /// Notes the last failure counted (what rejections report as the cause).
+    pub(crate) fn note_failure(&self, summary: FailureSummary) {
+        self.cold.last_failure.store(summary.encode(), Relaxed);
+    }
+
+    /// Why the breaker last opened, if it ever did.
+    pub(crate) fn trip_reason(&self) -> Option<TransitionReason> {
+        TransitionReason::from_code(self.cold.trip_reason.load(Relaxed))
+    }
+
+    /// The last failure counted.
+    pub(crate) fn last_failure(&self) -> Option<FailureSummary> {
+        FailureSummary::decode(self.cold.last_failure.load(Relaxed))
+    }
+
+    /// Sets the verdict deadline of the HalfOpen generation `half` entered at `now`: the
+    /// configured wait, or the open time that preceded it (`open_for_us`, microseconds).
+    fn set_verdict_by(&self, half: u64, now: u64, open_for_us: u64) {
+        let wait = self
+            .policy
+            .max_half_open_wait
+            .map_or(open_for_us.max(1), |d| micros_ceil(nanos(d)).max(1));
+        let by = micros_ceil(now).saturating_add(wait);
+        publish(&self.cold.verdict_by, stamp(half >> 3, by));
     }
 
     /// Writes the schedule of the Open generation entered with word `open`.
@@ -698,7 +962,7 @@ impl Shared {
         let closed = next(w, CLOSED);
         if self.cas_word(w, closed) {
             self.cold.trips.store(0, Relaxed);
-            self.announce(w, closed, None);
+            self.announce(w, closed, None, TransitionReason::ProbesSucceeded);
         }
     }
 
@@ -715,9 +979,22 @@ impl Shared {
     /// voids the consecutive count and the outcomes of calls still in flight, and a
     /// Closed -> Closed transition is announced.
     pub(crate) fn force(&self, to: BreakerState) {
+        self.force_with(to, self.policy.open_time);
+    }
+
+    /// [`force`](Self::force), with the open time for `to == Open` (the breaker half-opens
+    /// by itself afterwards) and, for `to == HalfOpen`, a fresh set of probes. Moving to the
+    /// state it is in starts it again (a new generation), except for the states set by hand
+    /// that have no schedule (forced open, disabled, metrics only).
+    pub(crate) fn force_with(&self, to: BreakerState, open_for: Duration) {
         let mut w = self.word.load(Acquire);
         loop {
-            if state_of(w) == to && to != BreakerState::Closed {
+            if state_of(w) == to
+                && matches!(
+                    to,
+                    BreakerState::ForcedOpen | BreakerState::Disabled | BreakerState::MetricsOnly
+                )
+            {
                 return;
             }
             let to_word = next(w, tag_of(to));
@@ -728,10 +1005,26 @@ impl Shared {
                     self.reset_window();
                     self.cold.trips.store(0, Relaxed);
                 }
-                if to == BreakerState::Open {
-                    self.schedule(to_word, self.policy.open_time);
+                let announced_open = (to == BreakerState::Open).then(|| {
+                    self.cold
+                        .trip_reason
+                        .store(TransitionReason::Manual.code(), Relaxed);
+                    self.schedule(to_word, open_for);
+                    open_for
+                });
+                if to == BreakerState::HalfOpen {
+                    self.set_verdict_by(
+                        to_word,
+                        self.now(),
+                        micros_ceil(nanos(self.policy.open_time)),
+                    );
                 }
-                self.announce(w, to_word, None);
+                if to == BreakerState::ForcedOpen {
+                    self.cold
+                        .trip_reason
+                        .store(TransitionReason::Manual.code(), Relaxed);
+                }
+                self.announce(w, to_word, announced_open, TransitionReason::Manual);
                 return;
             }
             w = self.word.load(Acquire);
@@ -746,7 +1039,13 @@ impl Shared {
     }
 
     /// Tells subscribers, tracing and metrics about a transition this thread made.
-    fn announce(&self, from: u64, to: u64, open_for: Option<Duration>) {
+    fn announce(&self, from: u64, to: u64, open_for: Option<Duration>, reason: TransitionReason) {
+        #[cfg(not(loom))]
+        if self.policy.auto_half_open && to & TAG == OPEN {
+            if let Some(d) = open_for {
+                self.half_open_at(to, d);
+            }
+        }
         let t = Transition {
             breaker: self.meta.breaker.clone(),
             upstream: self.meta.upstream.clone(),
@@ -755,6 +1054,7 @@ impl Shared {
             at: Instant::now(),
             generation: to >> 3,
             open_for,
+            reason,
         };
         tracing::info!(
             target: "steadfast::breaker",
@@ -763,6 +1063,7 @@ impl Shared {
             from = t.from.as_str(),
             to = t.to.as_str(),
             generation = t.generation,
+            reason = t.reason.as_str(),
             open_for_ms = open_for.map(|d| d.as_millis() as u64),
             "breaker transition"
         );
@@ -773,7 +1074,8 @@ impl Shared {
                 "breaker" => metrics::SharedString::from(t.breaker.clone()),
                 "upstream" => metrics::SharedString::from(t.upstream.clone()),
                 "from" => t.from.as_str(),
-                "to" => t.to.as_str()
+                "to" => t.to.as_str(),
+                "reason" => t.reason.as_str()
             )
             .increment(1);
             record_state(&self.meta, t.from, t.to);
@@ -885,6 +1187,9 @@ mod tests {
             slow: None,
             open_time: Duration::from_secs(3600),
             max_open_time: Duration::from_secs(3600),
+            open_time_fn: crate::state::OpenTime::Exponential { factor: 2.0 },
+            max_half_open_wait: None,
+            auto_half_open: false,
             jitter_percent: 0,
             probes,
             seed: 0,
