@@ -224,7 +224,8 @@ impl<C> Guard<C> {
                 if slow {
                     self.stripe.slow.fetch_add(1, Relaxed);
                 }
-                shared.on_outcome(permit, c.is_failure(), slow, hint);
+                let micros = (self.start != 0).then_some(took / 1000);
+                shared.on_timed_outcome(permit, c.is_failure(), slow, hint, micros);
             }
         }
     }

@@ -66,12 +66,63 @@ pub struct Metrics {
     pub consecutive_failures: u32,
     /// The sliding window's counts, when a rate window is configured.
     pub window: Option<WindowCounts>,
+    /// The calls a window needs before its rates count (`min_calls`).
+    pub min_calls: u32,
+}
+
+/// A window's rate as resilience4j reports it: a percentage only once the window holds the
+/// calls its rules need.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum WindowRate {
+    /// No rate window is configured.
+    NoWindow,
+    /// Fewer calls than `min_calls` so far: no rate yet (not 0 %).
+    NotEnoughCalls {
+        /// Calls in the window.
+        calls: u64,
+        /// Calls needed.
+        needed: u32,
+    },
+    /// The rate, in percent.
+    Percent(f64),
 }
 
 impl Metrics {
-    /// Failure rate over the sliding window (percent), when one is configured.
+    /// Failure rate over the sliding window (percent), when one is configured, whatever the
+    /// number of calls (0 for an empty window); see [`failure_rate`](Self::failure_rate).
     pub fn window_failure_rate(&self) -> Option<f64> {
         self.window.map(|w| w.failure_rate())
+    }
+
+    /// The window's failure rate, or why there is none yet.
+    ///
+    /// ```
+    /// use steadfast_breaker::{CircuitBreakerLayer, WindowRate};
+    ///
+    /// let layer = CircuitBreakerLayer::builder().count_window(20).min_calls(10).failure_rate(50).build().unwrap();
+    /// assert_eq!(
+    ///     layer.handle().metrics().failure_rate(),
+    ///     WindowRate::NotEnoughCalls { calls: 0, needed: 10 }
+    /// );
+    /// ```
+    pub fn failure_rate(&self) -> WindowRate {
+        self.rate(WindowCounts::failure_rate)
+    }
+
+    /// The window's slow-call rate, or why there is none yet.
+    pub fn slow_call_rate(&self) -> WindowRate {
+        self.rate(WindowCounts::slow_rate)
+    }
+
+    fn rate(&self, of: fn(&WindowCounts) -> f64) -> WindowRate {
+        match self.window {
+            None => WindowRate::NoWindow,
+            Some(w) if w.calls < u64::from(self.min_calls.max(1)) => WindowRate::NotEnoughCalls {
+                calls: w.calls,
+                needed: self.min_calls.max(1),
+            },
+            Some(w) => WindowRate::Percent(of(&w)),
+        }
     }
 }
 
@@ -108,6 +159,7 @@ impl<C> BreakerHandle<C> {
             rejected,
             consecutive_failures: shared.consecutive_failures(word),
             window: shared.window_counts(),
+            min_calls: shared.policy.min_calls,
         }
     }
 

@@ -55,7 +55,7 @@ mod window;
 
 pub use answer::{AnsweringBreaker, AnsweringBreakerLayer};
 pub use future::BreakerBody;
-pub use handle::{BreakerHandle, KeyedTransitions, Metrics, Transitions};
+pub use handle::{BreakerHandle, KeyedTransitions, Metrics, Transitions, WindowRate};
 pub use keyed::{BreakerKey, ByAuthority, ExtractKey};
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, KeyedCircuitBreakerLayer};
 pub use service::{CircuitBreaker, KeyedCircuitBreaker};

@@ -566,12 +566,10 @@ impl Shared {
             .subscribe()
     }
 
-    /// Whether the breaker needs per-call timing (slow calls, a time window, or the call
-    /// duration histograms of the `metrics` feature).
+    /// Whether the breaker needs per-call timing (slow calls, a rate window, whose snapshot
+    /// reports durations, or the call duration histograms of the `metrics` feature).
     pub(crate) fn needs_clock(&self) -> bool {
-        cfg!(feature = "metrics")
-            || self.policy.slow.is_some()
-            || matches!(self.window.as_deref(), Some(Window::Time(_)))
+        cfg!(feature = "metrics") || self.policy.slow.is_some() || self.window.is_some()
     }
 
     pub(crate) fn slow_threshold(&self) -> Option<Duration> {
@@ -738,13 +736,27 @@ impl Shared {
         });
     }
 
-    /// Records a finished call admitted with `permit`.
+    /// Records a finished call admitted with `permit` (untimed: the models and tests).
+    #[cfg(test)]
     pub(crate) fn on_outcome(
         &self,
         permit: Permit,
         failure: bool,
         slow: bool,
         hint: Option<Duration>,
+    ) {
+        self.on_timed_outcome(permit, failure, slow, hint, None);
+    }
+
+    /// [`on_outcome`](Self::on_outcome), with the call's duration (microseconds) when it
+    /// was timed.
+    pub(crate) fn on_timed_outcome(
+        &self,
+        permit: Permit,
+        failure: bool,
+        slow: bool,
+        hint: Option<Duration>,
+        micros: Option<u64>,
     ) {
         let w = self.word.load(Acquire);
         match permit {
@@ -764,7 +776,7 @@ impl Shared {
                                 self.reset_consecutive(w);
                             }
                         }
-                        if let Some(counts) = self.record_window(failure, slow) {
+                        if let Some(counts) = self.record_window(failure, slow, micros) {
                             trip = trip.or(self.rates_trip(counts));
                         }
                         if let Some(reason) = trip {
@@ -772,7 +784,7 @@ impl Shared {
                         }
                     }
                     METRICS_ONLY => {
-                        self.record_window(failure, slow);
+                        self.record_window(failure, slow, micros);
                     }
                     _ => {}
                 }
@@ -799,11 +811,16 @@ impl Shared {
         }
     }
 
-    fn record_window(&self, failure: bool, slow: bool) -> Option<WindowCounts> {
+    fn record_window(
+        &self,
+        failure: bool,
+        slow: bool,
+        micros: Option<u64>,
+    ) -> Option<WindowCounts> {
         match self.window.as_deref() {
             None => None,
-            Some(Window::Count(c)) => Some(c.record(failure, slow)),
-            Some(Window::Time(t)) => Some(t.record(self.now(), failure, slow)),
+            Some(Window::Count(c)) => Some(c.record_timed(failure, slow, micros)),
+            Some(Window::Time(t)) => Some(t.record_timed(self.now(), failure, slow, micros)),
         }
     }
 

@@ -21,7 +21,13 @@ const SLOW: u8 = 1 << 2;
 /// Counts in a window. 64-bit: a time window of wide buckets on a busy service can see more
 /// than 2^32 calls, and a count that wrapped would trip (or un-trip) a breaker on a rate
 /// that never happened.
+///
+/// The handle's snapshot ([`BreakerHandle::metrics`](crate::BreakerHandle::metrics)) fills
+/// every field, as resilience4j reports a window: calls, failures, slow calls split into
+/// slow successes and slow failures, and the calls' total duration. The counts a call sees
+/// when it decides a trip carry only calls, failures and slow calls (the others are 0 there).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WindowCounts {
     /// Calls recorded in the window.
     pub calls: u64,
@@ -29,9 +35,31 @@ pub struct WindowCounts {
     pub failures: u64,
     /// Slow calls among them.
     pub slow: u64,
+    /// Slow calls that also failed.
+    pub slow_failures: u64,
+    /// The calls' durations added up (each timed from admission to verdict).
+    pub total_duration: Duration,
 }
 
 impl WindowCounts {
+    /// Slow calls that succeeded.
+    pub fn slow_successes(&self) -> u64 {
+        self.slow.saturating_sub(self.slow_failures)
+    }
+
+    /// The average call duration, `None` for an empty window.
+    pub fn average_duration(&self) -> Option<Duration> {
+        u32::try_from(self.calls)
+            .ok()
+            .filter(|n| *n > 0)
+            .map(|n| self.total_duration / n)
+            .or_else(|| {
+                (self.calls > 0).then(|| {
+                    Duration::from_secs_f64(self.total_duration.as_secs_f64() / self.calls as f64)
+                })
+            })
+    }
+
     /// Failure rate in percent (0 when empty).
     pub fn failure_rate(&self) -> f64 {
         rate(self.failures, self.calls)
@@ -59,6 +87,8 @@ fn encode(failure: bool, slow: bool) -> u8 {
 #[derive(Debug)]
 pub(crate) struct CountWindow {
     slots: Box<[AtomicU8]>,
+    /// Each slot's call duration in microseconds (saturating at about 71 minutes).
+    durations: Box<[AtomicU32]>,
     next: AtomicU64,
     calls: AtomicU32,
     failures: AtomicU32,
@@ -69,6 +99,7 @@ impl CountWindow {
     pub(crate) fn new(size: u32) -> Self {
         Self {
             slots: (0..size).map(|_| AtomicU8::new(EMPTY)).collect(),
+            durations: (0..size).map(|_| AtomicU32::new(0)).collect(),
             next: AtomicU64::new(0),
             calls: AtomicU32::new(0),
             failures: AtomicU32::new(0),
@@ -76,9 +107,23 @@ impl CountWindow {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn record(&self, failure: bool, slow: bool) -> WindowCounts {
+        self.record_timed(failure, slow, None)
+    }
+
+    /// Records a call, with its duration when it was timed.
+    pub(crate) fn record_timed(
+        &self,
+        failure: bool,
+        slow: bool,
+        micros: Option<u64>,
+    ) -> WindowCounts {
         let i = (self.next.fetch_add(1, Relaxed) % self.slots.len() as u64) as usize;
         let new = encode(failure, slow);
+        if let Some(us) = micros {
+            self.durations[i].store(u32::try_from(us).unwrap_or(u32::MAX), Relaxed);
+        }
         let old = self.slots[i].swap(new, Relaxed);
         // At most 2^20 slots: these 32-bit counters cannot overflow.
         let calls = if old == EMPTY {
@@ -92,20 +137,39 @@ impl CountWindow {
             calls: calls.into(),
             failures: failures.into(),
             slow: slow.into(),
+            ..WindowCounts::default()
         }
     }
 
+    /// The window's counts, the ones only a snapshot needs (slow failures, durations) read
+    /// from the slots: O(N), never on a call's path.
     pub(crate) fn counts(&self) -> WindowCounts {
+        let (mut slow_failures, mut micros) = (0u64, 0u64);
+        for (slot, d) in self.slots.iter().zip(self.durations.iter()) {
+            let v = slot.load(Relaxed);
+            if v == EMPTY {
+                continue;
+            }
+            if v & (FAILURE | SLOW) == FAILURE | SLOW {
+                slow_failures += 1;
+            }
+            micros = micros.saturating_add(u64::from(d.load(Relaxed)));
+        }
         WindowCounts {
             calls: self.calls.load(Relaxed).into(),
             failures: non_negative(self.failures.load(Relaxed)).into(),
             slow: non_negative(self.slow.load(Relaxed)).into(),
+            slow_failures,
+            total_duration: Duration::from_micros(micros),
         }
     }
 
     pub(crate) fn reset(&self) {
         for s in self.slots.iter() {
             s.store(EMPTY, Relaxed);
+        }
+        for d in self.durations.iter() {
+            d.store(0, Relaxed);
         }
         self.calls.store(0, Relaxed);
         self.failures.store(0, Relaxed);
@@ -135,6 +199,8 @@ struct Bucket {
     calls: AtomicU64,
     failures: AtomicU64,
     slow: AtomicU64,
+    slow_failures: AtomicU64,
+    micros: AtomicU64,
 }
 
 /// A ring of fixed-width time buckets.
@@ -154,12 +220,26 @@ impl TimeWindow {
                     calls: AtomicU64::new(0),
                     failures: AtomicU64::new(0),
                     slow: AtomicU64::new(0),
+                    slow_failures: AtomicU64::new(0),
+                    micros: AtomicU64::new(0),
                 })
                 .collect(),
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn record(&self, now_nanos: u64, failure: bool, slow: bool) -> WindowCounts {
+        self.record_timed(now_nanos, failure, slow, None)
+    }
+
+    /// Records a call at `now_nanos`, with its duration when it was timed.
+    pub(crate) fn record_timed(
+        &self,
+        now_nanos: u64,
+        failure: bool,
+        slow: bool,
+        micros: Option<u64>,
+    ) -> WindowCounts {
         let epoch = now_nanos / self.width_nanos;
         let b = &self.buckets[(epoch % self.buckets.len() as u64) as usize];
         let seen = b.epoch.load(Relaxed);
@@ -172,6 +252,8 @@ impl TimeWindow {
             b.calls.store(0, Relaxed);
             b.failures.store(0, Relaxed);
             b.slow.store(0, Relaxed);
+            b.slow_failures.store(0, Relaxed);
+            b.micros.store(0, Relaxed);
         }
         b.calls.fetch_add(1, Relaxed);
         if failure {
@@ -179,6 +261,12 @@ impl TimeWindow {
         }
         if slow {
             b.slow.fetch_add(1, Relaxed);
+            if failure {
+                b.slow_failures.fetch_add(1, Relaxed);
+            }
+        }
+        if let Some(us) = micros {
+            b.micros.fetch_add(us, Relaxed);
         }
         self.counts(now_nanos)
     }
@@ -187,14 +275,20 @@ impl TimeWindow {
         let epoch = now_nanos / self.width_nanos;
         let oldest = epoch.saturating_sub(self.buckets.len() as u64 - 1);
         let mut c = WindowCounts::default();
+        let mut micros = 0u64;
         for b in self.buckets.iter() {
             let e = b.epoch.load(Relaxed);
             if e != u64::MAX && e >= oldest && e <= epoch {
                 c.calls = c.calls.saturating_add(b.calls.load(Relaxed));
                 c.failures = c.failures.saturating_add(b.failures.load(Relaxed));
                 c.slow = c.slow.saturating_add(b.slow.load(Relaxed));
+                c.slow_failures = c
+                    .slow_failures
+                    .saturating_add(b.slow_failures.load(Relaxed));
+                micros = micros.saturating_add(b.micros.load(Relaxed));
             }
         }
+        c.total_duration = Duration::from_micros(micros);
         c
     }
 
@@ -232,6 +326,28 @@ mod tests {
     }
 
     #[test]
+    fn windows_add_up_the_durations_of_their_calls() {
+        let w = CountWindow::new(3);
+        for us in [100, 200, 300, 400] {
+            w.record_timed(false, false, Some(us));
+        }
+        let c = w.counts();
+        assert_eq!(
+            c.total_duration,
+            Duration::from_micros(900),
+            "the last three"
+        );
+        assert_eq!(c.average_duration(), Some(Duration::from_micros(300)));
+        let t = TimeWindow::new(Duration::from_secs(1), 2);
+        t.record_timed(0, true, true, Some(1_000));
+        t.record_timed(0, false, true, Some(3_000));
+        let c = t.counts(0);
+        assert_eq!((c.slow, c.slow_failures, c.slow_successes()), (2, 1, 1));
+        assert_eq!(c.average_duration(), Some(Duration::from_micros(2_000)));
+        assert_eq!(WindowCounts::default().average_duration(), None);
+    }
+
+    #[test]
     fn count_window_is_the_last_n() {
         let w = CountWindow::new(100);
         for _ in 0..1000 {
@@ -260,7 +376,7 @@ mod tests {
             WindowCounts {
                 calls: 10,
                 failures: 9,
-                slow: 0
+                ..WindowCounts::default()
             }
         );
         assert_eq!(w.counts(100 * s), WindowCounts::default());
@@ -281,6 +397,9 @@ mod tests {
                 prop_assert_eq!(c.calls as usize, model.len());
                 prop_assert_eq!(c.failures as usize, model.iter().filter(|o| o.0).count());
                 prop_assert_eq!(c.slow as usize, model.iter().filter(|o| o.1).count());
+                let snapshot = w.counts();
+                prop_assert_eq!(snapshot.slow_failures as usize, model.iter().filter(|o| o.0 && o.1).count());
+                prop_assert_eq!(snapshot.slow_successes() as usize, model.iter().filter(|o| !o.0 && o.1).count());
             }
         }
 

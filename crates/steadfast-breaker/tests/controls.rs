@@ -294,3 +294,67 @@ fn a_shrinking_exponential_growth_is_refused() {
         assert!(err.to_string().contains("at least 1"), "{err}");
     }
 }
+
+/// The window reports what resilience4j reports: calls, failures, slow successes and slow
+/// failures, their durations, and "not enough calls yet" instead of a 0 % rate.
+#[tokio::test(start_paused = true)]
+async fn the_window_reports_slow_successes_failures_and_durations() {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use steadfast_breaker::WindowRate;
+    use tower::Layer;
+
+    let layer = builder()
+        .consecutive_failures(None)
+        .count_window(10)
+        .min_calls(4)
+        .failure_rate(90)
+        .slow_calls(Duration::from_millis(100), 90)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let n = Arc::new(AtomicU32::new(0));
+    let mut svc = layer.layer(tower::service_fn(move |_req: http::Request<()>| {
+        let i = n.fetch_add(1, Ordering::SeqCst);
+        async move {
+            // slow success, slow failure, fast failure
+            let (ms, status) = [(200, 200), (300, 503), (10, 503)][i as usize % 3];
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, Infallible>(http::Response::builder().status(status).body(()).unwrap())
+        }
+    }));
+    assert_eq!(
+        handle.metrics().failure_rate(),
+        WindowRate::NotEnoughCalls {
+            calls: 0,
+            needed: 4
+        }
+    );
+    for _ in 0..3 {
+        call(&mut svc).await.unwrap();
+    }
+    let m = handle.metrics();
+    assert_eq!(
+        m.failure_rate(),
+        WindowRate::NotEnoughCalls {
+            calls: 3,
+            needed: 4
+        }
+    );
+    let w = m.window.unwrap();
+    assert_eq!((w.calls, w.failures, w.slow), (3, 2, 2));
+    assert_eq!((w.slow_successes(), w.slow_failures), (1, 1));
+    assert_eq!(w.total_duration, Duration::from_millis(510));
+    assert_eq!(w.average_duration(), Some(Duration::from_millis(170)));
+    call(&mut svc).await.unwrap();
+    assert_eq!(handle.metrics().failure_rate(), WindowRate::Percent(50.0));
+    assert_eq!(handle.metrics().slow_call_rate(), WindowRate::Percent(75.0));
+    assert_eq!(
+        steadfast_breaker::CircuitBreakerLayer::new()
+            .handle()
+            .metrics()
+            .failure_rate(),
+        WindowRate::NoWindow
+    );
+}
