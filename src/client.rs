@@ -364,8 +364,14 @@ impl<C: Clone> ClientBuilder<C> {
             Some(b) => b.build()?,
             None => BalanceLayer::disabled(),
         };
+        let correlation = PropagateCorrelationIdLayer::new();
+        crate::preset::check_clashes(&[
+            (Some(correlation.header()), "correlation id"),
+            (Some(total.head().deadline_header()), "deadline"),
+            (retry.attempt_header(), "retry attempt number"),
+        ])?;
         Ok(HttpClientLayer {
-            correlation: PropagateCorrelationIdLayer::new(),
+            correlation,
             total,
             balance,
             retry,

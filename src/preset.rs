@@ -42,6 +42,16 @@ pub enum InvalidPresetConfig {
         /// The per-attempt timeout.
         attempt: std::time::Duration,
     },
+    /// Two layers of the stack would write their values into one header (a deadline into
+    /// the correlation id's header, an attempt number into the deadline's).
+    HeaderClash {
+        /// The header.
+        header: http::HeaderName,
+        /// What one layer writes there.
+        first: &'static str,
+        /// What the other layer writes there.
+        second: &'static str,
+    },
     /// A timeout of zero.
     ZeroTimeout,
     /// The retry policy is invalid.
@@ -74,6 +84,14 @@ impl fmt::Display for InvalidPresetConfig {
             Self::SlowCallsUnreachable { threshold, attempt } => write!(
                 f,
                 "the breaker's slow-call threshold ({threshold:?}) is not below the attempt timeout ({attempt:?}), so no call could count as slow: lower the threshold or raise attempt_timeout"
+            ),
+            Self::HeaderClash {
+                header,
+                first,
+                second,
+            } => write!(
+                f,
+                "header {header} would carry both the {first} and the {second}: give one of them another header"
             ),
             Self::ZeroTimeout => f.write_str(
                 "timeouts must be longer than zero: give attempt_timeout and total_timeout (or the server timeout) a positive value",
@@ -129,4 +147,25 @@ impl From<InvalidBalanceConfig> for InvalidPresetConfig {
     fn from(e: InvalidBalanceConfig) -> Self {
         Self::Balance(e)
     }
+}
+
+/// Refuses two layers of one stack writing into one header: `headers` lists what each layer
+/// writes and where.
+pub(crate) fn check_clashes(
+    headers: &[(Option<&http::HeaderName>, &'static str)],
+) -> Result<(), InvalidPresetConfig> {
+    for (i, (a, first)) in headers.iter().enumerate() {
+        for (b, second) in &headers[i + 1..] {
+            if let (Some(a), Some(b)) = (a, b) {
+                if a == b {
+                    return Err(InvalidPresetConfig::HeaderClash {
+                        header: (*a).clone(),
+                        first,
+                        second,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -140,9 +140,16 @@ impl ServerBuilder {
         if self.timeout.is_zero() {
             return Err(InvalidPresetConfig::ZeroTimeout);
         }
+        let correlation = self.correlation.build()?;
+        let timeout = self.deadline.limit(self.timeout).build()?;
+        crate::preset::check_clashes(&[
+            (Some(correlation.header()), "correlation id"),
+            (correlation.fallback(), "fallback correlation id"),
+            (Some(timeout.deadline_header()), "deadline"),
+        ])?;
         Ok(ServerLayer {
-            correlation: self.correlation.build()?,
-            timeout: self.deadline.limit(self.timeout).build()?,
+            correlation,
+            timeout,
         })
     }
 }

@@ -574,3 +574,73 @@ async fn trace_context_flows_from_the_inbound_request_to_outgoing_calls() {
         );
     }
 }
+
+/// What reaches the handler of the trace headers the server layer refused: nothing (a
+/// hostile pass found a refused traceparent's tracestate, an orphan tracestate, and a valid
+/// tracestate over 8 KiB treated wrongly).
+#[tokio::test]
+async fn refused_trace_headers_never_reach_the_handler_and_long_valid_ones_do() {
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    async fn seen_by_handler(
+        server: steadfast::server::ServerBuilder,
+        headers: &[(&str, &str)],
+    ) -> Vec<String> {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let s = seen.clone();
+        let app = Router::new()
+            .route(
+                "/",
+                get(move |h: HeaderMap| {
+                    *s.lock().unwrap() = h
+                        .get_all("tracestate")
+                        .iter()
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .collect();
+                    async { "ok" }
+                }),
+            )
+            .layer(server.build().unwrap());
+        let addr = serve_axum(app).await;
+        let mut req = get_req(addr, "/");
+        for (k, v) in headers {
+            req.headers_mut().append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let res = http_client().request(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let seen = seen.lock().unwrap().clone();
+        seen
+    }
+    let twice = [
+        ("traceparent", TP),
+        ("traceparent", TP),
+        ("tracestate", "congo=x"),
+    ];
+    for server in [
+        steadfast::server::http(),
+        steadfast::server::http().correlation(|c| c.from_traceparent(true)),
+    ] {
+        assert!(seen_by_handler(server, &twice).await.is_empty());
+    }
+    for orphan in ["a=1,a=2", "congo=x"] {
+        assert!(
+            seen_by_handler(steadfast::server::http(), &[("tracestate", orphan)])
+                .await
+                .is_empty(),
+            "{orphan}"
+        );
+    }
+    // The longest valid tracestate: 32 members of a 256-byte key and a 256-byte value.
+    let long: Vec<String> = (0..32)
+        .map(|i| format!("k{i:03}{}={}", "x".repeat(252), "v".repeat(256)))
+        .collect();
+    let long = long.join(",");
+    let seen = seen_by_handler(
+        steadfast::server::http(),
+        &[("traceparent", TP), ("tracestate", &long)],
+    )
+    .await;
+    assert_eq!(seen, [long]);
+}

@@ -367,3 +367,53 @@ async fn a_custom_classifier_drives_the_preset() {
     assert!(err.is::<steadfast::breaker::error::BreakerOpen>(), "{err}");
     assert_eq!(upstream.hits(), 3);
 }
+
+/// Two layers of one stack never write into one header (a hostile pass found a deadline
+/// written over the correlation id, an attempt number over the deadline).
+#[test]
+fn layers_of_one_stack_cannot_share_a_header() {
+    use http::HeaderName;
+    let envoy = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+    let id = HeaderName::from_static("x-correlation-id");
+    let refused = [
+        steadfast::client::http()
+            .deadline_header(id.clone())
+            .build()
+            .unwrap_err(),
+        steadfast::client::http()
+            .deadline_header(envoy.clone())
+            .retry(|r| r.attempt_header(Some(envoy.clone())))
+            .build()
+            .unwrap_err(),
+        steadfast::client::http()
+            .retry(|r| r.attempt_header(Some(id.clone())))
+            .build()
+            .unwrap_err(),
+        steadfast::server::http()
+            .deadline(|d| d.deadline_header(id.clone()))
+            .build()
+            .unwrap_err(),
+        steadfast::server::http()
+            .correlation(|c| c.header(HeaderName::from_static("x-trace-id")))
+            .deadline(|d| d.deadline_header(HeaderName::from_static("x-trace-id")))
+            .build()
+            .unwrap_err(),
+    ];
+    for e in refused {
+        let text = e.to_string();
+        assert!(
+            text.contains("x-correlation-id")
+                || text.contains("x-envoy-expected-rq-timeout-ms")
+                || text.contains("x-trace-id"),
+            "{text}"
+        );
+    }
+    // Distinct names are fine.
+    assert!(
+        steadfast::client::http()
+            .deadline_header(envoy)
+            .retry(|r| r.attempt_header(Some(HeaderName::from_static("x-attempt"))))
+            .build()
+            .is_ok()
+    );
+}

@@ -93,6 +93,18 @@ impl SetCorrelationIdLayer {
     }
 }
 
+impl<M, V> SetCorrelationIdLayer<M, V> {
+    /// The header the id is read from, written to and echoed on.
+    pub fn header(&self) -> &HeaderName {
+        &self.header
+    }
+
+    /// The header read when the main one is missing or invalid, if any.
+    pub fn fallback(&self) -> Option<&HeaderName> {
+        self.fallback.as_ref()
+    }
+}
+
 impl SetCorrelationIdLayer {
     /// A builder with the defaults (see [`new`](Self::new)).
     pub fn builder() -> SetCorrelationIdBuilder {
@@ -306,6 +318,13 @@ impl PropagateCorrelationIdLayer {
             make: UuidV7::new(),
             validate: DefaultRule,
         }
+    }
+}
+
+impl<M, V> PropagateCorrelationIdLayer<M, V> {
+    /// The header the id is written to.
+    pub fn header(&self) -> &HeaderName {
+        &self.header
     }
 }
 

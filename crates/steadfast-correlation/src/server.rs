@@ -127,7 +127,9 @@ impl<M: MakeCorrelationId, V: ValidateId> SetCorrelationIdLayer<M, V> {
             && self.header != TRACEPARENT
             && !self.clean(headers, &TRACEPARENT, |v| trace_id(v.as_bytes()).is_some())
         {
+            // Its tracestate belongs to it: refused with it.
             headers.remove(&TRACEPARENT);
+            headers.remove(&TRACESTATE);
         }
     }
 
@@ -225,9 +227,12 @@ impl<F> fmt::Debug for SetCorrelationIdFuture<F> {
 }
 
 /// The request's trace context, and its trace headers cleaned: a `traceparent` that is
-/// repeated or invalid goes with its `tracestate`, an invalid `tracestate` alone.
+/// repeated or invalid goes with its `tracestate`, an invalid `tracestate` alone, and a
+/// `tracestate` without a `traceparent` too.
 fn trace_of(headers: &mut HeaderMap) -> Option<TraceContext> {
     if !headers.contains_key(TRACEPARENT) {
+        // A tracestate without its traceparent means nothing (W3C Trace Context §3.3).
+        headers.remove(TRACESTATE);
         return None;
     }
     let Some(trace) = TraceContext::from_headers(headers) else {

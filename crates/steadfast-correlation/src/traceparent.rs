@@ -24,9 +24,10 @@ tokio::task_local! {
 
 /// The most list members a `tracestate` may carry (W3C Trace Context §3.3.1).
 const MAX_STATE_MEMBERS: usize = 32;
-/// The longest combined `tracestate` propagated. The spec asks vendors to propagate at least
-/// 512 bytes; a longer one is kept whole up to this size, and dropped beyond it.
-const MAX_STATE_LEN: usize = 8192;
+/// The longest combined `tracestate` kept: the longest a valid one can be (32 members of a
+/// 256-byte key, `=` and a 256-byte value, with a comma and some spaces between them), so
+/// that only what breaks the list rules is dropped.
+const MAX_STATE_LEN: usize = 32 * (256 + 1 + 256) + 31 * 4;
 
 /// The W3C Trace Context of the request being handled: its trace id, the caller's span id
 /// (the parent), the trace flags and the vendors' `tracestate`.
@@ -38,7 +39,7 @@ const MAX_STATE_LEN: usize = 8192;
 /// calls), and the `tracestate` unchanged. What fails the W3C rules is dropped, never
 /// forwarded: a `traceparent` sent twice, of version `ff`, with upper-case hex, wrong lengths
 /// or an all-zero id (then its `tracestate` too); a `tracestate` with a malformed or repeated
-/// key, a bad value, or more than 32 members.
+/// key, a bad value, or more than 32 members; a `tracestate` without a `traceparent`.
 ///
 /// ```
 /// use steadfast_correlation::TraceContext;

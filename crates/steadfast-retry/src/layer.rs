@@ -364,7 +364,10 @@ impl<C> RetryBuilder<C> {
             }
         }
         if let Some(name) = &self.attempt_header {
-            if *name != crate::header::ATTEMPT_HEADER && steadfast_core::header::reserved(name) {
+            if *name != crate::header::ATTEMPT_HEADER
+                && (steadfast_core::header::reserved(name)
+                    || steadfast_core::header::owned_by_steadfast(name))
+            {
                 return Err(InvalidRetryConfig::ReservedHeader(name.clone()));
             }
         }
@@ -490,6 +493,11 @@ impl RetryLayer {
 }
 
 impl<C> RetryLayer<C> {
+    /// The header every retry carries with its attempt number, if any.
+    pub fn attempt_header(&self) -> Option<&http::HeaderName> {
+        self.config.attempt_header.as_ref()
+    }
+
     /// The layer's name (see [`RetryBuilder::name`]).
     pub fn name(&self) -> &str {
         &self.config.name

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use http::{HeaderName, StatusCode};
-use steadfast_core::header::{TIMEOUT_MS, reserved};
+use steadfast_core::header::{TIMEOUT_MS, owned_by_steadfast, reserved};
 use tower_layer::Layer;
 
 use crate::body::BodyTimeoutLayer;
@@ -91,6 +91,11 @@ impl TimeoutLayer {
     /// The configured limit.
     pub const fn limit(&self) -> Duration {
         self.limit
+    }
+
+    /// The header an HTTP request's remaining budget is written to.
+    pub const fn deadline_header(&self) -> &HeaderName {
+        &self.header
     }
 }
 
@@ -297,6 +302,11 @@ impl SetDeadlineLayer {
         }
     }
 
+    /// The header an HTTP request's budget is read from.
+    pub const fn deadline_header(&self) -> &HeaderName {
+        &self.header
+    }
+
     /// A builder with the defaults: [`DEFAULT_TIMEOUT`], answered with `504`.
     pub const fn builder() -> SetDeadlineBuilder {
         SetDeadlineBuilder {
@@ -399,7 +409,7 @@ impl<S> Layer<S> for SetDeadlineLayer {
 /// Refuses a deadline header that the protocol, a credential or another layer owns (the
 /// default, `x-request-timeout-ms`, is ours).
 fn check_header(name: &HeaderName) -> Result<(), InvalidTimeoutConfig> {
-    if *name != TIMEOUT_MS && reserved(name) {
+    if *name != TIMEOUT_MS && (reserved(name) || owned_by_steadfast(name)) {
         return Err(InvalidTimeoutConfig::ReservedHeader(name.clone()));
     }
     Ok(())

@@ -11,11 +11,14 @@ use steadfast_core::is_grpc_content_type;
 /// The inbound budget a request carries: `grpc-timeout` if present and valid, else the
 /// deadline header (`x-request-timeout-ms` by default) if present and valid. Malformed values
 /// are ignored.
+///
+/// A header sent more than once counts by its shortest valid value: a budget only ever
+/// shrinks, and a caller cannot lengthen one by repeating the header.
 pub(crate) fn inbound(headers: &HeaderMap, header: &HeaderName) -> Option<Duration> {
-    headers
-        .get(&GRPC_TIMEOUT)
-        .and_then(grpc_timeout)
-        .or_else(|| headers.get(header).and_then(timeout_ms))
+    let shortest = |name: &HeaderName, parse: fn(&http::HeaderValue) -> Option<Duration>| {
+        headers.get_all(name).iter().filter_map(parse).min()
+    };
+    shortest(&GRPC_TIMEOUT, grpc_timeout).or_else(|| shortest(header, timeout_ms))
 }
 
 /// Writes `budget` onto an outgoing request: `grpc-timeout` for gRPC, the deadline header
@@ -62,6 +65,19 @@ mod tests {
         );
         h.insert(TIMEOUT_MS, "-1".parse().unwrap());
         assert_eq!(inbound(&h, &TIMEOUT_MS), None);
+    }
+
+    #[test]
+    fn a_repeated_header_counts_by_its_shortest_valid_value() {
+        let mut h = HeaderMap::new();
+        h.append(TIMEOUT_MS, "100000".parse().unwrap());
+        h.append(TIMEOUT_MS, "abc".parse().unwrap());
+        h.append(TIMEOUT_MS, "5000".parse().unwrap());
+        assert_eq!(inbound(&h, &TIMEOUT_MS), Some(Duration::from_secs(5)));
+        let mut g = HeaderMap::new();
+        g.append(GRPC_TIMEOUT, "x".parse().unwrap());
+        g.append(GRPC_TIMEOUT, "2S".parse().unwrap());
+        assert_eq!(inbound(&g, &TIMEOUT_MS), Some(Duration::from_secs(2)));
     }
 
     #[test]

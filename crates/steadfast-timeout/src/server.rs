@@ -74,8 +74,11 @@ where
         let inbound = if self.config.trust_inbound {
             propagate::inbound(req.headers(), &self.config.header)
         } else {
+            // Every deadline header steadfast reads, the default one too, whatever this layer
+            // is set to read: a handler that forwards headers must not pass them on.
             let headers = req.headers_mut();
             headers.remove(&steadfast_core::header::GRPC_TIMEOUT);
+            headers.remove(&steadfast_core::header::TIMEOUT_MS);
             headers.remove(&self.config.header);
             None
         };

@@ -26,6 +26,23 @@ pub use pushback::{GRPC_RETRY_PUSHBACK_MS, Pushback, encode_pushback, pushback};
 pub use retry_after::{MAX_RETRY_AFTER, retry_after};
 pub use timeout_ms::{MAX_TIMEOUT_MS, TIMEOUT_MS, encode_timeout_ms, timeout_ms};
 
+/// The headers steadfast's own layers own by default: the correlation id and its fallback,
+/// the deadline and the retry attempt. A layer refuses to write into another layer's
+/// (a deadline written into `x-correlation-id` would replace the id on the wire).
+///
+/// ```
+/// use steadfast_core::header::owned_by_steadfast;
+///
+/// assert!(owned_by_steadfast(&http::HeaderName::from_static("x-correlation-id")));
+/// assert!(!owned_by_steadfast(&http::HeaderName::from_static("x-tenant")));
+/// ```
+pub fn owned_by_steadfast(name: &http::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-correlation-id" | "x-request-id" | "x-request-timeout-ms" | "x-retry-attempt"
+    )
+}
+
 /// Whether a layer must refuse to write its own value into the header `name`: the protocol,
 /// the caller's credentials or another hop owns it. Writing there would corrupt the message
 /// (`content-length`), the connection (`connection`), a credential (`cookie`), a deadline or
