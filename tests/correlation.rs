@@ -610,8 +610,7 @@ async fn refused_trace_headers_never_reach_the_handler_and_long_valid_ones_do() 
         }
         let res = http_client().request(req).await.unwrap();
         assert_eq!(res.status(), 200);
-        let seen = seen.lock().unwrap().clone();
-        seen
+        std::mem::take(&mut *seen.lock().unwrap())
     }
     let twice = [
         ("traceparent", TP),
