@@ -201,12 +201,34 @@ impl<C> BreakerHandle<C> {
 
     /// Half-opens the breaker now, from any state: the next calls are probes (the half-open
     /// probe count and verdict wait apply).
+    ///
+    /// ```
+    /// use steadfast_breaker::{BreakerState, CircuitBreakerLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let handle = CircuitBreakerLayer::new().handle();
+    /// handle.force_open();
+    /// handle.half_open_now(); // try the upstream again now
+    /// assert_eq!(handle.state(), BreakerState::HalfOpen);
+    /// # }
+    /// ```
     pub fn half_open_now(&self) {
         self.breaker.shared.force(BreakerState::HalfOpen);
     }
 
     /// Why the breaker last opened (the rule that tripped it, or `Manual`); `None` if it
     /// never did.
+    ///
+    /// ```
+    /// use steadfast_breaker::{CircuitBreakerLayer, TransitionReason};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let handle = CircuitBreakerLayer::new().handle();
+    /// assert_eq!(handle.trip_reason(), None);
+    /// handle.open_for(std::time::Duration::from_secs(1));
+    /// assert_eq!(handle.trip_reason(), Some(TransitionReason::Manual));
+    /// # }
+    /// ```
     pub fn trip_reason(&self) -> Option<TransitionReason> {
         self.breaker.shared.trip_reason()
     }

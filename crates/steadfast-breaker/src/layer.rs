@@ -242,8 +242,17 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// How long half-open probes may go without a verdict before the breaker re-opens
     /// (resilience4j's `maxWaitDurationInHalfOpenState`; default `None`: the open time that
-    /// preceded). The check happens when a call arrives, or on the timer of
-    /// [`auto_half_open`](Self::auto_half_open)'s next trip.
+    /// preceded). The check happens when a call arrives.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = steadfast_breaker::CircuitBreakerLayer::builder()
+    ///     .max_half_open_wait(Some(Duration::from_secs(5)))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer;
+    /// ```
     pub fn max_half_open_wait(mut self, wait: Option<Duration>) -> Self {
         self.policy.max_half_open_wait = wait;
         self
@@ -254,6 +263,22 @@ impl<C> CircuitBreakerBuilder<C> {
     /// dashboards and subscribers that watch state without traffic. Cost: one tokio timer
     /// task per trip (none without a tokio runtime, where the breaker falls back to the
     /// next call).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// use std::time::Duration;
+    /// use steadfast_breaker::{BreakerState, CircuitBreakerLayer, TransitionReason};
+    ///
+    /// let layer = CircuitBreakerLayer::builder().auto_half_open(true).build().unwrap();
+    /// let handle = layer.handle();
+    /// let mut events = handle.subscribe();
+    /// handle.open_for(Duration::from_secs(1));
+    /// tokio::time::sleep(Duration::from_secs(1)).await;
+    /// tokio::task::yield_now().await;
+    /// let t = std::iter::from_fn(|| events.try_recv()).last().unwrap();
+    /// assert_eq!((t.to, t.reason), (BreakerState::HalfOpen, TransitionReason::OpenTimeElapsed));
+    /// # }
+    /// ```
     pub fn auto_half_open(mut self, on: bool) -> Self {
         self.policy.auto_half_open = on;
         self
@@ -261,6 +286,20 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Start open for `d` (then half-open as after a trip): for example until a first
     /// health check, or to ramp a new upstream in.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use steadfast_breaker::{BreakerState, CircuitBreakerLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let warming = CircuitBreakerLayer::builder().start_open_for(Duration::from_secs(2)).build().unwrap();
+    /// assert_eq!(warming.handle().state(), BreakerState::Open);
+    /// // Open until a health check closes it by hand.
+    /// let gated = CircuitBreakerLayer::builder().initial_state(BreakerState::ForcedOpen).build().unwrap();
+    /// assert_eq!(gated.handle().state(), BreakerState::ForcedOpen);
+    /// gated.handle().close();
+    /// # }
+    /// ```
     pub fn start_open_for(mut self, d: Duration) -> Self {
         self.initial = Initial::OpenFor(d);
         self

@@ -179,6 +179,22 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
     /// Whether the response carries the id as a [`CorrelationId`](crate::CorrelationId)
     /// extension (default on), so outer layers and middleware that only see the response
     /// can read it.
+    ///
+    /// ```
+    /// use steadfast_correlation::{CorrelationId, SetCorrelationIdLayer};
+    /// use tower::{ServiceBuilder, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(SetCorrelationIdLayer::new())
+    ///     .service(service_fn(|_req: http::Request<()>| async {
+    ///         Ok::<_, std::convert::Infallible>(http::Response::new(()))
+    ///     }));
+    /// let req = http::Request::builder().header("x-correlation-id", "order-7").body(()).unwrap();
+    /// let res = svc.oneshot(req).await.unwrap();
+    /// assert_eq!(res.extensions().get::<CorrelationId>().unwrap().as_str(), "order-7");
+    /// # }
+    /// ```
     pub fn response_extension(mut self, on: bool) -> Self {
         self.layer.response_extension = on;
         self

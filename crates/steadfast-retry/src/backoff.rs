@@ -18,6 +18,18 @@ pub enum Jitter {
     /// Uniform in `[d × (1 − p), d × (1 + p)]` for `p` percent (0-100), capped: gRPC's
     /// connection backoff jitter (±20 %) and resilience4j's `randomizationFactor` (0.5 =
     /// 50 %).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use steadfast_retry::{Backoff, Jitter};
+    ///
+    /// // gRPC's connection backoff: 1 s × 1.6^(n-1) up to 120 s, ±20 %.
+    /// let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(120))
+    ///     .multiplier(1.6)
+    ///     .jitter(Jitter::Proportional(20));
+    /// // Three waits are at most (1 + 1.6 + 2.56) s × 1.2.
+    /// assert!(b.worst_case_total(3) <= Duration::from_millis(6_192));
+    /// ```
     Proportional(u8),
     /// Exactly `d` (for tests and the seed's fixed schedule).
     None,
