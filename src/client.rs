@@ -410,20 +410,20 @@ pub type HttpClient<S, C = DefaultClassifier> = PropagateCorrelationId<
 /// send so that it can be sent again. A `Client<_, B>` of your own must be built for
 /// `ReplayBody<B>` too (a `Client<_, B>` under the stack fails with a long E0599 that does
 /// not name `ReplayBody`).
-#[cfg(feature = "hyper-util")]
+#[cfg(feature = "hyper-client")]
 pub type HyperTransport<B> = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     steadfast_retry::ReplayBody<B>,
 >;
 
 /// The HTTP client stack over [`HyperTransport`]: a `tower::Service<http::Request<B>>`.
-#[cfg(feature = "hyper-util")]
+#[cfg(feature = "hyper-client")]
 pub type HyperClient<B> = HttpClient<HyperTransport<B>>;
 
 /// A plain-HTTP hyper-util client for the stack (HTTP/1.1; pooled keep-alive connections).
 /// For TLS or HTTP/2, build a `hyper_util::client::legacy::Client` with your connector for
 /// body type `ReplayBody<B>` and pass it to `layer`.
-#[cfg(feature = "hyper-util")]
+#[cfg(feature = "hyper-client")]
 pub fn hyper_transport<B>() -> HyperTransport<B>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
@@ -447,7 +447,7 @@ impl<C> HttpClientLayer<C> {
     ///     .await?;
     /// # let _ = res; Ok(()) }
     /// ```
-    #[cfg(feature = "hyper-util")]
+    #[cfg(feature = "hyper-client")]
     pub fn hyper_client<B>(&self) -> HttpClient<HyperTransport<B>, C>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,

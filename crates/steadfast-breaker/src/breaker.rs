@@ -102,8 +102,11 @@ impl<C> Breaker<C> {
         exclusive: usize,
         meta: Meta,
     ) -> Self {
-        let shared = Arc::new(Shared::new(policy, meta));
-        let _ = shared.meta.me.set(Arc::downgrade(&shared));
+        let shared = Arc::new_cyclic(|me| {
+            let mut meta = meta;
+            meta.me = me.clone();
+            Shared::new(policy, meta)
+        });
         #[cfg(feature = "metrics")]
         crate::state::record_state(
             &shared.meta,

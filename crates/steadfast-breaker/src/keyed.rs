@@ -3,7 +3,7 @@
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -143,6 +143,8 @@ pub(crate) struct KeyedMap<K, C> {
     name: Arc<str>,
     /// Every key's transitions (`subscribe_all`); sent to only while someone listens.
     all: broadcast::Sender<(K, Transition)>,
+    /// Whether someone has subscribed to every key's transitions.
+    listening: AtomicBool,
     hasher: RandomState,
     policy: Arc<Policy>,
     classifier: Arc<C>,
@@ -192,6 +194,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
                 .collect(),
             name,
             all: broadcast::channel(256).0,
+            listening: AtomicBool::new(false),
             hasher: RandomState::new(),
             policy: Arc::new(policy),
             classifier,
@@ -210,15 +213,22 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     }
 
     fn new_stripe(&self, key: &K) -> Arc<Stripe<C>> {
-        let all = self.all.clone();
-        let owned = key.clone();
-        let listener: Listener = Box::new(move |t: &Transition| {
-            if all.receiver_count() > 0 {
-                let _ = all.send((owned.clone(), t.clone()));
-            }
-        });
-        let meta = Meta::new(self.name.clone(), Arc::from(key.name()), Some(listener));
+        let meta = Meta::new(self.name.clone(), Arc::from(key.name()));
         Breaker::new(self.policy.clone(), self.classifier.clone(), 0, meta).stripes[0].clone()
+    }
+
+    /// Has `key`'s breaker send its transitions to `subscribe_all`'s channel (made only once
+    /// someone subscribed: an unwatched breaker keeps no closure and no key copy).
+    fn attach(&self, key: &K, stripe: &Stripe<C>) {
+        stripe.shared.meta.listen(|| {
+            let all = self.all.clone();
+            let owned = key.clone();
+            Box::new(move |t: &Transition| {
+                if all.receiver_count() > 0 {
+                    let _ = all.send((owned.clone(), t.clone()));
+                }
+            }) as Listener
+        });
     }
 
     /// The stripe of `key`'s breaker, creating the breaker on first use.
@@ -240,6 +250,11 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             return e.stripe.clone();
         }
         let stripe = self.new_stripe(&key);
+        // Under the shard's lock: `subscribe_all` either sees this breaker in the map or has
+        // already raised the flag.
+        if self.listening.load(SeqCst) {
+            self.attach(&key, &stripe);
+        }
         if slots.map.len() >= self.per_shard && !self.evict_one(&mut slots, now) {
             // Every breaker this shard looked at is protecting its callers: the new key gets
             // a breaker of its own for this call, not kept (memory stays bounded; see
@@ -336,6 +351,14 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     }
 
     pub(crate) fn subscribe_all(&self) -> broadcast::Receiver<(K, Transition)> {
-        self.all.subscribe()
+        let rx = self.all.subscribe();
+        self.listening.store(true, SeqCst);
+        for shard in self.shards.iter() {
+            let slots = shard.0.read().unwrap_or_else(PoisonError::into_inner);
+            for (key, entry) in slots.map.iter() {
+                self.attach(key, &entry.stripe);
+            }
+        }
+        rx
     }
 }

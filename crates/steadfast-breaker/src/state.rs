@@ -362,17 +362,15 @@ pub(crate) struct Meta {
     pub(crate) breaker: Arc<str>,
     /// The key's name (per-key), or the layer's.
     pub(crate) upstream: Arc<str>,
-    /// Made at the first subscription: an unwatched breaker (most per-key breakers) pays
-    /// nothing for the 64-slot channel.
-    events: std::sync::OnceLock<broadcast::Sender<Transition>>,
-    /// The per-key layer's listener (its `subscribe_all`).
-    listener: Option<Listener>,
+    /// Who watches its transitions, made at the first subscription: an unwatched breaker
+    /// (most per-key breakers) pays one word.
+    watch: std::sync::OnceLock<Box<Watch>>,
     /// The rejection counter with this breaker's label, registered at the first rejection
     /// (a rejection then costs no label allocation or recorder lookup).
     #[cfg(feature = "metrics")]
     pub(crate) rejected: std::sync::OnceLock<metrics::Counter>,
     /// The breaker itself, for the timer of `auto_half_open` (set once it is in its `Arc`).
-    pub(crate) me: std::sync::OnceLock<std::sync::Weak<Shared>>,
+    pub(crate) me: std::sync::Weak<Shared>,
     /// The call duration histograms (success, failure), each registered at its first
     /// outcome.
     #[cfg(feature = "metrics")]
@@ -380,13 +378,12 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
-    pub(crate) fn new(breaker: Arc<str>, upstream: Arc<str>, listener: Option<Listener>) -> Self {
+    pub(crate) fn new(breaker: Arc<str>, upstream: Arc<str>) -> Self {
         Self {
             breaker,
             upstream,
-            events: std::sync::OnceLock::new(),
-            listener,
-            me: std::sync::OnceLock::new(),
+            watch: std::sync::OnceLock::new(),
+            me: std::sync::Weak::new(),
             #[cfg(feature = "metrics")]
             rejected: std::sync::OnceLock::new(),
             #[cfg(feature = "metrics")]
@@ -411,10 +408,30 @@ impl Meta {
     }
 }
 
+/// A breaker's watchers.
+#[derive(Default)]
+struct Watch {
+    /// Its handles' subscribers (a 64-slot channel).
+    events: std::sync::OnceLock<broadcast::Sender<Transition>>,
+    /// The per-key layer's listener (its `subscribe_all`).
+    listener: std::sync::OnceLock<Listener>,
+}
+
+impl Meta {
+    fn watch(&self) -> &Watch {
+        self.watch.get_or_init(Box::default)
+    }
+
+    /// Hands this breaker's transitions to `listener` too (once; later calls do nothing).
+    pub(crate) fn listen(&self, listener: impl FnOnce() -> Listener) {
+        let _ = self.watch().listener.get_or_init(listener);
+    }
+}
+
 impl Default for Meta {
     fn default() -> Self {
         let name: Arc<str> = Arc::from(DEFAULT_NAME);
-        Self::new(name.clone(), name, None)
+        Self::new(name.clone(), name)
     }
 }
 
@@ -561,6 +578,7 @@ impl Shared {
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Transition> {
         self.meta
+            .watch()
             .events
             .get_or_init(|| broadcast::channel(64).0)
             .subscribe()
@@ -905,10 +923,10 @@ impl Shared {
     /// without one the breaker half-opens on the next call as usual).
     #[cfg(not(loom))]
     fn half_open_at(&self, open: u64, open_for: Duration) {
-        let (Some(me), Ok(rt)) = (self.meta.me.get(), tokio::runtime::Handle::try_current()) else {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let me = me.clone();
+        let me = self.meta.me.clone();
         rt.spawn(async move {
             tokio::time::sleep(open_for).await;
             if let Some(shared) = me.upgrade() {
@@ -1097,12 +1115,14 @@ impl Shared {
             .increment(1);
             record_state(&self.meta, t.from, t.to);
         }
-        if let Some(listener) = &self.meta.listener {
-            listener(&t);
-        }
-        // No receivers is fine: nobody listens.
-        if let Some(events) = self.meta.events.get() {
-            let _ = events.send(t);
+        if let Some(watch) = self.meta.watch.get() {
+            if let Some(listener) = watch.listener.get() {
+                listener(&t);
+            }
+            // No receivers is fine: nobody listens.
+            if let Some(events) = watch.events.get() {
+                let _ = events.send(t);
+            }
         }
     }
 }
