@@ -3,10 +3,10 @@
 //!
 //! | the error (anywhere in its `source()` chain) | [`Failure`] | HTTP | gRPC |
 //! |---|---|---|---|
-//! | a timeout (`Elapsed`: the call's, an inherited deadline's, the body's; anything marked [`TimedOut`](crate::common::TimedOut)) | `Timeout` | 504 | `DEADLINE_EXCEEDED` |
+//! | a timeout (`Elapsed`: the call's, an inherited deadline's, the body's; anything marked [`TimedOut`]) | `Timeout` | 504 | `DEADLINE_EXCEEDED` |
 //! | an open breaker (`BreakerOpen`, also inside the balancer's `Rerouted`) | `BreakerOpen` | 503 + `Retry-After` (whole seconds, rounded up; none for a breaker forced open by hand, which has no schedule) | `UNAVAILABLE` + `grpc-retry-pushback-ms` |
 //! | no endpoint (`NoEndpoint`: the service has none, or every one is ejected) | `NoEndpoint` | 503 | `UNAVAILABLE` |
-//! | any other refusal by local policy ([`PolicyRejected`](crate::common::PolicyRejected)) | `Rejected` | 503 | `UNAVAILABLE` |
+//! | any other refusal by local policy ([`PolicyRejected`]) | `Rejected` | 503 | `UNAVAILABLE` |
 //! | anything else: connect errors, resets, protocol errors | `Upstream` | 502 | `UNAVAILABLE` |
 //!
 //! The response bodies and gRPC messages are fixed short texts: an error's own text can name
