@@ -118,6 +118,10 @@ pub struct Transition {
     pub open_for: Option<Duration>,
     /// Why.
     pub reason: TransitionReason,
+    /// For `to == Open`: whether the open time is the one a server asked for (its
+    /// `Retry-After` or `grpc-retry-pushback-ms` on the failure that tripped the breaker,
+    /// longer than the policy's), rather than the policy's.
+    pub open_for_from_hint: bool,
 }
 
 /// Why a breaker changed state: carried by [`Transition`]s, `tracing` events (`reason`),
@@ -902,11 +906,17 @@ impl Shared {
         }
     }
 
+    /// Whether a server's hint set the open time `open_for` (rather than the policy).
+    fn hint_set(&self, hint: Option<Duration>, open_for: Duration) -> bool {
+        hint.is_some_and(|h| h.min(self.policy.max_open_time) == open_for && !h.is_zero())
+    }
+
     /// Closed or HalfOpen (word `w`) -> Open. Only the thread whose compare-and-swap wins
     /// writes the schedule, so a losing trip (with another hint, or computed after the
     /// winner's trip count) cannot change the open time announced.
     fn trip(&self, w: u64, hint: Option<Duration>, reason: TransitionReason) {
         let open_for = self.open_duration(hint);
+        let hinted = self.hint_set(hint, open_for);
         let open = next(w, OPEN);
         if self.cas_word(w, open) {
             self.cold.trips.fetch_add(1, Relaxed);
@@ -914,7 +924,7 @@ impl Shared {
             // Schedule first, announce after: no subscriber or recorder code runs while the
             // new generation has no schedule.
             self.schedule(open, open_for);
-            self.announce(w, open, Some(open_for), reason);
+            self.announce_hinted(w, open, Some(open_for), reason, hinted);
         }
     }
 
@@ -1075,6 +1085,18 @@ impl Shared {
 
     /// Tells subscribers, tracing and metrics about a transition this thread made.
     fn announce(&self, from: u64, to: u64, open_for: Option<Duration>, reason: TransitionReason) {
+        self.announce_hinted(from, to, open_for, reason, false);
+    }
+
+    /// [`announce`](Self::announce); `hinted` says a server's hint set the open time.
+    fn announce_hinted(
+        &self,
+        from: u64,
+        to: u64,
+        open_for: Option<Duration>,
+        reason: TransitionReason,
+        hinted: bool,
+    ) {
         #[cfg(not(loom))]
         if self.policy.auto_half_open && to & TAG == OPEN {
             if let Some(d) = open_for {
@@ -1090,6 +1112,7 @@ impl Shared {
             generation: to >> 3,
             open_for,
             reason,
+            open_for_from_hint: hinted,
         };
         tracing::info!(
             target: "steadfast::breaker",
@@ -1100,6 +1123,7 @@ impl Shared {
             generation = t.generation,
             reason = t.reason.as_str(),
             open_for_ms = open_for.map(|d| d.as_millis() as u64),
+            open_for_from_hint = hinted,
             "breaker transition"
         );
         #[cfg(feature = "metrics")]

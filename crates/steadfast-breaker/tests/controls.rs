@@ -358,3 +358,33 @@ async fn the_window_reports_slow_successes_failures_and_durations() {
         WindowRate::NoWindow
     );
 }
+
+/// A trip says whether the server's hint set its open time.
+#[tokio::test(start_paused = true)]
+async fn a_trip_says_when_the_servers_hint_set_the_open_time() {
+    use std::convert::Infallible;
+    use tower::Layer;
+    for (retry_after, want_secs, hinted) in [(Some("5"), 5, true), (None, 1, false)] {
+        let layer = builder()
+            .consecutive_failures(Some(1))
+            .open_time(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let mut events = handle.subscribe();
+        let mut svc = layer.layer(tower::service_fn(
+            move |_req: http::Request<()>| async move {
+                let mut res = http::Response::builder().status(503);
+                if let Some(v) = retry_after {
+                    res = res.header("retry-after", v);
+                }
+                Ok::<_, Infallible>(res.body(()).unwrap())
+            },
+        ));
+        call(&mut svc).await.unwrap();
+        let t = events.try_recv().unwrap();
+        assert_eq!(t.reason, TransitionReason::ConsecutiveFailures);
+        assert_eq!(t.open_for, Some(Duration::from_secs(want_secs)));
+        assert_eq!(t.open_for_from_hint, hinted, "{retry_after:?}");
+    }
+}
