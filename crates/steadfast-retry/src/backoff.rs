@@ -241,13 +241,15 @@ impl Backoff {
     pub fn worst_case_total(&self, retries: u32) -> Duration {
         /// Past this many retries every further wait counts as the cap (an upper bound).
         const EXACT: u32 = 64;
-        // Schedules that never shrink: once a wait reaches the cap, every later one is it.
+        // Schedules that never shrink: once a wait reaches the cap, every later one is it,
+        // and a server's hint, which restarts the schedule, only ever makes waits shorter.
         let grows = match self.schedule {
             Schedule::Exponential { multiplier_milli } => multiplier_milli >= 1000,
             Schedule::Linear { .. } => true,
             Schedule::Custom(_) => false,
-        };
+        } || matches!(self.jitter, Jitter::Decorrelated);
         let mut total = Duration::ZERO;
+        let mut longest = Duration::ZERO;
         let mut previous = self.base;
         for n in 1..=retries.min(EXACT) {
             let delay = match self.jitter {
@@ -255,18 +257,25 @@ impl Backoff {
                     previous = previous.max(self.base).saturating_mul(3).min(self.cap);
                     previous
                 }
-                Jitter::Proportional(p) => self
-                    .exponential(n)
-                    .mul_f64(1.0 + proportion(p))
-                    .min(self.cap),
+                Jitter::Proportional(p) => {
+                    scale(self.exponential(n), 1.0 + proportion(p)).min(self.cap)
+                }
                 _ => self.exponential(n),
             };
-            if delay == self.cap && (grows || matches!(self.jitter, Jitter::Decorrelated)) {
+            longest = longest.max(delay);
+            if grows && delay == self.cap {
                 return total.saturating_add(delay.saturating_mul(retries - n + 1));
             }
             total = total.saturating_add(delay);
         }
-        total.saturating_add(self.cap.saturating_mul(retries.saturating_sub(EXACT)))
+        if grows {
+            return total.saturating_add(self.cap.saturating_mul(retries.saturating_sub(EXACT)));
+        }
+        // A schedule that can shrink: a hint restarts it, so any wait can be its longest.
+        if retries > EXACT {
+            longest = self.cap;
+        }
+        longest.saturating_mul(retries)
     }
 
     /// The delay before retry `n` (1-based); `previous` is the last delay (for
@@ -279,7 +288,7 @@ impl Backoff {
             Jitter::Equal => d / 2 + (d / 2).mul_f64(rng.unit()),
             Jitter::Proportional(p) => {
                 let p = proportion(p);
-                d.mul_f64(1.0 - p + 2.0 * p * rng.unit()).min(self.cap)
+                scale(d, 1.0 - p + 2.0 * p * rng.unit()).min(self.cap)
             }
             Jitter::Decorrelated => {
                 let lo = self.base.min(self.cap);
@@ -292,6 +301,11 @@ impl Backoff {
             }
         }
     }
+}
+
+/// `d × factor`, saturating at `Duration::MAX` (`mul_f64` panics past it).
+fn scale(d: Duration, factor: f64) -> Duration {
+    Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
 }
 
 /// `p` percent as a fraction, at most 1.

@@ -107,14 +107,24 @@ where
     let class = match out {
         Ok(res) => match config.classifier.classify_response(res) {
             ResponseClass::Ready(c) => c,
-            // A streamed gRPC response whose head arrived is committed (gRPC A6).
-            ResponseClass::Deferred(_) => return Verdict::Done,
+            // A streamed gRPC response whose head arrived is committed (gRPC A6). Its status
+            // comes in the trailers, which this layer does not read: the throttle counts it
+            // a success (a trailers-only failure, the kind a retry is for, is judged above).
+            ResponseClass::Deferred(_) => {
+                if let Some(throttle) = &config.throttle {
+                    throttle.succeeded();
+                }
+                return Verdict::Done;
+            }
         },
         // Refused by a local policy (open breaker): not retried, costs no budget.
         Err(e) if PolicyRejected::is_in(&**e) => return Verdict::GiveUp("policy_rejected"),
         Err(e) => config.classifier.classify_error(&**e),
     };
-    if let Some(throttle) = &config.throttle {
+    // Refused by one endpoint before anything was sent, to be sent to another (the balancer's
+    // `Rerouted`): no upstream failed, so the throttle is not charged either.
+    let rerouted = out.as_ref().is_err_and(|e| NotSent::is_in(&**e));
+    if let Some(throttle) = config.throttle.as_ref().filter(|_| !rerouted) {
         if !class.is_failure() {
             throttle.succeeded();
         } else if class.is_retryable() {
@@ -144,9 +154,7 @@ where
         None if class.is_retryable() && safe => {}
         None => return give_up_if_retryable(&class, "not_idempotent"),
     }
-    // Refused by one endpoint before anything was sent, to be sent to another (the balancer's
-    // `Rerouted`): at once, and free of the budget.
-    let rerouted = out.as_ref().is_err_and(|e| NotSent::is_in(&**e));
+    // A rerouted attempt is retried at once, and free of the budget.
     // Read the server's hint only for an outcome that will be retried.
     let hint = headers.and_then(|h| server_hint(h, (config.wall_clock)()));
     let (delay, from_hint) = match hint {
