@@ -157,6 +157,8 @@ pub enum InvalidBreakerConfig {
     EmptyName,
     /// An exponential open-time growth whose factor is below 1 or not a number.
     OpenTimeGrowth,
+    /// A starting state that is not one to start in by hand (`Open`, `HalfOpen`).
+    InitialState(crate::BreakerState),
 }
 
 impl fmt::Display for InvalidBreakerConfig {
@@ -178,6 +180,10 @@ impl fmt::Display for InvalidBreakerConfig {
             ),
             Self::EmptyName => f.write_str(
                 "breaker name must not be empty (it labels the breaker's events and metrics)",
+            ),
+            Self::InitialState(state) => write!(
+                f,
+                "breaker initial_state {state:?} is not a state to start in: use start_open_for(d) to start open, or ForcedOpen, Disabled, MetricsOnly, Closed"
             ),
             Self::OpenTimeGrowth => f.write_str(
                 "breaker open_time_growth: an exponential factor must be a number of at least 1 \

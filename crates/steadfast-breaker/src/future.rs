@@ -93,7 +93,7 @@ impl<B: Body, C> Body for BreakerBody<B, C> {
                             .and_then(steadfast_core::GrpcCode::from_map),
                         _ => None,
                     };
-                    d.guard.stripe.shared.note_failure(match code {
+                    d.guard.note_failure(match code {
                         Some(code) => FailureSummary::Grpc(code),
                         None => FailureSummary::Error("_OTHER"),
                     });
@@ -152,6 +152,19 @@ impl<C> Guard<C> {
             stripe,
             permit: pack(permit),
             start,
+        }
+    }
+
+    /// Notes the failure this call is about to report, if it still counts: admitted in the
+    /// breaker's current generation (an outcome voided by a reset or a later transition is
+    /// not the last failure counted).
+    fn note_failure(&self, summary: FailureSummary) {
+        if self.permit == REPORTED {
+            return;
+        }
+        let admitted = self.permit & !PROBE;
+        if self.stripe.shared.word() >> 3 == admitted >> 3 {
+            self.stripe.shared.note_failure(summary);
         }
     }
 
@@ -360,10 +373,14 @@ fn settle<B, C>(
     match class {
         ResponseClass::Ready(class) => {
             let h = if class.is_failure() {
-                guard
-                    .stripe
-                    .shared
-                    .note_failure(FailureSummary::Status(res.status().as_u16()));
+                // A trailers-only gRPC answer: its status is in the head.
+                let grpc = steadfast_core::is_grpc_content_type(res.headers())
+                    .then(|| steadfast_core::GrpcCode::from_map(res.headers()))
+                    .flatten();
+                guard.note_failure(match grpc {
+                    Some(code) => FailureSummary::Grpc(code),
+                    None => FailureSummary::Status(res.status().as_u16()),
+                });
                 hint(&res)
             } else {
                 None
@@ -383,10 +400,7 @@ pub(crate) fn report_error<C: Classify<Response<B>>, B>(
 ) {
     let class = guard.stripe.classifier.classify_error(e);
     if class.is_failure() {
-        guard
-            .stripe
-            .shared
-            .note_failure(FailureSummary::Error(steadfast_core::error_type(e)));
+        guard.note_failure(FailureSummary::Error(steadfast_core::error_type(e)));
     }
     guard.report(Some(class), None);
 }

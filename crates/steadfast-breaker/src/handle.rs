@@ -240,7 +240,9 @@ impl<C> BreakerHandle<C> {
 
     /// Closes the breaker and clears its counts (the window, the consecutive count and the
     /// trip count), from any state: a Closed breaker is reset too, and subscribers see a
-    /// Closed -> Closed transition. Outcomes of calls still in flight no longer count.
+    /// Closed -> Closed transition. Outcomes of calls still in flight no longer count, and
+    /// [`trip_reason`](Self::trip_reason) and [`last_failure`](Self::last_failure) are
+    /// forgotten.
     pub fn close(&self) {
         self.breaker.shared.force(BreakerState::Closed);
     }

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::breaker::{Breaker, Stripe};
 use crate::handle::BreakerHandle;
+use crate::layer::Initial;
 use crate::state::{BreakerState, Listener, Meta, Policy, Transition};
 use tokio::sync::broadcast;
 
@@ -141,6 +142,8 @@ pub(crate) struct KeyedMap<K, C> {
     shards: Box<[Shard<K, C>]>,
     /// The layer's name.
     name: Arc<str>,
+    /// The state each new breaker starts in.
+    initial: Initial,
     /// Every key's transitions (`subscribe_all`); sent to only while someone listens.
     all: broadcast::Sender<(K, Transition)>,
     /// Whether someone has subscribed to every key's transitions.
@@ -177,6 +180,7 @@ enum Verdict {
 impl<K: BreakerKey, C> KeyedMap<K, C> {
     pub(crate) fn new(
         name: Arc<str>,
+        initial: Initial,
         policy: Policy,
         classifier: Arc<C>,
         max_keys: usize,
@@ -193,6 +197,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
                 })
                 .collect(),
             name,
+            initial,
             all: broadcast::channel(256).0,
             listening: AtomicBool::new(false),
             hasher: RandomState::new(),
@@ -214,7 +219,9 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
 
     fn new_stripe(&self, key: &K) -> Arc<Stripe<C>> {
         let meta = Meta::new(self.name.clone(), Arc::from(key.name()));
-        Breaker::new(self.policy.clone(), self.classifier.clone(), 0, meta).stripes[0].clone()
+        let breaker = Breaker::new(self.policy.clone(), self.classifier.clone(), 0, meta);
+        self.initial.apply(&breaker.shared);
+        breaker.stripes[0].clone()
     }
 
     /// Has `key`'s breaker send its transitions to `subscribe_all`'s channel (made only once

@@ -43,12 +43,27 @@ pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
 
 /// The state a breaker starts in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Initial {
+pub(crate) enum Initial {
     Closed,
     OpenFor(Duration),
     ForcedOpen,
     Disabled,
     MetricsOnly,
+    /// Asked for a state that is not one to start in (refused when built).
+    Refused(BreakerState),
+}
+
+impl Initial {
+    /// Puts a new breaker in this state.
+    pub(crate) fn apply(self, shared: &crate::state::Shared) {
+        match self {
+            Initial::Closed | Initial::Refused(_) => {}
+            Initial::OpenFor(d) => shared.force_with(BreakerState::Open, d),
+            Initial::ForcedOpen => shared.force(BreakerState::ForcedOpen),
+            Initial::Disabled => shared.force(BreakerState::Disabled),
+            Initial::MetricsOnly => shared.force(BreakerState::MetricsOnly),
+        }
+    }
 }
 
 impl Default for CircuitBreakerBuilder {
@@ -285,7 +300,8 @@ impl<C> CircuitBreakerBuilder<C> {
     }
 
     /// Start open for `d` (then half-open as after a trip): for example until a first
-    /// health check, or to ramp a new upstream in.
+    /// health check, or to ramp a new upstream in. At least 1 ms, as an open time. Per-key
+    /// breakers start so too, each when its key is first seen.
     ///
     /// ```
     /// use std::time::Duration;
@@ -307,13 +323,15 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Start in a state set by hand: `ForcedOpen` (until a handle closes it), `Disabled`,
     /// `MetricsOnly`, or `Closed` (the default). `Open` and `HalfOpen` are not states to
-    /// start in by hand: use [`start_open_for`](Self::start_open_for).
+    /// start in by hand (building refuses them): use [`start_open_for`](Self::start_open_for).
+    /// Per-key breakers start in it too, each when its key is first seen.
     pub fn initial_state(mut self, state: BreakerState) -> Self {
         self.initial = match state {
             BreakerState::ForcedOpen => Initial::ForcedOpen,
             BreakerState::Disabled => Initial::Disabled,
             BreakerState::MetricsOnly => Initial::MetricsOnly,
-            _ => Initial::Closed,
+            BreakerState::Closed => Initial::Closed,
+            other => Initial::Refused(other),
         };
         self
     }
@@ -338,6 +356,28 @@ impl<C> CircuitBreakerBuilder<C> {
     fn validated(&self) -> Result<Policy, InvalidBreakerConfig> {
         if self.name.is_empty() {
             return Err(InvalidBreakerConfig::EmptyName);
+        }
+        match self.initial {
+            Initial::Refused(state) => return Err(InvalidBreakerConfig::InitialState(state)),
+            Initial::OpenFor(d) if d < MIN_OPEN_TIME => {
+                return Err(InvalidBreakerConfig::TooShort {
+                    what: "start_open_for",
+                    min: MIN_OPEN_TIME,
+                    got: d,
+                });
+            }
+            _ => {}
+        }
+        if let Some(d) = self
+            .policy
+            .max_half_open_wait
+            .filter(|d| *d < MIN_OPEN_TIME)
+        {
+            return Err(InvalidBreakerConfig::TooShort {
+                what: "max_half_open_wait",
+                min: MIN_OPEN_TIME,
+                got: d,
+            });
         }
         if let OpenTime::Exponential { factor } = self.policy.open_time_fn {
             if !(factor.is_finite() && factor >= 1.0) {
@@ -455,13 +495,7 @@ impl<C> CircuitBreakerBuilder<C> {
             STRIPES,
             Meta::new(self.name.clone(), self.name),
         ));
-        match self.initial {
-            Initial::Closed => {}
-            Initial::OpenFor(d) => breaker.shared.force_with(BreakerState::Open, d),
-            Initial::ForcedOpen => breaker.shared.force(BreakerState::ForcedOpen),
-            Initial::Disabled => breaker.shared.force(BreakerState::Disabled),
-            Initial::MetricsOnly => breaker.shared.force(BreakerState::MetricsOnly),
-        }
+        self.initial.apply(&breaker.shared);
         Ok(CircuitBreakerLayer {
             breaker,
             backpressure: self.backpressure,
@@ -500,6 +534,7 @@ impl<C> CircuitBreakerBuilder<C> {
         Ok(KeyedCircuitBreakerLayer {
             map: Arc::new(KeyedMap::new(
                 self.name,
+                self.initial,
                 policy,
                 Arc::new(self.classifier),
                 self.max_keys,

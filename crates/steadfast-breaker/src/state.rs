@@ -875,12 +875,15 @@ impl Shared {
 
     /// The open time for the next trip: the [`OpenTime`] function of the trips in a row
     /// (by default `open_time * 2^trips`), capped, minus up to `jitter_percent` at random; a
-    /// server hint can only raise it (up to the cap).
-    fn open_duration(&self, hint: Option<Duration>) -> Duration {
+    /// server hint can only raise it (up to the cap). And whether the hint set it (it was
+    /// longer than the policy's).
+    fn open_duration_hinted(&self, hint: Option<Duration>) -> (Duration, bool) {
         let p = &self.policy;
         let trips = self.cold.trips.load(Relaxed);
         let grown = match p.open_time_fn {
-            OpenTime::Exponential { factor: 2.0 } => p.open_time.saturating_mul(1 << trips.min(20)),
+            OpenTime::Exponential { factor: 2.0 } => p
+                .open_time
+                .saturating_mul(1u32.checked_shl(trips).unwrap_or(u32::MAX)),
             OpenTime::Exponential { factor } => {
                 let secs = p.open_time.as_secs_f64() * factor.powi(trips.min(1 << 20) as i32);
                 Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
@@ -900,23 +903,17 @@ impl Shared {
             Duration::try_from_secs_f64(grown.as_secs_f64() * factor)
                 .map_or(grown, |d| d.min(grown))
         };
-        match hint {
-            Some(h) => jittered.max(h.min(p.max_open_time)),
-            None => jittered,
+        match hint.map(|h| h.min(p.max_open_time)) {
+            Some(h) if h > jittered => (h, true),
+            _ => (jittered, false),
         }
-    }
-
-    /// Whether a server's hint set the open time `open_for` (rather than the policy).
-    fn hint_set(&self, hint: Option<Duration>, open_for: Duration) -> bool {
-        hint.is_some_and(|h| h.min(self.policy.max_open_time) == open_for && !h.is_zero())
     }
 
     /// Closed or HalfOpen (word `w`) -> Open. Only the thread whose compare-and-swap wins
     /// writes the schedule, so a losing trip (with another hint, or computed after the
     /// winner's trip count) cannot change the open time announced.
     fn trip(&self, w: u64, hint: Option<Duration>, reason: TransitionReason) {
-        let open_for = self.open_duration(hint);
-        let hinted = self.hint_set(hint, open_for);
+        let (open_for, hinted) = self.open_duration_hinted(hint);
         let open = next(w, OPEN);
         if self.cas_word(w, open) {
             self.cold.trips.fetch_add(1, Relaxed);
@@ -938,22 +935,41 @@ impl Shared {
         };
         let me = self.meta.me.clone();
         rt.spawn(async move {
-            tokio::time::sleep(open_for).await;
-            if let Some(shared) = me.upgrade() {
-                shared.half_open_if(open);
+            let mut wait = open_for;
+            loop {
+                // tokio's timers stop at about thirty years: a longer open time takes more
+                // than one sleep, and each wake checks the schedule again.
+                tokio::time::sleep(wait).await;
+                let Some(shared) = me.upgrade() else { return };
+                match shared.half_open_if(open) {
+                    Some(left) => wait = left,
+                    None => return,
+                }
             }
         });
     }
 
-    /// Open (word `w`, still in force) -> HalfOpen, without a call.
+    /// Open (word `w`, still in force, its open time passed) -> HalfOpen, without a call.
+    /// `Some(time left)` when the open time has not passed yet; `None` when done (moved, or
+    /// the breaker has moved on).
     #[cfg(not(loom))]
-    fn half_open_if(&self, w: u64) {
+    fn half_open_if(&self, w: u64) -> Option<Duration> {
+        if self.word.load(Acquire) != w {
+            return None;
+        }
+        let now = self.now();
+        if let Some(until) = self.open_until(w) {
+            if now < until {
+                return Some(Duration::from_nanos(until - now));
+            }
+        }
         let half = next(w, HALF_OPEN);
-        if self.word.load(Acquire) == w && self.cas_word(w, half) {
+        if self.cas_word(w, half) {
             let open_for = unstamp(self.cold.open_for.load(Acquire), w >> 3).unwrap_or(0);
-            self.set_verdict_by(half, self.now(), open_for);
+            self.set_verdict_by(half, now, open_for);
             self.announce(w, half, None, TransitionReason::OpenTimeElapsed);
         }
+        None
     }
 
     /// A rejection, with why the breaker is open and the last failure it counted.
@@ -1047,27 +1063,32 @@ impl Shared {
                 if to == BreakerState::Closed {
                     // After the move: an outcome of the old generation that raced in before
                     // it is cleared too (one that starts now is refused by its generation).
+                    // What opened it and what failed last belong to the past too.
                     self.reset_window();
                     self.cold.trips.store(0, Relaxed);
-                }
-                let announced_open = (to == BreakerState::Open).then(|| {
+                    self.cold.trip_reason.store(0, Relaxed);
+                    self.cold.last_failure.store(0, Relaxed);
+                } else if matches!(
+                    to,
+                    BreakerState::Open | BreakerState::HalfOpen | BreakerState::ForcedOpen
+                ) {
+                    // A state that refuses calls, set by hand: its refusals say so.
                     self.cold
                         .trip_reason
                         .store(TransitionReason::Manual.code(), Relaxed);
+                }
+                let announced_open = (to == BreakerState::Open).then(|| {
                     self.schedule(to_word, open_for);
                     open_for
                 });
                 if to == BreakerState::HalfOpen {
-                    self.set_verdict_by(
-                        to_word,
-                        self.now(),
-                        micros_ceil(nanos(self.policy.open_time)),
-                    );
-                }
-                if to == BreakerState::ForcedOpen {
-                    self.cold
-                        .trip_reason
-                        .store(TransitionReason::Manual.code(), Relaxed);
+                    // The probes get the open time that preceded (the one in force if the
+                    // breaker was open), else the policy's.
+                    let preceded = (w & TAG == OPEN)
+                        .then(|| unstamp(self.cold.open_for.load(Acquire), w >> 3))
+                        .flatten()
+                        .unwrap_or_else(|| micros_ceil(nanos(self.policy.open_time)));
+                    self.set_verdict_by(to_word, self.now(), preceded);
                 }
                 self.announce(w, to_word, announced_open, TransitionReason::Manual);
                 return;

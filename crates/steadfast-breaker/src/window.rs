@@ -37,7 +37,8 @@ pub struct WindowCounts {
     pub slow: u64,
     /// Slow calls that also failed.
     pub slow_failures: u64,
-    /// The calls' durations added up (each timed from admission to verdict).
+    /// The calls' durations added up (each timed from admission to verdict; in a count
+    /// window one call counts for at most about 71 minutes).
     pub total_duration: Duration,
 }
 

@@ -178,7 +178,8 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
 
     /// Whether the response carries the id as a [`CorrelationId`](crate::CorrelationId)
     /// extension (default on), so outer layers and middleware that only see the response
-    /// can read it.
+    /// can read it. The extension is the request's id; a handler that sets its own id
+    /// header on the response keeps that header (see [`echo`](Self::echo)).
     ///
     /// ```
     /// use steadfast_correlation::{CorrelationId, SetCorrelationIdLayer};
