@@ -400,3 +400,59 @@ async fn no_passing_instance_in_consul_empties_the_set() {
     all_ok(&layer, 5).await;
     follower.abort();
 }
+
+/// A POST whose body is over the replay cap (100 KiB against 64 KiB) reaches the healthy
+/// instance whole when the other's breaker refuses it, or when the other refuses the
+/// connection: nothing of it was read, so the retry takes it over (a hostile pass found
+/// these calls failing with `Rerouted`).
+#[tokio::test(start_paused = true)]
+async fn a_large_body_refused_before_it_was_read_reaches_another_instance_whole() {
+    let healthy = FaultServer::start().await;
+    let body: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
+    let want = steadfast_testkit::hash_body(&body);
+    for down in ["breaker", "connection"] {
+        let (refusing, forced) = match down {
+            "breaker" => {
+                let s = FaultServer::start().await;
+                (s.addr().to_string(), Some(s))
+            }
+            _ => (refusing().await, None),
+        };
+        let layer = steadfast::client::http()
+            .balance(|b| {
+                b.endpoints([refusing.clone(), healthy.addr().to_string()])
+                    .seed(2)
+            })
+            .build()
+            .unwrap();
+        if forced.is_some() {
+            layer
+                .breakers()
+                .handle(&Some(refusing.parse().unwrap()))
+                .force_open();
+        }
+        let client = layer.hyper_client::<Full<Bytes>>();
+        let before = healthy.received().len();
+        for _ in 0..10 {
+            let req = Request::post("http://orders/orders")
+                .body(Full::new(Bytes::from(body.clone())))
+                .unwrap();
+            let res = client.clone().oneshot(req).await.unwrap();
+            assert_eq!(res.status(), 200, "{down}");
+        }
+        let got = &healthy.received()[before..];
+        assert_eq!(
+            got.len(),
+            10,
+            "{down}: every call reached the healthy instance once"
+        );
+        assert!(
+            got.iter()
+                .all(|r| r.body_complete && r.body_len == body.len() && r.body_hash == want),
+            "{down}: every body whole"
+        );
+        if let Some(s) = forced {
+            assert_eq!(s.hits(), 0, "the forced-open instance got nothing");
+        }
+    }
+}

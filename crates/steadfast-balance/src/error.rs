@@ -92,10 +92,8 @@ impl Error for NoEndpoint {
 /// method: nothing reached a server). Without endpoints to go to, the balancer returns the
 /// breaker's own refusal instead, which is not retried.
 ///
-/// The retry can only send again a body it kept: one larger than the retry layer's replay
-/// cap (64 KiB by default) is sent once, so a refusal of its first attempt reaches the
-/// caller as this error (a 503 through `steadfast::errors`), though another endpoint could
-/// have taken it. Raise `replay_cap` for calls with large bodies that must be rerouted.
+/// A body larger than the retry layer's replay cap goes along too: the refused attempt read
+/// none of it, so the next attempt takes it over whole.
 #[derive(Debug)]
 pub struct Rerouted {
     endpoint: Authority,

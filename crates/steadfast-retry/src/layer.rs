@@ -193,7 +193,8 @@ impl<C> RetryBuilder<C> {
     }
 
     /// The most request-body bytes buffered for replay (default 64 KiB); a larger body is
-    /// sent once.
+    /// sent once, unless the attempt that held it was refused before it read anything (a
+    /// breaker's refusal, a refused connection): then the next attempt takes it over whole.
     pub fn replay_cap(mut self, bytes: usize) -> Self {
         self.replay_cap = bytes;
         self

@@ -170,13 +170,15 @@ impl<B> ReplayBody<B> {
     }
 
     /// Whether a retry could send this body again identically: it stayed under the cap and
-    /// no read failed.
+    /// no read failed, or (over the cap) nothing of it has been read yet and no other
+    /// attempt holds it: an attempt refused before it sent anything hands the body over
+    /// whole.
     pub fn can_replay(&self) -> bool {
         match &self.kind {
             Kind::Empty | Kind::Whole { .. } => true,
-            Kind::Shared { state, .. } => {
+            Kind::Shared { state, reader, .. } => {
                 let s = state.lock().unwrap_or_else(PoisonError::into_inner);
-                !s.overflow && !s.failed
+                !s.failed && (!s.overflow || s.untouched_but_for(*reader))
             }
         }
     }
@@ -313,6 +315,20 @@ impl std::task::Wake for Waiters {
 }
 
 impl<B> State<B> {
+    /// Nothing has been read from the caller's body, and no reader but `reader` (the one
+    /// asking) is alive: a new reader from the start would be its only reader.
+    fn untouched_but_for(&self, reader: usize) -> bool {
+        self.buffered == 0
+            && self.recorded == 0
+            && !self.eos
+            && self
+                .waiters
+                .slots()
+                .iter()
+                .enumerate()
+                .all(|(i, slot)| i == reader || matches!(slot, Slot::Free))
+    }
+
     /// Data bytes recorded that a reader who has sent `sent` bytes has yet to send, or `None`
     /// when that reader can no longer get them (the recording was dropped).
     fn unsent_recorded(&self, sent: u64) -> Option<u64> {
@@ -824,8 +840,45 @@ mod tests {
     #[tokio::test]
     async fn declared_oversize_is_never_recorded() {
         let body = ReplayBody::new(Full::new(Bytes::from(vec![0u8; 100])), 10);
-        assert!(!body.can_replay());
+        // Nothing read yet: it could still be handed over whole.
+        assert!(body.can_replay());
+        let keeper = body.replay().unwrap();
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 100);
+        // Read past the cap with nothing recorded: never again.
+        assert!(!keeper.can_replay());
+        assert!(keeper.replay().is_none());
+    }
+
+    /// Over the cap, a body nothing has read is handed over whole to the next attempt once
+    /// the attempt that held it is gone (refused before it sent anything); while that one
+    /// lives, or once anything was read, it is not.
+    #[tokio::test]
+    async fn an_untouched_body_over_the_cap_is_handed_over_whole() {
+        let data: Vec<u8> = (0..200).map(|i| (i / 50) as u8).collect();
+        // Declares 200 bytes against a cap of 64: nothing will be recorded.
+        let first = ReplayBody::new(Full::new(Bytes::from(data)), 64);
+        let keeper = first.replay().expect("nothing read yet");
+        assert!(
+            keeper.replay().is_none(),
+            "the first attempt still holds it"
+        );
+        drop(first); // refused: nothing sent
+        let second = keeper.replay().expect("untouched and alone: handed over");
+        let got = second.collect().await.unwrap().to_bytes();
+        assert_eq!(got.len(), 200);
+        assert!(got.iter().enumerate().all(|(i, b)| *b == (i / 50) as u8));
+        assert!(keeper.replay().is_none(), "read past the cap: never again");
+    }
+
+    /// Two readers of an untouched body over the cap, both reading: the one left behind
+    /// fails with `ReplayLost`, never sends a body with a hole.
+    #[tokio::test]
+    async fn two_readers_of_an_unrecorded_body_never_send_a_hole() {
+        let first = ReplayBody::new(Full::new(Bytes::from(vec![1u8; 100])), 10);
+        let second = first.replay().unwrap();
+        assert_eq!(first.collect().await.unwrap().to_bytes().len(), 100);
+        let err = second.collect().await.unwrap_err();
+        assert!(err.is::<ReplayLost>(), "{err}");
     }
 
     #[tokio::test]
@@ -867,13 +920,15 @@ mod tests {
     async fn whole_bodies_over_the_cap_are_sent_once_unharmed() {
         let big = ReplayBody::new(Full::new(Bytes::from(vec![7u8; 100])), 10);
         assert!(!matches!(big.kind, Kind::Whole { .. }));
-        assert!(big.replay().is_none());
+        let keeper = big.replay().expect("untouched");
         assert_eq!(big.collect().await.unwrap().to_bytes(), vec![7u8; 100]);
+        assert!(keeper.replay().is_none(), "sent once");
 
         let text = ReplayBody::new("x".repeat(11), 10);
         assert!(!matches!(text.kind, Kind::Whole { .. }));
-        assert!(!text.can_replay());
+        let keeper = text.replay().expect("untouched");
         assert_eq!(text.collect().await.unwrap().to_bytes(), "x".repeat(11));
+        assert!(!keeper.can_replay(), "sent once");
     }
 
     #[tokio::test]

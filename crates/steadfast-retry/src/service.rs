@@ -89,7 +89,9 @@ where
         let deadline = Deadline::for_request(&req);
         let (parts, body) = req.into_parts();
         let body = ReplayBody::new(body, config.replay_cap);
-        // No copy at all when no retry could happen anyway.
+        // No copy at all when no retry could happen anyway. (A body over the replay cap is
+        // kept too while nothing of it is read: an attempt refused before it read anything
+        // hands it on whole.)
         let retry_body = if config.max_attempts > 1 {
             body.replay()
         } else {
