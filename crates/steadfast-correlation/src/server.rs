@@ -12,8 +12,7 @@ use tracing::Span;
 use crate::generate::MakeCorrelationId;
 use crate::id::{CorrelationId, WithCorrelationId};
 use crate::layer::SetCorrelationIdLayer;
-use crate::traceparent::{TRACEPARENT, trace_id};
-use crate::traceparent::{TRACESTATE, TraceContext, Traced};
+use crate::traceparent::{TRACEPARENT, TRACESTATE, TraceContext, Traced, trace_id};
 use crate::validate::ValidateId;
 
 /// The server-side service; see [`SetCorrelationIdLayer`].
@@ -180,11 +179,9 @@ where
         let response_extension = self.config.response_extension;
         let inner = {
             let _entered = span.enter();
-            let call = || id.clone().sync_scope(|| self.inner.call(req));
-            match &trace {
-                Some(t) => TraceContext::sync_scope_opt(Some(t.clone()), call),
-                None => call(),
-            }
+            TraceContext::sync_scope_opt(trace.clone(), || {
+                id.clone().sync_scope(|| self.inner.call(req))
+            })
         };
         SetCorrelationIdFuture {
             inner: Some(id.scope(Traced::new(trace, inner))),
