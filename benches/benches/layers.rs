@@ -523,6 +523,50 @@ fn balance_pick(c: &mut Criterion) {
     g.finish();
 }
 
+/// What a gateway's rate limit pays to reject a request: a 429 built by a bare handler,
+/// beside a GCRA limiter (`governor`) that times the rejection with its own clock, and the
+/// same limiter timing it with a clock made for each rejection, as tower_governor 0.8 does
+/// (`DefaultClock::default().now()` in its rejection path).
+fn rate_limit_rejection(c: &mut Criterion) {
+    use governor::clock::{Clock, DefaultClock};
+    use governor::{Quota, RateLimiter};
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::num::NonZeroU32;
+
+    fn too_many(wait: Duration) -> http::Response<()> {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        http::Response::builder()
+            .status(429)
+            .header(http::header::RETRY_AFTER, secs.max(1))
+            .body(())
+            .expect("response")
+    }
+    let limiter = RateLimiter::keyed(
+        Quota::with_period(Duration::from_secs(3600))
+            .expect("period")
+            .allow_burst(NonZeroU32::MIN),
+    );
+    let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let _ = limiter.check_key(&peer); // the one request allowed: every later one is over
+    let mut g = c.benchmark_group("rate-limit-rejection");
+    g.bench_function("bare-429", |b| {
+        b.iter(|| std::hint::black_box(too_many(Duration::from_secs(1))))
+    });
+    g.bench_function("governor-own-clock", |b| {
+        b.iter(|| match limiter.check_key(std::hint::black_box(&peer)) {
+            Ok(()) => unreachable!("over the rate"),
+            Err(not_until) => too_many(not_until.wait_time_from(limiter.clock().now())),
+        })
+    });
+    g.bench_function("governor-new-clock-per-rejection", |b| {
+        b.iter(|| match limiter.check_key(std::hint::black_box(&peer)) {
+            Ok(()) => unreachable!("over the rate"),
+            Err(not_until) => too_many(not_until.wait_time_from(DefaultClock::default().now())),
+        })
+    });
+    g.finish();
+}
+
 fn stacks(c: &mut Criterion) {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
@@ -635,6 +679,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = timeout, retry, breaker, correlation, uuid_v7, balance, balance_pick, stacks
+    targets = timeout, retry, breaker, correlation, uuid_v7, balance, balance_pick, rate_limit_rejection, stacks
 }
 criterion_main!(benches);
