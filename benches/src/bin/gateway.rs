@@ -1,0 +1,267 @@
+//! A gateway-shaped benchmark (issue 22): a gateway on one tokio thread proxies GETs to an
+//! upstream, once with no middleware and once behind `server::http()` calling through
+//! `client::http()`; 32 keep-alive connections drive each, taking turns in short slices. It
+//! reports requests per second and the gateway thread's CPU time per proxied request (read
+//! from `/proc/self/task/<tid>/schedstat`, nanoseconds on the CPU), each as the median over
+//! the rounds, with the per-round ratio (or difference) to the bare gateway.
+//!
+//! Run: `cargo run --release -p steadfast-bench --bin gateway`.
+
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall time is the measurement
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tower::{Layer, Service, ServiceExt};
+
+const CONNECTIONS: usize = 32;
+const SLICE: Duration = Duration::from_millis(200);
+const ROUNDS: usize = 40;
+
+async fn hello(_req: http::Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+}
+
+/// Serves `svc` over HTTP/1 on a listener already bound.
+async fn serve_on<S, B>(listener: tokio::net::TcpListener, svc: S)
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + 'static,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = Bytes> + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(svc.clone());
+        tokio::task::spawn_local(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// This thread's id, from `/proc/thread-self` (`<pid>/task/<tid>`).
+fn thread_id() -> String {
+    let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    link.file_name()
+        .expect("a tid")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Nanoseconds thread `tid` has spent on a CPU.
+fn cpu_ns(tid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts a gateway on a thread of its own (a current-thread runtime): `ours` puts the
+/// server stack in front and the client stack behind. Returns its address and thread id.
+fn gateway(upstream: SocketAddr, ours: bool) -> (SocketAddr, String) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            tx.send((listener.local_addr().expect("addr"), thread_id()))
+                .expect("report");
+            let uri = format!("http://{upstream}/");
+            if ours {
+                let client = steadfast::client::http()
+                    .build()
+                    .expect("valid")
+                    .hyper_client::<Full<Bytes>>();
+                let proxy = tower::service_fn(move |_req: http::Request<Incoming>| {
+                    let (client, uri) = (client.clone(), uri.clone());
+                    async move {
+                        let req = http::Request::get(uri).body(Full::default()).expect("req");
+                        let res = client.oneshot(req).await.expect("upstream");
+                        let body = res.into_body().collect().await.expect("body").to_bytes();
+                        Ok::<_, Infallible>(http::Response::new(Full::new(body)))
+                    }
+                });
+                let stack = steadfast::server::http()
+                    .build()
+                    .expect("valid")
+                    .layer(proxy);
+                serve_on(listener, stack).await;
+            } else {
+                let client: Client<_, Full<Bytes>> =
+                    Client::builder(TokioExecutor::new()).build_http();
+                let proxy = tower::service_fn(move |_req: http::Request<Incoming>| {
+                    let (client, uri) = (client.clone(), uri.clone());
+                    async move {
+                        let req = http::Request::get(uri).body(Full::default()).expect("req");
+                        let res = client.request(req).await.expect("upstream");
+                        let body = res.into_body().collect().await.expect("body").to_bytes();
+                        Ok::<_, Infallible>(http::Response::new(Full::new(body)))
+                    }
+                });
+                serve_on(listener, proxy).await;
+            }
+        });
+    });
+    rx.recv().expect("gateway started")
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Vec<Sender> {
+    let mut senders = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = stream.set_nodelay(true);
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        senders.push(send);
+    }
+    senders
+}
+
+/// One slice through one gateway: (requests per second, CPU ns per request on its thread).
+async fn slice(senders: &mut Vec<Sender>, tid: &str) -> (f64, f64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut send in senders.drain(..) {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let req = http::Request::get("/")
+                    .header("host", "gateway")
+                    .body(Empty::<Bytes>::new())
+                    .expect("request");
+                if send.ready().await.is_err() {
+                    break;
+                }
+                let Ok(res) = send.send_request(req).await else {
+                    break;
+                };
+                let _ = res.into_body().collect().await;
+                n += 1;
+            }
+            (send, n)
+        });
+    }
+    let (cpu0, start) = (cpu_ns(tid), Instant::now());
+    tokio::time::sleep(SLICE).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    while let Some(Ok((send, n))) = tasks.join_next().await {
+        senders.push(send);
+        total += n;
+    }
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_ns(tid) - cpu0);
+    (total as f64 / secs, cpu as f64 / total.max(1) as f64)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let upstream_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = upstream_listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = upstream_listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(
+                        TokioIo::new(stream),
+                        TowerToHyperService::new(tower::service_fn(hello)),
+                    )
+                    .await;
+            });
+        }
+    });
+    let (bare, bare_tid) = gateway(upstream, false);
+    let (ours, ours_tid) = gateway(upstream, true);
+    let mut conns = [connect(bare).await, connect(ours).await];
+    let tids = [bare_tid, ours_tid];
+    for (c, t) in conns.iter_mut().zip(&tids) {
+        slice(c, t).await; // warm-up
+    }
+    let mut results: [Vec<(f64, f64)>; 2] = Default::default();
+    for round in 0..ROUNDS {
+        for k in 0..2 {
+            let i = (round + k) % 2;
+            results[i].push(slice(&mut conns[i], &tids[i]).await);
+        }
+    }
+    let ratio = median(
+        results[1]
+            .iter()
+            .zip(&results[0])
+            .map(|(o, b)| o.0 / b.0)
+            .collect(),
+    );
+    let extra_cpu = median(
+        results[1]
+            .iter()
+            .zip(&results[0])
+            .map(|(o, b)| o.1 - b.1)
+            .collect(),
+    );
+    println!(
+        "Gateway on one thread proxying GETs: {CONNECTIONS} keep-alive connections, {ROUNDS} rounds of one {SLICE:?} slice each; medians."
+    );
+    println!();
+    println!("| gateway | req/s | × bare | CPU per request | our layers' CPU per request |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, r) in [
+        ("no middleware", &results[0]),
+        ("server::http() + client::http()", &results[1]),
+    ] {
+        let rps = median(r.iter().map(|x| x.0).collect());
+        let cpu = median(r.iter().map(|x| x.1).collect());
+        let (x, extra) = if std::ptr::eq(r, &results[0]) {
+            ("1.00".to_owned(), "".to_owned())
+        } else {
+            (
+                format!("{ratio:.2}"),
+                format!("{:.2} µs", extra_cpu / 1000.0),
+            )
+        };
+        println!(
+            "| {name} | {rps:.0} | {x} | {:.2} µs | {extra} |",
+            cpu / 1000.0
+        );
+    }
+}
