@@ -1,6 +1,6 @@
 //! A gateway-shaped benchmark (issue 22): a gateway on one tokio thread proxies GETs to an
-//! upstream, once with no middleware and once behind `server::http()` calling through
-//! `client::http()`; 32 keep-alive connections drive each, taking turns in short slices. It
+//! upstream, with no middleware, with `server::http()` in front, with `client::http()` behind,
+//! and with both; 32 keep-alive connections drive each, taking turns in short slices. It
 //! reports requests per second and the gateway thread's CPU time per proxied request (read
 //! from `/proc/self/task/<tid>/schedstat`, nanoseconds on the CPU), each as the median over
 //! the rounds, with the per-round ratio (or difference) to the bare gateway.
@@ -25,7 +25,7 @@ use tower::{Layer, Service, ServiceExt};
 
 const CONNECTIONS: usize = 32;
 const SLICE: Duration = Duration::from_millis(200);
-const ROUNDS: usize = 40;
+const ROUNDS: usize = 30;
 
 async fn hello(_req: http::Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
     Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
@@ -71,9 +71,16 @@ fn cpu_ns(tid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Starts a gateway on a thread of its own (a current-thread runtime): `ours` puts the
-/// server stack in front and the client stack behind. Returns its address and thread id.
-fn gateway(upstream: SocketAddr, ours: bool) -> (SocketAddr, String) {
+/// Which of our stacks a gateway runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stacks {
+    server: bool,
+    client: bool,
+}
+
+/// Starts a gateway on a thread of its own (a current-thread runtime), with our server stack
+/// in front and/or our client stack behind. Returns its address and thread id.
+fn gateway(upstream: SocketAddr, stacks: Stacks) -> (SocketAddr, String) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -88,38 +95,35 @@ fn gateway(upstream: SocketAddr, ours: bool) -> (SocketAddr, String) {
             tx.send((listener.local_addr().expect("addr"), thread_id()))
                 .expect("report");
             let uri = format!("http://{upstream}/");
-            if ours {
-                let client = steadfast::client::http()
+            // One proxy whatever the client: a GET to the upstream, its body collected.
+            macro_rules! proxy {
+                ($client:expr) => {{
+                    let client = $client;
+                    tower::service_fn(move |_req: http::Request<Incoming>| {
+                        let (client, uri) = (client.clone(), uri.clone());
+                        async move {
+                            let req = http::Request::get(uri).body(Full::default()).expect("req");
+                            let res = client.oneshot(req).await.expect("upstream");
+                            let body = res.into_body().collect().await.expect("body").to_bytes();
+                            Ok::<_, Infallible>(http::Response::new(Full::new(body)))
+                        }
+                    })
+                }};
+            }
+            let bare_client =
+                || -> Client<_, Full<Bytes>> { Client::builder(TokioExecutor::new()).build_http() };
+            let our_client = || {
+                steadfast::client::http()
                     .build()
                     .expect("valid")
-                    .hyper_client::<Full<Bytes>>();
-                let proxy = tower::service_fn(move |_req: http::Request<Incoming>| {
-                    let (client, uri) = (client.clone(), uri.clone());
-                    async move {
-                        let req = http::Request::get(uri).body(Full::default()).expect("req");
-                        let res = client.oneshot(req).await.expect("upstream");
-                        let body = res.into_body().collect().await.expect("body").to_bytes();
-                        Ok::<_, Infallible>(http::Response::new(Full::new(body)))
-                    }
-                });
-                let stack = steadfast::server::http()
-                    .build()
-                    .expect("valid")
-                    .layer(proxy);
-                serve_on(listener, stack).await;
-            } else {
-                let client: Client<_, Full<Bytes>> =
-                    Client::builder(TokioExecutor::new()).build_http();
-                let proxy = tower::service_fn(move |_req: http::Request<Incoming>| {
-                    let (client, uri) = (client.clone(), uri.clone());
-                    async move {
-                        let req = http::Request::get(uri).body(Full::default()).expect("req");
-                        let res = client.request(req).await.expect("upstream");
-                        let body = res.into_body().collect().await.expect("body").to_bytes();
-                        Ok::<_, Infallible>(http::Response::new(Full::new(body)))
-                    }
-                });
-                serve_on(listener, proxy).await;
+                    .hyper_client::<Full<Bytes>>()
+            };
+            let server = steadfast::server::http().build().expect("valid");
+            match (stacks.server, stacks.client) {
+                (false, false) => serve_on(listener, proxy!(bare_client())).await,
+                (false, true) => serve_on(listener, proxy!(our_client())).await,
+                (true, false) => serve_on(listener, server.layer(proxy!(bare_client()))).await,
+                (true, true) => serve_on(listener, server.layer(proxy!(our_client()))).await,
             }
         });
     });
@@ -211,56 +215,73 @@ async fn main() {
             });
         }
     });
-    let (bare, bare_tid) = gateway(upstream, false);
-    let (ours, ours_tid) = gateway(upstream, true);
-    let mut conns = [connect(bare).await, connect(ours).await];
-    let tids = [bare_tid, ours_tid];
+    let variants = [
+        (
+            "no middleware",
+            Stacks {
+                server: false,
+                client: false,
+            },
+        ),
+        (
+            "server::http() only",
+            Stacks {
+                server: true,
+                client: false,
+            },
+        ),
+        (
+            "client::http() only",
+            Stacks {
+                server: false,
+                client: true,
+            },
+        ),
+        (
+            "server::http() + client::http()",
+            Stacks {
+                server: true,
+                client: true,
+            },
+        ),
+    ];
+    let mut conns = Vec::new();
+    let mut tids = Vec::new();
+    for (_, stacks) in variants {
+        let (addr, tid) = gateway(upstream, stacks);
+        conns.push(connect(addr).await);
+        tids.push(tid);
+    }
     for (c, t) in conns.iter_mut().zip(&tids) {
         slice(c, t).await; // warm-up
     }
-    let mut results: [Vec<(f64, f64)>; 2] = Default::default();
+    let n = variants.len();
+    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); n];
     for round in 0..ROUNDS {
-        for k in 0..2 {
-            let i = (round + k) % 2;
+        for k in 0..n {
+            let i = (round + k) % n;
             results[i].push(slice(&mut conns[i], &tids[i]).await);
         }
     }
-    let ratio = median(
-        results[1]
-            .iter()
-            .zip(&results[0])
-            .map(|(o, b)| o.0 / b.0)
-            .collect(),
-    );
-    let extra_cpu = median(
-        results[1]
-            .iter()
-            .zip(&results[0])
-            .map(|(o, b)| o.1 - b.1)
-            .collect(),
-    );
     println!(
-        "Gateway on one thread proxying GETs: {CONNECTIONS} keep-alive connections, {ROUNDS} rounds of one {SLICE:?} slice each; medians."
+        "Gateway on one thread proxying GETs: {CONNECTIONS} keep-alive connections, {ROUNDS} rounds of one {SLICE:?} slice each; medians, ratios and differences within a round."
     );
     println!();
     println!("| gateway | req/s | × bare | CPU per request | our layers' CPU per request |");
     println!("|---|---:|---:|---:|---:|");
-    for (name, r) in [
-        ("no middleware", &results[0]),
-        ("server::http() + client::http()", &results[1]),
-    ] {
+    for (i, (name, _)) in variants.iter().enumerate() {
+        let r = &results[i];
         let rps = median(r.iter().map(|x| x.0).collect());
         let cpu = median(r.iter().map(|x| x.1).collect());
-        let (x, extra) = if std::ptr::eq(r, &results[0]) {
-            ("1.00".to_owned(), "".to_owned())
+        let ratio = median(r.iter().zip(&results[0]).map(|(o, b)| o.0 / b.0).collect());
+        let extra = median(r.iter().zip(&results[0]).map(|(o, b)| o.1 - b.1).collect());
+        let extra = if i == 0 {
+            String::new()
         } else {
-            (
-                format!("{ratio:.2}"),
-                format!("{:.2} µs", extra_cpu / 1000.0),
-            )
+            format!("{:.2} µs", extra / 1000.0)
         };
         println!(
-            "| {name} | {rps:.0} | {x} | {:.2} µs | {extra} |",
+            "| {name} | {rps:.0} | {ratio:.2} | {:.2} µs | {extra} |",
             cpu / 1000.0
         );
     }
