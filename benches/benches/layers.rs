@@ -16,7 +16,7 @@ use steadfast_bench::peers::{
     FailEveryOther, Failing, Failsafe, TowerPolicy, fs_breaker, tr_breaker_layer,
 };
 use steadfast_bench::{
-    Bare, CountingAlloc, PendingOnce, Recorder, allocations_per_call, record_allocs,
+    Bare, CountingAlloc, InScope, PendingOnce, Recorder, allocations_per_call, record_allocs,
 };
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceBuilder};
@@ -642,31 +642,6 @@ fn stacks(c: &mut Criterion) {
             .layer(Bare),
         with_id,
     );
-}
-
-/// Calls the inner service inside a correlation-id scope.
-#[derive(Clone, Debug)]
-struct InScope<S>(CorrelationId, S);
-
-impl<S, R> Service<http::Request<R>> for InScope<S>
-where
-    S: Service<http::Request<R>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.1.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<R>) -> S::Future {
-        let inner = &mut self.1;
-        self.0.clone().sync_scope(|| inner.call(req))
-    }
 }
 
 fn config() -> Criterion {

@@ -9,6 +9,9 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Empty;
+
 use steadfast_bench::peers::{Failsafe, fs_breaker, tr_breaker_layer};
 use steadfast_bench::{Bare, PendingOnce, call_with};
 use tower::{Layer, Service, ServiceBuilder};
@@ -25,6 +28,20 @@ const CASES: &[(&str, &[&str])] = &[
         &["bare", "failsafe", "tower-resilience", "steadfast"],
     ),
     ("server-stack", &["bare", "tower-http", "steadfast"]),
+    (
+        "client-stack",
+        &["bare", "tower+tower-http+tower-resilience", "steadfast"],
+    ),
+    (
+        "client-stack-armed",
+        &["bare", "tower+tower-http+tower-resilience", "steadfast"],
+    ),
+    // The client stack built up one layer at a time, innermost first, with the preset's
+    // settings (contenders starting with `+` are steps, not peers).
+    (
+        "client-layers",
+        &["bare", "+timeout", "+breaker", "+retry", "+deadline", "+id"],
+    ),
 ];
 
 fn plain() -> http::Request<()> {
@@ -40,11 +57,18 @@ fn with_id() -> http::Request<()> {
     req
 }
 
+/// An outgoing GET as a handler makes it: an absolute URI, no body.
+fn outgoing() -> http::Request<Empty<Bytes>> {
+    let mut req = http::Request::new(Empty::new());
+    *req.uri_mut() = http::Uri::from_static("http://orders:8080/orders/17");
+    req
+}
+
 /// The calls callgrind counts (its name is what `--toggle-collect` matches).
 #[inline(never)]
-fn measured<S>(svc: &mut S, make: fn() -> http::Request<()>, calls: u64)
+fn measured<S, R>(svc: &mut S, make: fn() -> http::Request<R>, calls: u64)
 where
-    S: Service<http::Request<()>>,
+    S: Service<http::Request<R>>,
     S::Error: std::fmt::Debug,
 {
     for _ in 0..calls {
@@ -54,9 +78,9 @@ where
 
 /// Warms caches and lazily built state outside the counted region.
 #[inline(never)]
-fn warm_up<S>(svc: &mut S, make: fn() -> http::Request<()>)
+fn warm_up<S, R>(svc: &mut S, make: fn() -> http::Request<R>)
 where
-    S: Service<http::Request<()>>,
+    S: Service<http::Request<R>>,
     S::Error: std::fmt::Debug,
 {
     for _ in 0..1000 {
@@ -64,9 +88,9 @@ where
     }
 }
 
-fn run<S>(mut svc: S, make: fn() -> http::Request<()>, calls: u64)
+fn run<S, R>(mut svc: S, make: fn() -> http::Request<R>, calls: u64)
 where
-    S: Service<http::Request<()>>,
+    S: Service<http::Request<R>>,
     S::Error: std::fmt::Debug,
 {
     warm_up(&mut svc, make);
@@ -149,6 +173,102 @@ fn main() {
                 .expect("valid")
                 .layer(Bare),
             with_id,
+            calls,
+        ),
+        ("client-stack" | "client-stack-armed" | "client-layers", _) => {
+            client(case, contender, calls);
+        }
+        _ => {
+            eprintln!("unknown case/contender {case}/{contender}; see --list");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The client-side cases: every call is made inside a correlation-id scope, as a handler's is.
+fn client(case: &str, contender: &str, calls: u64) {
+    use steadfast::breaker::CircuitBreakerLayer;
+    use steadfast::correlation::{CorrelationId, PropagateCorrelationIdLayer};
+    use steadfast::retry::RetryLayer;
+    use steadfast::timeout::TimeoutLayer;
+    use steadfast_bench::InScope;
+    use steadfast_bench::peers::TowerPolicy;
+
+    let id = CorrelationId::parse("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60").expect("valid");
+    macro_rules! peer {
+        ($inner:expr) => {
+            ServiceBuilder::new()
+                .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+                    tower_http::request_id::MakeRequestUuid,
+                ))
+                .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+                .timeout(FIVE_S)
+                .layer(tower::retry::RetryLayer::new(TowerPolicy::new(true)))
+                .layer(tr_breaker_layer(THIRTY_S))
+                .timeout(FIVE_S)
+                .service($inner)
+        };
+    }
+    let ours = || steadfast::client::http().build().expect("valid");
+    // The preset's layers, one by one, with its settings.
+    let attempt = TimeoutLayer::new(FIVE_S);
+    let breaker = CircuitBreakerLayer::builder()
+        .build_per_authority()
+        .expect("valid");
+    let retry = RetryLayer::new();
+    let total = TimeoutLayer::builder()
+        .limit(Duration::from_secs(10))
+        .share_own(true)
+        .covering_body()
+        .build()
+        .expect("valid");
+    let propagate = PropagateCorrelationIdLayer::new();
+    match (case, contender) {
+        ("client-stack" | "client-layers", "bare") => {
+            run(InScope(id.clone(), Bare), outgoing, calls)
+        }
+        ("client-stack-armed", "bare") => run(InScope(id.clone(), PendingOnce), outgoing, calls),
+        ("client-stack", "tower+tower-http+tower-resilience") => {
+            run(InScope(id.clone(), peer!(Bare)), outgoing, calls)
+        }
+        ("client-stack-armed", "tower+tower-http+tower-resilience") => {
+            run(InScope(id.clone(), peer!(PendingOnce)), outgoing, calls)
+        }
+        ("client-stack", "steadfast") => {
+            run(InScope(id.clone(), ours().layer(Bare)), outgoing, calls)
+        }
+        ("client-stack-armed", "steadfast") => run(
+            InScope(id.clone(), ours().layer(PendingOnce)),
+            outgoing,
+            calls,
+        ),
+        ("client-layers", "+timeout") => {
+            run(InScope(id.clone(), attempt.layer(Bare)), outgoing, calls)
+        }
+        ("client-layers", "+breaker") => run(
+            InScope(id.clone(), breaker.layer(attempt.layer(Bare))),
+            outgoing,
+            calls,
+        ),
+        ("client-layers", "+retry") => run(
+            InScope(id.clone(), retry.layer(breaker.layer(attempt.layer(Bare)))),
+            outgoing,
+            calls,
+        ),
+        ("client-layers", "+deadline") => run(
+            InScope(
+                id.clone(),
+                total.layer(retry.layer(breaker.layer(attempt.layer(Bare)))),
+            ),
+            outgoing,
+            calls,
+        ),
+        ("client-layers", "+id") => run(
+            InScope(
+                id.clone(),
+                propagate.layer(total.layer(retry.layer(breaker.layer(attempt.layer(Bare))))),
+            ),
+            outgoing,
             calls,
         ),
         _ => {
