@@ -346,9 +346,10 @@ impl<C: Clone> ClientBuilder<C> {
         // on each request (one channel: the retry layer has no total of its own).
         let retry = self.retry.build()?;
         let breaker = self.breaker.build_per_authority()?;
-        let mut total = TimeoutLayer::builder()
-            .limit(self.total)
-            .propagate_own(true);
+        // The total deadline is shared with the layers below, not written: the attempt
+        // timeout writes what is left of it on every attempt (once per attempt, and never
+        // into the head the retry layer keeps).
+        let mut total = TimeoutLayer::builder().limit(self.total).share_own(true);
         let mut attempt = TimeoutLayer::builder().limit(self.attempt);
         if let Some(name) = self.deadline_header {
             total = total.deadline_header(name.clone());

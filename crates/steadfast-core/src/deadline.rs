@@ -3,8 +3,10 @@
 //! A [`Deadline`] is an absolute point in tokio time. The server side of the timeout layer makes
 //! it *ambient* for the handler with [`Deadline::scope`] (a tokio task-local) and also puts it in
 //! the request's extensions. Client-side layers look it up with [`Deadline::for_request`]: the
-//! request's own extension first, else the ambient one. Task-locals do not cross
-//! `tokio::spawn`; wrap spawned work in [`Deadline::propagate`].
+//! earlier of the request's own extension (a caller may set one) and the ambient one. A client
+//! timeout passes its deadline to the layers below it the same way, as the ambient deadline
+//! while it calls them (a retry layer keeps it for its later attempts), not as an extension.
+//! Task-locals do not cross `tokio::spawn`; wrap spawned work in [`Deadline::propagate`].
 
 use std::fmt;
 use std::future::Future;

@@ -334,7 +334,13 @@ where
                     *this.span = attempt_span(&ctx.parts, ctx.history.attempt - 1);
                     let fut = {
                         let _attempt = this.span.enter();
-                        ctx.service.call(req)
+                        // The call's deadline, as it was when the first attempt was made
+                        // (the layers below learn it as the ambient one, as they did then).
+                        let service = &mut ctx.service;
+                        match ctx.history.deadline {
+                            Some(d) => d.sync_scope(|| service.call(req)),
+                            None => service.call(req),
+                        }
                     };
                     ctx.reserved = false;
                     this.state.set(State::Called { fut });

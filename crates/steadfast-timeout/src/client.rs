@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use crate::error::Elapsed;
 use crate::future::ResponseFuture;
-use crate::layer::TimeoutLayer;
+use crate::layer::{Own, TimeoutLayer};
 use crate::propagate;
 
 /// A per-request limit shorter than the layer's, set as a request extension.
@@ -47,6 +47,10 @@ pub struct RequestTimeout(pub Duration);
 pub struct Timeout<S> {
     inner: S,
     config: TimeoutLayer,
+    /// The layer's own limit as header values, made when layered: written whenever the
+    /// limit is the layer's own (most calls), so they cost a reference count, not an
+    /// allocation and an encoding.
+    own_values: Option<propagate::Encoded>,
     ready_sleep: Option<Pin<Box<Sleep>>>,
     ready_expired: bool,
 }
@@ -64,8 +68,18 @@ impl<S> Timeout<S> {
         Self {
             inner,
             config,
+            own_values: None,
             ready_sleep: None,
             ready_expired: false,
+        }
+    }
+
+    /// Wraps `inner`, with the layer's own limit encoded once.
+    pub(crate) fn layered(inner: S, config: TimeoutLayer) -> Self {
+        let own_values = Some(propagate::Encoded::new(config.limit));
+        Self {
+            own_values,
+            ..Self::new(inner, config)
         }
     }
 
@@ -87,7 +101,10 @@ impl<S> Timeout<S> {
 
 impl<S: Clone> Clone for Timeout<S> {
     fn clone(&self) -> Self {
-        Self::new(self.inner.clone(), self.config.clone())
+        Self {
+            own_values: self.own_values.clone(),
+            ..Self::new(self.inner.clone(), self.config.clone())
+        }
     }
 }
 
@@ -155,7 +172,7 @@ where
             // to edit), and leaves the clock and the timer to the first `Pending`.
             // A zero limit takes the slow path, which refuses it before sending (as every
             // deadline already passed is refused), whether or not the call would pend.
-            None if !self.config.propagate_own && !own.is_zero() => {
+            None if self.config.own == Own::Unshared && !own.is_zero() => {
                 ResponseFuture::lazy(self.inner.call(req), own)
             }
             inherited => self.call_with_deadline(req, own, inherited),
@@ -172,8 +189,9 @@ impl<S> Timeout<S> {
         ResponseFuture::elapsed(Elapsed::new(self.config.limit, false))
     }
 
-    /// A call with a deadline to honour and write on the wire: an inherited one, or our own
-    /// when [`propagate_own`](crate::TimeoutBuilder::propagate_own) is set.
+    /// A call with a deadline to honour, let the layers below know, and (unless
+    /// [`share_own`](crate::TimeoutBuilder::share_own) is set) write on the wire: an
+    /// inherited one, or our own when the layer shares it.
     fn call_with_deadline<B>(
         &mut self,
         mut req: Request<B>,
@@ -200,13 +218,18 @@ impl<S> Timeout<S> {
             return ResponseFuture::elapsed(Elapsed::new(limit, is_inherited));
         }
         let deadline = Deadline::after_from(now, limit);
-        propagate::write(req.headers_mut(), limit, &self.config.header);
-        req.extensions_mut().insert(deadline);
-        ResponseFuture::at(
-            self.inner.call(req),
-            deadline.instant(),
-            limit,
-            is_inherited,
-        )
+        if self.config.own != Own::Shared {
+            let own = self
+                .own_values
+                .as_ref()
+                .filter(|_| limit == self.config.limit);
+            propagate::write(req.headers_mut(), limit, &self.config.header, own);
+        }
+        // The layers below (retry, an attempt timeout, the transport) learn the deadline as
+        // the ambient one while they are called: no request extension to allocate, and none
+        // for a retry layer to copy into every attempt (it keeps the deadline itself).
+        let inner = &mut self.inner;
+        let fut = deadline.sync_scope(|| inner.call(req));
+        ResponseFuture::at(fut, deadline.instant(), limit, is_inherited)
     }
 }

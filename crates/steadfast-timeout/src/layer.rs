@@ -23,8 +23,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// When a deadline is inherited (or [`propagate_own`](TimeoutBuilder::propagate_own) is on), the
 /// remaining budget is written onto the request: `grpc-timeout` for gRPC requests,
-/// `x-request-timeout-ms` otherwise, and a [`Deadline`](steadfast_core::Deadline) extension is
-/// set for inner layers (retry reads it).
+/// `x-request-timeout-ms` otherwise, and the layers below learn the deadline as the ambient
+/// [`Deadline`](steadfast_core::Deadline) while the call is made (retry reads it, and keeps
+/// it for its later attempts). See [`share_own`](TimeoutBuilder::share_own) for a total
+/// timeout that leaves the writing to an inner one.
 ///
 /// # On a server (axum, tonic)
 ///
@@ -57,7 +59,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct TimeoutLayer {
     pub(crate) limit: Duration,
     pub(crate) cover_ready: bool,
-    pub(crate) propagate_own: bool,
+    pub(crate) own: Own,
     /// The header an HTTP request's remaining budget is written to.
     pub(crate) header: HeaderName,
 }
@@ -75,7 +77,7 @@ impl TimeoutLayer {
         Self {
             limit,
             cover_ready: false,
-            propagate_own: false,
+            own: Own::Unshared,
             header: TIMEOUT_MS,
         }
     }
@@ -97,6 +99,18 @@ impl TimeoutLayer {
     pub const fn deadline_header(&self) -> &HeaderName {
         &self.header
     }
+}
+
+/// What a client timeout does with its deadline besides timing the call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Own {
+    /// The default: the layer's own limit stays its own (no clock read until the first
+    /// `Pending`); an inherited deadline is shrunk to it and written on the wire.
+    Unshared,
+    /// The layers below learn the deadline; nothing is written on the wire.
+    Shared,
+    /// The layers below learn the deadline, and it is written on the wire.
+    Written,
 }
 
 /// Configures a [`TimeoutLayer`], or with [`covering_body`](Self::covering_body) a
@@ -140,10 +154,51 @@ impl TimeoutBuilder {
     }
 
     /// Write this layer's own limit downstream even when no deadline was inherited (off by
-    /// default: it costs a header and an extension per call). Turn it on for the outermost
-    /// (total) timeout of a client stack so upstreams learn the caller's budget.
+    /// default: it costs a clock read and a header per call), and let the layers below learn
+    /// it as their deadline. Turn it on for the outermost (total) timeout of a client stack
+    /// so upstreams learn the caller's budget. The last of this and
+    /// [`share_own`](Self::share_own) wins.
     pub const fn propagate_own(mut self, on: bool) -> Self {
-        self.layer.propagate_own = on;
+        self.layer.own = if on { Own::Written } else { Own::Unshared };
+        self
+    }
+
+    /// Let the layers below learn this layer's deadline (inherited or its own), as the
+    /// ambient [`Deadline`](steadfast_core::Deadline) while each call is made, but write
+    /// nothing on the wire: for a total timeout above a retry layer and a per-attempt
+    /// timeout, where the attempt timeout writes what is left of the deadline on every
+    /// attempt, so writing it here too would be wasted (off by default). The retry layer
+    /// learns when to stop; the attempt timeout shrinks to what is left. The last of this
+    /// and [`propagate_own`](Self::propagate_own) wins.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use steadfast_core::Deadline;
+    /// use steadfast_timeout::TimeoutLayer;
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let total = TimeoutLayer::builder()
+    ///     .limit(Duration::from_secs(10))
+    ///     .share_own(true)
+    ///     .build()
+    ///     .unwrap();
+    /// let svc = total.layer(service_fn(|req: http::Request<()>| {
+    ///     // Read in `call`, which runs inside the deadline's scope.
+    ///     let seen = (req.headers().contains_key("x-request-timeout-ms"), Deadline::current());
+    ///     std::future::ready(Ok::<_, std::convert::Infallible>(seen))
+    /// }));
+    /// let (written, deadline) = svc.oneshot(http::Request::new(())).await.unwrap();
+    /// assert!(!written); // nothing on the wire
+    /// assert_eq!(deadline.unwrap().remaining(), Duration::from_secs(10)); // known below
+    /// # }
+    /// ```
+    pub const fn share_own(mut self, on: bool) -> Self {
+        self.layer.own = match (on, self.layer.own) {
+            (true, _) => Own::Shared,
+            (false, Own::Shared) => Own::Unshared,
+            (false, own) => own,
+        };
         self
     }
 
@@ -242,7 +297,7 @@ impl<S> Layer<S> for TimeoutLayer {
     type Service = Timeout<S>;
 
     fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout::new(inner, self.clone())
+        Timeout::layered(inner, self.clone())
     }
 }
 

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName};
+use http::header::Entry;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use steadfast_core::header::{
     GRPC_TIMEOUT, encode_grpc_timeout, encode_timeout_ms, grpc_timeout, timeout_ms,
 };
@@ -21,28 +22,61 @@ pub(crate) fn inbound(headers: &HeaderMap, header: &HeaderName) -> Option<Durati
     shortest(&GRPC_TIMEOUT, grpc_timeout).or_else(|| shortest(header, timeout_ms))
 }
 
-/// Writes `budget` onto an outgoing request: `grpc-timeout` for gRPC, the deadline header
-/// (`x-request-timeout-ms` by default) otherwise. A smaller value already on the request (set
-/// by the caller or an inner layer) is kept: a budget only ever shrinks on its way downstream.
-pub(crate) fn write(headers: &mut HeaderMap, budget: Duration, header: &HeaderName) {
-    let grpc = is_grpc_content_type(headers);
-    let (name, existing) = if grpc {
-        (
-            GRPC_TIMEOUT,
-            headers.get(&GRPC_TIMEOUT).and_then(grpc_timeout),
-        )
-    } else {
-        (header.clone(), headers.get(header).and_then(timeout_ms))
-    };
-    if existing.is_some_and(|e| e <= budget) {
-        return;
+/// A budget encoded once for both kinds of request.
+#[derive(Clone, Debug)]
+pub(crate) struct Encoded {
+    http: HeaderValue,
+    grpc: HeaderValue,
+}
+
+impl Encoded {
+    pub(crate) fn new(budget: Duration) -> Self {
+        Self {
+            http: encode_timeout_ms(budget),
+            grpc: encode_grpc_timeout(budget),
+        }
     }
-    let value = if grpc {
-        encode_grpc_timeout(budget)
-    } else {
-        encode_timeout_ms(budget)
+}
+
+/// Writes `budget` onto an outgoing request: `grpc-timeout` for gRPC, the deadline header
+/// (`x-request-timeout-ms` by default) otherwise; `encoded` is `budget` already encoded, when
+/// the caller has it. A smaller value already on the request (set by the caller or an inner
+/// layer) is kept: a budget only ever shrinks on its way downstream.
+pub(crate) fn write(
+    headers: &mut HeaderMap,
+    budget: Duration,
+    header: &HeaderName,
+    encoded: Option<&Encoded>,
+) {
+    let grpc = is_grpc_content_type(headers);
+    let (name, parse, encode): (_, fn(&HeaderValue) -> Option<Duration>, fn(Duration) -> _) =
+        if grpc {
+            (&GRPC_TIMEOUT, grpc_timeout, encode_grpc_timeout)
+        } else {
+            (header, timeout_ms, encode_timeout_ms)
+        };
+    let value = || match encoded {
+        Some(e) if grpc => e.grpc.clone(),
+        Some(e) => e.http.clone(),
+        None => encode(budget),
     };
-    headers.insert(name, value);
+    // One lookup: a value already there is kept if it is smaller, else replaced (every
+    // value of a repeated header goes: the budget written is the one that counts).
+    match headers.entry(name) {
+        Entry::Occupied(mut e) => {
+            if e.iter()
+                .filter_map(parse)
+                .min()
+                .is_some_and(|v| v <= budget)
+            {
+                return;
+            }
+            e.insert(value());
+        }
+        Entry::Vacant(e) => {
+            e.insert(value());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -83,17 +117,24 @@ mod tests {
     #[test]
     fn write_only_shrinks() {
         let mut h = HeaderMap::new();
-        write(&mut h, Duration::from_millis(1500), &TIMEOUT_MS);
+        write(&mut h, Duration::from_millis(1500), &TIMEOUT_MS, None);
         assert_eq!(h[TIMEOUT_MS], "1500");
-        write(&mut h, Duration::from_secs(5), &TIMEOUT_MS);
+        write(&mut h, Duration::from_secs(5), &TIMEOUT_MS, None);
         assert_eq!(h[TIMEOUT_MS], "1500");
-        write(&mut h, Duration::from_millis(10), &TIMEOUT_MS);
+        let ten = Encoded::new(Duration::from_millis(10));
+        write(&mut h, Duration::from_millis(10), &TIMEOUT_MS, Some(&ten));
         assert_eq!(h[TIMEOUT_MS], "10");
+        // A repeated header: its smallest valid value counts, and a write replaces them all.
+        h.append(TIMEOUT_MS, "7".parse().unwrap());
+        write(&mut h, Duration::from_millis(8), &TIMEOUT_MS, None);
+        assert_eq!(h.get_all(TIMEOUT_MS).iter().count(), 2, "7 < 8 kept");
+        write(&mut h, Duration::from_millis(3), &TIMEOUT_MS, None);
+        assert_eq!(h.get_all(TIMEOUT_MS).iter().collect::<Vec<_>>(), ["3"]);
 
         let mut g = HeaderMap::new();
         g.insert("content-type", "application/grpc".parse().unwrap());
         g.insert(GRPC_TIMEOUT, "garbage".parse().unwrap());
-        write(&mut g, Duration::from_secs(1), &TIMEOUT_MS);
+        write(&mut g, Duration::from_secs(1), &TIMEOUT_MS, None);
         assert_eq!(g[GRPC_TIMEOUT], "1000000u");
         assert!(g.get(TIMEOUT_MS).is_none());
     }

@@ -76,11 +76,87 @@ async fn inherited_deadline_is_propagated_and_enforced() {
     let fut = deadline.sync_scope(|| svc.call(Request::new(())));
     let (req, _send) = handle.next_request().await.unwrap();
     assert_eq!(req.headers()["x-request-timeout-ms"], "1000");
-    assert_eq!(req.extensions().get::<Deadline>(), Some(&deadline));
+    assert!(
+        req.extensions().get::<Deadline>().is_none(),
+        "the layers below learn the deadline as the ambient one, not from an extension"
+    );
     let e = elapsed(fut.await.unwrap_err());
     assert!(e.is_inherited());
     assert_eq!(e.limit(), Duration::from_millis(1000));
     assert!(deadline.is_expired());
+}
+
+/// What the layers below see while they are called, for each way of sharing the deadline:
+/// the ambient deadline and the header on the wire.
+#[tokio::test(start_paused = true)]
+async fn the_layers_below_learn_the_deadline_while_they_are_called() {
+    let seen = |req: Request<()>| {
+        let header = req
+            .headers()
+            .get("x-request-timeout-ms")
+            .map(|v| v.to_str().unwrap().to_owned());
+        std::future::ready(Ok::<_, std::convert::Infallible>((
+            header,
+            Deadline::current().map(Deadline::remaining),
+        )))
+    };
+    let ten = Duration::from_secs(10);
+    let cases = [
+        (TimeoutLayer::builder().limit(ten), None, None),
+        (
+            TimeoutLayer::builder().limit(ten).propagate_own(true),
+            Some("10000"),
+            Some(ten),
+        ),
+        (
+            TimeoutLayer::builder().limit(ten).share_own(true),
+            None,
+            Some(ten),
+        ),
+        (
+            TimeoutLayer::builder()
+                .limit(ten)
+                .propagate_own(true)
+                .share_own(true),
+            None,
+            Some(ten),
+        ),
+        (
+            TimeoutLayer::builder()
+                .limit(ten)
+                .share_own(true)
+                .propagate_own(true),
+            Some("10000"),
+            Some(ten),
+        ),
+        (
+            TimeoutLayer::builder()
+                .limit(ten)
+                .share_own(true)
+                .share_own(false),
+            None,
+            None,
+        ),
+    ];
+    for (i, (builder, header, deadline)) in cases.into_iter().enumerate() {
+        let svc = builder.build().unwrap().layer(tower::service_fn(seen));
+        let (h, d) = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(h.as_deref(), header, "case {i}");
+        assert_eq!(d, deadline, "case {i}");
+    }
+    // An inherited deadline shorter than the limit: shared as it is, written unless the
+    // layer only shares.
+    let outer = Deadline::after(Duration::from_secs(3));
+    for (builder, header) in [
+        (TimeoutLayer::builder().limit(ten), Some("3000")),
+        (TimeoutLayer::builder().limit(ten).share_own(true), None),
+    ] {
+        let mut svc = builder.build().unwrap().layer(tower::service_fn(seen));
+        let fut = outer.sync_scope(|| svc.call(Request::new(())));
+        let (h, d) = fut.await.unwrap();
+        assert_eq!(h.as_deref(), header);
+        assert_eq!(d, Some(Duration::from_secs(3)));
+    }
 }
 
 #[tokio::test(start_paused = true)]
