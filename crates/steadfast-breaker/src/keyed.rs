@@ -1,16 +1,17 @@
 //! Per-key breakers: a bounded, sharded map with idle eviction.
 
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use foldhash::fast::RandomState;
 use http::HeaderMap;
 use http::Uri;
 use http::uri::Authority;
 use indexmap::IndexMap;
+use indexmap::map::RawEntryApiV1;
 use tokio::time::Instant;
 
 use crate::breaker::{Breaker, Stripe};
@@ -60,6 +61,34 @@ where
 pub trait BreakerKey: Hash + Eq + Clone + Send + Sync + 'static {
     /// The name of this key's breaker; made once, when the breaker is.
     fn name(&self) -> String;
+
+    /// Whether two keys are equal, as `==` says; the lookup on every call uses this. The
+    /// default is `==`; override it only with something quicker that gives the same answer
+    /// (the authority keys compare bytes before they compare without regard to case).
+    #[inline]
+    fn same(&self, other: &Self) -> bool {
+        self == other
+    }
+
+    /// The copy the map keeps for as long as the breaker lives, made once, when the breaker
+    /// is; the default is a clone. Authorities are copied out of the request's URI, so that
+    /// an idle breaker does not keep the whole first URI (path and query included) alive.
+    fn to_kept(&self) -> Self {
+        self.clone()
+    }
+}
+
+/// An authority in a buffer of its own (not a slice of a request's URI).
+fn kept_authority(a: &Authority) -> Authority {
+    Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(a.as_str().as_bytes()))
+        .unwrap_or_else(|_| a.clone())
+}
+
+/// Byte-equal authorities are equal; only others need `Authority`'s comparison, which
+/// ignores ASCII case byte by byte.
+#[inline]
+fn same_authority(a: &Authority, b: &Authority) -> bool {
+    a.as_str() == b.as_str() || a == b
 }
 
 impl BreakerKey for Option<Authority> {
@@ -67,11 +96,33 @@ impl BreakerKey for Option<Authority> {
         self.as_ref()
             .map_or_else(|| "none".to_owned(), |a| a.to_string())
     }
+
+    #[inline]
+    fn same(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Some(a), Some(b)) => same_authority(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    fn to_kept(&self) -> Self {
+        self.as_ref().map(kept_authority)
+    }
 }
 
 impl BreakerKey for Authority {
     fn name(&self) -> String {
         self.to_string()
+    }
+
+    #[inline]
+    fn same(&self, other: &Self) -> bool {
+        same_authority(self, other)
+    }
+
+    fn to_kept(&self) -> Self {
+        kept_authority(self)
     }
 }
 
@@ -187,11 +238,13 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         idle: Duration,
     ) -> Self {
         let per_shard = max_keys.div_ceil(SHARDS).max(1);
+        // One hasher for the shard and the shard's map: a key is hashed once per call.
+        let hasher = RandomState::default();
         Self {
             shards: (0..SHARDS)
                 .map(|_| {
                     Shard(RwLock::new(Slots {
-                        map: IndexMap::with_hasher(RandomState::new()),
+                        map: IndexMap::with_hasher(hasher.clone()),
                         hand: 0,
                     }))
                 })
@@ -200,7 +253,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             initial,
             all: broadcast::channel(256).0,
             listening: AtomicBool::new(false),
-            hasher: RandomState::new(),
+            hasher,
             policy: Arc::new(policy),
             classifier,
             per_shard,
@@ -209,8 +262,12 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         }
     }
 
-    fn shard(&self, key: &K) -> &Shard<K, C> {
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    /// A key's hash and its shard. The shard comes from bits the shard's map does not use
+    /// to place entries (it uses the lowest bits for the bucket and the highest seven for
+    /// the tag), so the keys of one shard still spread over its buckets.
+    fn shard(&self, key: &K) -> (u64, &Shard<K, C>) {
+        let hash = self.hasher.hash_one(key);
+        (hash, &self.shards[(hash >> 32) as usize % SHARDS])
     }
 
     fn now_secs(&self) -> u64 {
@@ -240,11 +297,11 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
 
     /// The stripe of `key`'s breaker, creating the breaker on first use.
     pub(crate) fn stripe(&self, key: K) -> Arc<Stripe<C>> {
-        let shard = self.shard(&key);
+        let (hash, shard) = self.shard(&key);
         let now = self.now_secs();
         {
             let slots = shard.0.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(e) = slots.map.get(&key) {
+            if let Some((_, e)) = slots.map.raw_entry_v1().from_hash(hash, |k| k.same(&key)) {
                 // Mostly a read: the word is written at most once a second.
                 if e.last_used.load(Relaxed) != now {
                     e.last_used.store(now, Relaxed);
@@ -270,7 +327,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             return stripe;
         }
         slots.map.insert(
-            key,
+            key.to_kept(),
             Entry {
                 stripe: stripe.clone(),
                 last_used: AtomicU64::new(now),

@@ -308,3 +308,34 @@ fn an_empty_breaker_name_is_refused() {
     assert!(err.to_string().contains("name must not be empty"), "{err}");
     assert!(builder().name("").build_per_authority().is_err());
 }
+
+/// Authorities compare without regard to ASCII case (as `http` says): `DOWN:8080` and
+/// `down:8080` are one upstream with one breaker, whichever spelling came first.
+#[tokio::test(start_paused = true)]
+async fn authorities_that_differ_only_in_case_share_a_breaker() {
+    let layer = builder()
+        .consecutive_failures(Some(1))
+        .build_per_authority()
+        .unwrap();
+    let mut svc = layer.layer(service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(Response::builder().status(503).body(()).unwrap())
+    }));
+    let get = |host: &str| Request::get(format!("http://{host}/")).body(()).unwrap();
+    svc.ready()
+        .await
+        .unwrap()
+        .call(get("DOWN:8080"))
+        .await
+        .unwrap();
+    for spelling in ["down:8080", "Down:8080", "DOWN:8080"] {
+        let e = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(get(spelling))
+            .await
+            .unwrap_err();
+        assert!(e.downcast_ref::<BreakerOpen>().is_some(), "{spelling}");
+    }
+    assert_eq!(layer.len(), 1);
+}
