@@ -1,7 +1,7 @@
 use std::task::{Context, Poll};
 
 use http::Request;
-use steadfast_core::header::single;
+use http::header::{Entry, HeaderValue};
 use tower_service::Service;
 
 use crate::generate::MakeCorrelationId;
@@ -65,29 +65,56 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> S::Future {
-        let header = &self.config.header;
-        let id = if let Some(id) = req.extensions().get::<CorrelationId>() {
-            Some(id.header_value().clone())
-        } else if single(req.headers(), header)
-            .is_some_and(|v| self.config.validate.accepts(v.as_bytes()))
-        {
-            None // the caller set one valid id on purpose: keep it
-        } else if let Some(id) = CorrelationId::current() {
-            Some(id.into())
-        } else if self.config.generate {
-            Some(self.config.make.make_id().into())
-        } else {
-            req.headers_mut().remove(header);
-            None
-        };
-        if let Some(v) = id {
-            req.headers_mut().insert(header.clone(), v);
+        let config = &self.config;
+        let id = req
+            .extensions()
+            .get::<CorrelationId>()
+            .map(|id| id.header_value().clone());
+        // One lookup of the header for every case: keep one valid id the caller set on
+        // purpose, else write the id that applies (or remove what was there).
+        match req.headers_mut().entry(&config.header) {
+            Entry::Occupied(mut e) => {
+                let keep = id.is_none() && {
+                    let mut values = e.iter();
+                    let first = values.next();
+                    values.next().is_none()
+                        && first.is_some_and(|v| config.validate.accepts(v.as_bytes()))
+                };
+                if !keep {
+                    match id.or_else(|| ambient_or_new(config)) {
+                        Some(v) => {
+                            e.insert(v);
+                        }
+                        None => {
+                            e.remove_entry_mult();
+                        }
+                    }
+                }
+            }
+            Entry::Vacant(e) => {
+                if let Some(v) = id.or_else(|| ambient_or_new(config)) {
+                    e.insert(v);
+                }
+            }
         }
-        if self.config.trace_context && !req.headers().contains_key(TRACEPARENT) {
+        if config.trace_context {
             if let Some(trace) = TraceContext::current() {
-                trace.inject(req.headers_mut());
+                if !req.headers().contains_key(TRACEPARENT) {
+                    trace.inject(req.headers_mut());
+                }
             }
         }
         self.inner.call(req)
+    }
+}
+
+/// The ambient id, else a new one when the layer generates ids.
+fn ambient_or_new<M: MakeCorrelationId, V>(
+    config: &PropagateCorrelationIdLayer<M, V>,
+) -> Option<HeaderValue> {
+    match CorrelationId::current() {
+        Some(id) => Some(id.into()),
+        None if config.generate => Some(config.make.make_id().into()),
+        None => None,
     }
 }

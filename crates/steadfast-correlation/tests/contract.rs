@@ -500,3 +500,35 @@ fn ids_the_application_makes_are_checked_like_inbound_ones() {
     assert!(CorrelationId::try_from("x".repeat(128)).is_ok());
     assert!(CorrelationId::try_from("x".repeat(129)).is_err());
 }
+
+/// A header sent twice is not an id the caller set on purpose: every copy is replaced by the
+/// one id that applies (or removed when there is none), never forwarded beside it.
+#[tokio::test]
+async fn client_replaces_a_repeated_header_with_one_id() {
+    let all = |layer: PropagateCorrelationIdLayer| {
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(|req: Request<()>| async move {
+                Ok::<_, std::convert::Infallible>(
+                    req.headers()
+                        .get_all("x-correlation-id")
+                        .iter()
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .collect::<Vec<_>>(),
+                )
+            }))
+    };
+    let twice = || req_with(&[("x-correlation-id", b"one"), ("x-correlation-id", b"two")]);
+    let ambient = CorrelationId::parse("ambient").unwrap();
+    let sent = ambient
+        .scope(all(PropagateCorrelationIdLayer::new()).oneshot(twice()))
+        .await
+        .unwrap();
+    assert_eq!(sent, ["ambient"]);
+    let quiet = PropagateCorrelationIdLayer::builder()
+        .generate(false)
+        .build()
+        .unwrap();
+    let sent = all(quiet).oneshot(twice()).await.unwrap();
+    assert!(sent.is_empty(), "{sent:?}");
+}

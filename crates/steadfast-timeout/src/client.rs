@@ -1,6 +1,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -46,11 +47,8 @@ pub struct RequestTimeout(pub Duration);
 // wheel: the `Sleep` is built at the first `Pending` (see `ResponseFuture::lazy`).
 pub struct Timeout<S> {
     inner: S,
-    config: TimeoutLayer,
-    /// The layer's own limit as header values, made when layered: written whenever the
-    /// limit is the layer's own (most calls), so they cost a reference count, not an
-    /// allocation and an encoding.
-    own_values: Option<propagate::Encoded>,
+    /// Shared by clones (a retry layer clones the service below it for every call).
+    config: Arc<Config>,
     ready_sleep: Option<Pin<Box<Sleep>>>,
     ready_expired: bool,
 }
@@ -64,22 +62,15 @@ impl Timeout<()> {
 
 impl<S> Timeout<S> {
     /// Wraps `inner`.
-    pub const fn new(inner: S, config: TimeoutLayer) -> Self {
+    pub fn new(inner: S, config: TimeoutLayer) -> Self {
         Self {
             inner,
-            config,
-            own_values: None,
+            config: Arc::new(Config {
+                own: propagate::Encoded::new(config.limit),
+                layer: config,
+            }),
             ready_sleep: None,
             ready_expired: false,
-        }
-    }
-
-    /// Wraps `inner`, with the layer's own limit encoded once.
-    pub(crate) fn layered(inner: S, config: TimeoutLayer) -> Self {
-        let own_values = Some(propagate::Encoded::new(config.limit));
-        Self {
-            own_values,
-            ..Self::new(inner, config)
         }
     }
 
@@ -102,10 +93,21 @@ impl<S> Timeout<S> {
 impl<S: Clone> Clone for Timeout<S> {
     fn clone(&self) -> Self {
         Self {
-            own_values: self.own_values.clone(),
-            ..Self::new(self.inner.clone(), self.config.clone())
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+            ready_sleep: None,
+            ready_expired: false,
         }
     }
+}
+
+/// A layer's settings, with its own limit as header values made once: written whenever the
+/// limit is the layer's own (most calls), they cost a reference count, not an allocation and
+/// an encoding.
+#[derive(Debug)]
+struct Config {
+    layer: TimeoutLayer,
+    own: propagate::Encoded,
 }
 
 impl<S: fmt::Debug> fmt::Debug for Timeout<S> {
@@ -138,10 +140,11 @@ where
                 }
                 Poll::Ready(r.map_err(Into::into))
             }
-            Poll::Pending if !self.config.cover_ready => Poll::Pending,
+            Poll::Pending if !self.config.layer.cover_ready => Poll::Pending,
             Poll::Pending => {
-                let limit = Deadline::current()
-                    .map_or(self.config.limit, |d| d.remaining().min(self.config.limit));
+                let limit = Deadline::current().map_or(self.config.layer.limit, |d| {
+                    d.remaining().min(self.config.layer.limit)
+                });
                 let sleep = self
                     .ready_sleep
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
@@ -164,15 +167,15 @@ where
             return self.ready_elapsed();
         }
         let own = match req.extensions().get::<RequestTimeout>() {
-            Some(o) => o.0.min(self.config.limit),
-            None => self.config.limit,
+            Some(o) => o.0.min(self.config.layer.limit),
+            None => self.config.layer.limit,
         };
         match Deadline::for_request(&req) {
             // The common case reads the request and hands it on untouched (no copy of it
             // to edit), and leaves the clock and the timer to the first `Pending`.
             // A zero limit takes the slow path, which refuses it before sending (as every
             // deadline already passed is refused), whether or not the call would pend.
-            None if self.config.own == Own::Unshared && !own.is_zero() => {
+            None if self.config.layer.own == Own::Unshared && !own.is_zero() => {
                 ResponseFuture::lazy(self.inner.call(req), own)
             }
             inherited => self.call_with_deadline(req, own, inherited),
@@ -185,8 +188,8 @@ impl<S> Timeout<S> {
     #[cold]
     fn ready_elapsed<F>(&mut self) -> ResponseFuture<F> {
         self.ready_expired = false;
-        tracing::debug!(target: "steadfast::timeout", limit_ms = self.config.limit.as_millis() as u64, "ready wait elapsed");
-        ResponseFuture::elapsed(Elapsed::new(self.config.limit, false))
+        tracing::debug!(target: "steadfast::timeout", limit_ms = self.config.layer.limit.as_millis() as u64, "ready wait elapsed");
+        ResponseFuture::elapsed(Elapsed::new(self.config.layer.limit, false))
     }
 
     /// A call with a deadline to honour, let the layers below know, and (unless
@@ -218,12 +221,9 @@ impl<S> Timeout<S> {
             return ResponseFuture::elapsed(Elapsed::new(limit, is_inherited));
         }
         let deadline = Deadline::after_from(now, limit);
-        if self.config.own != Own::Shared {
-            let own = self
-                .own_values
-                .as_ref()
-                .filter(|_| limit == self.config.limit);
-            propagate::write(req.headers_mut(), limit, &self.config.header, own);
+        if self.config.layer.own != Own::Shared {
+            let own = Some(&self.config.own).filter(|_| limit == self.config.layer.limit);
+            propagate::write(req.headers_mut(), limit, &self.config.layer.header, own);
         }
         // The layers below (retry, an attempt timeout, the transport) learn the deadline as
         // the ambient one while they are called: no request extension to allocate, and none

@@ -297,7 +297,7 @@ impl<S> Layer<S> for TimeoutLayer {
     type Service = Timeout<S>;
 
     fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout::layered(inner, self.clone())
+        Timeout::new(inner, self.clone())
     }
 }
 
