@@ -8,8 +8,10 @@
 //! while it calls them (a retry layer keeps it for its later attempts), not as an extension.
 //! Task-locals do not cross `tokio::spawn`; wrap spawned work in [`Deadline::propagate`].
 
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,6 +22,14 @@ use tokio::time::Instant;
 
 tokio::task_local! {
     static CURRENT: Option<Deadline>;
+}
+
+std::thread_local! {
+    /// The deadline of the `Service::call` being made on this thread (see
+    /// [`Deadline::enter`]): set and restored around a synchronous call, so it costs a
+    /// thread-local write, not a task-local scope that the call's future must be returned
+    /// through.
+    static CALL: Cell<Option<Deadline>> = const { Cell::new(None) };
 }
 
 /// A point in (tokio) time by which a call must finish.
@@ -121,10 +131,38 @@ impl Deadline {
         }
     }
 
-    /// The ambient deadline of the current task, if a server (or [`Deadline::scope`]) set one.
+    /// The ambient deadline: the earlier of the current task's (a server or
+    /// [`Deadline::scope`] set it) and the one [entered](Deadline::enter) for the call being
+    /// made, if any.
     #[inline]
     pub fn current() -> Option<Deadline> {
-        CURRENT.try_with(|d| *d).ok().flatten()
+        let call = CALL.try_with(Cell::get).ok().flatten();
+        Self::earliest(call, CURRENT.try_with(|d| *d).ok().flatten())
+    }
+
+    /// Makes this deadline ambient on this thread until the guard is dropped: for the
+    /// synchronous part of a call, as the steadfast client layers pass their deadline to the
+    /// layers below while they call them (nothing is returned through a closure, unlike
+    /// [`sync_scope`](Self::sync_scope), which is built on it). Guards must drop in the
+    /// reverse order of their making, and must not be forgotten or held across an `.await`;
+    /// hidden from the docs for that reason: use [`sync_scope`](Self::sync_scope) or
+    /// [`scope`](Self::scope).
+    #[doc(hidden)]
+    #[inline]
+    pub fn enter(self) -> Entered {
+        // An inner entry never extends an outer one: the earlier stays.
+        let previous = CALL
+            .try_with(|c| {
+                let previous = c.get();
+                c.set(Self::earliest(previous, Some(self)));
+                previous
+            })
+            .ok()
+            .flatten();
+        Entered {
+            previous,
+            _not_send: PhantomData,
+        }
     }
 
     /// The deadline that applies to `req`: its [`Deadline`] extension if any, else the
@@ -142,9 +180,11 @@ impl Deadline {
         }
     }
 
-    /// Runs the synchronous `f` with this deadline ambient (for work a service does in `call`).
+    /// Runs the synchronous `f` with this deadline ambient (for work a service does in `call`);
+    /// see [`enter`](Self::enter).
     pub fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
-        CURRENT.sync_scope(Some(self), f)
+        let _entered = self.enter();
+        f()
     }
 
     /// Carries the current ambient deadline (if any) into `fut`, typically before
@@ -168,6 +208,28 @@ impl Deadline {
         WithDeadline {
             inner: CURRENT.scope(Self::current(), fut),
         }
+    }
+}
+
+/// The guard of `Deadline::enter`: the deadline is ambient on this thread until it drops.
+#[doc(hidden)]
+#[must_use = "the deadline is ambient only while the guard lives"]
+pub struct Entered {
+    previous: Option<Deadline>,
+    /// Thread-bound: the deadline was set on this thread.
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Drop for Entered {
+    #[inline]
+    fn drop(&mut self) {
+        let _ = CALL.try_with(|c| c.set(self.previous));
+    }
+}
+
+impl fmt::Debug for Entered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entered").finish_non_exhaustive()
     }
 }
 
@@ -196,6 +258,34 @@ impl<F: Future> Future for WithDeadline<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entered_deadline_is_ambient_until_its_guard_drops() {
+        let near = Deadline::after(Duration::from_secs(1));
+        let far = Deadline::after(Duration::from_secs(5));
+        assert_eq!(Deadline::current(), None);
+        {
+            let _outer = far.enter();
+            assert_eq!(Deadline::current(), Some(far));
+            {
+                let _inner = near.enter();
+                assert_eq!(Deadline::current(), Some(near));
+            }
+            assert_eq!(Deadline::current(), Some(far), "restored");
+            // An inner entry never extends an outer one, nor a task's.
+            let _later = Deadline::after(Duration::from_secs(9)).enter();
+            assert_eq!(Deadline::current(), Some(far));
+        }
+        assert_eq!(Deadline::current(), None);
+        let seen = near
+            .scope(async {
+                let _e = far.enter();
+                Deadline::current()
+            })
+            .await;
+        assert_eq!(seen, Some(near), "the task's earlier deadline wins");
+        assert_eq!(far.sync_scope(Deadline::current), Some(far));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn extension_and_ambient_take_the_earliest() {

@@ -52,7 +52,7 @@ pub use classify::{
     Class, Classify, DefaultClassifier, GrpcClassifier, HttpClassifier, ResponseClass, StatusSet,
     is_grpc_content_type,
 };
-pub use deadline::{Deadline, WithDeadline, saturating_add};
+pub use deadline::{Deadline, Entered, WithDeadline, saturating_add};
 pub use error::{
     BoxError, Delivery, NotSent, PolicyRejected, TimedOut, classify_transport_error, error_type,
 };

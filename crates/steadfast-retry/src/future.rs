@@ -12,7 +12,7 @@ use http::request::Parts;
 use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use steadfast_core::{BoxError, Classify, is_grpc_content_type};
+use steadfast_core::{BoxError, Classify, Deadline, is_grpc_content_type};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
@@ -336,11 +336,8 @@ where
                         let _attempt = this.span.enter();
                         // The call's deadline, as it was when the first attempt was made
                         // (the layers below learn it as the ambient one, as they did then).
-                        let service = &mut ctx.service;
-                        match ctx.history.deadline {
-                            Some(d) => d.sync_scope(|| service.call(req)),
-                            None => service.call(req),
-                        }
+                        let _entered = ctx.history.deadline.map(Deadline::enter);
+                        ctx.service.call(req)
                     };
                     ctx.reserved = false;
                     this.state.set(State::Called { fut });

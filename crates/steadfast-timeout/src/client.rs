@@ -228,8 +228,10 @@ impl<S> Timeout<S> {
         // The layers below (retry, an attempt timeout, the transport) learn the deadline as
         // the ambient one while they are called: no request extension to allocate, and none
         // for a retry layer to copy into every attempt (it keeps the deadline itself).
-        let inner = &mut self.inner;
-        let fut = deadline.sync_scope(|| inner.call(req));
+        let fut = {
+            let _entered = deadline.enter();
+            self.inner.call(req)
+        };
         ResponseFuture::at(fut, deadline.instant(), limit, is_inherited)
     }
 }
