@@ -1,7 +1,7 @@
 //! Per-key breakers: a bounded, sharded map with idle eviction.
 
 use std::fmt;
-use std::hash::{BuildHasher, Hash};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -12,6 +12,7 @@ use http::Uri;
 use http::uri::Authority;
 use indexmap::IndexMap;
 use indexmap::map::RawEntryApiV1;
+use indexmap::map::raw_entry_v1::RawEntryMut;
 use tokio::time::Instant;
 
 use crate::breaker::{Breaker, Stripe};
@@ -70,12 +71,35 @@ pub trait BreakerKey: Hash + Eq + Clone + Send + Sync + 'static {
         self == other
     }
 
+    /// Feeds the key to the map's hasher: consistent with [`same`](Self::same) (keys that are
+    /// the same hash the same). The default is `Hash`; the authority keys hash their bytes
+    /// lowercased in one piece, not a byte at a time as `Authority`'s `Hash` does.
+    #[inline]
+    fn hash_key<H: Hasher>(&self, state: &mut H) {
+        self.hash(state);
+    }
+
     /// The copy the map keeps for as long as the breaker lives, made once, when the breaker
     /// is; the default is a clone. Authorities are copied out of the request's URI, so that
     /// an idle breaker does not keep the whole first URI (path and query included) alive.
     fn to_kept(&self) -> Self {
         self.clone()
     }
+}
+
+/// An authority's bytes, lowercased, to the hasher in pieces of up to 64 bytes, then its
+/// length (so that no two authorities feed the same sequence).
+#[inline]
+fn hash_authority<H: Hasher>(a: &Authority, state: &mut H) {
+    let mut buf = [0u8; 64];
+    let bytes = a.as_str().as_bytes();
+    for chunk in bytes.chunks(buf.len()) {
+        let piece = &mut buf[..chunk.len()];
+        piece.copy_from_slice(chunk);
+        piece.make_ascii_lowercase();
+        state.write(piece);
+    }
+    state.write_usize(bytes.len());
 }
 
 /// An authority in a buffer of its own (not a slice of a request's URI).
@@ -109,6 +133,14 @@ impl BreakerKey for Option<Authority> {
     fn to_kept(&self) -> Self {
         self.as_ref().map(kept_authority)
     }
+
+    #[inline]
+    fn hash_key<H: Hasher>(&self, state: &mut H) {
+        match self {
+            Some(a) => hash_authority(a, state),
+            None => state.write_u8(0xff),
+        }
+    }
 }
 
 impl BreakerKey for Authority {
@@ -123,6 +155,11 @@ impl BreakerKey for Authority {
 
     fn to_kept(&self) -> Self {
         kept_authority(self)
+    }
+
+    #[inline]
+    fn hash_key<H: Hasher>(&self, state: &mut H) {
+        hash_authority(self, state);
     }
 }
 
@@ -266,7 +303,9 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     /// to place entries (it uses the lowest bits for the bucket and the highest seven for
     /// the tag), so the keys of one shard still spread over its buckets.
     fn shard(&self, key: &K) -> (u64, &Shard<K, C>) {
-        let hash = self.hasher.hash_one(key);
+        let mut hasher = self.hasher.build_hasher();
+        key.hash_key(&mut hasher);
+        let hash = hasher.finish();
         (hash, &self.shards[(hash >> 32) as usize % SHARDS])
     }
 
@@ -310,7 +349,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             }
         }
         let mut slots = shard.0.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(e) = slots.map.get(&key) {
+        if let Some((_, e)) = slots.map.raw_entry_v1().from_hash(hash, |k| k.same(&key)) {
             return e.stripe.clone();
         }
         let stripe = self.new_stripe(&key);
@@ -326,13 +365,14 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             tracing::debug!(target: "steadfast::breaker", "per-key breakers full of open breakers; not keeping a new key");
             return stripe;
         }
-        slots.map.insert(
-            key.to_kept(),
-            Entry {
-                stripe: stripe.clone(),
-                last_used: AtomicU64::new(now),
-            },
-        );
+        let entry = Entry {
+            stripe: stripe.clone(),
+            last_used: AtomicU64::new(now),
+        };
+        if let RawEntryMut::Vacant(v) = slots.map.raw_entry_mut_v1().from_hash(hash, |_| false) {
+            // Placed by the same hash it is looked up by (`BreakerKey::hash_key`).
+            v.insert_hashed_nocheck(hash, key.to_kept(), entry);
+        }
         stripe
     }
 
