@@ -16,7 +16,7 @@ use steadfast_bench::peers::{
     FailEveryOther, Failing, Failsafe, TowerPolicy, fs_breaker, tr_breaker_layer,
 };
 use steadfast_bench::{
-    Bare, CountingAlloc, InScope, PendingOnce, Recorder, allocations_per_call, record_allocs,
+    Bare, CountingAlloc, PendingOnce, Recorder, allocations_per_call, record_allocs,
 };
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceBuilder};
@@ -377,12 +377,16 @@ fn correlation(c: &mut Criterion) {
     // Client side with the id ambient (as inside a handler); both run inside the same scope.
     let mut rec = Recorder::new(c, "correlation-client-ambient");
     let id = CorrelationId::parse("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60").expect("valid");
-    rec.bench_req("bare", InScope(id.clone(), Bare), with_id);
-    rec.bench_req(
-        "steadfast",
-        InScope(id.clone(), PropagateCorrelationIdLayer::new().layer(Bare)),
-        with_id,
-    );
+    // Both run inside one scope, as a handler's calls are made inside the scope the server
+    // layer set for its request (a scope per call would return each future through a closure).
+    id.sync_scope(|| {
+        rec.bench_req("bare", Bare, with_id);
+        rec.bench_req(
+            "steadfast",
+            PropagateCorrelationIdLayer::new().layer(Bare),
+            with_id,
+        );
+    });
 }
 
 /// Our UUIDv7 generator against the `uuid` crate's `now_v7` (both ordered by creation), each
@@ -588,32 +592,23 @@ fn stacks(c: &mut Criterion) {
                 .service($inner)
         };
     }
-    let mut rec = Recorder::new(c, "client-stack");
-    rec.bench_req("bare", InScope(id.clone(), Bare), empty_body);
-    rec.bench_req(
-        "tower+tower-http+tower-resilience",
-        InScope(id.clone(), peer!(Bare)),
-        empty_body,
-    );
-    rec.bench_req(
-        "steadfast",
-        InScope(id.clone(), ours.layer(Bare)),
-        empty_body,
-    );
-    drop(rec);
-    let mut rec = Recorder::new(c, "client-stack-armed");
-    rec.bench_req("bare", InScope(id.clone(), PendingOnce), empty_body);
-    rec.bench_req(
-        "tower+tower-http+tower-resilience",
-        InScope(id.clone(), peer!(PendingOnce)),
-        empty_body,
-    );
-    rec.bench_req(
-        "steadfast",
-        InScope(id.clone(), ours.layer(PendingOnce)),
-        empty_body,
-    );
-    drop(rec);
+    // Every contender runs inside one correlation scope (see `correlation`).
+    id.clone().sync_scope(|| {
+        let mut rec = Recorder::new(c, "client-stack");
+        rec.bench_req("bare", Bare, empty_body);
+        rec.bench_req("tower+tower-http+tower-resilience", peer!(Bare), empty_body);
+        rec.bench_req("steadfast", ours.layer(Bare), empty_body);
+        drop(rec);
+        let mut rec = Recorder::new(c, "client-stack-armed");
+        rec.bench_req("bare", PendingOnce, empty_body);
+        rec.bench_req(
+            "tower+tower-http+tower-resilience",
+            peer!(PendingOnce),
+            empty_body,
+        );
+        rec.bench_req("steadfast", ours.layer(PendingOnce), empty_body);
+        drop(rec);
+    });
 
     let mut rec = Recorder::new(c, "server-stack");
     rec.bench_req("bare", Bare, with_id);

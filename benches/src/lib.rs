@@ -447,26 +447,3 @@ where
         self.0.call(req)
     }
 }
-
-/// Calls the inner service inside a correlation-id scope (as a handler's outgoing call is:
-/// the server layer made the inbound id ambient).
-#[derive(Clone, Debug)]
-pub struct InScope<S>(pub steadfast::correlation::CorrelationId, pub S);
-
-impl<S, R> Service<http::Request<R>> for InScope<S>
-where
-    S: Service<http::Request<R>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.1.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<R>) -> S::Future {
-        let inner = &mut self.1;
-        self.0.clone().sync_scope(|| inner.call(req))
-    }
-}

@@ -191,7 +191,6 @@ fn client(case: &str, contender: &str, calls: u64) {
     use steadfast::correlation::{CorrelationId, PropagateCorrelationIdLayer};
     use steadfast::retry::RetryLayer;
     use steadfast::timeout::TimeoutLayer;
-    use steadfast_bench::InScope;
     use steadfast_bench::peers::TowerPolicy;
 
     let id = CorrelationId::parse("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60").expect("valid");
@@ -223,51 +222,32 @@ fn client(case: &str, contender: &str, calls: u64) {
         .build()
         .expect("valid");
     let propagate = PropagateCorrelationIdLayer::new();
-    match (case, contender) {
-        ("client-stack" | "client-layers", "bare") => {
-            run(InScope(id.clone(), Bare), outgoing, calls)
-        }
-        ("client-stack-armed", "bare") => run(InScope(id.clone(), PendingOnce), outgoing, calls),
-        ("client-stack", "tower+tower-http+tower-resilience") => {
-            run(InScope(id.clone(), peer!(Bare)), outgoing, calls)
-        }
+    // The whole run in one correlation scope, as a handler's calls are made inside the
+    // scope the server layer set for its request (not a scope per call, which would return
+    // each call's future through a closure).
+    id.sync_scope(|| match (case, contender) {
+        ("client-stack" | "client-layers", "bare") => run(Bare, outgoing, calls),
+        ("client-stack-armed", "bare") => run(PendingOnce, outgoing, calls),
+        ("client-stack", "tower+tower-http+tower-resilience") => run(peer!(Bare), outgoing, calls),
         ("client-stack-armed", "tower+tower-http+tower-resilience") => {
-            run(InScope(id.clone(), peer!(PendingOnce)), outgoing, calls)
+            run(peer!(PendingOnce), outgoing, calls)
         }
-        ("client-stack", "steadfast") => {
-            run(InScope(id.clone(), ours().layer(Bare)), outgoing, calls)
-        }
-        ("client-stack-armed", "steadfast") => run(
-            InScope(id.clone(), ours().layer(PendingOnce)),
-            outgoing,
-            calls,
-        ),
-        ("client-layers", "+timeout") => {
-            run(InScope(id.clone(), attempt.layer(Bare)), outgoing, calls)
-        }
-        ("client-layers", "+breaker") => run(
-            InScope(id.clone(), breaker.layer(attempt.layer(Bare))),
-            outgoing,
-            calls,
-        ),
+        ("client-stack", "steadfast") => run(ours().layer(Bare), outgoing, calls),
+        ("client-stack-armed", "steadfast") => run(ours().layer(PendingOnce), outgoing, calls),
+        ("client-layers", "+timeout") => run(attempt.layer(Bare), outgoing, calls),
+        ("client-layers", "+breaker") => run(breaker.layer(attempt.layer(Bare)), outgoing, calls),
         ("client-layers", "+retry") => run(
-            InScope(id.clone(), retry.layer(breaker.layer(attempt.layer(Bare)))),
+            retry.layer(breaker.layer(attempt.layer(Bare))),
             outgoing,
             calls,
         ),
         ("client-layers", "+deadline") => run(
-            InScope(
-                id.clone(),
-                total.layer(retry.layer(breaker.layer(attempt.layer(Bare)))),
-            ),
+            total.layer(retry.layer(breaker.layer(attempt.layer(Bare)))),
             outgoing,
             calls,
         ),
         ("client-layers", "+id") => run(
-            InScope(
-                id.clone(),
-                propagate.layer(total.layer(retry.layer(breaker.layer(attempt.layer(Bare))))),
-            ),
+            propagate.layer(total.layer(retry.layer(breaker.layer(attempt.layer(Bare))))),
             outgoing,
             calls,
         ),
@@ -275,5 +255,5 @@ fn client(case: &str, contender: &str, calls: u64) {
             eprintln!("unknown case/contender {case}/{contender}; see --list");
             std::process::exit(2);
         }
-    }
+    });
 }
