@@ -63,7 +63,8 @@ pub struct SetCorrelationIdLayer<M = UuidV7, V = DefaultRule> {
     pub(crate) traceparent: bool,
     pub(crate) trace_context: bool,
     pub(crate) extension: bool,
-    pub(crate) response_extension: bool,
+    /// `None`: on exactly when the echo is off.
+    pub(crate) response_extension: Option<bool>,
     pub(crate) echo: bool,
     pub(crate) make: M,
     pub(crate) validate: V,
@@ -85,7 +86,7 @@ impl SetCorrelationIdLayer {
             traceparent: false,
             trace_context: true,
             extension: true,
-            response_extension: true,
+            response_extension: None,
             echo: true,
             make: UuidV7::new(),
             validate: DefaultRule,
@@ -177,27 +178,32 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
     }
 
     /// Whether the response carries the id as a [`CorrelationId`](crate::CorrelationId)
-    /// extension (default on), so outer layers and middleware that only see the response
-    /// can read it. The extension is the request's id; a handler that sets its own id
-    /// header on the response keeps that header (see [`echo`](Self::echo)).
+    /// extension, so outer layers and middleware that only see the response can read it.
+    /// By default it does exactly when the [`echo`](Self::echo) is off: an echoed response
+    /// already carries the id, in its header, and the extension costs up to three
+    /// allocations per response (a response seldom has an extension map yet). The extension
+    /// is the request's id; a handler that sets its own id header on the response keeps that
+    /// header.
     ///
     /// ```
     /// use steadfast_correlation::{CorrelationId, SetCorrelationIdLayer};
     /// use tower::{ServiceBuilder, ServiceExt, service_fn};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let layer = SetCorrelationIdLayer::builder().response_extension(true).build().unwrap();
     /// let svc = ServiceBuilder::new()
-    ///     .layer(SetCorrelationIdLayer::new())
+    ///     .layer(layer)
     ///     .service(service_fn(|_req: http::Request<()>| async {
     ///         Ok::<_, std::convert::Infallible>(http::Response::new(()))
     ///     }));
     /// let req = http::Request::builder().header("x-correlation-id", "order-7").body(()).unwrap();
     /// let res = svc.oneshot(req).await.unwrap();
     /// assert_eq!(res.extensions().get::<CorrelationId>().unwrap().as_str(), "order-7");
+    /// assert_eq!(res.headers()["x-correlation-id"], "order-7"); // echoed too
     /// # }
     /// ```
     pub fn response_extension(mut self, on: bool) -> Self {
-        self.layer.response_extension = on;
+        self.layer.response_extension = Some(on);
         self
     }
 

@@ -176,7 +176,7 @@ where
         };
         let span = tracing::info_span!(target: "steadfast::correlation", "correlation", correlation_id = %id);
         let echo = self.config.echo.then(|| self.config.header.clone());
-        let response_extension = self.config.response_extension;
+        let response_extension = self.config.response_extension.unwrap_or(!self.config.echo);
         let inner = {
             let _entered = span.enter();
             TraceContext::sync_scope_opt(trace.clone(), || {

@@ -483,6 +483,29 @@ async fn the_response_carries_the_id_as_an_extension() {
         res.headers().contains_key("x-correlation-id"),
         "echo still on"
     );
+
+    // The defaults: echoed, so no extension (it would cost allocations for what the header
+    // already says); asked for, both.
+    let default = ServiceBuilder::new()
+        .layer(SetCorrelationIdLayer::new())
+        .service(handler);
+    let res = default.oneshot(Request::new(())).await.unwrap();
+    assert!(res.headers().contains_key("x-correlation-id"));
+    assert!(res.extensions().get::<CorrelationId>().is_none());
+    let both = ServiceBuilder::new()
+        .layer(
+            SetCorrelationIdLayer::builder()
+                .response_extension(true)
+                .build()
+                .unwrap(),
+        )
+        .service(handler);
+    let res = both.oneshot(Request::new(())).await.unwrap();
+    let header = res.headers()["x-correlation-id"].to_str().unwrap();
+    assert_eq!(
+        res.extensions().get::<CorrelationId>().unwrap().as_str(),
+        header
+    );
 }
 
 #[test]
