@@ -124,11 +124,21 @@ mod tests {
     use super::*;
 
     /// Issue 17's budget: an idle per-key breaker costs at most 512 bytes of heap (counted by
-    /// the allocator, so the figure does not depend on the machine).
+    /// the allocator, so the figure does not depend on the machine). With the `metrics`
+    /// feature each breaker also holds its three metric handles, registered at first use
+    /// (72 bytes): 584 then.
     #[test]
     fn an_idle_per_key_breaker_costs_at_most_512_bytes() {
+        let budget = if cfg!(feature = "metrics") {
+            584.0
+        } else {
+            512.0
+        };
         let (per_key, _) = bytes_per_key(20_000);
-        println!("{per_key:.0} bytes per idle per-key breaker");
-        assert!(per_key <= 512.0, "{per_key} bytes per idle per-key breaker");
+        println!("{per_key:.0} bytes per idle per-key breaker (budget {budget})");
+        assert!(
+            per_key <= budget,
+            "{per_key} bytes per idle per-key breaker"
+        );
     }
 }
