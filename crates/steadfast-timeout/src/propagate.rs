@@ -49,12 +49,13 @@ pub(crate) fn write(
     encoded: Option<&Encoded>,
 ) {
     let grpc = is_grpc_content_type(headers);
-    let (name, parse, encode): (_, fn(&HeaderValue) -> Option<Duration>, fn(Duration) -> _) =
-        if grpc {
-            (&GRPC_TIMEOUT, grpc_timeout, encode_grpc_timeout)
-        } else {
-            (header, timeout_ms, encode_timeout_ms)
-        };
+    type Parse = fn(&HeaderValue) -> Option<Duration>;
+    type Encode = fn(Duration) -> HeaderValue;
+    let (name, parse, encode): (_, Parse, Encode) = if grpc {
+        (&GRPC_TIMEOUT, grpc_timeout, encode_grpc_timeout)
+    } else {
+        (header, timeout_ms, encode_timeout_ms)
+    };
     let value = || match encoded {
         Some(e) if grpc => e.grpc.clone(),
         Some(e) => e.http.clone(),
