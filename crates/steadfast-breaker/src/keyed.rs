@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqC
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use foldhash::fast::RandomState;
+use std::collections::hash_map::RandomState;
 use http::HeaderMap;
 use http::Uri;
 use http::uri::Authority;
@@ -276,7 +276,10 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     ) -> Self {
         let per_shard = max_keys.div_ceil(SHARDS).max(1);
         // One hasher for the shard and the shard's map: a key is hashed once per call.
-        let hasher = RandomState::default();
+        // SipHash, keyed per process: a key may come from a request a proxy forwards, so
+        // the map must not be open to collisions chosen by a sender (a faster unkeyed hash
+        // saved about 20 ns per call, measured).
+        let hasher = RandomState::new();
         Self {
             shards: (0..SHARDS)
                 .map(|_| {
