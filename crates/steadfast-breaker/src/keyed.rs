@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqC
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use std::collections::hash_map::RandomState;
 use http::HeaderMap;
 use http::Uri;
 use http::uri::Authority;
 use indexmap::IndexMap;
 use indexmap::map::RawEntryApiV1;
 use indexmap::map::raw_entry_v1::RawEntryMut;
+use std::collections::hash_map::RandomState;
 use tokio::time::Instant;
 
 use crate::breaker::{Breaker, Stripe};
