@@ -255,6 +255,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let key = self.extract.extract(req.uri(), req.headers());
         let stripe = self.map.stripe(key);

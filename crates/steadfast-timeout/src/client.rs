@@ -195,6 +195,7 @@ impl<S> Timeout<S> {
     /// A call with a deadline to honour, let the layers below know, and (unless
     /// [`share_own`](crate::TimeoutBuilder::share_own) is set) write on the wire: an
     /// inherited one, or our own when the layer shares it.
+    #[inline]
     fn call_with_deadline<B>(
         &mut self,
         mut req: Request<B>,

@@ -1,0 +1,104 @@
+//! Real calls for a profiler: one thread runs a hyper server and makes `<calls>` GETs to it,
+//! one after another, through a bare hyper-util client or through `client::http()` over the
+//! same client, with the id and a deadline ambient as inside a handler. Under callgrind or
+//! dhat the difference between the two runs, divided by the calls, is what our client stack
+//! costs on the real path (real bodies, an armed timer per layer, the pool), which the
+//! in-process rows do not see.
+//!
+//! Run: `valgrind --tool=callgrind target/release/calls <bare|stack> <calls>` (or
+//! `--tool=dhat`), both modes with the same `<calls>`, then divide the difference of the
+//! totals by `<calls>`. One thread and sequential calls keep the count the same from run to
+//! run.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use steadfast::common::Deadline;
+use steadfast::correlation::CorrelationId;
+use steadfast::retry::ReplayBody;
+use tower::{Layer, Service, ServiceExt};
+
+async fn hello(_req: http::Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+}
+
+/// `calls` GETs through `client`, each body read to its end.
+async fn run<S, B>(mut client: S, uri: &str, calls: u64)
+where
+    S: Service<http::Request<Empty<Bytes>>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    for _ in 0..calls {
+        let req = http::Request::get(uri).body(Empty::new()).expect("request");
+        let res = client
+            .ready()
+            .await
+            .expect("ready")
+            .call(req)
+            .await
+            .expect("answer");
+        assert_eq!(res.status(), 200);
+        res.into_body().collect().await.expect("body");
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(mode), Some(Ok(calls))) = (args.get(1), args.get(2).map(|c| c.parse::<u64>())) else {
+        eprintln!("usage: calls <bare|stack> <calls>");
+        std::process::exit(2);
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(hello));
+                    let _ = conn.await;
+                });
+            }
+        });
+        let uri = format!("http://{addr}/");
+        let client: Client<_, ReplayBody<Empty<Bytes>>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let id = CorrelationId::parse("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60").expect("valid");
+        let deadline = Deadline::after(Duration::from_secs(30));
+        // As inside a handler: the server layers made the id and the deadline ambient.
+        let work = async {
+            match mode.as_str() {
+                "bare" => {
+                    let bare: Client<_, Empty<Bytes>> =
+                        Client::builder(TokioExecutor::new()).build_http();
+                    run(bare, &uri, calls).await;
+                }
+                "stack" => {
+                    let stack = steadfast::client::http().build().expect("valid");
+                    run(stack.layer(client), &uri, calls).await;
+                }
+                other => {
+                    eprintln!("unknown mode {other:?}: bare or stack");
+                    std::process::exit(2);
+                }
+            }
+        };
+        id.scope(deadline.scope(work)).await;
+    });
+}
