@@ -313,7 +313,10 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     }
 
     fn now_secs(&self) -> u64 {
-        self.base.elapsed().as_secs()
+        // Inside a timeout's call, the instant it just read (a second's grain is all this
+        // needs): no clock read of its own.
+        let now = steadfast_core::Deadline::call_now().unwrap_or_else(Instant::now);
+        now.saturating_duration_since(self.base).as_secs()
     }
 
     fn new_stripe(&self, key: &K) -> Arc<Stripe<C>> {

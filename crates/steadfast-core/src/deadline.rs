@@ -30,6 +30,9 @@ std::thread_local! {
     /// thread-local write, not a task-local scope that the call's future must be returned
     /// through.
     static CALL: Cell<Option<Deadline>> = const { Cell::new(None) };
+    /// The instant the layer that entered the call's deadline read, for the layers below it
+    /// in the same synchronous call (see [`Deadline::enter_at`]).
+    static CALL_NOW: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// A point in (tokio) time by which a call must finish.
@@ -150,6 +153,29 @@ impl Deadline {
     #[doc(hidden)]
     #[inline]
     pub fn enter(self) -> Entered {
+        self.entered(None)
+    }
+
+    /// [`enter`](Self::enter), also telling the layers below the instant `now` the caller
+    /// just read (see [`call_now`](Self::call_now)), so that they need not read the clock
+    /// again in the same synchronous call.
+    #[doc(hidden)]
+    #[inline]
+    pub fn enter_at(self, now: Instant) -> Entered {
+        self.entered(Some(now))
+    }
+
+    /// The instant read by the layer that entered the deadline of the call being made, if it
+    /// gave one: a layer below may count from it instead of reading the clock (it is a
+    /// moment earlier than now, so a limit counted from it only ends a moment sooner).
+    #[doc(hidden)]
+    #[inline]
+    pub fn call_now() -> Option<Instant> {
+        CALL_NOW.try_with(Cell::get).ok().flatten()
+    }
+
+    #[inline]
+    fn entered(self, now: Option<Instant>) -> Entered {
         // An inner entry never extends an outer one: the earlier stays.
         let previous = CALL
             .try_with(|c| {
@@ -159,8 +185,10 @@ impl Deadline {
             })
             .ok()
             .flatten();
+        let previous_now = CALL_NOW.try_with(|c| c.replace(now)).ok().flatten();
         Entered {
             previous,
+            previous_now,
             _not_send: PhantomData,
         }
     }
@@ -216,6 +244,7 @@ impl Deadline {
 #[must_use = "the deadline is ambient only while the guard lives"]
 pub struct Entered {
     previous: Option<Deadline>,
+    previous_now: Option<Instant>,
     /// Thread-bound: the deadline was set on this thread.
     _not_send: PhantomData<*const ()>,
 }
@@ -224,6 +253,7 @@ impl Drop for Entered {
     #[inline]
     fn drop(&mut self) {
         let _ = CALL.try_with(|c| c.set(self.previous));
+        let _ = CALL_NOW.try_with(|c| c.set(self.previous_now));
     }
 }
 
@@ -285,6 +315,24 @@ mod tests {
             .await;
         assert_eq!(seen, Some(near), "the task's earlier deadline wins");
         assert_eq!(far.sync_scope(Deadline::current), Some(far));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_entering_layers_instant_is_seen_below_it_and_only_there() {
+        let d = Deadline::after(Duration::from_secs(1));
+        let read = Instant::now();
+        assert_eq!(Deadline::call_now(), None);
+        {
+            let _outer = d.enter_at(read);
+            assert_eq!(Deadline::call_now(), Some(read));
+            {
+                // A retry's later attempt enters without one: the layers below read the clock.
+                let _inner = d.enter();
+                assert_eq!(Deadline::call_now(), None);
+            }
+            assert_eq!(Deadline::call_now(), Some(read), "restored");
+        }
+        assert_eq!(Deadline::call_now(), None);
     }
 
     #[tokio::test(start_paused = true)]

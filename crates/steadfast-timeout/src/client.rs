@@ -205,7 +205,8 @@ impl<S> Timeout<S> {
     where
         S: Service<Request<B>>,
     {
-        let now = Instant::now();
+        // Inside an outer timeout's call, the instant it just read: one clock read per call.
+        let now = Deadline::call_now().unwrap_or_else(Instant::now);
         let (limit, is_inherited) = match inherited {
             Some(d) => {
                 let left = d.instant().saturating_duration_since(now);
@@ -230,7 +231,7 @@ impl<S> Timeout<S> {
         // the ambient one while they are called: no request extension to allocate, and none
         // for a retry layer to copy into every attempt (it keeps the deadline itself).
         let fut = {
-            let _entered = deadline.enter();
+            let _entered = deadline.enter_at(now);
             self.inner.call(req)
         };
         ResponseFuture::at(fut, deadline.instant(), limit, is_inherited)
