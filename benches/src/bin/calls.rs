@@ -5,7 +5,10 @@
 //! costs on the real path (real bodies, an armed timer per layer, the pool), which the
 //! in-process rows do not see.
 //!
-//! Run: `valgrind --tool=callgrind target/release/calls <bare|stack> <calls>` (or
+//! The `server-bare` and `server-stack` modes measure the other side: a bare client calling a
+//! server whose handler waits twice, without and with `server::http()`.
+//!
+//! Run: `valgrind --tool=callgrind target/release/calls <mode> <calls>` (or
 //! `--tool=dhat`), both modes with the same `<calls>`, then divide the difference of the
 //! totals by `<calls>`. One thread and sequential calls keep the count the same from run to
 //! run.
@@ -16,14 +19,24 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
+use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
 use steadfast::common::Deadline;
 use steadfast::correlation::CorrelationId;
 use steadfast::retry::ReplayBody;
 use tower::{Layer, Service, ServiceExt};
 
 async fn hello(_req: http::Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+}
+
+/// A handler that waits twice before it answers (as one that calls an upstream is polled
+/// more than once): what a server layer costs per poll shows.
+async fn waits(_req: http::Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    tokio::task::yield_now().await;
+    tokio::task::yield_now().await;
     Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
 }
 
@@ -49,10 +62,18 @@ where
     }
 }
 
+/// Which server answers.
+#[derive(Clone, Copy)]
+enum Server {
+    Hello,
+    Waits,
+    Stack,
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(mode), Some(Ok(calls))) = (args.get(1), args.get(2).map(|c| c.parse::<u64>())) else {
-        eprintln!("usage: calls <bare|stack> <calls>");
+        eprintln!("usage: calls <bare|stack|server-bare|server-stack> <calls>");
         std::process::exit(2);
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -60,6 +81,11 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
+        let server = match mode.as_str() {
+            "server-bare" => Server::Waits,
+            "server-stack" => Server::Stack,
+            _ => Server::Hello,
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -69,11 +95,23 @@ fn main() {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                tokio::spawn(async move {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(hello));
-                    let _ = conn.await;
-                });
+                let io = TokioIo::new(tcp);
+                let http = hyper::server::conn::http1::Builder::new();
+                match server {
+                    Server::Hello => {
+                        tokio::spawn(http.serve_connection(io, service_fn(hello)));
+                    }
+                    Server::Waits => {
+                        tokio::spawn(http.serve_connection(io, service_fn(waits)));
+                    }
+                    Server::Stack => {
+                        let svc = steadfast::server::http()
+                            .build()
+                            .expect("valid")
+                            .layer(tower::service_fn(waits));
+                        tokio::spawn(http.serve_connection(io, TowerToHyperService::new(svc)));
+                    }
+                }
             }
         });
         let uri = format!("http://{addr}/");
@@ -84,7 +122,7 @@ fn main() {
         // As inside a handler: the server layers made the id and the deadline ambient.
         let work = async {
             match mode.as_str() {
-                "bare" => {
+                "bare" | "server-bare" | "server-stack" => {
                     let bare: Client<_, Empty<Bytes>> =
                         Client::builder(TokioExecutor::new()).build_http();
                     run(bare, &uri, calls).await;

@@ -29,6 +29,10 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     ("server-stack", &["bare", "tower-http", "steadfast"]),
     (
+        "correlation-server",
+        &["bare", "tower-http", "steadfast", "+no-extension"],
+    ),
+    (
         "client-stack",
         &["bare", "tower+tower-http+tower-resilience", "steadfast"],
     ),
@@ -151,7 +155,32 @@ fn main() {
             plain,
             calls,
         ),
-        ("server-stack", "bare") => run(Bare, with_id, calls),
+        ("server-stack" | "correlation-server", "bare") => run(Bare, with_id, calls),
+        ("correlation-server", "tower-http") => {
+            use tower_http::request_id::{
+                MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer,
+            };
+            let header = http::HeaderName::from_static("x-correlation-id");
+            let svc = ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(header.clone(), MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::new(header))
+                .service(Bare);
+            run(svc, with_id, calls);
+        }
+        ("correlation-server", "steadfast") => run(
+            steadfast::correlation::SetCorrelationIdLayer::new().layer(Bare),
+            with_id,
+            calls,
+        ),
+        ("correlation-server", "+no-extension") => run(
+            steadfast::correlation::SetCorrelationIdLayer::builder()
+                .extension(false)
+                .build()
+                .expect("valid")
+                .layer(Bare),
+            with_id,
+            calls,
+        ),
         ("server-stack", "tower-http") => {
             use tower_http::request_id::{
                 MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer,

@@ -135,13 +135,15 @@ pub(crate) fn uuid_header(v: u128) -> HeaderValue {
 fn format_uuid(v: u128) -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [b'-'; 36];
-    let mut nibble = 0;
-    for (i, slot) in out.iter_mut().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            continue;
+    // Byte by byte (two digits each), skipping the four dashes.
+    let mut at = 0;
+    for (i, byte) in v.to_be_bytes().into_iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
         }
-        *slot = HEX[((v >> (124 - 4 * nibble)) & 0xf) as usize];
-        nibble += 1;
+        out[at] = HEX[usize::from(byte >> 4)];
+        out[at + 1] = HEX[usize::from(byte & 0xf)];
+        at += 2;
     }
     out
 }

@@ -55,6 +55,22 @@ impl<S, M, V> SetCorrelationId<S, M, V> {
     }
 }
 
+/// How many fields of a header a request carries: one lookup says.
+enum Fields<'a> {
+    Absent,
+    One(&'a HeaderValue),
+    Many,
+}
+
+fn fields<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Fields<'a> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Fields::Absent,
+        (Some(v), None) => Fields::One(v),
+        (Some(_), Some(_)) => Fields::Many,
+    }
+}
+
 /// Where the accepted id came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Source {
@@ -72,22 +88,32 @@ impl<M: MakeCorrelationId, V: ValidateId> SetCorrelationIdLayer<M, V> {
     /// The id for this request and where it came from. A header with two or more fields is
     /// ambiguous and counts as invalid, as a single invalid value does: a sender cannot slip
     /// a payload past validation beside a valid id.
-    fn pick(&self, headers: &HeaderMap) -> (CorrelationId, Source) {
+    fn pick(&self, headers: &HeaderMap) -> (CorrelationId, Source, Option<bool>) {
         let mut rejected = false;
-        match single(headers, &self.header) {
-            Some(v) if self.accept(v) => {
-                return (CorrelationId::from_validated(v.clone()), Source::Header);
+        match fields(headers, &self.header) {
+            Fields::One(v) if self.accept(v) => {
+                return (
+                    CorrelationId::from_validated(v.clone()),
+                    Source::Header,
+                    None,
+                );
             }
-            Some(_) => rejected = true,
-            None => rejected |= headers.contains_key(&self.header),
+            Fields::Absent => {}
+            Fields::One(_) | Fields::Many => rejected = true,
         }
+        // What `normalise` needs to know of the fallback header, learnt here with one lookup.
+        let mut fallback_clean = None;
         if let Some(name) = &self.fallback {
-            match single(headers, name) {
-                Some(v) if self.accept(v) => {
-                    return (CorrelationId::from_validated(v.clone()), Source::Fallback);
+            match fields(headers, name) {
+                Fields::One(v) if self.accept(v) => {
+                    let id = CorrelationId::from_validated(v.clone());
+                    return (id, Source::Fallback, Some(true));
                 }
-                Some(_) => rejected = true,
-                None => rejected |= headers.contains_key(name),
+                Fields::Absent => fallback_clean = Some(true),
+                Fields::One(_) | Fields::Many => {
+                    rejected = true;
+                    fallback_clean = Some(false);
+                }
             }
         }
         if self.traceparent {
@@ -95,7 +121,11 @@ impl<M: MakeCorrelationId, V: ValidateId> SetCorrelationIdLayer<M, V> {
             {
                 if let Ok(v) = HeaderValue::from_bytes(trace) {
                     if self.accept(&v) {
-                        return (CorrelationId::from_validated(v), Source::Traceparent);
+                        return (
+                            CorrelationId::from_validated(v),
+                            Source::Traceparent,
+                            fallback_clean,
+                        );
                     }
                 }
             }
@@ -104,7 +134,7 @@ impl<M: MakeCorrelationId, V: ValidateId> SetCorrelationIdLayer<M, V> {
             // Never the raw value: it may carry log-injection payloads.
             tracing::debug!(target: "steadfast::correlation", "inbound correlation id rejected; generating one");
         }
-        (self.make.make_id(), Source::Generated)
+        (self.make.make_id(), Source::Generated, fallback_clean)
     }
 
     /// After [`pick`](Self::pick): the request carries exactly one id header, with the id
@@ -112,13 +142,21 @@ impl<M: MakeCorrelationId, V: ValidateId> SetCorrelationIdLayer<M, V> {
     /// `traceparent` when enabled) that is ambiguous (two or more fields) or invalid, so a
     /// handler that forwards its inbound headers forwards nothing the layer refused. One
     /// lookup per header read on the common path (a valid id, no fallback sent).
-    fn normalise(&self, headers: &mut HeaderMap, id: &CorrelationId, source: Source) {
+    fn normalise(
+        &self,
+        headers: &mut HeaderMap,
+        id: &CorrelationId,
+        source: Source,
+        fallback_clean: Option<bool>,
+    ) {
         if source != Source::Header {
             headers.insert(self.header.clone(), id.header_value().clone());
         }
         // A header that is also the id's own header holds the id just written: left alone.
         if let Some(name) = self.fallback.as_ref().filter(|n| **n != self.header) {
-            if !self.clean(headers, name, |v| self.accept(v)) {
+            let clean =
+                fallback_clean.unwrap_or_else(|| self.clean(headers, name, |v| self.accept(v)));
+            if !clean {
                 headers.remove(name);
             }
         }
@@ -164,8 +202,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let (id, source) = self.config.pick(req.headers());
-        self.config.normalise(req.headers_mut(), &id, source);
+        let (id, source, fallback_clean) = self.config.pick(req.headers());
+        self.config
+            .normalise(req.headers_mut(), &id, source, fallback_clean);
         if self.config.extension {
             req.extensions_mut().insert(id.clone());
         }
