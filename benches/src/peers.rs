@@ -83,13 +83,13 @@ impl TowerPolicy {
     }
 }
 
-impl<B: Clone, E> tower::retry::Policy<http::Request<B>, http::Response<()>, E> for TowerPolicy {
+impl<B: Clone, R, E> tower::retry::Policy<http::Request<B>, http::Response<R>, E> for TowerPolicy {
     type Future = std::future::Ready<()>;
 
     fn retry(
         &mut self,
         _: &mut http::Request<B>,
-        result: &mut Result<http::Response<()>, E>,
+        result: &mut Result<http::Response<R>, E>,
     ) -> Option<Self::Future> {
         use tower::retry::budget::Budget;
         match result {

@@ -1,7 +1,8 @@
 //! End-to-end HTTP/1 benchmark over loopback: a hyper server with no middleware, with our
 //! server stack, and with the nearest peer stack (tower-http's request-id pair and timeout);
 //! then a bare client beside our client stack calling a bare server. Same connections and
-//! duration for each.
+//! duration for each; the client stack also beside the nearest peer stack (tower's retry and
+//! timeouts, tower-resilience's breaker, tower-http's request-id pair) over the same client.
 //!
 //! A shared machine's speed drifts by more than the differences measured, so the contenders
 //! take turns in short slices (rotating their order every round), each ratio is taken within
@@ -28,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use steadfast::retry::ReplayBody;
 use steadfast_bench::Fixed;
+use steadfast_bench::peers::{TowerPolicy, tr_breaker_layer};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 const CONNECTIONS: usize = 32;
@@ -314,17 +316,33 @@ async fn main() {
         .build()
         .expect("valid")
         .layer(Fixed(stacked_transport, bare));
-    let bare_client = Fixed(transport, bare);
+    let bare_client = Fixed(transport.clone(), bare);
+    // The nearest peer stack over the same kind of client, in the same order as ours: request
+    // id pair, total timeout, retry with tower's budget, tower-resilience's breaker, attempt
+    // timeout.
+    let peer_client = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .timeout(Duration::from_secs(10))
+        .layer(tower::retry::RetryLayer::new(TowerPolicy::new(true)))
+        .layer(tr_breaker_layer(Duration::from_secs(30)))
+        .timeout(Duration::from_secs(5))
+        .service(Fixed(
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http(),
+            bare,
+        ));
     load_client(bare_client.clone()).await;
     load_client(stack.clone()).await;
-    let (mut d, mut e) = (Vec::new(), Vec::new());
+    load_client(peer_client.clone()).await;
+    let (mut d, mut e, mut p) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        if round % 2 == 0 {
-            d.push(load_client(bare_client.clone()).await);
-            e.push(load_client(stack.clone()).await);
-        } else {
-            e.push(load_client(stack.clone()).await);
-            d.push(load_client(bare_client.clone()).await);
+        // The order rotates every round, as for the servers.
+        for k in 0..3 {
+            match (round + k) % 3 {
+                0 => d.push(load_client(bare_client.clone()).await),
+                1 => e.push(load_client(stack.clone()).await),
+                _ => p.push(load_client(peer_client.clone()).await),
+            }
         }
     }
     println!();
@@ -336,6 +354,11 @@ async fn main() {
     println!("|---|---:|---:|---:|---:|---:|");
     row("hyper-util client", &d, &d);
     row("steadfast::client::http() over it", &e, &d);
+    row(
+        "tower retry + timeouts, tower-resilience breaker, tower-http request-id over it",
+        &p,
+        &d,
+    );
 }
 
 #[cfg(test)]

@@ -17,18 +17,20 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use crate::header::GRPC_PREVIOUS_ATTEMPTS;
-use crate::layer::Config;
 use crate::policy::{History, Verdict, decide};
 use crate::replay::ReplayBody;
+use crate::service::Shared;
 
 /// What a retrying call keeps between attempts.
 pub(crate) struct Ctx<S, B, C> {
-    pub(crate) service: S,
+    /// The service later attempts go through, cloned from the shared copy at the first retry
+    /// (boxed: a future is moved through every layer above, and most calls never need it).
+    pub(crate) service: Option<Box<S>>,
     pub(crate) parts: Parts,
     pub(crate) body: ReplayBody<B>,
     /// The body for the next attempt, taken when the retry was decided.
     pub(crate) next_body: Option<ReplayBody<B>>,
-    pub(crate) config: Arc<Config<C>>,
+    pub(crate) shared: Arc<Shared<S, C>>,
     pub(crate) history: History,
     /// A budget token is held for a retry decided but not sent yet.
     pub(crate) reserved: bool,
@@ -37,7 +39,7 @@ pub(crate) struct Ctx<S, B, C> {
 impl<S, B, C> Drop for Ctx<S, B, C> {
     fn drop(&mut self) {
         if self.reserved {
-            if let Some(budget) = &self.config.budget {
+            if let Some(budget) = &self.shared.config.budget {
                 budget.refund();
             }
         }
@@ -162,7 +164,7 @@ impl<S, B, C> Ctx<S, B, C> {
             name: "retry.gave_up",
             target: "steadfast::retry",
             tracing::Level::DEBUG,
-            retry = &*self.config.name,
+            retry = &*self.shared.config.name,
             attempt = self.history.attempt,
             reason,
         );
@@ -172,13 +174,13 @@ impl<S, B, C> Ctx<S, B, C> {
     /// The `retry` label: the layer's name.
     #[cfg(feature = "metrics")]
     fn label(&self) -> metrics::SharedString {
-        metrics::SharedString::from(self.config.name.clone())
+        metrics::SharedString::from(self.shared.config.name.clone())
     }
 
     /// The budget's level, set whenever the budget is asked for a retry.
     #[cfg(feature = "metrics")]
     fn record_budget(&self) {
-        if let Some(budget) = &self.config.budget {
+        if let Some(budget) = &self.shared.config.budget {
             metrics::gauge!("steadfast_retry_budget_tokens", "retry" => self.label())
                 .set(budget.balance());
         }
@@ -193,7 +195,7 @@ impl<S, B, C> Ctx<S, B, C> {
     where
         C: Classify<Response<ResB>>,
     {
-        let config = &*self.config;
+        let config = &*self.shared.config;
         let (delay, from_hint, rerouted) =
             match decide(config, &self.parts, &mut self.history, &out, Instant::now) {
                 Verdict::Done => return Step::Return(out),
@@ -275,7 +277,7 @@ impl<S, B, C> Ctx<S, B, C> {
         let attempt = self.history.attempt;
         let mut req = Request::from_parts(self.parts.clone(), body);
         let headers = req.headers_mut();
-        if let Some(name) = &self.config.attempt_header {
+        if let Some(name) = &self.shared.config.attempt_header {
             headers.insert(name.clone(), small_number(attempt));
         }
         if is_grpc_content_type(headers) {
@@ -289,7 +291,7 @@ impl<F, S, B, C, ResB, E> Future for ResponseFuture<F, S, B, C>
 where
     F: Future<Output = Result<Response<ResB>, E>>,
     E: Into<BoxError>,
-    S: Service<Request<ReplayBody<B>>, Future = F, Response = Response<ResB>, Error = E>,
+    S: Service<Request<ReplayBody<B>>, Future = F, Response = Response<ResB>, Error = E> + Clone,
     B: Body<Data = Bytes>,
     C: Classify<Response<ResB>>,
 {
@@ -326,8 +328,15 @@ where
                 }
                 StateProj::Ready => {
                     let ctx = this.ctx.as_mut().expect("retrying without a context");
+                    if ctx.service.is_none() {
+                        ctx.service = ctx.shared.spare().map(Box::new);
+                    }
+                    let service = ctx
+                        .service
+                        .as_mut()
+                        .expect("the copy is made before a call can be retried");
                     // Re-poll readiness before every attempt.
-                    ready!(ctx.service.poll_ready(cx)).map_err(Into::into)?;
+                    ready!(service.poll_ready(cx)).map_err(Into::into)?;
                     let req = ctx
                         .next_request()
                         .expect("a retry is only decided with the next body in hand");
@@ -337,7 +346,8 @@ where
                         // The call's deadline, as it was when the first attempt was made
                         // (the layers below learn it as the ambient one, as they did then).
                         let _entered = ctx.history.deadline.map(Deadline::enter);
-                        ctx.service.call(req)
+                        let service = ctx.service.as_mut().expect("made ready above");
+                        service.call(req)
                     };
                     ctx.reserved = false;
                     this.state.set(State::Called { fut });

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -15,12 +15,33 @@ use crate::replay::ReplayBody;
 
 /// The retry service; see [`RetryLayer`](crate::RetryLayer).
 ///
+/// The first attempt of a call goes through the service below that `poll_ready` made ready.
+/// Later attempts go through a clone of a copy of it kept since the first call (the service
+/// below is cloned only for a call that is retried, not for every call).
+///
 /// # Clone
 ///
-/// Clones share the layer's budget and configuration.
+/// Clones share the layer's budget and configuration, and the copy later attempts are cloned
+/// from.
 pub struct Retry<S, C> {
     inner: S,
-    config: Arc<Config<C>>,
+    shared: Arc<Shared<S, C>>,
+}
+
+/// What a retry service and its clones and response futures share.
+pub(crate) struct Shared<S, C> {
+    pub(crate) config: Arc<Config<C>>,
+    /// A copy of the service below, made at the first call: later attempts are sent through
+    /// a clone of it. Locked only to clone it, for a retry.
+    spare: OnceLock<Mutex<S>>,
+}
+
+impl<S: Clone, C> Shared<S, C> {
+    /// A service for a later attempt (to be made ready before it is called).
+    pub(crate) fn spare(&self) -> Option<S> {
+        let spare = self.spare.get()?;
+        Some(spare.lock().unwrap_or_else(PoisonError::into_inner).clone())
+    }
 }
 
 impl Retry<(), steadfast_core::DefaultClassifier> {
@@ -32,7 +53,13 @@ impl Retry<(), steadfast_core::DefaultClassifier> {
 
 impl<S, C> Retry<S, C> {
     pub(crate) fn new(inner: S, config: Arc<Config<C>>) -> Self {
-        Self { inner, config }
+        Self {
+            inner,
+            shared: Arc::new(Shared {
+                config,
+                spare: OnceLock::new(),
+            }),
+        }
     }
 
     /// The inner service.
@@ -53,7 +80,10 @@ impl<S, C> Retry<S, C> {
 
 impl<S: Clone, C> Clone for Retry<S, C> {
     fn clone(&self) -> Self {
-        Self::new(self.inner.clone(), self.config.clone())
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -82,7 +112,7 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let config = &self.config;
+        let config = &*self.shared.config;
         if let Some(budget) = &config.budget {
             budget.deposit();
         }
@@ -106,21 +136,22 @@ where
             return ResponseFuture::once(fut, span);
         };
         let head = parts.clone();
-        // Call the service that was made ready; keep a clone for later attempts.
-        let ready = self.inner.clone();
-        let mut service = std::mem::replace(&mut self.inner, ready);
+        if self.shared.spare.get().is_none() {
+            // Once per layered service: the copy later attempts are cloned from.
+            let _ = self.shared.spare.set(Mutex::new(self.inner.clone()));
+        }
         let fut = {
             let _attempt = span.enter();
-            service.call(Request::from_parts(parts, body))
+            self.inner.call(Request::from_parts(parts, body))
         };
         ResponseFuture::retrying(
             fut,
             Ctx {
-                service,
+                service: None,
                 parts: head,
                 body: retry_body,
                 next_body: None,
-                config: self.config.clone(),
+                shared: self.shared.clone(),
                 history: History::new(deadline),
                 reserved: false,
             },
