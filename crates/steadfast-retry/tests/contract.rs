@@ -848,3 +848,109 @@ async fn a_retry_after_date_is_read_against_the_injected_clock() {
         "three seconds after the frozen now"
     );
 }
+
+/// The service below is cloned once per layered service (the copy later attempts come
+/// from), and then only for calls that are retried, not for every call; every attempt,
+/// first or later, goes through a service that was made ready.
+#[tokio::test(start_paused = true)]
+async fn the_service_below_is_cloned_only_for_calls_that_are_retried() {
+    struct Counted<S> {
+        inner: S,
+        clones: Arc<AtomicUsize>,
+        ready: bool,
+    }
+    impl<S: Clone> Counted<S> {
+        fn copy(&self) -> Self {
+            self.clones.fetch_add(1, Ordering::SeqCst);
+            Self {
+                inner: self.inner.clone(),
+                clones: self.clones.clone(),
+                ready: false,
+            }
+        }
+    }
+    impl<S, R> Service<R> for Counted<S>
+    where
+        S: Service<R>,
+    {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), S::Error>> {
+            let ready = self.inner.poll_ready(cx);
+            self.ready = ready.is_ready();
+            ready
+        }
+        fn call(&mut self, req: R) -> S::Future {
+            assert!(self.ready, "called without poll_ready");
+            self.ready = false;
+            self.inner.call(req)
+        }
+    }
+    let clones = Arc::new(AtomicUsize::new(0));
+    // Five successes, then a 503 answered by a 200 on the retry.
+    let (upstream, seen) = scripted(vec![
+        status(200),
+        status(200),
+        status(200),
+        status(200),
+        status(200),
+        status(503),
+        status(200),
+    ]);
+    let counted = Counted {
+        inner: upstream,
+        clones: clones.clone(),
+        ready: false,
+    };
+    let mut svc = exact().build().unwrap().layer(Wrapper(counted));
+    for _ in 0..5 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(req(Method::GET, b""))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(clones.load(Ordering::SeqCst), 1, "one copy, at the first call");
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(req(Method::GET, b""))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(seen.lock().unwrap().len(), 7);
+    assert_eq!(clones.load(Ordering::SeqCst), 2, "one more for the retried call");
+
+    /// Clones through `Counted::copy`, so every clone is counted.
+    struct Wrapper<S>(Counted<S>);
+    impl<S: Clone> Clone for Wrapper<S> {
+        fn clone(&self) -> Self {
+            Wrapper(self.0.copy())
+        }
+    }
+    impl<S, R> Service<R> for Wrapper<S>
+    where
+        S: Service<R>,
+    {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), S::Error>> {
+            self.0.poll_ready(cx)
+        }
+        fn call(&mut self, req: R) -> S::Future {
+            self.0.call(req)
+        }
+    }
+}
