@@ -478,3 +478,56 @@ async fn the_deadline_header_can_be_renamed_and_an_edge_can_ignore_it() {
     let text = body(http_client().oneshot(req).await.unwrap()).await;
     assert_eq!(text, "30000 None None");
 }
+
+/// The client stack's total timeout needs no timer of its own while an attempt timeout runs
+/// below it; it must still end the call at the total deadline when the retry layer waits on
+/// something no timer bounds (here: the transport answers 503, then never becomes ready
+/// again).
+#[tokio::test(start_paused = true)]
+async fn the_total_timeout_bounds_a_retry_waiting_for_readiness() {
+    use std::task::{Context, Poll};
+
+    #[derive(Clone, Default)]
+    struct ThenStuck(Arc<Mutex<u32>>);
+    impl<B> tower::Service<http::Request<B>> for ThenStuck {
+        type Response = http::Response<http_body_util::Empty<bytes::Bytes>>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            // Ready for the first call only; never woken again.
+            if *self.0.lock().unwrap() == 0 {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+        fn call(&mut self, _: http::Request<B>) -> Self::Future {
+            *self.0.lock().unwrap() += 1;
+            let res = http::Response::builder()
+                .status(503)
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            std::future::ready(Ok(res))
+        }
+    }
+    let stack = steadfast::client::http()
+        .total_timeout(Duration::from_secs(2))
+        .attempt_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .layer(ThenStuck::default());
+    let start = Instant::now();
+    let req = http::Request::get("http://orders/")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    // A guard that fails the test instead of hanging it if nothing ends the call.
+    let e = tokio::time::timeout(Duration::from_secs(60), stack.oneshot(req))
+        .await
+        .expect("ended by the total timeout")
+        .unwrap_err();
+    let elapsed = e
+        .downcast_ref::<Elapsed>()
+        .expect("the total timeout's error");
+    assert_eq!(elapsed.limit(), Duration::from_secs(2));
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+}

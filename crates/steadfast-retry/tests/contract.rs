@@ -917,7 +917,11 @@ async fn the_service_below_is_cloned_only_for_calls_that_are_retried() {
             .unwrap();
         assert_eq!(res.status(), 200);
     }
-    assert_eq!(clones.load(Ordering::SeqCst), 1, "one copy, at the first call");
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        1,
+        "one copy, at the first call"
+    );
     let res = svc
         .ready()
         .await
@@ -927,7 +931,11 @@ async fn the_service_below_is_cloned_only_for_calls_that_are_retried() {
         .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(seen.lock().unwrap().len(), 7);
-    assert_eq!(clones.load(Ordering::SeqCst), 2, "one more for the retried call");
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        2,
+        "one more for the retried call"
+    );
 
     /// Clones through `Counted::copy`, so every clone is counted.
     struct Wrapper<S>(Counted<S>);

@@ -860,3 +860,90 @@ fn a_server_answer_that_is_not_an_error_is_refused_when_built() {
         assert!(SetDeadlineLayer::builder().status(status).build().is_ok());
     }
 }
+
+/// A timeout that needs no timer while one below will wake the task by its deadline still
+/// fires on time once nothing below covers it: here the inner call times out at 1 s, and the
+/// service then waits on something no timer bounds.
+#[tokio::test(start_paused = true)]
+async fn an_outer_timeout_fires_on_time_after_the_inner_one_stops_covering_it() {
+    let inner =
+        TimeoutLayer::new(Duration::from_secs(1)).layer(tower::service_fn(|_req: Request<()>| {
+            std::future::pending::<Result<Response<()>, BoxError>>()
+        }));
+    let svc = tower::service_fn(move |req: Request<()>| {
+        let mut inner = inner.clone();
+        async move {
+            let e = inner.call(req).await.unwrap_err();
+            assert!(e.downcast_ref::<Elapsed>().is_some());
+            // Uncovered from here on: only the outer timer can end the call.
+            std::future::pending::<()>().await;
+            Ok::<_, BoxError>(Response::new(()))
+        }
+    });
+    for own in [false, true] {
+        let outer = TimeoutLayer::builder()
+            .limit(Duration::from_secs(3))
+            .propagate_own(own)
+            .build()
+            .unwrap()
+            .layer(svc.clone());
+        let start = Instant::now();
+        // A guard that fails the test instead of hanging it if nothing ends the call.
+        let out = tokio::time::timeout(Duration::from_secs(60), outer.oneshot(Request::new(())));
+        let e = elapsed(out.await.expect("ended by the outer timeout").unwrap_err());
+        assert_eq!(e.limit(), Duration::from_secs(3));
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(3),
+            "propagate_own {own}"
+        );
+    }
+}
+
+/// Covered the whole time: the inner timer (due before the outer deadline) ends the call,
+/// and the outer's limit still bounds an inner limit that is longer.
+#[tokio::test(start_paused = true)]
+async fn nested_timeouts_end_the_call_at_the_earlier_limit() {
+    for (outer, inner, fired) in [(3, 1, 1), (1, 3, 1), (2, 2, 2)] {
+        let svc = TimeoutLayer::new(Duration::from_secs(outer)).layer(
+            TimeoutLayer::new(Duration::from_secs(inner)).layer(tower::service_fn(
+                |_req: Request<()>| std::future::pending::<Result<Response<()>, BoxError>>(),
+            )),
+        );
+        let start = Instant::now();
+        let e = elapsed(svc.oneshot(Request::new(())).await.unwrap_err());
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(fired),
+            "{outer} over {inner}"
+        );
+        assert_eq!(e.limit(), Duration::from_secs(fired));
+    }
+}
+
+/// The server deadline needs no timer while the handler waits on a client call that will
+/// wake it sooner; it still answers 504 on time once the handler waits on something else.
+#[tokio::test(start_paused = true)]
+async fn the_server_deadline_answers_on_time_after_a_covered_client_call() {
+    let client =
+        TimeoutLayer::new(Duration::from_secs(1)).layer(tower::service_fn(|_req: Request<()>| {
+            std::future::pending::<Result<Response<()>, BoxError>>()
+        }));
+    let handler = tower::service_fn(move |req: Request<()>| {
+        let mut client = client.clone();
+        async move {
+            assert!(
+                client.call(req).await.is_err(),
+                "the client call times out at 1 s"
+            );
+            std::future::pending::<()>().await;
+            Ok::<_, std::convert::Infallible>(Response::new(()))
+        }
+    });
+    let svc = SetDeadlineLayer::new(Duration::from_secs(3)).layer(handler);
+    let start = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(60), svc.oneshot(Request::new(())));
+    let res = out.await.expect("answered by the server deadline").unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+}
