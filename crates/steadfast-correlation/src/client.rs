@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::Request;
@@ -14,11 +15,11 @@ use crate::validate::ValidateId;
 ///
 /// # Clone
 ///
-/// Clones share only configuration.
+/// Clones share only configuration (one `Arc`).
 #[derive(Clone, Debug)]
 pub struct PropagateCorrelationId<S, M, V> {
     inner: S,
-    config: PropagateCorrelationIdLayer<M, V>,
+    config: Arc<PropagateCorrelationIdLayer<M, V>>,
 }
 
 impl PropagateCorrelationId<(), crate::UuidV7, crate::DefaultRule> {
@@ -31,7 +32,10 @@ impl PropagateCorrelationId<(), crate::UuidV7, crate::DefaultRule> {
 impl<S, M, V> PropagateCorrelationId<S, M, V> {
     /// Wraps `inner`.
     pub fn new(inner: S, config: PropagateCorrelationIdLayer<M, V>) -> Self {
-        Self { inner, config }
+        Self {
+            inner,
+            config: Arc::new(config),
+        }
     }
 
     /// The inner service.

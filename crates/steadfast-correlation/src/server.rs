@@ -1,6 +1,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
@@ -19,11 +20,11 @@ use crate::validate::ValidateId;
 ///
 /// # Clone
 ///
-/// Clones share only configuration.
+/// Clones share only configuration (one `Arc`: hosts clone the service for every request).
 #[derive(Clone, Debug)]
 pub struct SetCorrelationId<S, M, V> {
     inner: S,
-    config: SetCorrelationIdLayer<M, V>,
+    config: Arc<SetCorrelationIdLayer<M, V>>,
 }
 
 impl SetCorrelationId<(), crate::UuidV7, crate::DefaultRule> {
@@ -36,7 +37,10 @@ impl SetCorrelationId<(), crate::UuidV7, crate::DefaultRule> {
 impl<S, M, V> SetCorrelationId<S, M, V> {
     /// Wraps `inner`.
     pub fn new(inner: S, config: SetCorrelationIdLayer<M, V>) -> Self {
-        Self { inner, config }
+        Self {
+            inner,
+            config: Arc::new(config),
+        }
     }
 
     /// The inner service.

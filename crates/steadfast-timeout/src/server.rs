@@ -1,6 +1,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode};
@@ -21,11 +22,12 @@ const GRPC_MESSAGE: &str = "Timeout expired";
 ///
 /// # Clone
 ///
-/// Clones share only configuration; there is no per-instance state.
+/// Clones share only configuration (one `Arc`: hosts clone the service for every request);
+/// there is no per-instance state.
 #[derive(Clone, Debug)]
 pub struct SetDeadline<S> {
     inner: S,
-    config: SetDeadlineLayer,
+    config: Arc<SetDeadlineLayer>,
 }
 
 impl SetDeadline<()> {
@@ -37,8 +39,11 @@ impl SetDeadline<()> {
 
 impl<S> SetDeadline<S> {
     /// Wraps `inner`.
-    pub const fn new(inner: S, config: SetDeadlineLayer) -> Self {
-        Self { inner, config }
+    pub fn new(inner: S, config: SetDeadlineLayer) -> Self {
+        Self {
+            inner,
+            config: Arc::new(config),
+        }
     }
 
     /// The inner service.
