@@ -5,7 +5,8 @@
 //! costs on the real path (real bodies, an armed timer per layer, the pool), which the
 //! in-process rows do not see.
 //!
-//! The `server-bare` and `server-stack` modes measure the other side: a bare client calling a
+//! `stack-edge` calls through the stack with no ambient id or deadline (as at an edge: the
+//! stack makes an id for every call). The `server-bare` and `server-stack` modes measure the other side: a bare client calling a
 //! server whose handler waits twice, without and with `server::http()`.
 //!
 //! Run: `valgrind --tool=callgrind target/release/calls <mode> <calls>` (or
@@ -73,7 +74,7 @@ enum Server {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(mode), Some(Ok(calls))) = (args.get(1), args.get(2).map(|c| c.parse::<u64>())) else {
-        eprintln!("usage: calls <bare|stack|server-bare|server-stack> <calls>");
+        eprintln!("usage: calls <bare|stack|stack-edge|server-bare|server-stack> <calls>");
         std::process::exit(2);
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -122,14 +123,14 @@ fn main() {
         // As inside a handler: the server layers made the id and the deadline ambient.
         let work = async {
             match mode.as_str() {
-                "bare" | "server-bare" | "server-stack" => {
+                "bare" | "server-bare" | "server-stack" | "stack-edge" => {
                     let bare: Client<_, Empty<Bytes>> =
                         Client::builder(TokioExecutor::new()).build_http();
                     run(bare, &uri, calls).await;
                 }
                 "stack" => {
                     let stack = steadfast::client::http().build().expect("valid");
-                    run(stack.layer(client), &uri, calls).await;
+                    run(stack.layer(client.clone()), &uri, calls).await;
                 }
                 other => {
                     eprintln!("unknown mode {other:?}: bare or stack");
@@ -137,6 +138,12 @@ fn main() {
                 }
             }
         };
-        id.scope(deadline.scope(work)).await;
+        if mode == "stack-edge" {
+            // As at an edge: no inbound id, no inbound deadline (the stack makes an id).
+            let stack = steadfast::client::http().build().expect("valid");
+            run(stack.layer(client.clone()), &uri, calls).await;
+        } else {
+            id.scope(deadline.scope(work)).await;
+        }
     });
 }
