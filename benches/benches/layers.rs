@@ -40,6 +40,16 @@ fn empty() -> http::Request<()> {
     http::Request::new(())
 }
 
+/// An outgoing GET to one upstream with the caller's id as an extension (what a handler's
+/// ambient id gives, for threads that have no scope of their own).
+fn outgoing_with_id() -> http::Request<Empty<Bytes>> {
+    let mut req = http::Request::new(Empty::new());
+    *req.uri_mut() = http::Uri::from_static("http://orders:8080/orders/17");
+    req.extensions_mut()
+        .insert(CorrelationId::parse("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60").expect("valid"));
+    req
+}
+
 fn empty_body() -> http::Request<Empty<Bytes>> {
     http::Request::new(Empty::new())
 }
@@ -609,6 +619,55 @@ fn stacks(c: &mut Criterion) {
         rec.bench_req("steadfast", ours.layer(PendingOnce), empty_body);
         drop(rec);
     });
+
+    // Two threads calling one upstream through one stack (clones of it): what the shared
+    // state (per-upstream breaker, budget, reference counts) costs when both use it at once.
+    let mut rec = Recorder::new(c, "client-stack-2t");
+    let h = rt.handle();
+    rec.bench_two_threads("bare", Bare, h, outgoing_with_id);
+    rec.bench_two_threads(
+        "tower+tower-http+tower-resilience",
+        peer!(Bare),
+        h,
+        outgoing_with_id,
+    );
+    rec.bench_two_threads("steadfast", ours.layer(Bare), h, outgoing_with_id);
+    drop(rec);
+
+    // The same, built up one layer at a time (innermost first, the preset's settings): which
+    // layer's shared state two threads fight over.
+    {
+        use steadfast::timeout::TimeoutLayer;
+        let attempt = TimeoutLayer::new(FIVE_S);
+        let breaker = CircuitBreakerLayer::builder()
+            .build_per_authority()
+            .expect("valid");
+        let retry = RetryLayer::new();
+        let total = TimeoutLayer::builder()
+            .limit(Duration::from_secs(10))
+            .share_own(true)
+            .covering_body()
+            .build()
+            .expect("valid");
+        let id = PropagateCorrelationIdLayer::new();
+        let mut rec = Recorder::new(c, "client-layers-2t");
+        let b = || breaker.layer(attempt.layer(Bare));
+        rec.bench_two_threads("+timeout", attempt.layer(Bare), h, outgoing_with_id);
+        rec.bench_two_threads("+breaker", b(), h, outgoing_with_id);
+        rec.bench_two_threads("+retry", retry.layer(b()), h, outgoing_with_id);
+        rec.bench_two_threads(
+            "+deadline",
+            total.layer(retry.layer(b())),
+            h,
+            outgoing_with_id,
+        );
+        rec.bench_two_threads(
+            "+id",
+            id.layer(total.layer(retry.layer(b()))),
+            h,
+            outgoing_with_id,
+        );
+    }
 
     let mut rec = Recorder::new(c, "server-stack");
     rec.bench_req("bare", Bare, with_id);
