@@ -40,6 +40,9 @@ const CASES: &[(&str, &[&str])] = &[
         "client-stack-armed",
         &["bare", "tower+tower-http+tower-resilience", "steadfast"],
     ),
+    // The client stack with a tracing subscriber (a registry: every span is made) and, with
+    // the `metrics` feature, a metrics recorder installed for the thread.
+    ("client-observed", &["bare", "steadfast"]),
     // The client stack built up one layer at a time, innermost first, with the preset's
     // settings (contenders starting with `+` are steps, not peers).
     (
@@ -207,6 +210,7 @@ fn main() {
         ("client-stack" | "client-stack-armed" | "client-layers", _) => {
             client(case, contender, calls);
         }
+        ("client-observed", _) => observed(|| client("client-stack", contender, calls)),
         _ => {
             eprintln!("unknown case/contender {case}/{contender}; see --list");
             std::process::exit(2);
@@ -285,4 +289,86 @@ fn client(case: &str, contender: &str, calls: u64) {
             std::process::exit(2);
         }
     });
+}
+
+/// Runs `f` with a tracing subscriber (a registry, which makes every span) and, with the
+/// `metrics` feature, a metrics recorder that counts, both for this thread only.
+fn observed(f: impl FnOnce()) {
+    use tracing_subscriber::layer::SubscriberExt;
+    let subscriber =
+        tracing_subscriber::registry().with(tracing_subscriber::layer::Identity::new());
+    tracing::subscriber::with_default(subscriber, || {
+        #[cfg(feature = "metrics")]
+        {
+            let recorder = counting::Recorder;
+            metrics::with_local_recorder(&recorder, f);
+        }
+        #[cfg(not(feature = "metrics"))]
+        f();
+    });
+}
+
+/// A metrics recorder that keeps every value in an atomic: what any recorder costs at the
+/// least (lookups by key, label strings, atomic updates).
+#[cfg(feature = "metrics")]
+mod counting {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use metrics::{
+        Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata,
+        SharedString, Unit,
+    };
+
+    #[derive(Debug, Default)]
+    struct Cell(AtomicU64);
+
+    impl CounterFn for Cell {
+        fn increment(&self, value: u64) {
+            self.0.fetch_add(value, Ordering::Relaxed);
+        }
+        fn absolute(&self, value: u64) {
+            self.0.fetch_max(value, Ordering::Relaxed);
+        }
+    }
+
+    impl GaugeFn for Cell {
+        fn increment(&self, value: f64) {
+            self.0.fetch_add(value as u64, Ordering::Relaxed);
+        }
+        fn decrement(&self, value: f64) {
+            self.0.fetch_sub(value as u64, Ordering::Relaxed);
+        }
+        fn set(&self, value: f64) {
+            self.0.store(value.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    impl HistogramFn for Cell {
+        fn record(&self, value: f64) {
+            self.0.fetch_add(value.to_bits() & 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Makes a new cell for every registration (as a recorder without a registry would).
+    #[derive(Debug)]
+    pub(crate) struct Recorder;
+
+    impl metrics::Recorder for Recorder {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            std::hint::black_box(key);
+            Counter::from_arc(Arc::new(Cell::default()))
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            std::hint::black_box(key);
+            Gauge::from_arc(Arc::new(Cell::default()))
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            std::hint::black_box(key);
+            Histogram::from_arc(Arc::new(Cell::default()))
+        }
+    }
 }

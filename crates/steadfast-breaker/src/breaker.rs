@@ -36,6 +36,10 @@ pub(crate) struct Stripe<C> {
     /// Whether calls must be timed (slow-call policy or time window): read here, on the
     /// line the call already touches, instead of from the shared policy.
     pub(crate) timed: bool,
+    /// Whether the policy itself needs the durations (slow calls, a rate window); when only
+    /// the `metrics` feature's histogram does, a success that changes nothing is still
+    /// settled inline.
+    pub(crate) policy_timed: bool,
 }
 
 impl<C> Stripe<C> {
@@ -114,6 +118,7 @@ impl<C> Breaker<C> {
             crate::BreakerState::Closed,
         );
         let timed = shared.needs_clock();
+        let policy_timed = shared.policy_needs_clock();
         let stripes = (0..exclusive + exclusive.max(1))
             .map(|i| {
                 Arc::new(Stripe {
@@ -125,6 +130,7 @@ impl<C> Breaker<C> {
                     rejected: AtomicU64::new(0),
                     exclusive: i < exclusive,
                     timed,
+                    policy_timed,
                 })
             })
             .collect();

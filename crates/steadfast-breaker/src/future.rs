@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use steadfast_core::header::{Pushback, server_hint};
 use steadfast_core::{BoxError, Class, Classify, Delivery, GrpcClassifier, ResponseClass};
+use tokio::time::Instant;
 
 use crate::breaker::Stripe;
 use crate::error::BreakerOpen;
@@ -122,9 +123,8 @@ pub(crate) struct Guard<C> {
     /// The permit, packed: the admitting state word, with [`PROBE`] set for a half-open
     /// probe; [`REPORTED`] once reported.
     permit: u64,
-    /// When the call started, as [`Shared::clock`](crate::state::Shared::clock) reads it;
-    /// zero when the policy needs no timing.
-    start: u64,
+    /// When the call started; `None` when nothing needs its duration.
+    start: Option<Instant>,
 }
 
 /// Marks a packed probe permit. State words never reach it: their generation would need
@@ -143,11 +143,10 @@ fn pack(permit: Permit) -> u64 {
 impl<C> Guard<C> {
     #[inline]
     pub(crate) fn new(stripe: Arc<Stripe<C>>, permit: Permit) -> Self {
-        let start = if stripe.timed {
-            stripe.shared.clock()
-        } else {
-            0
-        };
+        // Inside a timeout's call, the instant it just read: no clock read of its own.
+        let start = stripe
+            .timed
+            .then(|| steadfast_core::Deadline::call_now().unwrap_or_else(Instant::now));
         Self {
             stripe,
             permit: pack(permit),
@@ -191,15 +190,23 @@ impl<C> Guard<C> {
     }
 
     /// Settles the common case in place: a success on a pass permit (not a probe, not
-    /// reported) of an untimed call, when it would change nothing. `false`: report it properly.
+    /// reported) when it would change nothing, unless the policy needs its duration (the
+    /// `metrics` feature's histogram gets it here). `false`: report it properly.
     #[inline]
     fn report_noop(&mut self, c: Class) -> bool {
         let w = self.permit;
         if w & PROBE == 0
             && !c.is_failure()
-            && self.start == 0
+            && !self.stripe.policy_timed
             && self.stripe.shared.success_is_noop(w)
         {
+            #[cfg(feature = "metrics")]
+            if let Some(start) = self.start {
+                self.stripe
+                    .shared
+                    .meta
+                    .record_duration(false, start.elapsed().as_secs_f64());
+            }
             self.permit = REPORTED;
             return true;
         }
@@ -220,24 +227,22 @@ impl<C> Guard<C> {
                 self.give_back(permit);
             }
             Some(c) => {
-                let took = if self.start != 0 {
-                    shared.clock().saturating_sub(self.start)
-                } else {
-                    0
-                };
+                let took = self.start.map(|s| s.elapsed());
                 #[cfg(feature = "metrics")]
-                shared
-                    .meta
-                    .record_duration(c.is_failure(), Duration::from_nanos(took).as_secs_f64());
+                if let Some(took) = took {
+                    shared
+                        .meta
+                        .record_duration(c.is_failure(), took.as_secs_f64());
+                }
                 let slow =
-                    self.start != 0 && shared.slow_threshold().is_some_and(|t| took > nanos(t));
+                    took.is_some_and(|took| shared.slow_threshold().is_some_and(|t| took > t));
                 if c.is_failure() {
                     self.stripe.failures.fetch_add(1, Relaxed);
                 }
                 if slow {
                     self.stripe.slow.fetch_add(1, Relaxed);
                 }
-                let micros = (self.start != 0).then_some(took / 1000);
+                let micros = took.map(|t| nanos(t) / 1000);
                 shared.on_timed_outcome(permit, c.is_failure(), slow, hint, micros);
             }
         }

@@ -521,11 +521,6 @@ impl Shared {
         }
     }
 
-    /// Nanoseconds since the breaker was made, plus one (so a reading is never zero).
-    pub(crate) fn clock(&self) -> u64 {
-        self.now().saturating_add(1)
-    }
-
     fn now(&self) -> u64 {
         nanos(Instant::now().saturating_duration_since(self.base))
     }
@@ -591,7 +586,12 @@ impl Shared {
     /// Whether the breaker needs per-call timing (slow calls, a rate window, whose snapshot
     /// reports durations, or the call duration histograms of the `metrics` feature).
     pub(crate) fn needs_clock(&self) -> bool {
-        cfg!(feature = "metrics") || self.policy.slow.is_some() || self.window.is_some()
+        cfg!(feature = "metrics") || self.policy_needs_clock()
+    }
+
+    /// Whether the policy needs per-call timing (slow calls, or a rate window).
+    pub(crate) fn policy_needs_clock(&self) -> bool {
+        self.policy.slow.is_some() || self.window.is_some()
     }
 
     pub(crate) fn slow_threshold(&self) -> Option<Duration> {
