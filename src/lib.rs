@@ -13,6 +13,7 @@
 //! | `balance` | `steadfast-balance` (`steadfast::balance`) | `BalanceLayer` |
 //! | `consul` | the balancer's Consul source (`steadfast::balance::Consul`) | |
 //! | `dns` | the balancer's DNS source (`steadfast::balance::Dns`) | |
+//! | `limit` | `steadfast-limit` (`steadfast::limit`) | `ConcurrencyLimitLayer` |
 //! | `full` (default) | all of the above, plus the `client` and `server` presets | |
 //! | `tonic` | the gRPC client preset (`client::grpc`) for a tonic `Channel`, and `grpc_status` (the stack's errors as tonic statuses) | |
 //! | `metrics` | counters and histograms from every layer through the `metrics` facade (see `docs/observability.md`) | |
@@ -72,6 +73,9 @@ pub use steadfast_breaker as breaker;
 #[cfg(feature = "correlation")]
 #[doc(inline)]
 pub use steadfast_correlation as correlation;
+#[cfg(feature = "limit")]
+#[doc(inline)]
+pub use steadfast_limit as limit;
 #[cfg(feature = "retry")]
 #[doc(inline)]
 pub use steadfast_retry as retry;

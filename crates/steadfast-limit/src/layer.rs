@@ -1,0 +1,239 @@
+//! The layer and its builder.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use crate::algorithm::{Aimd, Estimator, Gradient2, Rule, Vegas};
+use crate::error::InvalidLimitConfig;
+use crate::limiter::Limiter;
+use crate::service::ConcurrencyLimit;
+
+/// Caps the calls in flight through it; see the [crate docs](crate).
+///
+/// Every service this layer makes shares one limit: a host that clones the service per request
+/// still counts every request against the same permits.
+///
+/// ```
+/// use steadfast_limit::ConcurrencyLimitLayer;
+///
+/// let layer = ConcurrencyLimitLayer::new(64);
+/// assert_eq!((layer.limit(), layer.in_flight(), layer.waiting()), (64, 0, 0));
+/// ```
+#[derive(Clone)]
+pub struct ConcurrencyLimitLayer {
+    pub(crate) limiter: Arc<Limiter>,
+}
+
+impl fmt::Debug for ConcurrencyLimitLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyLimitLayer")
+            .field("limiter", &self.limiter)
+            .finish()
+    }
+}
+
+impl ConcurrencyLimitLayer {
+    /// A fixed limit of `max` calls in flight that refuses the next call at once with
+    /// [`LimitExceeded`](crate::error::LimitExceeded). A `max` of zero is taken as 1 (a limit
+    /// that admits nothing is a closed door: force a breaker open for that);
+    /// [`builder`](Self::builder)`().max(0)` is refused instead.
+    pub fn new(max: u32) -> Self {
+        Self::from_parts(max.max(1), None, None, "limit")
+    }
+
+    /// Every other setting: an adaptive rule, waiting for a permit, a name.
+    pub fn builder() -> ConcurrencyLimitBuilder {
+        ConcurrencyLimitBuilder::default()
+    }
+
+    fn from_parts(limit: u32, rule: Option<Rule>, wait: Option<Duration>, name: &str) -> Self {
+        Self {
+            limiter: Arc::new(Limiter::new(
+                limit,
+                rule.map(Estimator::new),
+                wait,
+                Arc::from(name),
+            )),
+        }
+    }
+
+    /// The limit in force (it moves when the limit is adaptive).
+    pub fn limit(&self) -> u32 {
+        self.limiter.limit()
+    }
+
+    /// Calls holding a permit: admitted, and whose response body has not ended.
+    pub fn in_flight(&self) -> u32 {
+        self.limiter.in_flight()
+    }
+
+    /// Calls waiting for a permit.
+    pub fn waiting(&self) -> u32 {
+        self.limiter.waiting()
+    }
+
+    /// The limit's name (`limit` unless set), for logs.
+    pub fn name(&self) -> &str {
+        &self.limiter.name
+    }
+}
+
+impl<S> Layer<S> for ConcurrencyLimitLayer {
+    type Service = ConcurrencyLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ConcurrencyLimit::new(inner, self.limiter.clone())
+    }
+}
+
+/// The settings of a [`ConcurrencyLimitLayer`].
+///
+/// ```
+/// use std::time::Duration;
+/// use steadfast_limit::{ConcurrencyLimitLayer, Gradient2};
+///
+/// let layer = ConcurrencyLimitLayer::builder()
+///     .gradient2(Gradient2 { initial: 10, min: 4, max: 100, ..Gradient2::default() })
+///     .wait_up_to(Duration::from_millis(50))
+///     .name("orders")
+///     .build()?;
+/// assert_eq!(layer.limit(), 10);
+/// # Ok::<_, steadfast_limit::error::InvalidLimitConfig>(())
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct ConcurrencyLimitBuilder {
+    limit: Limit,
+    wait: Option<Duration>,
+    name: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Limit {
+    Fixed(u32),
+    Adaptive(Rule),
+}
+
+impl Default for ConcurrencyLimitBuilder {
+    fn default() -> Self {
+        Self {
+            limit: Limit::Adaptive(Rule::Gradient2(Gradient2::default())),
+            wait: None,
+            name: "limit".to_owned(),
+        }
+    }
+}
+
+impl ConcurrencyLimitBuilder {
+    /// A fixed limit of `max` calls in flight.
+    pub fn max(mut self, max: u32) -> Self {
+        self.limit = Limit::Fixed(max);
+        self
+    }
+
+    /// An adaptive limit by additive increase and multiplicative decrease; see [`Aimd`].
+    pub fn aimd(mut self, aimd: Aimd) -> Self {
+        self.limit = Limit::Adaptive(Rule::Aimd(aimd));
+        self
+    }
+
+    /// An adaptive limit that follows the latency gradient (the builder's default, with
+    /// [`Gradient2::default`]); see [`Gradient2`].
+    pub fn gradient2(mut self, gradient2: Gradient2) -> Self {
+        self.limit = Limit::Adaptive(Rule::Gradient2(gradient2));
+        self
+    }
+
+    /// An adaptive limit that estimates the upstream's queue; see [`Vegas`].
+    pub fn vegas(mut self, vegas: Vegas) -> Self {
+        self.limit = Limit::Adaptive(Rule::Vegas(vegas));
+        self
+    }
+
+    /// Lets a call that finds the limit reached wait up to `wait` for a permit (first come,
+    /// first served), and never past the call's [`Deadline`](steadfast_core::Deadline), before
+    /// it is refused. The default refuses at once; `Duration::ZERO` does too.
+    ///
+    /// While it waits, the call keeps the inner service it made ready (a readiness
+    /// reservation, such as a buffer slot, is held until the call is sent or refused).
+    pub fn wait_up_to(mut self, wait: Duration) -> Self {
+        self.wait = (!wait.is_zero()).then_some(wait);
+        self
+    }
+
+    /// Names the limit (for logs and [`ConcurrencyLimitLayer::name`]).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Validates and builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidLimitConfig`] for a limit, floor or ceiling of zero, bounds that do not hold
+    /// the initial limit, or a factor out of its range.
+    pub fn build(self) -> Result<ConcurrencyLimitLayer, InvalidLimitConfig> {
+        let (limit, rule) = match self.limit {
+            Limit::Fixed(0) => return Err(InvalidLimitConfig::Zero("max")),
+            Limit::Fixed(n) => (n, None),
+            Limit::Adaptive(rule) => {
+                validate(&rule)?;
+                (rule.bounds().0, Some(rule))
+            }
+        };
+        Ok(ConcurrencyLimitLayer::from_parts(
+            limit, rule, self.wait, &self.name,
+        ))
+    }
+}
+
+fn validate(rule: &Rule) -> Result<(), InvalidLimitConfig> {
+    let (initial, min, max) = rule.bounds();
+    for (name, v) in [("initial", initial), ("min", min), ("max", max)] {
+        if v == 0 {
+            return Err(InvalidLimitConfig::Zero(name));
+        }
+    }
+    if !(min <= initial && initial <= max) {
+        return Err(InvalidLimitConfig::Bounds { initial, min, max });
+    }
+    let open_unit = |name, value: f64| {
+        if value > 0.0 && value < 1.0 {
+            Ok(())
+        } else {
+            Err(InvalidLimitConfig::Factor { name, value })
+        }
+    };
+    match rule {
+        Rule::Aimd(a) => open_unit("backoff", a.backoff),
+        Rule::Gradient2(g) => {
+            open_unit("backoff", g.backoff)?;
+            if !(g.smoothing > 0.0 && g.smoothing <= 1.0) {
+                return Err(InvalidLimitConfig::Factor {
+                    name: "smoothing",
+                    value: g.smoothing,
+                });
+            }
+            if !(g.tolerance >= 1.0 && g.tolerance.is_finite()) {
+                return Err(InvalidLimitConfig::Factor {
+                    name: "tolerance",
+                    value: g.tolerance,
+                });
+            }
+            if g.long_window == 0 {
+                return Err(InvalidLimitConfig::Zero("long_window"));
+            }
+            Ok(())
+        }
+        Rule::Vegas(v) => {
+            if v.probe_every == 0 {
+                return Err(InvalidLimitConfig::Zero("probe_every"));
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Concurrency limits for [tower](https://docs.rs/tower): at most N calls in flight, where N is
+//! fixed or follows the upstream's latency and overload signals, and a call over the limit is
+//! refused at once or waits a bounded time.
+//!
+//! - [`ConcurrencyLimitLayer::new`]`(max)`: a fixed limit that refuses the next call at once
+//!   with [`LimitExceeded`](error::LimitExceeded) (tower's `ConcurrencyLimit` only waits).
+//! - [`ConcurrencyLimitLayer::builder`]: an adaptive limit — [`Gradient2`] (the default),
+//!   [`Aimd`] or [`Vegas`], after Netflix's concurrency-limits — with a floor and a ceiling,
+//!   and [`wait_up_to`](ConcurrencyLimitBuilder::wait_up_to) for a bounded, first-come
+//!   first-served wait that never outlives the call's [`Deadline`](steadfast_core::Deadline).
+//! - [`ConcurrencyLimitLayer::answering`]: the same limit in front of a server, answering `503`
+//!   with `Retry-After` or gRPC `RESOURCE_EXHAUSTED` instead of failing (load shedding), with
+//!   the inner service's error type kept (axum's `Infallible`).
+//!
+//! # What a call holds
+//!
+//! A call holds its permit from admission until its response body ends (its last frame, or an
+//! error), or until whatever holds it is dropped: the response future, the body, or a call
+//! still waiting. A response whose body is already at its end at the head gives the permit back
+//! with the head. Every way a call ends gives its permit back exactly once.
+//!
+//! # What an adaptive limit learns
+//!
+//! Each call that ends as seen is one sample: its time from admission to the end of the body,
+//! the calls in flight when it was admitted, and whether the upstream signalled overload — a
+//! `429`, `503` or `504`, a gRPC `RESOURCE_EXHAUSTED`, `UNAVAILABLE` or `DEADLINE_EXCEEDED`
+//! (in the head or the trailers), or a timeout error. Other errors, broken bodies and dropped
+//! calls teach it nothing. Samples are taken without waiting on a lock: one that arrives while
+//! another thread updates the estimate is skipped.
+//!
+//! # Where it sits
+//!
+//! In a client stack, below retry and the balancer and above the breaker (one limit per
+//! upstream), so that a refused call is a local, immediate failure that the retry layer does not
+//! retry (its source is [`PolicyRejected`](steadfast_core::PolicyRejected)) and the breaker never
+//! counts.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::time::Duration;
+//! use steadfast_limit::{ConcurrencyLimitLayer, error::LimitExceeded};
+//! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! let limit = ConcurrencyLimitLayer::new(1);
+//! let mut svc = ServiceBuilder::new().layer(limit.clone()).service(service_fn(
+//!     |_req: http::Request<String>| async {
+//!         tokio::time::sleep(Duration::from_millis(10)).await;
+//!         Ok::<_, Infallible>(http::Response::new(String::from("done")))
+//!     },
+//! ));
+//! let first = svc.ready().await.unwrap().call(http::Request::new(String::new()));
+//! let second = svc.ready().await.unwrap().call(http::Request::new(String::new()));
+//! let err = second.await.unwrap_err();
+//! assert_eq!(err.downcast_ref::<LimitExceeded>().unwrap().limit(), 1);
+//! let res = first.await.unwrap();
+//! assert_eq!(limit.in_flight(), 1, "held until the body ends");
+//! drop(res);
+//! assert_eq!(limit.in_flight(), 0);
+//! # }
+//! ```
+//!
+//! # Bad input
+//!
+//! A limit, floor or ceiling of zero, bounds that do not hold the initial limit, and factors
+//! out of range are refused by [`build`](ConcurrencyLimitBuilder::build) with
+//! [`InvalidLimitConfig`](error::InvalidLimitConfig). A wait of `Duration::MAX` is a wait
+//! bounded only by the call's deadline; `Duration::ZERO` refuses at once. Samples of any
+//! duration keep an adaptive limit within its bounds.
+
+mod algorithm;
+mod answer;
+pub mod error;
+pub mod future;
+mod layer;
+mod limiter;
+#[cfg(all(test, loom))]
+mod loom_model;
+mod service;
+mod sync;
+
+pub use algorithm::{Aimd, Gradient2, Vegas};
+pub use answer::{AnsweringLimit, AnsweringLimitLayer};
+pub use future::LimitBody;
+pub use layer::{ConcurrencyLimitBuilder, ConcurrencyLimitLayer};
+pub use service::ConcurrencyLimit;
