@@ -8,6 +8,8 @@ use std::time::Duration;
 pub(crate) struct Sample {
     /// From admission to the end of the response body.
     pub(crate) rtt: Duration,
+    /// The fastest call in the sample (a window's; a single call's own `rtt`).
+    pub(crate) lowest: Duration,
     /// Calls in flight when this one was admitted, itself included.
     pub(crate) in_flight: u32,
     /// The upstream signalled overload: 429, 503, 504, gRPC `RESOURCE_EXHAUSTED` or
@@ -101,16 +103,24 @@ impl Default for Gradient2 {
     }
 }
 
-/// A limit that estimates the upstream's queue from the lowest latency seen (Netflix
-/// concurrency-limits' `VegasLimit`, after TCP Vegas): queue = limit × (1 − lowest / recent).
-/// A short queue grows the limit, a long one shrinks it, each by a step that grows with the
-/// logarithm of the limit; a drop shrinks it too.
+/// A limit that estimates the upstream's queue from its latency without a queue (Netflix
+/// concurrency-limits' `VegasLimit`, after TCP Vegas): queue = limit × (1 − unloaded /
+/// recent). A queue under `alpha` × log10(limit) grows the limit, one over `beta` ×
+/// log10(limit) shrinks it, each by a step that grows with the logarithm of the limit; a drop
+/// shrinks it too.
+///
+/// The latency without a queue is measured as Envoy's adaptive concurrency does: for the
+/// first update, and then every `probe_every` updates, the limit is held at `min` and the
+/// fastest call of that update is the unloaded latency; calls over `min` meanwhile are refused
+/// (or wait), about 100 ms every 30 s with the defaults. (Netflix's version keeps the lowest
+/// latency ever seen, which an upstream that is busy from the start never shows: its queue then
+/// looks like its speed.)
 ///
 /// ```
 /// use steadfast_limit::Vegas;
 ///
 /// let v = Vegas::default();
-/// assert_eq!((v.initial, v.min, v.max), (20, 2, 200));
+/// assert_eq!((v.initial, v.min, v.max, v.alpha, v.beta), (20, 2, 200, 3.0, 6.0));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Vegas {
@@ -120,9 +130,14 @@ pub struct Vegas {
     pub min: u32,
     /// The ceiling.
     pub max: u32,
-    /// The lowest latency is forgotten and measured again after this many samples times the
-    /// limit (Netflix's probe multiplier), so a move to a slower network is learnt.
+    /// Updates between two measurements of the unloaded latency (each holds the limit at
+    /// `min` for one update). With the default sample window of 100 ms, 300 is about every
+    /// 30 s (Envoy: 60 s).
     pub probe_every: u32,
+    /// The queue (in units of log10(limit)) under which the limit grows (Netflix: 3).
+    pub alpha: f64,
+    /// The queue (in units of log10(limit)) over which the limit shrinks (Netflix: 6).
+    pub beta: f64,
 }
 
 impl Default for Vegas {
@@ -131,7 +146,9 @@ impl Default for Vegas {
             initial: 20,
             min: 2,
             max: 200,
-            probe_every: 30,
+            probe_every: 300,
+            alpha: 3.0,
+            beta: 6.0,
         }
     }
 }
@@ -163,38 +180,35 @@ pub(crate) struct Estimator {
     /// Gradient2: the long-term latency average in seconds, and the samples it holds so far.
     long_rtt: f64,
     long_count: u32,
-    /// Vegas: the lowest latency seen, in seconds, and samples until it is measured again.
+    /// Vegas: the latency without a queue, in seconds; updates until it is measured again;
+    /// whether this update measures it (the limit is held at the floor meanwhile).
     lowest: f64,
-    until_probe: u64,
+    until_probe: u32,
+    probing: bool,
 }
 
 impl Estimator {
     pub(crate) fn new(rule: Rule) -> Self {
         let (initial, _, _) = rule.bounds();
-        let mut e = Self {
+        Self {
             rule,
             limit: f64::from(initial),
             long_rtt: 0.0,
             long_count: 0,
             lowest: f64::INFINITY,
             until_probe: 0,
-        };
-        e.until_probe = e.probe_interval();
-        e
+            probing: matches!(rule, Rule::Vegas(_)),
+        }
     }
 
     /// The limit in force.
     pub(crate) fn limit(&self) -> u32 {
         let (_, min, max) = self.rule.bounds();
+        if self.probing {
+            return min;
+        }
         // `as` saturates (and NaN gives 0): the clamp keeps it within the configured bounds.
         (self.limit.floor() as u32).clamp(min, max)
-    }
-
-    fn probe_interval(&self) -> u64 {
-        match self.rule {
-            Rule::Vegas(v) => u64::from(v.probe_every).saturating_mul(u64::from(self.limit())),
-            _ => 0,
-        }
     }
 
     /// Takes one sample; returns the limit in force after it.
@@ -240,15 +254,23 @@ impl Estimator {
                     }
                 }
             }
-            Rule::Vegas(_) => {
+            Rule::Vegas(v) => {
+                let fastest = s.lowest.as_secs_f64();
+                if self.probing {
+                    // This update ran at the floor: its fastest call met no queue.
+                    if fastest > 0.0 && fastest.is_finite() {
+                        self.lowest = fastest;
+                    }
+                    self.probing = false;
+                    self.until_probe = v.probe_every;
+                    return self.limit();
+                }
                 self.until_probe = self.until_probe.saturating_sub(1);
                 if self.until_probe == 0 {
-                    // Forget the lowest latency: the next sample sets it again.
-                    self.lowest = f64::INFINITY;
-                    self.until_probe = self.probe_interval().max(1);
+                    self.probing = true;
                 }
-                if rtt > 0.0 && rtt < self.lowest {
-                    self.lowest = rtt;
+                if fastest > 0.0 && fastest < self.lowest {
+                    self.lowest = fastest;
                 }
                 let log = limit.max(1.0).log10().max(1.0);
                 if s.dropped {
@@ -261,7 +283,7 @@ impl Estimator {
                     } else {
                         0.0
                     };
-                    let (alpha, beta) = (3.0 * log, 6.0 * log);
+                    let (alpha, beta) = (v.alpha * log, v.beta * log);
                     if queue <= log {
                         limit + beta
                     } else if queue < alpha {
@@ -283,6 +305,66 @@ impl Estimator {
     }
 }
 
+/// Samples gathered into windows before the rule sees them (Netflix concurrency-limits'
+/// `WindowedLimit`): one update per window, from the window's mean latency, its highest
+/// in-flight count, and whether any call in it was dropped. A rule fed every sample of a busy
+/// client moves on noise; a window of a hundred calls moves on the trend.
+#[derive(Clone, Debug)]
+pub(crate) struct Windowed {
+    pub(crate) estimator: Estimator,
+    min_time: Duration,
+    min_samples: u32,
+    started: Option<tokio::time::Instant>,
+    count: u32,
+    rtt_sum: f64,
+    lowest: Duration,
+    in_flight: u32,
+    dropped: bool,
+}
+
+impl Windowed {
+    pub(crate) fn new(estimator: Estimator, min_time: Duration, min_samples: u32) -> Self {
+        Self {
+            estimator,
+            min_time,
+            min_samples: min_samples.max(1),
+            started: None,
+            count: 0,
+            rtt_sum: 0.0,
+            lowest: Duration::MAX,
+            in_flight: 0,
+            dropped: false,
+        }
+    }
+
+    /// Adds a sample taken at `now`; returns the new limit when it closed a window.
+    pub(crate) fn add(&mut self, s: Sample, now: tokio::time::Instant) -> Option<u32> {
+        let started = *self.started.get_or_insert(now);
+        self.count += 1;
+        self.rtt_sum += s.rtt.as_secs_f64();
+        self.lowest = self.lowest.min(s.lowest);
+        self.in_flight = self.in_flight.max(s.in_flight);
+        self.dropped |= s.dropped;
+        if self.count < self.min_samples || now.saturating_duration_since(started) < self.min_time {
+            return None;
+        }
+        let mean = self.rtt_sum / f64::from(self.count);
+        let window = Sample {
+            rtt: Duration::try_from_secs_f64(mean).unwrap_or(Duration::MAX),
+            lowest: self.lowest,
+            in_flight: self.in_flight,
+            dropped: self.dropped,
+        };
+        self.started = None;
+        self.count = 0;
+        self.rtt_sum = 0.0;
+        self.lowest = Duration::MAX;
+        self.in_flight = 0;
+        self.dropped = false;
+        Some(self.estimator.update(window))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +376,7 @@ mod tests {
     fn ok(rtt: Duration, in_flight: u32) -> Sample {
         Sample {
             rtt,
+            lowest: rtt,
             in_flight,
             dropped: false,
         }
@@ -378,8 +461,35 @@ mod tests {
     }
 
     #[test]
+    fn vegas_measures_the_unloaded_latency_at_its_floor_first_and_then_now_and_then() {
+        let vegas = Vegas {
+            probe_every: 3,
+            ..Vegas::default()
+        };
+        let mut e = Estimator::new(Rule::Vegas(vegas));
+        assert_eq!(e.limit(), 2, "the first update runs at the floor");
+        assert_eq!(e.update(ok(ms(10), 2)), 20, "then the initial limit");
+        // Calls take twice the unloaded latency: a queue of 10 at a limit of 20, shrink.
+        assert!(e.update(ok(ms(20), 20)) < 20);
+        e.update(ok(ms(20), 20));
+        assert_eq!(
+            e.update(ok(ms(20), 20)),
+            2,
+            "every third update measures again"
+        );
+        // The upstream got slower for good: 20 ms is its new unloaded latency.
+        let before = e.limit;
+        e.update(ok(ms(20), 2));
+        assert!(
+            e.update(ok(ms(20), 20)) as f64 > before,
+            "no queue at 20 ms now: grows"
+        );
+    }
+
+    #[test]
     fn vegas_grows_without_a_queue_and_shrinks_with_one() {
         let mut e = Estimator::new(Rule::Vegas(Vegas::default()));
+        e.update(ok(ms(10), 2));
         for _ in 0..5 {
             e.update(ok(ms(10), 200));
         }
@@ -389,6 +499,43 @@ mod tests {
             e.update(ok(ms(40), 200));
         }
         assert!(e.limit() < grown, "{} < {grown}", e.limit());
+    }
+
+    #[test]
+    fn a_window_updates_once_from_its_mean_latency_highest_load_and_any_drop() {
+        let start = tokio::time::Instant::now();
+        let mut w = Windowed::new(
+            Estimator::new(Rule::Aimd(Aimd::default())),
+            Duration::from_millis(100),
+            3,
+        );
+        assert_eq!(w.add(ok(ms(10), 15), start), None);
+        assert_eq!(
+            w.add(ok(ms(10), 1), start + ms(150)),
+            None,
+            "too few samples"
+        );
+        let dropped = Sample {
+            dropped: true,
+            ..ok(ms(10), 1)
+        };
+        assert_eq!(
+            w.add(dropped, start + ms(150)),
+            Some(18),
+            "one backoff for the window"
+        );
+        assert_eq!(w.add(ok(ms(10), 18), start + ms(160)), None);
+        assert_eq!(w.add(ok(ms(10), 1), start + ms(170)), None);
+        assert_eq!(
+            w.add(ok(ms(10), 1), start + ms(200)),
+            None,
+            "the window is 40 ms old"
+        );
+        assert_eq!(
+            w.add(ok(ms(10), 1), start + ms(260)),
+            Some(19),
+            "busy at its peak"
+        );
     }
 
     #[test]
@@ -404,6 +551,7 @@ mod tests {
                     for dropped in [false, true] {
                         let l = e.update(Sample {
                             rtt,
+                            lowest: rtt,
                             in_flight,
                             dropped,
                         });

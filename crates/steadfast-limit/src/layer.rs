@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use crate::algorithm::{Aimd, Estimator, Gradient2, Rule, Vegas};
+use crate::algorithm::{Aimd, Estimator, Gradient2, Rule, Vegas, Windowed};
 use crate::error::InvalidLimitConfig;
 use crate::limiter::Limiter;
 use crate::service::ConcurrencyLimit;
@@ -41,7 +41,7 @@ impl ConcurrencyLimitLayer {
     /// that admits nothing is a closed door: force a breaker open for that);
     /// [`builder`](Self::builder)`().max(0)` is refused instead.
     pub fn new(max: u32) -> Self {
-        Self::from_parts(max.max(1), None, None, "limit")
+        Self::from_parts(max.max(1), None, None, "limit", WINDOW)
     }
 
     /// Every other setting: an adaptive rule, waiting for a permit, a name.
@@ -49,11 +49,17 @@ impl ConcurrencyLimitLayer {
         ConcurrencyLimitBuilder::default()
     }
 
-    fn from_parts(limit: u32, rule: Option<Rule>, wait: Option<Duration>, name: &str) -> Self {
+    fn from_parts(
+        limit: u32,
+        rule: Option<Rule>,
+        wait: Option<Duration>,
+        name: &str,
+        window: (Duration, u32),
+    ) -> Self {
         Self {
             limiter: Arc::new(Limiter::new(
                 limit,
-                rule.map(Estimator::new),
+                rule.map(|r| Windowed::new(Estimator::new(r), window.0, window.1)),
                 wait,
                 Arc::from(name),
             )),
@@ -109,7 +115,11 @@ pub struct ConcurrencyLimitBuilder {
     limit: Limit,
     wait: Option<Duration>,
     name: String,
+    window: (Duration, u32),
 }
+
+/// The default sample window: 100 ms and at least 10 calls.
+const WINDOW: (Duration, u32) = (Duration::from_millis(100), 10);
 
 #[derive(Clone, Copy, Debug)]
 enum Limit {
@@ -120,9 +130,10 @@ enum Limit {
 impl Default for ConcurrencyLimitBuilder {
     fn default() -> Self {
         Self {
-            limit: Limit::Adaptive(Rule::Gradient2(Gradient2::default())),
+            limit: Limit::Adaptive(Rule::Vegas(Vegas::default())),
             wait: None,
             name: "limit".to_owned(),
+            window: WINDOW,
         }
     }
 }
@@ -140,14 +151,14 @@ impl ConcurrencyLimitBuilder {
         self
     }
 
-    /// An adaptive limit that follows the latency gradient (the builder's default, with
-    /// [`Gradient2::default`]); see [`Gradient2`].
+    /// An adaptive limit that follows the latency gradient; see [`Gradient2`].
     pub fn gradient2(mut self, gradient2: Gradient2) -> Self {
         self.limit = Limit::Adaptive(Rule::Gradient2(gradient2));
         self
     }
 
-    /// An adaptive limit that estimates the upstream's queue; see [`Vegas`].
+    /// An adaptive limit that estimates the upstream's queue (the builder's default, with
+    /// [`Vegas::default`]); see [`Vegas`].
     pub fn vegas(mut self, vegas: Vegas) -> Self {
         self.limit = Limit::Adaptive(Rule::Vegas(vegas));
         self
@@ -161,6 +172,16 @@ impl ConcurrencyLimitBuilder {
     /// reservation, such as a buffer slot, is held until the call is sent or refused).
     pub fn wait_up_to(mut self, wait: Duration) -> Self {
         self.wait = (!wait.is_zero()).then_some(wait);
+        self
+    }
+
+    /// How an adaptive limit gathers samples: it moves once per window of at least
+    /// `min_time` and `min_samples` calls, on the window's mean latency, its highest in-flight
+    /// count, and whether any call was dropped (Netflix's `WindowedLimit`). The default is
+    /// 100 ms and 10 calls (Netflix: 1 s and 10); `(Duration::ZERO, 1)` moves on every call.
+    /// A `min_samples` of zero is taken as 1.
+    pub fn sample_window(mut self, min_time: Duration, min_samples: u32) -> Self {
+        self.window = (min_time, min_samples.max(1));
         self
     }
 
@@ -186,7 +207,11 @@ impl ConcurrencyLimitBuilder {
             }
         };
         Ok(ConcurrencyLimitLayer::from_parts(
-            limit, rule, self.wait, &self.name,
+            limit,
+            rule,
+            self.wait,
+            &self.name,
+            self.window,
         ))
     }
 }

@@ -4,8 +4,8 @@
 //!
 //! - [`ConcurrencyLimitLayer::new`]`(max)`: a fixed limit that refuses the next call at once
 //!   with [`LimitExceeded`](error::LimitExceeded) (tower's `ConcurrencyLimit` only waits).
-//! - [`ConcurrencyLimitLayer::builder`]: an adaptive limit — [`Gradient2`] (the default),
-//!   [`Aimd`] or [`Vegas`], after Netflix's concurrency-limits — with a floor and a ceiling,
+//! - [`ConcurrencyLimitLayer::builder`]: an adaptive limit — [`Vegas`] (the default),
+//!   [`Gradient2`] or [`Aimd`], after Netflix's concurrency-limits — with a floor and a ceiling,
 //!   and [`wait_up_to`](ConcurrencyLimitBuilder::wait_up_to) for a bounded, first-come
 //!   first-served wait that never outlives the call's [`Deadline`](steadfast_core::Deadline).
 //! - [`ConcurrencyLimitLayer::answering`]: the same limit in front of a server, answering `503`

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::algorithm::{Estimator, Sample};
+use crate::algorithm::{Sample, Windowed};
 use crate::sync::AtomicU32;
 use crate::sync::AtomicU64;
 use crate::sync::Ordering::{AcqRel, Acquire, Relaxed};
@@ -41,7 +41,7 @@ pub(crate) struct Limiter {
     pub(crate) notify: Arc<Notify>,
     /// The adaptive rule's state; `None` for a fixed limit. A sample that finds it busy (another
     /// thread is updating it) is skipped rather than waited for.
-    estimator: Option<Mutex<Estimator>>,
+    estimator: Option<Mutex<Windowed>>,
     /// How long a call may wait for a permit; `None`: it is refused at once.
     pub(crate) wait: Option<Duration>,
     pub(crate) name: Arc<str>,
@@ -60,7 +60,7 @@ impl std::fmt::Debug for Limiter {
 impl Limiter {
     pub(crate) fn new(
         limit: u32,
-        estimator: Option<Estimator>,
+        estimator: Option<Windowed>,
         wait: Option<Duration>,
         name: Arc<str>,
     ) -> Self {
@@ -109,10 +109,7 @@ impl Limiter {
             if (!waiting && waiters(s) != 0) || in_flight(s) >= self.limit.load(Relaxed) {
                 return None;
             }
-            match self
-                .state
-                .compare_exchange_weak(s, s + 1, AcqRel, Relaxed)
-            {
+            match self.state.compare_exchange_weak(s, s + 1, AcqRel, Relaxed) {
                 Ok(_) => return Some(in_flight(s) + 1),
                 Err(now) => s = now,
             }
@@ -142,8 +139,8 @@ impl Limiter {
         false
     }
 
-    /// Feeds an adaptive limit one sample.
-    pub(crate) fn sample(&self, sample: Sample) {
+    /// Feeds an adaptive limit one sample, taken at `now`.
+    pub(crate) fn sample(&self, sample: Sample, now: Instant) {
         let Some(estimator) = &self.estimator else {
             return;
         };
@@ -153,7 +150,9 @@ impl Limiter {
             return;
         };
         let before = self.limit.load(Relaxed);
-        let after = e.update(sample);
+        let Some(after) = e.add(sample, now) else {
+            return;
+        };
         drop(e);
         if after != before {
             self.limit.store(after, Relaxed);
@@ -196,11 +195,17 @@ impl Permit {
     /// The call ended as seen: feeds the sample (adaptive limits), then gives the permit back.
     pub(crate) fn finish(mut self, dropped: bool) {
         if let Some((start, in_flight)) = self.start.take() {
-            self.limiter.sample(Sample {
-                rtt: start.elapsed(),
-                in_flight,
-                dropped,
-            });
+            let now = Instant::now();
+            let rtt = now.saturating_duration_since(start);
+            self.limiter.sample(
+                Sample {
+                    rtt,
+                    lowest: rtt,
+                    in_flight,
+                    dropped,
+                },
+                now,
+            );
         }
     }
 }

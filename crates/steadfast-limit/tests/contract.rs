@@ -327,7 +327,12 @@ async fn an_adaptive_limit_backs_off_on_overload_and_grows_when_busy() {
         max: 20,
         ..Aimd::default()
     };
-    let layer = ConcurrencyLimitLayer::builder().aimd(aimd).build().unwrap();
+    // A window of one call: the limit moves on every call.
+    let layer = ConcurrencyLimitLayer::builder()
+        .aimd(aimd)
+        .sample_window(Duration::ZERO, 1)
+        .build()
+        .unwrap();
     let (mock, mut handle) = mock::pair::<Req, Response<Empty<Bytes>>>();
     let mut svc = layer.layer(mock);
     for _ in 0..5 {
