@@ -96,6 +96,24 @@ impl<R> Service<http::Request<R>> for Bare {
     }
 }
 
+/// The baseline for layers that wrap response bodies: answers at once with an empty body.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BareBody;
+
+impl<R> Service<http::Request<R>> for BareBody {
+    type Response = http::Response<http_body_util::Empty<bytes::Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<R>) -> Self::Future {
+        std::future::ready(Ok(http::Response::new(http_body_util::Empty::new())))
+    }
+}
+
 /// The baseline that makes a timer arm: its future is `Pending` once (waking itself), then
 /// ready.
 #[derive(Clone, Copy, Debug, Default)]

@@ -27,6 +27,7 @@ const CASES: &[(&str, &[&str])] = &[
         "breaker",
         &["bare", "failsafe", "tower-resilience", "steadfast"],
     ),
+    ("limit", &["bare", "tower", "steadfast", "+vegas"]),
     ("server-stack", &["bare", "tower-http", "steadfast"]),
     (
         "correlation-server",
@@ -155,6 +156,25 @@ fn main() {
         }
         ("breaker", "steadfast") => run(
             steadfast::breaker::CircuitBreakerLayer::new().layer(Bare),
+            plain,
+            calls,
+        ),
+        ("limit", "bare") => run(steadfast_bench::BareBody, plain, calls),
+        ("limit", "tower") => run(
+            tower::limit::ConcurrencyLimitLayer::new(1000).layer(steadfast_bench::BareBody),
+            plain,
+            calls,
+        ),
+        ("limit", "steadfast") => run(
+            steadfast::limit::ConcurrencyLimitLayer::new(1000).layer(steadfast_bench::BareBody),
+            plain,
+            calls,
+        ),
+        ("limit", "+vegas") => run(
+            steadfast::limit::ConcurrencyLimitLayer::builder()
+                .build()
+                .expect("valid")
+                .layer(steadfast_bench::BareBody),
             plain,
             calls,
         ),

@@ -107,7 +107,8 @@ pub enum InvalidLimitConfig {
         /// The ceiling.
         max: u32,
     },
-    /// A factor outside its range (backoff in (0, 1), smoothing in (0, 1], tolerance ≥ 1).
+    /// A factor outside its range (backoff in (0, 1), smoothing in (0, 1], tolerance ≥ 1,
+    /// Vegas's alpha and beta positive and finite with alpha ≤ beta).
     Factor {
         /// The setting.
         name: &'static str,
@@ -126,7 +127,7 @@ impl fmt::Display for InvalidLimitConfig {
             ),
             Self::Factor { name, value } => write!(
                 f,
-                "concurrency limit: `{name}` = {value} is out of range (backoff in (0, 1), smoothing in (0, 1], tolerance ≥ 1)"
+                "concurrency limit: `{name}` = {value} is out of range (backoff in (0, 1), smoothing in (0, 1], tolerance ≥ 1, alpha and beta positive and finite with alpha ≤ beta)"
             ),
         }
     }

@@ -10,12 +10,11 @@ use http::{HeaderMap, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use steadfast_core::{BoxError, GrpcCode, is_grpc_content_type};
-use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use crate::error::LimitExceeded;
-use crate::limiter::{Limiter, Permit};
+use crate::limiter::{Limiter, Permit, Slot};
 
 pin_project! {
     /// The response body of a limited call: holds the call's permit until the body ends (its
@@ -55,26 +54,34 @@ impl<B> LimitBody<B> {
 
 impl<B: Body> LimitBody<B> {
     /// Wraps a response's body: a body already at its end gives the permit back at once.
+    #[inline]
     pub(crate) fn wrap(res: Response<B>, permit: Permit) -> Response<Self> {
+        let at_end = res.body().is_end_stream();
+        if !permit.samples() {
+            // A fixed limit learns nothing from the answer: no need to read the head.
+            let permit = (!at_end).then_some(permit);
+            return res.map(|inner| LimitBody {
+                inner,
+                permit,
+                dropped: false,
+                grpc: false,
+            });
+        }
         let dropped = overload_status(res.status(), res.headers());
         let grpc =
             is_grpc_content_type(res.headers()) && GrpcCode::from_map(res.headers()).is_none();
-        let (parts, inner) = res.into_parts();
-        let permit = if inner.is_end_stream() {
+        let permit = if at_end {
             permit.finish(dropped);
             None
         } else {
             Some(permit)
         };
-        Response::from_parts(
-            parts,
-            LimitBody {
-                inner,
-                permit,
-                dropped,
-                grpc,
-            },
-        )
+        res.map(|inner| LimitBody {
+            inner,
+            permit,
+            dropped,
+            grpc,
+        })
     }
 }
 
@@ -144,23 +151,31 @@ pin_project! {
         service: Option<S>,
         req: Option<Req>,
         #[pin]
-        notified: OwnedNotified,
-        #[pin]
         sleep: Sleep,
         since: Instant,
-        // Whether it may take a permit: first in line when it started waiting, or woken since.
-        may_take: bool,
-        // Counted among the limit's waiters until it gets a permit or gives up.
-        registered: Option<Registered>,
+        // Its place in the queue until it gets a permit or gives up.
+        queued: Option<Queued>,
     }
 }
 
-/// A waiter's place in the count; dropping it counts the waiter out.
-struct Registered(Arc<Limiter>);
+/// A waiter's place in the queue; dropping it leaves the queue (a permit handed to it
+/// meanwhile goes on to the next waiter).
+struct Queued {
+    limiter: Arc<Limiter>,
+    slot: Arc<Slot>,
+}
 
-impl Drop for Registered {
+impl Queued {
+    /// Leaves the queue, with the permit handed over meanwhile, if any (leaving twice is
+    /// harmless: the second time finds neither).
+    fn leave(&self) -> Option<Permit> {
+        self.limiter.leave(&self.slot)
+    }
+}
+
+impl Drop for Queued {
     fn drop(&mut self) {
-        self.0.deregister();
+        drop(self.leave());
     }
 }
 
@@ -201,25 +216,25 @@ impl<S, Req, F> Admission<S, Req, F> {
         Admission::Refused { refusal }
     }
 
-    /// A call that waits up to `until` for a permit; the caller has registered it as a waiter
-    /// (`first`: nobody else was waiting).
+    /// A call that waits up to `until` for a permit, queued in `slot`.
     pub(crate) fn waiting(
         service: S,
         req: Req,
         limiter: Arc<Limiter>,
+        slot: Arc<Slot>,
         until: Instant,
-        first: bool,
     ) -> Self {
         let now = Instant::now();
         Admission::Waiting {
             wait: Box::pin(Wait {
                 service: Some(service),
                 req: Some(req),
-                notified: limiter.notify.clone().notified_owned(),
                 sleep: tokio::time::sleep_until(until),
                 since: now,
-                may_take: first,
-                registered: Some(Registered(limiter.clone())),
+                queued: Some(Queued {
+                    limiter: limiter.clone(),
+                    slot,
+                }),
             }),
             limiter,
         }
@@ -250,42 +265,30 @@ where
                 }
                 AdmissionProj::Waiting { wait, limiter } => {
                     let limiter = limiter.clone();
-                    let mut w = wait.as_mut().project();
-                    let admitted = loop {
-                        // Enabled before looking at the count: a release after this wakes it.
-                        w.notified.as_mut().enable();
-                        if *w.may_take {
-                            if let Some(n) = limiter.take() {
-                                break Some(n);
-                            }
+                    let w = wait.as_mut().project();
+                    let queued = w.queued.as_ref().expect("queued until admitted or refused");
+                    let mut admitted = queued.slot.poll_permit(cx.waker());
+                    if admitted.is_none() && w.sleep.poll(cx).is_ready() {
+                        // Out of time; a permit handed over at the last moment is still used.
+                        admitted = w.queued.take().and_then(|q| q.leave());
+                        if admitted.is_none() {
+                            let refusal = LimitExceeded::new(limiter.limit(), w.since.elapsed());
+                            tracing::debug!(target: "steadfast::limit", limit = %limiter.name, waited = ?refusal.waited(), "no permit within the wait; refused");
+                            self.set(Admission::refused(refusal));
+                            continue;
                         }
-                        match w.notified.as_mut().poll(cx) {
-                            // Woken (by a release, or a raised limit): its turn to look.
-                            Poll::Ready(()) => {
-                                *w.may_take = true;
-                                w.notified.set(limiter.notify.clone().notified_owned());
-                            }
-                            Poll::Pending => break None,
-                        }
-                    };
+                    }
                     match admitted {
-                        Some(n) => {
-                            drop(w.registered.take());
-                            let permit = Permit::new(limiter, n);
+                        Some(permit) => {
+                            // Handed over: it has left the queue already.
+                            drop(w.queued.take());
                             let mut service = w.service.take().expect("waits once");
                             let req = w.req.take().expect("waits once");
                             // The service was made ready for this call before it waited.
                             let fut = service.call(req);
                             self.set(Admission::called(fut, permit));
                         }
-                        None => {
-                            if w.sleep.poll(cx).is_pending() {
-                                return Poll::Pending;
-                            }
-                            let refusal = LimitExceeded::new(limiter.limit(), w.since.elapsed());
-                            tracing::debug!(target: "steadfast::limit", limit = %limiter.name, waited = ?refusal.waited(), "no permit within the wait; refused");
-                            self.set(Admission::refused(refusal));
-                        }
+                        None => return Poll::Pending,
                     }
                 }
                 AdmissionProj::Done => panic!("limited call polled after completion"),

@@ -56,13 +56,11 @@ impl ConcurrencyLimitLayer {
         name: &str,
         window: (Duration, u32),
     ) -> Self {
+        let estimator = rule.map(|r| Windowed::new(Estimator::new(r), window.0, window.1));
+        // The limit in force from the start is the rule's (Vegas measures at its floor first).
+        let limit = estimator.as_ref().map_or(limit, |e| e.estimator.limit());
         Self {
-            limiter: Arc::new(Limiter::new(
-                limit,
-                rule.map(|r| Windowed::new(Estimator::new(r), window.0, window.1)),
-                wait,
-                Arc::from(name),
-            )),
+            limiter: Arc::new(Limiter::new(limit, estimator, wait, Arc::from(name))),
         }
     }
 
@@ -257,6 +255,17 @@ fn validate(rule: &Rule) -> Result<(), InvalidLimitConfig> {
         Rule::Vegas(v) => {
             if v.probe_every == 0 {
                 return Err(InvalidLimitConfig::Zero("probe_every"));
+            }
+            for (name, value) in [("alpha", v.alpha), ("beta", v.beta)] {
+                if !(value > 0.0 && value.is_finite()) {
+                    return Err(InvalidLimitConfig::Factor { name, value });
+                }
+            }
+            if v.alpha > v.beta {
+                return Err(InvalidLimitConfig::Factor {
+                    name: "alpha (above beta)",
+                    value: v.alpha,
+                });
             }
             Ok(())
         }

@@ -1,4 +1,4 @@
-//! Loom model of the permit accounting: run with
+//! Loom models of the permit accounting: run with
 //! `RUSTFLAGS="--cfg loom" cargo test -p steadfast-limit --lib --release loom_model`.
 
 use std::sync::Arc;
@@ -11,7 +11,8 @@ fn limiter(limit: u32) -> Arc<Limiter> {
     Arc::new(Limiter::new(limit, None, None, Arc::from("model")))
 }
 
-/// Two callers race for one permit, each giving it back: never two in flight, none left.
+/// Two callers (on stripes of their own) race for one permit, each giving it back: never two
+/// in flight, and the permits granted end equal to the budgets held, none in use.
 #[test]
 fn loom_model_two_callers_never_exceed_the_limit() {
     loom::model(|| {
@@ -20,9 +21,9 @@ fn loom_model_two_callers_never_exceed_the_limit() {
             .map(|_| {
                 let l = l.clone();
                 thread::spawn(move || {
-                    if l.try_acquire().is_some() {
+                    if let Some(p) = l.try_acquire() {
                         assert!(l.in_flight() <= 1);
-                        l.release();
+                        drop(p);
                     }
                 })
             })
@@ -31,47 +32,67 @@ fn loom_model_two_callers_never_exceed_the_limit() {
             h.join().unwrap();
         }
         assert_eq!(l.in_flight(), 0);
+        let (granted, budgets) = l.accounts();
+        assert_eq!(granted, budgets);
+        assert!(granted <= 1);
     });
 }
 
-/// A release and a waiter registering at the same time: either the waiter takes the freed
-/// permit, or the release sees the waiter and wakes it. Never both missed (a lost wakeup
-/// would leave the waiter parked until its bound with a permit free).
+/// A caller reclaiming idle budget while another admits from that budget and gives it back:
+/// nothing is lost or counted twice.
+#[test]
+fn loom_model_reclaiming_races_an_admission_on_the_same_stripe() {
+    loom::model(|| {
+        let l = limiter(2);
+        drop(l.try_acquire().expect("a permit"));
+        let user = {
+            let l = l.clone();
+            thread::spawn(move || l.try_acquire().map(drop).is_some())
+        };
+        l.reclaim_all();
+        let _ = user.join().unwrap();
+        assert_eq!(l.in_flight(), 0);
+        let (granted, budgets) = l.accounts();
+        assert_eq!(granted, budgets);
+        assert!(granted <= 2);
+    });
+}
+
+/// A release and a waiter joining the queue at the same time: either the joining waiter
+/// reclaims the freed permit and hands it to the queue's head (itself), or the release sees
+/// the waiter and hands its permit over. Never both missed (a lost wakeup would leave the
+/// waiter parked until its bound with a permit free).
 #[test]
 fn loom_model_a_release_never_misses_a_waiter() {
     loom::model(|| {
         let l = limiter(1);
-        assert!(l.try_acquire().is_some());
-        let releaser = {
-            let l = l.clone();
-            thread::spawn(move || l.release())
-        };
-        assert!(l.register(), "first in line");
-        let took = l.take().is_some();
-        let woke = releaser.join().unwrap();
-        assert!(took || woke, "lost wakeup");
-        l.deregister();
-        if took {
-            l.release();
-        }
-        assert_eq!(l.in_flight(), 0);
+        let held = l.try_acquire().expect("a permit");
+        let releaser = thread::spawn(move || drop(held));
+        let slot = l.enqueue();
+        releaser.join().unwrap();
+        let permit = l.leave(&slot);
+        assert!(permit.is_some(), "lost wakeup");
         assert_eq!(l.waiting(), 0);
+        drop(permit);
+        assert_eq!(l.in_flight(), 0);
     });
 }
 
-/// A new arrival never takes a permit ahead of a registered waiter.
+/// A new arrival never takes a permit ahead of a waiter: the permit a finishing call gives
+/// back goes to the waiter.
 #[test]
 fn loom_model_arrivals_queue_behind_waiters() {
     loom::model(|| {
         let l = limiter(1);
-        assert!(l.register());
+        let held = l.try_acquire().expect("a permit");
+        let slot = l.enqueue();
         let arrival = {
             let l = l.clone();
             thread::spawn(move || l.try_acquire().is_some())
         };
-        let waiter_took = l.take().is_some();
+        drop(held);
         let arrival_took = arrival.join().unwrap();
-        assert!(waiter_took && !arrival_took);
-        l.deregister();
+        let waiter = l.leave(&slot);
+        assert!(waiter.is_some() && !arrival_took);
     });
 }

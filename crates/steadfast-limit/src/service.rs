@@ -14,7 +14,7 @@ use tower_service::Service;
 use crate::error::LimitExceeded;
 use crate::future::{Admission, ResponseFuture};
 use crate::layer::ConcurrencyLimitLayer;
-use crate::limiter::{Limiter, Permit};
+use crate::limiter::Limiter;
 
 /// A service that lets at most the limit's number of calls be in flight, counting a call from
 /// its admission to the end (or drop) of its response body; see the [crate docs](crate).
@@ -78,8 +78,7 @@ impl<S> ConcurrencyLimit<S> {
     where
         S: Service<Request<B>> + Clone,
     {
-        if let Some(n) = self.limiter.try_acquire() {
-            let permit = Permit::new(self.limiter.clone(), n);
+        if let Some(permit) = self.limiter.try_acquire() {
             return Admission::called(self.inner.call(req), permit);
         }
         self.refuse_or_wait(req)
@@ -106,11 +105,11 @@ impl<S> ConcurrencyLimit<S> {
         if until <= now {
             return refused();
         }
-        let first = limiter.register();
+        let slot = limiter.enqueue();
         // The service made ready for this call goes with it; a clone stays for the next.
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        Admission::waiting(ready, req, limiter.clone(), until, first)
+        Admission::waiting(ready, req, limiter.clone(), slot, until)
     }
 }
 

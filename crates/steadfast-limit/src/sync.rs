@@ -6,7 +6,11 @@
 //! build runs the loom model and nothing else.
 
 #[cfg(not(all(test, loom)))]
+pub(crate) use std::sync::Mutex;
+#[cfg(not(all(test, loom)))]
 pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+#[cfg(all(test, loom))]
+pub(crate) use loom::sync::Mutex;
 #[cfg(all(test, loom))]
 pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -310,8 +310,13 @@ async fn a_waiter_dropped_after_it_was_woken_passes_the_permit_on() {
     send.send_response(Response::new(Empty::new()));
     drop(held.await.unwrap());
     assert!(a.is_woken());
+    assert_eq!(
+        layer.waiting(),
+        1,
+        "a was handed the permit and left the queue"
+    );
     drop(a); // woken, never polled again
-    assert_eq!(layer.waiting(), 1);
+    assert_eq!(layer.waiting(), 0, "its permit went on to b");
     assert!(b.is_woken(), "the wake-up went on to the next waiter");
     assert!(b.poll().is_pending());
     let (r, _send) = handle.next_request().await.unwrap();
