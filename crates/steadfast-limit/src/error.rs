@@ -83,6 +83,63 @@ impl Error for LimitExceeded {
     }
 }
 
+/// The throttle refused the call locally: the upstream has refused so many of this client's
+/// recent calls that this one was dropped before it was sent, with the probability given.
+///
+/// Its [`source`](Error::source) is [`PolicyRejected`], so steadfast's retry layer neither
+/// retries it nor charges its budget, and a breaker does not count it.
+///
+/// ```
+/// use steadfast_core::PolicyRejected;
+/// use steadfast_limit::error::Throttled;
+///
+/// let e = Throttled::new(0.5);
+/// assert_eq!(e.probability(), 0.5);
+/// assert!(PolicyRejected::is_in(&e));
+/// assert_eq!(e.to_http_response::<()>().status(), 503);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Throttled {
+    probability: f64,
+}
+
+impl Throttled {
+    /// A local refusal made with `probability`.
+    pub const fn new(probability: f64) -> Self {
+        Self { probability }
+    }
+
+    /// The probability of refusal in force when the call was refused.
+    pub const fn probability(&self) -> f64 {
+        self.probability
+    }
+
+    /// The answer a gateway gives for this refusal: `503 Service Unavailable` with
+    /// `Retry-After: 1`.
+    pub fn to_http_response<B>(&self) -> Response<ResponseBody<B>> {
+        let mut res = http_response(StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded\n");
+        res.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        res
+    }
+}
+
+impl fmt::Display for Throttled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "throttled locally: the upstream refuses this client's calls (refusing {:.0} % here)",
+            self.probability * 100.0
+        )
+    }
+}
+
+impl Error for Throttled {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&PolicyRejected::INSTANCE)
+    }
+}
+
 /// An invalid limit configuration; its message says what to change.
 ///
 /// ```

@@ -11,6 +11,9 @@
 //! - [`ConcurrencyLimitLayer::answering`]: the same limit in front of a server, answering `503`
 //!   with `Retry-After` or gRPC `RESOURCE_EXHAUSTED` instead of failing (load shedding), with
 //!   the inner service's error type kept (axum's `Infallible`).
+//! - [`ThrottleLayer`]: client-side adaptive throttling (the SRE book's): a client whose
+//!   upstream refuses more and more of its calls refuses a share of them itself, with
+//!   [`Throttled`](error::Throttled), so the upstream sees its load fall before it recovers.
 //!
 //! # What a call holds
 //!
@@ -30,10 +33,16 @@
 //!
 //! # Where it sits
 //!
-//! In a client stack, below retry and the balancer and above the breaker (one limit per
-//! upstream), so that a refused call is a local, immediate failure that the retry layer does not
-//! retry (its source is [`PolicyRejected`](steadfast_core::PolicyRejected)) and the breaker never
-//! counts.
+//! In a client stack, the limit goes below retry and the balancer and above the breaker (one
+//! limit per upstream), so that a refused call is a local, immediate failure that the retry
+//! layer does not retry (its source is [`PolicyRejected`](steadfast_core::PolicyRejected)) and
+//! the breaker never counts. The throttle goes above retry (under the total timeout): it judges
+//! calls, not attempts, and its refusals are not retried either. The breaker, below, stops
+//! calls to an upstream that fails outright; the throttle, above, thins calls to one that
+//! refuses part of them (an overloaded upstream answering `503` or `429`), which a breaker's
+//! failure-rate threshold may never reach; and a call the breaker or the limit refused counts
+//! nowhere in the throttle's window. The retry budget bounds the retries the throttle lets
+//! through.
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -78,9 +87,11 @@ mod limiter;
 mod loom_model;
 mod service;
 mod sync;
+mod throttle;
 
 pub use algorithm::{Aimd, Gradient2, Vegas};
 pub use answer::{AnsweringLimit, AnsweringLimitLayer};
 pub use future::LimitBody;
 pub use layer::{ConcurrencyLimitBuilder, ConcurrencyLimitLayer};
 pub use service::ConcurrencyLimit;
+pub use throttle::{Throttle, ThrottleBuilder, ThrottleLayer};

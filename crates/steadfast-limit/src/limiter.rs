@@ -551,7 +551,11 @@ mod tests {
             for t in threads {
                 t.join().unwrap();
             }
-            assert!(most.load(SeqCst) <= limit, "limit {limit}: {}", most.load(SeqCst));
+            assert!(
+                most.load(SeqCst) <= limit,
+                "limit {limit}: {}",
+                most.load(SeqCst)
+            );
             assert_eq!(l.in_flight(), 0);
             let (granted, budgets) = l.accounts();
             assert_eq!(granted, budgets);
