@@ -700,7 +700,8 @@ fn stacks(c: &mut Criterion) {
 
 /// A concurrency limit that does not fire (issue 23: ≤ +15 ns over bare, no allocation,
 /// scaling ≥ 1.8 on two threads), beside tower's `ConcurrencyLimit` (a semaphore permit taken
-/// in `poll_ready`) and tower-resilience's adaptive limiter.
+/// in `poll_ready`) and tower-resilience's adaptive limiter; and the throttle that does not
+/// throttle.
 fn limit(c: &mut Criterion) {
     use steadfast::limit::ConcurrencyLimitLayer;
     use steadfast_bench::BareBody;
@@ -728,6 +729,10 @@ fn limit(c: &mut Criterion) {
         ConcurrencyLimitLayer::new(1000).layer(BareBody),
     );
     rec.bench("steadfast-vegas", adaptive().layer(BareBody));
+    rec.bench(
+        "steadfast-throttle",
+        steadfast::limit::ThrottleLayer::new().layer(BareBody),
+    );
     drop(rec);
 
     let mut rec = Recorder::new(c, "limit-2t");
@@ -746,6 +751,12 @@ fn limit(c: &mut Criterion) {
         empty,
     );
     rec.bench_two_threads("steadfast-vegas", adaptive().layer(BareBody), h, empty);
+    rec.bench_two_threads(
+        "steadfast-throttle",
+        steadfast::limit::ThrottleLayer::new().layer(BareBody),
+        h,
+        empty,
+    );
 }
 
 fn config() -> Criterion {
