@@ -357,15 +357,23 @@ impl Limiter {
     fn acquire_slow(&self) -> Option<Permit> {
         let stripe = self.stripe();
         let want = batch(self.limit());
-        for round in 0..2 {
+        // A refusal must mean the limit's permits are in use. A permit can be in transit for a
+        // moment (reclaimed from a stripe, not yet back in the global count, or released into
+        // a stripe just after this call looked at it): look again until it shows, or until the
+        // calls in use fill the limit. Bounded, as a safety net against a livelock.
+        for _ in 0..64 {
             if let Some(k) = self.grant(want, false) {
                 // One permit in use, the rest of the batch as the stripe's budget.
                 stripe.word.fetch_add(u64::from(k) * BUDGET + 1, AcqRel);
                 return Some(self.permit(stripe));
             }
-            if round == 0 && self.reclaim_all() == 0 {
-                break;
+            if self.reclaim_all() > 0 {
+                continue;
             }
+            if self.waiting() != 0 || self.in_flight() >= self.limit() {
+                return None;
+            }
+            crate::sync::spin();
         }
         None
     }
@@ -509,8 +517,12 @@ impl Permit {
 impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
-        // While calls wait, the permit goes straight to the first of them.
-        if high(self.stripe.shared.state.load(Acquire)) != 0
+        // While calls wait, the permit goes straight to the first of them, unless the limit
+        // came down below the permits granted (then it goes back, and waiters get what the
+        // lower limit allows).
+        let s = self.stripe.shared.state.load(Acquire);
+        if high(s) != 0
+            && low(s) <= self.stripe.shared.limit()
             && self.stripe.shared.hand_off(&self.stripe)
         {
             return;

@@ -14,3 +14,13 @@ pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 pub(crate) use loom::sync::Mutex;
 #[cfg(all(test, loom))]
 pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// A pause in a retry loop that waits for another thread's step (under loom, a yield, so the
+/// model lets that thread run).
+#[inline]
+pub(crate) fn spin() {
+    #[cfg(not(all(test, loom)))]
+    std::hint::spin_loop();
+    #[cfg(all(test, loom))]
+    loom::thread::yield_now();
+}

@@ -73,11 +73,13 @@ impl ThrottleLayer {
 
     /// The probability that the next call is refused locally, from the window's counts now.
     pub fn rejection_probability(&self) -> f64 {
+        self.shared.advance(self.shared.epoch(Instant::now()));
         self.shared.probability()
     }
 
     /// The window's counts: requests (refused locally or not) and accepts.
     pub fn counts(&self) -> (u64, u64) {
+        self.shared.advance(self.shared.epoch(Instant::now()));
         let (r, a) = self.shared.totals();
         (u64::from(r), u64::from(a))
     }
