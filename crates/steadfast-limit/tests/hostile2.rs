@@ -397,9 +397,11 @@ fn a_limit_that_came_down_is_exact_across_threads_afterwards() {
 
 /// An upstream whose calls wait for a gate (a status sent on a oneshot), with empty bodies (a
 /// call ends with its head).
+type Gate = (u32, tokio::sync::oneshot::Sender<u16>);
+
 #[derive(Clone, Default)]
 struct Gates {
-    open: Arc<Mutex<VecDeque<(u32, tokio::sync::oneshot::Sender<u16>)>>>,
+    open: Arc<Mutex<VecDeque<Gate>>>,
     started: Arc<Mutex<Vec<u32>>>,
 }
 
@@ -654,7 +656,7 @@ async fn cancellations_and_foreign_releases_strand_nobody() {
             rng ^= rng << 17;
             rng
         };
-        let mut aborted = vec![false; 60];
+        let mut aborted = [false; 60];
         let work = async {
             for _ in 0..200 {
                 match next() % 4 {
@@ -900,7 +902,7 @@ async fn caps_and_minimums_at_their_extremes() {
     for _ in 0..2000 {
         let _ = svc.clone().oneshot(Request::new(())).await;
         let p = throttle.rejection_probability();
-        assert!(p < 1.0 && p >= 0.0, "{p}");
+        assert!((0.0..1.0).contains(&p), "{p}");
     }
     // K = 1 and all accepted: never refused.
     let ok = Arc::new(AtomicU16::new(200));
@@ -1246,13 +1248,5 @@ fn concurrent_calls_keep_the_counts_consistent() {
     );
     let (r, a) = throttle.counts();
     assert!(a <= r && r <= u64::from(made.load(SeqCst)), "({r}, {a})");
-    // A second later (real time) everything is gone after one more call.
-    std::thread::sleep(Duration::from_millis(1100));
-    let _ = svc
-        .clone()
-        .oneshot(Request::new(()))
-        .now_or_never()
-        .unwrap();
-    let (r, _) = throttle.counts();
-    assert!(r <= 1, "counts outlived the window: {r} requests");
+    // (That the window forgets idle counts is checked on paused time above.)
 }
