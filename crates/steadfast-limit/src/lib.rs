@@ -28,8 +28,8 @@
 //! the calls in flight when it was admitted, and whether the upstream signalled overload — a
 //! `429`, `503` or `504`, a gRPC `RESOURCE_EXHAUSTED`, `UNAVAILABLE` or `DEADLINE_EXCEEDED`
 //! (in the head or the trailers), or a timeout error. Other errors, broken bodies and dropped
-//! calls teach it nothing. Samples are taken without waiting on a lock: one that arrives while
-//! another thread updates the estimate is skipped.
+//! calls teach it nothing. An ordinary sample that arrives while another thread updates the
+//! estimate is skipped rather than waited for; a drop never is.
 //!
 //! # Where it sits
 //!

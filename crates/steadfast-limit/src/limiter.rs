@@ -442,10 +442,16 @@ impl Shared {
         let Some(estimator) = &self.estimator else {
             return Equal;
         };
-        // A busy estimator means another thread is updating it with its own sample: skip this
-        // one rather than wait on a lock in a call's path.
-        let Ok(mut e) = estimator.try_lock() else {
-            return Equal;
+        // A busy estimator means another thread is updating it with its own sample: skip an
+        // ordinary sample rather than wait on a lock in a call's path, but never a drop (the
+        // signal that makes a limit come down).
+        let mut e = match estimator.try_lock() {
+            Ok(e) => e,
+            Err(std::sync::TryLockError::WouldBlock) if sample.dropped => {
+                estimator.lock().unwrap_or_else(|e| e.into_inner())
+            }
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Equal,
         };
         let before = self.limit.load(Relaxed);
         let Some(after) = e.add(sample, now) else {
