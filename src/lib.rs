@@ -30,11 +30,19 @@
 //! CorrelationId   copy the ambient id onto the outgoing request
 //!   Timeout       total budget for the call incl. retries and the response body;
 //!                 min(own, inherited deadline)
-//!     Retry       classify, budget, backoff + full jitter, Retry-After, replay body
-//!       Breaker   per upstream authority; fail fast when open
-//!         Timeout per attempt
-//!           transport (hyper-util client, tonic Channel)
+//!     Throttle    (optional, `limit::ThrottleLayer`) refuse locally a share of calls
+//!                 that the upstream keeps refusing
+//!       Retry     classify, budget, backoff + full jitter, Retry-After, replay body
+//!         Balance (optional) pick an endpoint of a service
+//!           ConcurrencyLimit (optional, `limit::ConcurrencyLimitLayer`) at most N
+//!                 in flight, fixed or adaptive
+//!             Breaker   per upstream authority; fail fast when open
+//!               Timeout per attempt
+//!                 transport (hyper-util client, tonic Channel)
 //! ```
+//!
+//! The presets (`client::http()`) build the layers without the optional ones; add a throttle
+//! or a limit with `ServiceBuilder` around or under a preset's stack.
 //!
 //! A server stack, outermost first:
 //!
