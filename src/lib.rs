@@ -108,6 +108,8 @@ pub fn describe_metrics() {
     steadfast_timeout::describe_metrics();
     #[cfg(feature = "balance")]
     steadfast_balance::describe_metrics();
+    #[cfg(feature = "limit")]
+    steadfast_limit::describe_metrics();
 }
 
 mod builder;

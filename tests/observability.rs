@@ -469,3 +469,64 @@ fn every_documented_metric_is_described_with_its_kind_and_unit() {
         assert_eq!(unit, want, "{name}");
     }
 }
+
+/// A concurrency limit counts its refusals by name and reports an adaptive limit's moves; the
+/// throttle counts its local refusals.
+#[test]
+fn limits_and_the_throttle_count_their_refusals() {
+    use std::time::Duration;
+    use steadfast::limit::{Aimd, ConcurrencyLimitLayer, ThrottleLayer};
+    let seen = recorded(|| async {
+        let fixed = ConcurrencyLimitLayer::builder()
+            .max(1)
+            .name("orders")
+            .build()
+            .unwrap();
+        let (mock, mut handle) = tower_test::mock::pair::<Request<()>, Response<Full<Bytes>>>();
+        let mut svc = fixed.layer(mock);
+        let held = svc.ready().await.unwrap().call(get());
+        for _ in 0..2 {
+            assert!(svc.ready().await.unwrap().call(get()).await.is_err());
+        }
+        drop(held);
+        drop(handle.next_request().await);
+
+        let adaptive = ConcurrencyLimitLayer::builder()
+            .aimd(Aimd {
+                initial: 10,
+                ..Aimd::default()
+            })
+            .sample_window(Duration::ZERO, 1)
+            .name("users")
+            .build()
+            .unwrap();
+        adaptive.layer(failing()).oneshot(get()).await.unwrap();
+
+        let throttle = ThrottleLayer::builder()
+            .min_requests(1)
+            .max_rejection(1.0)
+            .seed(3)
+            .build()
+            .unwrap();
+        let svc = throttle.layer(failing());
+        for _ in 0..20 {
+            let _ = svc.clone().oneshot(get()).await;
+        }
+    });
+    let all = seen.take();
+    assert_eq!(
+        all.get("steadfast_limit_rejected_total{limit=orders}"),
+        Some(&2.0),
+        "{all:?}"
+    );
+    assert_eq!(
+        all.get("steadfast_limit_current{limit=users}"),
+        Some(&9.0),
+        "10 × 0.9 after a 503: {all:?}"
+    );
+    assert!(
+        all.get("steadfast_limit_throttled_total{}")
+            .is_some_and(|n| *n >= 10.0),
+        "{all:?}"
+    );
+}

@@ -274,6 +274,8 @@ where
                         if admitted.is_none() {
                             let refusal = LimitExceeded::new(limiter.limit(), w.since.elapsed());
                             tracing::debug!(target: "steadfast::limit", limit = %limiter.name, waited = ?refusal.waited(), "no permit within the wait; refused");
+                            #[cfg(feature = "metrics")]
+                            crate::record_rejected(&limiter.name);
                             self.set(Admission::refused(refusal));
                             continue;
                         }

@@ -95,3 +95,34 @@ pub use future::LimitBody;
 pub use layer::{ConcurrencyLimitBuilder, ConcurrencyLimitLayer};
 pub use service::ConcurrencyLimit;
 pub use throttle::{Throttle, ThrottleBuilder, ThrottleLayer};
+
+#[cfg(feature = "metrics")]
+fn record_rejected(name: &str) {
+    metrics::counter!("steadfast_limit_rejected_total", "limit" => name.to_owned()).increment(1);
+}
+
+/// Describes this crate's metrics (help text and unit) to the installed recorder (feature
+/// `metrics`): `steadfast_limit_rejected_total`, `steadfast_limit_current` and
+/// `steadfast_limit_throttled_total`.
+///
+/// ```
+/// steadfast_limit::describe_metrics(); // without a recorder: nothing happens
+/// ```
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "steadfast_limit_rejected_total",
+        metrics::Unit::Count,
+        "Calls a concurrency limit refused (at once, or after waiting), by limit name."
+    );
+    metrics::describe_gauge!(
+        "steadfast_limit_current",
+        metrics::Unit::Count,
+        "The limit in force, set when an adaptive limit moves, by limit name."
+    );
+    metrics::describe_counter!(
+        "steadfast_limit_throttled_total",
+        metrics::Unit::Count,
+        "Calls the client-side throttle refused locally."
+    );
+}

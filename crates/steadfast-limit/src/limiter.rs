@@ -461,6 +461,9 @@ impl Shared {
         if after != before {
             self.limit.store(after, Relaxed);
             tracing::trace!(target: "steadfast::limit", limit = %self.name, before, after, "limit moved");
+            #[cfg(feature = "metrics")]
+            metrics::gauge!("steadfast_limit_current", "limit" => self.name.to_string())
+                .set(f64::from(after));
         }
         after.cmp(&before)
     }

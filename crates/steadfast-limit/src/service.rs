@@ -92,6 +92,8 @@ impl<S> ConcurrencyLimit<S> {
         let limiter = &self.limiter;
         let refused = || {
             tracing::debug!(target: "steadfast::limit", limit = %limiter.name, in_flight = limiter.in_flight(), "limit reached; refused");
+            #[cfg(feature = "metrics")]
+            crate::record_rejected(&limiter.name);
             Admission::refused(LimitExceeded::new(limiter.limit(), Duration::ZERO))
         };
         let Some(wait) = limiter.wait else {

@@ -394,6 +394,8 @@ where
         let now = steadfast_core::Deadline::call_now().unwrap_or_else(Instant::now);
         if let Some(p) = self.shared.refuses(now) {
             tracing::debug!(target: "steadfast::limit", probability = p, "throttled locally");
+            #[cfg(feature = "metrics")]
+            metrics::counter!("steadfast_limit_throttled_total").increment(1);
             return ThrottleFuture {
                 state: ThrottleState::Refused {
                     refusal: Some(Throttled::new(p)),
