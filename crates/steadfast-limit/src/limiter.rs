@@ -133,8 +133,8 @@ impl Shared {
     }
 
     /// Hands permits from the global count to the waiters at the head of the queue, while
-    /// both last; new permits are counted on `stripe`. Returns whether it handed any.
-    fn dispatch(&self, stripe: &Arc<Stripe>) -> bool {
+    /// both last; new permits are counted on `stripe`.
+    fn dispatch(&self, stripe: &Arc<Stripe>) {
         let mut wake = Vec::new();
         {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -152,11 +152,9 @@ impl Shared {
                 wake.extend(head.give(permit));
             }
         }
-        let any = !wake.is_empty();
         for w in wake {
             w.wake();
         }
-        any
     }
 
     /// Hands a finishing call's permit (counted on `stripe`) straight to the head of the
@@ -226,28 +224,30 @@ impl Stripe {
         }
     }
 
-    /// Gives a permit back; returns whether it woke a waiter.
+    /// Gives a permit back (to the first waiter, if any wait and the limit allows).
     #[inline]
-    fn release(self: &Arc<Self>) -> bool {
+    fn release(self: &Arc<Self>) {
         let w = self.word.fetch_sub(1, AcqRel) - 1;
         let s = self.shared.state.load(Acquire);
         let limit = self.shared.limit();
         let idle = high(w) - low(w);
         if high(s) == 0 && idle <= 2 * batch(limit) && low(s) <= limit {
-            return false;
+            return;
         }
-        self.release_slow(s)
+        self.release_slow(s);
     }
 
     #[inline(never)]
-    fn release_slow(self: &Arc<Self>, s: u64) -> bool {
+    fn release_slow(self: &Arc<Self>, s: u64) {
         if high(s) != 0 || low(s) > self.shared.limit() {
             // Someone waits, or the limit came down: no idle budget here.
             self.reclaim(0);
         } else {
             self.reclaim(batch(self.shared.limit()));
         }
-        high(s) != 0 && self.shared.dispatch(self)
+        if high(s) != 0 {
+            self.shared.dispatch(self);
+        }
     }
 }
 
@@ -536,7 +536,7 @@ impl Drop for Permit {
         {
             return;
         }
-        let _woke = self.stripe.release();
+        self.stripe.release();
     }
 }
 
