@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use steadfast::common::PolicyRejected;
 use steadfast::limit::error::LimitExceeded;
 use steadfast::limit::{Aimd, ConcurrencyLimitLayer};
-use support::{HttpClient, get as get_req, http_client, serve_axum};
+use support::{HttpClient, eventually, get as get_req, http_client, serve_axum};
 use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceExt};
 
@@ -28,17 +28,6 @@ fn h2_client() -> HttpClient {
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http()
-}
-
-/// Waits (bounded, about 10 s) until `f` holds; returns whether it did.
-async fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..1000 {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    f()
 }
 
 /// Counts handlers running at once and the highest count seen.

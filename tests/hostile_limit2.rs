@@ -18,20 +18,9 @@ use http_body_util::{BodyExt, Full};
 use steadfast::common::PolicyRejected;
 use steadfast::limit::error::{LimitExceeded, Throttled};
 use steadfast::limit::{ConcurrencyLimitLayer, ThrottleLayer};
-use support::{get as get_req, http_client, serve_axum};
+use support::{eventually, get as get_req, http_client, serve_axum};
 use tokio::sync::Semaphore;
 use tower::{Layer, ServiceExt};
-
-/// Waits (bounded, about 10 s) until `f` holds; returns whether it did.
-async fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..1000 {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    f()
-}
 
 /// Handlers running now, the most at once, and every hit.
 #[derive(Clone, Default)]

@@ -60,3 +60,15 @@ pub fn incoming(
         Some((l.accept().await.map(|(s, _)| s), l))
     })
 }
+
+/// Waits until `f` holds, polling every 10 ms for at most about 10 s (real-time tests over
+/// real sockets on a multi-thread runtime); returns whether it did. Asserts no timing.
+pub async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..1000 {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    f()
+}
