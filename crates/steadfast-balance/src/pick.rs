@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use steadfast_core::__private::Tried;
+
 use crate::endpoint::Endpoint;
 use crate::layer::Pick;
 use crate::set::Shared;
@@ -10,11 +12,26 @@ use crate::set::Shared;
 /// with probability at least one half whenever at most half are ejected).
 const DRAWS: usize = 4;
 
+/// The id a call's [`Tried`] knows an endpoint by: its address, stable while the endpoint
+/// is in the set.
+#[inline]
+pub(crate) fn endpoint_id(ep: &Arc<Endpoint>) -> u64 {
+    Arc::as_ptr(ep).addr() as u64
+}
+
 /// The index in `list` (the set's current snapshot) of the endpoint for the next call, or
 /// `None` when the set is empty (or, with `fail_fast`, when no endpoint is in service). It
 /// writes nothing the other callers read: taking the endpoint is the caller's step.
+///
+/// `tried` holds the endpoints other attempts of the same call went to (a hedge's): they
+/// lose to any other endpoint in service, and are picked only when no other is.
 #[inline]
-pub(crate) fn pick<C>(shared: &Shared<C>, list: &[Arc<Endpoint>], now: u64) -> Option<usize> {
+pub(crate) fn pick<C>(
+    shared: &Shared<C>,
+    list: &[Arc<Endpoint>],
+    now: u64,
+    tried: Option<&Tried>,
+) -> Option<usize> {
     let n = list.len();
     match n {
         0 => return None,
@@ -30,11 +47,12 @@ pub(crate) fn pick<C>(shared: &Shared<C>, list: &[Arc<Endpoint>], now: u64) -> O
             // (taking the other of such a pair unweighed would hand a slow endpoint every
             // pair it shares with a failing one). When draws keep meeting them, endpoints
             // that failed lately may take part, and lose to any that did not.
-            let fresh =
-                |ep: &Endpoint| shared.in_service(ep, now) && !ep.failed_lately(now, window);
-            let usable = |ep: &Endpoint| shared.in_service(ep, now);
+            let fresh = |ep: &Arc<Endpoint>| {
+                shared.in_service(ep, now) && !ep.failed_lately(now, window) && !avoided(tried, ep)
+            };
+            let usable = |ep: &Arc<Endpoint>| shared.in_service(ep, now) && !avoided(tried, ep);
             let rank = |ep: &Endpoint| (ep.failed_lately(now, window), ep.cost(now, decay));
-            for ok in [&fresh as &dyn Fn(&Endpoint) -> bool, &usable] {
+            for ok in [&fresh as &dyn Fn(&Arc<Endpoint>) -> bool, &usable] {
                 let first = (0..DRAWS).map(|_| shared.below(n)).find(|&i| ok(&list[i]));
                 let Some(i) = first else { continue };
                 let second = (0..DRAWS)
@@ -54,13 +72,19 @@ pub(crate) fn pick<C>(shared: &Shared<C>, list: &[Arc<Endpoint>], now: u64) -> O
             let start = shared.next_round_robin();
             for k in 0..n.min(DRAWS) {
                 let i = (start + k) % n;
-                if shared.in_service(&list[i], now) {
+                if shared.in_service(&list[i], now) && !avoided(tried, &list[i]) {
                     return Some(i);
                 }
             }
         }
     }
     scan(shared, list, now)
+}
+
+/// Whether another attempt of the same call went to `ep`.
+#[inline]
+fn avoided(tried: Option<&Tried>, ep: &Arc<Endpoint>) -> bool {
+    tried.is_some_and(|t| !t.is_empty() && t.contains(endpoint_id(ep)))
 }
 
 /// Another endpoint than `i` that `ok` accepts, from a random start (when draws kept meeting
@@ -70,7 +94,7 @@ fn other_in_service<C>(
     shared: &Shared<C>,
     list: &[Arc<Endpoint>],
     i: usize,
-    ok: &dyn Fn(&Endpoint) -> bool,
+    ok: &dyn Fn(&Arc<Endpoint>) -> bool,
 ) -> Option<usize> {
     let n = list.len();
     let start = shared.below(n);

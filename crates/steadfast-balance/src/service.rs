@@ -5,13 +5,14 @@ use std::task::{Context, Poll};
 use http::header::HOST;
 use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response};
+use steadfast_core::__private::Tried;
 use steadfast_core::{BoxError, Classify, DefaultClassifier};
 use tower_service::Service;
 
 use crate::error::NoEndpoint;
 use crate::future::{Guard, ResponseFuture};
 use crate::layer::{BalanceLayer, HostHeader};
-use crate::pick::pick;
+use crate::pick::{endpoint_id, pick};
 use crate::set::Shared;
 
 /// The balancing service; see [`BalanceLayer`].
@@ -46,7 +47,7 @@ impl<S, C> Balance<S, C> {
         let now = shared.now();
         shared.maybe_evaluate(now);
         let list = shared.endpoints.load();
-        match pick(shared, &list, now) {
+        match pick(shared, &list, now, None) {
             Some(i) if take => {
                 std::hint::black_box(list[i].clone()).authority.port_u16() != Some(0)
             }
@@ -110,10 +111,17 @@ where
         }
         let now = shared.now();
         shared.maybe_evaluate(now);
+        // Another attempt of this call in flight (a hedge above) went to these: go elsewhere.
+        let tried = Tried::current();
         let endpoint = {
             let list = shared.endpoints.load();
-            match pick(shared, &list, now) {
-                Some(i) => list[i].clone(),
+            match pick(shared, &list, now, tried.as_ref()) {
+                Some(i) => {
+                    if tried.is_some() {
+                        Tried::record(endpoint_id(&list[i]));
+                    }
+                    list[i].clone()
+                }
                 None => return ResponseFuture::failed(NoEndpoint::new(list.is_empty())),
             }
         };

@@ -47,6 +47,7 @@ pub mod header;
 mod rand_impl;
 mod response;
 mod thread;
+mod tried;
 
 pub use classify::{
     Class, Classify, DefaultClassifier, GrpcClassifier, HttpClassifier, ResponseClass, StatusSet,
@@ -69,4 +70,5 @@ pub mod __private {
         pub use crate::rand_impl::*;
     }
     pub use crate::thread::thread_number;
+    pub use crate::tried::Tried;
 }

@@ -57,4 +57,51 @@ impl fmt::Display for InvalidRetryConfig {
 
 impl Error for InvalidRetryConfig {}
 
+/// An invalid hedging configuration, reported when the layer is built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidHedgeConfig {
+    /// `max_attempts` was 0 or more than 5 (gRPC A6's cap).
+    Attempts,
+    /// The percentile was not above 0 and at most 1.
+    Percentile,
+    /// The share of extra load was not above 0 and at most 1.
+    ExtraLoad,
+    /// `min_samples` was 0.
+    MinSamples,
+    /// The learning window was shorter than 10 ms.
+    Window,
+    /// An empty layer name.
+    EmptyName,
+    /// An attempt header whose value the protocol, a credential or another layer owns.
+    ReservedHeader(http::HeaderName),
+}
+
+impl fmt::Display for InvalidHedgeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Attempts => f.write_str(
+                "hedge max_attempts must be 1 to 5 (1 = no hedge; gRPC A6 caps attempts at 5)",
+            ),
+            Self::Percentile => {
+                f.write_str("hedge percentile must be above 0 and at most 1 (0.95 = the 95th)")
+            }
+            Self::ExtraLoad => f.write_str(
+                "max_extra_load must be above 0 and at most 1 (0.05 = hedges add at most 5 %)",
+            ),
+            Self::MinSamples => f.write_str("hedge min_samples must be at least 1"),
+            Self::Window => f.write_str("hedge learning window must be at least 10 ms"),
+            Self::EmptyName => f.write_str(
+                "hedge layer name must not be empty (it labels the layer's events and metrics)",
+            ),
+            Self::ReservedHeader(name) => write!(
+                f,
+                "attempt_header {name} is owned by the protocol, a credential or another layer: pick another name (or None)"
+            ),
+        }
+    }
+}
+
+impl Error for InvalidHedgeConfig {}
+
 pub use crate::replay::ReplayLost;

@@ -21,6 +21,8 @@ use crate::policy::{History, Verdict, decide};
 use crate::replay::ReplayBody;
 use crate::service::Shared;
 
+pub use crate::hedge::future::HedgeFuture;
+
 /// What a retrying call keeps between attempts.
 pub(crate) struct Ctx<S, B, C> {
     /// The service later attempts go through, cloned from the shared copy at the first retry
@@ -83,7 +85,7 @@ pub(crate) fn attempt_span(parts: &Parts, resend: u32) -> tracing::Span {
 }
 
 /// Writes an attempt's outcome into its span.
-fn record_outcome<ResB>(span: &tracing::Span, out: &Result<Response<ResB>, BoxError>) {
+pub(crate) fn record_outcome<ResB>(span: &tracing::Span, out: &Result<Response<ResB>, BoxError>) {
     if span.is_disabled() {
         return;
     }
@@ -142,7 +144,7 @@ impl<F, S, B, C> ResponseFuture<F, S, B, C> {
 }
 
 /// A header value for a small count without allocating (static for 0-9).
-fn small_number(n: u32) -> HeaderValue {
+pub(crate) fn small_number(n: u32) -> HeaderValue {
     const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
     match DIGITS.get(n as usize) {
         Some(d) => HeaderValue::from_static(d),
@@ -329,7 +331,7 @@ where
                 StateProj::Ready => {
                     let ctx = this.ctx.as_mut().expect("retrying without a context");
                     if ctx.service.is_none() {
-                        ctx.service = ctx.shared.spare().map(Box::new);
+                        ctx.service = ctx.shared.spare.get().map(Box::new);
                     }
                     let service = ctx
                         .service

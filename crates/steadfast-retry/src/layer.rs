@@ -73,7 +73,7 @@ pub(crate) struct Config<C> {
     pub(crate) retry_non_idempotent: bool,
     pub(crate) grpc_statuses: bool,
     pub(crate) predicate: Option<Box<dyn RetryPredicate>>,
-    pub(crate) budget: Option<Budget>,
+    pub(crate) budget: Option<Arc<Budget>>,
     pub(crate) seed: u64,
     pub(crate) streams: AtomicU64,
     /// Labels the layer's events and metrics.
@@ -399,7 +399,7 @@ impl<C> RetryBuilder<C> {
                 retry_non_idempotent: self.retry_non_idempotent,
                 grpc_statuses: self.grpc_statuses,
                 predicate: self.predicate,
-                budget: self.budget.map(Budget::new),
+                budget: self.budget.map(|b| Arc::new(Budget::new(b))),
                 seed,
                 streams: AtomicU64::new(0),
                 name: self.name,
@@ -514,7 +514,22 @@ impl<C> RetryLayer<C> {
 
     /// Tokens left in the shared budget (`None` when the budget is off).
     pub fn budget_balance(&self) -> Option<f64> {
-        self.config.budget.as_ref().map(Budget::balance)
+        self.config.budget.as_deref().map(Budget::balance)
+    }
+
+    /// The layer's budget (`None` when it is off), to share with a
+    /// [`HedgeLayer`](crate::HedgeLayer): its hedges then spend the tokens this layer's
+    /// requests deposit, as its retries do.
+    ///
+    /// ```
+    /// use steadfast_retry::{HedgeLayer, RetryLayer};
+    ///
+    /// let retry = RetryLayer::new();
+    /// let hedge = HedgeLayer::builder().retry_budget(retry.budget()).build().unwrap();
+    /// # let _ = hedge;
+    /// ```
+    pub fn budget(&self) -> Option<Arc<Budget>> {
+        self.config.budget.clone()
     }
 }
 

@@ -31,15 +31,31 @@ pub struct Retry<S, C> {
 /// What a retry service and its clones and response futures share.
 pub(crate) struct Shared<S, C> {
     pub(crate) config: Arc<Config<C>>,
-    /// A copy of the service below, made at the first call: later attempts are sent through
-    /// a clone of it. Locked only to clone it, for a retry.
-    spare: OnceLock<Mutex<S>>,
+    pub(crate) spare: Spare<S>,
 }
 
-impl<S: Clone, C> Shared<S, C> {
+/// A copy of the service below, made at the first call that may need another attempt: later
+/// attempts (retries, hedges) are sent through a clone of it. Locked only to clone it.
+pub(crate) struct Spare<S>(OnceLock<Mutex<S>>);
+
+impl<S> Spare<S> {
+    pub(crate) const fn new() -> Self {
+        Self(OnceLock::new())
+    }
+}
+
+impl<S: Clone> Spare<S> {
+    /// Keeps a copy of `service` unless one is kept already (once per layered service).
+    #[inline]
+    pub(crate) fn keep(&self, service: &S) {
+        if self.0.get().is_none() {
+            let _ = self.0.set(Mutex::new(service.clone()));
+        }
+    }
+
     /// A service for a later attempt (to be made ready before it is called).
-    pub(crate) fn spare(&self) -> Option<S> {
-        let spare = self.spare.get()?;
+    pub(crate) fn get(&self) -> Option<S> {
+        let spare = self.0.get()?;
         Some(spare.lock().unwrap_or_else(PoisonError::into_inner).clone())
     }
 }
@@ -57,7 +73,7 @@ impl<S, C> Retry<S, C> {
             inner,
             shared: Arc::new(Shared {
                 config,
-                spare: OnceLock::new(),
+                spare: Spare::new(),
             }),
         }
     }
@@ -136,10 +152,7 @@ where
             return ResponseFuture::once(fut, span);
         };
         let head = parts.clone();
-        if self.shared.spare.get().is_none() {
-            // Once per layered service: the copy later attempts are cloned from.
-            let _ = self.shared.spare.set(Mutex::new(self.inner.clone()));
-        }
+        self.shared.spare.keep(&self.inner);
         let fut = {
             let _attempt = span.enter();
             self.inner.call(Request::from_parts(parts, body))
