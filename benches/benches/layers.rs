@@ -759,6 +759,72 @@ fn limit(c: &mut Criterion) {
     );
 }
 
+/// Hedging when it does not fire (issue 23: no dearer than tower's `hedge`): the inner
+/// service answers at once, and (`hedge-armed`) on its second poll, which is when a hedge's
+/// timer is armed. tower's hedge learns the 95th percentile as ours does by default;
+/// tower-resilience's has a fixed delay only.
+fn tower_hedge<S>(inner: S) -> tower::hedge::Hedge<S, steadfast_bench::peers::TowerHedgePolicy>
+where
+    S: Service<http::Request<Empty<Bytes>>> + Clone,
+    S::Error: Into<tower::BoxError>,
+{
+    tower::hedge::Hedge::new(
+        inner,
+        steadfast_bench::peers::TowerHedgePolicy,
+        100,
+        0.95,
+        Duration::from_secs(10),
+    )
+}
+
+fn hedge(c: &mut Criterion) {
+    use steadfast::retry::{HedgeDelay, HedgeLayer};
+    let rt = runtime();
+    let _guard = rt.enter();
+    let tr_hedge = || {
+        tower_resilience::hedge::HedgeLayer::builder()
+            .delay(Duration::from_millis(100))
+            .max_hedged_attempts(2)
+            .build()
+    };
+    let fixed = || {
+        HedgeLayer::builder()
+            .delay(HedgeDelay::Fixed(Duration::from_millis(100)))
+            .build()
+            .expect("valid")
+    };
+    let mut rec = Recorder::new(c, "hedge");
+    rec.bench_req("bare", Bare, empty_body);
+    rec.bench_req("tower", tower_hedge(Bare), empty_body);
+    rec.bench_req("tower-resilience", tr_hedge().layer(Bare), empty_body);
+    rec.bench_req("steadfast", HedgeLayer::new().layer(Bare), empty_body);
+    rec.bench_req("steadfast-fixed", fixed().layer(Bare), empty_body);
+    drop(rec);
+
+    let mut rec = Recorder::new(c, "hedge-armed");
+    rec.bench_req("bare", PendingOnce, empty_body);
+    rec.bench_req("tower", tower_hedge(PendingOnce), empty_body);
+    rec.bench_req(
+        "tower-resilience",
+        tr_hedge().layer(PendingOnce),
+        empty_body,
+    );
+    rec.bench_req(
+        "steadfast",
+        HedgeLayer::new().layer(PendingOnce),
+        empty_body,
+    );
+    rec.bench_req("steadfast-fixed", fixed().layer(PendingOnce), empty_body);
+    drop(rec);
+
+    let mut rec = Recorder::new(c, "hedge-2t");
+    let h = rt.handle();
+    rec.bench_two_threads("bare", Bare, h, empty_body);
+    rec.bench_two_threads("tower-resilience", tr_hedge().layer(Bare), h, empty_body);
+    rec.bench_two_threads("steadfast", HedgeLayer::new().layer(Bare), h, empty_body);
+    rec.bench_two_threads("steadfast-fixed", fixed().layer(Bare), h, empty_body);
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -769,6 +835,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = timeout, retry, breaker, correlation, uuid_v7, balance, balance_pick, rate_limit_rejection, limit, stacks
+    targets = timeout, retry, breaker, correlation, uuid_v7, balance, balance_pick, rate_limit_rejection, limit, hedge, stacks
 }
 criterion_main!(benches);

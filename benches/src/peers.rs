@@ -176,3 +176,17 @@ where
         failsafe::futures::CircuitBreaker::call(&self.breaker, fut)
     }
 }
+
+/// tower's hedge policy for any request whose body is `Clone`: every request may be hedged.
+#[derive(Clone, Copy, Debug)]
+pub struct TowerHedgePolicy;
+
+impl<B: Clone> tower::hedge::Policy<http::Request<B>> for TowerHedgePolicy {
+    fn clone_request(&self, req: &http::Request<B>) -> Option<http::Request<B>> {
+        Some(req.clone())
+    }
+
+    fn can_retry(&self, _req: &http::Request<B>) -> bool {
+        true
+    }
+}
