@@ -768,12 +768,15 @@ where
     S: Service<http::Request<Empty<Bytes>>> + Clone,
     S::Error: Into<tower::BoxError>,
 {
-    tower::hedge::Hedge::new(
+    // With a learnt delay from the start (100 ms), as ours has one after its first window:
+    // without one, tower's hedge arms no timer at all.
+    tower::hedge::Hedge::new_with_mock_latencies(
         inner,
         steadfast_bench::peers::TowerHedgePolicy,
         100,
         0.95,
         Duration::from_secs(10),
+        &[100; 100],
     )
 }
 

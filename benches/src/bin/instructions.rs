@@ -28,6 +28,8 @@ const CASES: &[(&str, &[&str])] = &[
         &["bare", "failsafe", "tower-resilience", "steadfast"],
     ),
     ("limit", &["bare", "tower", "steadfast", "+vegas"]),
+    ("hedge", &["bare", "tower", "steadfast", "+fixed"]),
+    ("hedge-armed", &["bare", "tower", "steadfast", "+fixed"]),
     ("server-stack", &["bare", "tower-http", "steadfast"]),
     (
         "correlation-server",
@@ -54,6 +56,34 @@ const CASES: &[(&str, &[&str])] = &[
 
 fn plain() -> http::Request<()> {
     http::Request::new(())
+}
+
+fn empty_body() -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::new(http_body_util::Empty::new())
+}
+
+fn tower_hedge<S>(inner: S) -> tower::hedge::Hedge<S, steadfast_bench::peers::TowerHedgePolicy>
+where
+    S: Service<http::Request<http_body_util::Empty<bytes::Bytes>>> + Clone,
+    S::Error: Into<tower::BoxError>,
+{
+    // With a learnt delay from the start (100 ms), as ours has one after its first window:
+    // without one, tower's hedge arms no timer at all.
+    tower::hedge::Hedge::new_with_mock_latencies(
+        inner,
+        steadfast_bench::peers::TowerHedgePolicy,
+        100,
+        0.95,
+        Duration::from_secs(10),
+        &[100; 100],
+    )
+}
+
+fn fixed_hedge() -> steadfast::retry::HedgeLayer {
+    steadfast::retry::HedgeLayer::builder()
+        .delay(steadfast::retry::HedgeDelay::Fixed(Duration::from_millis(100)))
+        .build()
+        .expect("valid")
 }
 
 fn with_id() -> http::Request<()> {
@@ -176,6 +206,28 @@ fn main() {
                 .expect("valid")
                 .layer(steadfast_bench::BareBody),
             plain,
+            calls,
+        ),
+        ("hedge", "bare") => run(Bare, empty_body, calls),
+        ("hedge-armed", "bare") => run(steadfast_bench::PendingOnce, empty_body, calls),
+        ("hedge", "tower") => run(tower_hedge(Bare), empty_body, calls),
+        ("hedge-armed", "tower") => {
+            run(tower_hedge(steadfast_bench::PendingOnce), empty_body, calls)
+        }
+        ("hedge", "steadfast") => run(
+            steadfast::retry::HedgeLayer::new().layer(Bare),
+            empty_body,
+            calls,
+        ),
+        ("hedge-armed", "steadfast") => run(
+            steadfast::retry::HedgeLayer::new().layer(steadfast_bench::PendingOnce),
+            empty_body,
+            calls,
+        ),
+        ("hedge", "+fixed") => run(fixed_hedge().layer(Bare), empty_body, calls),
+        ("hedge-armed", "+fixed") => run(
+            fixed_hedge().layer(steadfast_bench::PendingOnce),
+            empty_body,
             calls,
         ),
         ("server-stack" | "correlation-server", "bare") => run(Bare, with_id, calls),
