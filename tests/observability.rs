@@ -530,3 +530,49 @@ fn limits_and_the_throttle_count_their_refusals() {
         "{all:?}"
     );
 }
+
+/// A hedge layer counts the hedges it sent, the calls a hedge answered, and the hedges its
+/// share of extra load refused.
+#[test]
+fn the_hedge_counts_what_it_sent_won_and_was_refused() {
+    use std::time::Duration;
+    use steadfast::retry::{HedgeDelay, HedgeLayer, ReplayBody};
+    let seen = recorded(|| async {
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let slow_first = tower::service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
+            // Attempts alternate: a second, then 5 ms.
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let took = if n % 2 == 1 { 5 } else { 1000 };
+                tokio::time::sleep(Duration::from_millis(took)).await;
+                Ok::<_, std::convert::Infallible>(status(200))
+            }
+        });
+        let layer = HedgeLayer::builder()
+            .delay(HedgeDelay::Fixed(Duration::from_millis(20)))
+            .max_extra_load(0.5)
+            .name("orders")
+            .build()
+            .unwrap();
+        let svc = layer.layer(slow_first);
+        // Half a hedge per call: the first call's hedge is refused (half a token), the second
+        // call is fast, the third's hedge is paid for and answers.
+        for _ in 0..3 {
+            let req = Request::get("/").body(Full::<Bytes>::default()).unwrap();
+            svc.clone().oneshot(req).await.unwrap();
+        }
+    });
+    let all = seen.take();
+    for name in ["sent", "won"] {
+        assert_eq!(
+            all.get(&format!("steadfast_hedge_{name}_total{{hedge=orders}}")),
+            Some(&1.0),
+            "{name}: {all:?}"
+        );
+    }
+    assert!(
+        all.get("steadfast_hedge_budget_exhausted_total{hedge=orders}")
+            .is_some_and(|n| *n >= 1.0),
+        "{all:?}"
+    );
+}

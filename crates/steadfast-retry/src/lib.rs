@@ -89,6 +89,21 @@ pub fn describe_metrics() {
         Unit::Count,
         "Retryable outcomes not retried, by reason."
     );
+    describe_counter!(
+        "steadfast_hedge_sent_total",
+        Unit::Count,
+        "Hedges sent: attempts a hedge layer added while an earlier attempt of the call ran or after a retryable answer."
+    );
+    describe_counter!(
+        "steadfast_hedge_won_total",
+        Unit::Count,
+        "Calls whose answer came from a hedge rather than the first attempt."
+    );
+    describe_counter!(
+        "steadfast_hedge_budget_exhausted_total",
+        Unit::Count,
+        "Hedges not sent because the share of extra load or the shared retry budget was spent."
+    );
     describe_gauge!(
         "steadfast_retry_budget_tokens",
         Unit::Count,
