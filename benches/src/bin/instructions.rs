@@ -81,7 +81,9 @@ where
 
 fn fixed_hedge() -> steadfast::retry::HedgeLayer {
     steadfast::retry::HedgeLayer::builder()
-        .delay(steadfast::retry::HedgeDelay::Fixed(Duration::from_millis(100)))
+        .delay(steadfast::retry::HedgeDelay::Fixed(Duration::from_millis(
+            100,
+        )))
         .build()
         .expect("valid")
 }

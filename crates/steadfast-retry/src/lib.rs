@@ -19,6 +19,12 @@
 //!   `Bytes`, with no allocation.
 //! - **Jitter per request**: exponential backoff with full, equal, decorrelated or no
 //!   [`Jitter`]; every request draws from its own seedable random stream.
+//! - **Hedged requests** ([`HedgeLayer`]): once a call has taken longer than most (a learnt
+//!   percentile, or a fixed delay), a second attempt races it and the first acceptable answer
+//!   wins. Capped at a share of the calls (5 %), sharing a retry budget if given, never past
+//!   the deadline, only for requests that may be sent twice, with the same replay body (two
+//!   attempts read one recording at once); under a balancer each hedge goes to another
+//!   endpoint.
 //!
 //! Where it sits in a client stack:
 //!
@@ -37,6 +43,11 @@
 //! error, budget_left), `retry.budget_exhausted` (attempt), `retry.gave_up` (attempt, reason:
 //! `attempts_exhausted`, `not_idempotent`, `body_not_replayable`, `server_pushback_stop`,
 //! `server_hint_over_cap`, `predicate`, `deadline`, `policy_rejected`).
+//!
+//! On target `steadfast::hedge`: `hedge.sent` (attempt, after_ms), `hedge.won` (attempts),
+//! `hedge.stopped` (attempt, reason: `max_extra_load`, `retry_budget`, `deadline`,
+//! `policy_rejected`, `body_not_replayable`, `server_pushback_stop`, `server_hint_over_cap`,
+//! `service_failed`). Each hedge runs in an `attempt` span like a retry's.
 
 mod backoff;
 mod budget;

@@ -381,7 +381,7 @@ where
             self.service = self.shared.spare.get();
         }
         let Some(service) = self.service.as_mut() else {
-            self.stop("no_service");
+            self.stop("service_failed");
             return Sent::No;
         };
         match service.poll_ready(cx) {
