@@ -1,18 +1,16 @@
 //! Per-key breakers: a bounded, sharded map with idle eviction.
 
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use http::HeaderMap;
-use http::Uri;
-use http::uri::Authority;
 use indexmap::IndexMap;
 use indexmap::map::RawEntryApiV1;
 use indexmap::map::raw_entry_v1::RawEntryMut;
 use std::collections::hash_map::RandomState;
+use steadfast_core::key::UpstreamKey as BreakerKey;
 use tokio::time::Instant;
 
 use crate::breaker::{Breaker, Stripe};
@@ -20,188 +18,6 @@ use crate::handle::BreakerHandle;
 use crate::layer::Initial;
 use crate::state::{BreakerState, Listener, Meta, Policy, Transition};
 use tokio::sync::broadcast;
-
-/// Picks the breaker a request belongs to.
-///
-/// Implemented by [`ByAuthority`] (the default for per-key breakers) and by closures
-/// `Fn(&Uri, &HeaderMap) -> Key`.
-pub trait ExtractKey<Key> {
-    /// The key of a request with this URI and headers.
-    fn extract(&self, uri: &Uri, headers: &HeaderMap) -> Key;
-}
-
-impl<F, Key> ExtractKey<Key> for F
-where
-    F: Fn(&Uri, &HeaderMap) -> Key,
-{
-    fn extract(&self, uri: &Uri, headers: &HeaderMap) -> Key {
-        self(uri, headers)
-    }
-}
-
-/// A key of per-key breakers. Its [`name`](Self::name) names the key's breaker in events,
-/// metrics (the `upstream` label) and [`Transition`]s.
-///
-/// Implemented for the per-authority key (`Option<Authority>`: its `host:port`, `"none"`
-/// for requests without one), `Authority`, strings and integers. A key type of your own
-/// implements it in a line:
-///
-/// ```
-/// use steadfast_breaker::BreakerKey;
-///
-/// #[derive(Clone, PartialEq, Eq, Hash)]
-/// struct Tenant(u32);
-///
-/// impl BreakerKey for Tenant {
-///     fn name(&self) -> String {
-///         format!("tenant-{}", self.0)
-///     }
-/// }
-/// assert_eq!(Tenant(7).name(), "tenant-7");
-/// ```
-pub trait BreakerKey: Hash + Eq + Clone + Send + Sync + 'static {
-    /// The name of this key's breaker; made once, when the breaker is.
-    fn name(&self) -> String;
-
-    /// Whether two keys are equal, as `==` says; the lookup on every call uses this. The
-    /// default is `==`; override it only with something quicker that gives the same answer
-    /// (the authority keys compare bytes before they compare without regard to case).
-    #[inline]
-    fn same(&self, other: &Self) -> bool {
-        self == other
-    }
-
-    /// Feeds the key to the map's hasher: consistent with [`same`](Self::same) (keys that are
-    /// the same hash the same). The default is `Hash`; the authority keys hash their bytes
-    /// lowercased in one piece, not a byte at a time as `Authority`'s `Hash` does.
-    #[inline]
-    fn hash_key<H: Hasher>(&self, state: &mut H) {
-        self.hash(state);
-    }
-
-    /// The copy the map keeps for as long as the breaker lives, made once, when the breaker
-    /// is; the default is a clone. Authorities are copied out of the request's URI, so that
-    /// an idle breaker does not keep the whole first URI (path and query included) alive.
-    fn to_kept(&self) -> Self {
-        self.clone()
-    }
-}
-
-/// An authority's bytes, lowercased, to the hasher in pieces of up to 64 bytes, then its
-/// length (so that no two authorities feed the same sequence).
-#[inline]
-fn hash_authority<H: Hasher>(a: &Authority, state: &mut H) {
-    let mut buf = [0u8; 64];
-    let bytes = a.as_str().as_bytes();
-    for chunk in bytes.chunks(buf.len()) {
-        let piece = &mut buf[..chunk.len()];
-        piece.copy_from_slice(chunk);
-        piece.make_ascii_lowercase();
-        state.write(piece);
-    }
-    state.write_usize(bytes.len());
-}
-
-/// An authority in a buffer of its own (not a slice of a request's URI).
-fn kept_authority(a: &Authority) -> Authority {
-    Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(a.as_str().as_bytes()))
-        .unwrap_or_else(|_| a.clone())
-}
-
-/// Byte-equal authorities are equal; only others need `Authority`'s comparison, which
-/// ignores ASCII case byte by byte.
-#[inline]
-fn same_authority(a: &Authority, b: &Authority) -> bool {
-    a.as_str() == b.as_str() || a == b
-}
-
-impl BreakerKey for Option<Authority> {
-    fn name(&self) -> String {
-        self.as_ref()
-            .map_or_else(|| "none".to_owned(), |a| a.to_string())
-    }
-
-    #[inline]
-    fn same(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Some(a), Some(b)) => same_authority(a, b),
-            (None, None) => true,
-            _ => false,
-        }
-    }
-
-    fn to_kept(&self) -> Self {
-        self.as_ref().map(kept_authority)
-    }
-
-    #[inline]
-    fn hash_key<H: Hasher>(&self, state: &mut H) {
-        match self {
-            Some(a) => hash_authority(a, state),
-            None => state.write_u8(0xff),
-        }
-    }
-}
-
-impl BreakerKey for Authority {
-    fn name(&self) -> String {
-        self.to_string()
-    }
-
-    #[inline]
-    fn same(&self, other: &Self) -> bool {
-        same_authority(self, other)
-    }
-
-    fn to_kept(&self) -> Self {
-        kept_authority(self)
-    }
-
-    #[inline]
-    fn hash_key<H: Hasher>(&self, state: &mut H) {
-        hash_authority(self, state);
-    }
-}
-
-impl BreakerKey for String {
-    fn name(&self) -> String {
-        self.clone()
-    }
-}
-
-impl BreakerKey for &'static str {
-    fn name(&self) -> String {
-        (*self).to_owned()
-    }
-}
-
-impl BreakerKey for Arc<str> {
-    fn name(&self) -> String {
-        self.to_string()
-    }
-}
-
-macro_rules! integer_keys {
-    ($($t:ty),*) => {$(
-        impl BreakerKey for $t {
-            fn name(&self) -> String {
-                self.to_string()
-            }
-        }
-    )*};
-}
-integer_keys!(u8, u16, u32, u64, usize, i8, i16, i32, i64);
-
-/// One breaker per upstream authority (`host:port` of the request URI); requests without an
-/// authority share one breaker.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ByAuthority;
-
-impl ExtractKey<Option<Authority>> for ByAuthority {
-    fn extract(&self, uri: &Uri, _: &HeaderMap) -> Option<Authority> {
-        uri.authority().cloned()
-    }
-}
 
 const SHARDS: usize = 16;
 

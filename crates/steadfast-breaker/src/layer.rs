@@ -10,9 +10,10 @@ use crate::breaker::{Breaker, STRIPES};
 use crate::error::InvalidBreakerConfig;
 use crate::handle::BreakerHandle;
 use crate::handle::KeyedTransitions;
-use crate::keyed::{BreakerKey, ByAuthority, ExtractKey, KeyedMap};
+use crate::keyed::KeyedMap;
 use crate::service::{CircuitBreaker, KeyedCircuitBreaker};
 use crate::state::{BreakerState, DEFAULT_NAME, Meta, OpenTime, Policy, WindowKind};
+use crate::{BreakerKey, ByAuthority, ExtractKey};
 
 /// The largest count window: one byte per slot, so at most 1 MiB per breaker.
 const MAX_COUNT_WINDOW: u32 = 1 << 20;

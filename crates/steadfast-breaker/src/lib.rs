@@ -56,10 +56,10 @@ mod window;
 pub use answer::{AnsweringBreaker, AnsweringBreakerLayer};
 pub use future::BreakerBody;
 pub use handle::{BreakerHandle, KeyedTransitions, Metrics, Transitions, WindowRate};
-pub use keyed::{BreakerKey, ByAuthority, ExtractKey};
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, KeyedCircuitBreakerLayer};
 pub use service::{CircuitBreaker, KeyedCircuitBreaker};
 pub use state::{BreakerState, FailureSummary, OpenTime, Transition, TransitionReason};
+pub use steadfast_core::key::{ByAuthority, ExtractKey, UpstreamKey as BreakerKey};
 pub use window::WindowCounts;
 
 /// Describes this crate's metrics to the installed recorder (help text and unit, which

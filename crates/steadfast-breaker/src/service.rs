@@ -13,8 +13,9 @@ use tower_service::Service;
 
 use crate::breaker::{Breaker, Stripe};
 use crate::future::{BreakerBody, Guard, ResponseFuture};
-use crate::keyed::{BreakerKey, ExtractKey, KeyedMap};
+use crate::keyed::KeyedMap;
 use crate::state::BreakerState;
+use crate::{BreakerKey, ExtractKey};
 
 /// Admits or rejects one call on `stripe`'s breaker and calls `inner` when admitted (the
 /// stripe is cloned only for an admitted call, and only if borrowed).

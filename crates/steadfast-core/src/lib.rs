@@ -43,6 +43,7 @@ mod deadline;
 mod error;
 mod grpc;
 pub mod header;
+pub mod key;
 #[path = "rand.rs"]
 mod rand_impl;
 mod response;
