@@ -6,8 +6,12 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use http::uri::Authority;
+use steadfast_core::key::{ByAuthority, ExtractKey, UpstreamKey};
+
 use crate::algorithm::{Aimd, Estimator, Gradient2, Rule, Vegas, Windowed};
 use crate::error::InvalidLimitConfig;
+use crate::keyed::KeyedConcurrencyLimitBuilder;
 use crate::limiter::Limiter;
 use crate::service::ConcurrencyLimit;
 
@@ -56,11 +60,8 @@ impl ConcurrencyLimitLayer {
         name: &str,
         window: (Duration, u32),
     ) -> Self {
-        let estimator = rule.map(|r| Windowed::new(Estimator::new(r), window.0, window.1));
-        // The limit in force from the start is the rule's (Vegas measures at its floor first).
-        let limit = estimator.as_ref().map_or(limit, |e| e.estimator.limit());
         Self {
-            limiter: Arc::new(Limiter::new(limit, estimator, wait, Arc::from(name))),
+            limiter: Arc::new(make_limiter(limit, rule, wait, Arc::from(name), window)),
         }
     }
 
@@ -83,6 +84,20 @@ impl ConcurrencyLimitLayer {
     pub fn name(&self) -> &str {
         &self.limiter.name
     }
+}
+
+/// A limiter with these settings.
+pub(crate) fn make_limiter(
+    limit: u32,
+    rule: Option<Rule>,
+    wait: Option<Duration>,
+    name: Arc<str>,
+    window: (Duration, u32),
+) -> Limiter {
+    let estimator = rule.map(|r| Windowed::new(Estimator::new(r), window.0, window.1));
+    // The limit in force from the start is the rule's (Vegas measures at its floor first).
+    let limit = estimator.as_ref().map_or(limit, |e| e.estimator.limit());
+    Limiter::new(limit, estimator, wait, name)
 }
 
 impl<S> Layer<S> for ConcurrencyLimitLayer {
@@ -187,6 +202,54 @@ impl ConcurrencyLimitBuilder {
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
+    }
+
+    /// One limit with these settings per upstream authority (`host:port` of the request URI),
+    /// instead of one for every call: see [`KeyedConcurrencyLimitLayer`].
+    ///
+    /// ```
+    /// use steadfast_limit::ConcurrencyLimitLayer;
+    ///
+    /// let per_upstream = ConcurrencyLimitLayer::builder().max(32).per_authority().build()?;
+    /// # let _ = per_upstream;
+    /// # Ok::<_, steadfast_limit::error::InvalidLimitConfig>(())
+    /// ```
+    pub fn per_authority(self) -> KeyedConcurrencyLimitBuilder<ByAuthority, Option<Authority>> {
+        self.per_key(ByAuthority)
+    }
+
+    /// One limit with these settings per key that `extract` finds in a request (a closure
+    /// `Fn(&Uri, &HeaderMap) -> K` or an [`ExtractKey`]): see [`KeyedConcurrencyLimitLayer`].
+    pub fn per_key<E, K>(self, extract: E) -> KeyedConcurrencyLimitBuilder<E, K>
+    where
+        E: ExtractKey<K>,
+        K: UpstreamKey,
+    {
+        KeyedConcurrencyLimitBuilder::new(self, extract)
+    }
+
+    /// The limit and rule, validated.
+    pub(crate) fn validated(&self) -> Result<(u32, Option<Rule>), InvalidLimitConfig> {
+        Ok(match self.limit {
+            Limit::Fixed(0) => return Err(InvalidLimitConfig::Zero("max")),
+            Limit::Fixed(n) => (n, None),
+            Limit::Adaptive(rule) => {
+                validate(&rule)?;
+                (rule.bounds().0, Some(rule))
+            }
+        })
+    }
+
+    pub(crate) fn wait(&self) -> Option<Duration> {
+        self.wait
+    }
+
+    pub(crate) fn window(&self) -> (Duration, u32) {
+        self.window
+    }
+
+    pub(crate) fn name_str(&self) -> &str {
+        &self.name
     }
 
     /// Validates and builds the layer.

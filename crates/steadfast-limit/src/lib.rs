@@ -81,6 +81,7 @@ mod algorithm;
 mod answer;
 pub mod error;
 pub mod future;
+mod keyed;
 mod layer;
 mod limiter;
 #[cfg(all(test, loom))]
@@ -92,6 +93,7 @@ mod throttle;
 pub use algorithm::{Aimd, Gradient2, Vegas};
 pub use answer::{AnsweringLimit, AnsweringLimitLayer};
 pub use future::LimitBody;
+pub use keyed::{KeyedConcurrencyLimit, KeyedConcurrencyLimitBuilder, KeyedConcurrencyLimitLayer};
 pub use layer::{ConcurrencyLimitBuilder, ConcurrencyLimitLayer};
 pub use service::ConcurrencyLimit;
 pub use throttle::{Throttle, ThrottleBuilder, ThrottleLayer};

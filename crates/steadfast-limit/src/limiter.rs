@@ -328,6 +328,12 @@ impl Limiter {
             .fold(0, u32::saturating_add)
     }
 
+    /// Nothing holds this limiter but its owner: no permit (each holds a stripe), no waiter
+    /// (each holds the limiter). A per-key map may then drop it.
+    pub(crate) fn is_idle(self: &Arc<Self>) -> bool {
+        Arc::strong_count(self) == 1 && self.stripes.iter().all(|s| Arc::strong_count(s) == 1)
+    }
+
     pub(crate) fn is_adaptive(&self) -> bool {
         self.estimator.is_some()
     }

@@ -81,15 +81,22 @@ impl<S> ConcurrencyLimit<S> {
         if let Some(permit) = self.limiter.try_acquire() {
             return Admission::called(self.inner.call(req), permit);
         }
-        self.refuse_or_wait(req)
+        refuse_or_wait(&mut self.inner, &self.limiter, req)
     }
+}
 
-    #[inline(never)]
-    fn refuse_or_wait<B>(&mut self, req: Request<B>) -> Admission<S, Request<B>, S::Future>
-    where
-        S: Service<Request<B>> + Clone,
+/// A call that found no permit free: refused at once, or waiting (when the limit waits and the
+/// call's deadline leaves time).
+#[inline(never)]
+pub(crate) fn refuse_or_wait<S, B>(
+    inner: &mut S,
+    limiter: &Arc<Limiter>,
+    req: Request<B>,
+) -> Admission<S, Request<B>, S::Future>
+where
+    S: Service<Request<B>> + Clone,
+{
     {
-        let limiter = &self.limiter;
         let refused = || {
             tracing::debug!(target: "steadfast::limit", limit = %limiter.name, in_flight = limiter.in_flight(), "limit reached; refused");
             #[cfg(feature = "metrics")]
@@ -109,8 +116,8 @@ impl<S> ConcurrencyLimit<S> {
         }
         let slot = limiter.enqueue();
         // The service made ready for this call goes with it; a clone stays for the next.
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
+        let clone = inner.clone();
+        let ready = std::mem::replace(inner, clone);
         Admission::waiting(ready, req, limiter.clone(), slot, until)
     }
 }
