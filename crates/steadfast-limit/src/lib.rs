@@ -8,6 +8,10 @@
 //!   [`Gradient2`] or [`Aimd`], after Netflix's concurrency-limits — with a floor and a ceiling,
 //!   and [`wait_up_to`](ConcurrencyLimitBuilder::wait_up_to) for a bounded, first-come
 //!   first-served wait that never outlives the call's [`Deadline`](steadfast_core::Deadline).
+//! - [`per_authority`](ConcurrencyLimitBuilder::per_authority) /
+//!   [`per_key`](ConcurrencyLimitBuilder::per_key): one such limit per upstream (or any key of
+//!   the request), in a bounded map ([`KeyedConcurrencyLimitLayer`]), so that one slow
+//!   upstream fills its own limit and not the others'.
 //! - [`ConcurrencyLimitLayer::answering`]: the same limit in front of a server, answering `503`
 //!   with `Retry-After` or gRPC `RESOURCE_EXHAUSTED` instead of failing (load shedding), with
 //!   the inner service's error type kept (axum's `Infallible`).
