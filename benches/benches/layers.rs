@@ -50,6 +50,13 @@ fn outgoing_with_id() -> http::Request<Empty<Bytes>> {
     req
 }
 
+/// A request to one upstream (for per-key layers).
+fn to_upstream() -> http::Request<()> {
+    let mut req = http::Request::new(());
+    *req.uri_mut() = http::Uri::from_static("http://orders:8080/orders/17");
+    req
+}
+
 fn empty_body() -> http::Request<Empty<Bytes>> {
     http::Request::new(Empty::new())
 }
@@ -717,6 +724,13 @@ fn limit(c: &mut Criterion) {
                 .expect("valid"),
         )
     };
+    let per_authority = || {
+        ConcurrencyLimitLayer::builder()
+            .max(1000)
+            .per_authority()
+            .build()
+            .expect("valid")
+    };
     let mut rec = Recorder::new(c, "limit");
     rec.bench("bare", BareBody);
     rec.bench(
@@ -729,6 +743,13 @@ fn limit(c: &mut Criterion) {
         ConcurrencyLimitLayer::new(1000).layer(BareBody),
     );
     rec.bench("steadfast-vegas", adaptive().layer(BareBody));
+    // The same request with a URI to key on, and the bare service beside it.
+    rec.bench_req("bare-to-upstream", BareBody, to_upstream);
+    rec.bench_req(
+        "steadfast-per-authority",
+        per_authority().layer(BareBody),
+        to_upstream,
+    );
     rec.bench(
         "steadfast-throttle",
         steadfast::limit::ThrottleLayer::new().layer(BareBody),
@@ -751,6 +772,12 @@ fn limit(c: &mut Criterion) {
         empty,
     );
     rec.bench_two_threads("steadfast-vegas", adaptive().layer(BareBody), h, empty);
+    rec.bench_two_threads(
+        "steadfast-per-authority",
+        per_authority().layer(BareBody),
+        h,
+        to_upstream,
+    );
     rec.bench_two_threads(
         "steadfast-throttle",
         steadfast::limit::ThrottleLayer::new().layer(BareBody),

@@ -27,7 +27,17 @@ const CASES: &[(&str, &[&str])] = &[
         "breaker",
         &["bare", "failsafe", "tower-resilience", "steadfast"],
     ),
-    ("limit", &["bare", "tower", "steadfast", "+vegas"]),
+    (
+        "limit",
+        &[
+            "bare",
+            "tower",
+            "steadfast",
+            "+vegas",
+            "+bare-to-upstream",
+            "+per-authority",
+        ],
+    ),
     ("hedge", &["bare", "tower", "steadfast", "+fixed"]),
     ("hedge-armed", &["bare", "tower", "steadfast", "+fixed"]),
     ("server-stack", &["bare", "tower-http", "steadfast"]),
@@ -56,6 +66,12 @@ const CASES: &[(&str, &[&str])] = &[
 
 fn plain() -> http::Request<()> {
     http::Request::new(())
+}
+
+fn to_upstream() -> http::Request<()> {
+    let mut req = http::Request::new(());
+    *req.uri_mut() = http::Uri::from_static("http://orders:8080/orders/17");
+    req
 }
 
 fn empty_body() -> http::Request<http_body_util::Empty<bytes::Bytes>> {
@@ -230,6 +246,17 @@ fn main() {
         ("hedge-armed", "+fixed") => run(
             fixed_hedge().layer(steadfast_bench::PendingOnce),
             empty_body,
+            calls,
+        ),
+        ("limit", "+bare-to-upstream") => run(steadfast_bench::BareBody, to_upstream, calls),
+        ("limit", "+per-authority") => run(
+            steadfast::limit::ConcurrencyLimitLayer::builder()
+                .max(1000)
+                .per_authority()
+                .build()
+                .expect("valid")
+                .layer(steadfast_bench::BareBody),
+            to_upstream,
             calls,
         ),
         ("server-stack" | "correlation-server", "bare") => run(Bare, with_id, calls),

@@ -191,3 +191,151 @@ impl ExtractKey<Option<Authority>> for ByAuthority {
         uri.authority().cloned()
     }
 }
+
+/// Builds the [`KeyHasher`]s of one per-key map, all from one random seed.
+///
+/// ```
+/// use std::hash::BuildHasher;
+/// use steadfast_core::key::KeyHashing;
+///
+/// let h = KeyHashing::new();
+/// assert_eq!(h.hash_one("orders:8080"), h.hash_one("orders:8080"));
+/// assert_ne!(h.hash_one("orders:8080"), h.hash_one("orders:8081"));
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct KeyHashing {
+    seed: u64,
+}
+
+impl KeyHashing {
+    /// A builder with a seed of its own.
+    pub fn new() -> Self {
+        Self {
+            seed: crate::rand_impl::random_seed(0x6b),
+        }
+    }
+
+    /// A builder with the given seed (for reproducible tests).
+    pub const fn with_seed(seed: u64) -> Self {
+        Self { seed }
+    }
+}
+
+impl Default for KeyHashing {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::hash::BuildHasher for KeyHashing {
+    type Hasher = KeyHasher;
+
+    #[inline]
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(self.seed)
+    }
+}
+
+/// A quick hasher for the keys of the per-key maps (breakers, limits): a folded multiply per
+/// 8-byte word (foldhash's mix), from a seed drawn per map, with a final mix. Not meant to
+/// resist a caller who crafts colliding keys: those maps are bounded (a shard holds a few
+/// dozen keys), so collisions cost a scan of one shard's entries at most, never more memory.
+/// SipHash, `std`'s default, costs about three times as much per short key.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyHasher(u64);
+
+const MULTIPLY: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl KeyHasher {
+    /// A folded multiply (the full 128-bit product's halves xored), as foldhash and aHash's
+    /// fallback mix a word: unlike a plain multiply, every input bit reaches every output bit.
+    #[inline]
+    fn add(&mut self, word: u64) {
+        let m = u128::from(self.0 ^ word) * u128::from(MULTIPLY);
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+}
+
+impl Hasher for KeyHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            // The length keeps "a" and "a\0" apart.
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 59));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+
+    #[inline]
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        // SplitMix64's finalizer: every bit of the state reaches the high bits shards use.
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::hash::BuildHasher;
+
+    use super::*;
+
+    #[test]
+    fn authorities_spread_over_shards_and_hash_as_they_compare() {
+        let h = KeyHashing::with_seed(0x5eed);
+        let hash = |k: &Option<Authority>| {
+            let mut s = h.build_hasher();
+            k.hash_key(&mut s);
+            s.finish()
+        };
+        let a = Some(Authority::from_static("Orders.Internal:8080"));
+        let b = Some(Authority::from_static("orders.internal:8080"));
+        assert!(a.same(&b));
+        assert_eq!(hash(&a), hash(&b));
+        let mut shards = [0u32; 16];
+        let mut seen = HashSet::new();
+        for i in 0..4096 {
+            let k: Option<Authority> = Some(
+                format!("10.0.{}.{}:8080", i / 256, i % 256)
+                    .parse()
+                    .unwrap(),
+            );
+            let x = hash(&k);
+            assert!(seen.insert(x), "a collision at {i}");
+            shards[(x >> 32) as usize % 16] += 1;
+        }
+        // 256 per shard on average: none far off.
+        assert!(shards.iter().all(|n| (160..=352).contains(n)), "{shards:?}");
+    }
+}

@@ -11,9 +11,8 @@ use std::time::Duration;
 use http::uri::Authority;
 use http::{Request, Response};
 use http_body::Body;
-use std::collections::hash_map::RandomState;
 use steadfast_core::BoxError;
-use steadfast_core::key::{ByAuthority, ExtractKey, UpstreamKey};
+use steadfast_core::key::{ByAuthority, ExtractKey, KeyHashing, UpstreamKey};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -92,7 +91,7 @@ where
                     .map(|_| Shard(RwLock::new(HashMap::default())))
                     .collect(),
                 per_shard: self.max_keys.div_ceil(SHARDS),
-                hasher: RandomState::new(),
+                hasher: KeyHashing::new(),
                 overflow,
             }),
         })
@@ -173,7 +172,7 @@ pub(crate) struct KeyedLimits<E, K> {
     extract: E,
     shards: Box<[Shard<K>]>,
     per_shard: usize,
-    hasher: RandomState,
+    hasher: KeyHashing,
     overflow: Arc<Limiter>,
 }
 
