@@ -29,6 +29,23 @@ pin_project! {
         // A gRPC response whose status comes in the trailers.
         grpc: bool,
     }
+
+    impl<B> PinnedDrop for LimitBody<B> {
+        // A body dropped before its end: the head arrived, so the upstream answered. An HTTP
+        // answer is a sample timed to the drop (a lower bound of the call's time, with the
+        // head's overload verdict); a gRPC answer whose status was still to come in the
+        // trailers teaches nothing.
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(permit) = this.permit.take() {
+                if *this.grpc {
+                    drop(permit);
+                } else {
+                    permit.finish(*this.dropped);
+                }
+            }
+        }
+    }
 }
 
 impl<B: fmt::Debug> fmt::Debug for LimitBody<B> {

@@ -31,8 +31,11 @@
 //! Each call that ends as seen is one sample: its time from admission to the end of the body,
 //! the calls in flight when it was admitted, and whether the upstream signalled overload — a
 //! `429`, `503` or `504`, a gRPC `RESOURCE_EXHAUSTED`, `UNAVAILABLE` or `DEADLINE_EXCEEDED`
-//! (in the head or the trailers), or a timeout error. Other errors, broken bodies and dropped
-//! calls teach it nothing. An ordinary sample that arrives while another thread updates the
+//! (in the head or the trailers), or a timeout error. A response body dropped before its end
+//! is a sample too, timed to the drop, with its head's verdict (the caller that reads only the
+//! status still teaches the limit; a gRPC answer whose status was still to come in the trailers
+//! does not). Other errors, broken bodies and calls dropped before their head teach it
+//! nothing. An ordinary sample that arrives while another thread updates the
 //! estimate is skipped rather than waited for; a drop never is.
 //!
 //! # Where it sits

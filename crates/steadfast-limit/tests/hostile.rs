@@ -821,10 +821,10 @@ async fn the_refusal_is_policy_rejected_and_says_nothing_internal() {
     assert!(g.body().is_end_stream(), "trailers-only");
 }
 
-/// Broken bodies and dropped calls teach an adaptive limit nothing; a 429 or 504 in the head
-/// is overload.
+/// Broken bodies teach an adaptive limit nothing; a body dropped before its end is a sample
+/// with its head's verdict (the 503 here: overload); a 429 or 504 in the head is overload.
 #[tokio::test(start_paused = true)]
-async fn broken_and_dropped_calls_teach_nothing_and_429_504_are_overload() {
+async fn broken_bodies_teach_nothing_dropped_ones_their_head_and_429_504_are_overload() {
     let layer = ConcurrencyLimitLayer::builder()
         .aimd(Aimd {
             initial: 10,
@@ -845,9 +845,9 @@ async fn broken_and_dropped_calls_teach_nothing_and_429_504_are_overload() {
             false,
             10,
         ),
-        (503, vec![data("a"), data("b")], true, 10),
-        (429, vec![data("a")], false, 9),
-        (504, vec![data("a")], false, 8),
+        (503, vec![data("a"), data("b")], true, 9),
+        (429, vec![data("a")], false, 8),
+        (504, vec![data("a")], false, 7),
     ] {
         let call = svc.ready().await.unwrap().call(req(0));
         let (_, send) = handle.next_request().await.unwrap();
@@ -871,6 +871,52 @@ async fn broken_and_dropped_calls_teach_nothing_and_429_504_are_overload() {
             }
         }
         assert_eq!(layer.limit(), expect, "{status} drop_early={drop_early}");
+        assert_eq!(layer.in_flight(), 0);
+    }
+}
+
+/// A caller that reads only the status and drops the body still teaches an adaptive limit
+/// (a sample timed to the drop, with the head's verdict), unless the answer is gRPC whose
+/// status is still to come in the trailers.
+#[tokio::test(start_paused = true)]
+async fn status_only_callers_teach_the_limit_and_unfinished_grpc_answers_do_not() {
+    let layer = ConcurrencyLimitLayer::builder()
+        .aimd(Aimd {
+            initial: 10,
+            min: 2,
+            max: 20,
+            slow: Duration::from_secs(1),
+            ..Aimd::default()
+        })
+        .sample_window(Duration::ZERO, 1)
+        .build()
+        .unwrap();
+    let (mock, mut handle) = mock::pair::<Req, Response<Scripted>>();
+    let mut svc = layer.layer(mock);
+    for (grpc, status, held, expect) in [
+        // A 200 held past `slow` before the drop: slow, so a drop (× 0.9).
+        (false, 200, Duration::from_secs(2), 9),
+        // gRPC without a status yet: nothing learnt, however long it was held.
+        (true, 200, Duration::from_secs(2), 9),
+        // A 503 dropped at once: overload.
+        (false, 503, Duration::ZERO, 8),
+    ] {
+        let call = svc.ready().await.unwrap().call(req(0));
+        let (_, send) = handle.next_request().await.unwrap();
+        let mut res = Response::new(Scripted {
+            frames: [data("a"), data("b")].into(),
+            ends: [false].into(),
+        });
+        if grpc {
+            res.headers_mut()
+                .insert("content-type", "application/grpc".parse().unwrap());
+        }
+        *res.status_mut() = StatusCode::from_u16(status).unwrap();
+        send.send_response(res);
+        let res = call.await.unwrap();
+        advance(held).await;
+        drop(res);
+        assert_eq!(layer.limit(), expect, "grpc={grpc} {status} held={held:?}");
         assert_eq!(layer.in_flight(), 0);
     }
 }

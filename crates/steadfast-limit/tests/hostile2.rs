@@ -375,19 +375,22 @@ fn a_limit_that_came_down_is_exact_across_threads_afterwards() {
             layer.in_flight()
         );
     }
-    // Dropped (not seen to end): teaches nothing; released on other threads.
+    // Dropped before their ends, on other threads: each is a success sample timed to its
+    // drop, so the limit may only have grown back.
     let rest = held.split_off(30);
     drop_on_threads(held, 3);
     drop_on_threads(rest, 7);
     assert_eq!(layer.in_flight(), 0);
-    assert_eq!(layer.limit(), 4);
+    assert!((4..=64).contains(&layer.limit()), "{}", layer.limit());
     for round in 0..6 {
-        let what = format!("came down to 4, round {round}");
-        let now = hold_from_threads(&s, 4, [4, 1, 2, 3][round % 4], &what);
+        // Whatever the limit is now, exactly that many are admitted from fresh threads.
+        let limit = layer.limit();
+        let what = format!("limit {limit}, round {round}");
+        let now = hold_from_threads(&s, limit, [4, 1, 2, 3][round % 4], &what);
         let s2 = s.clone();
         let extra = std::thread::spawn(move || call_now(&s2, 0)).join().unwrap();
-        assert!(extra.is_err(), "{what}: a fifth call admitted");
-        assert_eq!(layer.in_flight(), 4, "{what}");
+        assert!(extra.is_err(), "{what}: one call over the limit admitted");
+        assert_eq!(layer.in_flight(), limit, "{what}");
         drop_on_threads(now, 2);
     }
 }
