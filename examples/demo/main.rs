@@ -20,7 +20,11 @@
 //! remaining deadline travel on their own.
 //!
 //! At the end it prints a table per upstream, the breaker timeline, one request's
-//! correlation id as it appears in the log line of every hop, and the gateway's metrics.
+//! correlation id as it appears in the log line of every hop, and the gateway's metrics. Two
+//! phases follow on services of their own: an overload (a caller with only the client stack
+//! beside one with client-side throttling and an adaptive concurrency limit, against a
+//! catalog that sheds load) and a slow replica (a balanced caller beside one that also
+//! hedges).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -48,11 +52,13 @@ use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
 
 mod observation;
+mod phases;
 mod report;
 mod scenario;
 mod services;
 
 use observation::*;
+use phases::*;
 use report::*;
 use scenario::*;
 use services::*;
@@ -95,5 +101,7 @@ mod tests {
             report.text
         );
         assert!(report.text.contains("retry budget (one per stack)"));
+        assert!(report.text.contains("| + throttle, adaptive limit"));
+        assert!(report.text.contains("| balanced + hedge"));
     }
 }

@@ -19,6 +19,8 @@ pub(crate) struct Scenario {
     pub(crate) payments_bursts: Vec<(Duration, Duration)>,
     pub(crate) inventory_stall_every: u64,
     pub(crate) inventory_stall: Duration,
+    /// The overload and slow-replica phases, after the main run.
+    pub(crate) phases: Phases,
 }
 
 impl Scenario {
@@ -46,6 +48,7 @@ impl Scenario {
             ],
             inventory_stall_every: 7,
             inventory_stall: Duration::from_millis(500),
+            phases: Phases::full(),
         }
     }
 
@@ -59,6 +62,7 @@ impl Scenario {
             users_brownout: (Duration::from_millis(1800), Duration::from_millis(2600)),
             payments_bursts: vec![(Duration::from_millis(800), Duration::from_millis(1200))],
             open_time: Duration::from_millis(500),
+            phases: Phases::small(),
             ..Self::full()
         }
     }
@@ -247,12 +251,17 @@ pub(crate) async fn run(scen: Scenario) -> Report {
         Err(e) => format!("(metrics unavailable: {e})"),
     };
 
-    render(
+    let mut report = render(
         &scen,
         elapsed,
         health,
         &statuses.lock().unwrap(),
         traced.lock().unwrap().clone(),
         &metrics_text,
-    )
+    );
+    report.text.push('\n');
+    report.text.push_str(&overload(&scen.phases).await);
+    report.text.push('\n');
+    report.text.push_str(&slow_replica(&scen.phases).await);
+    report
 }
