@@ -347,9 +347,17 @@ pub(crate) async fn slow_replica(p: &Phases) -> String {
             .build()
             .expect("balancer")
     };
+    // A total timeout that tells the layers below its deadline (the hedge sends none past it).
+    let total = || {
+        TimeoutLayer::builder()
+            .limit(p.deadline)
+            .share_own(true)
+            .build()
+            .expect("timeout")
+    };
     let balanced = ServiceBuilder::new()
         .map_response(boxed)
-        .layer(TimeoutLayer::new(p.deadline))
+        .layer(total())
         .map_request(|r: http::Request<Body>| r.map(|b| ReplayBody::new(b, 0)))
         .layer(balance(&sets[0].0))
         .service(transport());
@@ -362,7 +370,7 @@ pub(crate) async fn slow_replica(p: &Phases) -> String {
         .expect("hedge");
     let hedged = ServiceBuilder::new()
         .map_response(boxed)
-        .layer(TimeoutLayer::new(p.deadline))
+        .layer(total())
         .layer(hedge.clone())
         .layer(balance(&sets[1].0))
         .service(transport());

@@ -47,6 +47,8 @@ const SKEW_TICKS: u64 = 100;
 const FULL_DECAY_TICKS: u64 = TICK_MASK / 2;
 /// Threads with a stripe of their own; later threads share as many more.
 const OWNED: usize = 8;
+/// Milli-tokens a stripe may hold unswept (10 tokens): see [`Budget::deposit`].
+const SWEEP_AT: u64 = 10 * MILLI;
 
 #[repr(align(128))]
 #[derive(Debug, Default)]
@@ -112,24 +114,46 @@ impl Budget {
     }
 
     /// Records an original request (happy path: one add on this thread's stripe).
+    ///
+    /// A stripe holding [`SWEEP_AT`] unswept is swept at once (a clock read and a
+    /// compare-and-swap, every hundred requests or so): deposits that waited for a withdrawal
+    /// are aged as if made evenly since the last sweep, so without this a long run of
+    /// requests that need no retry, then a quiet spell, would be valued as if made during the
+    /// spell and pay for a burst of retries (or hedges) far over the ratio.
     #[inline]
     pub fn deposit(&self) {
         if self.deposit_milli == 0 {
             return;
         }
         let n = thread_number();
-        if n < OWNED {
-            // This thread is the only writer of its stripe's total.
-            let total = &self.pending[n].deposited;
-            total.store(
-                total.load(Relaxed).wrapping_add(self.deposit_milli),
-                Release,
-            );
+        let stripe = if n < OWNED {
+            &self.pending[n]
         } else {
-            self.pending[OWNED + n % OWNED]
+            &self.pending[OWNED + n % OWNED]
+        };
+        let total = if n < OWNED {
+            // This thread is the only writer of its stripe's total.
+            let total = stripe
                 .deposited
-                .fetch_add(self.deposit_milli, Release);
+                .load(Relaxed)
+                .wrapping_add(self.deposit_milli);
+            stripe.deposited.store(total, Release);
+            total
+        } else {
+            stripe
+                .deposited
+                .fetch_add(self.deposit_milli, Release)
+                .wrapping_add(self.deposit_milli)
+        };
+        if total.wrapping_sub(stripe.swept.load(Relaxed)) >= SWEEP_AT {
+            self.sweep();
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn sweep(&self) {
+        self.update(0);
     }
 
     /// Takes one token for a retry; `false` when the budget is spent.
@@ -246,6 +270,25 @@ mod tests {
             min_per_sec: 0,
             window: Duration::from_secs(10),
         })
+    }
+
+    /// Requests that needed no retry, then a quiet spell of six windows: what they earned has
+    /// decayed, and a burst after the spell gets about what the decay left (plus the requests
+    /// of the burst itself), not what they earned.
+    #[tokio::test(start_paused = true)]
+    async fn deposits_before_a_quiet_spell_have_decayed_by_its_end() {
+        let b = no_floor(0.1);
+        for _ in 0..20 {
+            for _ in 0..1000 {
+                b.deposit();
+            }
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        // 2,000 tokens earned over 2 s; after 60 s of a 10 s window, e^-6 of them is about 5
+        // (the last 10 tokens unswept may count at up to a sixth of their worth more).
+        let granted = (0..100).filter(|_| b.withdraw()).count();
+        assert!((4..=8).contains(&granted), "{granted}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -82,6 +82,14 @@ pub(crate) struct Race<F, S, B, C, R> {
     reserved: Reserved,
     /// The last retryable outcome, returned if no attempt answers better.
     last: Option<Result<R, BoxError>>,
+    /// `last` was made here (a refusal by a layer below, a lost body), not by the upstream: a
+    /// later answer from the upstream replaces it, not the other way round.
+    last_is_local: bool,
+    /// Hedging ended for this call (a refused share, a stop hint, a policy refusal): no later
+    /// answer starts it again.
+    stopped: bool,
+    /// The next hedge is due and waits for its service to be ready.
+    awaiting_service: bool,
     tried: Tried,
     deadline: Option<Deadline>,
 }
@@ -128,12 +136,16 @@ impl<F, S, B, C, R> Race<F, S, B, C, R> {
             free: false,
             reserved: Reserved::default(),
             last: None,
+            last_is_local: false,
+            stopped: false,
+            awaiting_service: false,
             tried,
             deadline,
         }
     }
 
     fn stop(&mut self, reason: &'static str) {
+        self.stopped = true;
         if self.next_at.take().is_some() || self.reserved.extra || self.reserved.retry {
             tracing::event!(
                 name: "hedge.stopped",
@@ -163,7 +175,7 @@ impl<F, S, B, C, R> Race<F, S, B, C, R> {
     /// When the attempt after the one just sent (at `now`) is due, if another may be sent.
     fn schedule(&mut self, now: Instant, after: Option<Duration>) {
         self.next_at = after
-            .filter(|_| self.sent < self.shared.config.max_attempts)
+            .filter(|_| !self.stopped && self.sent < self.shared.config.max_attempts)
             .map(|d| saturating_add(now, d))
             .filter(|at| self.deadline.is_none_or(|d| *at < d.instant()));
     }
@@ -233,6 +245,23 @@ where
         }
         Err(_) => Verdict::Final,
     }
+}
+
+/// The count a request carries in `name` (one value of digits), if any.
+fn count_in(headers: &http::HeaderMap, name: &http::HeaderName) -> Option<u32> {
+    let mut values = headers.get_all(name).iter();
+    let v = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    v.to_str().ok()?.parse().ok()
+}
+
+/// Whether `out` was made in this process (a layer below refused the call, or the attempt lost
+/// its body) rather than by the upstream.
+fn is_local<R>(out: &Result<R, BoxError>) -> bool {
+    out.as_ref()
+        .is_err_and(|e| PolicyRejected::is_in(&**e) || NotSent::is_in(&**e) || is_replay_lost(&**e))
 }
 
 fn is_replay_lost(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -331,7 +360,12 @@ where
                     }
                     Next::Never(reason) => self.stop(reason),
                 }
-                self.last = Some(out);
+                // The upstream's answer is kept over an outcome made here.
+                let local = is_local(&out);
+                if self.last.is_none() || !local || self.last_is_local {
+                    self.last = Some(out);
+                    self.last_is_local = local;
+                }
                 None
             }
         }
@@ -340,7 +374,10 @@ where
     /// After a retryable answer: the next attempt goes now (A6's non-fatal status), if one
     /// may still be sent.
     fn next_at_once(&mut self, rerouted: bool) {
-        if self.sent >= self.shared.config.max_attempts {
+        // No attempt beyond the first before a delay is known: until then the layer does not
+        // hedge at all (a fixed delay is always known).
+        let config = &self.shared.config;
+        if self.stopped || self.sent >= config.max_attempts || config.delay.get().is_none() {
             self.next_at = None;
             return;
         }
@@ -352,12 +389,17 @@ where
 
     /// Sends the next hedge, its time having come.
     fn send(&mut self, cx: &mut Context<'_>) -> Sent {
-        let config = &*self.shared.config;
+        let shared = self.shared.clone();
+        let config = &*shared.config;
         if self.deadline.is_some_and(Deadline::is_expired) {
             self.stop("deadline");
             return Sent::No;
         }
-        if !self.free && !self.reserved.extra {
+        if self.free {
+            // This attempt replaces one an endpoint refused before sending it: it is not paid
+            // for, and tokens taken for a hedge go back.
+            self.release();
+        } else if !self.reserved.extra {
             if !config.extra.withdraw() {
                 #[cfg(feature = "metrics")]
                 metrics::counter!("steadfast_hedge_budget_exhausted_total", "hedge" => metrics::SharedString::from(config.name.clone()))
@@ -409,11 +451,18 @@ where
         let attempt = self.sent + 1;
         let mut req = Request::from_parts(self.parts.clone(), body);
         let headers = req.headers_mut();
+        // Counted on from what the request arrived with (a retry layer above numbers its own
+        // attempts): this call's attempts after the first add to it.
         if let Some(name) = &config.attempt_header {
-            headers.insert(name.clone(), small_number(attempt));
+            let base = count_in(headers, name).unwrap_or(1);
+            headers.insert(name.clone(), small_number(base.saturating_add(attempt - 1)));
         }
         if is_grpc_content_type(headers) {
-            headers.insert(GRPC_PREVIOUS_ATTEMPTS, small_number(attempt - 1));
+            let base = count_in(headers, &GRPC_PREVIOUS_ATTEMPTS).unwrap_or(0);
+            headers.insert(
+                GRPC_PREVIOUS_ATTEMPTS,
+                small_number(base.saturating_add(attempt - 1)),
+            );
         }
         let span = attempt_span(&self.parts, attempt - 1);
         let now = Instant::now();
@@ -517,24 +566,53 @@ where
                 *this.race = None;
                 return Poll::Ready(out);
             };
-            match this.timer.as_mut().project() {
-                TimerProj::Armed { mut sleep } => {
-                    if sleep.deadline() != at {
-                        sleep.as_mut().reset(at);
+            // Once due, a hedge waiting for its service is woken by the service, or by the
+            // timer at the deadline; until then the timer is set for when it is due.
+            let wake_at = if race.awaiting_service {
+                race.deadline.map(Deadline::instant)
+            } else {
+                Some(at)
+            };
+            if let Some(wake_at) = wake_at {
+                match this.timer.as_mut().project() {
+                    TimerProj::Armed { mut sleep } => {
+                        if sleep.deadline() != wake_at {
+                            sleep.as_mut().reset(wake_at);
+                        }
                     }
+                    TimerProj::Off => this.timer.set(Timer::Armed {
+                        sleep: tokio::time::sleep_until(wake_at),
+                    }),
                 }
-                TimerProj::Off => this.timer.set(Timer::Armed {
-                    sleep: tokio::time::sleep_until(at),
-                }),
-            }
-            if let TimerProj::Armed { sleep } = this.timer.as_mut().project() {
-                if sleep.poll(cx).is_pending() {
+                let fired = match this.timer.as_mut().project() {
+                    TimerProj::Armed { sleep } => sleep.poll(cx).is_ready(),
+                    TimerProj::Off => false,
+                };
+                if race.awaiting_service && fired {
+                    // The deadline came with the hedge's service still not ready.
+                    race.awaiting_service = false;
+                    race.stop("deadline");
+                    continue;
+                }
+                if !race.awaiting_service && !fired {
                     return Poll::Pending;
                 }
             }
             match race.send(cx) {
-                Sent::Yes | Sent::No => continue,
-                Sent::NotReady => return Poll::Pending,
+                Sent::Yes | Sent::No => {
+                    race.awaiting_service = false;
+                    continue;
+                }
+                Sent::NotReady => {
+                    if race.awaiting_service {
+                        return Poll::Pending;
+                    }
+                    // Polled again at once: the timer now watches the deadline.
+                    race.awaiting_service = true;
+                    if race.deadline.is_none() {
+                        return Poll::Pending;
+                    }
+                }
             }
         }
     }

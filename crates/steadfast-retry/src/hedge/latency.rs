@@ -152,7 +152,7 @@ impl Learnt {
         let stripe = thread_number() % STRIPES;
         self.histograms[(window % 2) as usize].0[stripe].0[bucket(nanos)].fetch_add(1, Relaxed);
         if self.delay.load(Relaxed) == UNKNOWN {
-            let seen = self.early.fetch_add(1, Relaxed) + 1;
+            let seen = self.early.fetch_add(1, Relaxed).wrapping_add(1);
             if seen % self.min_samples == 0 {
                 self.learn(&self.histograms[(window % 2) as usize]);
             }
@@ -170,11 +170,14 @@ impl Learnt {
         {
             return;
         }
-        if to == from + 1 {
-            self.learn(&self.histograms[(from % 2) as usize]);
-        }
-        // A window that saw no calls leaves the delay as it was (nothing new was learnt).
+        // The window that just ended is the last one with calls, however many idle windows
+        // came after it (a window that saw too few leaves the delay as it was).
+        self.learn(&self.histograms[(from % 2) as usize]);
         self.histograms[(to % 2) as usize].clear();
+        if to > from + 1 {
+            // The other histogram holds an older window: not the one after `from`.
+            self.histograms[((to + 1) % 2) as usize].clear();
+        }
     }
 
     /// Sets the delay from `histogram`, if it holds enough latencies.

@@ -134,7 +134,8 @@ impl<C> HedgeBuilder<C> {
         self
     }
 
-    /// When a hedge is sent (default: [`HedgeDelay::Percentile`] of `1 − max_extra_load`).
+    /// When a hedge is sent (default: [`HedgeDelay::Percentile`] of `1 − max_extra_load`, at
+    /// least the median).
     /// Each further hedge waits as long again after the one before it.
     pub fn delay(mut self, delay: HedgeDelay) -> Self {
         self.delay = Some(delay);
@@ -188,7 +189,11 @@ impl<C> HedgeBuilder<C> {
     }
 
     /// The most request-body bytes recorded so a hedge can send the body too (default
-    /// 64 KiB). A larger body is not hedged.
+    /// 64 KiB). A body known to be larger (its size says so, or an attempt read past the cap)
+    /// is not hedged. A body of unknown size that no attempt has read yet may be: whichever
+    /// attempt reads it first sends it whole, and one left behind fails with
+    /// [`ReplayLost`](crate::error::ReplayLost) rather than send it cut (that outcome never
+    /// replaces the upstream's answer).
     pub fn replay_cap(mut self, bytes: usize) -> Self {
         self.replay_cap = bytes;
         self
@@ -260,7 +265,7 @@ impl<C> HedgeBuilder<C> {
         }
         let delay = match self
             .delay
-            .unwrap_or(HedgeDelay::Percentile(1.0 - self.max_extra_load))
+            .unwrap_or(HedgeDelay::Percentile((1.0 - self.max_extra_load).max(0.5)))
         {
             HedgeDelay::Fixed(d) => Delay::Fixed(d),
             HedgeDelay::Percentile(p) => {
@@ -314,10 +319,16 @@ impl<C> HedgeBuilder<C> {
 /// `grpc-retry-pushback-ms`; if every attempt answers so, the caller gets the last answer.
 ///
 /// A hedge is sent only when:
+/// - a delay is known (a fixed one, or a learnt one with its samples): until then no call is
+///   hedged, not even after a retryable answer;
 /// - the share of extra load allows it (`max_extra_load`, and a shared retry budget if
-///   given); a hedge that is refused ends hedging for the call;
+///   given); a hedge that is refused ends hedging for the call, as a server's stop or an
+///   over-long hint does, whatever answers come later;
 /// - the call's deadline has not passed (a hedge whose time would come at or after the
-///   deadline is never sent);
+///   deadline is never sent, and a call waiting for a hedge's service to be ready gives up at
+///   the deadline with the answer it has). The deadline is the one the layer knows: a
+///   [`Deadline`](steadfast_core::Deadline) request extension, or the ambient one (a server's,
+///   or a total timeout's above it built with `share_own(true)` or `propagate_own(true)`);
 /// - the body could be recorded (within the replay cap);
 /// - no layer below refused the call by policy (an open breaker): that refusal is returned
 ///   as it is.
@@ -329,10 +340,17 @@ impl<C> HedgeBuilder<C> {
 /// Under a [`BalanceLayer`](https://docs.rs/steadfast-balance), each hedge goes to an endpoint
 /// the call's other attempts did not use, when one is in service.
 ///
+/// When every attempt gives a retryable answer, the caller gets the last answer the upstream
+/// gave; an outcome made in this process (a layer below refused the attempt, or it lost its
+/// body) is returned only when the upstream gave none.
+///
 /// Hedges and retries: gRPC A6 gives a call one or the other. This layer alone hedges and
 /// sends the next hedge on a retryable answer. Stacked under a retry layer, each of the retry
 /// layer's attempts is hedged; give the hedge that layer's budget
-/// ([`retry_budget`](HedgeBuilder::retry_budget)) so both spend from one pool.
+/// ([`retry_budget`](HedgeBuilder::retry_budget)) so both spend from one pool. The attempt
+/// headers (`x-retry-attempt`, gRPC's `grpc-previous-rpc-attempts`) of a hedge count on from
+/// what its request arrived with, so within one retry attempt they rise; across the two
+/// layers they are not a single count (the retry layer does not see its attempts' hedges).
 ///
 /// # Clone
 ///
