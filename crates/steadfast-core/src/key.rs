@@ -181,15 +181,37 @@ macro_rules! integer_keys {
 }
 integer_keys!(u8, u16, u32, u64, usize, i8, i16, i32, i64);
 
-/// One state (breaker, limit) per upstream authority (`host:port` of the request URI);
-/// requests without an authority share one.
+/// One state (breaker, limit) per upstream authority (`host:port` of the request URI,
+/// without any `user:password@`: credentials neither split an upstream in two nor reach a
+/// name, a label or a log); requests without an authority share one.
+///
+/// ```
+/// use steadfast_core::key::{ByAuthority, ExtractKey};
+///
+/// let uri: http::Uri = "http://user:secret@orders:8080/x".parse().unwrap();
+/// let key = ByAuthority.extract(&uri, &http::HeaderMap::new());
+/// assert_eq!(key.unwrap().as_str(), "orders:8080");
+/// ```
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ByAuthority;
 
 impl ExtractKey<Option<Authority>> for ByAuthority {
+    #[inline]
     fn extract(&self, uri: &Uri, _: &HeaderMap) -> Option<Authority> {
-        uri.authority().cloned()
+        let a = uri.authority()?;
+        match a.as_str().rfind('@') {
+            None => Some(a.clone()),
+            Some(at) => without_userinfo(a, at),
+        }
     }
+}
+
+/// `a` without the userinfo that ends at byte `at` (`None` if nothing valid is left: such a
+/// request shares the key of requests without an authority).
+#[cold]
+fn without_userinfo(a: &Authority, at: usize) -> Option<Authority> {
+    let host = a.as_str().get(at + 1..)?;
+    Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(host.as_bytes())).ok()
 }
 
 /// Builds the [`KeyHasher`]s of one per-key map, all from one random seed.

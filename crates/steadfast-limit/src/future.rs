@@ -26,19 +26,19 @@ pin_project! {
         permit: Option<Permit>,
         // What the head said: the upstream signalled overload.
         dropped: bool,
-        // A gRPC response whose status comes in the trailers.
+        // A gRPC response whose status comes in the trailers (until they bring one).
         grpc: bool,
     }
 
     impl<B> PinnedDrop for LimitBody<B> {
         // A body dropped before its end: the head arrived, so the upstream answered. An HTTP
         // answer is a sample timed to the drop (a lower bound of the call's time, with the
-        // head's overload verdict); a gRPC answer whose status was still to come in the
-        // trailers teaches nothing.
+        // head's overload verdict), and so is a gRPC answer whose head already said overload
+        // (trailers can only add to that); one whose status was still to come teaches nothing.
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(permit) = this.permit.take() {
-                if *this.grpc {
+                if *this.grpc && !*this.dropped {
                     drop(permit);
                 } else {
                     permit.finish(*this.dropped);
@@ -88,7 +88,7 @@ impl<B: Body> LimitBody<B> {
         let grpc =
             is_grpc_content_type(res.headers()) && GrpcCode::from_map(res.headers()).is_none();
         let permit = if at_end {
-            permit.finish(dropped);
+            finish_at_end(permit, grpc, dropped);
             None
         } else {
             Some(permit)
@@ -99,6 +99,17 @@ impl<B: Body> LimitBody<B> {
             dropped,
             grpc,
         })
+    }
+}
+
+/// A body seen to its end: a sample, unless it is a gRPC answer that never carried a status
+/// (a broken answer teaches nothing), with an overload verdict (a head that said overload
+/// still does).
+fn finish_at_end(permit: Permit, grpc_without_status: bool, dropped: bool) {
+    if grpc_without_status && !dropped {
+        drop(permit);
+    } else {
+        permit.finish(dropped);
     }
 }
 
@@ -131,17 +142,20 @@ impl<B: Body> Body for LimitBody<B> {
             match &frame {
                 None => {
                     if let Some(p) = this.permit.take() {
-                        p.finish(*this.dropped);
+                        finish_at_end(p, *this.grpc, *this.dropped);
                     }
                 }
                 Some(Ok(f)) => {
                     let trailers = f.trailers_ref();
                     if let (Some(t), true) = (trailers, *this.grpc) {
-                        *this.dropped |= GrpcCode::from_map(t).is_some_and(overload_code);
+                        if let Some(code) = GrpcCode::from_map(t) {
+                            *this.dropped |= overload_code(code);
+                            *this.grpc = false; // the status came
+                        }
                     }
                     if trailers.is_some() || this.inner.is_end_stream() {
                         if let Some(p) = this.permit.take() {
-                            p.finish(*this.dropped);
+                            finish_at_end(p, *this.grpc, *this.dropped);
                         }
                     }
                 }

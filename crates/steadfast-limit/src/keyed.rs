@@ -58,11 +58,12 @@ where
         }
     }
 
-    /// How many keys keep a limit of their own (default 1024), spread over 16 shards of
-    /// `n / 16` (rounded up) each. When a new key finds its shard full, limits with no call in flight or waiting are dropped to make room (an adaptive
-    /// one starts again from its initial limit when its key comes back); if every one there is
-    /// busy, the new key's calls share one overflow limit with the layer's settings (named
-    /// `<name>/overflow`). Zero is taken as 1.
+    /// How many keys keep a limit while idle (default 1024): the map has 16 shards, each
+    /// holding `n / 16` keys (rounded up, so at least 16 keys in all). When a new key finds its
+    /// shard full, limits with no call in flight or waiting are dropped to make room (an
+    /// adaptive one starts again from its initial limit when its key comes back). A key with
+    /// calls in flight always keeps its own limit, so a shard grows past its bound only by
+    /// keys that have calls in flight (memory in proportion to the calls under way).
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n.max(1);
         self
@@ -82,17 +83,21 @@ where
             name: Arc::from(self.base.name_str()),
             window: self.base.window(),
         };
-        let overflow = Arc::new(template.limiter(format!("{}/overflow", template.name)));
+        let per_shard = self.max_keys.div_ceil(SHARDS);
         Ok(KeyedConcurrencyLimitLayer {
             map: Arc::new(KeyedLimits {
                 template,
                 extract: self.extract,
                 shards: (0..SHARDS)
-                    .map(|_| Shard(RwLock::new(HashMap::default())))
+                    .map(|_| {
+                        Shard(RwLock::new(Slots {
+                            map: HashMap::default(),
+                            scan_at: per_shard,
+                        }))
+                    })
                     .collect(),
-                per_shard: self.max_keys.div_ceil(SHARDS),
+                per_shard,
                 hasher: KeyHashing::new(),
-                overflow,
             }),
         })
     }
@@ -163,8 +168,14 @@ impl Hasher for PassThrough {
 
 type Map<K> = HashMap<Prehashed<K>, Arc<Limiter>, BuildHasherDefault<PassThrough>>;
 
+/// One shard's limits, and the size at which a new key next looks for idle ones to drop.
+struct Slots<K> {
+    map: Map<K>,
+    scan_at: usize,
+}
+
 #[repr(align(128))]
-struct Shard<K>(RwLock<Map<K>>);
+struct Shard<K>(RwLock<Slots<K>>);
 
 /// What every service of one keyed layer shares.
 pub(crate) struct KeyedLimits<E, K> {
@@ -173,7 +184,6 @@ pub(crate) struct KeyedLimits<E, K> {
     shards: Box<[Shard<K>]>,
     per_shard: usize,
     hasher: KeyHashing,
-    overflow: Arc<Limiter>,
 }
 
 /// Feeds a key to a hasher by its [`UpstreamKey::hash_key`].
@@ -199,8 +209,8 @@ impl<E, K: UpstreamKey> KeyedLimits<E, K> {
         let (i, key) = self.prehash(key);
         let shard = &self.shards[i].0;
         {
-            let map = shard.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(limiter) = map.get(&key) {
+            let slots = shard.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(limiter) = slots.map.get(&key) {
                 return f(limiter);
             }
         }
@@ -210,27 +220,29 @@ impl<E, K: UpstreamKey> KeyedLimits<E, K> {
     #[cold]
     fn insert<R>(
         &self,
-        shard: &RwLock<Map<K>>,
+        shard: &RwLock<Slots<K>>,
         key: Prehashed<K>,
         f: impl Fn(&Arc<Limiter>) -> R,
     ) -> R {
-        let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(limiter) = map.get(&key) {
+        let mut slots = shard.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(limiter) = slots.map.get(&key) {
             return f(limiter);
         }
-        if map.len() >= self.per_shard {
-            // Make room from limiters nothing holds (no call in flight or waiting).
-            map.retain(|_, l| !l.is_idle());
-            if map.len() >= self.per_shard {
-                return f(&self.overflow);
-            }
+        if slots.map.len() >= slots.scan_at {
+            // Make room from limits nothing holds (no call in flight or waiting). Busy ones
+            // stay: a key with calls in flight keeps its own limit, so a shard outgrows its
+            // bound only by keys that have calls in flight, and looks again only once it has
+            // doubled (each new key costs O(1) on average).
+            slots.map.retain(|_, l| !l.is_idle());
+            slots.scan_at = self.per_shard.max(2 * slots.map.len());
         }
         let name = format!("{}/{}", self.template.name, key.key.name());
         let kept = Prehashed {
             hash: key.hash,
             key: key.key.to_kept(),
         };
-        let limiter = map
+        let limiter = slots
+            .map
             .entry(kept)
             .or_insert_with(|| Arc::new(self.template.limiter(name)));
         f(limiter)
@@ -239,11 +251,11 @@ impl<E, K: UpstreamKey> KeyedLimits<E, K> {
     /// The limiter of `key`, if it has one.
     fn get(&self, key: &K) -> Option<Arc<Limiter>> {
         let (i, key) = self.prehash(key.clone());
-        let map = self.shards[i]
+        let slots = self.shards[i]
             .0
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        map.get(&key).cloned()
+        slots.map.get(&key).cloned()
     }
 }
 
@@ -325,8 +337,8 @@ impl<E, K: UpstreamKey> KeyedConcurrencyLimitLayer<E, K> {
             .shards
             .iter()
             .flat_map(|s| {
-                let map = s.0.read().unwrap_or_else(PoisonError::into_inner);
-                map.keys().map(|k| k.key.clone()).collect::<Vec<_>>()
+                let slots = s.0.read().unwrap_or_else(PoisonError::into_inner);
+                slots.map.keys().map(|k| k.key.clone()).collect::<Vec<_>>()
             })
             .collect()
     }
