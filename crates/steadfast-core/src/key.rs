@@ -199,7 +199,7 @@ impl ExtractKey<Option<Authority>> for ByAuthority {
     #[inline]
     fn extract(&self, uri: &Uri, _: &HeaderMap) -> Option<Authority> {
         let a = uri.authority()?;
-        match a.as_str().rfind('@') {
+        match a.as_str().bytes().rposition(|b| b == b'@') {
             None => Some(a.clone()),
             Some(at) => without_userinfo(a, at),
         }

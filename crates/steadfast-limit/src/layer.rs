@@ -205,7 +205,7 @@ impl ConcurrencyLimitBuilder {
     }
 
     /// One limit with these settings per upstream authority (`host:port` of the request URI),
-    /// instead of one for every call: see [`KeyedConcurrencyLimitLayer`].
+    /// instead of one for every call: see [`KeyedConcurrencyLimitLayer`](crate::KeyedConcurrencyLimitLayer).
     ///
     /// ```
     /// use steadfast_limit::ConcurrencyLimitLayer;
@@ -219,7 +219,7 @@ impl ConcurrencyLimitBuilder {
     }
 
     /// One limit with these settings per key that `extract` finds in a request (a closure
-    /// `Fn(&Uri, &HeaderMap) -> K` or an [`ExtractKey`]): see [`KeyedConcurrencyLimitLayer`].
+    /// `Fn(&Uri, &HeaderMap) -> K` or an [`ExtractKey`]): see [`KeyedConcurrencyLimitLayer`](crate::KeyedConcurrencyLimitLayer).
     pub fn per_key<E, K>(self, extract: E) -> KeyedConcurrencyLimitBuilder<E, K>
     where
         E: ExtractKey<K>,

@@ -115,7 +115,7 @@ impl Budget {
 
     /// Records an original request (happy path: one add on this thread's stripe).
     ///
-    /// A stripe holding [`SWEEP_AT`] unswept is swept at once (a clock read and a
+    /// A stripe holding 10 tokens unswept is swept at once (a clock read and a
     /// compare-and-swap, every hundred requests or so): deposits that waited for a withdrawal
     /// are aged as if made evenly since the last sweep, so without this a long run of
     /// requests that need no retry, then a quiet spell, would be valued as if made during the
