@@ -364,13 +364,8 @@ impl<C> RetryBuilder<C> {
                 ));
             }
         }
-        if let Some(name) = &self.attempt_header {
-            if *name != crate::header::ATTEMPT_HEADER
-                && (steadfast_core::header::reserved(name)
-                    || steadfast_core::header::owned_by_steadfast(name))
-            {
-                return Err(InvalidRetryConfig::ReservedHeader(name.clone()));
-            }
+        if let Some(name) = crate::header::taken(self.attempt_header.as_ref()) {
+            return Err(InvalidRetryConfig::ReservedHeader(name.clone()));
         }
         if self.backoff.cap() < self.backoff.base() {
             return Err(InvalidRetryConfig::BackoffCapBelowBase);

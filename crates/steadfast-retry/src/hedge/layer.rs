@@ -255,13 +255,8 @@ impl<C> HedgeBuilder<C> {
         if self.name.is_empty() {
             return Err(InvalidHedgeConfig::EmptyName);
         }
-        if let Some(name) = &self.attempt_header {
-            if *name != crate::header::ATTEMPT_HEADER
-                && (steadfast_core::header::reserved(name)
-                    || steadfast_core::header::owned_by_steadfast(name))
-            {
-                return Err(InvalidHedgeConfig::ReservedHeader(name.clone()));
-            }
+        if let Some(name) = crate::header::taken(self.attempt_header.as_ref()) {
+            return Err(InvalidHedgeConfig::ReservedHeader(name.clone()));
         }
         let delay = match self
             .delay
