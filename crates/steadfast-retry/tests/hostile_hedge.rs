@@ -2373,3 +2373,17 @@ async fn no_hedge_before_the_learnt_delay_has_its_samples_even_after_a_503() {
         "a second attempt went before any delay was learnt"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_an_endpoint_refused_unsent_goes_elsewhere_even_before_a_delay_is_learnt() {
+    // No delay yet, so no hedge; but an attempt refused before anything was sent (the
+    // balancer's `Rerouted`) adds no load: it is sent again at once, not handed to the caller.
+    let (up, log) = upstream(after_quick(40, vec![err(5, Out::NotSent), ok(5)]));
+    let layer = HedgeLayer::new();
+    let svc = layer.clone().layer(up);
+    earn_n(&svc, 40).await;
+    assert_eq!(layer.current_delay(), None);
+    let res = svc.oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(log.lock().unwrap().calls, 42);
+}

@@ -159,6 +159,14 @@ impl<F, S, B, C, R> Race<F, S, B, C, R> {
         self.release();
     }
 
+    /// A hedge the share of extra load (or the retry budget) refused: hedging ends.
+    fn refused(&mut self, reason: &'static str) {
+        #[cfg(feature = "metrics")]
+        metrics::counter!("steadfast_hedge_budget_exhausted_total", "hedge" => metrics::SharedString::from(self.shared.config.name.clone()))
+            .increment(1);
+        self.stop(reason);
+    }
+
     /// Gives back tokens held for a hedge that will not be sent.
     fn release(&mut self) {
         let config = &self.shared.config;
@@ -374,10 +382,11 @@ where
     /// After a retryable answer: the next attempt goes now (A6's non-fatal status), if one
     /// may still be sent.
     fn next_at_once(&mut self, rerouted: bool) {
-        // No attempt beyond the first before a delay is known: until then the layer does not
-        // hedge at all (a fixed delay is always known).
+        // No hedge before a delay is known (a fixed delay always is); an attempt an endpoint
+        // refused before sending it adds no load and goes elsewhere all the same.
         let config = &self.shared.config;
-        if self.stopped || self.sent >= config.max_attempts || config.delay.get().is_none() {
+        let unlearnt = !rerouted && config.delay.get().is_none();
+        if self.stopped || self.sent >= config.max_attempts || unlearnt {
             self.next_at = None;
             return;
         }
@@ -401,19 +410,13 @@ where
             self.release();
         } else if !self.reserved.extra {
             if !config.extra.withdraw() {
-                #[cfg(feature = "metrics")]
-                metrics::counter!("steadfast_hedge_budget_exhausted_total", "hedge" => metrics::SharedString::from(config.name.clone()))
-                    .increment(1);
-                self.stop("max_extra_load");
+                self.refused("max_extra_load");
                 return Sent::No;
             }
             self.reserved.extra = true;
             if let Some(budget) = &config.retry_budget {
                 if !budget.withdraw() {
-                    #[cfg(feature = "metrics")]
-                    metrics::counter!("steadfast_hedge_budget_exhausted_total", "hedge" => metrics::SharedString::from(config.name.clone()))
-                        .increment(1);
-                    self.stop("retry_budget");
+                    self.refused("retry_budget");
                     return Sent::No;
                 }
                 self.reserved.retry = true;

@@ -315,7 +315,8 @@ impl<C> HedgeBuilder<C> {
 ///
 /// A hedge is sent only when:
 /// - a delay is known (a fixed one, or a learnt one with its samples): until then no call is
-///   hedged, not even after a retryable answer;
+///   hedged, not even after a retryable answer (an attempt an endpoint refused before sending
+///   anything, a balancer's `Rerouted`, is still sent to another at once: it adds no load);
 /// - the share of extra load allows it (`max_extra_load`, and a shared retry budget if
 ///   given); a hedge that is refused ends hedging for the call, as a server's stop or an
 ///   over-long hint does, whatever answers come later;
