@@ -93,6 +93,15 @@ mod tests {
     }
 
     #[test]
+    fn the_coarsest_loss_is_just_past_a_unit_switch() {
+        // 10^8 ms and a bit: sent in whole seconds, losing up to a second in 10^5.
+        let d = Duration::from_nanos(100_721_100_721_102);
+        let back = grpc_timeout(&encode_grpc_timeout(d)).unwrap();
+        assert_eq!(back, Duration::from_secs(100_721));
+        assert!(d - back <= d / 100_000);
+    }
+
+    #[test]
     fn garbage_is_ignored() {
         for raw in [
             &b""[..],
@@ -133,9 +142,12 @@ mod tests {
             prop_assert!(v.len() <= 9);
             let back = grpc_timeout(&v).expect("encoded values parse");
             prop_assert!(back <= d);
-            // Rounding loses less than one unit of the chosen precision; the coarsest switch (S to M,
-            // M to H) happens at 1,666,666 units, so the loss stays under one part per million.
-            prop_assert!(d - back <= d / 1_000_000 + Duration::from_nanos(1));
+            // Rounding loses less than one unit of the chosen precision. A coarser unit is chosen
+            // only past 99,999,999 of the finer one, and is at most 1000 of them: the loss stays
+            // under 1000 / 10^8 of the duration. (This said one part per million, which a
+            // duration just past 10^8 ms, in whole seconds, broke: 100,721.100721102 s was sent
+            // as 100721S.)
+            prop_assert!(d - back <= d / 100_000 + Duration::from_nanos(1));
         }
 
         #[test]
