@@ -80,53 +80,60 @@ struct Stacks {
 
 /// Starts a gateway on a thread of its own (a current-thread runtime), with our server stack
 /// in front and/or our client stack behind. Returns its address and thread id.
-fn gateway(upstream: SocketAddr, stacks: Stacks) -> (SocketAddr, String) {
+fn gateway(upstream: SocketAddr, stacks: Stacks, name: String) -> (SocketAddr, String) {
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            tx.send((listener.local_addr().expect("addr"), thread_id()))
-                .expect("report");
-            let uri = format!("http://{upstream}/");
-            // One proxy whatever the client: a GET to the upstream, its body collected.
-            macro_rules! proxy {
-                ($client:expr) => {{
-                    let client = $client;
-                    tower::service_fn(move |_req: http::Request<Incoming>| {
-                        let (client, uri) = (client.clone(), uri.clone());
-                        async move {
-                            let req = http::Request::get(uri).body(Full::default()).expect("req");
-                            let res = client.oneshot(req).await.expect("upstream");
-                            let body = res.into_body().collect().await.expect("body").to_bytes();
-                            Ok::<_, Infallible>(http::Response::new(Full::new(body)))
-                        }
-                    })
-                }};
-            }
-            let bare_client =
-                || -> Client<_, Full<Bytes>> { Client::builder(TokioExecutor::new()).build_http() };
-            let our_client = || {
-                steadfast::client::http()
-                    .build()
-                    .expect("valid")
-                    .hyper_client::<Full<Bytes>>()
-            };
-            let server = steadfast::server::http().build().expect("valid");
-            match (stacks.server, stacks.client) {
-                (false, false) => serve_on(listener, proxy!(bare_client())).await,
-                (false, true) => serve_on(listener, proxy!(our_client())).await,
-                (true, false) => serve_on(listener, server.layer(proxy!(bare_client()))).await,
-                (true, true) => serve_on(listener, server.layer(proxy!(our_client()))).await,
-            }
-        });
-    });
+    // Named so that a profile tells the gateways apart (`perf report --sort comm,sym`).
+    let thread = std::thread::Builder::new().name(name);
+    thread
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                tx.send((listener.local_addr().expect("addr"), thread_id()))
+                    .expect("report");
+                let uri = format!("http://{upstream}/");
+                // One proxy whatever the client: a GET to the upstream, its body collected.
+                macro_rules! proxy {
+                    ($client:expr) => {{
+                        let client = $client;
+                        tower::service_fn(move |_req: http::Request<Incoming>| {
+                            let (client, uri) = (client.clone(), uri.clone());
+                            async move {
+                                let req =
+                                    http::Request::get(uri).body(Full::default()).expect("req");
+                                let res = client.oneshot(req).await.expect("upstream");
+                                let body =
+                                    res.into_body().collect().await.expect("body").to_bytes();
+                                Ok::<_, Infallible>(http::Response::new(Full::new(body)))
+                            }
+                        })
+                    }};
+                }
+                let bare_client = || -> Client<_, Full<Bytes>> {
+                    Client::builder(TokioExecutor::new()).build_http()
+                };
+                let our_client = || {
+                    steadfast::client::http()
+                        .build()
+                        .expect("valid")
+                        .hyper_client::<Full<Bytes>>()
+                };
+                let server = steadfast::server::http().build().expect("valid");
+                match (stacks.server, stacks.client) {
+                    (false, false) => serve_on(listener, proxy!(bare_client())).await,
+                    (false, true) => serve_on(listener, proxy!(our_client())).await,
+                    (true, false) => serve_on(listener, server.layer(proxy!(bare_client()))).await,
+                    (true, true) => serve_on(listener, server.layer(proxy!(our_client()))).await,
+                }
+            });
+        })
+        .expect("gateway thread");
     rx.recv().expect("gateway started")
 }
 
@@ -247,8 +254,8 @@ async fn main() {
     ];
     let mut conns = Vec::new();
     let mut tids = Vec::new();
-    for (_, stacks) in variants {
-        let (addr, tid) = gateway(upstream, stacks);
+    for (i, (_, stacks)) in variants.into_iter().enumerate() {
+        let (addr, tid) = gateway(upstream, stacks, format!("gw-{i}"));
         conns.push(connect(addr).await);
         tids.push(tid);
     }

@@ -6,7 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
-use steadfast_core::header::single;
+use steadfast_core::header::FEW_NAMES;
 use tower_service::Service;
 use tracing::Span;
 
@@ -59,20 +59,48 @@ impl<S, M, V> SetCorrelationId<S, M, V> {
     }
 }
 
-/// How many fields of a header a request carries: one lookup says.
+/// How many fields of a header a request carries.
+#[derive(Clone, Copy)]
 enum Fields<'a> {
     Absent,
     One(&'a HeaderValue),
     Many,
 }
 
-fn fields<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Fields<'a> {
-    let mut values = headers.get_all(name).iter();
-    match (values.next(), values.next()) {
-        (None, _) => Fields::Absent,
-        (Some(v), None) => Fields::One(v),
-        (Some(_), Some(_)) => Fields::Many,
+impl<'a> Fields<'a> {
+    /// One lookup.
+    fn of(headers: &'a HeaderMap, name: &HeaderName) -> Self {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Fields::Absent,
+            (Some(v), None) => Fields::One(v),
+            (Some(_), Some(_)) => Fields::Many,
+        }
     }
+
+    fn add(&mut self, value: &'a HeaderValue) {
+        *self = match self {
+            Fields::Absent => Fields::One(value),
+            Fields::One(_) | Fields::Many => Fields::Many,
+        };
+    }
+
+    /// Absent, or one field that `valid` accepts.
+    fn clean(self, valid: impl Fn(&HeaderValue) -> bool) -> bool {
+        match self {
+            Fields::Absent => true,
+            Fields::One(v) => valid(v),
+            Fields::Many => false,
+        }
+    }
+}
+
+/// The fields of every header the layer reads.
+struct Seen<'a> {
+    id: Fields<'a>,
+    fallback: Fields<'a>,
+    traceparent: Fields<'a>,
+    tracestate: Fields<'a>,
 }
 
 /// Where the accepted id came from.
@@ -84,109 +112,161 @@ enum Source {
     Generated,
 }
 
+/// What to change in the request's headers, decided from what it carries.
+struct Plan {
+    id: CorrelationId,
+    source: Source,
+    remove_fallback: bool,
+    /// Remove `traceparent` and `tracestate`.
+    remove_trace: bool,
+    /// Remove `tracestate` alone.
+    remove_state: bool,
+    /// Write this `tracestate` (several fields joined into one).
+    write_state: Option<HeaderValue>,
+    trace: Option<TraceContext>,
+}
+
 impl<M: MakeCorrelationId, V: ValidateId> SetCorrelationIdLayer<M, V> {
     fn accept(&self, v: &HeaderValue) -> bool {
         self.validate.accepts(v.as_bytes())
     }
 
-    /// The id for this request and where it came from. A header with two or more fields is
-    /// ambiguous and counts as invalid, as a single invalid value does: a sender cannot slip
-    /// a payload past validation beside a valid id.
-    fn pick(&self, headers: &HeaderMap) -> (CorrelationId, Source, Option<bool>) {
+    /// Finds the headers the layer reads (the layer's builder keeps the four names
+    /// distinct: the header and its fallback can be neither each other nor trace context).
+    fn seen<'a>(&self, headers: &'a HeaderMap) -> Seen<'a> {
+        if headers.keys_len() > FEW_NAMES {
+            let read = |on: bool, name: &HeaderName| match on {
+                true => Fields::of(headers, name),
+                false => Fields::Absent,
+            };
+            return Seen {
+                id: Fields::of(headers, &self.header),
+                fallback: self
+                    .fallback
+                    .as_ref()
+                    .map_or(Fields::Absent, |f| Fields::of(headers, f)),
+                traceparent: read(self.traceparent || self.trace_context, &TRACEPARENT),
+                tracestate: read(self.trace_context, &TRACESTATE),
+            };
+        }
+        let mut seen = Seen {
+            id: Fields::Absent,
+            fallback: Fields::Absent,
+            traceparent: Fields::Absent,
+            tracestate: Fields::Absent,
+        };
+        for (name, value) in headers {
+            if *name == self.header {
+                seen.id.add(value);
+            } else if self.fallback.as_ref() == Some(name) {
+                seen.fallback.add(value);
+            } else if name == TRACEPARENT {
+                seen.traceparent.add(value);
+            } else if name == TRACESTATE {
+                seen.tracestate.add(value);
+            }
+        }
+        seen
+    }
+
+    /// The id for this request, where it came from, and what to clean up. A header with
+    /// two or more fields is ambiguous and counts as invalid, as a single invalid value
+    /// does: a sender cannot slip a payload past validation beside a valid id.
+    ///
+    /// The cleaning leaves exactly one id header, with the id that counts, and no copy of a
+    /// header the layer reads (`x-request-id`, and `traceparent` when enabled) that is
+    /// ambiguous or invalid, so a handler that forwards its inbound headers forwards nothing
+    /// the layer refused. Trace context: a `traceparent` that is repeated or invalid goes
+    /// with its `tracestate`, an invalid `tracestate` alone, and a `tracestate` without a
+    /// `traceparent` too (W3C Trace Context §3.3).
+    fn plan(&self, headers: &HeaderMap, seen: &Seen<'_>) -> Plan {
         let mut rejected = false;
-        match fields(headers, &self.header) {
+        let mut found = None;
+        match seen.id {
             Fields::One(v) if self.accept(v) => {
-                return (
-                    CorrelationId::from_validated(v.clone()),
-                    Source::Header,
-                    None,
-                );
+                found = Some((CorrelationId::from_validated(v.clone()), Source::Header));
             }
             Fields::Absent => {}
             Fields::One(_) | Fields::Many => rejected = true,
         }
-        // What `normalise` needs to know of the fallback header, learnt here with one lookup.
-        let mut fallback_clean = None;
-        if let Some(name) = &self.fallback {
-            match fields(headers, name) {
-                Fields::One(v) if self.accept(v) => {
-                    let id = CorrelationId::from_validated(v.clone());
-                    return (id, Source::Fallback, Some(true));
+        let fallback_clean = seen.fallback.clean(|v| self.accept(v));
+        if found.is_none() {
+            match seen.fallback {
+                Fields::One(v) if fallback_clean => {
+                    found = Some((CorrelationId::from_validated(v.clone()), Source::Fallback));
                 }
-                Fields::Absent => fallback_clean = Some(true),
-                Fields::One(_) | Fields::Many => {
-                    rejected = true;
-                    fallback_clean = Some(false);
+                Fields::Absent => {}
+                Fields::One(_) | Fields::Many => rejected = true,
+            }
+        }
+        let parent_clean = seen.traceparent.clean(|v| trace_id(v.as_bytes()).is_some());
+        if found.is_none() && self.traceparent {
+            if let Fields::One(v) = seen.traceparent {
+                let from_parent = trace_id(v.as_bytes())
+                    .and_then(|t| HeaderValue::from_bytes(t).ok())
+                    .filter(|v| self.accept(v));
+                if let Some(v) = from_parent {
+                    found = Some((CorrelationId::from_validated(v), Source::Traceparent));
                 }
             }
         }
-        if self.traceparent {
-            if let Some(trace) = single(headers, &TRACEPARENT).and_then(|v| trace_id(v.as_bytes()))
-            {
-                if let Ok(v) = HeaderValue::from_bytes(trace) {
-                    if self.accept(&v) {
-                        return (
-                            CorrelationId::from_validated(v),
-                            Source::Traceparent,
-                            fallback_clean,
-                        );
+        let (id, source) = found.unwrap_or_else(|| {
+            if rejected {
+                // Never the raw value: it may carry log-injection payloads.
+                tracing::debug!(target: "steadfast::correlation", "inbound correlation id rejected; generating one");
+            }
+            (self.make.make_id(), Source::Generated)
+        });
+        let state_sent = !matches!(seen.tracestate, Fields::Absent);
+        let mut plan = Plan {
+            id,
+            source,
+            remove_fallback: !fallback_clean,
+            remove_trace: self.traceparent && !parent_clean,
+            remove_state: false,
+            write_state: None,
+            trace: None,
+        };
+        if self.trace_context && !plan.remove_trace {
+            match seen.traceparent {
+                Fields::Absent => plan.remove_state = state_sent,
+                Fields::Many => plan.remove_trace = true,
+                Fields::One(parent) => {
+                    match TraceContext::with_state(parent, headers, state_sent) {
+                        None => plan.remove_trace = true,
+                        Some(trace) => {
+                            match (trace.state(), seen.tracestate) {
+                                // The one field sent, valid: left as it is.
+                                (Some(_), Fields::One(_)) => {}
+                                (Some(joined), _) => plan.write_state = Some(joined.clone()),
+                                (None, _) => plan.remove_state = state_sent,
+                            }
+                            plan.trace = Some(trace);
+                        }
                     }
                 }
             }
         }
-        if rejected {
-            // Never the raw value: it may carry log-injection payloads.
-            tracing::debug!(target: "steadfast::correlation", "inbound correlation id rejected; generating one");
-        }
-        (self.make.make_id(), Source::Generated, fallback_clean)
+        plan
     }
 
-    /// After [`pick`](Self::pick): the request carries exactly one id header, with the id
-    /// that counts, and no copy of a header the layer reads (`x-request-id`, and
-    /// `traceparent` when enabled) that is ambiguous (two or more fields) or invalid, so a
-    /// handler that forwards its inbound headers forwards nothing the layer refused. One
-    /// lookup per header read on the common path (a valid id, no fallback sent).
-    fn normalise(
-        &self,
-        headers: &mut HeaderMap,
-        id: &CorrelationId,
-        source: Source,
-        fallback_clean: Option<bool>,
-    ) {
-        if source != Source::Header {
-            headers.insert(self.header.clone(), id.header_value().clone());
+    /// Carries out `plan`'s changes: a lookup only for a header that changes.
+    fn apply(&self, headers: &mut HeaderMap, plan: &Plan) {
+        if plan.source != Source::Header {
+            headers.insert(self.header.clone(), plan.id.header_value().clone());
         }
-        // A header that is also the id's own header holds the id just written: left alone.
-        if let Some(name) = self.fallback.as_ref().filter(|n| **n != self.header) {
-            let clean =
-                fallback_clean.unwrap_or_else(|| self.clean(headers, name, |v| self.accept(v)));
-            if !clean {
+        if plan.remove_fallback {
+            if let Some(name) = &self.fallback {
                 headers.remove(name);
             }
         }
-        if self.traceparent
-            && self.header != TRACEPARENT
-            && !self.clean(headers, &TRACEPARENT, |v| trace_id(v.as_bytes()).is_some())
-        {
-            // Its tracestate belongs to it: refused with it.
+        if plan.remove_trace {
             headers.remove(&TRACEPARENT);
             headers.remove(&TRACESTATE);
-        }
-    }
-
-    /// Whether `name` is absent, or one field that `valid` accepts.
-    #[inline]
-    fn clean(
-        &self,
-        headers: &HeaderMap,
-        name: &HeaderName,
-        valid: impl Fn(&HeaderValue) -> bool,
-    ) -> bool {
-        let mut values = headers.get_all(name).iter();
-        match (values.next(), values.next()) {
-            (None, _) => true,
-            (Some(v), None) => valid(v),
-            (Some(_), Some(_)) => false,
+        } else if plan.remove_state {
+            headers.remove(&TRACESTATE);
+        } else if let Some(state) = &plan.write_state {
+            headers.insert(TRACESTATE, state.clone());
         }
     }
 }
@@ -206,17 +286,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let (id, source, fallback_clean) = self.config.pick(req.headers());
-        self.config
-            .normalise(req.headers_mut(), &id, source, fallback_clean);
-        if self.config.extension {
+        let config = &*self.config;
+        let plan = config.plan(req.headers(), &config.seen(req.headers()));
+        config.apply(req.headers_mut(), &plan);
+        let Plan { id, trace, .. } = plan;
+        if config.extension {
             req.extensions_mut().insert(id.clone());
         }
-        let trace = if self.config.trace_context {
-            trace_of(req.headers_mut())
-        } else {
-            None
-        };
         let span = tracing::info_span!(target: "steadfast::correlation", "correlation", correlation_id = %id);
         let echo = self.config.echo.then(|| self.config.header.clone());
         let response_extension = self.config.response_extension.unwrap_or(!self.config.echo);
@@ -264,31 +340,6 @@ impl<F> fmt::Debug for SetCorrelationIdFuture<F> {
         f.debug_struct("SetCorrelationIdFuture")
             .finish_non_exhaustive()
     }
-}
-
-/// The request's trace context, and its trace headers cleaned: a `traceparent` that is
-/// repeated or invalid goes with its `tracestate`, an invalid `tracestate` alone, and a
-/// `tracestate` without a `traceparent` too.
-fn trace_of(headers: &mut HeaderMap) -> Option<TraceContext> {
-    if !headers.contains_key(TRACEPARENT) {
-        // A tracestate without its traceparent means nothing (W3C Trace Context §3.3).
-        headers.remove(TRACESTATE);
-        return None;
-    }
-    let Some(trace) = TraceContext::from_headers(headers) else {
-        headers.remove(TRACEPARENT);
-        headers.remove(TRACESTATE);
-        return None;
-    };
-    match trace.state() {
-        Some(state) => {
-            headers.insert(TRACESTATE, state.clone());
-        }
-        None => {
-            headers.remove(TRACESTATE);
-        }
-    }
-    Some(trace)
 }
 
 impl<F, B, E> Future for SetCorrelationIdFuture<F>

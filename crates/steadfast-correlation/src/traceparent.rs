@@ -115,8 +115,21 @@ impl TraceContext {
         let (Some(parent), None) = (parents.next(), parents.next()) else {
             return None;
         };
+        Self::with_state(parent, headers, true)
+    }
+
+    /// [`from_headers`](Self::from_headers) for a caller that has found the one
+    /// `traceparent` field already, and knows whether a `tracestate` was sent at all (when
+    /// not, `headers` is not looked at).
+    pub(crate) fn with_state(
+        parent: &HeaderValue,
+        headers: &HeaderMap,
+        state_sent: bool,
+    ) -> Option<Self> {
         let mut trace = Self::parse(parent.as_bytes())?;
-        trace.state = state_of(headers);
+        if state_sent {
+            trace.state = state_of(headers);
+        }
         Some(trace)
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use http::header::Entry;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use steadfast_core::header::{
-    GRPC_TIMEOUT, encode_grpc_timeout, encode_timeout_ms, grpc_timeout, timeout_ms,
+    FEW_NAMES, GRPC_TIMEOUT, encode_grpc_timeout, encode_timeout_ms, grpc_timeout, timeout_ms,
 };
 use steadfast_core::is_grpc_content_type;
 
@@ -16,10 +16,27 @@ use steadfast_core::is_grpc_content_type;
 /// A header sent more than once counts by its shortest valid value: a budget only ever
 /// shrinks, and a caller cannot lengthen one by repeating the header.
 pub(crate) fn inbound(headers: &HeaderMap, header: &HeaderName) -> Option<Duration> {
-    let shortest = |name: &HeaderName, parse: fn(&http::HeaderValue) -> Option<Duration>| {
-        headers.get_all(name).iter().filter_map(parse).min()
-    };
-    shortest(&GRPC_TIMEOUT, grpc_timeout).or_else(|| shortest(header, timeout_ms))
+    if headers.keys_len() > FEW_NAMES || *header == GRPC_TIMEOUT {
+        let shortest = |name: &HeaderName, parse: fn(&http::HeaderValue) -> Option<Duration>| {
+            headers.get_all(name).iter().filter_map(parse).min()
+        };
+        return shortest(&GRPC_TIMEOUT, grpc_timeout).or_else(|| shortest(header, timeout_ms));
+    }
+    // One pass over a request with few headers.
+    let (mut grpc, mut http) = (None, None);
+    for (name, value) in headers {
+        let (slot, parse): (_, fn(&HeaderValue) -> Option<Duration>) = if name == GRPC_TIMEOUT {
+            (&mut grpc, grpc_timeout)
+        } else if name == header {
+            (&mut http, timeout_ms)
+        } else {
+            continue;
+        };
+        if let Some(d) = parse(value) {
+            *slot = Some(slot.map_or(d, |s: Duration| s.min(d)));
+        }
+    }
+    grpc.or(http)
 }
 
 /// A budget encoded once for both kinds of request.
@@ -113,6 +130,50 @@ mod tests {
         g.append(GRPC_TIMEOUT, "x".parse().unwrap());
         g.append(GRPC_TIMEOUT, "2S".parse().unwrap());
         assert_eq!(inbound(&g, &TIMEOUT_MS), Some(Duration::from_secs(2)));
+    }
+
+    /// Every mix of up to two fields of each header, from a set with valid, invalid and
+    /// competing values: one pass over a small map and the lookups over a big one agree.
+    #[test]
+    fn one_pass_and_lookups_agree() {
+        let grpc: &[&str] = &["2S", "900m", "x", "123456789S"];
+        let ms: &[&str] = &["900", "5000", "-1", "abc"];
+        let picks = |n: usize| (0..n).flat_map(move |a| (0..=n).map(move |b| (a, b)));
+        let mut cases = 0;
+        for g in 0..=2usize {
+            for m in 0..=2usize {
+                for (ga, gb) in picks(grpc.len()) {
+                    for (ma, mb) in picks(ms.len()) {
+                        let mut small = HeaderMap::new();
+                        let vals = |k: usize, a: usize, b: usize, pool: &[&'static str]| {
+                            [a, b.min(pool.len() - 1)][..k]
+                                .iter()
+                                .map(|i| pool[*i])
+                                .collect::<Vec<_>>()
+                        };
+                        for v in vals(m, ma, mb, ms) {
+                            small.append(TIMEOUT_MS, HeaderValue::from_static(v));
+                        }
+                        for v in vals(g, ga, gb, grpc) {
+                            small.append(GRPC_TIMEOUT, HeaderValue::from_static(v));
+                        }
+                        let mut big = small.clone();
+                        for i in 0..=FEW_NAMES {
+                            let name = HeaderName::from_bytes(format!("x-pad-{i}").as_bytes());
+                            big.insert(name.unwrap(), HeaderValue::from_static("1"));
+                        }
+                        assert!(small.keys_len() <= FEW_NAMES && big.keys_len() > FEW_NAMES);
+                        assert_eq!(
+                            inbound(&small, &TIMEOUT_MS),
+                            inbound(&big, &TIMEOUT_MS),
+                            "{small:?}"
+                        );
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert!(cases > 1000);
     }
 
     #[test]

@@ -138,6 +138,21 @@ pub fn server_hint(headers: &http::HeaderMap, now: std::time::SystemTime) -> Opt
     longest.map(Pushback::After)
 }
 
+/// Up to this many header names in a map, one pass over it finds the few headers a layer
+/// reads more cheaply than a hashed lookup of each (a custom name is hashed byte by byte,
+/// and a pass compares lengths first); past it, layers look each header up. Either way a
+/// request with many headers costs a layer no more than its lookups.
+///
+/// ```
+/// use http::{HeaderMap, HeaderValue};
+/// use steadfast_core::header::FEW_NAMES;
+///
+/// let mut h = HeaderMap::new();
+/// h.insert("x-correlation-id", HeaderValue::from_static("id-1"));
+/// assert!(h.keys_len() <= FEW_NAMES);
+/// ```
+pub const FEW_NAMES: usize = 16;
+
 /// The value of `name` when the message carries exactly one field of it; `None` when it
 /// carries none, or two or more (whether or not they agree: a sender that repeats a
 /// single-valued header is not to be trusted with either copy).
