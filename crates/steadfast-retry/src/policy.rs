@@ -131,6 +131,11 @@ where
             throttle.failed();
         }
     }
+    if !class.is_retryable() && !class.is_failure() {
+        // A success, or the caller's own error: final whatever the attempt count, the
+        // method or the predicate says (the common case, decided before any header is read).
+        return Verdict::Done;
+    }
     let headers = out.as_ref().ok().map(Response::headers);
     // gRPC A6: a client never makes more than 5 attempts, whatever its policy says.
     let max_attempts = if is_grpc_content_type(&request.headers) {
