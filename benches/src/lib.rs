@@ -465,3 +465,164 @@ where
         self.0.call(req)
     }
 }
+
+/// The floor under a client stack like ours on the real path, hand-written (issue 22): the
+/// work every call of `client::http()` must do on the wire, and nothing else. A generated
+/// UUIDv7 id and a deadline header written on the request, a copy of its head and body kept
+/// (what a retry needs to send it again), a timer around the call. No policy, no state shared
+/// between calls, no span, no response body wrapper. What our stack costs over this row is
+/// what its guarantees cost beyond their wire work.
+#[derive(Clone, Debug)]
+pub struct Floor<S> {
+    inner: S,
+    make: steadfast::correlation::UuidV7,
+    deadline: http::HeaderValue,
+}
+
+impl<S> Floor<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            make: steadfast::correlation::UuidV7::new(),
+            deadline: http::HeaderValue::from_static("10000"),
+        }
+    }
+}
+
+const FLOOR_ID: http::HeaderName = http::HeaderName::from_static("x-correlation-id");
+const FLOOR_DEADLINE: http::HeaderName = http::HeaderName::from_static("x-request-timeout-ms");
+
+impl<S, B> Service<http::Request<B>> for Floor<S>
+where
+    S: Service<http::Request<B>>,
+    S::Error: Into<tower::BoxError>,
+    B: Clone,
+{
+    type Response = S::Response;
+    type Error = tower::BoxError;
+    type Future = FloorFuture<S::Future, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        use steadfast::correlation::MakeCorrelationId;
+        let id = self.make.make_id();
+        let headers = req.headers_mut();
+        headers.insert(FLOOR_ID, id.header_value().clone());
+        headers.insert(FLOOR_DEADLINE, self.deadline.clone());
+        let (parts, body) = req.into_parts();
+        let kept = (parts.clone(), body.clone());
+        let call = self.inner.call(http::Request::from_parts(parts, body));
+        FloorFuture {
+            inner: tokio::time::timeout(std::time::Duration::from_secs(10), call),
+            _kept: kept,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`Floor`].
+    pub struct FloorFuture<F, B> {
+        #[pin]
+        inner: tokio::time::Timeout<F>,
+        _kept: (http::request::Parts, B),
+    }
+}
+
+impl<F, B, T, E> Future for FloorFuture<F, B>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<tower::BoxError>,
+{
+    type Output = Result<T, tower::BoxError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().inner.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(out)) => Poll::Ready(out.map_err(Into::into)),
+            Poll::Ready(Err(elapsed)) => Poll::Ready(Err(elapsed.into())),
+        }
+    }
+}
+
+/// The floor under a server stack like ours, hand-written (issue 22): the wire work of
+/// `server::http()` and nothing else. The inbound id read and validated (or one generated),
+/// the deadline header read, the id echoed on the response. No ambient scope, no request
+/// extension, no span, no timer (the handlers this measures answer at once, so ours arms none
+/// either).
+#[derive(Clone, Debug)]
+pub struct ServerFloor<S> {
+    inner: S,
+    make: steadfast::correlation::UuidV7,
+}
+
+impl<S> ServerFloor<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            make: steadfast::correlation::UuidV7::new(),
+        }
+    }
+}
+
+impl<S, B, ResB> Service<http::Request<B>> for ServerFloor<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResB>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ServerFloorFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        use steadfast::correlation::MakeCorrelationId;
+        let headers = req.headers();
+        let id = match headers.get(FLOOR_ID) {
+            Some(v) if steadfast::correlation::is_valid_default(v.as_bytes()) => v.clone(),
+            _ => self.make.make_id().header_value().clone(),
+        };
+        let budget = headers
+            .get(FLOOR_DEADLINE)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        black_box(budget);
+        ServerFloorFuture {
+            inner: self.inner.call(req),
+            id: Some(id),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`ServerFloor`].
+    pub struct ServerFloorFuture<F> {
+        #[pin]
+        inner: F,
+        id: Option<http::HeaderValue>,
+    }
+}
+
+impl<F, ResB, E> Future for ServerFloorFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut res = match this.inner.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(out) => out?,
+        };
+        if let Some(id) = this.id.take() {
+            res.headers_mut().insert(FLOOR_ID, id);
+        }
+        Poll::Ready(Ok(res))
+    }
+}

@@ -132,6 +132,9 @@ fn main() {
                     let stack = steadfast::client::http().build().expect("valid");
                     run(stack.layer(client.clone()), &uri, calls).await;
                 }
+                // The preset's layers built up innermost first (as `instructions
+                // client-layers` does in process): what each adds on the real path.
+                step if step.starts_with('+') => steps(step, client.clone(), &uri, calls).await,
                 other => {
                     eprintln!("unknown mode {other:?}: bare or stack");
                     std::process::exit(2);
@@ -146,4 +149,69 @@ fn main() {
             id.scope(deadline.scope(work)).await;
         }
     });
+}
+
+/// The client stack built up one layer at a time, innermost first, with the preset's
+/// settings: `+replay` (the replay body the retry layer sends, alone), `+timeout`,
+/// `+breaker`, `+retry`, `+deadline`, `+id`.
+async fn steps<S>(step: &str, client: S, uri: &str, calls: u64)
+where
+    S: Service<http::Request<ReplayBody<Empty<Bytes>>>, Response = http::Response<Incoming>>
+        + Clone,
+    S::Error: Into<steadfast::common::BoxError> + std::fmt::Debug,
+{
+    use steadfast::breaker::CircuitBreakerLayer;
+    use steadfast::correlation::PropagateCorrelationIdLayer;
+    use steadfast::retry::RetryLayer;
+    use steadfast::timeout::TimeoutLayer;
+    let attempt = TimeoutLayer::new(Duration::from_secs(5));
+    let breaker = CircuitBreakerLayer::builder()
+        .build_per_authority()
+        .expect("valid");
+    let retry = RetryLayer::new();
+    let total = TimeoutLayer::builder()
+        .limit(Duration::from_secs(10))
+        .share_own(true)
+        .covering_body()
+        .build()
+        .expect("valid");
+    let id = PropagateCorrelationIdLayer::new();
+    let adapt = tower::util::MapRequestLayer::new(|req: http::Request<Empty<Bytes>>| {
+        req.map(|b| ReplayBody::new(b, 0))
+    });
+    match step {
+        // The body type alone: the retry layer's replay body over the same client.
+        "+replay" => run(adapt.layer(client), uri, calls).await,
+        "+timeout" => run(adapt.layer(attempt.layer(client)), uri, calls).await,
+        "+breaker" => {
+            run(
+                adapt.layer(breaker.layer(attempt.layer(client))),
+                uri,
+                calls,
+            )
+            .await
+        }
+        "+retry" => {
+            run(
+                retry.layer(breaker.layer(attempt.layer(client))),
+                uri,
+                calls,
+            )
+            .await
+        }
+        "+deadline" => {
+            let s = total.layer(retry.layer(breaker.layer(attempt.layer(client))));
+            run(s, uri, calls).await;
+        }
+        "+id" => {
+            let s = id.layer(total.layer(retry.layer(breaker.layer(attempt.layer(client)))));
+            run(s, uri, calls).await;
+        }
+        other => {
+            eprintln!(
+                "unknown step {other:?}: +replay, +timeout, +breaker, +retry, +deadline or +id"
+            );
+            std::process::exit(2);
+        }
+    }
 }

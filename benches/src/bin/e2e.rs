@@ -3,6 +3,9 @@
 //! then a bare client beside our client stack calling a bare server. Same connections and
 //! duration for each; the client stack also beside the nearest peer stack (tower's retry and
 //! timeouts, tower-resilience's breaker, tower-http's request-id pair) over the same client.
+//! Each table ends with a floor row: the stack's wire work alone, hand-written
+//! (`steadfast_bench::Floor`, `ServerFloor`): a floor for any stack that sends and honours
+//! the same headers and can send a call again.
 //!
 //! A shared machine's speed drifts by more than the differences measured, so the contenders
 //! take turns in short slices (rotating their order every round), each ratio is taken within
@@ -28,8 +31,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use steadfast::retry::ReplayBody;
-use steadfast_bench::Fixed;
 use steadfast_bench::peers::{TowerPolicy, tr_breaker_layer};
+use steadfast_bench::{Fixed, Floor, ServerFloor};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 const CONNECTIONS: usize = 32;
@@ -271,6 +274,9 @@ async fn main() {
     )
     .await;
 
+    // The server's wire work alone (see `ServerFloor`).
+    let floor = serve(ServerFloor::new(tower::service_fn(hello))).await;
+
     // Connections are opened once; one unmeasured slice each warms them. Then the order
     // rotates every round so no contender always runs first (or last).
     let mut conns = [
@@ -278,14 +284,16 @@ async fn main() {
         connect(control).await,
         connect(ours).await,
         connect(peer).await,
+        connect(floor).await,
     ];
     for c in conns.iter_mut() {
         load(c).await;
     }
-    let mut results: [Vec<Figures>; 4] = Default::default();
+    let n = conns.len();
+    let mut results: [Vec<Figures>; 5] = Default::default();
     for round in 0..ROUNDS {
-        for k in 0..4 {
-            let i = (round + k) % 4;
+        for k in 0..n {
+            let i = (round + k) % n;
             results[i].push(load(&mut conns[i]).await);
         }
     }
@@ -305,6 +313,11 @@ async fn main() {
     row(
         "tower-http request-id pair + timeout",
         &results[3],
+        &results[0],
+    );
+    row(
+        "floor: the wire work alone, hand-written (the id read, validated and echoed; the deadline header read)",
+        &results[4],
         &results[0],
     );
 
@@ -331,17 +344,21 @@ async fn main() {
             hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http(),
             bare,
         ));
+    // The wire work alone (see `Floor`), over a client of its own.
+    let floor_client = Floor::new(Fixed(transport, bare));
     load_client(bare_client.clone()).await;
     load_client(stack.clone()).await;
     load_client(peer_client.clone()).await;
-    let (mut d, mut e, mut p) = (Vec::new(), Vec::new(), Vec::new());
+    load_client(floor_client.clone()).await;
+    let (mut d, mut e, mut p, mut f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         // The order rotates every round, as for the servers.
-        for k in 0..3 {
-            match (round + k) % 3 {
+        for k in 0..4 {
+            match (round + k) % 4 {
                 0 => d.push(load_client(bare_client.clone()).await),
                 1 => e.push(load_client(stack.clone()).await),
-                _ => p.push(load_client(peer_client.clone()).await),
+                2 => p.push(load_client(peer_client.clone()).await),
+                _ => f.push(load_client(floor_client.clone()).await),
             }
         }
     }
@@ -357,6 +374,11 @@ async fn main() {
     row(
         "tower retry + timeouts, tower-resilience breaker, tower-http request-id over it",
         &p,
+        &d,
+    );
+    row(
+        "floor: the wire work alone, hand-written (an id and a deadline header, the head kept, a timer)",
+        &f,
         &d,
     );
 }

@@ -1,6 +1,8 @@
 //! A gateway-shaped benchmark (issue 22): a gateway on one tokio thread proxies GETs to an
 //! upstream, with no middleware, with `server::http()` in front, with `client::http()` behind,
-//! and with both; 32 keep-alive connections drive each, taking turns in short slices. It
+//! with both, and with the floor behind (the client's wire work alone, hand-written:
+//! `steadfast_bench::Floor`); 32 keep-alive connections drive each, taking turns in short
+//! slices. It
 //! reports requests per second and the gateway thread's CPU time per proxied request (read
 //! from `/proc/self/task/<tid>/schedstat`, nanoseconds on the CPU), each as the median over
 //! the rounds, with the per-round ratio (or difference) to the bare gateway.
@@ -76,6 +78,8 @@ fn cpu_ns(tid: &str) -> u64 {
 struct Stacks {
     server: bool,
     client: bool,
+    /// The client's wire work alone, hand-written (`steadfast_bench::Floor`), behind.
+    floor: bool,
 }
 
 /// Starts a gateway on a thread of its own (a current-thread runtime), with our server stack
@@ -125,6 +129,10 @@ fn gateway(upstream: SocketAddr, stacks: Stacks, name: String) -> (SocketAddr, S
                         .hyper_client::<Full<Bytes>>()
                 };
                 let server = steadfast::server::http().build().expect("valid");
+                if stacks.floor {
+                    return serve_on(listener, proxy!(steadfast_bench::Floor::new(bare_client())))
+                        .await;
+                }
                 match (stacks.server, stacks.client) {
                     (false, false) => serve_on(listener, proxy!(bare_client())).await,
                     (false, true) => serve_on(listener, proxy!(our_client())).await,
@@ -228,6 +236,7 @@ async fn main() {
             Stacks {
                 server: false,
                 client: false,
+                floor: false,
             },
         ),
         (
@@ -235,6 +244,7 @@ async fn main() {
             Stacks {
                 server: true,
                 client: false,
+                floor: false,
             },
         ),
         (
@@ -242,6 +252,7 @@ async fn main() {
             Stacks {
                 server: false,
                 client: true,
+                floor: false,
             },
         ),
         (
@@ -249,6 +260,15 @@ async fn main() {
             Stacks {
                 server: true,
                 client: true,
+                floor: false,
+            },
+        ),
+        (
+            "floor: the client's wire work alone (an id and a deadline header, the head kept, a timer)",
+            Stacks {
+                server: false,
+                client: false,
+                floor: true,
             },
         ),
     ];
