@@ -132,6 +132,12 @@ fn main() {
                     let stack = steadfast::client::http().build().expect("valid");
                     run(stack.layer(client.clone()), &uri, calls).await;
                 }
+                // The wire work alone, hand-written: the floor under the stack.
+                "floor" => {
+                    let bare: Client<_, Empty<Bytes>> =
+                        Client::builder(TokioExecutor::new()).build_http();
+                    run(steadfast_bench::Floor::new(bare), &uri, calls).await;
+                }
                 // The preset's layers built up innermost first (as `instructions
                 // client-layers` does in process): what each adds on the real path.
                 step if step.starts_with('+') => steps(step, client.clone(), &uri, calls).await,
