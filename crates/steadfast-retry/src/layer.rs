@@ -26,6 +26,9 @@ use crate::throttle::ThrottleConfig;
 /// - `Some(false)`: never retry (reported as `reason = "predicate"`).
 /// - `None`: the default rules.
 ///
+/// It is asked only about outcomes that are failures or retryable: a success or the caller's
+/// own error is final without asking it (its answer could not change that).
+///
 /// ```
 /// use steadfast_retry::RetryLayer;
 ///

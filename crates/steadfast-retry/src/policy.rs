@@ -264,6 +264,35 @@ mod tests {
     }
 
     #[test]
+    fn the_predicate_is_asked_only_about_failures() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let asked = Arc::new(AtomicU32::new(0));
+        let a = asked.clone();
+        let c = config(RetryLayer::builder().predicate(move |_, _| {
+            a.fetch_add(1, Ordering::Relaxed);
+            Some(true)
+        }));
+        for code in [200, 204, 304, 404] {
+            let mut h = History::new(None);
+            let v = decide(
+                &c,
+                &parts(Method::POST),
+                &mut h,
+                &status(code),
+                Instant::now,
+            );
+            assert_eq!(v, Verdict::Done, "{code}");
+        }
+        assert_eq!(asked.load(Ordering::Relaxed), 0);
+        // A 500 on a POST: the predicate's yes still widens the retry.
+        let mut h = History::new(None);
+        let v = decide(&c, &parts(Method::POST), &mut h, &status(500), Instant::now);
+        assert!(matches!(v, Verdict::Retry { .. }), "{v:?}");
+        assert_eq!(asked.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn a_503_on_get_is_retried_after_the_backoff() {
         let c = config(RetryLayer::builder());
         let mut h = History::new(None);
