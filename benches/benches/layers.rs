@@ -644,19 +644,13 @@ fn stacks(c: &mut Criterion) {
     // The same, built up one layer at a time (innermost first, the preset's settings): which
     // layer's shared state two threads fight over.
     {
-        use steadfast::timeout::TimeoutLayer;
-        let attempt = TimeoutLayer::new(FIVE_S);
-        let breaker = CircuitBreakerLayer::builder()
-            .build_per_authority()
-            .expect("valid");
-        let retry = RetryLayer::new();
-        let total = TimeoutLayer::builder()
-            .limit(Duration::from_secs(10))
-            .share_own(true)
-            .covering_body()
-            .build()
-            .expect("valid");
-        let id = PropagateCorrelationIdLayer::new();
+        let steadfast_bench::PresetLayers {
+            attempt,
+            breaker,
+            retry,
+            total,
+            id,
+        } = steadfast_bench::PresetLayers::default();
         let mut rec = Recorder::new(c, "client-layers-2t");
         let b = || breaker.layer(attempt.layer(Bare));
         rec.bench_two_threads("+timeout", attempt.layer(Bare), h, outgoing_with_id);

@@ -626,3 +626,44 @@ where
         Poll::Ready(Ok(res))
     }
 }
+
+/// The client preset's layers one by one, with its settings, for the cases that build the
+/// stack up a layer at a time (innermost first: `attempt`, `breaker`, `retry`, `total`,
+/// `id`).
+#[derive(Clone, Debug)]
+pub struct PresetLayers {
+    /// The attempt timeout (5 s).
+    pub attempt: steadfast::timeout::TimeoutLayer,
+    /// The per-authority breaker.
+    pub breaker: steadfast::breaker::KeyedCircuitBreakerLayer<
+        steadfast::common::DefaultClassifier,
+        steadfast::breaker::ByAuthority,
+        Option<http::uri::Authority>,
+    >,
+    /// Retry with its defaults.
+    pub retry: steadfast::retry::RetryLayer,
+    /// The total timeout (10 s), shared with the layers below, covering the body.
+    pub total: steadfast::timeout::BodyTimeoutLayer,
+    /// The correlation id on outgoing calls.
+    pub id: steadfast::correlation::PropagateCorrelationIdLayer,
+}
+
+impl Default for PresetLayers {
+    fn default() -> Self {
+        use steadfast::timeout::TimeoutLayer;
+        Self {
+            attempt: TimeoutLayer::new(std::time::Duration::from_secs(5)),
+            breaker: steadfast::breaker::CircuitBreakerLayer::builder()
+                .build_per_authority()
+                .expect("valid"),
+            retry: steadfast::retry::RetryLayer::new(),
+            total: TimeoutLayer::builder()
+                .limit(std::time::Duration::from_secs(10))
+                .share_own(true)
+                .covering_body()
+                .build()
+                .expect("valid"),
+            id: steadfast::correlation::PropagateCorrelationIdLayer::new(),
+        }
+    }
+}

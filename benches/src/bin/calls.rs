@@ -166,22 +166,13 @@ where
         + Clone,
     S::Error: Into<steadfast::common::BoxError> + std::fmt::Debug,
 {
-    use steadfast::breaker::CircuitBreakerLayer;
-    use steadfast::correlation::PropagateCorrelationIdLayer;
-    use steadfast::retry::RetryLayer;
-    use steadfast::timeout::TimeoutLayer;
-    let attempt = TimeoutLayer::new(Duration::from_secs(5));
-    let breaker = CircuitBreakerLayer::builder()
-        .build_per_authority()
-        .expect("valid");
-    let retry = RetryLayer::new();
-    let total = TimeoutLayer::builder()
-        .limit(Duration::from_secs(10))
-        .share_own(true)
-        .covering_body()
-        .build()
-        .expect("valid");
-    let id = PropagateCorrelationIdLayer::new();
+    let steadfast_bench::PresetLayers {
+        attempt,
+        breaker,
+        retry,
+        total,
+        id,
+    } = steadfast_bench::PresetLayers::default();
     let adapt = tower::util::MapRequestLayer::new(|req: http::Request<Empty<Bytes>>| {
         req.map(|b| ReplayBody::new(b, 0))
     });

@@ -321,10 +321,7 @@ fn main() {
 
 /// The client-side cases: every call is made inside a correlation-id scope, as a handler's is.
 fn client(case: &str, contender: &str, calls: u64) {
-    use steadfast::breaker::CircuitBreakerLayer;
-    use steadfast::correlation::{CorrelationId, PropagateCorrelationIdLayer};
-    use steadfast::retry::RetryLayer;
-    use steadfast::timeout::TimeoutLayer;
+    use steadfast::correlation::CorrelationId;
     use steadfast_bench::peers::TowerPolicy;
 
     let id = CorrelationId::parse("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60").expect("valid");
@@ -344,18 +341,13 @@ fn client(case: &str, contender: &str, calls: u64) {
     }
     let ours = || steadfast::client::http().build().expect("valid");
     // The preset's layers, one by one, with its settings.
-    let attempt = TimeoutLayer::new(FIVE_S);
-    let breaker = CircuitBreakerLayer::builder()
-        .build_per_authority()
-        .expect("valid");
-    let retry = RetryLayer::new();
-    let total = TimeoutLayer::builder()
-        .limit(Duration::from_secs(10))
-        .share_own(true)
-        .covering_body()
-        .build()
-        .expect("valid");
-    let propagate = PropagateCorrelationIdLayer::new();
+    let steadfast_bench::PresetLayers {
+        attempt,
+        breaker,
+        retry,
+        total,
+        id: propagate,
+    } = steadfast_bench::PresetLayers::default();
     // The whole run in one correlation scope, as a handler's calls are made inside the
     // scope the server layer set for its request (not a scope per call, which would return
     // each call's future through a closure).
