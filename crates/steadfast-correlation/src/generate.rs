@@ -133,19 +133,35 @@ pub(crate) fn uuid_header(v: u128) -> HeaderValue {
 }
 
 fn format_uuid(v: u128) -> [u8; 36] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // 8-4-4-4-12 hex digits: the four 32-bit words, eight digits each, split at the dashes.
+    let [a, b, c, d] = [
+        (v >> 96) as u32,
+        (v >> 64) as u32,
+        (v >> 32) as u32,
+        v as u32,
+    ]
+    .map(hex8);
     let mut out = [b'-'; 36];
-    // Byte by byte (two digits each), skipping the four dashes.
-    let mut at = 0;
-    for (i, byte) in v.to_be_bytes().into_iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            at += 1;
-        }
-        out[at] = HEX[usize::from(byte >> 4)];
-        out[at + 1] = HEX[usize::from(byte & 0xf)];
-        at += 2;
-    }
+    out[0..8].copy_from_slice(&a);
+    out[9..13].copy_from_slice(&b[..4]);
+    out[14..18].copy_from_slice(&b[4..]);
+    out[19..23].copy_from_slice(&c[..4]);
+    out[24..28].copy_from_slice(&c[4..]);
+    out[28..36].copy_from_slice(&d);
     out
+}
+
+/// The eight lower-case hex digits of `x`, most significant first, without a table or a
+/// branch: the nibbles are spread one to a byte, then each gets `'0'`, plus 39 more for
+/// the ten to fifteen (`'a'` is `'0' + 10 + 39`).
+fn hex8(x: u32) -> [u8; 8] {
+    let x = u64::from(x);
+    let n = ((x & 0xffff_0000) << 16) | (x & 0xffff);
+    let n = ((n & 0x0000_ff00_0000_ff00) << 8) | (n & 0x0000_00ff_0000_00ff);
+    let n = ((n & 0x00f0_00f0_00f0_00f0) << 4) | (n & 0x000f_000f_000f_000f);
+    // 1 in each byte whose nibble is 10 or more (no byte carries into the next).
+    let letters = ((n + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    (n + 0x3030_3030_3030_3030 + letters * 39).to_be_bytes()
 }
 
 #[cfg(test)]
@@ -158,6 +174,25 @@ mod tests {
     fn format_is_canonical() {
         let s = format_uuid(0x0123_4567_89ab_cdef_0011_2233_4455_6677);
         assert_eq!(&s, b"01234567-89ab-cdef-0011-223344556677");
+        let s = format_uuid(0xfedc_ba98_7654_3210_ffff_0000_a5a5_5a5a);
+        assert_eq!(&s, b"fedcba98-7654-3210-ffff-0000a5a55a5a");
+    }
+
+    proptest::proptest! {
+        /// The word-at-a-time formatting against the plain one.
+        #[test]
+        fn format_matches_the_plain_formatting(v in proptest::prelude::any::<u128>()) {
+            let plain = format!("{v:032x}");
+            let expected = format!(
+                "{}-{}-{}-{}-{}",
+                &plain[..8],
+                &plain[8..12],
+                &plain[12..16],
+                &plain[16..20],
+                &plain[20..]
+            );
+            proptest::prop_assert_eq!(&format_uuid(v)[..], expected.as_bytes());
+        }
     }
 
     #[test]
