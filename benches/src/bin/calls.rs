@@ -6,8 +6,11 @@
 //! in-process rows do not see.
 //!
 //! `stack-edge` calls through the stack with no ambient id or deadline (as at an edge: the
-//! stack makes an id for every call). The `server-bare` and `server-stack` modes measure the other side: a bare client calling a
-//! server whose handler waits twice, without and with `server::http()`.
+//! stack makes an id for every call); `floor` through `steadfast_bench::Floor` (the wire work
+//! alone); `+replay` … `+id` through the preset's layers built up one at a time. The
+//! `server-bare`, `server-stack` and `server-floor` modes measure the other side: a bare
+//! client calling a server whose handler waits twice, without middleware, with
+//! `server::http()`, and with `steadfast_bench::ServerFloor`.
 //!
 //! Run: `valgrind --tool=callgrind target/release/calls <mode> <calls>` (or
 //! `--tool=dhat`), both modes with the same `<calls>`, then divide the difference of the
@@ -69,6 +72,7 @@ enum Server {
     Hello,
     Waits,
     Stack,
+    Floor,
 }
 
 fn main() {
@@ -85,6 +89,7 @@ fn main() {
         let server = match mode.as_str() {
             "server-bare" => Server::Waits,
             "server-stack" => Server::Stack,
+            "server-floor" => Server::Floor,
             _ => Server::Hello,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -112,6 +117,10 @@ fn main() {
                             .layer(tower::service_fn(waits));
                         tokio::spawn(http.serve_connection(io, TowerToHyperService::new(svc)));
                     }
+                    Server::Floor => {
+                        let svc = steadfast_bench::ServerFloor::new(tower::service_fn(waits));
+                        tokio::spawn(http.serve_connection(io, TowerToHyperService::new(svc)));
+                    }
                 }
             }
         });
@@ -123,7 +132,7 @@ fn main() {
         // As inside a handler: the server layers made the id and the deadline ambient.
         let work = async {
             match mode.as_str() {
-                "bare" | "server-bare" | "server-stack" | "stack-edge" => {
+                "bare" | "server-bare" | "server-stack" | "server-floor" | "stack-edge" => {
                     let bare: Client<_, Empty<Bytes>> =
                         Client::builder(TokioExecutor::new()).build_http();
                     run(bare, &uri, calls).await;
