@@ -24,7 +24,7 @@ echo "|---|---|---:|---:|---:|"
     done
     best=""
     for c in $contenders; do
-        [[ $c == bare || $c == steadfast || $c == +* ]] && continue
+        [[ $c == bare || $c == steadfast || $c == floor || $c == +* ]] && continue
         if [[ -z $best || ${ir[$c]} -lt $best ]]; then best=${ir[$c]}; fi
     done
     for c in $contenders; do

@@ -389,6 +389,7 @@ fn correlation(c: &mut Criterion) {
                 .layer(Bare),
             make_req,
         );
+        rec.bench_req("floor", steadfast_bench::ServerFloor::new(Bare), make_req);
     }
 
     // Client side with the id ambient (as inside a handler); both run inside the same scope.
@@ -615,6 +616,7 @@ fn stacks(c: &mut Criterion) {
         rec.bench_req("bare", Bare, empty_body);
         rec.bench_req("tower+tower-http+tower-resilience", peer!(Bare), empty_body);
         rec.bench_req("steadfast", ours.layer(Bare), empty_body);
+        rec.bench_req("floor", steadfast_bench::Floor::new(Bare), empty_body);
         drop(rec);
         let mut rec = Recorder::new(c, "client-stack-armed");
         rec.bench_req("bare", PendingOnce, empty_body);
@@ -624,6 +626,11 @@ fn stacks(c: &mut Criterion) {
             empty_body,
         );
         rec.bench_req("steadfast", ours.layer(PendingOnce), empty_body);
+        rec.bench_req(
+            "floor",
+            steadfast_bench::Floor::new(PendingOnce),
+            empty_body,
+        );
         drop(rec);
     });
 
@@ -697,6 +704,7 @@ fn stacks(c: &mut Criterion) {
             .layer(Bare),
         with_id,
     );
+    rec.bench_req("floor", steadfast_bench::ServerFloor::new(Bare), with_id);
 }
 
 /// A concurrency limit that does not fire (issue 23: ≤ +15 ns over bare, no allocation,

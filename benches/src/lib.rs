@@ -467,8 +467,8 @@ where
 }
 
 /// The floor under a client stack like ours on the real path, hand-written (issue 22): the
-/// work every call of `client::http()` must do on the wire, and nothing else. A generated
-/// UUIDv7 id and a deadline header written on the request, a copy of its head and body kept
+/// work every call of `client::http()` must do on the wire, and nothing else. The ambient
+/// correlation id (or a generated UUIDv7 outside a handler) and a deadline header written on the request, a copy of its head and body kept
 /// (what a retry needs to send it again), a timer around the call. No policy, no state shared
 /// between calls, no span, no response body wrapper. What our stack costs over this row is
 /// what its guarantees cost beyond their wire work.
@@ -508,8 +508,9 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        use steadfast::correlation::MakeCorrelationId;
-        let id = self.make.make_id();
+        use steadfast::correlation::{CorrelationId, MakeCorrelationId};
+        // The ambient id when the call is made inside a handler, else a new one.
+        let id = CorrelationId::current().unwrap_or_else(|| self.make.make_id());
         let headers = req.headers_mut();
         headers.insert(FLOOR_ID, id.header_value().clone());
         headers.insert(FLOOR_DEADLINE, self.deadline.clone());

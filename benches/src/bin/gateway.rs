@@ -1,11 +1,11 @@
 //! A gateway-shaped benchmark (issue 22): a gateway on one tokio thread proxies GETs to an
 //! upstream, with no middleware, with `server::http()` in front, with `client::http()` behind,
-//! with both, and with the floor behind (the client's wire work alone, hand-written:
-//! `steadfast_bench::Floor`); 32 keep-alive connections drive each, taking turns in short
-//! slices. It
-//! reports requests per second and the gateway thread's CPU time per proxied request (read
-//! from `/proc/self/task/<tid>/schedstat`, nanoseconds on the CPU), each as the median over
-//! the rounds, with the per-round ratio (or difference) to the bare gateway.
+//! with both, with the floor behind (the client's wire work alone, hand-written:
+//! `steadfast_bench::Floor`) and with floors on both sides (`ServerFloor` in front too); 32
+//! keep-alive connections drive each, taking turns in short slices. It reports requests per
+//! second and the gateway thread's CPU time per proxied request (read from
+//! `/proc/self/task/<tid>/schedstat`, nanoseconds on the CPU), each as the median over the
+//! rounds, with the per-round ratio (or difference) to the bare gateway.
 //!
 //! Run: `cargo run --release -p steadfast-bench --bin gateway`.
 
@@ -73,13 +73,23 @@ fn cpu_ns(tid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Which of our stacks a gateway runs.
+/// What a gateway runs in front of its proxy (server side) and behind it (client side).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layers {
+    /// Nothing: plain hyper.
+    None,
+    /// Our preset (`server::http()` in front, `client::http()` behind).
+    Ours,
+    /// The wire work of our preset alone, hand-written (`steadfast_bench::ServerFloor` in
+    /// front, `steadfast_bench::Floor` behind).
+    Floor,
+}
+
+/// Which layers a gateway runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Stacks {
-    server: bool,
-    client: bool,
-    /// The client's wire work alone, hand-written (`steadfast_bench::Floor`), behind.
-    floor: bool,
+    server: Layers,
+    client: Layers,
 }
 
 /// Starts a gateway on a thread of its own (a current-thread runtime), with our server stack
@@ -129,15 +139,21 @@ fn gateway(upstream: SocketAddr, stacks: Stacks, name: String) -> (SocketAddr, S
                         .hyper_client::<Full<Bytes>>()
                 };
                 let server = steadfast::server::http().build().expect("valid");
-                if stacks.floor {
-                    return serve_on(listener, proxy!(steadfast_bench::Floor::new(bare_client())))
-                        .await;
+                macro_rules! front {
+                    ($proxy:expr) => {
+                        match stacks.server {
+                            Layers::None => serve_on(listener, $proxy).await,
+                            Layers::Ours => serve_on(listener, server.layer($proxy)).await,
+                            Layers::Floor => {
+                                serve_on(listener, steadfast_bench::ServerFloor::new($proxy)).await
+                            }
+                        }
+                    };
                 }
-                match (stacks.server, stacks.client) {
-                    (false, false) => serve_on(listener, proxy!(bare_client())).await,
-                    (false, true) => serve_on(listener, proxy!(our_client())).await,
-                    (true, false) => serve_on(listener, server.layer(proxy!(bare_client()))).await,
-                    (true, true) => serve_on(listener, server.layer(proxy!(our_client()))).await,
+                match stacks.client {
+                    Layers::None => front!(proxy!(bare_client())),
+                    Layers::Ours => front!(proxy!(our_client())),
+                    Layers::Floor => front!(proxy!(steadfast_bench::Floor::new(bare_client()))),
                 }
             });
         })
@@ -230,48 +246,22 @@ async fn main() {
             });
         }
     });
+    use Layers::{Floor, None as Plain, Ours};
     let variants = [
+        ("no middleware", (Plain, Plain)),
+        ("server::http() only", (Ours, Plain)),
+        ("client::http() only", (Plain, Ours)),
+        ("server::http() + client::http()", (Ours, Ours)),
         (
-            "no middleware",
-            Stacks {
-                server: false,
-                client: false,
-                floor: false,
-            },
+            "floor behind: the client's wire work alone (an id and a deadline header, the head kept, a timer)",
+            (Plain, Floor),
         ),
         (
-            "server::http() only",
-            Stacks {
-                server: true,
-                client: false,
-                floor: false,
-            },
+            "floors both sides: also the server's (the id read, validated and echoed, the deadline header read)",
+            (Floor, Floor),
         ),
-        (
-            "client::http() only",
-            Stacks {
-                server: false,
-                client: true,
-                floor: false,
-            },
-        ),
-        (
-            "server::http() + client::http()",
-            Stacks {
-                server: true,
-                client: true,
-                floor: false,
-            },
-        ),
-        (
-            "floor: the client's wire work alone (an id and a deadline header, the head kept, a timer)",
-            Stacks {
-                server: false,
-                client: false,
-                floor: true,
-            },
-        ),
-    ];
+    ]
+    .map(|(name, (server, client))| (name, Stacks { server, client }));
     let mut conns = Vec::new();
     let mut tids = Vec::new();
     for (i, (_, stacks)) in variants.into_iter().enumerate() {

@@ -40,18 +40,32 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     ("hedge", &["bare", "tower", "steadfast", "+fixed"]),
     ("hedge-armed", &["bare", "tower", "steadfast", "+fixed"]),
-    ("server-stack", &["bare", "tower-http", "steadfast"]),
+    // `floor`: the hand-written wire work alone (`steadfast_bench::Floor`, `ServerFloor`).
+    (
+        "server-stack",
+        &["bare", "tower-http", "steadfast", "floor"],
+    ),
     (
         "correlation-server",
-        &["bare", "tower-http", "steadfast", "+no-extension"],
+        &["bare", "tower-http", "steadfast", "+no-extension", "floor"],
     ),
     (
         "client-stack",
-        &["bare", "tower+tower-http+tower-resilience", "steadfast"],
+        &[
+            "bare",
+            "tower+tower-http+tower-resilience",
+            "steadfast",
+            "floor",
+        ],
     ),
     (
         "client-stack-armed",
-        &["bare", "tower+tower-http+tower-resilience", "steadfast"],
+        &[
+            "bare",
+            "tower+tower-http+tower-resilience",
+            "steadfast",
+            "floor",
+        ],
     ),
     // The client stack with a tracing subscriber (a registry: every span is made) and, with
     // the `metrics` feature, a metrics recorder installed for the thread.
@@ -260,6 +274,9 @@ fn main() {
             calls,
         ),
         ("server-stack" | "correlation-server", "bare") => run(Bare, with_id, calls),
+        ("server-stack" | "correlation-server", "floor") => {
+            run(steadfast_bench::ServerFloor::new(Bare), with_id, calls);
+        }
         ("correlation-server", "tower-http") => {
             use tower_http::request_id::{
                 MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer,
@@ -359,6 +376,10 @@ fn client(case: &str, contender: &str, calls: u64) {
             run(peer!(PendingOnce), outgoing, calls)
         }
         ("client-stack", "steadfast") => run(ours().layer(Bare), outgoing, calls),
+        ("client-stack", "floor") => run(steadfast_bench::Floor::new(Bare), outgoing, calls),
+        ("client-stack-armed", "floor") => {
+            run(steadfast_bench::Floor::new(PendingOnce), outgoing, calls);
+        }
         ("client-stack-armed", "steadfast") => run(ours().layer(PendingOnce), outgoing, calls),
         ("client-layers", "+timeout") => run(attempt.layer(Bare), outgoing, calls),
         ("client-layers", "+breaker") => run(breaker.layer(attempt.layer(Bare)), outgoing, calls),

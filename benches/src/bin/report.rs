@@ -33,6 +33,15 @@ fn median_ns(group: &str, contender: &str) -> Option<f64> {
     }
 }
 
+/// Whether a contender is a peer library's stack: not the baseline (`bare`), not ours
+/// (`steadfast…`), not the hand-written floor under ours (`floor`), not a step (`+…`).
+fn is_peer(contender: &str) -> bool {
+    contender != "bare"
+        && contender != "floor"
+        && !contender.starts_with("steadfast")
+        && !contender.starts_with('+')
+}
+
 fn main() {
     let allocs_path = criterion_dir().join("steadfast-allocs.tsv");
     let text = std::fs::read_to_string(&allocs_path).unwrap_or_else(|e| {
@@ -65,7 +74,7 @@ fn main() {
         let bare = median_ns(g, "bare");
         let best_peer = order
             .iter()
-            .filter(|(g2, c2)| g2 == g && c2 != "bare" && !c2.starts_with("steadfast"))
+            .filter(|(g2, c2)| g2 == g && is_peer(c2))
             .filter_map(|(g2, c2)| median_ns(g2, c2))
             .fold(f64::INFINITY, f64::min);
         let ratio = |base: Option<f64>| match base {

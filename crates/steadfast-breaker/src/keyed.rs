@@ -90,10 +90,9 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         idle: Duration,
     ) -> Self {
         let per_shard = max_keys.div_ceil(SHARDS).max(1);
-        // One hasher for the shard and the shard's map: a key is hashed once per call.
-        // SipHash, keyed per process: a key may come from a request a proxy forwards, so
-        // the map must not be open to collisions chosen by a sender (a faster unkeyed hash
-        // saved about 20 ns per call, measured).
+        // One hasher for the shard and the shard's map: a key is hashed once per call. Seeded
+        // per map (`KeyHashing`); a sender who crafts colliding keys costs a scan of one
+        // bounded shard at most.
         let hasher = KeyHashing::new();
         Self {
             shards: (0..SHARDS)
