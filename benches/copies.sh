@@ -37,6 +37,6 @@ if [[ -n ${BY_CALLER:-} ]]; then
                 key = f SUBSEP $2; b[key] += $2 * $3 / n; c[key] += $3 / n }
                 END { for (k in b) { split(k, p, SUBSEP);
                     printf "%7.0f  %5d B x %.1f  %s\n", b[k], p[2], c[k], substr(p[1], 1, 140) } }' |
-            sort -rn | head -25
+            sort -rn | awk 'NR <= 25'
     done
 fi

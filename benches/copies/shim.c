@@ -17,6 +17,7 @@ static struct {
     unsigned long count;
 } table[SLOTS];
 static unsigned long small;
+static char busy;
 static __thread int inside;
 static int resolving;
 
@@ -26,20 +27,22 @@ static void record(uintptr_t caller, size_t size) {
     if (size < 64) {
         __atomic_add_fetch(&small, 1, __ATOMIC_RELAXED);
     } else {
+        // A spin lock: the table is shared by every thread (a server task, a resolver).
+        while (__atomic_test_and_set(&busy, __ATOMIC_ACQUIRE)) {
+        }
         size_t h = ((caller * 0x9E3779B97F4A7C15ull) ^ size) % SLOTS;
         for (size_t i = 0; i < SLOTS; i++) {
             size_t j = (h + i) % SLOTS;
             if (table[j].count == 0) {
                 table[j].caller = caller;
                 table[j].size = size;
-                table[j].count = 1;
-                break;
             }
             if (table[j].caller == caller && table[j].size == size) {
-                __atomic_add_fetch(&table[j].count, 1, __ATOMIC_RELAXED);
+                table[j].count++;
                 break;
             }
         }
+        __atomic_clear(&busy, __ATOMIC_RELEASE);
     }
     inside = 0;
 }
@@ -63,20 +66,23 @@ static copy_fn next(const char *name) {
     return f;
 }
 
+// One body for both: counts the copy, then makes it with the C library's own function.
+static void *counted(copy_fn *real, const char *name, uintptr_t caller, void *d, const void *s,
+                     size_t n) {
+    if (resolving) return plain_copy(d, s, n);
+    if (!*real) *real = next(name);
+    record(caller, n);
+    return (*real)(d, s, n);
+}
+
 void *memcpy(void *d, const void *s, size_t n) {
     static copy_fn real;
-    if (resolving) return plain_copy(d, s, n);
-    if (!real) real = next("memcpy");
-    record((uintptr_t)__builtin_return_address(0), n);
-    return real(d, s, n);
+    return counted(&real, "memcpy", (uintptr_t)__builtin_return_address(0), d, s, n);
 }
 
 void *memmove(void *d, const void *s, size_t n) {
     static copy_fn real;
-    if (resolving) return plain_copy(d, s, n);
-    if (!real) real = next("memmove");
-    record((uintptr_t)__builtin_return_address(0), n);
-    return real(d, s, n);
+    return counted(&real, "memmove", (uintptr_t)__builtin_return_address(0), d, s, n);
 }
 
 __attribute__((destructor)) static void dump(void) {
