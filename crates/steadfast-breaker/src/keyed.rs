@@ -2,7 +2,10 @@
 
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+    Ordering::SeqCst,
+};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -24,16 +27,50 @@ const SHARDS: usize = 16;
 /// cost of a new key stays O(1) however large the map.
 const PROBES: usize = 32;
 
-struct Entry<C> {
+/// One key's breaker: shared by the map and the services that remember it ([`Memo`]).
+pub(crate) struct Entry<K, C> {
+    /// The map's own copy of the key, made once (see [`UpstreamKey::to_kept`](steadfast_core::key::UpstreamKey::to_kept)).
+    key: K,
     stripe: Arc<Stripe<C>>,
     /// Seconds since the map's base when last used.
     last_used: AtomicU64,
 }
 
+impl<K, C> Entry<K, C> {
+    /// Marks the entry used at `now` (mostly a read: the word is written at most once a
+    /// second).
+    #[inline]
+    fn touch(&self, now: u64) {
+        if self.last_used.load(Relaxed) != now {
+            self.last_used.store(now, Relaxed);
+        }
+    }
+}
+
+/// A service's memo of the last key it called and that key's entry: the next call to the
+/// same key takes its breaker from here, without hashing the key or taking the shard's
+/// lock. Valid while no entry has left the map since the memo was taken (the map's
+/// eviction count is what it was then), so a memo never holds on to a breaker the map has
+/// dropped.
+pub(crate) struct Memo<K, C> {
+    entry: Arc<Entry<K, C>>,
+    evictions: u64,
+}
+
+impl<K, C> Clone for Memo<K, C> {
+    fn clone(&self) -> Self {
+        Self {
+            entry: self.entry.clone(),
+            evictions: self.evictions,
+        }
+    }
+}
+
 /// One shard: its breakers in insertion order (so a slot can be reached by index) and the
-/// hand of the eviction clock.
+/// hand of the eviction clock. An entry is the map's key (holding the breaker's key; found
+/// by hash and [`BreakerKey::same`], never by the map's own `Hash`), so the key is kept once.
 struct Slots<K, C> {
-    map: IndexMap<K, Entry<C>, KeyHashing>,
+    map: IndexMap<Arc<Entry<K, C>>, (), KeyHashing>,
     hand: usize,
 }
 
@@ -57,6 +94,9 @@ pub(crate) struct KeyedMap<K, C> {
     per_shard: usize,
     idle: Duration,
     base: Instant,
+    /// How many entries have left the map (raised under the shard's write lock, after the
+    /// removal): a [`Memo`] taken before an eviction is not used after it.
+    evictions: AtomicU64,
 }
 
 impl<K, C> fmt::Debug for KeyedMap<K, C> {
@@ -113,6 +153,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             per_shard,
             idle,
             base: Instant::now(),
+            evictions: AtomicU64::new(0),
         }
     }
 
@@ -156,21 +197,56 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
 
     /// The stripe of `key`'s breaker, creating the breaker on first use.
     pub(crate) fn stripe(&self, key: K) -> Arc<Stripe<C>> {
+        self.lookup(key).0
+    }
+
+    /// The stripe of `key`'s breaker: from `memo` when it holds `key` and is still valid,
+    /// else from the map (creating the breaker on first use), leaving in `memo` the entry
+    /// found, when the map keeps it.
+    #[inline]
+    pub(crate) fn stripe_memo(&self, key: K, memo: &mut Option<Memo<K, C>>) -> Arc<Stripe<C>> {
+        if let Some(m) = memo {
+            // Acquire: pairs with the release in `evict_one`, so an eviction that happened
+            // before this load is seen.
+            if m.entry.key.same(&key) && self.evictions.load(Acquire) == m.evictions {
+                m.entry.touch(self.now_secs());
+                return m.entry.stripe.clone();
+            }
+        }
+        let (stripe, found) = self.lookup(key);
+        *memo = found;
+        stripe
+    }
+
+    /// The stripe of `key`'s breaker and, when the map keeps it, a memo of its entry.
+    fn lookup(&self, key: K) -> (Arc<Stripe<C>>, Option<Memo<K, C>>) {
+        // Read before the entry is looked up: an eviction of it after this load raises the
+        // count past what the memo holds.
+        let evictions = self.evictions.load(Acquire);
+        let memo = |entry: &Arc<Entry<K, C>>| Memo {
+            entry: entry.clone(),
+            evictions,
+        };
         let (hash, shard) = self.shard(&key);
         let now = self.now_secs();
         {
             let slots = shard.0.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some((_, e)) = slots.map.raw_entry_v1().from_hash(hash, |k| k.same(&key)) {
-                // Mostly a read: the word is written at most once a second.
-                if e.last_used.load(Relaxed) != now {
-                    e.last_used.store(now, Relaxed);
-                }
-                return e.stripe.clone();
+            if let Some((e, _)) = slots
+                .map
+                .raw_entry_v1()
+                .from_hash(hash, |e| e.key.same(&key))
+            {
+                e.touch(now);
+                return (e.stripe.clone(), Some(memo(e)));
             }
         }
         let mut slots = shard.0.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, e)) = slots.map.raw_entry_v1().from_hash(hash, |k| k.same(&key)) {
-            return e.stripe.clone();
+        if let Some((e, _)) = slots
+            .map
+            .raw_entry_v1()
+            .from_hash(hash, |e| e.key.same(&key))
+        {
+            return (e.stripe.clone(), Some(memo(e)));
         }
         let stripe = self.new_stripe(&key);
         // Under the shard's lock: `subscribe_all` either sees this breaker in the map or has
@@ -181,22 +257,24 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         if slots.map.len() >= self.per_shard && !self.evict_one(&mut slots, now) {
             // Every breaker this shard looked at is protecting its callers: the new key gets
             // a breaker of its own for this call, not kept (memory stays bounded; see
-            // `max_keys`).
+            // `max_keys`), and not memoised either.
             tracing::debug!(target: "steadfast::breaker", "per-key breakers full of open breakers; not keeping a new key");
-            return stripe;
+            return (stripe, None);
         }
-        let entry = Entry {
+        let entry = Arc::new(Entry {
+            key: key.to_kept(),
             stripe: stripe.clone(),
             last_used: AtomicU64::new(now),
-        };
+        });
+        let found = memo(&entry);
         if let RawEntryMut::Vacant(v) = slots.map.raw_entry_mut_v1().from_hash(hash, |_| false) {
             // Placed by the same hash it is looked up by (`BreakerKey::hash_key`).
-            v.insert_hashed_nocheck(hash, key.to_kept(), entry);
+            v.insert_hashed_nocheck(hash, entry, ());
         }
-        stripe
+        (stripe, Some(found))
     }
 
-    fn verdict(&self, e: &Entry<C>, now: u64) -> Verdict {
+    fn verdict(&self, e: &Entry<K, C>, now: u64) -> Verdict {
         let used = e.last_used.load(Relaxed);
         // Durations under a second count as "any age" (the clock here ticks in seconds).
         let idle = now.saturating_sub(used) >= self.idle.as_secs();
@@ -224,7 +302,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             }
             let i = slots.hand;
             slots.hand += 1;
-            let Some((_, e)) = slots.map.get_index(i) else {
+            let Some((e, _)) = slots.map.get_index(i) else {
                 continue;
             };
             match self.verdict(e, now) {
@@ -246,6 +324,9 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         // The last entry moves into the hole: the hand looks at it next.
         slots.map.swap_remove_index(i);
         slots.hand = i;
+        // After the removal, under the shard's write lock: a memo taken before it (by a
+        // lookup that read the count before taking this shard's lock) is now stale.
+        self.evictions.fetch_add(1, Release);
         true
     }
 
@@ -269,7 +350,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             .iter()
             .flat_map(|s| {
                 let slots = s.0.read().unwrap_or_else(PoisonError::into_inner);
-                slots.map.keys().cloned().collect::<Vec<_>>()
+                slots.map.keys().map(|e| e.key.clone()).collect::<Vec<_>>()
             })
             .collect()
     }
@@ -279,8 +360,8 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         self.listening.store(true, SeqCst);
         for shard in self.shards.iter() {
             let slots = shard.0.read().unwrap_or_else(PoisonError::into_inner);
-            for (key, entry) in slots.map.iter() {
-                self.attach(key, &entry.stripe);
+            for entry in slots.map.keys() {
+                self.attach(&entry.key, &entry.stripe);
             }
         }
         rx

@@ -202,7 +202,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// state by hand (forced open, disabled, metrics only). If everything it looked at is
     /// such a breaker, the new key's call gets a breaker of its own that is not kept (it
     /// cannot trip; each such call pays for a new breaker). An idle per-key breaker costs about
-    /// 500 bytes of heap, 570 resident, its name included (`cargo run --release -p steadfast-bench --bin keyed`).
+    /// 470 bytes of heap, 570 resident, its name included (`cargo run --release -p steadfast-bench --bin keyed`).
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;
         self

@@ -13,7 +13,7 @@ use tower_service::Service;
 
 use crate::breaker::{Breaker, Stripe};
 use crate::future::{BreakerBody, Guard, ResponseFuture};
-use crate::keyed::KeyedMap;
+use crate::keyed::{KeyedMap, Memo};
 use crate::state::BreakerState;
 use crate::{BreakerKey, ExtractKey};
 
@@ -173,11 +173,14 @@ where
 ///
 /// # Clone
 ///
-/// Clones share the map of breakers.
+/// Clones share the map of breakers. Each instance also remembers the last key it called
+/// and that key's breaker, so that calls in a row to one upstream skip the map's lookup
+/// (and its lock); a clone starts with the memo of the instance it was cloned from.
 pub struct KeyedCircuitBreaker<S, C, K, Key> {
     inner: S,
     map: Arc<KeyedMap<Key, C>>,
     extract: K,
+    last: Option<Memo<Key, C>>,
 }
 
 impl
@@ -207,6 +210,7 @@ impl<S, C, K, Key> KeyedCircuitBreaker<S, C, K, Key> {
             inner,
             map,
             extract,
+            last: None,
         }
     }
 
@@ -228,7 +232,12 @@ impl<S, C, K, Key> KeyedCircuitBreaker<S, C, K, Key> {
 
 impl<S: Clone, C, K: Clone, Key> Clone for KeyedCircuitBreaker<S, C, K, Key> {
     fn clone(&self) -> Self {
-        Self::new(self.inner.clone(), self.map.clone(), self.extract.clone())
+        Self {
+            inner: self.inner.clone(),
+            map: self.map.clone(),
+            extract: self.extract.clone(),
+            last: self.last.clone(),
+        }
     }
 }
 
@@ -259,7 +268,7 @@ where
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let key = self.extract.extract(req.uri(), req.headers());
-        let stripe = self.map.stripe(key);
+        let stripe = self.map.stripe_memo(key, &mut self.last);
         admit_and_call(Cow::Owned(stripe), &mut self.inner, req)
     }
 }

@@ -339,3 +339,82 @@ async fn authorities_that_differ_only_in_case_share_a_breaker() {
     }
     assert_eq!(layer.len(), 1);
 }
+
+/// One GET to `http://{host}/`: `Ok(status)`, or whether the breaker refused it.
+async fn get_host<S, B>(svc: &mut S, host: &str) -> Result<u16, bool>
+where
+    S: Service<Request<()>, Response = Response<B>, Error = steadfast_core::BoxError>,
+{
+    let req = Request::get(format!("http://{host}/")).body(()).unwrap();
+    match svc.ready().await.unwrap().call(req).await {
+        Ok(res) => Ok(res.status().as_u16()),
+        Err(e) => Err(e.downcast_ref::<BreakerOpen>().is_some()),
+    }
+}
+
+/// A service remembers the last key it called and that key's breaker (calls in a row to one
+/// upstream skip the map). Once the map has evicted that breaker, the memo is not used: the
+/// next call takes the breaker the map holds for the key now, here one forced open through
+/// a fresh handle, and is refused (a stale memo would let it through a breaker nobody can
+/// see any more).
+#[tokio::test(start_paused = true)]
+async fn a_remembered_breaker_is_dropped_once_the_map_evicts_it() {
+    // One breaker per shard: any new key that lands in a key's shard pushes it out.
+    let layer = builder().max_keys(16).build_per_authority().unwrap();
+    let inner = || service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+    let mut remembers = layer.layer(inner());
+    let orders: http::uri::Authority = "orders".parse().unwrap();
+    assert_eq!(get_host(&mut remembers, "orders").await, Ok(200));
+    assert_eq!(get_host(&mut remembers, "orders").await, Ok(200));
+
+    let mut other = layer.layer(inner());
+    let mut i = 0;
+    while layer.keys().contains(&Some(orders.clone())) {
+        assert!(i < 10_000, "no new key landed in the shard of `orders`");
+        assert_eq!(get_host(&mut other, &format!("flood{i}")).await, Ok(200));
+        i += 1;
+    }
+    layer.handle(&Some(orders.clone())).force_open();
+    assert!(layer.keys().contains(&Some(orders)));
+
+    assert_eq!(
+        get_host(&mut remembers, "orders").await,
+        Err(true),
+        "the call used the map's breaker, not the evicted one"
+    );
+    // A clone of the service carries on with the same breaker.
+    assert_eq!(get_host(&mut remembers.clone(), "orders").await, Err(true));
+}
+
+/// When the map is full of breakers it must keep, a new key gets a breaker of its own for
+/// each call (nothing kept, so nothing for its failures to trip). The service does not
+/// remember such a breaker either: three failures in a row on one service still reach the
+/// upstream, where a remembered breaker would have opened after two.
+#[tokio::test(start_paused = true)]
+async fn a_breaker_the_map_does_not_keep_is_not_remembered() {
+    let layer = builder()
+        .consecutive_failures(Some(2))
+        .max_keys(16)
+        .build_per_authority()
+        .unwrap();
+    // Every shard (one breaker each) holds a breaker forced open: kept whatever comes.
+    let mut i = 0;
+    while layer.len() < 16 {
+        assert!(i < 100_000, "shards never filled");
+        let key: http::uri::Authority = format!("forced{i}").parse().unwrap();
+        layer.handle(&Some(key)).force_open();
+        i += 1;
+    }
+    let mut svc = layer.layer(service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(Response::builder().status(503).body(()).unwrap())
+    }));
+    for _ in 0..3 {
+        assert_eq!(
+            get_host(&mut svc, "fresh").await,
+            Ok(503),
+            "reached the upstream"
+        );
+    }
+    let fresh: http::uri::Authority = "fresh".parse().unwrap();
+    assert!(!layer.keys().contains(&Some(fresh)), "not kept");
+}
