@@ -21,37 +21,82 @@ use tower::Service;
 pub mod peers;
 
 /// The system allocator, counting every allocation.
+///
+/// The counts are kept per thread, in stripes a cache line apart, and summed when read: a
+/// shared counter would make every allocation on two threads fight over one cache line, and
+/// the `-2t` rows would price the harness's counter rather than the contender.
 #[derive(Debug)]
 pub struct CountingAlloc;
 
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-static LIVE_BYTES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+/// One thread's counts (threads beyond [`STRIPES`] share stripes: still exact, since the
+/// counters are atomic).
+#[repr(align(128))]
+struct Counts {
+    allocations: AtomicU64,
+    live_bytes: std::sync::atomic::AtomicI64,
+}
 
-// SAFETY: forwards every call to `System` unchanged; only adds a relaxed counter increment.
+const STRIPES: usize = 16;
+
+static COUNTS: [Counts; STRIPES] = [const {
+    Counts {
+        allocations: AtomicU64::new(0),
+        live_bytes: std::sync::atomic::AtomicI64::new(0),
+    }
+}; STRIPES];
+
+/// Hands each thread the next stripe.
+static NEXT_STRIPE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+thread_local! {
+    // Const-initialised, no destructor: safe to reach from inside the allocator.
+    static STRIPE: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// This thread's counts.
+#[inline]
+fn counts() -> &'static Counts {
+    let i = STRIPE
+        .try_with(|s| {
+            if s.get() == usize::MAX {
+                s.set(NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES);
+            }
+            s.get()
+        })
+        // A thread being torn down: any stripe counts as well.
+        .unwrap_or(0);
+    &COUNTS[i]
+}
+
+#[inline]
+fn count(allocations: u64, bytes: i64) {
+    let c = counts();
+    c.allocations.fetch_add(allocations, Ordering::Relaxed);
+    c.live_bytes.fetch_add(bytes, Ordering::Relaxed);
+}
+
+// SAFETY: forwards every call to `System` unchanged; only adds relaxed counter updates.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        count(1, layout.size() as i64);
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        count(0, -(layout.size() as i64));
         // SAFETY: same contract as the caller's.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        count(1, layout.size() as i64);
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        count(1, new_size as i64 - layout.size() as i64);
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -59,13 +104,19 @@ unsafe impl GlobalAlloc for CountingAlloc {
 
 /// Total allocations so far, all threads (counts only where [`CountingAlloc`] is installed).
 pub fn allocations() -> u64 {
-    ALLOCATIONS.load(Ordering::Relaxed)
+    COUNTS
+        .iter()
+        .map(|c| c.allocations.load(Ordering::Relaxed))
+        .sum()
 }
 
 /// Bytes allocated and not yet freed, all threads (requested sizes, without the allocator's
 /// own rounding; counts only where [`CountingAlloc`] is installed).
 pub fn live_bytes() -> i64 {
-    LIVE_BYTES.load(Ordering::Relaxed)
+    COUNTS
+        .iter()
+        .map(|c| c.live_bytes.load(Ordering::Relaxed))
+        .sum()
 }
 
 /// Runs `f` `n` times (after one warm-up run) and returns the mean allocations per run.
