@@ -220,12 +220,12 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
 
     /// The stripe of `key`'s breaker and, when the map keeps it, a memo of its entry.
     fn lookup(&self, key: K) -> (Arc<Stripe<C>>, Option<Memo<K, C>>) {
-        // Read before the entry is looked up: an eviction of it after this load raises the
-        // count past what the memo holds.
-        let evictions = self.evictions.load(Acquire);
+        // Made under the lock of the entry's shard: no eviction of the entry can happen
+        // until the lock is released, so any later one raises the count past what the memo
+        // holds (evictions from other shards only make it stale sooner).
         let memo = |entry: &Arc<Entry<K, C>>| Memo {
             entry: entry.clone(),
-            evictions,
+            evictions: self.evictions.load(Acquire),
         };
         let (hash, shard) = self.shard(&key);
         let now = self.now_secs();
@@ -266,6 +266,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             stripe: stripe.clone(),
             last_used: AtomicU64::new(now),
         });
+        // After any eviction this insertion made: the memo is good for the next call.
         let found = memo(&entry);
         if let RawEntryMut::Vacant(v) = slots.map.raw_entry_mut_v1().from_hash(hash, |_| false) {
             // Placed by the same hash it is looked up by (`BreakerKey::hash_key`).
@@ -324,8 +325,8 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         // The last entry moves into the hole: the hand looks at it next.
         slots.map.swap_remove_index(i);
         slots.hand = i;
-        // After the removal, under the shard's write lock: a memo taken before it (by a
-        // lookup that read the count before taking this shard's lock) is now stale.
+        // After the removal, under the shard's write lock: every memo of the removed entry
+        // was made under this shard's lock before, with a smaller count.
         self.evictions.fetch_add(1, Release);
         true
     }
@@ -365,5 +366,76 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             }
         }
         rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::OpenTime;
+
+    fn map(max_keys: usize) -> KeyedMap<String, ()> {
+        let policy = Policy {
+            consecutive: Some(5),
+            window: None,
+            min_calls: 1,
+            failure_rate: None,
+            slow: None,
+            open_time: Duration::from_secs(30),
+            max_open_time: Duration::from_secs(30),
+            open_time_fn: OpenTime::Exponential { factor: 2.0 },
+            max_half_open_wait: None,
+            auto_half_open: false,
+            jitter_percent: 0,
+            probes: 1,
+            seed: 0,
+        };
+        KeyedMap::new(
+            Arc::from("test"),
+            Initial::Closed,
+            policy,
+            Arc::new(()),
+            max_keys,
+            Duration::from_secs(600),
+        )
+    }
+
+    /// The memo a lookup leaves is good for the next call even when the lookup itself made
+    /// room by evicting (it is taken after the eviction, under the shard's lock), and is
+    /// not used after any later eviction.
+    #[tokio::test(start_paused = true)]
+    async fn a_memo_is_valid_until_the_next_eviction() {
+        let map = map(16); // one breaker per shard
+        let count = || map.evictions.load(Relaxed);
+        let memo_of = |memo: &Option<Memo<String, ()>>| {
+            let m = memo.as_ref().expect("a kept key is remembered");
+            (m.entry.key.clone(), m.entry.stripe.clone(), m.evictions)
+        };
+        let mut memo = None;
+        let mut i = 0;
+        while count() == 0 {
+            assert!(i < 10_000, "no shard ever filled");
+            map.stripe_memo(format!("k{i}"), &mut memo);
+            i += 1;
+        }
+        // The key whose insertion evicted: remembered with the count after its eviction.
+        let (last, kept, evictions) = memo_of(&memo);
+        assert_eq!(last, format!("k{}", i - 1));
+        assert_eq!(evictions, count(), "taken after the eviction");
+        let hit = map.stripe_memo(last.clone(), &mut memo);
+        assert!(Arc::ptr_eq(&hit, &kept));
+
+        // Another insertion's eviction makes the memo stale: the next call looks the key up
+        // again, and gets the same breaker if the map still holds it, else a new one.
+        let mut other = None;
+        while count() == evictions {
+            assert!(i < 20_000, "no second eviction");
+            map.stripe_memo(format!("k{i}"), &mut other);
+            i += 1;
+        }
+        let still = map.keys().contains(&last);
+        let again = map.stripe_memo(last.clone(), &mut memo);
+        assert_eq!(memo_of(&memo).2, count(), "looked up again");
+        assert_eq!(Arc::ptr_eq(&again, &kept), still);
     }
 }
