@@ -479,10 +479,9 @@ async fn the_deadline_header_can_be_renamed_and_an_edge_can_ignore_it() {
     assert_eq!(text, "30000 None None");
 }
 
-/// The client stack's total timeout needs no timer of its own while an attempt timeout runs
-/// below it; it must still end the call at the total deadline when the retry layer waits on
-/// something no timer bounds (here: the transport answers 503, then never becomes ready
-/// again).
+/// The client stack's total timeout ends the call at the total deadline when the retry layer
+/// waits on something no timer bounds (here: the transport answers 503, then never becomes
+/// ready again).
 #[tokio::test(start_paused = true)]
 async fn the_total_timeout_bounds_a_retry_waiting_for_readiness() {
     use std::task::{Context, Poll};

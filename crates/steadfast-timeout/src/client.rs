@@ -2,11 +2,11 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::Request;
-use steadfast_core::{BoxError, Deadline};
+use steadfast_core::{BoxError, Deadline, saturating_add};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
@@ -49,8 +49,26 @@ pub struct Timeout<S> {
     inner: S,
     /// Shared by clones (a retry layer clones the service below it for every call).
     config: Arc<Config>,
-    ready_sleep: Option<Pin<Box<Sleep>>>,
+    ready_wait: Option<ReadyWait>,
     ready_expired: bool,
+}
+
+/// A readiness wait under way (with [`cover_ready`](crate::TimeoutBuilder::cover_ready)): its
+/// timer, how long it is, and the waker of the task that waits.
+struct ReadyWait {
+    sleep: Pin<Box<Sleep>>,
+    limit: Duration,
+    waker: Waker,
+}
+
+impl ReadyWait {
+    /// Whether this wait was abandoned (its caller cancelled) and a poll at `now` from `cx`
+    /// starts a new one: polled from another task, or not polled until a whole limit past
+    /// its end (its own timer would have woken a caller still waiting at its end).
+    fn abandoned(&self, now: Instant, cx: &Context<'_>) -> bool {
+        !self.waker.will_wake(cx.waker())
+            || now.saturating_duration_since(self.sleep.deadline()) > self.limit
+    }
 }
 
 impl Timeout<()> {
@@ -69,7 +87,7 @@ impl<S> Timeout<S> {
                 own: propagate::Encoded::new(config.limit),
                 layer: config,
             }),
-            ready_sleep: None,
+            ready_wait: None,
             ready_expired: false,
         }
     }
@@ -95,7 +113,7 @@ impl<S: Clone> Clone for Timeout<S> {
         Self {
             inner: self.inner.clone(),
             config: self.config.clone(),
-            ready_sleep: None,
+            ready_wait: None,
             ready_expired: false,
         }
     }
@@ -135,29 +153,13 @@ where
         }
         match self.inner.poll_ready(cx) {
             Poll::Ready(r) => {
-                if self.ready_sleep.is_some() {
-                    self.ready_sleep = None;
+                if self.ready_wait.is_some() {
+                    self.ready_wait = None;
                 }
                 Poll::Ready(r.map_err(Into::into))
             }
             Poll::Pending if !self.config.layer.cover_ready => Poll::Pending,
-            Poll::Pending => {
-                let limit = Deadline::current().map_or(self.config.layer.limit, |d| {
-                    d.remaining().min(self.config.layer.limit)
-                });
-                let sleep = self
-                    .ready_sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        // Not an error here (that would be final): the next call fails instead.
-                        self.ready_sleep = None;
-                        self.ready_expired = true;
-                        Poll::Ready(Ok(()))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
-            }
+            Poll::Pending => self.poll_ready_wait(cx),
         }
     }
 
@@ -184,6 +186,39 @@ where
 }
 
 impl<S> Timeout<S> {
+    /// The timer of a readiness wait (`cover_ready`): started at the first `Pending`, or
+    /// again when the wait under way was abandoned.
+    #[cold]
+    fn poll_ready_wait(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let now = Instant::now();
+        if self
+            .ready_wait
+            .as_ref()
+            .is_some_and(|w| w.abandoned(now, cx))
+        {
+            self.ready_wait = None;
+        }
+        let wait = self.ready_wait.get_or_insert_with(|| {
+            let limit = Deadline::current().map_or(self.config.layer.limit, |d| {
+                d.remaining().min(self.config.layer.limit)
+            });
+            ReadyWait {
+                sleep: Box::pin(tokio::time::sleep_until(saturating_add(now, limit))),
+                limit,
+                waker: cx.waker().clone(),
+            }
+        });
+        match wait.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                // Not an error here (that would be final): the next call fails instead.
+                self.ready_wait = None;
+                self.ready_expired = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     /// The call after a readiness wait that ran out: fails without calling.
     #[cold]
     fn ready_elapsed<F>(&mut self) -> ResponseFuture<F> {

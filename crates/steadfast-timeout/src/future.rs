@@ -1,6 +1,5 @@
 //! The response futures of this crate's services.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -106,39 +105,11 @@ where
         let Some(inner) = this.inner.as_pin_mut() else {
             return Poll::Ready(Err(elapsed(*this.limit, *this.inherited)));
         };
-        let (polled, below) = polled_with_wake_by(|| inner.poll(cx));
-        if let Poll::Ready(r) = polled {
+        if let Poll::Ready(r) = inner.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
         }
-        poll_timer(this.sleep, this.at, *this.limit, *this.inherited, below, cx).map(Err)
+        poll_timer(this.sleep, this.at, *this.limit, *this.inherited, cx).map(Err)
     }
-}
-
-std::thread_local! {
-    /// While a timeout future polls its inner future: the earliest instant at which a timer
-    /// armed below will wake the task (each timeout future that returns `Pending` reports
-    /// the timer it relies on here). A timeout whose deadline is not earlier needs no timer
-    /// of its own for that poll: the task is woken by then, and every poll checks again. In
-    /// the client stack, the total timeout arms no timer while an attempt timeout (due by
-    /// the total deadline at the latest) runs below it, only while the retry layer waits.
-    static WAKE_BY: Cell<Option<Instant>> = const { Cell::new(None) };
-}
-
-/// Polls `poll` (a timeout future's inner future) and says by when a timer below it will
-/// wake the task, if one reported (what the timeouts below report is theirs to tell us; the
-/// slot is restored for an enclosing timeout).
-#[inline]
-pub(crate) fn polled_with_wake_by<T>(poll: impl FnOnce() -> T) -> (T, Option<Instant>) {
-    let enclosing = WAKE_BY.try_with(Cell::take).ok().flatten();
-    let polled = poll();
-    let below = WAKE_BY.try_with(|w| w.replace(enclosing)).ok().flatten();
-    (polled, below)
-}
-
-/// Tells an enclosing timeout future that this task will be woken by `at` at the latest.
-#[inline]
-pub(crate) fn report_wake_by(at: Instant) {
-    let _ = WAKE_BY.try_with(|w| w.set(Some(w.get().map_or(at, |e| e.min(at)))));
 }
 
 /// The error of a call whose limit fired, or that failed before it was sent (its deadline
@@ -148,33 +119,32 @@ fn elapsed(limit: Duration, inherited: bool) -> BoxError {
     Elapsed::new(limit, inherited).into()
 }
 
-/// The timer side of [`ResponseFuture::poll`]: arms the `Sleep` unless a timer below will
-/// wake the task by the deadline anyway (`below`), and says whether the limit has fired.
+/// The timer side of [`ResponseFuture::poll`]: arms the `Sleep` at the first `Pending` and
+/// says whether the limit has fired.
+///
+/// Every timeout arms a timer of its own, even one nested in another timeout due earlier: a
+/// timer below cannot be relied on to wake this task, since whatever sits between may drop
+/// the call below, move it to another task or poll it with another waker, and then wait on
+/// something with no timer at all.
 #[inline(never)]
 fn poll_timer(
     mut sleep: Pin<&mut Option<Sleep>>,
     at: &mut Option<Instant>,
     limit: Duration,
     inherited: bool,
-    below: Option<Instant>,
     cx: &mut Context<'_>,
 ) -> Poll<BoxError> {
-    let timer = match sleep.as_mut().as_pin_mut() {
-        Some(timer) => timer,
-        None => {
-            // A lazy call starts counting at its first `Pending`.
-            let due = *at.get_or_insert_with(|| saturating_add(Instant::now(), limit));
-            if let Some(below) = below.filter(|b| *b <= due) {
-                report_wake_by(below);
-                return Poll::Pending;
-            }
-            sleep.set(Some(tokio::time::sleep_until(due)));
-            sleep.as_pin_mut().expect("armed above")
-        }
-    };
-    let due = timer.deadline();
-    if timer.poll(cx).is_pending() {
-        report_wake_by(below.map_or(due, |b| b.min(due)));
+    if sleep.is_none() {
+        // A lazy call starts counting at its first `Pending`.
+        let due = *at.get_or_insert_with(|| saturating_add(Instant::now(), limit));
+        sleep.set(Some(tokio::time::sleep_until(due)));
+    }
+    if sleep
+        .as_pin_mut()
+        .expect("armed above")
+        .poll(cx)
+        .is_pending()
+    {
         return Poll::Pending;
     }
     #[cfg(feature = "metrics")]

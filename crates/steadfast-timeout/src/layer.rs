@@ -148,6 +148,12 @@ impl TimeoutBuilder {
     /// `poll_ready` never fails for this: when the wait runs out the service reports ready,
     /// and the next call fails at once with [`Elapsed`](crate::error::Elapsed) without
     /// reaching the inner service.
+    ///
+    /// A wait runs from the first `Pending` until the inner service is ready or the limit
+    /// runs out. A caller may abandon it (drop its `ready()` future) without the service
+    /// knowing: a later `poll_ready` from another task, or one that comes more than a whole
+    /// limit after the abandoned wait would have ended, starts a new wait; one from the same
+    /// task within that time continues the old one.
     pub const fn cover_ready(mut self, on: bool) -> Self {
         self.layer.cover_ready = on;
         self

@@ -2,7 +2,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
@@ -199,30 +199,15 @@ where
                 let Some(inner) = inner.as_pin_mut() else {
                     unreachable!("the handler's future is only gone while dropped");
                 };
-                let (polled, below) =
-                    crate::future::polled_with_wake_by(|| deadline.sync_scope(|| inner.poll(cx)));
-                if let Poll::Ready(r) = polled {
+                if let Poll::Ready(r) = deadline.sync_scope(|| inner.poll(cx)) {
                     return Poll::Ready(r.map(|res| res.map(ResponseBody::inner)));
                 }
-                let due = deadline.instant();
                 if sleep.is_none() {
-                    // A client call the handler waits on will wake it by then: no timer of
-                    // our own for this poll (see the client timeout's).
-                    if let Some(below) = below.filter(|b| *b <= due) {
-                        crate::future::report_wake_by(below);
-                        return Poll::Pending;
-                    }
-                    sleep.set(Some(tokio::time::sleep_until(due)));
+                    // Our own timer, even while the handler waits on a client call with an
+                    // earlier one (see the client timeout's `poll_timer`).
+                    sleep.set(Some(tokio::time::sleep_until(deadline.instant())));
                 }
-                if sleep
-                    .as_pin_mut()
-                    .expect("armed above")
-                    .poll(cx)
-                    .is_pending()
-                {
-                    crate::future::report_wake_by(below.map_or(due, |b| b.min(due)));
-                    return Poll::Pending;
-                }
+                ready!(sleep.as_pin_mut().expect("armed above").poll(cx));
                 #[cfg(feature = "metrics")]
                 metrics::counter!("steadfast_timeout_elapsed_total", "side" => "server")
                     .increment(1);

@@ -284,6 +284,74 @@ async fn cover_ready_bounds_the_readiness_wait_without_erroring_poll_ready() {
     fut.await.unwrap();
 }
 
+/// A readiness wait its caller abandoned is not charged to the next caller when that one
+/// comes from another task, or more than a whole limit after the old wait would have ended;
+/// a caller from the same task within that time continues the old wait (the service cannot
+/// tell), and its call fails at once.
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_readiness_wait_is_not_charged_to_a_later_or_other_caller() {
+    /// A covered service whose inner one is not ready, after a wait abandoned at 100 ms and
+    /// `pause` more.
+    async fn after_an_abandoned_wait(
+        pause: Duration,
+    ) -> (
+        steadfast_timeout::Timeout<mock::Mock<Req, Res>>,
+        mock::Handle<Req, Res>,
+    ) {
+        let (svc, mut handle) = mock::pair::<Req, Res>();
+        let mut svc = TimeoutLayer::builder()
+            .limit(Duration::from_secs(1))
+            .cover_ready(true)
+            .build()
+            .unwrap()
+            .layer_svc(svc);
+        handle.allow(0);
+        let abandoned = tokio::time::timeout(Duration::from_millis(100), svc.ready()).await;
+        assert!(abandoned.is_err(), "not ready");
+        tokio::time::sleep(pause).await;
+        (svc, handle)
+    }
+
+    // A new wait 1.5 s later from another task: its own 1 s, ready after 500 ms.
+    let (mut svc, mut handle) = after_an_abandoned_wait(Duration::from_millis(1500)).await;
+    let start = Instant::now();
+    let other = tokio::spawn(async move {
+        svc.ready().await.unwrap();
+        (start.elapsed(), svc)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    handle.allow(1);
+    let (waited, mut svc) = other.await.unwrap();
+    assert_eq!(waited, Duration::from_millis(500), "a wait of its own");
+    let fut = svc.call(Request::new(()));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_response(Response::new(()));
+    fut.await.unwrap();
+
+    // Same task: 1.5 s later (within a limit of the old wait's end) it continues the old wait,
+    // which has run out; 2.5 s later it starts a new one.
+    for (pause, fails) in [(1500, true), (2500, false)] {
+        let (mut svc, mut handle) = after_an_abandoned_wait(Duration::from_millis(pause)).await;
+        let opener = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            handle.allow(1);
+            handle
+        });
+        svc.ready().await.unwrap();
+        let fut = svc.call(Request::new(()));
+        if fails {
+            let e = elapsed(fut.await.unwrap_err());
+            assert_eq!(e.limit(), Duration::from_secs(1));
+            opener.await.unwrap();
+        } else {
+            let mut handle = opener.await.unwrap();
+            let (_req, send) = handle.next_request().await.unwrap();
+            send.send_response(Response::new(()));
+            fut.await.unwrap();
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_cover_ready_the_wait_is_unbounded() {
     let (svc, mut handle) = mock::pair::<Req, Res>();
@@ -861,9 +929,8 @@ fn a_server_answer_that_is_not_an_error_is_refused_when_built() {
     }
 }
 
-/// A timeout that needs no timer while one below will wake the task by its deadline still
-/// fires on time once nothing below covers it: here the inner call times out at 1 s, and the
-/// service then waits on something no timer bounds.
+/// An outer timeout fires on time once the timeout below no longer covers the call: here the
+/// inner call times out at 1 s, and the service then waits on something no timer bounds.
 #[tokio::test(start_paused = true)]
 async fn an_outer_timeout_fires_on_time_after_the_inner_one_stops_covering_it() {
     let inner =
@@ -921,8 +988,8 @@ async fn nested_timeouts_end_the_call_at_the_earlier_limit() {
     }
 }
 
-/// The server deadline needs no timer while the handler waits on a client call that will
-/// wake it sooner; it still answers 504 on time once the handler waits on something else.
+/// The server deadline answers 504 on time after the handler's client call (due sooner)
+/// timed out and the handler waits on something else.
 #[tokio::test(start_paused = true)]
 async fn the_server_deadline_answers_on_time_after_a_covered_client_call() {
     let client =
