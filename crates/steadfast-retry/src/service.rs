@@ -21,17 +21,38 @@ use crate::replay::ReplayBody;
 ///
 /// # Clone
 ///
-/// Clones share the layer's budget and configuration, and the copy later attempts are cloned
-/// from.
+/// Clones share the layer's budget and configuration, and the copy of the service below that
+/// later attempts are cloned from (made at the first call that may need one); a clone changed
+/// through [`get_mut`](Self::get_mut) makes a copy of its own at its next call.
 pub struct Retry<S, C> {
     inner: S,
     shared: Arc<Shared<S, C>>,
 }
 
 /// What a retry service and its clones and response futures share.
-pub(crate) struct Shared<S, C> {
-    pub(crate) config: Arc<Config<C>>,
+pub(crate) type Shared<S, C> = SharedWith<S, Config<C>>;
+
+/// What a retry or hedge service and its clones and response futures share: the layer's
+/// settings (`Cfg`) and the spare copy of the service below.
+pub(crate) struct SharedWith<S, Cfg> {
+    pub(crate) config: Arc<Cfg>,
     pub(crate) spare: Spare<S>,
+}
+
+impl<S, Cfg> SharedWith<S, Cfg> {
+    /// Lets the next call keep a new spare: the service below may be about to change
+    /// (`get_mut`), and clones and calls in flight keep the spare they share.
+    pub(crate) fn forget_spare(shared: &mut Arc<Self>) {
+        match Arc::get_mut(shared) {
+            Some(only) => only.spare = Spare::new(),
+            None => {
+                *shared = Arc::new(Self {
+                    config: shared.config.clone(),
+                    spare: Spare::new(),
+                });
+            }
+        }
+    }
 }
 
 /// A copy of the service below, made at the first call that may need another attempt: later
@@ -83,8 +104,10 @@ impl<S, C> Retry<S, C> {
         &self.inner
     }
 
-    /// The inner service, mutably.
+    /// The inner service, mutably. Later calls of this service retry through the service as
+    /// changed here (clones made before keep retrying through theirs).
     pub fn get_mut(&mut self) -> &mut S {
+        Shared::forget_spare(&mut self.shared);
         &mut self.inner
     }
 

@@ -598,3 +598,48 @@ async fn extreme_delays_neither_panic_nor_hang() {
     );
     let _ = Method::GET;
 }
+
+/// Marks every request with its `tag` (a stand-in for a credential or a target the caller
+/// changes through `get_mut`).
+#[derive(Clone)]
+struct Tagged<S> {
+    inner: S,
+    tag: &'static str,
+}
+
+impl<S, B> Service<Request<B>> for Tagged<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        req.headers_mut()
+            .insert("x-tag", http::HeaderValue::from_static(self.tag));
+        self.inner.call(req)
+    }
+}
+
+/// The service below changed through `get_mut` after earlier calls: a later call's hedge
+/// goes through the changed service too, not the copy the earlier calls kept to hedge from.
+#[tokio::test(start_paused = true)]
+async fn a_service_changed_through_get_mut_takes_the_hedges_too() {
+    let (up, log) = upstream(vec![ok(0), ok(0), ok(1000), ok(5)]);
+    let mut svc = fixed().build().unwrap().layer(Tagged {
+        inner: up,
+        tag: "old",
+    });
+    earn(&svc).await;
+    svc.get_mut().tag = "new";
+    let res = svc.oneshot(get()).await.unwrap();
+    assert_eq!(*res.body(), 3, "the hedge's answer");
+    let log = log.lock().unwrap();
+    let tags: Vec<_> = log.requests.iter().map(|(_, h, _)| &h["x-tag"]).collect();
+    assert_eq!(tags, ["old", "old", "new", "new"]);
+}

@@ -25,17 +25,15 @@ use crate::service::Spare;
 /// # Clone
 ///
 /// Clones share the layer's learnt delay, extra-load share and configuration, and the copy
-/// hedges are cloned from.
+/// of the service below that hedges are cloned from; a clone changed through
+/// [`get_mut`](Self::get_mut) makes a copy of its own at its next call.
 pub struct Hedge<S, C> {
     inner: S,
     shared: Arc<Shared<S, C>>,
 }
 
 /// What a hedge service and its clones and response futures share.
-pub(crate) struct Shared<S, C> {
-    pub(crate) config: Arc<Config<C>>,
-    pub(crate) spare: Spare<S>,
-}
+pub(crate) type Shared<S, C> = crate::service::SharedWith<S, Config<C>>;
 
 impl<S, C> Hedge<S, C> {
     pub(crate) fn new(inner: S, config: Arc<Config<C>>) -> Self {
@@ -53,8 +51,10 @@ impl<S, C> Hedge<S, C> {
         &self.inner
     }
 
-    /// The inner service, mutably.
+    /// The inner service, mutably. Later calls of this service hedge through the service as
+    /// changed here (clones made before keep hedging through theirs).
     pub fn get_mut(&mut self) -> &mut S {
+        Shared::forget_spare(&mut self.shared);
         &mut self.inner
     }
 
