@@ -276,7 +276,8 @@ impl<C: Clone> ClientBuilder<C> {
     /// attempt goes to one of them (its URI's authority rewritten; `Host` keeps the name the
     /// caller used), chosen by the balancer, which ejects endpoints that fail (see
     /// [`BalanceBuilder`] for its settings and defaults). A retry then goes to an endpoint that
-    /// has not just failed, and each endpoint has its own breaker. Without this the stack
+    /// has not just failed and that this call has not tried yet (while one is in service),
+    /// and each endpoint has its own breaker. Without this the stack
     /// calls the request's own authority, as before.
     ///
     /// ```

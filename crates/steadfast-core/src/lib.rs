@@ -71,5 +71,5 @@ pub mod __private {
         pub use crate::rand_impl::*;
     }
     pub use crate::thread::thread_number;
-    pub use crate::tried::Tried;
+    pub use crate::tried::{Entered, Tried};
 }

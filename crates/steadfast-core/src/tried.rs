@@ -36,7 +36,24 @@ pub struct Tried {
 }
 
 /// Restores the enclosing scope, on return and on unwind.
+#[derive(Debug)]
 struct Restore(Option<Tried>);
+
+/// A scope entered with [`Tried::enter`]; the enclosing one comes back when it is left or
+/// dropped (on unwind too).
+#[must_use = "leave the scope to keep what was recorded in it"]
+#[derive(Debug)]
+pub struct Entered(#[allow(dead_code)] Restore);
+
+impl Entered {
+    /// Leaves the scope, keeping in `into` what was recorded in it.
+    #[inline]
+    pub fn leave(self, into: &mut Tried) {
+        if let Ok(Some(now)) = SCOPE.try_with(Cell::get) {
+            *into = now;
+        }
+    }
+}
 
 impl Drop for Restore {
     fn drop(&mut self) {
@@ -68,13 +85,31 @@ impl Tried {
     /// scope, then keeps what a balancer below recorded in it.
     #[inline]
     pub fn scope<R>(&mut self, call: impl FnOnce() -> R) -> R {
-        let restore = Restore(SCOPE.try_with(|s| s.replace(Some(*self))).ok().flatten());
+        let entered = self.enter();
         let out = call();
-        if let Ok(Some(now)) = SCOPE.try_with(Cell::get) {
-            *self = now;
-        }
-        drop(restore);
+        entered.leave(self);
         out
+    }
+
+    /// Makes this set the current scope until the guard is left ([`Entered::leave`], which
+    /// keeps what was recorded) or dropped: [`scope`](Self::scope) without a closure, for a
+    /// call whose result (a large future) should not be moved out of one.
+    ///
+    /// ```
+    /// use steadfast_core::__private::Tried;
+    ///
+    /// let mut tried = Tried::default();
+    /// let entered = tried.enter();
+    /// Tried::record(3); // what a balancer below does
+    /// entered.leave(&mut tried);
+    /// assert!(tried.contains(3));
+    /// assert_eq!(Tried::current(), None);
+    /// ```
+    #[inline]
+    pub fn enter(&self) -> Entered {
+        Entered(Restore(
+            SCOPE.try_with(|s| s.replace(Some(*self))).ok().flatten(),
+        ))
     }
 
     /// For a balancer: the endpoints the call being made has already used, when a layer

@@ -349,7 +349,13 @@ where
                         // (the layers below learn it as the ambient one, as they did then).
                         let _entered = ctx.history.deadline.map(Deadline::enter);
                         let service = ctx.service.as_mut().expect("made ready above");
-                        service.call(req)
+                        // A balancer below avoids the endpoints earlier attempts went to.
+                        let mut tried = ctx.history.tried();
+                        let entered = tried.enter();
+                        let fut = service.call(req);
+                        entered.leave(&mut tried);
+                        ctx.history.keep_tried(tried);
+                        fut
                     };
                     ctx.reserved = false;
                     this.state.set(State::Called { fut });

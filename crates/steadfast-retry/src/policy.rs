@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use http::request::Parts;
 use http::{HeaderMap, Method, Response};
+use steadfast_core::__private::Tried;
 use steadfast_core::__private::rand::STEP;
 use steadfast_core::header::{Pushback, server_hint};
 use steadfast_core::{
@@ -49,7 +50,19 @@ pub(crate) struct History {
     pub(crate) deadline: Option<Deadline>,
     /// The call's jitter stream, drawn from only when a backoff is needed.
     pub(crate) rng: Option<Rng>,
+    /// Attempts refused before they left this process and sent again elsewhere: not counted
+    /// in `attempt`, bounded by [`MAX_REROUTES`].
+    pub(crate) reroutes: u32,
+    /// The endpoints this call's attempts went to, when a balancer below recorded any, so
+    /// that a retry goes to another while one is in service (boxed: a future is moved
+    /// through every layer above, and a stack without a balancer never needs it).
+    pub(crate) tried: Option<Box<Tried>>,
 }
+
+/// How many times one call is sent again because an endpoint refused it before it left this
+/// process (its breaker open): such an attempt adds no load anywhere and does not count
+/// against `max_attempts`, but a call stops being rerouted after this many.
+pub(crate) const MAX_REROUTES: u32 = 8;
 
 impl History {
     pub(crate) fn new(deadline: Option<Deadline>) -> Self {
@@ -59,14 +72,34 @@ impl History {
             previous_delay: Duration::ZERO,
             deadline,
             rng: None,
+            reroutes: 0,
+            tried: None,
         }
     }
 
     /// Records a retry the policy decided and the caller committed to.
-    /// An attempt refused before it left the process goes to another endpoint: one more
-    /// attempt, and the backoff schedule untouched.
+    /// An attempt refused before it left the process goes to another endpoint: it takes the
+    /// refused attempt's place (its number, no backoff, no budget).
+    /// Keeps what a balancer recorded in `tried` during an attempt's call, if anything.
+    #[inline]
+    pub(crate) fn keep_tried(&mut self, tried: Tried) {
+        if tried.is_empty() {
+            return;
+        }
+        match &mut self.tried {
+            Some(kept) => **kept = tried,
+            None => self.tried = Some(Box::new(tried)),
+        }
+    }
+
+    /// The endpoints to avoid for the next attempt.
+    #[inline]
+    pub(crate) fn tried(&self) -> Tried {
+        self.tried.as_deref().copied().unwrap_or_default()
+    }
+
     pub(crate) fn rerouted(&mut self) {
-        self.attempt += 1;
+        self.reroutes += 1;
     }
 
     pub(crate) fn retried(&mut self, delay: Duration, from_hint: bool) {
@@ -143,7 +176,13 @@ where
     } else {
         config.max_attempts
     };
-    if history.attempt >= max_attempts {
+    if rerouted {
+        // The refused attempt never left: it is not one of the attempts `max_attempts`
+        // counts, and its replacement takes its place.
+        if history.reroutes >= MAX_REROUTES {
+            return give_up_if_retryable(&class, "reroutes_exhausted");
+        }
+    } else if history.attempt >= max_attempts {
         return give_up_if_retryable(&class, "attempts_exhausted");
     }
     let safe = safe_to_repeat(config, request, &class, headers);

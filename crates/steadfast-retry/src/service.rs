@@ -5,6 +5,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
+use steadfast_core::__private::Tried;
 use steadfast_core::{BoxError, Classify, Deadline};
 use tower_service::Service;
 
@@ -176,9 +177,24 @@ where
         };
         let head = parts.clone();
         self.shared.spare.keep(&self.inner);
+        let mut history = History::new(deadline);
         let fut = {
             let _attempt = span.enter();
-            self.inner.call(Request::from_parts(parts, body))
+            if Tried::current().is_some() {
+                // Inside a hedge's scope: a balancer below records into the hedge's set,
+                // which this call's retries then avoid too.
+                let fut = self.inner.call(Request::from_parts(parts, body));
+                history.keep_tried(Tried::current().unwrap_or_default());
+                fut
+            } else {
+                let mut tried = Tried::default();
+                let entered = tried.enter();
+                // The request built in the call's argument: no copy of it on the way.
+                let fut = self.inner.call(Request::from_parts(parts, body));
+                entered.leave(&mut tried);
+                history.keep_tried(tried);
+                fut
+            }
         };
         ResponseFuture::retrying(
             fut,
@@ -188,7 +204,7 @@ where
                 body: retry_body,
                 next_body: None,
                 shared: self.shared.clone(),
-                history: History::new(deadline),
+                history,
                 reserved: false,
             },
             span,

@@ -407,7 +407,8 @@ async fn breaker_rejections_are_not_retried_and_cost_no_budget() {
 }
 
 /// An attempt an endpoint's breaker refused (nothing left the process) goes to another
-/// endpoint at once and asks nothing of the budget; it still counts as an attempt.
+/// endpoint at once, asks nothing of the budget and does not count against `max_attempts`;
+/// a call stops being rerouted after eight reroutes.
 #[tokio::test(start_paused = true)]
 async fn a_rerouted_attempt_is_retried_at_once_without_budget() {
     // A budget with nothing in it: every ordinary retry is denied.
@@ -448,7 +449,23 @@ async fn a_rerouted_attempt_is_retried_at_once_without_budget() {
     let (up, seen) = scripted(vec![Err("rerouted")]);
     let err = send(empty(), up, req(Method::GET, b"")).await.unwrap_err();
     assert!(steadfast_core::NotSent::is_in(&*err));
-    assert_eq!(seen.lock().unwrap().len(), 3, "bounded by the attempts");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        9,
+        "the first attempt and eight reroutes"
+    );
+
+    // The attempts the reroutes replaced are still there for ordinary retries (3 by default).
+    let (up, seen) = scripted(vec![
+        Err("rerouted"),
+        Err("rerouted"),
+        status(503),
+        status(503),
+        status(200),
+    ]);
+    let res = send(exact(), up, req(Method::GET, b"")).await.unwrap();
+    assert_eq!(res.status(), 200, "three attempts after two reroutes");
+    assert_eq!(seen.lock().unwrap().len(), 5);
 }
 
 #[tokio::test(start_paused = true)]
