@@ -219,7 +219,8 @@ impl<S, B, C> Ctx<S, B, C> {
                 target: "steadfast::retry",
                 tracing::Level::DEBUG,
                 retry = &*config.name,
-                attempt = self.history.attempt + 1,
+                // The refused attempt's number: its replacement takes it.
+                attempt = self.history.attempt,
             );
             #[cfg(feature = "metrics")]
             metrics::counter!("steadfast_retry_attempts_total", "retry" => self.label())

@@ -77,9 +77,6 @@ impl History {
         }
     }
 
-    /// Records a retry the policy decided and the caller committed to.
-    /// An attempt refused before it left the process goes to another endpoint: it takes the
-    /// refused attempt's place (its number, no backoff, no budget).
     /// Keeps what a balancer recorded in `tried` during an attempt's call, if anything.
     #[inline]
     pub(crate) fn keep_tried(&mut self, tried: Tried) {
@@ -98,10 +95,13 @@ impl History {
         self.tried.as_deref().copied().unwrap_or_default()
     }
 
+    /// An attempt refused before it left the process goes to another endpoint: it takes the
+    /// refused attempt's place (its number, no backoff, no budget).
     pub(crate) fn rerouted(&mut self) {
         self.reroutes += 1;
     }
 
+    /// Records a retry the policy decided and the caller committed to.
     pub(crate) fn retried(&mut self, delay: Duration, from_hint: bool) {
         self.attempt += 1;
         if from_hint {
