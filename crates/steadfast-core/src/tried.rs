@@ -43,7 +43,9 @@ struct Restore(Option<Tried>);
 /// dropped (on unwind too).
 #[must_use = "leave the scope to keep what was recorded in it"]
 #[derive(Debug)]
-pub struct Entered(#[allow(dead_code)] Restore);
+pub struct Entered {
+    _restore: Restore,
+}
 
 impl Entered {
     /// Leaves the scope, keeping in `into` what was recorded in it.
@@ -66,6 +68,28 @@ impl Tried {
     #[inline]
     pub fn contains(&self, id: u64) -> bool {
         self.ids[..usize::from(self.len)].contains(&id)
+    }
+
+    /// The set holding `id` alone.
+    ///
+    /// ```
+    /// use steadfast_core::__private::Tried;
+    ///
+    /// let t = Tried::of(7);
+    /// assert!(t.contains(7));
+    /// assert_eq!(t.only(), Some(7));
+    /// assert_eq!(Tried::default().only(), None);
+    /// ```
+    pub fn of(id: u64) -> Self {
+        let mut t = Self::default();
+        t.push(id);
+        t
+    }
+
+    /// The endpoint, when the set holds exactly one.
+    #[inline]
+    pub fn only(&self) -> Option<u64> {
+        (self.len == 1).then_some(self.ids[0])
     }
 
     /// Whether no endpoint was recorded.
@@ -107,9 +131,9 @@ impl Tried {
     /// ```
     #[inline]
     pub fn enter(&self) -> Entered {
-        Entered(Restore(
-            SCOPE.try_with(|s| s.replace(Some(*self))).ok().flatten(),
-        ))
+        Entered {
+            _restore: Restore(SCOPE.try_with(|s| s.replace(Some(*self))).ok().flatten()),
+        }
     }
 
     /// For a balancer: the endpoints the call being made has already used, when a layer

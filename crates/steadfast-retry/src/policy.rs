@@ -54,8 +54,10 @@ pub(crate) struct History {
     /// in `attempt`, bounded by [`MAX_REROUTES`].
     pub(crate) reroutes: u32,
     /// The endpoints this call's attempts went to, when a balancer below recorded any, so
-    /// that a retry goes to another while one is in service (boxed: a future is moved
-    /// through every layer above, and a stack without a balancer never needs it).
+    /// that a retry goes to another while one is in service: the first attempt's alone
+    /// inline (`0`: none), so that a call that is not retried allocates nothing; more, once
+    /// retries add to it, boxed (a future is moved through every layer above).
+    pub(crate) first_endpoint: u64,
     pub(crate) tried: Option<Box<Tried>>,
 }
 
@@ -73,6 +75,7 @@ impl History {
             deadline,
             rng: None,
             reroutes: 0,
+            first_endpoint: 0,
             tried: None,
         }
     }
@@ -83,16 +86,21 @@ impl History {
         if tried.is_empty() {
             return;
         }
-        match &mut self.tried {
-            Some(kept) => **kept = tried,
-            None => self.tried = Some(Box::new(tried)),
+        match (&mut self.tried, tried.only()) {
+            (Some(kept), _) => **kept = tried,
+            (None, Some(id)) if id != 0 => self.first_endpoint = id,
+            (None, _) => self.tried = Some(Box::new(tried)),
         }
     }
 
     /// The endpoints to avoid for the next attempt.
     #[inline]
     pub(crate) fn tried(&self) -> Tried {
-        self.tried.as_deref().copied().unwrap_or_default()
+        match (&self.tried, self.first_endpoint) {
+            (Some(kept), _) => **kept,
+            (None, 0) => Tried::default(),
+            (None, id) => Tried::of(id),
+        }
     }
 
     /// An attempt refused before it left the process goes to another endpoint: it takes the
