@@ -355,6 +355,32 @@ async fn an_instance_whose_breaker_is_open_loses_no_call() {
     );
 }
 
+/// An operator closing an instance's breaker by hand sees it take calls again within the
+/// balancer's failure penalty (2 s): a refusal by the breaker does not eject the instance
+/// (it did, and the instance then stayed out for the ejection time, 30 s and growing).
+#[tokio::test(start_paused = true)]
+async fn an_instance_whose_breaker_is_closed_by_hand_takes_calls_within_the_penalty() {
+    let (a, b) = (FaultServer::start().await, FaultServer::start().await);
+    let layer = stack(&[a.addr().to_string(), b.addr().to_string()]);
+    let b_key = Some(b.addr().to_string().parse().unwrap());
+    layer.breakers().handle(&b_key).force_open();
+    all_ok(&layer, 200).await;
+    assert_eq!(b.hits(), 0, "a forced-open breaker lets nothing through");
+    let status = layer.endpoints().list();
+    assert!(
+        status.iter().all(|e| !e.ejected) && status.iter().any(|e| e.refusing),
+        "refused, not ejected: {status:?}"
+    );
+    layer.breakers().handle(&b_key).close();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    all_ok(&layer, 200).await;
+    assert!(
+        b.hits() >= 50,
+        "b took {} of 200 calls after its breaker was closed",
+        b.hits()
+    );
+}
+
 /// Consul answering with no passing instance empties the set, as documented: calls then fail
 /// at once with `NoEndpoint`, sending nothing; a passing instance brings them back.
 #[tokio::test(start_paused = true)]

@@ -612,8 +612,8 @@ async fn p3_a_removed_endpoint_gets_no_call_started_after_its_removal() {
                 "round {round}: a forced-open re-added endpoint got calls"
             );
             stack.breakers().handle(&Some(b_auth.clone())).close();
-            // Its ejection (for the refusals) runs out.
-            tokio::time::sleep(Duration::from_secs(400)).await;
+            // Its refusals' penalty runs out: the next call asks the (closed) breaker.
+            tokio::time::sleep(Duration::from_millis(2100)).await;
         } else {
             assert_eq!(st, BreakerState::Closed);
         }

@@ -87,7 +87,8 @@ impl Error for NoEndpoint {
 }
 
 /// An endpoint's own breaker refused the call, and other endpoints are in service: nothing
-/// was sent, and the endpoint is ejected. Its [`source`](Error::source) is
+/// was sent, and the endpoint gets no call for the failure penalty while another can take
+/// it (it is not ejected: its breaker decides when it takes calls again). Its [`source`](Error::source) is
 /// [`NotSent`], so a retry layer above sends the call again, to another endpoint (for any
 /// method: nothing reached a server). Without endpoints to go to, the balancer returns the
 /// breaker's own refusal instead, which is not retried.

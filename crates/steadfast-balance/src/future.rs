@@ -65,27 +65,28 @@ impl<C> Guard<C> {
 }
 
 impl<C> Guard<C> {
-    /// The endpoint's own breaker refused the call: a failure for the balancer, an ejection
-    /// (within the cap), and, ejected or not, no call for it for the failure penalty (2 s)
-    /// while another can take it: it would refuse that one too. Returns whether another
-    /// endpoint is in service to take the call.
-    fn refused(self) -> (Arc<Endpoint>, bool) {
-        let ep = self.endpoint.clone();
-        let shared = self.shared.clone();
-        // An instant refusal says nothing of the endpoint's latency.
-        self.report(true, false);
+    /// The endpoint's own breaker (or a limit below) refused the call, before anything was
+    /// sent: no call for that endpoint for the failure penalty (2 s) while another can take
+    /// it, then the next call there asks again. The refusal is no verdict on the endpoint
+    /// (its breaker already judged it) and does not eject it: the breaker alone decides when
+    /// it takes calls again (its open time, its probes, or a hand closing it). Returns
+    /// whether another endpoint is in service to take the call.
+    fn refused(mut self) -> (Arc<Endpoint>, bool) {
+        self.done = true;
+        let shared = &*self.shared;
+        let ep = &self.endpoint;
+        ep.finish();
         let now = shared.now();
         ep.refuse_until(
             now.saturating_add(crate::set::nanos(shared.config.failure_penalty))
                 .max(1),
         );
-        shared.eject(&ep, now, Reason::Refused);
         let other = shared
             .endpoints
             .load()
             .iter()
-            .any(|e| !Arc::ptr_eq(e, &ep) && shared.in_service(e, now));
-        (ep, other)
+            .any(|e| !Arc::ptr_eq(e, ep) && shared.in_service(e, now));
+        (ep.clone(), other)
     }
 }
 
@@ -164,8 +165,8 @@ where
                 // A gRPC status still to come in the trailers: judged by its head.
                 ResponseClass::Deferred(_) => false,
             },
-            // The endpoint's own breaker refused: nothing was sent. Eject it, and hand the
-            // call back for another endpoint when there is one.
+            // The endpoint's own breaker refused: nothing was sent. Hand the call back for
+            // another endpoint when there is one.
             Err(e) if PolicyRejected::is_in(&**e) => {
                 let (ep, other) = guard.refused();
                 return Poll::Ready(match out {

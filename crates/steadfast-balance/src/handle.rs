@@ -31,6 +31,10 @@ pub struct EndpointStatus {
     pub ejected: bool,
     /// How many times it has been ejected (decays while healthy).
     pub ejections: u32,
+    /// Whether its breaker (or a limit below the balancer) refused a call within the failure
+    /// penalty (2 s): it gets no call while another endpoint can take one. A refusal does not
+    /// eject: the next call after the penalty asks the breaker again.
+    pub refusing: bool,
     /// Calls in flight to it.
     pub in_flight: u32,
     /// Its latency estimate now (the peak-EWMA, decayed for the time since its last answer):
@@ -91,6 +95,7 @@ impl<C> EndpointsHandle<C> {
                 // An ejection whose time is up ends here, not at the next call.
                 ejected: !shared.available(ep, now),
                 ejections: ep.ejections.load(Relaxed),
+                refusing: ep.refusing(now),
                 in_flight: ep.in_flight(),
                 latency: Duration::from_secs_f64(
                     ep.estimate(now, shared.config.decay.as_secs_f64() * 1e9) / 1e9,

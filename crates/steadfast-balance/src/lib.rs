@@ -8,11 +8,13 @@
 //!   Lock-free and O(1) per call; clones share one set with no `Buffer` in front.
 //! - **A failure costs the endpoint the next choices**: for 2 s it loses every choice against
 //!   an endpoint that has not failed, whatever their loads, so a retry goes elsewhere; then
-//!   it competes on its load again. A call refused by an endpoint's own breaker ejects the
-//!   endpoint (within the cap) and is handed back as [`Rerouted`](error::Rerouted), which a
-//!   retry layer sends to another endpoint at once, free of its budget (nothing was sent);
-//!   ejected or not, that endpoint gets no call for the failure penalty while another can
-//!   take it.
+//!   it competes on its load again. A call refused by an endpoint's own breaker (nothing
+//!   was sent) is handed back as [`Rerouted`](error::Rerouted), which a retry layer sends to
+//!   another endpoint at once, free of its budget; that endpoint then gets no call for the
+//!   failure penalty while another can take it, and the next call after it asks its breaker
+//!   again. A refusal does not eject: the breaker alone decides when its endpoint takes
+//!   calls again (its open time, its half-open probes, or a hand that closes it), and the
+//!   balancer follows within the penalty.
 //! - **Outlier ejection** (Envoy, gRPC A50), with the same outcome classification as retry
 //!   and breaker: consecutive failures (5), and per interval (10 s) success rate
 //!   (mean − 1.9 σ) and failure percentage (85 %). An ejection lasts 30 s × the ejections so

@@ -22,7 +22,6 @@ pub(crate) enum Reason {
     ConsecutiveFailures,
     SuccessRate,
     FailurePercentage,
-    Refused,
 }
 
 impl Reason {
@@ -31,7 +30,6 @@ impl Reason {
             Self::ConsecutiveFailures => "consecutive_failures",
             Self::SuccessRate => "success_rate",
             Self::FailurePercentage => "failure_percentage",
-            Self::Refused => "refused",
         }
     }
 }

@@ -620,10 +620,14 @@ mod properties {
     }
 }
 
-/// An endpoint whose own breaker refuses is ejected, and the call comes back as `Rerouted`
-/// (not sent, retryable) while another endpoint can take it; with none, the refusal itself.
+/// A call an endpoint's own breaker refuses comes back as `Rerouted` (not sent, retryable)
+/// while another endpoint can take it; with none, the refusal itself. The endpoint is not
+/// ejected: it gets no call for the failure penalty, then the next call asks its breaker
+/// again, so an endpoint whose breaker closes (by its probes or by hand) takes calls again
+/// within the penalty.
 #[tokio::test(start_paused = true)]
-async fn a_refusal_by_an_endpoints_breaker_is_rerouted_and_ejects_it() {
+async fn a_refusal_by_an_endpoints_breaker_is_rerouted_and_avoided_for_the_penalty() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use steadfast_balance::error::Rerouted;
     #[derive(Debug)]
     struct Open;
@@ -637,15 +641,25 @@ async fn a_refusal_by_an_endpoints_breaker_is_rerouted_and_ejects_it() {
             Some(&PolicyRejected::INSTANCE)
         }
     }
-    let refusing = service_fn(|req: Request<()>| async move {
-        if req.uri().authority().unwrap().as_str() == "10.0.0.1:80" {
-            Err::<Response<()>, BoxError>(Box::new(Open))
-        } else {
-            Ok(Response::new(()))
+    let open = Arc::new(AtomicBool::new(true));
+    let served = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (is_open, log) = (open.clone(), served.clone());
+    let refusing = service_fn(move |req: Request<()>| {
+        let to = req.uri().authority().unwrap().to_string();
+        let refuse = to == "10.0.0.1:80" && is_open.load(SeqCst);
+        if !refuse {
+            log.lock().unwrap().push(to);
+        }
+        async move {
+            if refuse {
+                Err::<Response<()>, BoxError>(Box::new(Open))
+            } else {
+                Ok(Response::new(()))
+            }
         }
     });
     let layer = builder(2).pick(Pick::RoundRobin).build().unwrap();
-    let mut svc = layer.layer(refusing);
+    let mut svc = layer.layer(refusing.clone());
     let mut rerouted = 0;
     for _ in 0..10 {
         if let Err(e) = send(&mut svc).await {
@@ -661,19 +675,45 @@ async fn a_refusal_by_an_endpoints_breaker_is_rerouted_and_ejects_it() {
             rerouted += 1;
         }
     }
-    assert_eq!(rerouted, 1, "then ejected");
-    assert_eq!(layer.handle().ejected(), 1);
+    assert_eq!(rerouted, 1, "then avoided for the penalty");
+    let status = layer.handle().list();
+    assert_eq!(layer.handle().ejected(), 0, "a refusal does not eject");
+    assert!(status[0].refusing && !status[1].refusing, "{status:?}");
+    // Past the penalty, the next call there asks the breaker again: still open.
+    tokio::time::sleep(Duration::from_millis(2001)).await;
+    let mut again = 0;
+    for _ in 0..10 {
+        again += u32::from(send(&mut svc).await.is_err());
+    }
+    assert_eq!(again, 1, "one refusal per penalty");
+    // The breaker closes (a hand closing it, say): calls reach the endpoint within the
+    // penalty, not after an ejection time.
+    open.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(2001)).await;
+    served.lock().unwrap().clear();
+    for _ in 0..10 {
+        send(&mut svc).await.expect("both in service");
+    }
+    let to_first = served
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|a| *a == "10.0.0.1:80")
+        .count();
+    assert_eq!(to_first, 5, "round-robin over both again");
+    assert!(!layer.handle().list()[0].refusing);
     // Alone, the refusal is the breaker's own, which is final.
+    open.store(true, SeqCst);
     let alone = builder(1).build().unwrap();
     let err = send(&mut alone.layer(refusing)).await.unwrap_err();
     assert!(PolicyRejected::is_in(&*err));
 }
 
-/// Refusing endpoints beyond the ejection cap get no calls either while another endpoint can
-/// take them (they would refuse those too): two of three refuse, the cap ejects one, and
-/// each refuses one call per failure penalty (2 s), not every other call.
+/// Refusing endpoints get no calls while another endpoint can take them (they would refuse
+/// those too), whatever the ejection cap: two of three refuse, none is ejected, and each
+/// refuses one call per failure penalty (2 s), not every other call.
 #[tokio::test(start_paused = true)]
-async fn endpoints_whose_breakers_refuse_get_no_calls_even_past_the_ejection_cap() {
+async fn endpoints_whose_breakers_refuse_get_one_call_per_penalty() {
     #[derive(Debug)]
     struct Open;
     impl std::fmt::Display for Open {
@@ -710,7 +750,7 @@ async fn endpoints_whose_breakers_refuse_get_no_calls_even_past_the_ejection_cap
         while start.elapsed() < Duration::from_millis(1900) {
             failed += u32::from(send(&mut svc).await.is_err());
         }
-        assert_eq!(layer.handle().ejected(), 1, "the cap: one of three");
+        assert_eq!(layer.handle().ejected(), 0, "refusals do not eject");
         let by_endpoint = refused.lock().unwrap().clone();
         assert!(
             by_endpoint.values().all(|&n| n == 1) && failed == 2,
