@@ -105,3 +105,57 @@ impl fmt::Display for InvalidHedgeConfig {
 impl Error for InvalidHedgeConfig {}
 
 pub use crate::replay::ReplayLost;
+
+/// A retry was decided, but the service below was still not ready to take it when the
+/// call's deadline came: nothing more was sent, and the earlier attempt's outcome is gone
+/// (it was released for the retry). Its [`source`](Error::source) is
+/// [`TimedOut`](steadfast_core::TimedOut), so it classifies as a timeout.
+///
+/// Only a call with a deadline (an ambient [`Deadline`](steadfast_core::Deadline)) can end
+/// this way; without one, a retry waits for the service below as long as it takes. A
+/// timeout above that owns the deadline (the client stack's total) ends the call first, with
+/// its own error: this one is for a deadline nothing above enforces, such as one a caller
+/// set with [`Deadline::scope`](steadfast_core::Deadline::scope).
+///
+/// ```
+/// use steadfast_core::TimedOut;
+/// use steadfast_retry::error::NotReadyByDeadline;
+///
+/// # fn check(err: &(dyn std::error::Error + 'static)) {
+/// if let Some(e) = err.downcast_ref::<NotReadyByDeadline>() {
+///     assert!(TimedOut::is_in(e));
+///     println!("attempt {} was never sent", e.attempt());
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotReadyByDeadline {
+    attempt: u32,
+}
+
+impl NotReadyByDeadline {
+    pub(crate) fn new(attempt: u32) -> Self {
+        Self { attempt }
+    }
+
+    /// The number of the attempt that was never sent (2 for the first retry).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+impl fmt::Display for NotReadyByDeadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the call's deadline passed while the service below was not ready for attempt {}",
+            self.attempt
+        )
+    }
+}
+
+impl Error for NotReadyByDeadline {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&steadfast_core::TimedOut::INSTANCE)
+    }
+}

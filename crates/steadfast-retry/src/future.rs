@@ -16,6 +16,7 @@ use steadfast_core::{BoxError, Classify, Deadline, is_grpc_content_type};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
+use crate::error::NotReadyByDeadline;
 use crate::header::GRPC_PREVIOUS_ATTEMPTS;
 use crate::policy::{History, Verdict, decide};
 use crate::replay::ReplayBody;
@@ -113,7 +114,13 @@ pin_project! {
         Waiting {
             sleep: Pin<Box<Sleep>>,
         },
-        Ready,
+        // Waiting for the service below to take the next attempt; `sleep`, armed once it is
+        // not ready, ends the wait at the call's deadline.
+        Ready {
+            sleep: Option<Pin<Box<Sleep>>>,
+            // The deadline passed at an earlier poll.
+            passed: bool,
+        },
     }
 }
 
@@ -319,7 +326,10 @@ where
                             *this.ctx = None;
                             return Poll::Ready(out);
                         }
-                        Step::Wait(d) if d.is_zero() => this.state.set(State::Ready),
+                        Step::Wait(d) if d.is_zero() => this.state.set(State::Ready {
+                            sleep: None,
+                            passed: false,
+                        }),
                         Step::Wait(d) => this.state.set(State::Waiting {
                             sleep: Box::pin(tokio::time::sleep(d)),
                         }),
@@ -327,9 +337,12 @@ where
                 }
                 StateProj::Waiting { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
-                    this.state.set(State::Ready);
+                    this.state.set(State::Ready {
+                        sleep: None,
+                        passed: false,
+                    });
                 }
-                StateProj::Ready => {
+                StateProj::Ready { sleep, passed } => {
                     let ctx = this.ctx.as_mut().expect("retrying without a context");
                     if ctx.service.is_none() {
                         ctx.service = ctx.shared.spare.get().map(Box::new);
@@ -338,8 +351,31 @@ where
                         .service
                         .as_mut()
                         .expect("the copy is made before a call can be retried");
-                    // Re-poll readiness before every attempt.
-                    ready!(service.poll_ready(cx)).map_err(Into::into)?;
+                    // Re-poll readiness before every attempt, until the call's deadline.
+                    if let Poll::Ready(ready) = service.poll_ready(cx) {
+                        ready.map_err(Into::into)?;
+                    } else {
+                        let Some(deadline) = ctx.history.deadline else {
+                            return Poll::Pending;
+                        };
+                        let sleep = sleep.get_or_insert_with(|| {
+                            Box::pin(tokio::time::sleep_until(deadline.instant()))
+                        });
+                        ready!(sleep.as_mut().poll(cx));
+                        if !*passed {
+                            // A timeout above that owns this deadline (the client stack's
+                            // total) is due now too, and is polled after this future: one
+                            // more poll lets it report the call's end as its own.
+                            *passed = true;
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                        let attempt = ctx.history.attempt;
+                        let _ = ctx.give_up((), "not_ready_by_deadline");
+                        // Dropping the context gives back the token reserved for the retry.
+                        *this.ctx = None;
+                        return Poll::Ready(Err(NotReadyByDeadline::new(attempt).into()));
+                    }
                     let req = ctx
                         .next_request()
                         .expect("a retry is only decided with the next body in hand");

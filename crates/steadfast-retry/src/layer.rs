@@ -420,7 +420,9 @@ impl<C> RetryBuilder<C> {
 /// Wraps a service of `Request<ReplayBody<B>>` (the request body wrapped so it can be sent
 /// again) and exposes a service of `Request<B>`.
 ///
-/// Per attempt: the inner service's readiness is polled again; the outcome is classified
+/// Per attempt: the inner service's readiness is polled again (until the call's deadline, if
+/// it has one: then the call ends with [`NotReadyByDeadline`](crate::error::NotReadyByDeadline),
+/// a timeout, the retry unsent); the outcome is classified
 /// ([`DefaultClassifier`]); a rejection by a local policy (an open breaker) is returned at once
 /// and costs no budget. A retry needs: attempts left, a retryable outcome, a request that is
 /// safe to repeat (idempotent method, `Idempotency-Key`, or certainly not sent), a replayable

@@ -383,6 +383,81 @@ async fn a_wait_past_the_deadline_returns_the_last_outcome_now() {
     assert_eq!(start.elapsed(), Duration::from_millis(100));
 }
 
+/// A service below that stops being ready once `stalled` is set (and never wakes anyone:
+/// only a timer of the caller's can end the wait).
+#[derive(Clone)]
+struct Stalls<S> {
+    inner: S,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: Service<R>, R> Service<R> for Stalls<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        if self.stalled.load(Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        self.inner.poll_ready(cx)
+    }
+    fn call(&mut self, req: R) -> S::Future {
+        self.stalled.store(true, Ordering::SeqCst);
+        self.inner.call(req)
+    }
+}
+
+/// A retry waits for the service below to become ready only until the call's deadline: then
+/// the call ends with `NotReadyByDeadline` (a timeout), the retry unsent and its budget
+/// token given back. Without a deadline it waits as long as it takes.
+#[tokio::test(start_paused = true)]
+async fn a_retry_waits_for_readiness_only_until_the_deadline() {
+    use steadfast_retry::error::NotReadyByDeadline;
+    let (up, seen) = scripted(vec![status(503)]);
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let layer = exact().build().unwrap();
+    let full = layer.budget_balance().unwrap();
+    let svc = layer.layer(Stalls {
+        inner: up.clone(),
+        stalled: stalled.clone(),
+    });
+    let start = Instant::now();
+    let call = Deadline::after(Duration::from_secs(1)).scope(svc.oneshot(req(Method::GET, b"")));
+    let err = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("ended by the deadline, not waiting on")
+        .unwrap_err();
+    let late = err
+        .downcast_ref::<NotReadyByDeadline>()
+        .unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(late.attempt(), 2);
+    assert!(steadfast_core::TimedOut::is_in(&*err));
+    assert_eq!(start.elapsed(), Duration::from_secs(1), "at the deadline");
+    assert_eq!(seen.lock().unwrap().len(), 1, "the retry was never sent");
+    // A retry costs one token; the call's deposit (a tenth) and its ageing are far less.
+    let now = layer.budget_balance().unwrap();
+    assert!(
+        now > full - 0.5,
+        "its token given back: {full} before, {now} after"
+    );
+
+    // No deadline: the retry waits for the service below, however long.
+    stalled.store(false, Ordering::SeqCst);
+    let svc = layer.layer(Stalls {
+        inner: up,
+        stalled: stalled.clone(),
+    });
+    let waited = tokio::time::timeout(
+        Duration::from_secs(3600),
+        svc.oneshot(req(Method::GET, b"")),
+    )
+    .await;
+    assert!(waited.is_err(), "still waiting for readiness: {waited:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn breaker_rejections_are_not_retried_and_cost_no_budget() {
     let (up, seen) = scripted(vec![Err("breaker")]);
