@@ -40,16 +40,6 @@ fn empty() -> http::Request<()> {
     http::Request::new(())
 }
 
-/// An outgoing GET to one upstream with the caller's id as an extension (what a handler's
-/// ambient id gives, for threads that have no scope of their own).
-fn outgoing_with_id() -> http::Request<Empty<Bytes>> {
-    let mut req = http::Request::new(Empty::new());
-    *req.uri_mut() = http::Uri::from_static("http://orders:8080/orders/17");
-    req.extensions_mut()
-        .insert(CorrelationId::parse("0191d5b0-7c1e-7d3a-9f00-2b1c3d4e5f60").expect("valid"));
-    req
-}
-
 /// A request to one upstream (for per-key layers).
 fn to_upstream() -> http::Request<()> {
     let mut req = http::Request::new(());
@@ -636,16 +626,33 @@ fn stacks(c: &mut Criterion) {
 
     // Two threads calling one upstream through one stack (clones of it): what the shared
     // state (per-upstream breaker, budget, reference counts) costs when both use it at once.
+    // The request and the ambient id are the single-thread rows', so that the scaling
+    // column compares like with like.
     let mut rec = Recorder::new(c, "client-stack-2t");
     let h = rt.handle();
-    rec.bench_two_threads("bare", Bare, h, outgoing_with_id);
-    rec.bench_two_threads(
+    let ambient = Some(id.clone());
+    rec.bench_two_threads_in("bare", Bare, h, empty_body, ambient.clone());
+    rec.bench_two_threads_in(
         "tower+tower-http+tower-resilience",
         peer!(Bare),
         h,
-        outgoing_with_id,
+        empty_body,
+        ambient.clone(),
     );
-    rec.bench_two_threads("steadfast", ours.layer(Bare), h, outgoing_with_id);
+    rec.bench_two_threads_in(
+        "steadfast",
+        ours.layer(Bare),
+        h,
+        empty_body,
+        ambient.clone(),
+    );
+    rec.bench_two_threads_in(
+        "floor",
+        steadfast_bench::Floor::new(Bare),
+        h,
+        empty_body,
+        ambient.clone(),
+    );
     drop(rec);
 
     // The same, built up one layer at a time (innermost first, the preset's settings): which
@@ -660,20 +667,28 @@ fn stacks(c: &mut Criterion) {
         } = steadfast_bench::PresetLayers::default();
         let mut rec = Recorder::new(c, "client-layers-2t");
         let b = || breaker.layer(attempt.layer(Bare));
-        rec.bench_two_threads("+timeout", attempt.layer(Bare), h, outgoing_with_id);
-        rec.bench_two_threads("+breaker", b(), h, outgoing_with_id);
-        rec.bench_two_threads("+retry", retry.layer(b()), h, outgoing_with_id);
-        rec.bench_two_threads(
+        rec.bench_two_threads_in(
+            "+timeout",
+            attempt.layer(Bare),
+            h,
+            empty_body,
+            ambient.clone(),
+        );
+        rec.bench_two_threads_in("+breaker", b(), h, empty_body, ambient.clone());
+        rec.bench_two_threads_in("+retry", retry.layer(b()), h, empty_body, ambient.clone());
+        rec.bench_two_threads_in(
             "+deadline",
             total.layer(retry.layer(b())),
             h,
-            outgoing_with_id,
+            empty_body,
+            ambient.clone(),
         );
-        rec.bench_two_threads(
+        rec.bench_two_threads_in(
             "+id",
             id.layer(total.layer(retry.layer(b()))),
             h,
-            outgoing_with_id,
+            empty_body,
+            ambient.clone(),
         );
     }
 

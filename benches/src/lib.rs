@@ -427,7 +427,6 @@ impl<'c> Recorder<'c> {
     /// Benchmarks `svc` shared by two OS threads (each drives its own clone; clones share the
     /// layer's state). The figure is wall time per call of the pair's combined throughput, so
     /// perfect scaling halves the single-thread figure. Each thread enters `rt` for timers.
-    #[allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall time is the measurement
     pub fn bench_two_threads<S, R>(
         &mut self,
         contender: &str,
@@ -439,18 +438,48 @@ impl<'c> Recorder<'c> {
         S::Error: std::fmt::Debug,
         R: 'static,
     {
+        self.bench_two_threads_in(contender, svc, rt, make_req, None);
+    }
+
+    /// As [`bench_two_threads`](Self::bench_two_threads), each thread's calls made with `id`
+    /// ambient (as the single-thread stack rows make theirs), so that the two figures compare.
+    #[allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall time is the measurement
+    pub fn bench_two_threads_in<S, R>(
+        &mut self,
+        contender: &str,
+        svc: S,
+        rt: &tokio::runtime::Handle,
+        make_req: fn() -> http::Request<R>,
+        id: Option<steadfast::correlation::CorrelationId>,
+    ) where
+        S: Service<http::Request<R>> + Clone + Send + 'static,
+        S::Error: std::fmt::Debug,
+        R: 'static,
+    {
+        fn within<T>(
+            id: &Option<steadfast::correlation::CorrelationId>,
+            f: impl FnOnce() -> T,
+        ) -> T {
+            match id {
+                Some(id) => id.clone().sync_scope(f),
+                None => f(),
+            }
+        }
         self.group.bench_function(contender, |b| {
             b.iter_custom(|iters| {
                 let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
                 let threads: Vec<_> = (0..2)
                     .map(|_| {
-                        let (mut svc, rt, barrier) = (svc.clone(), rt.clone(), barrier.clone());
+                        let (mut svc, rt, barrier, id) =
+                            (svc.clone(), rt.clone(), barrier.clone(), id.clone());
                         std::thread::spawn(move || {
                             let _g = rt.enter();
-                            barrier.wait();
-                            for _ in 0..iters.div_ceil(2) {
-                                call_spinning(&mut svc, make_req());
-                            }
+                            within(&id, || {
+                                barrier.wait();
+                                for _ in 0..iters.div_ceil(2) {
+                                    call_spinning(&mut svc, make_req());
+                                }
+                            })
                         })
                     })
                     .collect();
@@ -464,7 +493,9 @@ impl<'c> Recorder<'c> {
         });
         let mut one = svc.clone();
         // Spinning: a contender behind a `Buffer` answers once its worker task has run.
-        let allocs = allocations_per_call(10_000, || call_spinning(&mut one, make_req()));
+        let allocs = within(&id, || {
+            allocations_per_call(10_000, || call_spinning(&mut one, make_req()))
+        });
         record_allocs(self.name, contender, allocs);
     }
 }
