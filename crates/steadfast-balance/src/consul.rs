@@ -180,8 +180,13 @@ fn endpoints(body: &[u8]) -> Result<Vec<Authority>, String> {
         let (Some(port), Some(address)) = (port, address) else {
             continue;
         };
-        let authority = if address.contains(':') && !address.starts_with('[') {
+        // A bare IPv6 address gets its brackets; any other address with a colon (one that
+        // carries a port of its own, say) is not one.
+        let authority = if address.parse::<std::net::Ipv6Addr>().is_ok() {
             format!("[{address}]:{port}")
+        } else if address.contains(':') && !address.starts_with('[') {
+            tracing::debug!(target: "steadfast::balance", address, "consul entry skipped: not an address");
+            continue;
         } else {
             format!("{address}:{port}")
         };
@@ -198,26 +203,41 @@ fn endpoints(body: &[u8]) -> Result<Vec<Authority>, String> {
 impl<C: Send + Sync + 'static> EndpointsHandle<C> {
     /// Follows `consul`: the set becomes the service's passing instances and follows them as
     /// they change (see [`Consul`]). Spawned on the current tokio runtime; call it from inside
-    /// one. Drop or abort the returned handle to stop following.
+    /// one. Abort the returned handle to stop following; following also stops once the
+    /// balancer is gone (every clone of its layer, its services and its handles dropped),
+    /// a query in flight abandoned. Dropping the returned handle alone does not stop it: a
+    /// tokio `JoinHandle` dropped detaches its task.
     pub fn follow_consul(&self, consul: Consul) -> tokio::task::JoinHandle<()> {
-        let handle = self.clone();
+        let following = self.following();
         tokio::spawn(async move {
+            let Some(mut following) = following else {
+                return;
+            };
             let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
             let (mut index, mut failures) = (0u64, 0u32);
             loop {
                 let asked = Instant::now();
-                match query(&client, &consul, index).await {
+                let Some(answer) = following.unless_gone(query(&client, &consul, index)).await
+                else {
+                    return;
+                };
+                let wait = match answer {
                     Ok((next, list)) => {
                         failures = 0;
                         // An index that goes backwards means Consul restarted: start over.
                         let next = if next < index { 0 } else { next };
                         let unchanged = next == index;
                         index = next;
+                        let Some(handle) = following.handle() else {
+                            return;
+                        };
                         handle.set(list);
                         // A server that answers at once without a change must not be asked
                         // in a tight loop.
                         if unchanged && asked.elapsed() < Duration::from_millis(100) {
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            Duration::from_secs(1)
+                        } else {
+                            continue;
                         }
                     }
                     Err(e) => {
@@ -227,8 +247,11 @@ impl<C: Send + Sync + 'static> EndpointsHandle<C> {
                         let jitter = rand::unit(rand::next(rand::random_seed(4)));
                         let wait = backoff.mul_f64(0.5 + jitter / 2.0);
                         tracing::warn!(target: "steadfast::balance", error = %e, retry_in_ms = wait.as_millis() as u64, "consul query failed; endpoints stay as they are");
-                        tokio::time::sleep(wait).await;
+                        wait
                     }
+                };
+                if !following.pause(wait).await {
+                    return;
                 }
             }
         })
@@ -237,6 +260,9 @@ impl<C: Send + Sync + 'static> EndpointsHandle<C> {
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 
+/// One blocking query, its answer read whole, within the query's wait (and Consul's jitter)
+/// plus 5 s: an agent that stalls, before its answer's head or within its body, is given up
+/// on and asked again.
 async fn query(
     client: &HttpClient,
     consul: &Consul,
@@ -250,24 +276,27 @@ async fn query(
     }
     // Consul adds up to wait/16 of jitter to a blocking query's wait.
     let limit = consul.wait + consul.wait / 16 + Duration::from_secs(5);
-    let res = tokio::time::timeout(limit, client.request(req))
+    let exchange = async {
+        let res = client.request(req).await.map_err(|e| e.to_string())?;
+        if res.status() != StatusCode::OK {
+            return Err(format!("consul answered {}", res.status()));
+        }
+        let next = res
+            .headers()
+            .get("x-consul-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or("no X-Consul-Index in the answer")?;
+        let body = Limited::new(res.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((next, body))
+    };
+    let (next, body) = tokio::time::timeout(limit, exchange)
         .await
-        .map_err(|_| "no answer within the wait".to_owned())?
-        .map_err(|e| e.to_string())?;
-    if res.status() != StatusCode::OK {
-        return Err(format!("consul answered {}", res.status()));
-    }
-    let next = res
-        .headers()
-        .get("x-consul-index")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .ok_or("no X-Consul-Index in the answer")?;
-    let body = Limited::new(res.into_body(), MAX_ANSWER)
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+        .map_err(|_| "no whole answer within the wait".to_owned())??;
     Ok((next, endpoints(&body)?))
 }
 
@@ -284,6 +313,9 @@ mod tests {
             {"Node":{"Address":"10.0.0.3"},"Service":{"Address":"x y","Port":1}},
             {"Node":{"Address":"10.0.0.4"},"Service":{"Address":"10.0.0.4","Port":0}},
             {"Node":{"Address":"10.0.0.5"},"Service":{"Address":"10.0.0.5","Port":70000}},
+            {"Node":{"Address":"10.0.0.6"},"Service":{"Address":"10.0.0.6:9","Port":8083}},
+            {"Node":{"Address":"10.0.0.7"},"Service":{"Address":"orders-3.internal:9","Port":8084}},
+            {"Node":{"Address":"10.0.0.8"},"Service":{"Address":"[::2]","Port":8085}},
             {"Node":{},"Service":{}}
         ]"#;
         let got: Vec<String> = endpoints(body)
@@ -291,7 +323,15 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(got, ["10.0.0.1:8080", "10.0.0.2:8081", "[fe80::1]:8082"]);
+        assert_eq!(
+            got,
+            [
+                "10.0.0.1:8080",
+                "10.0.0.2:8081",
+                "[fe80::1]:8082",
+                "[::2]:8085"
+            ]
+        );
         assert!(endpoints(b"{}").is_err());
         assert!(endpoints(b"not json").is_err());
     }

@@ -19,7 +19,9 @@ use crate::handle::EndpointsHandle;
 ///
 /// - [`Dns::addresses`]: every A and AAAA record of a name, each with the given port.
 /// - [`Dns::services`]: the SRV records of a name (`_http._tcp.orders.internal`): each
-///   target's addresses with the record's port.
+///   target's addresses with the record's port (every target, whatever its priority and
+///   weight: the balancer weighs endpoints by their load). A target whose name has no
+///   address is left out; one whose lookup fails fails the whole resolution.
 ///
 /// The name is resolved again when the shortest TTL of the answer runs out, but never sooner
 /// than the floor (default 1 s) nor later than the ceiling (default 5 min). Each answer
@@ -186,15 +188,33 @@ impl Dns {
                             ttl = ttl.min(min_ttl(ips.as_lookup()).unwrap_or(ttl));
                             out.extend(ips.iter().map(|ip| authority(ip, record.port())));
                         }
-                        Err(e) => {
-                            tracing::debug!(target: "steadfast::balance", target, error = %e, "SRV target does not resolve; skipped")
+                        // A target with no address is skipped; one whose lookup failed
+                        // (a timeout, a server error) fails the whole resolution, so that
+                        // the set keeps that instance rather than dropping it.
+                        Err(e) if has_no_address(&e) => {
+                            tracing::debug!(target: "steadfast::balance", target, error = %e, "SRV target has no address; skipped")
                         }
+                        Err(e) => return Err(format!("SRV target {target}: {e}")),
                     }
                 }
             }
         }
         Ok((out, ttl))
     }
+}
+
+/// Whether a lookup failed because the name has no address (NXDOMAIN, or an empty answer),
+/// rather than because no server answered it (SERVFAIL, REFUSED, a timeout).
+fn has_no_address(e: &hickory_resolver::ResolveError) -> bool {
+    use hickory_resolver::proto::ProtoErrorKind;
+    use hickory_resolver::proto::op::ResponseCode;
+    matches!(
+        e.proto().map(|p| p.kind()),
+        Some(ProtoErrorKind::NoRecordsFound {
+            response_code: ResponseCode::NXDomain | ResponseCode::NoError,
+            ..
+        })
+    )
 }
 
 /// The shortest TTL of an answer's records.
@@ -214,10 +234,16 @@ fn authority(ip: IpAddr, port: u16) -> Authority {
 impl<C: Send + Sync + 'static> EndpointsHandle<C> {
     /// Follows `dns`: the set becomes what the name resolves to, and is resolved again when
     /// the answer's TTL runs out (see [`Dns`]). Spawned on the current tokio runtime; call it
-    /// from inside one. Drop or abort the returned handle to stop following.
+    /// from inside one. Abort the returned handle to stop following; following also stops
+    /// once the balancer is gone (every clone of its layer, its services and its handles
+    /// dropped). Dropping the returned handle alone does not stop it: a tokio `JoinHandle`
+    /// dropped detaches its task.
     pub fn follow_dns(&self, dns: Dns) -> tokio::task::JoinHandle<()> {
-        let handle = self.clone();
+        let following = self.following();
         tokio::spawn(async move {
+            let Some(mut following) = following else {
+                return;
+            };
             let resolver = match dns.resolver() {
                 Ok(r) => r,
                 Err(e) => {
@@ -227,8 +253,14 @@ impl<C: Send + Sync + 'static> EndpointsHandle<C> {
             };
             let mut retry = dns.floor;
             loop {
-                let wait = match dns.resolve(&resolver).await {
+                let Some(answer) = following.unless_gone(dns.resolve(&resolver)).await else {
+                    return;
+                };
+                let wait = match answer {
                     Ok((list, ttl)) if !list.is_empty() => {
+                        let Some(handle) = following.handle() else {
+                            return;
+                        };
                         handle.set(list);
                         retry = dns.floor;
                         Duration::from_secs(u64::from(ttl)).clamp(dns.floor, dns.ceiling)
@@ -245,7 +277,9 @@ impl<C: Send + Sync + 'static> EndpointsHandle<C> {
                         wait
                     }
                 };
-                tokio::time::sleep(wait).await;
+                if !following.pause(wait).await {
+                    return;
+                }
             }
         })
     }

@@ -1,8 +1,10 @@
 //! Changing the endpoint set while calls run.
 
 use std::fmt;
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_core::Stream;
@@ -112,6 +114,8 @@ impl<C> EndpointsHandle<C> {
     /// Replaces the whole set (what a source that lists every endpoint each time, such as a
     /// DNS answer, reports). Endpoints that stay keep their load estimate and ejections; when
     /// the smaller set allows fewer ejected endpoints, the ones ejected longest ago return.
+    /// An endpoint that leaves and later comes back starts afresh, not ejected: its source
+    /// (a health check passing again, a DNS record back) vouches for it.
     /// An authority that is not an endpoint (no port, port 0, userinfo) is skipped, with a
     /// warning, as the builder would refuse it.
     pub fn set(&self, endpoints: impl IntoIterator<Item = Authority>) {
@@ -153,7 +157,10 @@ impl<C> EndpointsHandle<C> {
     }
 
     /// Follows a discovery stream: every change it yields is applied, until it ends or
-    /// yields an error (logged). Drop or abort the returned handle to stop following.
+    /// yields an error (logged). Abort the returned handle to stop following; following also
+    /// stops once the balancer is gone (every clone of its layer, its services and its
+    /// handles dropped). Dropping the returned handle alone does not stop it: a tokio
+    /// `JoinHandle` dropped detaches its task.
     ///
     /// # Panics
     ///
@@ -164,10 +171,20 @@ impl<C> EndpointsHandle<C> {
         E: fmt::Display,
         C: Send + Sync + 'static,
     {
-        let handle = self.clone();
+        let following = self.following();
         tokio::spawn(async move {
+            let Some(mut following) = following else {
+                return;
+            };
             let mut changes = std::pin::pin!(changes);
-            while let Some(next) = std::future::poll_fn(|cx| changes.as_mut().poll_next(cx)).await {
+            loop {
+                let next = std::future::poll_fn(|cx| changes.as_mut().poll_next(cx));
+                let Some(Some(next)) = following.unless_gone(next).await else {
+                    return;
+                };
+                let Some(handle) = following.handle() else {
+                    return;
+                };
                 match next {
                     Ok(change) => handle.apply(change),
                     Err(e) => {
@@ -177,5 +194,55 @@ impl<C> EndpointsHandle<C> {
                 }
             }
         })
+    }
+
+    /// What a discovery task holds: the set, weakly, and word of its end. `None` for a
+    /// handle with no balancer behind it (nothing to follow).
+    pub(crate) fn following(&self) -> Option<Following<C>> {
+        let Some(shared) = &self.shared else {
+            tracing::warn!(target: "steadfast::balance", "this stack has no balancer: nothing follows the discovery source");
+            return None;
+        };
+        Some(Following {
+            set: Arc::downgrade(shared),
+            gone: shared.gone(),
+        })
+    }
+}
+
+/// A discovery task's hold on the set it follows: it keeps the set alive only while applying
+/// a change, so the task ends once the balancer is gone rather than keeping it (and itself)
+/// alive.
+pub(crate) struct Following<C> {
+    set: Weak<Shared<C>>,
+    gone: tokio::sync::watch::Receiver<()>,
+}
+
+impl<C> Following<C> {
+    /// Runs `fut` to its end, unless the set is dropped first (`None`).
+    pub(crate) async fn unless_gone<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        let gone = self.gone.changed();
+        let mut gone = std::pin::pin!(gone);
+        std::future::poll_fn(|cx| {
+            // Nothing is ever sent: `changed` ends only when the set's sender is dropped.
+            if gone.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            fut.as_mut().poll(cx).map(Some)
+        })
+        .await
+    }
+
+    /// Waits `d`; false when the set is dropped first.
+    pub(crate) async fn pause(&mut self, d: Duration) -> bool {
+        self.unless_gone(tokio::time::sleep(d)).await.is_some()
+    }
+
+    /// The set, to change it now; `None` once it is gone.
+    pub(crate) fn handle(&self) -> Option<EndpointsHandle<C>> {
+        self.set
+            .upgrade()
+            .map(|shared| EndpointsHandle::new(Some(shared)))
     }
 }

@@ -47,6 +47,8 @@ pub(crate) struct Shared<C> {
     /// The `Host` value for the service name callers use, made once (callers of one balancer
     /// name one service): a header value costs an allocation to make, none to clone.
     service_host: arc_swap::ArcSwapOption<(Authority, http::HeaderValue)>,
+    /// Dropped with the set: tells discovery tasks following it that it is gone.
+    gone: tokio::sync::watch::Sender<()>,
 }
 
 impl<C> std::fmt::Debug for Shared<C> {
@@ -86,7 +88,13 @@ impl<C> Shared<C> {
             rng,
             rr: AtomicUsize::new(0),
             service_host: arc_swap::ArcSwapOption::empty(),
+            gone: tokio::sync::watch::Sender::new(()),
         }
+    }
+
+    /// Ends (with an error) once the set is dropped.
+    pub(crate) fn gone(&self) -> tokio::sync::watch::Receiver<()> {
+        self.gone.subscribe()
     }
 
     /// The `Host` header value for `service`: its host and port, never its userinfo.
