@@ -352,8 +352,11 @@ where
                         .as_mut()
                         .expect("the copy is made before a call can be retried");
                     // Re-poll readiness before every attempt, until the call's deadline.
-                    if let Poll::Ready(ready) = service.poll_ready(cx) {
+                    let late = if let Poll::Ready(ready) = service.poll_ready(cx) {
                         ready.map_err(Into::into)?;
+                        // Readiness that came at or after the deadline is too late: a retry
+                        // is never sent past it (as a backoff ending there is never waited).
+                        ctx.history.deadline.is_some_and(Deadline::is_expired)
                     } else {
                         let Some(deadline) = ctx.history.deadline else {
                             return Poll::Pending;
@@ -362,6 +365,9 @@ where
                             Box::pin(tokio::time::sleep_until(deadline.instant()))
                         });
                         ready!(sleep.as_mut().poll(cx));
+                        true
+                    };
+                    if late {
                         if !*passed {
                             // A timeout above that owns this deadline (the client stack's
                             // total) is due now too, and is polled after this future: one

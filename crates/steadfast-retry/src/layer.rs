@@ -181,8 +181,10 @@ impl<C> RetryBuilder<C> {
     /// An attempt that an endpoint refused before it left this process (a balancer below
     /// whose endpoint's breaker is open: `Rerouted`, whose source is `NotSent`) is sent again
     /// at once to another endpoint and does not count: it took no attempt from an upstream.
-    /// A call is rerouted eight times at most. Each attempt, rerouted or retried, avoids the
-    /// endpoints this call's earlier attempts went to while another is in service.
+    /// A call is rerouted 64 times at most (a balancer takes an endpoint that refused out of
+    /// service for its failure penalty, so a call meets each refusing endpoint once). Each
+    /// attempt, rerouted or retried, avoids the endpoints this call's earlier attempts went to
+    /// while another is in service.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n;
         self

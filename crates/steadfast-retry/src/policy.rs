@@ -63,8 +63,11 @@ pub(crate) struct History {
 
 /// How many times one call is sent again because an endpoint refused it before it left this
 /// process (its breaker open): such an attempt adds no load anywhere and does not count
-/// against `max_attempts`, but a call stops being rerouted after this many.
-pub(crate) const MAX_REROUTES: u32 = 8;
+/// against `max_attempts`, but a call stops being rerouted after this many. A balancer takes
+/// an endpoint that refused out of service for its failure penalty, so one call meets each
+/// refusing endpoint once at most: this many lets a call find the one healthy endpoint among
+/// 64 refusing ones whose penalties ran out together.
+pub(crate) const MAX_REROUTES: u32 = 64;
 
 impl History {
     pub(crate) fn new(deadline: Option<Deadline>) -> Self {

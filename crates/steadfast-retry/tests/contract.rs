@@ -483,7 +483,7 @@ async fn breaker_rejections_are_not_retried_and_cost_no_budget() {
 
 /// An attempt an endpoint's breaker refused (nothing left the process) goes to another
 /// endpoint at once, asks nothing of the budget and does not count against `max_attempts`;
-/// a call stops being rerouted after eight reroutes.
+/// a call stops being rerouted after 64 reroutes.
 #[tokio::test(start_paused = true)]
 async fn a_rerouted_attempt_is_retried_at_once_without_budget() {
     // A budget with nothing in it: every ordinary retry is denied.
@@ -526,8 +526,8 @@ async fn a_rerouted_attempt_is_retried_at_once_without_budget() {
     assert!(steadfast_core::NotSent::is_in(&*err));
     assert_eq!(
         seen.lock().unwrap().len(),
-        9,
-        "the first attempt and eight reroutes"
+        65,
+        "the first attempt and 64 reroutes"
     );
 
     // The attempts the reroutes replaced are still there for ordinary retries (3 by default).
