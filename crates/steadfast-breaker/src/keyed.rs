@@ -259,6 +259,8 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             // a breaker of its own for this call, not kept (memory stays bounded; see
             // `max_keys`), and not memoised either.
             tracing::debug!(target: "steadfast::breaker", "per-key breakers full of open breakers; not keeping a new key");
+            #[cfg(feature = "metrics")]
+            crate::state::record_gone(&stripe.shared.meta, stripe.shared.state());
             return (stripe, None);
         }
         let entry = Arc::new(Entry {
@@ -323,6 +325,13 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             return false;
         };
         // The last entry moves into the hole: the hand looks at it next.
+        #[cfg(feature = "metrics")]
+        if let Some((e, _)) = slots.map.get_index(i) {
+            // Its state series ends at 0: no breaker of the layer is in that state for this
+            // upstream now (a breaker made for it later starts its own at 1).
+            let shared = &e.stripe.shared;
+            crate::state::record_gone(&shared.meta, shared.state());
+        }
         slots.map.swap_remove_index(i);
         slots.hand = i;
         // After the removal, under the shard's write lock: every memo of the removed entry

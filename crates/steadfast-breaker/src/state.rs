@@ -379,6 +379,10 @@ pub(crate) struct Meta {
     /// outcome.
     #[cfg(feature = "metrics")]
     durations: [std::sync::OnceLock<metrics::Histogram>; 2],
+    /// A per-key breaker that its map evicted or never kept: its state is no upstream's any
+    /// more, and the state gauge is left to the breaker the map keeps for that key.
+    #[cfg(feature = "metrics")]
+    untracked: std::sync::atomic::AtomicBool,
 }
 
 impl Meta {
@@ -392,6 +396,8 @@ impl Meta {
             rejected: std::sync::OnceLock::new(),
             #[cfg(feature = "metrics")]
             durations: [std::sync::OnceLock::new(), std::sync::OnceLock::new()],
+            #[cfg(feature = "metrics")]
+            untracked: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -1176,18 +1182,33 @@ impl Shared {
 /// Prometheus way of exporting an enum): the state left goes to 0, the one entered to 1.
 #[cfg(feature = "metrics")]
 pub(crate) fn record_state(meta: &Meta, from: BreakerState, to: BreakerState) {
-    let gauge = |state: BreakerState| {
-        metrics::gauge!(
-            "steadfast_breaker_state",
-            "breaker" => metrics::SharedString::from(meta.breaker.clone()),
-            "upstream" => metrics::SharedString::from(meta.upstream.clone()),
-            "state" => state.as_str()
-        )
-    };
-    if from != to {
-        gauge(from).set(0.0);
+    if meta.untracked.load(std::sync::atomic::Ordering::Acquire) {
+        return;
     }
-    gauge(to).set(1.0);
+    if from != to {
+        state_gauge(meta, from).set(0.0);
+    }
+    state_gauge(meta, to).set(1.0);
+}
+
+/// A per-key breaker left its map (evicted) or was never kept: the state it is in reads 0,
+/// and its later moves are not recorded (a breaker the map keeps for the key records its
+/// own).
+#[cfg(feature = "metrics")]
+pub(crate) fn record_gone(meta: &Meta, state: BreakerState) {
+    meta.untracked
+        .store(true, std::sync::atomic::Ordering::Release);
+    state_gauge(meta, state).set(0.0);
+}
+
+#[cfg(feature = "metrics")]
+fn state_gauge(meta: &Meta, state: BreakerState) -> metrics::Gauge {
+    metrics::gauge!(
+        "steadfast_breaker_state",
+        "breaker" => metrics::SharedString::from(meta.breaker.clone()),
+        "upstream" => metrics::SharedString::from(meta.upstream.clone()),
+        "state" => state.as_str()
+    )
 }
 
 /// What a rejection says about when to come back while a trip's schedule is being written

@@ -37,6 +37,8 @@ pub(crate) struct Ctx<S, B, C> {
     pub(crate) history: History,
     /// A budget token is held for a retry decided but not sent yet.
     pub(crate) reserved: bool,
+    /// The attempt decided next replaces one an endpoint refused (it is no retry).
+    pub(crate) next_is_reroute: bool,
 }
 
 impl<S, B, C> Drop for Ctx<S, B, C> {
@@ -74,7 +76,7 @@ pub(crate) fn attempt_span(parts: &Parts, resend: u32) -> tracing::Span {
         http.request.method = parts.method.as_str(),
         server.address = parts.uri.host(),
         server.port = parts.uri.port_u16(),
-        url.full = tracing::field::display(&parts.uri),
+        url.full = tracing::field::display(Redacted(&parts.uri)),
         http.request.resend_count = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
         error.type = tracing::field::Empty,
@@ -83,6 +85,49 @@ pub(crate) fn attempt_span(parts: &Parts, resend: u32) -> tracing::Span {
         span.record("http.request.resend_count", resend);
     }
     span
+}
+
+/// A URI as OpenTelemetry's `url.full` may carry it: credentials in its userinfo become
+/// `REDACTED:REDACTED`, and the values of the query parameters the convention names as
+/// signatures or keys (`AWSAccessKeyId`, `Signature`, `sig`, `X-Goog-Signature`) become
+/// `REDACTED`. Written only when a subscriber records the span.
+struct Redacted<'a>(&'a http::Uri);
+
+impl fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SECRET_PARAMS: [&str; 4] = ["AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature"];
+        let uri = self.0;
+        if let Some(scheme) = uri.scheme_str() {
+            write!(f, "{scheme}://")?;
+        }
+        if let Some(authority) = uri.authority() {
+            let host_port = match authority.as_str().rsplit_once('@') {
+                Some((_, rest)) => {
+                    f.write_str("REDACTED:REDACTED@")?;
+                    rest
+                }
+                None => authority.as_str(),
+            };
+            f.write_str(host_port)?;
+        }
+        f.write_str(uri.path())?;
+        let Some(query) = uri.query() else {
+            return Ok(());
+        };
+        f.write_str("?")?;
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                f.write_str("&")?;
+            }
+            match pair.split_once('=') {
+                Some((name, _)) if SECRET_PARAMS.contains(&name) => {
+                    write!(f, "{name}=REDACTED")?;
+                }
+                _ => f.write_str(pair)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Writes an attempt's outcome into its span.
@@ -186,6 +231,18 @@ impl<S, B, C> Ctx<S, B, C> {
         metrics::SharedString::from(self.shared.config.name.clone())
     }
 
+    /// Counts the attempt just sent: a retry, or the replacement of a refused one.
+    #[cfg(feature = "metrics")]
+    fn count_sent(&self) {
+        if self.next_is_reroute {
+            metrics::counter!("steadfast_retry_rerouted_total", "retry" => self.label())
+                .increment(1);
+        } else {
+            metrics::counter!("steadfast_retry_attempts_total", "retry" => self.label())
+                .increment(1);
+        }
+    }
+
     /// The budget's level, set whenever the budget is asked for a retry.
     #[cfg(feature = "metrics")]
     fn record_budget(&self) {
@@ -229,10 +286,8 @@ impl<S, B, C> Ctx<S, B, C> {
                 // The refused attempt's number: its replacement takes it.
                 attempt = self.history.attempt,
             );
-            #[cfg(feature = "metrics")]
-            metrics::counter!("steadfast_retry_attempts_total", "retry" => self.label())
-                .increment(1);
             self.history.rerouted();
+            self.next_is_reroute = true;
             self.next_body = Some(next_body);
             return Step::Wait(Duration::ZERO);
         }
@@ -268,13 +323,12 @@ impl<S, B, C> Ctx<S, B, C> {
         );
         #[cfg(feature = "metrics")]
         {
-            metrics::counter!("steadfast_retry_attempts_total", "retry" => self.label())
-                .increment(1);
             // Every wait is one observation, a server's hint as much as a backoff.
             metrics::histogram!("steadfast_retry_backoff_seconds", "retry" => self.label(), "source" => if from_hint { "server_hint" } else { "backoff" })
                 .record(delay.as_secs_f64());
         }
         self.history.retried(delay, from_hint);
+        self.next_is_reroute = false;
         self.next_body = Some(next_body);
         // The token is spent only when the retry is sent: a caller that gives up during the
         // wait gets it back (see `Drop`).
@@ -401,9 +455,35 @@ where
                         fut
                     };
                     ctx.reserved = false;
+                    #[cfg(feature = "metrics")]
+                    ctx.count_sent();
                     this.state.set(State::Called { fut });
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Redacted;
+
+    fn shown(uri: &str) -> String {
+        Redacted(&uri.parse().unwrap()).to_string()
+    }
+
+    #[test]
+    fn url_full_never_carries_credentials_or_signatures() {
+        assert_eq!(
+            shown("http://alice:pw@orders:8080/p?token=t&sig=abc&Signature=x&a=1"),
+            "http://REDACTED:REDACTED@orders:8080/p?token=t&sig=REDACTED&Signature=REDACTED&a=1"
+        );
+        assert_eq!(shown("http://orders/p"), "http://orders/p");
+        assert_eq!(
+            shown("https://a@b@orders/"),
+            "https://REDACTED:REDACTED@orders/"
+        );
+        assert_eq!(shown("/only/a/path?x"), "/only/a/path?x");
+        assert_eq!(shown("http://[::1]:80/?sig"), "http://[::1]:80/?sig");
     }
 }

@@ -83,7 +83,12 @@ pub fn describe_metrics() {
     describe_counter!(
         "steadfast_retry_attempts_total",
         Unit::Count,
-        "Retries sent: attempts after a call's first (label retry: the layer's name)."
+        "Retries sent: attempts after a call's first, counted when sent (label retry: the layer's name)."
+    );
+    describe_counter!(
+        "steadfast_retry_rerouted_total",
+        Unit::Count,
+        "Attempts sent again at once because an endpoint refused them before they left (not retries)."
     );
     describe_histogram!(
         "steadfast_retry_backoff_seconds",

@@ -206,6 +206,7 @@ where
                 shared: self.shared.clone(),
                 history,
                 reserved: false,
+                next_is_reroute: false,
             },
             span,
         )
