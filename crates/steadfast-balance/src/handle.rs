@@ -235,6 +235,7 @@ impl<C> Following<C> {
     }
 
     /// Waits `d`; false when the set is dropped first.
+    #[cfg(any(feature = "consul", feature = "dns"))]
     pub(crate) async fn pause(&mut self, d: Duration) -> bool {
         self.unless_gone(tokio::time::sleep(d)).await.is_some()
     }
