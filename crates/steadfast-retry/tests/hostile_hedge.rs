@@ -2387,3 +2387,19 @@ async fn an_attempt_an_endpoint_refused_unsent_goes_elsewhere_even_before_a_dela
     assert_eq!(res.status(), 200);
     assert_eq!(log.lock().unwrap().calls, 42);
 }
+
+#[tokio::test(start_paused = true)]
+async fn attempts_refused_unsent_take_nothing_from_max_attempts() {
+    // Six attempts in a row refused before anything was sent (six endpoints' breakers open
+    // behind a balancer), then an answer: each refusal is sent again at once, and none of
+    // them counts against the three attempts a call may make.
+    let mut rest: Vec<Plan> = (0..6).map(|_| err(1, Out::NotSent)).collect();
+    rest.push(ok(5));
+    let (up, log) = upstream(after_quick(40, rest));
+    let layer = HedgeLayer::builder().max_attempts(3).build().unwrap();
+    let svc = layer.clone().layer(up);
+    earn_n(&svc, 40).await;
+    let res = svc.oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), 200, "the answer after six refusals");
+    assert_eq!(log.lock().unwrap().calls, 47);
+}

@@ -24,6 +24,7 @@ use tower_service::Service;
 use super::service::Shared;
 use crate::future::{attempt_span, small_number};
 use crate::header::GRPC_PREVIOUS_ATTEMPTS;
+use crate::policy::MAX_REROUTES;
 use crate::replay::{ReplayBody, ReplayLost};
 
 pin_project! {
@@ -71,8 +72,12 @@ pub(crate) struct Race<F, S, B, C, R> {
     /// When the first attempt was sent.
     started: Instant,
     hedges: Vec<Attempt<F>>,
-    /// Attempts sent so far, the first included.
+    /// Attempts sent so far, the first included, not counting those that replaced an
+    /// attempt an endpoint refused before sending it (`reroutes`).
     sent: u32,
+    /// Attempts sent again because an endpoint refused them unsent: they take no attempt
+    /// from `max_attempts`, at most [`MAX_REROUTES`] per call.
+    reroutes: u32,
     /// When the next hedge goes (`None`: no more hedges for this call, or none yet known).
     next_at: Option<Instant>,
     /// The next attempt replaces one that an endpoint refused before sending it: it adds no
@@ -132,6 +137,7 @@ impl<F, S, B, C, R> Race<F, S, B, C, R> {
             started,
             hedges: Vec::new(),
             sent: 1,
+            reroutes: 0,
             next_at,
             free: false,
             reserved: Reserved::default(),
@@ -386,7 +392,12 @@ where
         // refused before sending it adds no load and goes elsewhere all the same.
         let config = &self.shared.config;
         let unlearnt = !rerouted && config.delay.get().is_none();
-        if self.stopped || self.sent >= config.max_attempts || unlearnt {
+        let spent = if rerouted {
+            self.reroutes >= MAX_REROUTES
+        } else {
+            self.sent >= config.max_attempts
+        };
+        if self.stopped || spent || unlearnt {
             self.next_at = None;
             return;
         }
@@ -451,7 +462,9 @@ where
             self.stop("body_not_replayable");
             return Sent::No;
         };
-        let attempt = self.sent + 1;
+        // An attempt that replaces one an endpoint refused unsent takes its number.
+        let rerouted = self.free;
+        let attempt = if rerouted { self.sent } else { self.sent + 1 };
         let mut req = Request::from_parts(self.parts.clone(), body);
         let headers = req.headers_mut();
         // Counted on from what the request arrived with (a retry layer above numbers its own
@@ -483,13 +496,20 @@ where
             attempt,
             after_ms = now.saturating_duration_since(self.started).as_millis() as u64,
         );
+        // A replacement for a refused attempt is no hedge.
         #[cfg(feature = "metrics")]
-        metrics::counter!("steadfast_hedge_sent_total", "hedge" => metrics::SharedString::from(config.name.clone()))
-            .increment(1);
+        if !rerouted {
+            metrics::counter!("steadfast_hedge_sent_total", "hedge" => metrics::SharedString::from(config.name.clone()))
+                .increment(1);
+        }
         // The tokens are spent: the hedge is out.
         self.reserved = Reserved::default();
         self.free = false;
-        self.sent = attempt;
+        if rerouted {
+            self.reroutes += 1;
+        } else {
+            self.sent = attempt;
+        }
         self.hedges.push(Attempt {
             fut: Box::pin(fut),
             sent: now,

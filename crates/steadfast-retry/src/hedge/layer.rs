@@ -128,7 +128,9 @@ impl Default for HedgeBuilder {
 
 impl<C> HedgeBuilder<C> {
     /// Attempts in total, the first included (2 = the call and one hedge; 1 turns hedging
-    /// off; more than 5 is an error, as gRPC A6 caps attempts at 5).
+    /// off; more than 5 is an error, as gRPC A6 caps attempts at 5). An attempt an endpoint
+    /// refused before sending it (a balancer's `Rerouted`) is sent again at once and does not
+    /// count, as gRPC A6's transparent retries do not; a call is rerouted 64 times at most.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n;
         self
