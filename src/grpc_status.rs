@@ -11,7 +11,7 @@
 //! | [`Elapsed`] (a timeout, the call's or an inherited deadline, or the body's) | `DEADLINE_EXCEEDED` |
 //! | `tonic::TimeoutExpired` (the `Channel`'s own timer, armed from the `grpc-timeout` the stack propagates: the same deadline, firing first) | `DEADLINE_EXCEEDED` (tonic alone says `CANCELLED`) |
 //! | [`BreakerOpen`] (an open breaker, failing fast) | `UNAVAILABLE`, with `grpc-retry-pushback-ms` when the next probe time is known |
-//! | anything else | passed on: tonic maps its own transport errors |
+//! | anything else | passed on: tonic maps its own transport errors (a stream the server resets gets the code the gRPC HTTP/2 mapping gives its reset: `INTERNAL_ERROR` → `INTERNAL`, `REFUSED_STREAM` → `UNAVAILABLE`, `CANCEL` → `CANCELLED`) |
 
 use std::error::Error;
 use std::fmt;

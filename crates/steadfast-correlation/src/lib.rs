@@ -15,7 +15,9 @@
 //!                              CorrelationId::current() == "abc", span field correlation_id=abc
 //! ```
 //!
-//! Spawned work does not inherit task-locals: wrap it in [`CorrelationId::propagate`].
+//! Spawned work does not inherit task-locals: wrap it in [`CorrelationId::propagate`]. The
+//! same goes for work a streamed response body does once the handler has returned: the server
+//! layer makes the id ambient while the handler's future runs, not while the body is read.
 //!
 //! # Hostile input
 //!
