@@ -12,7 +12,7 @@
 //! This is what an error means to *your* caller when you answer with it. The `tonic::Status`
 //! that `client::grpc()` itself returns keeps tonic's code for tonic's transport errors (a
 //! stream the server reset with `INTERNAL_ERROR` is `INTERNAL`, as the gRPC HTTP/2 mapping
-//! says; see [`grpc_status`](crate::grpc_status)).
+//! says; see `steadfast::grpc_status`, feature `tonic`).
 //!
 //! The response bodies and gRPC messages are fixed short texts: an error's own text can name
 //! internal addresses, and the caller upstream of you should not see them. Log the error
