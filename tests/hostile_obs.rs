@@ -1192,6 +1192,12 @@ fn reroutes_are_not_retries_nor_ejections() {
         0.0,
         "a reroute is not a retry: {all:#?}"
     );
+    assert_eq!(
+        m.opt("steadfast_retry_rerouted_total{retry=rr}")
+            .unwrap_or(0.0),
+        rerouted.len() as f64,
+        "every reroute counted once: {all:#?}"
+    );
 }
 
 /// A failing endpoint is ejected: one WARN `balance.ejected` with the documented fields per
