@@ -6,13 +6,17 @@
 //! | a timeout (`Elapsed`: the call's, an inherited deadline's, the body's; anything marked [`TimedOut`]) | `Timeout` | 504 | `DEADLINE_EXCEEDED` |
 //! | an open breaker (`BreakerOpen`, also inside the balancer's `Rerouted`) | `BreakerOpen` | 503 + `Retry-After` (whole seconds, rounded up; none for a breaker forced open by hand, which has no schedule) | `UNAVAILABLE` + `grpc-retry-pushback-ms` |
 //! | no endpoint (`NoEndpoint`: the service has none, or every one is ejected) | `NoEndpoint` | 503 | `UNAVAILABLE` |
-//! | any other refusal by local policy ([`PolicyRejected`]) | `Rejected` | 503 | `UNAVAILABLE` |
+//! | any other refusal by local policy ([`PolicyRejected`]: a limit, a throttle) | `Rejected` | 503 + `x-envoy-overloaded` | `UNAVAILABLE` + `x-envoy-overloaded` |
 //! | anything else: connect errors, resets, protocol errors | `Upstream` | 502 | `UNAVAILABLE` |
 //!
 //! This is what an error means to *your* caller when you answer with it. The `tonic::Status`
 //! that `client::grpc()` itself returns keeps tonic's code for tonic's transport errors (a
 //! stream the server reset with `INTERNAL_ERROR` is `INTERNAL`, as the gRPC HTTP/2 mapping
 //! says; see `steadfast::grpc_status`, feature `tonic`).
+//!
+//! A `Rejected` answer is marked as shed ([`OVERLOADED`](crate::common::OVERLOADED)): the call was refused
+//! for load before it went anywhere, so your callers' breakers do not count it as a failure
+//! of yours (their balancers still avoid you for a while, and their limits still learn).
 //!
 //! The response bodies and gRPC messages are fixed short texts: an error's own text can name
 //! internal addresses, and the caller upstream of you should not see them. Log the error
@@ -33,7 +37,7 @@ use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode};
 use steadfast_core::header::{GRPC_RETRY_PUSHBACK_MS, Pushback, encode_pushback};
-use steadfast_core::{GrpcCode, PolicyRejected, ResponseBody, TimedOut};
+use steadfast_core::{GrpcCode, OVERLOADED, PolicyRejected, ResponseBody, TimedOut};
 
 /// What went wrong, in the terms a caller upstream of you needs; see the [module
 /// docs](self) for the mapping.
@@ -165,8 +169,14 @@ pub fn http_response<B>(err: &(dyn Error + 'static)) -> Response<ResponseBody<B>
         res.headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
+    if failure == Failure::Rejected {
+        res.headers_mut().insert(OVERLOADED, SHED);
+    }
     res
 }
+
+/// The shed marker's value.
+const SHED: HeaderValue = HeaderValue::from_static("true");
 
 /// The gRPC answer `err` means: a trailers-only response with its status, and
 /// `grpc-retry-pushback-ms` for an open breaker.
@@ -186,6 +196,9 @@ pub fn grpc_response<B>(err: &(dyn Error + 'static)) -> Response<ResponseBody<B>
             GRPC_RETRY_PUSHBACK_MS,
             encode_pushback(Pushback::After(after)),
         );
+    }
+    if failure == Failure::Rejected {
+        res.headers_mut().insert(OVERLOADED, SHED);
     }
     res
 }
@@ -211,6 +224,12 @@ pub fn grpc_status(err: &(dyn Error + 'static)) -> tonic::Status {
         {
             status.metadata_mut().insert("grpc-retry-pushback-ms", v);
         }
+    }
+    if failure == Failure::Rejected {
+        status.metadata_mut().insert(
+            "x-envoy-overloaded",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
     }
     status
 }

@@ -87,16 +87,39 @@ async fn each_failure_of_the_stack_is_the_answer_it_means() {
     }
     let shed: BoxError = Box::new(Shed);
 
+    // Only a refusal for load says it was shed (`x-envoy-overloaded`): an open breaker, a
+    // missing endpoint, a timeout or a broken upstream are failures the caller should count.
     let expect = [
-        (&timeout, 504, None, "4", None),
-        (&open, 503, Some("30"), "14", Some("30000")),
-        (&refused, 502, None, "14", None),
-        (&none, 503, None, "14", None),
-        (&shed, 503, None, "14", None),
+        (&timeout, 504, None, "4", None, false),
+        (&open, 503, Some("30"), "14", Some("30000"), false),
+        (&refused, 502, None, "14", None, false),
+        (&none, 503, None, "14", None, false),
+        (&shed, 503, None, "14", None, true),
     ];
-    for (err, status, retry_after, grpc, pushback) in expect {
+    for (err, status, retry_after, grpc, pushback, marked) in expect {
         let res = http_response::<Full<Bytes>>(&**err);
         assert_eq!(res.status(), status, "{err}");
+        assert_eq!(
+            res.headers().get("x-envoy-overloaded").is_some(),
+            marked,
+            "{err}"
+        );
+        assert_eq!(
+            grpc_response::<()>(&**err)
+                .headers()
+                .get("x-envoy-overloaded")
+                .is_some(),
+            marked,
+            "{err}"
+        );
+        assert_eq!(
+            grpc_status(&**err)
+                .metadata()
+                .get("x-envoy-overloaded")
+                .is_some(),
+            marked,
+            "{err}"
+        );
         assert_eq!(
             res.headers()
                 .get("retry-after")

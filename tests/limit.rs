@@ -30,23 +30,26 @@ fn streamed() -> (mpsc::Sender<Bytes>, Body) {
     (tx, Body::from_stream(stream))
 }
 
+/// A router whose `/` answers "ok" once `gate` lets it, one permit per call.
+fn gated(gate: &Arc<Semaphore>) -> Router {
+    let gate = gate.clone();
+    Router::new().route(
+        "/",
+        get(move || {
+            let gate = gate.clone();
+            async move {
+                gate.acquire().await.unwrap().forget();
+                "ok"
+            }
+        }),
+    )
+}
+
 #[tokio::test]
 async fn a_server_over_its_limit_answers_503_and_serves_again_once_bodies_end() {
     let limit = ConcurrencyLimitLayer::new(2);
     let gate = Arc::new(Semaphore::new(0));
-    let handler_gate = gate.clone();
-    let app = Router::new()
-        .route(
-            "/",
-            get(move || {
-                let gate = handler_gate.clone();
-                async move {
-                    gate.acquire().await.unwrap().forget();
-                    "ok"
-                }
-            }),
-        )
-        .layer(limit.answering());
+    let app = gated(&gate).layer(limit.answering());
     let addr = serve_axum(app).await;
     let client = http_client();
 
@@ -172,4 +175,58 @@ async fn a_client_limit_refuses_without_sending_while_a_body_is_unread() {
     drop(rx_slot.recv().await.unwrap());
     assert_eq!(next.await.unwrap().unwrap().status(), 200);
     assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+/// A server that sheds load marks its answers (`x-envoy-overloaded`), and the client stack's
+/// breaker counts them neither way: twenty shed answers in a row leave it closed, where five
+/// plain 503s from a broken server open it (the seed's 5 failures). Over real sockets, with
+/// the server's own answering limit.
+#[tokio::test]
+async fn shed_answers_do_not_open_the_client_stacks_breaker_but_plain_503s_do() {
+    let limit = ConcurrencyLimitLayer::new(1);
+    let gate = Arc::new(Semaphore::new(0));
+    let app = gated(&gate)
+        .route(
+            "/broken",
+            get(|| async { (http::StatusCode::SERVICE_UNAVAILABLE, "down") }),
+        )
+        .layer(limit.answering());
+    let addr = serve_axum(app).await;
+    let stack = steadfast::client::http()
+        .retry(|r| r.max_attempts(1))
+        .build()
+        .unwrap();
+    let client = stack.layer(support::transport::<http_body_util::Full<Bytes>>());
+
+    // One call holds the server's only permit; the rest are shed.
+    let held = tokio::spawn(client.clone().oneshot(get_req(addr, "/")));
+    while limit.in_flight() < 1 {
+        tokio::task::yield_now().await;
+    }
+    let breaker = stack
+        .breakers()
+        .handle_for_uri(&get_req(addr, "/").uri().clone());
+    for i in 0..20 {
+        let res = client.clone().oneshot(get_req(addr, "/")).await.unwrap();
+        assert_eq!(res.status(), 503, "call {i}");
+        assert_eq!(res.headers()["x-envoy-overloaded"], "true");
+    }
+    assert_eq!(
+        breaker.state(),
+        steadfast::breaker::BreakerState::Closed,
+        "shed answers are no failures"
+    );
+    gate.add_permits(1);
+    assert_eq!(held.await.unwrap().unwrap().status(), 200);
+
+    // The same status from a handler that is broken, not busy: five open the breaker.
+    for _ in 0..5 {
+        let res = client
+            .clone()
+            .oneshot(get_req(addr, "/broken"))
+            .await
+            .unwrap();
+        assert!(!res.headers().contains_key("x-envoy-overloaded"));
+    }
+    assert_eq!(breaker.state(), steadfast::breaker::BreakerState::Open);
 }

@@ -267,6 +267,43 @@ fn every_breaker_variant_counts_transitions_and_rejections() {
     );
 }
 
+/// Shed answers (`x-envoy-overloaded`) are timed under their own outcome, and move nothing.
+#[test]
+fn a_breaker_times_shed_answers_under_their_own_outcome() {
+    let seen = recorded(|| async {
+        let mut svc = CircuitBreakerLayer::builder()
+            .consecutive_failures(Some(1))
+            .build()
+            .unwrap()
+            .layer(service_fn(|_req: Request<()>| async {
+                let mut res = status(503);
+                res.headers_mut()
+                    .insert("x-envoy-overloaded", "true".parse().unwrap());
+                Ok::<_, Infallible>(res)
+            }));
+        for _ in 0..3 {
+            let res = svc.ready().await.unwrap().call(get()).await.unwrap();
+            assert_eq!(res.status(), 503);
+        }
+    });
+    let plain = "breaker=default,upstream=default";
+    for (outcome, n) in [("shed", 3.0), ("failure", 0.0), ("success", 0.0)] {
+        assert_eq!(
+            seen.get(&format!(
+                "steadfast_breaker_call_duration_seconds{{{plain},outcome={outcome}}}"
+            )),
+            n,
+            "{outcome}"
+        );
+    }
+    assert_eq!(
+        seen.get(&format!(
+            "steadfast_breaker_transitions_total{{{plain},from=closed,to=open,reason=consecutive_failures}}"
+        )),
+        0.0
+    );
+}
+
 #[test]
 fn the_retry_counts_attempts_waits_and_why_it_gave_up() {
     let seen = recorded(|| async {

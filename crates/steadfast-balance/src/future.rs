@@ -9,11 +9,33 @@ use std::task::{Context, Poll, ready};
 
 use http::Response;
 use pin_project_lite::pin_project;
-use steadfast_core::{BoxError, Classify, PolicyRejected, ResponseClass};
+use steadfast_core::{BoxError, Class, Classify, PolicyRejected, ResponseClass};
 
 use crate::endpoint::Endpoint;
 use crate::error::{NoEndpoint, Rerouted};
 use crate::set::{Reason, Shared};
+
+/// What an outcome tells the balancer about its endpoint.
+#[derive(Clone, Copy)]
+enum Verdict {
+    Success,
+    Failure,
+    /// The endpoint shed the call ([`Class::overloaded`]).
+    Shed,
+}
+
+impl Verdict {
+    #[inline]
+    fn of(class: Class) -> Self {
+        if class.is_failure() {
+            Self::Failure
+        } else if class.is_overload() {
+            Self::Shed
+        } else {
+            Self::Success
+        }
+    }
+}
 
 /// One call's hold on its endpoint: counts it in flight until the outcome (or the drop).
 pub(crate) struct Guard<C> {
@@ -34,8 +56,11 @@ impl<C> Guard<C> {
     }
 
     /// Reports the outcome: the latency (unless the call never left this process), a
-    /// failure's penalty, and, for the outlier rules, success or failure.
-    fn report(mut self, failure: bool, sent: bool) {
+    /// failure's penalty, and, for the outlier rules, success or failure. A shed answer
+    /// (the endpoint said it is overloaded) gets the penalty, so the next calls go elsewhere
+    /// for a while, but counts neither way for the outlier rules: a busy endpoint is not a
+    /// broken one, and ejecting it would pile its load onto the others.
+    fn report(mut self, verdict: Verdict, sent: bool) {
         self.done = true;
         let shared = &*self.shared;
         let ep = &*self.endpoint;
@@ -45,6 +70,14 @@ impl<C> Guard<C> {
             let rtt = now.saturating_sub(self.started) as f64;
             ep.observe(rtt, now, shared.config.decay.as_secs_f64() * 1e9);
         }
+        let failure = match verdict {
+            Verdict::Success => false,
+            Verdict::Failure => true,
+            Verdict::Shed => {
+                ep.failed(now);
+                return;
+            }
+        };
         if failure {
             ep.failed(now);
         }
@@ -159,11 +192,11 @@ where
         let Some(guard) = this.guard.take() else {
             return Poll::Ready(out);
         };
-        let failure = match &out {
+        let verdict = match &out {
             Ok(res) => match guard.shared.classifier.classify_response(res) {
-                ResponseClass::Ready(class) => class.is_failure(),
+                ResponseClass::Ready(class) => Verdict::of(class),
                 // A gRPC status still to come in the trailers: judged by its head.
-                ResponseClass::Deferred(_) => false,
+                ResponseClass::Deferred(_) => Verdict::Success,
             },
             // The endpoint's own breaker refused: nothing was sent. Hand the call back for
             // another endpoint when there is one.
@@ -174,9 +207,9 @@ where
                     out => out,
                 });
             }
-            Err(e) => guard.shared.classifier.classify_error(&**e).is_failure(),
+            Err(e) => Verdict::of(guard.shared.classifier.classify_error(&**e)),
         };
-        guard.report(failure, true);
+        guard.report(verdict, true);
         Poll::Ready(out)
     }
 }

@@ -19,7 +19,9 @@
 //!   and breaker: consecutive failures (5), and per interval (10 s) success rate
 //!   (mean − 1.9 σ) and failure percentage (85 %). An ejection lasts 30 s × the ejections so
 //!   far, at most 300 s; at most 10 % of the endpoints (at least one of two or more, never
-//!   all) are ejected at once.
+//!   all) are ejected at once. An answer the endpoint marked as shed
+//!   ([`Class::overloaded`](steadfast_core::Class::overloaded)) costs it the next choices for
+//!   the failure penalty, but no outlier rule counts it: a busy endpoint is not ejected.
 //! - **Endpoints change while calls run** ([`EndpointsHandle`]): a static list, any stream of
 //!   [`Change`]s, your own code, DNS (feature `dns`: A/AAAA or SRV records re-resolved on
 //!   their TTL, `Dns`), or the passing instances Consul's health API reports (feature

@@ -20,6 +20,8 @@ struct Upstream {
     script: Script,
     calls: Arc<Mutex<HashMap<String, u64>>>,
     hosts: Arc<Mutex<Vec<Option<String>>>>,
+    /// Endpoints whose error answers say they shed the call (`x-envoy-overloaded`).
+    shedding: Arc<Mutex<Vec<String>>>,
 }
 
 impl Upstream {
@@ -63,7 +65,11 @@ impl Upstream {
                     Some(f) => f(n),
                     None => 200,
                 };
-                Ok::<_, BoxError>(Response::builder().status(status).body(()).unwrap())
+                let mut res = Response::builder().status(status);
+                if status >= 400 && up.shedding.lock().unwrap().contains(&to) {
+                    res = res.header("x-envoy-overloaded", "true");
+                }
+                Ok::<_, BoxError>(res.body(()).unwrap())
             }
         })
     }
@@ -439,6 +445,56 @@ async fn the_failure_percentage_rule_ejects_above_its_threshold_only() {
         tokio::time::advance(Duration::from_secs(10)).await;
         send(&mut svc).await.unwrap();
         assert_eq!(handle.ejected() == 1, ejected, "fails 1 in {fail_one_in}");
+    }
+}
+
+/// An endpoint that sheds (503 + `x-envoy-overloaded`) is busy, not broken: its next calls go
+/// elsewhere for the failure penalty, as after a failure, but no outlier rule counts the
+/// answer, so it is never ejected for shedding. The same answers unmarked eject it.
+#[tokio::test(start_paused = true)]
+async fn a_shedding_endpoint_is_avoided_for_the_penalty_and_never_ejected() {
+    for marked in [true, false] {
+        let up = Upstream::default();
+        let busy = "10.0.0.1:80";
+        up.answer(busy, |_| 503);
+        if marked {
+            up.shedding.lock().unwrap().push(busy.to_owned());
+        }
+        let layer = builder(3)
+            .consecutive_failures(Some(1))
+            .failure_percentage(Some(
+                FailurePercentage::default()
+                    .minimum_hosts(3)
+                    .request_volume(2),
+            ))
+            .success_rate(Some(SuccessRate::default().request_volume(2)))
+            .max_ejection_percent(100)
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let mut svc = layer.layer(up.service());
+        for round in 0..5u64 {
+            let before = up.calls(busy);
+            for _ in 0..100 {
+                let _ = send(&mut svc).await;
+            }
+            if marked {
+                assert_eq!(handle.ejected(), 0, "round {round}");
+                assert!(
+                    up.calls(busy) - before <= 1,
+                    "one call per penalty, round {round}: {}",
+                    up.calls(busy) - before
+                );
+            } else {
+                assert_eq!(handle.ejected(), 1, "round {round}");
+            }
+            tokio::time::advance(Duration::from_millis(2_100)).await;
+        }
+        if marked {
+            assert!(up.calls(busy) >= 5, "asked again after each penalty");
+            // The intervals ended on the way: still in service.
+            assert!(handle.list().iter().all(|e| !e.ejected));
+        }
     }
 }
 

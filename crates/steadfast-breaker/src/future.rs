@@ -19,6 +19,8 @@ use crate::breaker::Stripe;
 use crate::error::BreakerOpen;
 
 pub use crate::answer::AnsweringFuture;
+#[cfg(feature = "metrics")]
+use crate::state::Outcome;
 use crate::state::{FailureSummary, Permit, nanos};
 
 pin_project! {
@@ -197,6 +199,7 @@ impl<C> Guard<C> {
         let w = self.permit;
         if w & PROBE == 0
             && !c.is_failure()
+            && !c.is_overload()
             && !self.stripe.policy_timed
             && self.stripe.shared.success_is_noop(w)
         {
@@ -205,7 +208,7 @@ impl<C> Guard<C> {
                 self.stripe
                     .shared
                     .meta
-                    .record_duration(false, start.elapsed().as_secs_f64());
+                    .record_duration(Outcome::Success, start.elapsed().as_secs_f64());
             }
             self.permit = REPORTED;
             return true;
@@ -226,13 +229,24 @@ impl<C> Guard<C> {
             Some(c) if c.delivery() == Delivery::NotSent && !c.is_failure() => {
                 self.give_back(permit);
             }
+            // A shed answer: the upstream is busy, not broken. Counted neither way; a
+            // probe's permit goes back, so the next call probes.
+            Some(c) if c.is_overload() => {
+                #[cfg(feature = "metrics")]
+                if let Some(start) = self.start {
+                    shared
+                        .meta
+                        .record_duration(Outcome::Shed, start.elapsed().as_secs_f64());
+                }
+                self.give_back(permit);
+            }
             Some(c) => {
                 let took = self.start.map(|s| s.elapsed());
                 #[cfg(feature = "metrics")]
                 if let Some(took) = took {
                     shared
                         .meta
-                        .record_duration(c.is_failure(), took.as_secs_f64());
+                        .record_duration(Outcome::of(c.is_failure()), took.as_secs_f64());
                 }
                 let slow =
                     took.is_some_and(|took| shared.slow_threshold().is_some_and(|t| took > t));

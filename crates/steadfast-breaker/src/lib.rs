@@ -12,7 +12,10 @@
 //! - [`KeyedCircuitBreakerLayer`]: one breaker per upstream authority (or any key), bounded,
 //!   with idle eviction.
 //! - What a failure is comes from [`steadfast_core::Classify`]: gRPC responses whose status
-//!   arrives in trailers are judged at end of stream ([`BreakerBody`]).
+//!   arrives in trailers are judged at end of stream ([`BreakerBody`]). An answer the upstream
+//!   marked as shed ([`Class::overloaded`](steadfast_core::Class::overloaded): busy, not
+//!   broken) counts neither as a failure nor as a success; a probe so answered hands its
+//!   permit to the next call.
 //!
 //! # Pinned semantics
 //!
@@ -89,6 +92,6 @@ pub fn describe_metrics() {
     describe_histogram!(
         "steadfast_breaker_call_duration_seconds",
         Unit::Seconds,
-        "Duration of each call a breaker let through, by outcome (success or failure as the breaker classifies it)."
+        "Duration of each call a breaker let through, by outcome (success or failure as the breaker classifies it, or shed: an answer the upstream marked as shed, counted neither way)."
     );
 }

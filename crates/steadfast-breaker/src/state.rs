@@ -378,7 +378,7 @@ pub(crate) struct Meta {
     /// The call duration histograms (success, failure), each registered at its first
     /// outcome.
     #[cfg(feature = "metrics")]
-    durations: [std::sync::OnceLock<metrics::Histogram>; 2],
+    durations: [std::sync::OnceLock<metrics::Histogram>; 3],
     /// A per-key breaker that its map evicted or never kept: its state is no upstream's any
     /// more, and the state gauge is left to the breaker the map keeps for that key.
     #[cfg(feature = "metrics")]
@@ -395,7 +395,7 @@ impl Meta {
             #[cfg(feature = "metrics")]
             rejected: std::sync::OnceLock::new(),
             #[cfg(feature = "metrics")]
-            durations: [std::sync::OnceLock::new(), std::sync::OnceLock::new()],
+            durations: [const { std::sync::OnceLock::new() }; 3],
             #[cfg(feature = "metrics")]
             untracked: std::sync::atomic::AtomicBool::new(false),
         }
@@ -403,9 +403,13 @@ impl Meta {
 
     /// Records one call's duration under its outcome.
     #[cfg(feature = "metrics")]
-    pub(crate) fn record_duration(&self, failure: bool, seconds: f64) {
-        let outcome = if failure { "failure" } else { "success" };
-        self.durations[usize::from(failure)]
+    pub(crate) fn record_duration(&self, outcome: Outcome, seconds: f64) {
+        let (i, outcome) = match outcome {
+            Outcome::Success => (0, "success"),
+            Outcome::Failure => (1, "failure"),
+            Outcome::Shed => (2, "shed"),
+        };
+        self.durations[i]
             .get_or_init(|| {
                 metrics::histogram!(
                     "steadfast_breaker_call_duration_seconds",
@@ -415,6 +419,27 @@ impl Meta {
                 )
             })
             .record(seconds);
+    }
+}
+
+/// A call's outcome, as the duration histogram labels it.
+#[cfg(feature = "metrics")]
+#[derive(Clone, Copy)]
+pub(crate) enum Outcome {
+    Success,
+    Failure,
+    /// Shed by the upstream: counted neither way.
+    Shed,
+}
+
+#[cfg(feature = "metrics")]
+impl Outcome {
+    pub(crate) fn of(failure: bool) -> Self {
+        if failure {
+            Self::Failure
+        } else {
+            Self::Success
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! gRPC statuses in trailers, and the answering breaker's 503 / UNAVAILABLE. Paused time.
+//! gRPC statuses in trailers, the answering breaker's 503 / UNAVAILABLE, and shed answers. Paused time.
 
 mod common;
 
@@ -165,4 +165,101 @@ fn retry_after_rounds_up_to_whole_seconds_and_messages_say_why() {
             .get("retry-after")
             .is_none()
     );
+}
+
+/// An upstream that answers the status in `answers`, marked as shed (`x-envoy-overloaded`)
+/// when its flag is set.
+fn answering(
+    answers: std::sync::Arc<std::sync::Mutex<(u16, bool)>>,
+) -> impl Service<Request<()>, Response = Response<()>, Error = Infallible, Future: Send> + Clone {
+    service_fn(move |_req: Request<()>| {
+        let (status, shed) = *answers.lock().unwrap();
+        async move {
+            let mut res = Response::builder().status(status);
+            if shed {
+                res = res.header("x-envoy-overloaded", "true");
+            }
+            Ok::<_, Infallible>(res.body(()).unwrap())
+        }
+    })
+}
+
+/// A shed answer (503 + `x-envoy-overloaded`) counts neither way: any number of them in a
+/// row opens nothing, and they do not dilute a failure rate as successes would. Unmarked,
+/// the same answer is a failure; and a classifier told not to honour the marker counts it
+/// by its status.
+#[tokio::test(start_paused = true)]
+async fn shed_answers_count_neither_as_failures_nor_as_successes() {
+    use std::sync::{Arc, Mutex};
+    let answers = Arc::new(Mutex::new((503, true)));
+
+    let layer = builder().consecutive_failures(Some(1)).build().unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(answering(answers.clone()));
+    for _ in 0..100 {
+        assert_eq!(call(&mut svc).await.unwrap(), 503);
+    }
+    assert_eq!(h.state(), BreakerState::Closed, "shed: no failure");
+    *answers.lock().unwrap() = (503, false);
+    assert_eq!(call(&mut svc).await.unwrap(), 503);
+    assert_eq!(h.state(), BreakerState::Open, "unmarked: a failure");
+
+    // A failure rate over a count window: 3 failures among 100 shed answers is still 3 of 3
+    // counted calls, not 3 of 103.
+    *answers.lock().unwrap() = (503, true);
+    let layer = builder()
+        .consecutive_failures(None)
+        .count_window(10)
+        .failure_rate(50)
+        .min_calls(3)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(answering(answers.clone()));
+    for i in 0..103 {
+        *answers.lock().unwrap() = if i % 40 == 0 {
+            (500, false)
+        } else {
+            (503, true)
+        };
+        let _ = call(&mut svc).await;
+    }
+    assert_eq!(h.state(), BreakerState::Open, "3 failures of 3 counted");
+
+    *answers.lock().unwrap() = (503, true);
+    let strict = builder()
+        .consecutive_failures(Some(1))
+        .classifier(steadfast_core::DefaultClassifier::new().honour_overloaded(false))
+        .build()
+        .unwrap();
+    let h = strict.handle();
+    let mut svc = strict.layer(answering(answers));
+    assert_eq!(call(&mut svc).await.unwrap(), 503);
+    assert_eq!(h.state(), BreakerState::Open, "marker not honoured");
+}
+
+/// A half-open breaker's probe that is shed learns nothing: the breaker stays half-open and
+/// the probe's permit goes to the next call, whose success closes it.
+#[tokio::test(start_paused = true)]
+async fn a_shed_probe_gives_its_permit_to_the_next_call() {
+    use std::sync::{Arc, Mutex};
+    let answers = Arc::new(Mutex::new((500, false)));
+    let layer = builder()
+        .consecutive_failures(Some(1))
+        .half_open_probes(1)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(answering(answers.clone()));
+    let _ = call(&mut svc).await;
+    assert_eq!(h.state(), BreakerState::Open);
+    advance(Duration::from_secs(30)).await;
+    *answers.lock().unwrap() = (503, true);
+    for _ in 0..5 {
+        assert_eq!(call(&mut svc).await.unwrap(), 503, "each a probe, shed");
+        assert_eq!(h.state(), BreakerState::HalfOpen);
+    }
+    *answers.lock().unwrap() = (200, false);
+    assert_eq!(call(&mut svc).await.unwrap(), 200);
+    assert_eq!(h.state(), BreakerState::Closed);
 }

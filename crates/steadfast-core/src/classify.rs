@@ -12,7 +12,7 @@
 
 use std::error::Error;
 
-use http::{HeaderMap, Response, StatusCode, header::CONTENT_TYPE};
+use http::{HeaderMap, Response, StatusCode, header::CONTENT_TYPE, header::HeaderName};
 use http_body::Frame;
 
 use crate::error::{Delivery, classify_transport_error};
@@ -32,6 +32,7 @@ pub struct Class {
     failure: bool,
     retryable: bool,
     delivery: Delivery,
+    overload: bool,
 }
 
 impl Class {
@@ -44,7 +45,34 @@ impl Class {
             failure,
             retryable,
             delivery,
+            overload: false,
         }
+    }
+
+    /// This verdict as a *shed* answer: the upstream refused the call because it was
+    /// overloaded, did not process it, and said so ([`OVERLOADED`]).
+    ///
+    /// A shed answer is not a failure: the upstream is busy, not broken. A breaker counts it
+    /// neither way (Finagle's failure accrual ignores nacks the same way), so a server that
+    /// sheds load does not get every caller's breaker opened against it for the open time,
+    /// which would turn a brief overload into an outage. A balancer still sends that
+    /// endpoint's next calls elsewhere for a while, without counting the answer towards
+    /// ejection; an adaptive limit or throttle still learns from its status. Whether it is
+    /// retried is decided by its status, as for any answer (`503` is retryable, and only for
+    /// idempotent requests).
+    ///
+    /// ```
+    /// use steadfast_core::{Class, Delivery};
+    ///
+    /// let shed = Class::new(true, true, Delivery::Answered).overloaded();
+    /// assert!(shed.is_overload() && !shed.is_failure() && shed.is_retryable());
+    /// assert!(!Class::SUCCESS.is_overload());
+    /// ```
+    #[must_use]
+    pub const fn overloaded(mut self) -> Self {
+        self.overload = true;
+        self.failure = false;
+        self
     }
 
     /// Whether the call counts against the upstream's health (breaker input).
@@ -62,7 +90,25 @@ impl Class {
     pub const fn delivery(self) -> Delivery {
         self.delivery
     }
+
+    /// Whether the upstream shed the call: see [`Class::overloaded`].
+    pub const fn is_overload(self) -> bool {
+        self.overload
+    }
 }
+
+/// `x-envoy-overloaded`: the response header that marks an answer an overloaded server (or
+/// proxy) gave instead of processing the request.
+///
+/// Envoy sets it when it sheds a request (its circuit breakers' connection and pending-request
+/// limits, its overload manager) and never retries an answer that carries it. steadfast's
+/// shedding answers set it too (`steadfast-limit`'s answering limit and throttle), and
+/// [`DefaultClassifier`] classifies an error answer that carries it as shed
+/// ([`Class::overloaded`]) unless told not to ([`DefaultClassifier::honour_overloaded`]).
+/// Any value counts; only its presence matters, in the response's head (a gRPC status that
+/// arrives in trailers after a body is classified by its code alone: a shedding server answers
+/// trailers-only).
+pub const OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 
 /// A response's classification: known from its head, or only at end of stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -388,10 +434,17 @@ pub fn is_grpc_content_type(headers: &HeaderMap) -> bool {
 /// let res = Response::builder().header("content-type", "application/grpc").body(()).unwrap();
 /// assert!(matches!(c.classify_response(&res), ResponseClass::Deferred(_)));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DefaultClassifier {
     http: HttpClassifier,
     grpc: GrpcClassifier,
+    honour_overloaded: bool,
+}
+
+impl Default for DefaultClassifier {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl DefaultClassifier {
@@ -400,7 +453,37 @@ impl DefaultClassifier {
         Self {
             http: HttpClassifier::new(),
             grpc: GrpcClassifier::new(),
+            honour_overloaded: true,
         }
+    }
+
+    /// Whether an error answer (status 400 or more, or a trailers-only gRPC status other than
+    /// OK) that carries [`OVERLOADED`] is classified as shed ([`Class::overloaded`]): not a
+    /// failure, so breakers do not count it. On by default; turn it off to count such answers
+    /// by their status alone, as resilience4j and Polly do, for instance when the upstream is
+    /// not trusted to use the header honestly (an upstream that marks every error cannot open
+    /// a breaker against itself, though balancers still avoid it and limits still learn).
+    ///
+    /// ```
+    /// use http::Response;
+    /// use steadfast_core::{Classify, DefaultClassifier, ResponseClass};
+    ///
+    /// let shed = Response::builder()
+    ///     .status(503)
+    ///     .header("x-envoy-overloaded", "true")
+    ///     .body(())
+    ///     .unwrap();
+    /// let ResponseClass::Ready(c) = DefaultClassifier::new().classify_response(&shed) else { unreachable!() };
+    /// assert!(c.is_overload() && !c.is_failure() && c.is_retryable());
+    ///
+    /// let strict = DefaultClassifier::new().honour_overloaded(false);
+    /// let ResponseClass::Ready(c) = strict.classify_response(&shed) else { unreachable!() };
+    /// assert!(!c.is_overload() && c.is_failure());
+    /// ```
+    #[must_use]
+    pub const fn honour_overloaded(mut self, on: bool) -> Self {
+        self.honour_overloaded = on;
+        self
     }
 
     /// Replaces the HTTP status classification.
@@ -434,11 +517,20 @@ impl<B> Classify<Response<B>> for DefaultClassifier {
         let headers = res.headers();
         // Plain HTTP first: one lookup of a standard header, no custom-name hashing.
         if !is_grpc_content_type(headers) {
-            return ResponseClass::Ready(self.http.classify(res.status()));
+            let class = self.http.classify(res.status());
+            // The shed marker is looked for on error answers only: none on a success's path.
+            if res.status().as_u16() >= 400 {
+                return ResponseClass::Ready(self.shed(class, headers));
+            }
+            return ResponseClass::Ready(class);
         }
         if let Some(code) = GrpcCode::from_map(headers) {
             // Trailers-only gRPC response: the status is in the head.
-            return ResponseClass::Ready(self.grpc.classify(code));
+            let class = self.grpc.classify(code);
+            if code != GrpcCode::Ok {
+                return ResponseClass::Ready(self.shed(class, headers));
+            }
+            return ResponseClass::Ready(class);
         }
         if res.status() == StatusCode::OK {
             return ResponseClass::Deferred(self.grpc);
@@ -451,6 +543,18 @@ impl<B> Classify<Response<B>> for DefaultClassifier {
 
     fn classify_error(&self, err: &(dyn Error + 'static)) -> Class {
         classify_transport_error(err)
+    }
+}
+
+impl DefaultClassifier {
+    /// `class`, as shed when the head says so and the marker is honoured.
+    #[cold]
+    fn shed(&self, class: Class, headers: &HeaderMap) -> Class {
+        if self.honour_overloaded && headers.contains_key(OVERLOADED) {
+            class.overloaded()
+        } else {
+            class
+        }
     }
 }
 
@@ -480,6 +584,67 @@ mod tests {
             );
             assert_eq!(class.delivery(), Delivery::Answered);
         }
+    }
+
+    #[test]
+    fn shed_marker_on_error_answers_only() {
+        let c = DefaultClassifier::new();
+        for code in 100..=599u16 {
+            for value in ["true", "", "anything"] {
+                let res = Response::builder()
+                    .status(code)
+                    .header("X-Envoy-Overloaded", value)
+                    .body(())
+                    .unwrap();
+                let class = ready(c.classify_response(&res));
+                assert_eq!(class.is_overload(), code >= 400, "{code}");
+                assert!(!class.is_failure() || code < 400, "{code}");
+                assert_eq!(
+                    class.is_retryable(),
+                    matches!(code, 429 | 502 | 503 | 504),
+                    "{code}"
+                );
+            }
+        }
+        // Turned off, the status alone decides.
+        let strict = DefaultClassifier::new().honour_overloaded(false);
+        let res = Response::builder()
+            .status(503)
+            .header(OVERLOADED, "true")
+            .body(())
+            .unwrap();
+        let class = ready(strict.classify_response(&res));
+        assert!(class.is_failure() && !class.is_overload());
+    }
+
+    #[test]
+    fn shed_marker_in_a_trailers_only_grpc_head() {
+        let c = DefaultClassifier::new();
+        let head = |code: &'static str, marked: bool| {
+            let mut b = Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", code);
+            if marked {
+                b = b.header(OVERLOADED, "true");
+            }
+            b.body(()).unwrap()
+        };
+        assert!(ready(c.classify_response(&head("8", true))).is_overload());
+        let unavailable = ready(c.classify_response(&head("14", true)));
+        assert!(unavailable.is_overload() && !unavailable.is_failure());
+        assert!(unavailable.is_retryable());
+        assert!(!ready(c.classify_response(&head("0", true))).is_overload());
+        assert!(ready(c.classify_response(&head("14", false))).is_failure());
+        // A streamed answer's head: the trailers decide, by code alone.
+        let streamed = Response::builder()
+            .header("content-type", "application/grpc")
+            .header(OVERLOADED, "true")
+            .body(())
+            .unwrap();
+        assert!(matches!(
+            c.classify_response(&streamed),
+            ResponseClass::Deferred(_)
+        ));
     }
 
     #[test]

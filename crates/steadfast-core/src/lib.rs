@@ -7,6 +7,7 @@
 //!   outcome — HTTP status, gRPC status in headers *and* trailers
 //!   ([`GrpcClassifier::classify_frame`]), and transport
 //!   errors by how far the request got ([`Delivery`]). Retry and breaker read the same verdict.
+//!   An answer a server marks as shed ([`OVERLOADED`]) is no failure ([`Class::overloaded`]).
 //! - **The policy-rejection marker** ([`PolicyRejected`]): set by the breaker, honoured by retry.
 //! - **Header codecs** ([`header`]): `Retry-After`, `grpc-retry-pushback-ms`, `grpc-timeout`
 //!   and the HTTP deadline header, hardened against hostile input.
@@ -51,8 +52,8 @@ mod thread;
 mod tried;
 
 pub use classify::{
-    Class, Classify, DefaultClassifier, GrpcClassifier, HttpClassifier, ResponseClass, StatusSet,
-    is_grpc_content_type,
+    Class, Classify, DefaultClassifier, GrpcClassifier, HttpClassifier, OVERLOADED, ResponseClass,
+    StatusSet, is_grpc_content_type,
 };
 pub use deadline::{Deadline, Entered, WithDeadline, saturating_add};
 pub use error::{

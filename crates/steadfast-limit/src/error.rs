@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use http::header::{HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
-use steadfast_core::{GrpcCode, PolicyRejected, ResponseBody, grpc_response, http_response};
+use steadfast_core::{
+    GrpcCode, OVERLOADED, PolicyRejected, ResponseBody, grpc_response, http_response,
+};
 
 /// The limit refused the call: as many calls as it allows were in flight, and no permit came
 /// free within the wait (if the layer waits at all).
@@ -26,6 +28,7 @@ use steadfast_core::{GrpcCode, PolicyRejected, ResponseBody, grpc_response, http
 /// let res = e.to_http_response::<()>();
 /// assert_eq!(res.status(), 503);
 /// assert_eq!(res.headers()["retry-after"], "1");
+/// assert_eq!(res.headers()["x-envoy-overloaded"], "true"); // shed: no breaker counts it
 /// assert_eq!(e.to_grpc_response::<()>().headers()["grpc-status"], "8"); // RESOURCE_EXHAUSTED
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,18 +55,23 @@ impl LimitExceeded {
 
     /// The answer a server gives for this refusal: `503 Service Unavailable` with
     /// `Retry-After: 1` (a permit usually comes free within a second; the header keeps
-    /// well-behaved clients from retrying at once).
+    /// well-behaved clients from retrying at once) and `x-envoy-overloaded: true`
+    /// ([`OVERLOADED`]): the request was shed, not processed, so callers' breakers do not
+    /// count it as a failure.
     pub fn to_http_response<B>(&self) -> Response<ResponseBody<B>> {
-        let mut res = http_response(StatusCode::SERVICE_UNAVAILABLE, "overloaded\n");
-        res.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        res
+        shed(http_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded\n",
+        ))
     }
 
     /// The gRPC answer: a trailers-only `RESOURCE_EXHAUSTED` (which gRPC clients do not retry
-    /// unless their policy says so).
+    /// unless their policy says so), marked as shed ([`OVERLOADED`]) as the HTTP answer is.
     pub fn to_grpc_response<B>(&self) -> Response<ResponseBody<B>> {
-        grpc_response(GrpcCode::ResourceExhausted, "overloaded")
+        let mut res = grpc_response(GrpcCode::ResourceExhausted, "overloaded");
+        res.headers_mut()
+            .insert(OVERLOADED, HeaderValue::from_static("true"));
+        res
     }
 }
 
@@ -115,13 +123,22 @@ impl Throttled {
     }
 
     /// The answer a gateway gives for this refusal: `503 Service Unavailable` with
-    /// `Retry-After: 1`.
+    /// `Retry-After: 1` and `x-envoy-overloaded: true` ([`OVERLOADED`]): the request was shed,
+    /// so its callers' breakers do not count it as a failure.
     pub fn to_http_response<B>(&self) -> Response<ResponseBody<B>> {
-        let mut res = http_response(StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded\n");
-        res.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        res
+        shed(http_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream overloaded\n",
+        ))
     }
+}
+
+/// `res` with `Retry-After: 1` and the shed marker.
+fn shed<B>(mut res: Response<ResponseBody<B>>) -> Response<ResponseBody<B>> {
+    let headers = res.headers_mut();
+    headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    headers.insert(OVERLOADED, HeaderValue::from_static("true"));
+    res
 }
 
 impl fmt::Display for Throttled {

@@ -14,7 +14,9 @@
 //!   upstream fills its own limit and not the others'.
 //! - [`ConcurrencyLimitLayer::answering`]: the same limit in front of a server, answering `503`
 //!   with `Retry-After` or gRPC `RESOURCE_EXHAUSTED` instead of failing (load shedding), with
-//!   the inner service's error type kept (axum's `Infallible`).
+//!   the inner service's error type kept (axum's `Infallible`). Its answers, and the
+//!   throttle's, carry `x-envoy-overloaded` ([`OVERLOADED`](steadfast_core::OVERLOADED)):
+//!   the request was shed, not processed, so callers' breakers count them neither way.
 //! - [`ThrottleLayer`]: client-side adaptive throttling (the SRE book's): a client whose
 //!   upstream refuses more and more of its calls refuses a share of them itself, with
 //!   [`Throttled`](error::Throttled), so the upstream sees its load fall before it recovers.
