@@ -14,7 +14,7 @@
 //! stream the server reset with `INTERNAL_ERROR` is `INTERNAL`, as the gRPC HTTP/2 mapping
 //! says; see `steadfast::grpc_status`, feature `tonic`).
 //!
-//! A `Rejected` answer is marked as shed ([`OVERLOADED`](crate::common::OVERLOADED)): the call was refused
+//! A `Rejected` answer is marked as shed ([`OVERLOADED`]): the call was refused
 //! for load before it went anywhere, so your callers' breakers do not count it as a failure
 //! of yours (their balancers still avoid you for a while, and their limits still learn).
 //!
