@@ -781,6 +781,7 @@ async fn the_id_reaches_calls_in_spawned_blocking_joinset_and_streamed_work() {
         ("joinset-0", "joinset", true),
         ("joinset-1", "joinset", true),
         ("joinset-2", "joinset", true),
+        ("stream", "stream", true),
         ("stream-propagated", "stream-propagated", true),
     ] {
         let got = lookup(&rec, tag);
@@ -807,11 +808,11 @@ async fn the_id_reaches_calls_in_spawned_blocking_joinset_and_streamed_work() {
 }
 
 /// A streaming response body whose frames are produced (and whose calls are made) after the
-/// handler returned. As documented (README, `steadfast-correlation`), the server layers scope
-/// the handler's future, not the body: the body's calls carry the request's id when its
-/// stream is wrapped in `steadfast::propagate`, and a fresh one when it is not.
+/// handler returned. The server layers scope the body as well as the handler: the body's
+/// calls carry the request's id, and what remains of the deadline the caller sent, with or
+/// without `steadfast::propagate`.
 #[tokio::test(start_paused = true)]
-async fn a_streaming_body_s_calls_carry_the_request_id_when_propagated() {
+async fn a_streaming_body_s_calls_carry_the_request_id_and_the_callers_deadline() {
     let (up, rec) = recorder().await;
     let app = spawning_app(up).await;
     for (path, tag) in [
@@ -821,6 +822,8 @@ async fn a_streaming_body_s_calls_carry_the_request_id_when_propagated() {
         let mut r = support::get(app, path);
         r.headers_mut()
             .insert("x-correlation-id", "id-stream".parse().unwrap());
+        r.headers_mut()
+            .insert("x-request-timeout-ms", "3000".parse().unwrap());
         let res = tokio::time::timeout(GUARD, support::http_client().request(r))
             .await
             .unwrap()
@@ -833,11 +836,15 @@ async fn a_streaming_body_s_calls_carry_the_request_id_when_propagated() {
         assert_eq!(body.to_bytes(), "200");
         let got = lookup(&rec, tag);
         assert_eq!(got.len(), 1, "{path}: {got:?}");
-        let carried = got[0].0.as_deref() == Some("id-stream");
         assert_eq!(
-            carried,
-            path == "/stream-propagated",
+            got[0].0.as_deref(),
+            Some("id-stream"),
             "{path}: the call made by the body: {got:?}"
+        );
+        let budget: Option<u64> = got[0].1.as_deref().and_then(|v| v.parse().ok());
+        assert!(
+            matches!(budget, Some(b) if b <= 3000),
+            "{path}: the caller's 3 s, not the client's own 5 s: {got:?}"
         );
     }
 }

@@ -15,9 +15,10 @@
 //!                              CorrelationId::current() == "abc", span field correlation_id=abc
 //! ```
 //!
-//! Spawned work does not inherit task-locals: wrap it in [`CorrelationId::propagate`]. The
-//! same goes for work a streamed response body does once the handler has returned: the server
-//! layer makes the id ambient while the handler's future runs, not while the body is read.
+//! Spawned work does not inherit task-locals: wrap it in [`CorrelationId::propagate`]. A
+//! streamed response body does not need it: the server layer makes the id (with its trace
+//! context and span) ambient while each frame of the body is produced too
+//! ([`CorrelatedBody`]), after the handler has returned.
 //!
 //! # Hostile input
 //!
@@ -72,6 +73,6 @@ pub use layer::{
     PropagateCorrelationIdBuilder, PropagateCorrelationIdLayer, SetCorrelationIdBuilder,
     SetCorrelationIdLayer, X_CORRELATION_ID, X_REQUEST_ID,
 };
-pub use server::SetCorrelationId;
+pub use server::{CorrelatedBody, SetCorrelationId};
 pub use traceparent::{TRACEPARENT, TRACESTATE, TraceContext, Traced, trace_id};
 pub use validate::{DefaultRule, MAX_LEN, ValidateId, is_valid_default};

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use steadfast_core::header::FEW_NAMES;
 use tower_service::Service;
@@ -277,7 +278,7 @@ where
     M: MakeCorrelationId,
     V: ValidateId,
 {
-    type Response = S::Response;
+    type Response = Response<CorrelatedBody<ResBody>>;
     type Error = S::Error;
     type Future = SetCorrelationIdFuture<S::Future>;
 
@@ -303,8 +304,9 @@ where
             })
         };
         SetCorrelationIdFuture {
-            inner: Some(id.scope(Traced::new(trace, inner))),
+            inner: Some(id.scope(Traced::new(trace.clone(), inner))),
             span,
+            trace,
             echo,
             response_extension,
         }
@@ -319,6 +321,8 @@ pin_project! {
         inner: Option<WithCorrelationId<Traced<F>>>,
         // Entered around every poll of `inner`, and while it is dropped.
         span: Span,
+        // The trace context, for the response body's scope.
+        trace: Option<TraceContext>,
         // The header to echo the id on; the id itself comes back out of the scope.
         echo: Option<HeaderName>,
         // Whether the response gets the id as an extension.
@@ -346,7 +350,7 @@ impl<F, B, E> Future for SetCorrelationIdFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<B>, E>;
+    type Output = Result<Response<CorrelatedBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -357,20 +361,98 @@ where
             let _entered = this.span.enter();
             ready!(inner.as_mut().poll(cx))?
         };
-        let echo = this.echo.take();
-        if echo.is_some() || *this.response_extension {
-            if let Some(id) = inner.take_id() {
-                if let Some(name) = echo {
-                    // A value the handler set on its own response wins.
-                    if let http::header::Entry::Vacant(slot) = res.headers_mut().entry(name) {
-                        slot.insert(id.header_value().clone());
-                    }
-                }
-                if *this.response_extension {
-                    res.extensions_mut().insert(id);
+        let id = inner.take_id();
+        if let Some(id) = &id {
+            if let Some(name) = this.echo.take() {
+                // A value the handler set on its own response wins.
+                if let http::header::Entry::Vacant(slot) = res.headers_mut().entry(name) {
+                    slot.insert(id.header_value().clone());
                 }
             }
+            if *this.response_extension {
+                res.extensions_mut().insert(id.clone());
+            }
         }
-        Poll::Ready(Ok(res))
+        // The handler is done: the span and the trace context move on to its body.
+        let scope = id.map(|id| Scope {
+            id,
+            trace: this.trace.take(),
+            span: std::mem::replace(this.span, Span::none()),
+        });
+        Poll::Ready(Ok(res.map(|inner| CorrelatedBody { inner, scope })))
+    }
+}
+
+/// What a response body's frames are produced in: the request's id, trace context and span.
+struct Scope {
+    id: CorrelationId,
+    trace: Option<TraceContext>,
+    span: Span,
+}
+
+pin_project! {
+    /// The response body of [`SetCorrelationId`]: the request's id (and its trace context and
+    /// `tracing` span) is ambient while each frame is produced, so work a streamed body does
+    /// after the handler has returned (a stream that makes calls, an SSE feed) carries the
+    /// request's id as the handler's own calls do. Frames, end of stream and size hints pass
+    /// through unchanged.
+    pub struct CorrelatedBody<B> {
+        #[pin]
+        inner: B,
+        scope: Option<Scope>,
+    }
+}
+
+impl<B> CorrelatedBody<B> {
+    /// The inner body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// Unwraps the inner body (its frames are then produced outside the request's scope).
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for CorrelatedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CorrelatedBody")
+            .field("inner", &self.inner)
+            .field("id", &self.scope.as_ref().map(|s| &s.id))
+            .finish()
+    }
+}
+
+impl<B: Body> Body for CorrelatedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        match this.scope {
+            Some(scope) => {
+                let _entered = scope.span.enter();
+                let inner = this.inner;
+                scope.id.clone().sync_scope(|| {
+                    TraceContext::sync_scope_opt(scope.trace.clone(), || inner.poll_frame(cx))
+                })
+            }
+            None => this.inner.poll_frame(cx),
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -18,7 +18,11 @@ fn server(
         impl steadfast_correlation::ValidateId + Clone,
     >,
 ) -> (
-    impl Service<Request<()>, Response = Response<()>, Error = std::convert::Infallible> + Clone,
+    impl Service<
+        Request<()>,
+        Response = Response<steadfast_correlation::CorrelatedBody<()>>,
+        Error = std::convert::Infallible,
+    > + Clone,
     Seen,
 ) {
     let seen: Seen = Arc::default();
@@ -554,4 +558,95 @@ async fn client_replaces_a_repeated_header_with_one_id() {
         .unwrap();
     let sent = all(quiet).oneshot(twice()).await.unwrap();
     assert!(sent.is_empty(), "{sent:?}");
+}
+
+/// What a response body saw while each of its frames was produced: the ambient id, the
+/// trace id of the ambient trace context, and the name of the current span.
+type FrameSeen = Arc<Mutex<Vec<(Option<String>, Option<String>, Option<&'static str>)>>>;
+
+struct FrameProbe {
+    seen: FrameSeen,
+    left: u32,
+}
+
+impl http_body::Body for FrameProbe {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.seen.lock().unwrap().push((
+            CorrelationId::current().map(|i| i.to_string()),
+            steadfast_correlation::TraceContext::current().map(|t| t.trace_id()),
+            tracing::Span::current().metadata().map(|m| m.name()),
+        ));
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+            b"x",
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(u64::from(self.left))
+    }
+}
+
+/// The request's id, trace context and span are ambient while the response body's frames
+/// are produced, after the handler returned (a streamed body that makes calls or logs);
+/// size hints and end of stream pass through.
+#[tokio::test]
+async fn the_response_body_is_produced_in_the_requests_scope() {
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry());
+    let seen: FrameSeen = Arc::default();
+    let s = seen.clone();
+    let svc =
+        ServiceBuilder::new()
+            .layer(SetCorrelationIdLayer::new())
+            .service(service_fn(move |_req: Request<()>| {
+                let seen = s.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(Response::new(FrameProbe { seen, left: 2 }))
+                }
+            }));
+    let tp: &[u8] = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let res = svc
+        .oneshot(req_with(&[
+            ("x-correlation-id", b"body-id"),
+            ("traceparent", tp),
+        ]))
+        .await
+        .unwrap();
+    let body = res.into_body();
+    assert_eq!(body.size_hint().exact(), Some(2));
+    assert!(!body.is_end_stream());
+    // Read on another task, as a server's connection task reads it.
+    let bytes = tokio::spawn(async move { body.collect().await.unwrap().to_bytes() })
+        .await
+        .unwrap();
+    assert_eq!(&bytes[..], b"xx");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    for frame in seen {
+        assert_eq!(
+            frame,
+            (
+                Some("body-id".to_owned()),
+                Some("4bf92f3577b34da6a3ce929d0e0e4736".to_owned()),
+                Some("correlation")
+            )
+        );
+    }
+    assert_eq!(CorrelationId::current(), None, "nothing leaks out");
 }

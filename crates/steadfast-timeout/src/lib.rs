@@ -7,7 +7,9 @@
 //! - [`SetDeadlineLayer`] (server side): reads the inbound budget, takes the smaller of it and
 //!   its own limit, makes the deadline ambient for the handler, and on expiry *answers* —
 //!   HTTP `504` or gRPC trailers-only `DEADLINE_EXCEEDED` — instead of erroring, so axum and
-//!   tonic need no `HandleErrorLayer`.
+//!   tonic need no `HandleErrorLayer`. The deadline the caller sent stays ambient while the
+//!   response body is produced ([`DeadlineBody`]); the layer's own limit bounds the handler's
+//!   answer only.
 //!
 //! A handler behind a [`SetDeadlineLayer`] that calls another service through a client stack
 //! with a [`TimeoutLayer`] propagates the remaining deadline with no code of its own:
@@ -91,7 +93,7 @@ pub use layer::{
     BodyTimeoutBuilder, DEFAULT_TIMEOUT, SetDeadlineBuilder, SetDeadlineLayer, TimeoutBuilder,
     TimeoutLayer,
 };
-pub use server::SetDeadline;
+pub use server::{DeadlineBody, SetDeadline};
 pub use steadfast_core::Deadline;
 
 /// Describes this crate's metrics to the installed recorder (help text and unit, which

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use steadfast_core::{
     Deadline, GrpcCode, ResponseBody, grpc_response, http_response, is_grpc_content_type,
@@ -66,7 +67,7 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SetDeadline<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResponseBody<DeadlineBody<ResBody>>>;
     type Error = S::Error;
     type Future = SetDeadlineFuture<S::Future>;
 
@@ -89,6 +90,8 @@ where
         };
         let limit = inbound.map_or(self.config.limit, |i| i.min(self.config.limit));
         let now = Instant::now();
+        // The caller's own deadline also holds while the response body is produced.
+        let caller = inbound.map(|i| Deadline::after_from(now, i));
         // An earlier deadline already on the request (set by an outer layer) also holds.
         let deadline = Deadline::earliest(
             Some(Deadline::after_from(now, limit)),
@@ -113,6 +116,7 @@ where
                 inner: Some(inner),
                 sleep: None,
                 deadline,
+                caller,
                 on_expiry,
             },
         }
@@ -168,6 +172,8 @@ pin_project! {
             #[pin]
             sleep: Option<Sleep>,
             deadline: Deadline,
+            // The deadline the caller sent, if it sent one.
+            caller: Option<Deadline>,
             on_expiry: Expiry,
         },
         Expired {
@@ -186,7 +192,7 @@ impl<F, B, E> Future for SetDeadlineFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<ResponseBody<B>>, E>;
+    type Output = Result<Response<ResponseBody<DeadlineBody<B>>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
@@ -194,13 +200,17 @@ where
                 inner,
                 mut sleep,
                 deadline,
+                caller,
                 on_expiry,
             } => {
                 let Some(inner) = inner.as_pin_mut() else {
                     unreachable!("the handler's future is only gone while dropped");
                 };
                 if let Poll::Ready(r) = deadline.sync_scope(|| inner.poll(cx)) {
-                    return Poll::Ready(r.map(|res| res.map(ResponseBody::inner)));
+                    let caller = *caller;
+                    return Poll::Ready(r.map(|res| {
+                        res.map(|inner| ResponseBody::inner(DeadlineBody { inner, caller }))
+                    }));
                 }
                 if sleep.is_none() {
                     // Our own timer, even while the handler waits on a client call with an
@@ -216,5 +226,72 @@ where
             }
             ServerStateProj::Expired { on_expiry } => Poll::Ready(Ok(on_expiry.respond())),
         }
+    }
+}
+
+pin_project! {
+    /// The response body of [`SetDeadline`]. When the caller sent a deadline (`grpc-timeout`,
+    /// the deadline header), it is ambient while each frame is produced, so calls a streamed
+    /// body makes after the handler has returned get what remains of the caller's time. The
+    /// layer's own limit is not: it bounds how long the handler takes to answer, and a stream
+    /// (an SSE feed) may rightly outlive it. Frames, end of stream and size hints pass through
+    /// unchanged; the body is not cut at the deadline.
+    pub struct DeadlineBody<B> {
+        #[pin]
+        inner: B,
+        caller: Option<Deadline>,
+    }
+}
+
+impl<B> DeadlineBody<B> {
+    /// The deadline the caller sent, ambient while the body's frames are produced.
+    pub fn caller_deadline(&self) -> Option<Deadline> {
+        self.caller
+    }
+
+    /// The inner body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// Unwraps the inner body.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for DeadlineBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadlineBody")
+            .field("inner", &self.inner)
+            .field("caller", &self.caller)
+            .finish()
+    }
+}
+
+impl<B: Body> Body for DeadlineBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        match *this.caller {
+            Some(deadline) => deadline.sync_scope(|| this.inner.poll_frame(cx)),
+            None => this.inner.poll_frame(cx),
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -1014,3 +1014,77 @@ async fn the_server_deadline_answers_on_time_after_a_covered_client_call() {
     assert_eq!(res.status(), 504);
     assert_eq!(start.elapsed(), Duration::from_secs(3));
 }
+
+/// A body whose every frame records the ambient deadline when it is produced; its size hint
+/// and end of stream are fixed, to check they pass through.
+struct Probe {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Option<Deadline>>>>,
+    left: u32,
+}
+
+impl http_body::Body for Probe {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.seen.lock().unwrap().push(Deadline::current());
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+            b"x",
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(u64::from(self.left))
+    }
+}
+
+/// The deadline the caller sent is ambient while the response body's frames are produced,
+/// even after the handler returned; the layer's own limit is not (it bounds the handler's
+/// answer, and a stream may outlive it). Size hints and end of stream pass through.
+#[tokio::test(start_paused = true)]
+async fn the_callers_deadline_and_only_it_is_ambient_while_the_body_is_produced() {
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+    for inbound in [Some("3000"), None] {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let mut svc =
+            SetDeadlineLayer::new(Duration::from_secs(1)).layer(tower::service_fn(
+                move |_req: Req| {
+                    let seen = s.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(Probe { seen, left: 2 }))
+                    }
+                },
+            ));
+        let mut req = Request::new(());
+        if let Some(ms) = inbound {
+            req.headers_mut()
+                .insert("x-request-timeout-ms", ms.parse().unwrap());
+        }
+        let start = Instant::now();
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        let body = res.into_body();
+        assert_eq!(body.size_hint().exact(), Some(2));
+        assert!(!body.is_end_stream());
+        // Read well past the layer's 1 s limit, within the caller's 3 s.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"xx");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3);
+        let want = inbound.map(|_| Deadline::after_from(start, Duration::from_secs(3)));
+        assert!(seen.iter().all(|d| *d == want), "{inbound:?}: {seen:?}");
+    }
+}
