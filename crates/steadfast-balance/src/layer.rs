@@ -20,7 +20,8 @@ pub enum Pick {
     /// weigh endpoints). The default.
     #[default]
     PowerOfTwoChoices,
-    /// Each endpoint in turn.
+    /// Each endpoint in turn; one that failed within the failure penalty gives its turn to
+    /// the next that has not (among the next 16 in turn).
     RoundRobin,
 }
 

@@ -12,6 +12,10 @@ use crate::set::Shared;
 /// with probability at least one half whenever at most half are ejected).
 const DRAWS: usize = 4;
 
+/// How many endpoints ahead in turn round-robin looks for one that has not failed lately
+/// before it takes one that has (or, when none of them is in service, scans the set).
+const RING_LOOKAHEAD: usize = 16;
+
 /// The id a call's [`Tried`] knows an endpoint by: its address, stable while the endpoint
 /// is in the set.
 #[inline]
@@ -69,12 +73,24 @@ pub(crate) fn pick<C>(
             }
         }
         Pick::RoundRobin => {
+            // The next in turn that is in service and has not failed lately; when the next
+            // few in turn all failed lately, the first of them in service (a failed endpoint
+            // loses its turn to one that has not failed, as in a pair above).
+            let window = crate::set::nanos(shared.config.failure_penalty);
             let start = shared.next_round_robin();
-            for k in 0..n.min(DRAWS) {
+            let mut lately_failed = None;
+            for k in 0..n.min(RING_LOOKAHEAD) {
                 let i = (start + k) % n;
-                if shared.in_service(&list[i], now) && !avoided(tried, &list[i]) {
-                    return Some(i);
+                let ep = &list[i];
+                if shared.in_service(ep, now) && !avoided(tried, ep) {
+                    if !ep.failed_lately(now, window) {
+                        return Some(i);
+                    }
+                    lately_failed.get_or_insert(i);
                 }
+            }
+            if lately_failed.is_some() {
+                return lately_failed;
             }
         }
     }

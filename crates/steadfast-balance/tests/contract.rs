@@ -149,15 +149,19 @@ async fn round_robin_takes_each_endpoint_in_turn() {
 }
 
 /// After a failure, the endpoint loses every choice against one that has not failed: the
-/// next calls (a retry among them) go elsewhere.
+/// next calls (a retry among them) go elsewhere, with either pick.
 #[tokio::test(start_paused = true)]
 async fn a_failed_endpoint_loses_the_next_choices() {
-    for n in [2, 3, 5] {
+    for (n, pick) in [2, 3, 5]
+        .into_iter()
+        .flat_map(|n| [(n, Pick::PowerOfTwoChoices), (n, Pick::RoundRobin)])
+    {
         let up = Upstream::default();
         let bad = "10.0.0.1:80";
         up.answer(bad, |_| 503);
         let mut svc = builder(n)
             .consecutive_failures(None)
+            .pick(pick)
             .build()
             .unwrap()
             .layer(up.service());
@@ -166,9 +170,13 @@ async fn a_failed_endpoint_loses_the_next_choices() {
             send(&mut svc).await.unwrap();
         }
         for _ in 0..200 {
-            assert_eq!(send(&mut svc).await.unwrap().status(), 200, "n = {n}");
+            assert_eq!(
+                send(&mut svc).await.unwrap().status(),
+                200,
+                "n = {n}, {pick:?}"
+            );
         }
-        assert_eq!(up.calls(bad), 1, "n = {n}");
+        assert_eq!(up.calls(bad), 1, "n = {n}, {pick:?}");
     }
 }
 
@@ -453,7 +461,11 @@ async fn the_failure_percentage_rule_ejects_above_its_threshold_only() {
 /// answer, so it is never ejected for shedding. The same answers unmarked eject it.
 #[tokio::test(start_paused = true)]
 async fn a_shedding_endpoint_is_avoided_for_the_penalty_and_never_ejected() {
-    for marked in [true, false] {
+    for (marked, pick) in [
+        (true, Pick::PowerOfTwoChoices),
+        (true, Pick::RoundRobin),
+        (false, Pick::PowerOfTwoChoices),
+    ] {
         let up = Upstream::default();
         let busy = "10.0.0.1:80";
         up.answer(busy, |_| 503);
@@ -469,6 +481,7 @@ async fn a_shedding_endpoint_is_avoided_for_the_penalty_and_never_ejected() {
             ))
             .success_rate(Some(SuccessRate::default().request_volume(2)))
             .max_ejection_percent(100)
+            .pick(pick)
             .build()
             .unwrap();
         let handle = layer.handle();
@@ -885,7 +898,11 @@ async fn shrinking_the_set_keeps_the_ejection_cap() {
 async fn the_status_reports_an_ended_ejection_without_a_call() {
     let up = Upstream::default();
     up.answer("10.0.0.1:80", |_| 503);
-    let layer = builder(2).pick(Pick::RoundRobin).build().unwrap();
+    let layer = builder(2)
+        .failure_penalty(Duration::ZERO)
+        .pick(Pick::RoundRobin)
+        .build()
+        .unwrap();
     let mut svc = layer.layer(up.service());
     for _ in 0..10 {
         let _ = send(&mut svc).await;

@@ -238,7 +238,9 @@ impl<C> Guard<C> {
                         .meta
                         .record_duration(Outcome::Shed, start.elapsed().as_secs_f64());
                 }
-                self.give_back(permit);
+                if let Permit::Probe(w) = permit {
+                    shared.return_answered_probe(w);
+                }
             }
             Some(c) => {
                 let took = self.start.map(|s| s.elapsed());

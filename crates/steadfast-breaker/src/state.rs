@@ -789,6 +789,18 @@ impl Shared {
         });
     }
 
+    /// A probe was answered without a verdict (the upstream shed it): give its permit back,
+    /// and give the probes a fresh verdict deadline. The upstream answered promptly; it is
+    /// busy, not hanging, and the probe after this one must not be counted as timed out
+    /// because the answers so far were all shed.
+    pub(crate) fn return_answered_probe(&self, w: u64) {
+        self.return_probe(w);
+        let open_for = unstamp(self.cold.open_for.load(Acquire), (w >> 3).wrapping_sub(1));
+        if self.policy.max_half_open_wait.is_some() || open_for.is_some() {
+            self.set_verdict_by(w, self.now(), open_for.unwrap_or(0));
+        }
+    }
+
     /// Records a finished call admitted with `permit` (untimed: the models and tests).
     #[cfg(test)]
     pub(crate) fn on_outcome(

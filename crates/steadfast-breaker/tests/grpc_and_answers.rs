@@ -263,3 +263,61 @@ async fn a_shed_probe_gives_its_permit_to_the_next_call() {
     assert_eq!(call(&mut svc).await.unwrap(), 200);
     assert_eq!(h.state(), BreakerState::Closed);
 }
+
+/// Shed probes over a longer time than the probes' verdict wait do not make the next probe
+/// count as timed out: each shed answer gives the probes a fresh wait (the upstream answered
+/// promptly; it is busy, not hanging). A probe that really hangs still re-opens the breaker
+/// once that wait has passed.
+#[tokio::test(start_paused = true)]
+async fn shed_probes_renew_the_verdict_wait_and_a_hanging_probe_still_times_out() {
+    use std::sync::{Arc, Mutex};
+    // (status, shed, hang)
+    let mode = Arc::new(Mutex::new((500u16, false, false)));
+    let m = mode.clone();
+    let svc = service_fn(move |_req: Request<()>| {
+        let (status, shed, hang) = *m.lock().unwrap();
+        async move {
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            let mut res = Response::builder().status(status);
+            if shed {
+                res = res.header("x-envoy-overloaded", "true");
+            }
+            Ok::<_, Infallible>(res.body(()).unwrap())
+        }
+    });
+    let layer = builder()
+        .consecutive_failures(Some(1))
+        .half_open_probes(1)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(svc);
+    let _ = call(&mut svc).await;
+    assert_eq!(h.state(), BreakerState::Open);
+    advance(Duration::from_secs(30)).await;
+    // Shed probes for 50 s: longer than the 30 s the probes have for a verdict.
+    *mode.lock().unwrap() = (503, true, false);
+    for _ in 0..5 {
+        assert_eq!(call(&mut svc).await.unwrap(), 503);
+        advance(Duration::from_secs(10)).await;
+    }
+    assert_eq!(h.state(), BreakerState::HalfOpen);
+    // One probe now hangs; a call meanwhile is refused, and the breaker stays half-open.
+    *mode.lock().unwrap() = (503, true, true);
+    let mut hung = svc.clone();
+    let probe = tokio::spawn(async move { call(&mut hung).await });
+    tokio::task::yield_now().await;
+    assert!(is_open(&call(&mut svc).await), "the probe's permit is out");
+    assert_eq!(
+        h.state(),
+        BreakerState::HalfOpen,
+        "a probe taken a moment ago has not timed out"
+    );
+    // Past the renewed wait the hanging probe counts as timed out: re-open.
+    advance(Duration::from_secs(31)).await;
+    assert!(is_open(&call(&mut svc).await));
+    assert_eq!(h.state(), BreakerState::Open);
+    probe.abort();
+}

@@ -59,24 +59,40 @@ impl Class {
     /// endpoint's next calls elsewhere for a while, without counting the answer towards
     /// ejection; an adaptive limit or throttle still learns from its status. Whether it is
     /// retried is decided by its status, as for any answer (`503` is retryable, and only for
-    /// idempotent requests).
+    /// idempotent requests; [`Class::is_failed_attempt`] keeps the status's verdict).
     ///
     /// ```
     /// use steadfast_core::{Class, Delivery};
     ///
     /// let shed = Class::new(true, true, Delivery::Answered).overloaded();
     /// assert!(shed.is_overload() && !shed.is_failure() && shed.is_retryable());
+    /// assert!(shed.is_failed_attempt());
     /// assert!(!Class::SUCCESS.is_overload());
     /// ```
     #[must_use]
     pub const fn overloaded(mut self) -> Self {
         self.overload = true;
-        self.failure = false;
         self
     }
 
-    /// Whether the call counts against the upstream's health (breaker input).
+    /// Whether the call counts against the upstream's health (breaker input): a failure by
+    /// its status or error, unless the upstream shed it ([`Class::is_overload`]).
     pub const fn is_failure(self) -> bool {
+        self.failure && !self.overload
+    }
+
+    /// Whether the attempt failed by its status or error alone, shed or not: what a retry
+    /// decides on. A shed `500` is a failed attempt (a retry predicate may retry it, gRPC's
+    /// retry throttling counts it) though no failure of the upstream's health.
+    ///
+    /// ```
+    /// use steadfast_core::{Class, Delivery};
+    ///
+    /// let shed_500 = Class::new(true, false, Delivery::Answered).overloaded();
+    /// assert!(shed_500.is_failed_attempt() && !shed_500.is_failure());
+    /// assert!(!Class::SUCCESS.overloaded().is_failed_attempt());
+    /// ```
+    pub const fn is_failed_attempt(self) -> bool {
         self.failure
     }
 
@@ -535,10 +551,14 @@ impl<B> Classify<Response<B>> for DefaultClassifier {
         if res.status() == StatusCode::OK {
             return ResponseClass::Deferred(self.grpc);
         }
-        ResponseClass::Ready(
-            self.grpc
-                .classify(GrpcCode::from_http_status(res.status().as_u16())),
-        )
+        let class = self
+            .grpc
+            .classify(GrpcCode::from_http_status(res.status().as_u16()));
+        if res.status().as_u16() >= 400 {
+            // A proxy's error answer to a gRPC call, no gRPC status of its own.
+            return ResponseClass::Ready(self.shed(class, headers));
+        }
+        ResponseClass::Ready(class)
     }
 
     fn classify_error(&self, err: &(dyn Error + 'static)) -> Class {
@@ -599,6 +619,8 @@ mod tests {
                 let class = ready(c.classify_response(&res));
                 assert_eq!(class.is_overload(), code >= 400, "{code}");
                 assert!(!class.is_failure() || code < 400, "{code}");
+                // The status's own verdict stays for a retry to read.
+                assert_eq!(class.is_failed_attempt(), code >= 500, "{code}");
                 assert_eq!(
                     class.is_retryable(),
                     matches!(code, 429 | 502 | 503 | 504),
@@ -635,6 +657,15 @@ mod tests {
         assert!(unavailable.is_retryable());
         assert!(!ready(c.classify_response(&head("0", true))).is_overload());
         assert!(ready(c.classify_response(&head("14", false))).is_failure());
+        // A proxy's marked 503 to a gRPC call, with no gRPC status: shed.
+        let proxied = Response::builder()
+            .status(503)
+            .header("content-type", "application/grpc")
+            .header(OVERLOADED, "true")
+            .body(())
+            .unwrap();
+        let class = ready(c.classify_response(&proxied));
+        assert!(class.is_overload() && !class.is_failure() && class.is_failed_attempt());
         // A streamed answer's head: the trailers decide, by code alone.
         let streamed = Response::builder()
             .header("content-type", "application/grpc")

@@ -27,7 +27,13 @@ use crate::throttle::ThrottleConfig;
 /// - `None`: the default rules.
 ///
 /// It is asked only about outcomes that are failures or retryable: a success or the caller's
-/// own error is final without asking it (its answer could not change that).
+/// own error is final without asking it (its answer could not change that). An answer the
+/// upstream marked as shed is judged by its status here too: read
+/// [`Class::is_failed_attempt`](steadfast_core::Class::is_failed_attempt) for "the attempt
+/// failed" (a shed `500` is one), [`Class::is_failure`](steadfast_core::Class::is_failure) for
+/// "the upstream's health suffers" (a shed answer never does), and
+/// [`Class::is_overload`](steadfast_core::Class::is_overload) to treat shed answers apart (as
+/// Envoy does, which never retries them).
 ///
 /// ```
 /// use steadfast_retry::RetryLayer;

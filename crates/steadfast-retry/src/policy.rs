@@ -168,14 +168,16 @@ where
     // Refused by one endpoint before anything was sent, to be sent to another (the balancer's
     // `Rerouted`): no upstream failed, so the throttle is not charged either.
     let rerouted = out.as_ref().is_err_and(|e| NotSent::is_in(&**e));
+    // A retry decides by the status, shed or not (`is_failed_attempt`): an upstream that
+    // sheds is spared a breaker's count, not a retry's rules.
     if let Some(throttle) = config.throttle.as_ref().filter(|_| !rerouted) {
-        if !class.is_failure() {
+        if !class.is_failed_attempt() {
             throttle.succeeded();
         } else if class.is_retryable() {
             throttle.failed();
         }
     }
-    if !class.is_retryable() && !class.is_failure() {
+    if !class.is_retryable() && !class.is_failed_attempt() {
         // A success, or the caller's own error: final whatever the attempt count, the
         // method or the predicate says (the common case, decided before any header is read).
         return Verdict::Done;
@@ -204,7 +206,7 @@ where
     {
         // The caller's say widens the retry to any failure and to requests the method rule
         // would keep, but a success or the caller's own error (2xx-4xx but 429) is final.
-        Some(true) if class.is_retryable() || class.is_failure() => {}
+        Some(true) if class.is_retryable() || class.is_failed_attempt() => {}
         Some(_) => return give_up_if_retryable(&class, "predicate"),
         None if class.is_retryable() && safe => {}
         None => return give_up_if_retryable(&class, "not_idempotent"),
