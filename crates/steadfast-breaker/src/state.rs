@@ -375,7 +375,7 @@ pub(crate) struct Meta {
     pub(crate) rejected: std::sync::OnceLock<metrics::Counter>,
     /// The breaker itself, for the timer of `auto_half_open` (set once it is in its `Arc`).
     pub(crate) me: std::sync::Weak<Shared>,
-    /// The call duration histograms (success, failure), each registered at its first
+    /// The call duration histograms (success, failure, shed), each registered at its first
     /// outcome.
     #[cfg(feature = "metrics")]
     durations: [std::sync::OnceLock<metrics::Histogram>; 3],
