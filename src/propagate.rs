@@ -11,6 +11,12 @@ use tracing::Instrument;
 /// their own: without this, a spawned task's calls get a fresh correlation id, no deadline
 /// and no trace, and its log lines lose the request's span.
 ///
+/// In a handler the deadline is the handler's: the caller's, or the server's own limit if it
+/// is sooner. Work meant to outlive the answer (a producer that feeds a streamed body after
+/// the limit) should carry the id alone, `tokio::spawn(CorrelationId::propagate(fut))`, or
+/// be driven by the body's own stream, whose frames are produced in the request's id and the
+/// caller's deadline only.
+///
 /// ```
 /// use std::time::Duration;
 /// use steadfast::common::Deadline;

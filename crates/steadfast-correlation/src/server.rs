@@ -379,7 +379,7 @@ where
             trace: this.trace.take(),
             span: std::mem::replace(this.span, Span::none()),
         });
-        Poll::Ready(Ok(res.map(|inner| CorrelatedBody { inner, scope })))
+        Poll::Ready(Ok(res.map(|inner| CorrelatedBody::new(inner, scope))))
     }
 }
 
@@ -392,26 +392,38 @@ struct Scope {
 
 pin_project! {
     /// The response body of [`SetCorrelationId`]: the request's id (and its trace context and
-    /// `tracing` span) is ambient while each frame is produced, so work a streamed body does
-    /// after the handler has returned (a stream that makes calls, an SSE feed) carries the
-    /// request's id as the handler's own calls do. Frames, end of stream and size hints pass
-    /// through unchanged.
+    /// `tracing` span) is ambient while each frame is produced, and while the body is dropped,
+    /// so work a streamed body does after the handler has returned (a stream that makes calls,
+    /// an SSE feed, a drop guard that logs a client's departure) carries the request's id as
+    /// the handler's own calls do. Frames, end of stream and size hints pass through
+    /// unchanged.
     pub struct CorrelatedBody<B> {
+        // `None` only while being dropped.
         #[pin]
-        inner: B,
+        inner: Option<B>,
         scope: Option<Scope>,
+    }
+
+    impl<B> PinnedDrop for CorrelatedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(scope) = this.scope.take() {
+                let mut inner = this.inner;
+                let _entered = scope.span.enter();
+                scope.id.sync_scope(|| {
+                    TraceContext::sync_scope_opt(scope.trace, || inner.set(None));
+                });
+            }
+        }
     }
 }
 
 impl<B> CorrelatedBody<B> {
-    /// The inner body.
-    pub fn get_ref(&self) -> &B {
-        &self.inner
-    }
-
-    /// Unwraps the inner body (its frames are then produced outside the request's scope).
-    pub fn into_inner(self) -> B {
-        self.inner
+    fn new(inner: B, scope: Option<Scope>) -> Self {
+        Self {
+            inner: Some(inner),
+            scope,
+        }
     }
 }
 
@@ -434,25 +446,29 @@ impl<B: Body> Body for CorrelatedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            unreachable!("a CorrelatedBody is only empty while dropped");
+        };
         match this.scope {
             Some(scope) => {
                 let _entered = scope.span.enter();
-                let inner = this.inner;
                 scope.id.clone().sync_scope(|| {
                     TraceContext::sync_scope_opt(scope.trace.clone(), || inner.poll_frame(cx))
                 })
             }
-            None => this.inner.poll_frame(cx),
+            None => inner.poll_frame(cx),
         }
     }
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     #[inline]
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }

@@ -209,7 +209,7 @@ where
                 if let Poll::Ready(r) = deadline.sync_scope(|| inner.poll(cx)) {
                     let caller = *caller;
                     return Poll::Ready(r.map(|res| {
-                        res.map(|inner| ResponseBody::inner(DeadlineBody { inner, caller }))
+                        res.map(|inner| ResponseBody::inner(DeadlineBody::new(inner, caller)))
                     }));
                 }
                 if sleep.is_none() {
@@ -231,32 +231,40 @@ where
 
 pin_project! {
     /// The response body of [`SetDeadline`]. When the caller sent a deadline (`grpc-timeout`,
-    /// the deadline header), it is ambient while each frame is produced, so calls a streamed
-    /// body makes after the handler has returned get what remains of the caller's time. The
-    /// layer's own limit is not: it bounds how long the handler takes to answer, and a stream
-    /// (an SSE feed) may rightly outlive it. Frames, end of stream and size hints pass through
-    /// unchanged; the body is not cut at the deadline.
+    /// the deadline header), it is ambient while each frame is produced and while the body
+    /// is dropped, so calls a streamed body makes after the handler has returned get what
+    /// remains of the caller's time. The layer's own limit is not: it bounds how long the
+    /// handler takes to answer, and a stream (an SSE feed) may rightly outlive it. Frames, end
+    /// of stream and size hints pass through unchanged; the body is not cut at the deadline.
     pub struct DeadlineBody<B> {
+        // `None` only while being dropped.
         #[pin]
-        inner: B,
+        inner: Option<B>,
         caller: Option<Deadline>,
+    }
+
+    impl<B> PinnedDrop for DeadlineBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(deadline) = *this.caller {
+                let mut inner = this.inner;
+                deadline.sync_scope(|| inner.set(None));
+            }
+        }
     }
 }
 
 impl<B> DeadlineBody<B> {
+    fn new(inner: B, caller: Option<Deadline>) -> Self {
+        Self {
+            inner: Some(inner),
+            caller,
+        }
+    }
+
     /// The deadline the caller sent, ambient while the body's frames are produced.
     pub fn caller_deadline(&self) -> Option<Deadline> {
         self.caller
-    }
-
-    /// The inner body.
-    pub fn get_ref(&self) -> &B {
-        &self.inner
-    }
-
-    /// Unwraps the inner body.
-    pub fn into_inner(self) -> B {
-        self.inner
     }
 }
 
@@ -279,19 +287,24 @@ impl<B: Body> Body for DeadlineBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            unreachable!("a DeadlineBody is only empty while dropped");
+        };
         match *this.caller {
-            Some(deadline) => deadline.sync_scope(|| this.inner.poll_frame(cx)),
-            None => this.inner.poll_frame(cx),
+            Some(deadline) => deadline.sync_scope(|| inner.poll_frame(cx)),
+            None => inner.poll_frame(cx),
         }
     }
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     #[inline]
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
