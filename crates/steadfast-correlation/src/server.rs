@@ -392,21 +392,24 @@ struct Scope {
 
 pin_project! {
     /// The response body of [`SetCorrelationId`]: the request's id (and its trace context and
-    /// `tracing` span) is ambient while each frame is produced, and while the body is dropped,
-    /// so work a streamed body does after the handler has returned (a stream that makes calls,
-    /// an SSE feed, a drop guard that logs a client's departure) carries the request's id as
-    /// the handler's own calls do. Frames, end of stream and size hints pass through
-    /// unchanged.
+    /// `tracing` span) is ambient while each frame is produced, and while the body is dropped
+    /// before its end, so work a streamed body does after the handler has returned (a stream
+    /// that makes calls, an SSE feed, a drop guard that logs a client's departure) carries the
+    /// request's id as the handler's own calls do. The scope, and the span with it, ends with
+    /// the body's last frame. Frames, end of stream and size hints pass through unchanged.
     pub struct CorrelatedBody<B> {
         // `None` only while being dropped.
         #[pin]
         inner: Option<B>,
+        // Taken once the body has ended: nothing of it runs in the scope after that.
         scope: Option<Scope>,
     }
 
     impl<B> PinnedDrop for CorrelatedBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
+            // A body that ended has run its work (its scope is gone); one dropped part-way
+            // (a client gone mid-stream) drops in the scope.
             if let Some(scope) = this.scope.take() {
                 let mut inner = this.inner;
                 let _entered = scope.span.enter();
@@ -446,18 +449,24 @@ impl<B: Body> Body for CorrelatedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
-        let Some(inner) = this.inner.as_pin_mut() else {
+        let Some(mut inner) = this.inner.as_pin_mut() else {
             unreachable!("a CorrelatedBody is only empty while dropped");
         };
-        match this.scope {
-            Some(scope) => {
-                let _entered = scope.span.enter();
-                scope.id.clone().sync_scope(|| {
-                    TraceContext::sync_scope_opt(scope.trace.clone(), || inner.poll_frame(cx))
-                })
-            }
-            None => inner.poll_frame(cx),
+        let Some(scope) = this.scope.as_ref() else {
+            return inner.poll_frame(cx);
+        };
+        let frame = {
+            let _entered = scope.span.enter();
+            scope.id.clone().sync_scope(|| {
+                TraceContext::sync_scope_opt(scope.trace.clone(), || inner.as_mut().poll_frame(cx))
+            })
+        };
+        if matches!(frame, Poll::Ready(None)) || inner.is_end_stream() {
+            // Ended: nothing of the body runs any more, and the span closes now rather than
+            // when the server gets round to dropping the body.
+            *this.scope = None;
         }
+        frame
     }
 
     #[inline]

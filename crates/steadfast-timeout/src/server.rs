@@ -232,7 +232,7 @@ where
 pin_project! {
     /// The response body of [`SetDeadline`]. When the caller sent a deadline (`grpc-timeout`,
     /// the deadline header), it is ambient while each frame is produced and while the body
-    /// is dropped, so calls a streamed body makes after the handler has returned get what
+    /// is dropped before its end, so calls a streamed body makes after the handler has returned get what
     /// remains of the caller's time. The layer's own limit is not: it bounds how long the
     /// handler takes to answer, and a stream (an SSE feed) may rightly outlive it. Frames, end
     /// of stream and size hints pass through unchanged; the body is not cut at the deadline.
@@ -262,7 +262,8 @@ impl<B> DeadlineBody<B> {
         }
     }
 
-    /// The deadline the caller sent, ambient while the body's frames are produced.
+    /// The deadline the caller sent, ambient while the body's frames are produced (`None`
+    /// once the body has ended).
     pub fn caller_deadline(&self) -> Option<Deadline> {
         self.caller
     }
@@ -287,13 +288,18 @@ impl<B: Body> Body for DeadlineBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
-        let Some(inner) = this.inner.as_pin_mut() else {
+        let Some(mut inner) = this.inner.as_pin_mut() else {
             unreachable!("a DeadlineBody is only empty while dropped");
         };
-        match *this.caller {
-            Some(deadline) => deadline.sync_scope(|| inner.poll_frame(cx)),
-            None => inner.poll_frame(cx),
+        let Some(deadline) = *this.caller else {
+            return inner.poll_frame(cx);
+        };
+        let frame = deadline.sync_scope(|| inner.as_mut().poll_frame(cx));
+        if matches!(frame, Poll::Ready(None)) || inner.is_end_stream() {
+            // Ended: nothing of the body runs any more, its drop included.
+            *this.caller = None;
         }
+        frame
     }
 
     #[inline]
