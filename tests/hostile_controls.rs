@@ -109,7 +109,9 @@ async fn response_extension_with_echo_off_and_with_a_handler_header() {
                 .unwrap(),
         )
         .service(service_fn(|_req: http::Request<()>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                bytes::Bytes,
+            >::new()))
         }));
     let req = http::Request::builder()
         .header("x-correlation-id", "order-7")
@@ -128,7 +130,7 @@ async fn response_extension_with_echo_off_and_with_a_handler_header() {
             Ok::<_, std::convert::Infallible>(
                 http::Response::builder()
                     .header("x-correlation-id", "handler-1")
-                    .body(())
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
                     .unwrap(),
             )
         }));
@@ -147,7 +149,9 @@ async fn response_extension_with_echo_off_and_with_a_handler_header() {
     let svc = ServiceBuilder::new()
         .layer(SetCorrelationIdLayer::new())
         .service(service_fn(|_req: http::Request<()>| async {
-            Err::<http::Response<()>, _>(std::io::Error::other("boom"))
+            Err::<http::Response<http_body_util::Empty<bytes::Bytes>>, _>(std::io::Error::other(
+                "boom",
+            ))
         }));
     assert!(svc.oneshot(http::Request::new(())).await.is_err());
 }

@@ -346,10 +346,11 @@ fn breaker(c: &mut Criterion) {
 }
 
 fn correlation(c: &mut Criterion) {
+    use steadfast_bench::BareBody;
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
     let header = http::HeaderName::from_static("x-correlation-id");
-    let tower_http_pair = |svc: Bare| {
+    let tower_http_pair = |svc: BareBody| {
         ServiceBuilder::new()
             .layer(SetRequestIdLayer::new(header.clone(), MakeRequestUuid))
             .layer(PropagateRequestIdLayer::new(header.clone()))
@@ -363,11 +364,11 @@ fn correlation(c: &mut Criterion) {
         ("correlation-server-no-id", empty),
     ] {
         let mut rec = Recorder::new(c, group);
-        rec.bench_req("bare", Bare, make_req);
-        rec.bench_req("tower-http", tower_http_pair(Bare), make_req);
+        rec.bench_req("bare", BareBody, make_req);
+        rec.bench_req("tower-http", tower_http_pair(BareBody), make_req);
         rec.bench_req(
             "steadfast",
-            SetCorrelationIdLayer::new().layer(Bare),
+            SetCorrelationIdLayer::new().layer(BareBody),
             make_req,
         );
         rec.bench_req(
@@ -376,10 +377,14 @@ fn correlation(c: &mut Criterion) {
                 .extension(false)
                 .build()
                 .unwrap()
-                .layer(Bare),
+                .layer(BareBody),
             make_req,
         );
-        rec.bench_req("floor", steadfast_bench::ServerFloor::new(Bare), make_req);
+        rec.bench_req(
+            "floor",
+            steadfast_bench::ServerFloor::new(BareBody),
+            make_req,
+        );
     }
 
     // Client side with the id ambient (as inside a handler); both run inside the same scope.
@@ -388,10 +393,10 @@ fn correlation(c: &mut Criterion) {
     // Both run inside one scope, as a handler's calls are made inside the scope the server
     // layer set for its request (a scope per call would return each future through a closure).
     id.sync_scope(|| {
-        rec.bench_req("bare", Bare, with_id);
+        rec.bench_req("bare", BareBody, with_id);
         rec.bench_req(
             "steadfast",
-            PropagateCorrelationIdLayer::new().layer(Bare),
+            PropagateCorrelationIdLayer::new().layer(BareBody),
             with_id,
         );
     });
@@ -693,7 +698,7 @@ fn stacks(c: &mut Criterion) {
     }
 
     let mut rec = Recorder::new(c, "server-stack");
-    rec.bench_req("bare", Bare, with_id);
+    rec.bench_req("bare", steadfast_bench::BareBody, with_id);
     rec.bench_req(
         "tower-http",
         ServiceBuilder::new()
@@ -708,7 +713,7 @@ fn stacks(c: &mut Criterion) {
                 http::StatusCode::GATEWAY_TIMEOUT,
                 THIRTY_S,
             ))
-            .service(Bare),
+            .service(steadfast_bench::BareBody),
         with_id,
     );
     rec.bench_req(
@@ -716,10 +721,14 @@ fn stacks(c: &mut Criterion) {
         steadfast::server::http()
             .build()
             .expect("valid")
-            .layer(Bare),
+            .layer(steadfast_bench::BareBody),
         with_id,
     );
-    rec.bench_req("floor", steadfast_bench::ServerFloor::new(Bare), with_id);
+    rec.bench_req(
+        "floor",
+        steadfast_bench::ServerFloor::new(steadfast_bench::BareBody),
+        with_id,
+    );
 }
 
 /// A concurrency limit that does not fire (issue 23: ≤ +15 ns over bare, no allocation,

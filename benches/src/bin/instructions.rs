@@ -273,9 +273,15 @@ fn main() {
             to_upstream,
             calls,
         ),
-        ("server-stack" | "correlation-server", "bare") => run(Bare, with_id, calls),
+        ("server-stack" | "correlation-server", "bare") => {
+            run(steadfast_bench::BareBody, with_id, calls)
+        }
         ("server-stack" | "correlation-server", "floor") => {
-            run(steadfast_bench::ServerFloor::new(Bare), with_id, calls);
+            run(
+                steadfast_bench::ServerFloor::new(steadfast_bench::BareBody),
+                with_id,
+                calls,
+            );
         }
         ("correlation-server", "tower-http") => {
             use tower_http::request_id::{
@@ -285,11 +291,11 @@ fn main() {
             let svc = ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(header.clone(), MakeRequestUuid))
                 .layer(PropagateRequestIdLayer::new(header))
-                .service(Bare);
+                .service(steadfast_bench::BareBody);
             run(svc, with_id, calls);
         }
         ("correlation-server", "steadfast") => run(
-            steadfast::correlation::SetCorrelationIdLayer::new().layer(Bare),
+            steadfast::correlation::SetCorrelationIdLayer::new().layer(steadfast_bench::BareBody),
             with_id,
             calls,
         ),
@@ -298,7 +304,7 @@ fn main() {
                 .extension(false)
                 .build()
                 .expect("valid")
-                .layer(Bare),
+                .layer(steadfast_bench::BareBody),
             with_id,
             calls,
         ),
@@ -314,14 +320,14 @@ fn main() {
                     http::StatusCode::GATEWAY_TIMEOUT,
                     THIRTY_S,
                 ))
-                .service(Bare);
+                .service(steadfast_bench::BareBody);
             run(svc, with_id, calls);
         }
         ("server-stack", "steadfast") => run(
             steadfast::server::http()
                 .build()
                 .expect("valid")
-                .layer(Bare),
+                .layer(steadfast_bench::BareBody),
             with_id,
             calls,
         ),

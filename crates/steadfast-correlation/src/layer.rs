@@ -194,7 +194,7 @@ impl<M, V> SetCorrelationIdBuilder<M, V> {
     /// let svc = ServiceBuilder::new()
     ///     .layer(layer)
     ///     .service(service_fn(|_req: http::Request<()>| async {
-    ///         Ok::<_, std::convert::Infallible>(http::Response::new(()))
+    ///         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
     ///     }));
     /// let req = http::Request::builder().header("x-correlation-id", "order-7").body(()).unwrap();
     /// let res = svc.oneshot(req).await.unwrap();

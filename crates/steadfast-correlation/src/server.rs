@@ -277,6 +277,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     M: MakeCorrelationId,
     V: ValidateId,
+    ResBody: Body,
 {
     type Response = Response<CorrelatedBody<ResBody>>;
     type Error = S::Error;
@@ -349,6 +350,7 @@ impl<F> fmt::Debug for SetCorrelationIdFuture<F> {
 impl<F, B, E> Future for SetCorrelationIdFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
 {
     type Output = Result<Response<CorrelatedBody<B>>, E>;
 
@@ -421,8 +423,10 @@ pin_project! {
     }
 }
 
-impl<B> CorrelatedBody<B> {
+impl<B: Body> CorrelatedBody<B> {
     fn new(inner: B, scope: Option<Scope>) -> Self {
+        // An empty body produces nothing and has nothing to drop in the scope.
+        let scope = scope.filter(|_| !inner.is_end_stream());
         Self {
             inner: Some(inner),
             scope,

@@ -20,7 +20,9 @@ fn server(
 ) -> (
     impl Service<
         Request<()>,
-        Response = Response<steadfast_correlation::CorrelatedBody<()>>,
+        Response = Response<
+            steadfast_correlation::CorrelatedBody<http_body_util::Empty<bytes::Bytes>>,
+        >,
         Error = std::convert::Infallible,
     > + Clone,
     Seen,
@@ -42,7 +44,9 @@ fn server(
                     .map(|i| i.to_string());
                 let ambient = CorrelationId::current().map(|i| i.to_string());
                 s.lock().unwrap().push((header, ext, ambient));
-                Ok::<_, std::convert::Infallible>(Response::new(()))
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<
+                    bytes::Bytes,
+                >::new()))
             }
         }));
     (svc, seen)
@@ -184,7 +188,9 @@ async fn custom_rule_and_header_name() {
     let svc = ServiceBuilder::new()
         .layer(layer)
         .service(service_fn(|_req: Request<()>| async {
-            Ok::<_, std::convert::Infallible>(Response::new(()))
+            Ok::<_, std::convert::Infallible>(Response::new(
+                http_body_util::Empty::<bytes::Bytes>::new(),
+            ))
         }));
     let res = svc
         .clone()
@@ -207,7 +213,9 @@ async fn custom_rule_and_header_name() {
     let svc = ServiceBuilder::new()
         .layer(lax)
         .service(service_fn(|_req: Request<()>| async {
-            Ok::<_, std::convert::Infallible>(Response::new(()))
+            Ok::<_, std::convert::Infallible>(Response::new(
+                http_body_util::Empty::<bytes::Bytes>::new(),
+            ))
         }));
     let res = svc
         .oneshot(req_with(&[("x-correlation-id", b"a b")]))
@@ -368,7 +376,10 @@ fn a_cancelled_handler_logs_inside_the_request_span() {
         &SetCorrelationIdLayer::new(),
         service_fn(|_: Request<()>| async {
             let _log = LogOnDrop;
-            std::future::pending::<Result<Response<()>, std::convert::Infallible>>().await
+            std::future::pending::<
+                Result<Response<http_body_util::Empty<bytes::Bytes>>, std::convert::Infallible>,
+            >()
+            .await
         }),
     );
     let mut fut = Box::pin(svc.oneshot(req_with(&[("x-correlation-id", b"gone")])));
@@ -447,7 +458,9 @@ fn a_header_the_protocol_owns_is_refused_when_built() {
 #[tokio::test]
 async fn the_response_carries_the_id_as_an_extension() {
     let handler = service_fn(|_req: Request<()>| async {
-        Ok::<_, std::convert::Infallible>(Response::new(()))
+        Ok::<_, std::convert::Infallible>(Response::new(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+        ))
     });
     let svc = ServiceBuilder::new()
         .layer(

@@ -85,7 +85,9 @@ async fn through(
                     )
                 });
                 *o.lock().unwrap() = Some((read, id, trace));
-                Ok::<_, std::convert::Infallible>(Response::new(()))
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<
+                    bytes::Bytes,
+                >::new()))
             }
         }));
     let mut map = HeaderMap::new();
