@@ -261,12 +261,6 @@ impl<B> DeadlineBody<B> {
             caller,
         }
     }
-
-    /// The deadline the caller sent, ambient while the body's frames are produced (`None`
-    /// once the body has ended).
-    pub fn caller_deadline(&self) -> Option<Deadline> {
-        self.caller
-    }
 }
 
 impl<B: fmt::Debug> fmt::Debug for DeadlineBody<B> {
