@@ -12,6 +12,13 @@
 //! client calling a server whose handler waits twice, without middleware, with
 //! `server::http()`, and with `steadfast_bench::ServerFloor`.
 //!
+//! `gateway-bare`, `gateway-stack` and `gateway-floor` put a gateway between the client and
+//! the server (the seed's shape): a bare client calls a gateway whose handler proxies each
+//! GET to the server through a hyper-util client and answers with the upstream's body; the
+//! gateway runs no layers, `server::http()` in front and `client::http()` behind, or the
+//! floors on both sides (`ServerFloor`, `Floor`). The difference to `gateway-bare` is what
+//! our two stacks cost per proxied request.
+//!
 //! Run: `valgrind --tool=callgrind target/release/calls <mode> <calls>` (or
 //! `--tool=dhat`), both modes with the same `<calls>`, then divide the difference of the
 //! totals by `<calls>`. One thread and sequential calls keep the count the same from run to
@@ -78,13 +85,19 @@ enum Server {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(mode), Some(Ok(calls))) = (args.get(1), args.get(2).map(|c| c.parse::<u64>())) else {
-        eprintln!("usage: calls <bare|stack|stack-edge|server-bare|server-stack> <calls>");
+        eprintln!(
+            "usage: calls <bare|stack|stack-edge|floor|server-bare|server-stack|server-floor|gateway-bare|gateway-stack|gateway-floor|+step> <calls>"
+        );
         std::process::exit(2);
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    if let Some(layers) = mode.strip_prefix("gateway-") {
+        tokio::task::LocalSet::new().block_on(&rt, gateway(layers, calls));
+        return;
+    }
     rt.block_on(async {
         let server = match mode.as_str() {
             "server-bare" => Server::Waits,
@@ -220,4 +233,76 @@ where
             std::process::exit(2);
         }
     }
+}
+
+/// Binds a listener on 127.0.0.1 and serves `svc` on it, one connection task each.
+async fn serve<S, B>(svc: S) -> std::net::SocketAddr
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + 'static,
+    S::Future: 'static,
+    S::Error: Into<steadfast::common::BoxError>,
+    B: http_body::Body<Data = Bytes> + 'static,
+    B::Error: Into<steadfast::common::BoxError>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::task::spawn_local(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let svc = TowerToHyperService::new(svc.clone());
+            tokio::task::spawn_local(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    addr
+}
+
+/// `calls` GETs from a bare client through a gateway (`layers`: `bare`, `stack` or `floor`)
+/// to the server.
+async fn gateway(layers: &str, calls: u64) {
+    let upstream = serve(tower::service_fn(hello)).await;
+    let uri = format!("http://{upstream}/");
+    // The gateway's proxy: a GET to the upstream through `client`, its body collected.
+    macro_rules! proxy {
+        ($client:expr) => {{
+            let client = $client;
+            tower::service_fn(move |_req: http::Request<Incoming>| {
+                let (client, uri) = (client.clone(), uri.clone());
+                async move {
+                    let req = http::Request::get(uri).body(Full::default()).expect("req");
+                    let res = client.oneshot(req).await.expect("upstream");
+                    let body = res.into_body().collect().await.expect("body").to_bytes();
+                    Ok::<_, Infallible>(http::Response::new(Full::new(body)))
+                }
+            })
+        }};
+    }
+    let bare_client =
+        || -> Client<_, Full<Bytes>> { Client::builder(TokioExecutor::new()).build_http() };
+    let gateway = match layers {
+        "bare" => serve(proxy!(bare_client())).await,
+        "stack" => {
+            let client = steadfast::client::http()
+                .build()
+                .expect("valid")
+                .hyper_client::<Full<Bytes>>();
+            let server = steadfast::server::http().build().expect("valid");
+            serve(server.layer(proxy!(client))).await
+        }
+        "floor" => {
+            let client = steadfast_bench::Floor::new(bare_client());
+            serve(steadfast_bench::ServerFloor::new(proxy!(client))).await
+        }
+        other => {
+            eprintln!("unknown gateway {other:?}: gateway-bare, gateway-stack or gateway-floor");
+            std::process::exit(2);
+        }
+    };
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    run(client, &format!("http://{gateway}/"), calls).await;
 }
