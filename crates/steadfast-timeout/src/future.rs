@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
@@ -10,6 +10,7 @@ use steadfast_core::{BoxError, saturating_add};
 use tokio::time::{Instant, Sleep};
 
 use crate::error::Elapsed;
+use crate::one_timer::{self, Scope, Wait};
 
 pub use crate::body::BodyTimeoutFuture;
 pub use crate::server::SetDeadlineFuture;
@@ -98,17 +99,26 @@ where
     type Output = Result<T, BoxError>;
 
     /// Kept small so callers inline it: the response goes straight through, and the timer
-    /// (armed at the first `Pending`) lives out of line.
+    /// (armed at the first `Pending`, or shared with an enclosing timeout: see
+    /// `one_timer`) lives out of line.
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Some(inner) = this.inner.as_pin_mut() else {
             return Poll::Ready(Err(elapsed(*this.limit, *this.inherited)));
         };
+        let fired = one_timer::fired(this.sleep.as_ref().get_ref().as_ref());
+        let scope = Scope::enter(cx, fired);
         if let Poll::Ready(r) = inner.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
         }
-        poll_timer(this.sleep, this.at, *this.limit, *this.inherited, cx).map(Err)
+        let (enclosing, asked) = scope.leave();
+        let wait = Wait {
+            enclosing,
+            asked,
+            fired,
+        };
+        poll_timer(this.sleep, this.at, *this.limit, *this.inherited, wait, cx).map(Err)
     }
 }
 
@@ -119,34 +129,20 @@ fn elapsed(limit: Duration, inherited: bool) -> BoxError {
     Elapsed::new(limit, inherited).into()
 }
 
-/// The timer side of [`ResponseFuture::poll`]: arms the `Sleep` at the first `Pending` and
-/// says whether the limit has fired.
-///
-/// Every timeout arms a timer of its own, even one nested in another timeout due earlier: a
-/// timer below cannot be relied on to wake this task, since whatever sits between may drop
-/// the call below, move it to another task or poll it with another waker, and then wait on
-/// something with no timer at all.
+/// The timer side of [`ResponseFuture::poll`]: starts counting at the first `Pending` (a
+/// lazy call) and says whether the limit has run out.
 #[inline(never)]
 fn poll_timer(
-    mut sleep: Pin<&mut Option<Sleep>>,
+    sleep: Pin<&mut Option<Sleep>>,
     at: &mut Option<Instant>,
     limit: Duration,
     inherited: bool,
+    wait: Wait,
     cx: &mut Context<'_>,
 ) -> Poll<BoxError> {
-    if sleep.is_none() {
-        // A lazy call starts counting at its first `Pending`.
-        let due = *at.get_or_insert_with(|| saturating_add(Instant::now(), limit));
-        sleep.set(Some(tokio::time::sleep_until(due)));
-    }
-    if sleep
-        .as_pin_mut()
-        .expect("armed above")
-        .poll(cx)
-        .is_pending()
-    {
-        return Poll::Pending;
-    }
+    // A lazy call starts counting at its first `Pending`.
+    let due = *at.get_or_insert_with(|| saturating_add(Instant::now(), limit));
+    ready!(wait.poll(sleep, due, cx));
     #[cfg(feature = "metrics")]
     metrics::counter!("steadfast_timeout_elapsed_total", "side" => "client").increment(1);
     tracing::debug!(

@@ -14,6 +14,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use crate::layer::SetDeadlineLayer;
+use crate::one_timer::{self, Scope, Wait};
 use crate::propagate;
 
 const MESSAGE: &str = "deadline exceeded\n";
@@ -198,7 +199,7 @@ where
         match self.project().state.project() {
             ServerStateProj::Running {
                 inner,
-                mut sleep,
+                sleep,
                 deadline,
                 caller,
                 on_expiry,
@@ -206,18 +207,22 @@ where
                 let Some(inner) = inner.as_pin_mut() else {
                     unreachable!("the handler's future is only gone while dropped");
                 };
+                // The handler's client calls share this timer (see `one_timer`).
+                let fired = one_timer::fired(sleep.as_ref().get_ref().as_ref());
+                let scope = Scope::enter(cx, fired);
                 if let Poll::Ready(r) = deadline.sync_scope(|| inner.poll(cx)) {
                     let caller = *caller;
                     return Poll::Ready(r.map(|res| {
                         res.map(|inner| ResponseBody::inner(DeadlineBody::new(inner, caller)))
                     }));
                 }
-                if sleep.is_none() {
-                    // Our own timer, even while the handler waits on a client call with an
-                    // earlier one (see the client timeout's `poll_timer`).
-                    sleep.set(Some(tokio::time::sleep_until(deadline.instant())));
-                }
-                ready!(sleep.as_pin_mut().expect("armed above").poll(cx));
+                let (enclosing, asked) = scope.leave();
+                let wait = Wait {
+                    enclosing,
+                    asked,
+                    fired,
+                };
+                ready!(wait.poll(sleep, deadline.instant(), cx));
                 #[cfg(feature = "metrics")]
                 metrics::counter!("steadfast_timeout_elapsed_total", "side" => "server")
                     .increment(1);
