@@ -101,7 +101,7 @@ where
     /// Kept small so callers inline it: the response goes straight through, and the timer
     /// (armed at the first `Pending`, or shared with an enclosing timeout: see
     /// `one_timer`) lives out of line.
-    #[inline]
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Some(inner) = this.inner.as_pin_mut() else {
@@ -112,13 +112,15 @@ where
         if let Poll::Ready(r) = inner.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
         }
-        let (enclosing, asked) = scope.leave();
-        let wait = Wait {
-            enclosing,
-            asked,
-            fired,
-        };
-        poll_timer(this.sleep, this.at, *this.limit, *this.inherited, wait, cx).map(Err)
+        poll_timer(
+            this.sleep,
+            this.at,
+            *this.limit,
+            *this.inherited,
+            (scope, fired),
+            cx,
+        )
+        .map(Err)
     }
 }
 
@@ -137,9 +139,15 @@ fn poll_timer(
     at: &mut Option<Instant>,
     limit: Duration,
     inherited: bool,
-    wait: Wait,
+    (scope, fired): (Scope, Option<Instant>),
     cx: &mut Context<'_>,
 ) -> Poll<BoxError> {
+    let (enclosing, asked) = scope.leave();
+    let wait = Wait {
+        enclosing,
+        asked,
+        fired,
+    };
     // A lazy call starts counting at its first `Pending`.
     let due = *at.get_or_insert_with(|| saturating_add(Instant::now(), limit));
     ready!(wait.poll(sleep, due, cx));
