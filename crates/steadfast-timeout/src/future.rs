@@ -29,6 +29,8 @@ pin_project! {
         sleep: Option<Sleep>,
         // `None`: start counting at the first `Pending` (no inherited deadline).
         at: Option<Instant>,
+        // The latest instant `sleep` fired for (handed down to the timeouts below).
+        fired: Option<Instant>,
         limit: Duration,
         inherited: bool,
     }
@@ -53,6 +55,7 @@ impl<F> ResponseFuture<F> {
             inner: Some(inner),
             sleep: None,
             at,
+            fired: None,
             limit,
             inherited,
         }
@@ -63,6 +66,7 @@ impl<F> ResponseFuture<F> {
             inner: None,
             sleep: None,
             at: None,
+            fired: None,
             limit: elapsed.limit(),
             inherited: elapsed.is_inherited(),
         }
@@ -107,13 +111,13 @@ where
         let Some(inner) = this.inner.as_pin_mut() else {
             return Poll::Ready(Err(elapsed(*this.limit, *this.inherited)));
         };
-        let fired = one_timer::fired(this.sleep.as_ref().get_ref().as_ref());
+        let fired = one_timer::fired(this.sleep.as_ref().get_ref().as_ref(), this.fired);
         let scope = Scope::enter(cx, fired);
         if let Poll::Ready(r) = inner.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
         }
         poll_timer(
-            this.sleep,
+            (this.sleep, this.fired),
             this.at,
             *this.limit,
             *this.inherited,
@@ -135,7 +139,7 @@ fn elapsed(limit: Duration, inherited: bool) -> BoxError {
 /// lazy call) and says whether the limit has run out.
 #[inline(never)]
 fn poll_timer(
-    sleep: Pin<&mut Option<Sleep>>,
+    (sleep, last_fired): (Pin<&mut Option<Sleep>>, &mut Option<Instant>),
     at: &mut Option<Instant>,
     limit: Duration,
     inherited: bool,
@@ -150,7 +154,7 @@ fn poll_timer(
     };
     // A lazy call starts counting at its first `Pending`.
     let due = *at.get_or_insert_with(|| saturating_add(Instant::now(), limit));
-    ready!(wait.poll(sleep, due, cx));
+    ready!(wait.poll(sleep, last_fired, due, cx));
     #[cfg(feature = "metrics")]
     metrics::counter!("steadfast_timeout_elapsed_total", "side" => "client").increment(1);
     tracing::debug!(

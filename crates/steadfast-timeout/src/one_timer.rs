@@ -153,11 +153,24 @@ pub(crate) fn ask(due: Instant) {
     });
 }
 
-/// The instant a timeout's own timer fired for, if it has fired (read before the inner future
-/// is polled, to be handed down).
+/// The latest instant a timeout's own timer fired for, kept in `last` (read before the inner
+/// future is polled, to be handed down). Kept, not only read off the timer: the timer is
+/// aimed elsewhere at the end of a poll in which no timeout below asked (a layer between may
+/// skip polling the call below, and poll it next time), and the instant it fired for must
+/// still be handed down then. It is in the past, so it never ends a timeout early.
 #[inline]
-pub(crate) fn fired(sleep: Option<&Sleep>) -> Option<Instant> {
-    sleep.filter(|s| s.is_elapsed()).map(Sleep::deadline)
+pub(crate) fn fired(sleep: Option<&Sleep>, last: &mut Option<Instant>) -> Option<Instant> {
+    if let Some(timer) = sleep.filter(|s| s.is_elapsed()) {
+        note_fired(last, timer.deadline());
+    }
+    *last
+}
+
+#[inline]
+fn note_fired(last: &mut Option<Instant>, at: Instant) {
+    if last.is_none_or(|l| l < at) {
+        *last = Some(at);
+    }
 }
 
 /// What a timeout whose inner future is waiting knows about timers after the inner poll.
@@ -166,7 +179,7 @@ pub(crate) struct Wait {
     pub(crate) enclosing: Offer,
     /// The earliest instant a timeout below asked to be woken by.
     pub(crate) asked: Option<Instant>,
-    /// The instant this timeout's own timer fired for, if it did since the last poll.
+    /// The latest instant this timeout's own timer fired for (see [`fired`]).
     pub(crate) fired: Option<Instant>,
 }
 
@@ -178,6 +191,7 @@ impl Wait {
     pub(crate) fn poll(
         self,
         mut sleep: Pin<&mut Option<Sleep>>,
+        last_fired: &mut Option<Instant>,
         due: Instant,
         cx: &mut Context<'_>,
     ) -> Poll<()> {
@@ -212,6 +226,7 @@ impl Wait {
         {
             return Poll::Pending;
         }
+        note_fired(last_fired, target);
         if target < due {
             // Fired for a timeout below, which learns it at the next poll (`Scope::enter`
             // hands the fired instant down).

@@ -116,6 +116,7 @@ where
             state: ServerState::Running {
                 inner: Some(inner),
                 sleep: None,
+                fired: None,
                 deadline,
                 caller,
                 on_expiry,
@@ -172,6 +173,8 @@ pin_project! {
             inner: Option<F>,
             #[pin]
             sleep: Option<Sleep>,
+            // The latest instant `sleep` fired for (handed down to the handler's timeouts).
+            fired: Option<Instant>,
             deadline: Deadline,
             // The deadline the caller sent, if it sent one.
             caller: Option<Deadline>,
@@ -200,6 +203,7 @@ where
             ServerStateProj::Running {
                 inner,
                 sleep,
+                fired: last_fired,
                 deadline,
                 caller,
                 on_expiry,
@@ -208,7 +212,7 @@ where
                     unreachable!("the handler's future is only gone while dropped");
                 };
                 // The handler's client calls share this timer (see `one_timer`).
-                let fired = one_timer::fired(sleep.as_ref().get_ref().as_ref());
+                let fired = one_timer::fired(sleep.as_ref().get_ref().as_ref(), last_fired);
                 let scope = Scope::enter(cx, fired);
                 if let Poll::Ready(r) = deadline.sync_scope(|| inner.poll(cx)) {
                     let caller = *caller;
@@ -222,7 +226,7 @@ where
                     asked,
                     fired,
                 };
-                ready!(wait.poll(sleep, deadline.instant(), cx));
+                ready!(wait.poll(sleep, last_fired, deadline.instant(), cx));
                 #[cfg(feature = "metrics")]
                 metrics::counter!("steadfast_timeout_elapsed_total", "side" => "server")
                     .increment(1);
