@@ -660,6 +660,33 @@ fn stacks(c: &mut Criterion) {
     );
     drop(rec);
 
+    // The same with an inner service that answers at its second poll: every layer's timer is
+    // registered (under the time driver's one lock, which both threads take) and removed.
+    let mut rec = Recorder::new(c, "client-stack-armed-2t");
+    rec.bench_two_threads_in("bare", PendingOnce, h, empty_body, ambient.clone());
+    rec.bench_two_threads_in(
+        "tower+tower-http+tower-resilience",
+        peer!(PendingOnce),
+        h,
+        empty_body,
+        ambient.clone(),
+    );
+    rec.bench_two_threads_in(
+        "steadfast",
+        ours.layer(PendingOnce),
+        h,
+        empty_body,
+        ambient.clone(),
+    );
+    rec.bench_two_threads_in(
+        "floor",
+        steadfast_bench::Floor::new(PendingOnce),
+        h,
+        empty_body,
+        ambient.clone(),
+    );
+    drop(rec);
+
     // The same, built up one layer at a time (innermost first, the preset's settings): which
     // layer's shared state two threads fight over.
     {
