@@ -1,10 +1,8 @@
 //! Hostile tests of nested timeouts and deadlines. A hostile pass found that timeout futures
 //! which relied on a timer below them (reported through a thread-local slot) to wake the task
 //! could hang: whatever sits between may drop the call below, move it to another task or
-//! poll it with another waker, and then wait on something with no timer. Timers are now
-//! shared the other way round: a timeout below asks the enclosing one, whose timer is always
-//! armed, to wake the task by its due instant; these tests hold the enclosing deadline to
-//! that, whatever sits between.
+//! poll it with another waker, and then wait on something with no timer. Every timeout now
+//! arms its own timer; these tests hold it to that.
 //!
 //! The promise under attack: calls never hang and deadlines hold. Every test runs on paused
 //! tokio time, and every call is wrapped in a guard (`GUARD`, paused time) so that a hang

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
@@ -10,7 +10,6 @@ use steadfast_core::{BoxError, saturating_add};
 use tokio::time::{Instant, Sleep};
 
 use crate::error::Elapsed;
-use crate::one_timer::{self, Scope, Wait};
 
 pub use crate::body::BodyTimeoutFuture;
 pub use crate::server::SetDeadlineFuture;
@@ -29,8 +28,6 @@ pin_project! {
         sleep: Option<Sleep>,
         // `None`: start counting at the first `Pending` (no inherited deadline).
         at: Option<Instant>,
-        // The latest instant `sleep` fired for (handed down to the timeouts below).
-        fired: Option<Instant>,
         limit: Duration,
         inherited: bool,
     }
@@ -55,7 +52,6 @@ impl<F> ResponseFuture<F> {
             inner: Some(inner),
             sleep: None,
             at,
-            fired: None,
             limit,
             inherited,
         }
@@ -66,7 +62,6 @@ impl<F> ResponseFuture<F> {
             inner: None,
             sleep: None,
             at: None,
-            fired: None,
             limit: elapsed.limit(),
             inherited: elapsed.is_inherited(),
         }
@@ -103,28 +98,17 @@ where
     type Output = Result<T, BoxError>;
 
     /// Kept small so callers inline it: the response goes straight through, and the timer
-    /// (armed at the first `Pending`, or shared with an enclosing timeout: see
-    /// `one_timer`) lives out of line.
-    #[inline(always)]
+    /// (armed at the first `Pending`) lives out of line.
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Some(inner) = this.inner.as_pin_mut() else {
             return Poll::Ready(Err(elapsed(*this.limit, *this.inherited)));
         };
-        let fired = one_timer::fired(this.sleep.as_ref().get_ref().as_ref(), this.fired);
-        let scope = Scope::enter(cx, fired);
         if let Poll::Ready(r) = inner.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
         }
-        poll_timer(
-            (this.sleep, this.fired),
-            this.at,
-            *this.limit,
-            *this.inherited,
-            (scope, fired),
-            cx,
-        )
-        .map(Err)
+        poll_timer(this.sleep, this.at, *this.limit, *this.inherited, cx).map(Err)
     }
 }
 
@@ -135,26 +119,34 @@ fn elapsed(limit: Duration, inherited: bool) -> BoxError {
     Elapsed::new(limit, inherited).into()
 }
 
-/// The timer side of [`ResponseFuture::poll`]: starts counting at the first `Pending` (a
-/// lazy call) and says whether the limit has run out.
+/// The timer side of [`ResponseFuture::poll`]: arms the `Sleep` at the first `Pending` and
+/// says whether the limit has fired.
+///
+/// Every timeout arms a timer of its own, even one nested in another timeout due earlier: a
+/// timer below cannot be relied on to wake this task, since whatever sits between may drop
+/// the call below, move it to another task or poll it with another waker, and then wait on
+/// something with no timer at all.
 #[inline(never)]
 fn poll_timer(
-    (sleep, last_fired): (Pin<&mut Option<Sleep>>, &mut Option<Instant>),
+    mut sleep: Pin<&mut Option<Sleep>>,
     at: &mut Option<Instant>,
     limit: Duration,
     inherited: bool,
-    (scope, fired): (Scope, Option<Instant>),
     cx: &mut Context<'_>,
 ) -> Poll<BoxError> {
-    let (enclosing, asked) = scope.leave();
-    let wait = Wait {
-        enclosing,
-        asked,
-        fired,
-    };
-    // A lazy call starts counting at its first `Pending`.
-    let due = *at.get_or_insert_with(|| saturating_add(Instant::now(), limit));
-    ready!(wait.poll(sleep, last_fired, due, cx));
+    if sleep.is_none() {
+        // A lazy call starts counting at its first `Pending`.
+        let due = *at.get_or_insert_with(|| saturating_add(Instant::now(), limit));
+        sleep.set(Some(tokio::time::sleep_until(due)));
+    }
+    if sleep
+        .as_pin_mut()
+        .expect("armed above")
+        .poll(cx)
+        .is_pending()
+    {
+        return Poll::Pending;
+    }
     #[cfg(feature = "metrics")]
     metrics::counter!("steadfast_timeout_elapsed_total", "side" => "client").increment(1);
     tracing::debug!(

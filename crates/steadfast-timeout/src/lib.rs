@@ -73,41 +73,6 @@
 //! On the server side, bound a streaming response body with tower-http's
 //! `tower_http::timeout::ResponseBodyTimeoutLayer` placed inside the server timeout.
 //!
-//! # One timer per task
-//!
-//! A timeout arms no timer for a call that answers at its first poll. One that waits, polled
-//! inside another timeout's poll in the same task, arms none either. The client stack's attempt
-//! timeout under its total timeout is such a case, and so is a handler's client call under the
-//! server's [`SetDeadlineLayer`]. The timeout asks the enclosing one to wake the task by its
-//! due instant, and the enclosing one aims its own timer at the earliest instant asked. A
-//! proxied request thus registers one timer in tokio's wheel, not three.
-//!
-//! This relies only on the enclosing timeout, whose timer is always armed. Whatever sits
-//! between can only make that timer fire early, for nothing:
-//! - a layer that drops the call below;
-//! - a layer that moves it to another task (polled there, it arms its own timer);
-//! - a layer that polls it with another waker (a `FuturesUnordered`, a no-op waker: it is
-//!   refused, and arms its own timer).
-//!
-//! ```
-//! use std::time::Duration;
-//! use steadfast_timeout::TimeoutLayer;
-//! use tower::{Layer, ServiceExt, service_fn};
-//!
-//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
-//! let never = service_fn(|_req: http::Request<()>| {
-//!     std::future::pending::<Result<http::Response<()>, std::convert::Infallible>>()
-//! });
-//! // An attempt timeout (1 s) under a total timeout (3 s): one timer, each fires on time.
-//! let attempt = TimeoutLayer::new(Duration::from_secs(1)).layer(never);
-//! let total = TimeoutLayer::new(Duration::from_secs(3)).layer(attempt);
-//! let start = tokio::time::Instant::now();
-//! let err = total.oneshot(http::Request::new(())).await.unwrap_err();
-//! assert_eq!(start.elapsed(), Duration::from_secs(1));
-//! # let _ = err;
-//! # }
-//! ```
-//!
 //! # Bad input
 //!
 //! Malformed `grpc-timeout` / `x-request-timeout-ms` values (9+ digits, unknown unit, empty,
@@ -119,7 +84,6 @@ mod client;
 pub mod error;
 pub mod future;
 mod layer;
-mod one_timer;
 mod propagate;
 mod server;
 

@@ -14,7 +14,6 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use crate::layer::SetDeadlineLayer;
-use crate::one_timer::{self, Scope, Wait};
 use crate::propagate;
 
 const MESSAGE: &str = "deadline exceeded\n";
@@ -116,7 +115,6 @@ where
             state: ServerState::Running {
                 inner: Some(inner),
                 sleep: None,
-                fired: None,
                 deadline,
                 caller,
                 on_expiry,
@@ -173,8 +171,6 @@ pin_project! {
             inner: Option<F>,
             #[pin]
             sleep: Option<Sleep>,
-            // The latest instant `sleep` fired for (handed down to the handler's timeouts).
-            fired: Option<Instant>,
             deadline: Deadline,
             // The deadline the caller sent, if it sent one.
             caller: Option<Deadline>,
@@ -202,8 +198,7 @@ where
         match self.project().state.project() {
             ServerStateProj::Running {
                 inner,
-                sleep,
-                fired: last_fired,
+                mut sleep,
                 deadline,
                 caller,
                 on_expiry,
@@ -211,22 +206,18 @@ where
                 let Some(inner) = inner.as_pin_mut() else {
                     unreachable!("the handler's future is only gone while dropped");
                 };
-                // The handler's client calls share this timer (see `one_timer`).
-                let fired = one_timer::fired(sleep.as_ref().get_ref().as_ref(), last_fired);
-                let scope = Scope::enter(cx, fired);
                 if let Poll::Ready(r) = deadline.sync_scope(|| inner.poll(cx)) {
                     let caller = *caller;
                     return Poll::Ready(r.map(|res| {
                         res.map(|inner| ResponseBody::inner(DeadlineBody::new(inner, caller)))
                     }));
                 }
-                let (enclosing, asked) = scope.leave();
-                let wait = Wait {
-                    enclosing,
-                    asked,
-                    fired,
-                };
-                ready!(wait.poll(sleep, last_fired, deadline.instant(), cx));
+                if sleep.is_none() {
+                    // Our own timer, even while the handler waits on a client call with an
+                    // earlier one (see the client timeout's `poll_timer`).
+                    sleep.set(Some(tokio::time::sleep_until(deadline.instant())));
+                }
+                ready!(sleep.as_pin_mut().expect("armed above").poll(cx));
                 #[cfg(feature = "metrics")]
                 metrics::counter!("steadfast_timeout_elapsed_total", "side" => "server")
                     .increment(1);
