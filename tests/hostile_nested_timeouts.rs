@@ -22,6 +22,8 @@
 
 mod support;
 
+use support::timers::{Body, BoxCall, Mid, limit_of, ok, poll_once, req};
+
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -30,14 +32,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use steadfast::common::BoxError;
 use steadfast::retry::{Backoff, HedgeDelay, HedgeLayer, Jitter};
-use steadfast::timeout::error::Elapsed;
 use steadfast::timeout::{SetDeadlineLayer, TimeoutLayer};
 use steadfast_testkit::{Fault, FaultServer};
 use tokio::time::Instant;
@@ -47,29 +46,11 @@ use tower::{Layer, Service, ServiceExt, service_fn};
 /// Paused time after which a call still pending counts as hung.
 const GUARD: Duration = Duration::from_secs(600);
 
-type Body = Full<Bytes>;
-type Mid = BoxCloneService<Request<Body>, Response<Body>, BoxError>;
-type BoxCall = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
-
 fn s(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-fn req() -> Request<Body> {
-    Request::get("http://upstream.test/")
-        .body(Body::default())
-        .unwrap()
-}
-
-fn ok() -> Response<Body> {
-    Response::new(Body::default())
-}
-
-fn limit_of(e: &BoxError) -> Option<Duration> {
-    e.downcast_ref::<Elapsed>().map(Elapsed::limit)
 }
 
 /// An upstream that never answers.
@@ -88,11 +69,6 @@ fn timeout(d: Duration, inner: Mid) -> Mid {
 fn call(svc: &Mid) -> BoxCall {
     let mut svc = svc.clone();
     Box::pin(async move { svc.ready().await?.call(req()).await })
-}
-
-/// Polls `f` exactly once, in the current task.
-async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
-    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *f).poll(cx))).await
 }
 
 /// What ended, when (from a test's start), and by which limit.

@@ -10,6 +10,8 @@
 
 mod support;
 
+use support::timers::{Body, BoxCall, Mid, limit_of, ok, poll_once, req};
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -22,7 +24,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use steadfast::common::{BoxError, Deadline};
 use steadfast::retry::{Backoff, HedgeDelay, HedgeLayer, RetryLayer};
 use steadfast::timeout::error::Elapsed;
@@ -35,20 +37,6 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 /// Paused time after which a call still pending counts as hung.
 const GUARD: Duration = Duration::from_secs(600);
 
-type Body = Full<Bytes>;
-type Mid = BoxCloneService<Request<Body>, Response<Body>, BoxError>;
-type BoxCall = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
-
-fn req() -> Request<Body> {
-    Request::get("http://upstream.test/")
-        .body(Body::default())
-        .unwrap()
-}
-
-fn ok() -> Response<Body> {
-    Response::new(Body::default())
-}
-
 type NeverFn = fn(Request<Body>) -> std::future::Pending<Result<Response<Body>, BoxError>>;
 
 /// An upstream that never answers.
@@ -56,20 +44,11 @@ fn never_answers() -> tower::util::ServiceFn<NeverFn> {
     service_fn((|_req| std::future::pending()) as NeverFn)
 }
 
-fn limit_of(e: &BoxError) -> Option<Duration> {
-    e.downcast_ref::<Elapsed>().map(Elapsed::limit)
-}
-
-/// Polls `f` exactly once, in the current task.
 /// `e` is a timeout's `Elapsed`, and it came by `by` after `start`.
 #[track_caller]
 fn ended_by_a_limit(e: &BoxError, start: Instant, by: Duration) {
     assert!(limit_of(e).is_some(), "{e}");
     assert!(start.elapsed() <= by, "ended after {:?}", start.elapsed());
-}
-
-async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
-    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *f).poll(cx))).await
 }
 
 // ---------------------------------------------------------------------------------------

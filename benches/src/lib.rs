@@ -750,3 +750,31 @@ impl Default for PresetLayers {
         }
     }
 }
+
+/// A gateway's proxy (the `gateway` and `calls` binaries): answers every request with the body
+/// of a GET to `$uri` (a `String`) sent through `$client`, cloned for every request as a
+/// handler does.
+#[macro_export]
+macro_rules! proxy {
+    ($client:expr, $uri:expr) => {{
+        let (client, uri) = ($client, $uri);
+        ::tower::service_fn(move |_req: ::http::Request<::hyper::body::Incoming>| {
+            let (client, uri) = (client.clone(), ::std::clone::Clone::clone(&uri));
+            async move {
+                let req = ::http::Request::get(uri)
+                    .body(::http_body_util::Full::default())
+                    .expect("req");
+                let res = ::tower::ServiceExt::oneshot(client, req)
+                    .await
+                    .expect("upstream");
+                let body = ::http_body_util::BodyExt::collect(res.into_body())
+                    .await
+                    .expect("body")
+                    .to_bytes();
+                Ok::<_, ::std::convert::Infallible>(::http::Response::new(
+                    ::http_body_util::Full::new(body),
+                ))
+            }
+        })
+    }};
+}

@@ -2,6 +2,8 @@
 //! ephemeral ports, and a real hyper-util client.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod timers;
+
 use std::net::SocketAddr;
 
 use bytes::Bytes;

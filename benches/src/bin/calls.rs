@@ -267,36 +267,24 @@ where
 async fn gateway(layers: &str, calls: u64) {
     let upstream = serve(tower::service_fn(hello)).await;
     let uri = format!("http://{upstream}/");
-    // The gateway's proxy: a GET to the upstream through `client`, its body collected.
-    macro_rules! proxy {
-        ($client:expr) => {{
-            let client = $client;
-            tower::service_fn(move |_req: http::Request<Incoming>| {
-                let (client, uri) = (client.clone(), uri.clone());
-                async move {
-                    let req = http::Request::get(uri).body(Full::default()).expect("req");
-                    let res = client.oneshot(req).await.expect("upstream");
-                    let body = res.into_body().collect().await.expect("body").to_bytes();
-                    Ok::<_, Infallible>(http::Response::new(Full::new(body)))
-                }
-            })
-        }};
-    }
     let bare_client =
         || -> Client<_, Full<Bytes>> { Client::builder(TokioExecutor::new()).build_http() };
     let gateway = match layers {
-        "bare" => serve(proxy!(bare_client())).await,
+        "bare" => serve(steadfast_bench::proxy!(bare_client(), uri)).await,
         "stack" => {
             let client = steadfast::client::http()
                 .build()
                 .expect("valid")
                 .hyper_client::<Full<Bytes>>();
             let server = steadfast::server::http().build().expect("valid");
-            serve(server.layer(proxy!(client))).await
+            serve(server.layer(steadfast_bench::proxy!(client, uri))).await
         }
         "floor" => {
             let client = steadfast_bench::Floor::new(bare_client());
-            serve(steadfast_bench::ServerFloor::new(proxy!(client))).await
+            serve(steadfast_bench::ServerFloor::new(steadfast_bench::proxy!(
+                client, uri
+            )))
+            .await
         }
         other => {
             eprintln!("unknown gateway {other:?}: gateway-bare, gateway-stack or gateway-floor");

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 const CONNECTIONS: usize = 32;
 const SLICE: Duration = Duration::from_millis(200);
@@ -112,23 +112,6 @@ fn gateway(upstream: SocketAddr, stacks: Stacks, name: String) -> (SocketAddr, S
                 tx.send((listener.local_addr().expect("addr"), thread_id()))
                     .expect("report");
                 let uri = format!("http://{upstream}/");
-                // One proxy whatever the client: a GET to the upstream, its body collected.
-                macro_rules! proxy {
-                    ($client:expr) => {{
-                        let client = $client;
-                        tower::service_fn(move |_req: http::Request<Incoming>| {
-                            let (client, uri) = (client.clone(), uri.clone());
-                            async move {
-                                let req =
-                                    http::Request::get(uri).body(Full::default()).expect("req");
-                                let res = client.oneshot(req).await.expect("upstream");
-                                let body =
-                                    res.into_body().collect().await.expect("body").to_bytes();
-                                Ok::<_, Infallible>(http::Response::new(Full::new(body)))
-                            }
-                        })
-                    }};
-                }
                 let bare_client = || -> Client<_, Full<Bytes>> {
                     Client::builder(TokioExecutor::new()).build_http()
                 };
@@ -151,9 +134,12 @@ fn gateway(upstream: SocketAddr, stacks: Stacks, name: String) -> (SocketAddr, S
                     };
                 }
                 match stacks.client {
-                    Layers::None => front!(proxy!(bare_client())),
-                    Layers::Ours => front!(proxy!(our_client())),
-                    Layers::Floor => front!(proxy!(steadfast_bench::Floor::new(bare_client()))),
+                    Layers::None => front!(steadfast_bench::proxy!(bare_client(), uri)),
+                    Layers::Ours => front!(steadfast_bench::proxy!(our_client(), uri)),
+                    Layers::Floor => front!(steadfast_bench::proxy!(
+                        steadfast_bench::Floor::new(bare_client()),
+                        uri
+                    )),
                 }
             });
         })
