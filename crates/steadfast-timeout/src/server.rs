@@ -142,8 +142,8 @@ impl Expiry {
 pin_project! {
     /// The response future of [`SetDeadline`].
     ///
-    /// The deadline is ambient (a task-local) while the handler's future is polled and while
-    /// it is dropped. The scope is entered around each poll here rather than by wrapping the
+    /// The deadline is ambient (`Deadline::current`; set on the thread around each poll, not
+    /// a task-local) while the handler's future is polled and while it is dropped. The scope is entered around each poll here rather than by wrapping the
     /// handler in a scoped future: one future less to move every response through.
     pub struct SetDeadlineFuture<F> {
         #[pin]
