@@ -143,8 +143,9 @@ pin_project! {
     /// The response future of [`SetDeadline`].
     ///
     /// The deadline is ambient (`Deadline::current`; set on the thread around each poll, not
-    /// a task-local) while the handler's future is polled and while it is dropped. The scope is entered around each poll here rather than by wrapping the
-    /// handler in a scoped future: one future less to move every response through.
+    /// a task-local) while the handler's future is polled and while it is dropped. The scope
+    /// is entered around each poll here rather than by wrapping the handler in a scoped
+    /// future: one future less to move every response through.
     pub struct SetDeadlineFuture<F> {
         #[pin]
         state: ServerState<F>,
@@ -232,10 +233,11 @@ where
 pin_project! {
     /// The response body of [`SetDeadline`]. When the caller sent a deadline (`grpc-timeout`,
     /// the deadline header), it is ambient while each frame is produced and while the body
-    /// is dropped before its end, so calls a streamed body makes after the handler has returned get what
-    /// remains of the caller's time. The layer's own limit is not: it bounds how long the
-    /// handler takes to answer, and a stream (an SSE feed) may rightly outlive it. Frames, end
-    /// of stream and size hints pass through unchanged; the body is not cut at the deadline.
+    /// is dropped before its end, so calls a streamed body makes after the handler has
+    /// returned get what remains of the caller's time. The layer's own limit is not: it
+    /// bounds how long the handler takes to answer, and a stream (an SSE feed) may rightly
+    /// outlive it. Frames, end of stream and size hints pass through unchanged; the body is
+    /// not cut at the deadline.
     pub struct DeadlineBody<B> {
         // `None` only while being dropped.
         #[pin]
