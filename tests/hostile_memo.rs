@@ -873,3 +873,93 @@ async fn client_preset_keeps_authorities_isolated() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Promise 7: what each thread remembers (a service cloned per request, a balancer's
+// endpoints in turn) follows the map too, and keeps nothing alive.
+// ---------------------------------------------------------------------------------------
+
+/// A fresh clone per call, as a server makes of the service it is given: every call uses the
+/// map's breaker for its key, through trips, evictions and re-creation, with keys in turn.
+#[tokio::test(start_paused = true)]
+async fn clones_per_call_and_keys_in_turn_use_the_maps_breaker() {
+    let (layer, hits) = one_per_shard();
+    let original = layer.layer(upstream(hits.clone()));
+    let fresh = || original.clone();
+    // Endpoints in turn, each call through a new clone: all closed, all counted.
+    for round in 0..3 {
+        for host in ["a:1", "b:1", "c:1"] {
+            assert_eq!(
+                call(&mut fresh(), host).await,
+                Ok(200),
+                "round {round} {host}"
+            );
+        }
+    }
+    for host in ["a:1", "b:1", "c:1"] {
+        assert_eq!(layer.handle(&key_of(host)).metrics().calls, 3, "{host}");
+    }
+    // A trip through one clone is seen by the next clone's call.
+    assert_eq!(call(&mut fresh(), "down:1").await, Ok(503));
+    assert_eq!(call(&mut fresh(), "down:1").await, Err(true));
+    assert_eq!(call(&mut fresh(), "a:1").await, Ok(200));
+    assert_eq!(call(&mut fresh(), "down:1").await, Err(true));
+    // Evicted and re-made: the next clone's call uses the new breaker (closed), and what
+    // it records is the new breaker's.
+    let mut n = 0;
+    advance(Duration::from_secs(601)).await;
+    evict(&layer, &mut fresh(), &key_of("down:1"), &mut n).await;
+    let made = layer.handle(&key_of("down:1"));
+    assert_eq!(made.state(), BreakerState::Closed);
+    assert_eq!(call(&mut fresh(), "down:1").await, Ok(503));
+    assert_eq!(
+        made.state(),
+        BreakerState::Open,
+        "the call went to the map's breaker"
+    );
+    // Forced by hand through a handle: the next clone's call obeys.
+    layer.handle(&key_of("a:1")).force_open();
+    assert_eq!(call(&mut fresh(), "a:1").await, Err(true));
+    check_map(&layer, 16);
+}
+
+/// `subscribe_all` ends (`None`) once the layer and its services are gone, though this
+/// thread's last calls went through their breakers.
+#[tokio::test(start_paused = true)]
+async fn subscribe_all_ends_with_the_layer_though_the_thread_called_it_last() {
+    let layer = builder().build_per_authority().unwrap();
+    let mut all = layer.subscribe_all();
+    let mut svc = layer.layer(upstream(Arc::new(AtomicUsize::new(0))));
+    for host in ["a:1", "b:1", "a:1"] {
+        assert_eq!(call(&mut svc.clone(), host).await, Ok(200));
+    }
+    drop((svc, layer));
+    let end = tokio::time::timeout(Duration::from_secs(60), all.recv()).await;
+    assert!(matches!(end, Ok(None)), "the stream did not end: {end:?}");
+}
+
+/// A breaker the map has evicted ends its subscribers' stream once the calls that hold it
+/// are done, though this thread called it last (the eviction made by another thread, so that
+/// nothing this thread does replaces what it remembers).
+#[tokio::test(start_paused = true)]
+async fn an_evicted_breaker_ends_though_the_thread_called_it_last() {
+    let (layer, hits) = one_per_shard();
+    let original = layer.layer(upstream(hits.clone()));
+    let key = key_of("gone:1");
+    let mut transitions = layer.handle(&key).subscribe();
+    assert_eq!(call(&mut original.clone(), "gone:1").await, Ok(200));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let mut flood = layer.layer(upstream(hits.clone()));
+            rt.block_on(evict(&layer, &mut flood, &key, &mut 0));
+        });
+    });
+    let end = tokio::time::timeout(Duration::from_secs(60), transitions.recv()).await;
+    assert!(matches!(end, Ok(None)), "the stream did not end: {end:?}");
+    // Made again: a new breaker, which the thread's next call uses.
+    assert_eq!(call(&mut original.clone(), "gone:1").await, Ok(200));
+    assert_eq!(layer.handle(&key).metrics().calls, 1);
+}

@@ -16,7 +16,7 @@ use steadfast_bench::peers::{
     FailEveryOther, Failing, Failsafe, TowerPolicy, fs_breaker, tr_breaker_layer,
 };
 use steadfast_bench::{
-    Bare, CountingAlloc, PendingOnce, Recorder, allocations_per_call, record_allocs,
+    Bare, ClonePerCall, CountingAlloc, PendingOnce, Recorder, allocations_per_call, record_allocs,
 };
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceBuilder};
@@ -318,6 +318,23 @@ fn breaker(c: &mut Criterion) {
             .layer(Bare),
         h,
         empty,
+    );
+    // One upstream, each thread through its own clone (its memo of the key holds), and
+    // through a fresh clone per call, as a server's handler does (each clone starts with the
+    // memo of an original that never calls).
+    let per_authority = || {
+        CircuitBreakerLayer::builder()
+            .build_per_authority()
+            .expect("valid")
+            .layer(Bare)
+    };
+    rec.bench_two_threads("bare-clone-per-call", ClonePerCall(Bare), h, to_upstream);
+    rec.bench_two_threads("steadfast-per-authority", per_authority(), h, to_upstream);
+    rec.bench_two_threads(
+        "steadfast-per-authority-clone-per-call",
+        ClonePerCall(per_authority()),
+        h,
+        to_upstream,
     );
     drop(rec);
 

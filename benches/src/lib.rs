@@ -147,6 +147,29 @@ impl<R> Service<http::Request<R>> for Bare {
     }
 }
 
+/// Calls a fresh clone of the service it holds for every request, as a server does with the
+/// service it is given (hyper-util's `TowerToHyperService`, axum's router): each call starts
+/// from the state of the original, which itself never calls.
+#[derive(Clone, Debug, Default)]
+pub struct ClonePerCall<S>(pub S);
+
+impl<S, R> Service<R> for ClonePerCall<S>
+where
+    S: Service<R> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tower::util::Oneshot<S, R>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        tower::ServiceExt::oneshot(self.0.clone(), req)
+    }
+}
+
 /// The baseline for layers that wrap response bodies: answers at once with an empty body.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BareBody;

@@ -40,9 +40,22 @@ pub(crate) struct Stripe<C> {
     /// the `metrics` feature's histogram does, a success that changes nothing is still
     /// settled inline.
     pub(crate) policy_timed: bool,
+    /// For a breaker of a per-key map: seconds since the map's base when last used (for idle
+    /// eviction). Here, not in the map's entry, so that a call can take all it needs from the
+    /// stripe alone (see the map's per-thread memory).
+    pub(crate) last_used: AtomicU64,
 }
 
 impl<C> Stripe<C> {
+    /// Marks a per-key breaker used at `now` (mostly a read: the word is written at most once
+    /// a second).
+    #[inline]
+    pub(crate) fn touch(&self, now: u64) {
+        if self.last_used.load(Relaxed) != now {
+            self.last_used.store(now, Relaxed);
+        }
+    }
+
     /// The one admission path of every breaker variant (plain, per-key, answering): asks the
     /// state machine, and counts the decision (and reports a rejection) on this stripe.
     #[inline]
@@ -131,6 +144,7 @@ impl<C> Breaker<C> {
                     exclusive: i < exclusive,
                     timed,
                     policy_timed,
+                    last_used: AtomicU64::new(0),
                 })
             })
             .collect();

@@ -1,12 +1,14 @@
 //! Per-key breakers: a bounded, sharded map with idle eviction.
 
+use std::any::Any;
+use std::cell::RefCell;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{
     AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
     Ordering::SeqCst,
 };
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use indexmap::IndexMap;
@@ -31,27 +33,15 @@ const PROBES: usize = 32;
 pub(crate) struct Entry<K, C> {
     /// The map's own copy of the key, made once (see [`UpstreamKey::to_kept`](steadfast_core::key::UpstreamKey::to_kept)).
     key: K,
+    /// The breaker (its one stripe), which also says when it was last used.
     stripe: Arc<Stripe<C>>,
-    /// Seconds since the map's base when last used.
-    last_used: AtomicU64,
 }
 
-impl<K, C> Entry<K, C> {
-    /// Marks the entry used at `now` (mostly a read: the word is written at most once a
-    /// second).
-    #[inline]
-    fn touch(&self, now: u64) {
-        if self.last_used.load(Relaxed) != now {
-            self.last_used.store(now, Relaxed);
-        }
-    }
-}
-
-/// A service's memo of the last key it called and that key's entry: the next call to the
-/// same key takes its breaker from here, without hashing the key or taking the shard's
-/// lock. Valid while no entry has left the map since the memo was taken (the map's
-/// eviction count is what it was then), so a memo never holds on to a breaker the map has
-/// dropped.
+/// A service's memo of the last key it looked up and that key's entry: the next call to the
+/// same key through the same instance takes its breaker from here, without hashing the key,
+/// taking the shard's lock or looking at the thread's [`Recent`] entries. Valid while no
+/// entry has left the map since the memo was taken (the map's eviction count is what it was
+/// then), so a memo never holds on to a breaker the map has dropped.
 pub(crate) struct Memo<K, C> {
     entry: Arc<Entry<K, C>>,
     evictions: u64,
@@ -65,6 +55,38 @@ impl<K, C> Clone for Memo<K, C> {
         }
     }
 }
+
+/// An entry a lookup found, with the map's eviction count when it was found.
+type Found<K, C> = (Arc<Entry<K, C>>, u64);
+
+/// How many keys each thread remembers, of all keyed maps together.
+const RECENT: usize = 4;
+
+/// A key a thread called lately: the map it is from (its [`KeyedMap::id`]), that map's
+/// eviction count when the key's entry was found, the key (a `K` of that map's) and its
+/// breaker (a `Stripe<C>` of that map's). Valid while the map's eviction count is unchanged:
+/// no entry has left the map since, so it is never a breaker the map has dropped. The
+/// breaker is held weakly: a thread's memory never keeps one alive, so its subscribers hear
+/// it end when the map drops it (or the map is dropped), whatever the thread called last.
+struct Recent {
+    map: u64,
+    evictions: u64,
+    key: Box<dyn Any + Send + Sync>,
+    stripe: Weak<dyn Any + Send + Sync>,
+}
+
+thread_local! {
+    /// The keys this thread called last, and the slot the next one replaces. Beside each
+    /// service's own [`Memo`], which misses in two common shapes: a server clones the service
+    /// it is given for every request (each clone starts from an original that never calls),
+    /// and a balancer calls a different endpoint's key on consecutive calls.
+    static RECENTS: RefCell<([Option<Recent>; RECENT], usize)> =
+        const { RefCell::new(([const { None }; RECENT], 0)) };
+}
+
+/// Unique ids for the maps, so that an entry this thread remembers from a map that is gone is
+/// never taken for one of a map made later (at the same address, perhaps).
+static MAP_IDS: AtomicU64 = AtomicU64::new(0);
 
 /// One shard: its breakers in insertion order (so a slot can be reached by index) and the
 /// hand of the eviction clock. An entry is the map's key (holding the breaker's key; found
@@ -80,6 +102,8 @@ struct Shard<K, C>(RwLock<Slots<K, C>>);
 /// The shared map of one keyed layer.
 pub(crate) struct KeyedMap<K, C> {
     shards: Box<[Shard<K, C>]>,
+    /// This map's id among all maps of the process (see [`Recent`]).
+    id: u64,
     /// The layer's name.
     name: Arc<str>,
     /// The state each new breaker starts in.
@@ -95,7 +119,7 @@ pub(crate) struct KeyedMap<K, C> {
     idle: Duration,
     base: Instant,
     /// How many entries have left the map (raised under the shard's write lock, after the
-    /// removal): a [`Memo`] taken before an eviction is not used after it.
+    /// removal): an entry a thread remembered before an eviction is not used after it.
     evictions: AtomicU64,
 }
 
@@ -143,6 +167,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
                     }))
                 })
                 .collect(),
+            id: MAP_IDS.fetch_add(1, Relaxed),
             name,
             initial,
             all: broadcast::channel(256).0,
@@ -182,13 +207,17 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     }
 
     /// Has `key`'s breaker send its transitions to `subscribe_all`'s channel (made only once
-    /// someone subscribed: an unwatched breaker keeps no closure and no key copy).
+    /// someone subscribed: an unwatched breaker keeps no closure and no key copy). The
+    /// breaker holds the channel weakly: subscribers see it end when the map goes, whatever
+    /// still holds one of its breakers (an entry a thread remembers, a handle).
     fn attach(&self, key: &K, stripe: &Stripe<C>) {
         stripe.shared.meta.listen(|| {
-            let all = self.all.clone();
+            let all = self.all.downgrade();
             let owned = key.clone();
             Box::new(move |t: &Transition| {
-                if all.receiver_count() > 0 {
+                if let Some(all) = all.upgrade()
+                    && all.receiver_count() > 0
+                {
                     let _ = all.send((owned.clone(), t.clone()));
                 }
             }) as Listener
@@ -200,33 +229,115 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         self.lookup(key).0
     }
 
-    /// The stripe of `key`'s breaker: from `memo` when it holds `key` and is still valid,
-    /// else from the map (creating the breaker on first use), leaving in `memo` the entry
-    /// found, when the map keeps it.
+    /// The stripe of `key`'s breaker for a call: from `memo` when it holds `key` and is
+    /// still valid, else from this thread's recent entries when one of them is `key`'s and
+    /// still valid, else from the map (creating the breaker on first use), the entry found
+    /// then left in `memo` and remembered by this thread, when the map keeps it.
     #[inline]
-    pub(crate) fn stripe_memo(&self, key: K, memo: &mut Option<Memo<K, C>>) -> Arc<Stripe<C>> {
+    pub(crate) fn stripe_memo(&self, key: K, memo: &mut Option<Memo<K, C>>) -> Arc<Stripe<C>>
+    where
+        C: Send + Sync + 'static,
+    {
         if let Some(m) = memo {
             // Acquire: pairs with the release in `evict_one`, so an eviction that happened
             // before this load is seen.
             if m.entry.key.same(&key) && self.evictions.load(Acquire) == m.evictions {
-                m.entry.touch(self.now_secs());
+                m.entry.stripe.touch(self.now_secs());
                 return m.entry.stripe.clone();
             }
         }
+        if let Some(stripe) = self.recent(&key) {
+            return stripe;
+        }
         let (stripe, found) = self.lookup(key);
-        *memo = found;
+        if let Some((entry, evictions)) = found {
+            self.remember(&entry, evictions);
+            *memo = Some(Memo { entry, evictions });
+        } else {
+            *memo = None;
+        }
         stripe
     }
 
-    /// The stripe of `key`'s breaker and, when the map keeps it, a memo of its entry.
-    fn lookup(&self, key: K) -> (Arc<Stripe<C>>, Option<Memo<K, C>>) {
-        // Made under the lock of the entry's shard: no eviction of the entry can happen
-        // until the lock is released, so any later one raises the count past what the memo
-        // holds (evictions from other shards only make it stale sooner).
-        let memo = |entry: &Arc<Entry<K, C>>| Memo {
-            entry: entry.clone(),
-            evictions: self.evictions.load(Acquire),
-        };
+    /// `key`'s stripe, if this thread remembers it and no entry has left the map since.
+    #[inline]
+    fn recent(&self, key: &K) -> Option<Arc<Stripe<C>>>
+    where
+        C: Send + Sync + 'static,
+    {
+        // Acquire: pairs with the release in `evict_one`, so an eviction that happened before
+        // this load is seen.
+        let evictions = self.evictions.load(Acquire);
+        let stripe = RECENTS
+            .try_with(|r| {
+                // Not borrowed only while a key's `same` (the application's code) runs inside
+                // this very search; then the map answers.
+                let r = r.try_borrow().ok()?;
+                r.0.iter().flatten().find_map(|kept| {
+                    if kept.map != self.id
+                        || kept.evictions != evictions
+                        || !kept.key.downcast_ref::<K>()?.same(key)
+                    {
+                        return None;
+                    }
+                    kept.stripe.upgrade()?.downcast::<Stripe<C>>().ok()
+                })
+            })
+            .ok()
+            .flatten()?;
+        stripe.touch(self.now_secs());
+        Some(stripe)
+    }
+
+    /// Has this thread remember `entry`, found when the map's eviction count was `evictions`:
+    /// in a slot of this map's that an eviction made stale, else in the next slot in turn.
+    #[cold]
+    fn remember(&self, entry: &Entry<K, C>, evictions: u64)
+    where
+        C: Send + Sync + 'static,
+    {
+        let stripe: Arc<dyn Any + Send + Sync> = entry.stripe.clone();
+        let stripe = Arc::downgrade(&stripe);
+        // What this replaces is dropped after the borrow ends (a key's drop is the
+        // application's code).
+        let _replaced = RECENTS.try_with(|r| {
+            let mut r = r.try_borrow_mut().ok()?;
+            let (slots, next) = &mut *r;
+            let stale = slots.iter().position(|s| {
+                s.as_ref()
+                    .is_some_and(|s| s.map == self.id && s.evictions != evictions)
+            });
+            let i = stale.unwrap_or_else(|| {
+                let i = *next;
+                *next = (i + 1) % RECENT;
+                i
+            });
+            if let Some(slot) = &mut slots[i]
+                && let Some(kept) = slot.key.downcast_mut::<K>()
+            {
+                // A key of the same type: its box is reused (no allocation per miss when a
+                // thread calls more keys in turn than it remembers).
+                let old = std::mem::replace(kept, entry.key.clone());
+                (slot.map, slot.evictions, slot.stripe) = (self.id, evictions, stripe);
+                return Some((Some(old), None));
+            }
+            let old = slots[i].replace(Recent {
+                map: self.id,
+                evictions,
+                key: Box::new(entry.key.clone()),
+                stripe,
+            });
+            Some((None, old))
+        });
+    }
+
+    /// The stripe of `key`'s breaker and, when the map keeps it, its entry with the map's
+    /// eviction count when it was found.
+    fn lookup(&self, key: K) -> (Arc<Stripe<C>>, Option<Found<K, C>>) {
+        // Found under the lock of the entry's shard: no eviction of the entry can happen
+        // until the lock is released, so any later one raises the count past what is taken
+        // here (evictions from other shards only make it stale sooner).
+        let found = |entry: &Arc<Entry<K, C>>| (entry.clone(), self.evictions.load(Acquire));
         let (hash, shard) = self.shard(&key);
         let now = self.now_secs();
         {
@@ -236,8 +347,8 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
                 .raw_entry_v1()
                 .from_hash(hash, |e| e.key.same(&key))
             {
-                e.touch(now);
-                return (e.stripe.clone(), Some(memo(e)));
+                e.stripe.touch(now);
+                return (e.stripe.clone(), Some(found(e)));
             }
         }
         let mut slots = shard.0.write().unwrap_or_else(PoisonError::into_inner);
@@ -246,7 +357,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             .raw_entry_v1()
             .from_hash(hash, |e| e.key.same(&key))
         {
-            return (e.stripe.clone(), Some(memo(e)));
+            return (e.stripe.clone(), Some(found(e)));
         }
         let stripe = self.new_stripe(&key);
         // Under the shard's lock: `subscribe_all` either sees this breaker in the map or has
@@ -257,28 +368,28 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         if slots.map.len() >= self.per_shard && !self.evict_one(&mut slots, now) {
             // Every breaker this shard looked at is protecting its callers: the new key gets
             // a breaker of its own for this call, not kept (memory stays bounded; see
-            // `max_keys`), and not memoised either.
+            // `max_keys`), and not remembered either.
             tracing::debug!(target: "steadfast::breaker", "per-key breakers full of open breakers; not keeping a new key");
             #[cfg(feature = "metrics")]
             crate::state::record_gone(&stripe.shared.meta, stripe.shared.state());
             return (stripe, None);
         }
+        stripe.touch(now);
         let entry = Arc::new(Entry {
             key: key.to_kept(),
             stripe: stripe.clone(),
-            last_used: AtomicU64::new(now),
         });
-        // After any eviction this insertion made: the memo is good for the next call.
-        let found = memo(&entry);
+        // After any eviction this insertion made: good for the next call.
+        let kept = found(&entry);
         if let RawEntryMut::Vacant(v) = slots.map.raw_entry_mut_v1().from_hash(hash, |_| false) {
             // Placed by the same hash it is looked up by (`BreakerKey::hash_key`).
             v.insert_hashed_nocheck(hash, entry, ());
         }
-        (stripe, Some(found))
+        (stripe, Some(kept))
     }
 
     fn verdict(&self, e: &Entry<K, C>, now: u64) -> Verdict {
-        let used = e.last_used.load(Relaxed);
+        let used = e.stripe.last_used.load(Relaxed);
         // Durations under a second count as "any age" (the clock here ticks in seconds).
         let idle = now.saturating_sub(used) >= self.idle.as_secs();
         match e.stripe.shared.state() {
@@ -409,42 +520,73 @@ mod tests {
         )
     }
 
-    /// The memo a lookup leaves is good for the next call even when the lookup itself made
-    /// room by evicting (it is taken after the eviction, under the shard's lock), and is
-    /// not used after any later eviction.
+    /// A call's stripe through a fresh instance (no memo of its own), as from a service
+    /// cloned per request.
+    fn for_call(map: &KeyedMap<String, ()>, key: String) -> Arc<Stripe<()>> {
+        map.stripe_memo(key, &mut None)
+    }
+
+    /// What this thread remembers of `map`'s entry for `key`: its stripe and the eviction
+    /// count it was found at.
+    fn remembered(map: &KeyedMap<String, ()>, key: &str) -> Option<(Arc<Stripe<()>>, u64)> {
+        RECENTS.with_borrow(|(slots, _)| {
+            slots.iter().flatten().find_map(|kept| {
+                let same = kept.map == map.id && kept.key.downcast_ref::<String>()? == key;
+                let stripe = kept.stripe.upgrade()?.downcast::<Stripe<()>>().ok()?;
+                same.then_some((stripe, kept.evictions))
+            })
+        })
+    }
+
+    /// The entry a lookup leaves with the thread is good for the next call even when the
+    /// lookup itself made room by evicting (the count is taken after the eviction, under the
+    /// shard's lock), and is not used after any later eviction.
     #[tokio::test(start_paused = true)]
-    async fn a_memo_is_valid_until_the_next_eviction() {
+    async fn a_remembered_entry_is_valid_until_the_next_eviction() {
         let map = map(16); // one breaker per shard
         let count = || map.evictions.load(Relaxed);
-        let memo_of = |memo: &Option<Memo<String, ()>>| {
-            let m = memo.as_ref().expect("a kept key is remembered");
-            (m.entry.key.clone(), m.entry.stripe.clone(), m.evictions)
-        };
-        let mut memo = None;
         let mut i = 0;
         while count() == 0 {
             assert!(i < 10_000, "no shard ever filled");
-            map.stripe_memo(format!("k{i}"), &mut memo);
+            for_call(&map, format!("k{i}"));
             i += 1;
         }
         // The key whose insertion evicted: remembered with the count after its eviction.
-        let (last, kept, evictions) = memo_of(&memo);
-        assert_eq!(last, format!("k{}", i - 1));
+        let last = format!("k{}", i - 1);
+        let (kept, evictions) = remembered(&map, &last).expect("a kept key is remembered");
         assert_eq!(evictions, count(), "taken after the eviction");
-        let hit = map.stripe_memo(last.clone(), &mut memo);
+        let hit = for_call(&map, last.clone());
         assert!(Arc::ptr_eq(&hit, &kept));
 
-        // Another insertion's eviction makes the memo stale: the next call looks the key up
-        // again, and gets the same breaker if the map still holds it, else a new one.
-        let mut other = None;
+        // Another insertion's eviction makes it stale: the next call looks the key up again,
+        // and gets the same breaker if the map still holds it, else a new one.
         while count() == evictions {
             assert!(i < 20_000, "no second eviction");
-            map.stripe_memo(format!("k{i}"), &mut other);
+            for_call(&map, format!("k{i}"));
             i += 1;
         }
         let still = map.keys().contains(&last);
-        let again = map.stripe_memo(last.clone(), &mut memo);
-        assert_eq!(memo_of(&memo).2, count(), "looked up again");
+        let again = for_call(&map, last.clone());
+        let (_, now_kept) = remembered(&map, &last).expect("looked up and remembered again");
+        assert_eq!(now_kept, count(), "looked up again");
         assert_eq!(Arc::ptr_eq(&again, &kept), still);
+    }
+
+    /// Two maps of the same types never answer for each other, however their entries sit in
+    /// the thread's slots; a map made after another is dropped does not see its entries.
+    #[tokio::test(start_paused = true)]
+    async fn maps_do_not_share_remembered_entries() {
+        let a = map(64);
+        let b = map(64);
+        let from_a = for_call(&a, "orders".to_owned());
+        let from_b = for_call(&b, "orders".to_owned());
+        assert!(!Arc::ptr_eq(&from_a, &from_b));
+        assert!(Arc::ptr_eq(&for_call(&a, "orders".to_owned()), &from_a));
+        assert!(Arc::ptr_eq(&for_call(&b, "orders".to_owned()), &from_b));
+        drop(a);
+        let c = map(64);
+        let from_c = for_call(&c, "orders".to_owned());
+        assert!(!Arc::ptr_eq(&from_c, &from_a));
+        assert_eq!(c.len(), 1, "made in c's own map");
     }
 }

@@ -173,9 +173,13 @@ where
 ///
 /// # Clone
 ///
-/// Clones share the map of breakers. Each instance also remembers the last key it called
-/// and that key's breaker, so that calls in a row to one upstream skip the map's lookup
-/// (and its lock); a clone starts with the memo of the instance it was cloned from.
+/// Clones share the map of breakers. Calls skip the map's lookup (and its lock) for a key
+/// looked up lately: each instance remembers the last key it looked up and that key's
+/// breaker (a clone starts with the memo of the instance it was cloned from), and each
+/// thread the last few, of every per-key layer together, whichever instance called. The
+/// thread's memory serves the services a server clones for every request (each starts from
+/// an original that never calls) and a balancer below that calls a different endpoint each
+/// time.
 pub struct KeyedCircuitBreaker<S, C, K, Key> {
     inner: S,
     map: Arc<KeyedMap<Key, C>>,
@@ -253,7 +257,7 @@ impl<S, B, ResB, C, K, Key> Service<Request<B>> for KeyedCircuitBreaker<S, C, K,
 where
     S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
-    C: Classify<Response<ResB>>,
+    C: Classify<Response<ResB>> + Send + Sync + 'static,
     K: ExtractKey<Key>,
     Key: BreakerKey,
 {
