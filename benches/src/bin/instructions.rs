@@ -25,7 +25,16 @@ const CASES: &[(&str, &[&str])] = &[
     ("timeout-armed", &["bare", "tower", "steadfast"]),
     (
         "breaker",
-        &["bare", "failsafe", "tower-resilience", "steadfast"],
+        &[
+            "bare",
+            "failsafe",
+            "tower-resilience",
+            "steadfast",
+            "+bare-to-upstream",
+            "+per-authority",
+            "+bare-clone-per-call",
+            "+per-authority-clone-per-call",
+        ],
     ),
     (
         "limit",
@@ -80,6 +89,17 @@ const CASES: &[(&str, &[&str])] = &[
 
 fn plain() -> http::Request<()> {
     http::Request::new(())
+}
+
+/// The client stack's per-authority breakers, alone.
+fn per_authority() -> steadfast::breaker::KeyedCircuitBreakerLayer<
+    steadfast::common::DefaultClassifier,
+    steadfast::breaker::ByAuthority,
+    Option<http::uri::Authority>,
+> {
+    steadfast::breaker::CircuitBreakerLayer::builder()
+        .build_per_authority()
+        .expect("valid")
 }
 
 fn to_upstream() -> http::Request<()> {
@@ -219,6 +239,18 @@ fn main() {
         ("breaker", "steadfast") => run(
             steadfast::breaker::CircuitBreakerLayer::new().layer(Bare),
             plain,
+            calls,
+        ),
+        // One upstream, through one instance, and through a fresh clone per call (as a
+        // server does with the service it is given).
+        ("breaker", "+bare-to-upstream") => run(Bare, to_upstream, calls),
+        ("breaker", "+per-authority") => run(per_authority().layer(Bare), to_upstream, calls),
+        ("breaker", "+bare-clone-per-call") => {
+            run(steadfast_bench::ClonePerCall(Bare), to_upstream, calls)
+        }
+        ("breaker", "+per-authority-clone-per-call") => run(
+            steadfast_bench::ClonePerCall(per_authority().layer(Bare)),
+            to_upstream,
             calls,
         ),
         ("limit", "bare") => run(steadfast_bench::BareBody, plain, calls),

@@ -29,7 +29,7 @@ const SHARDS: usize = 16;
 /// cost of a new key stays O(1) however large the map.
 const PROBES: usize = 32;
 
-/// One key's breaker: shared by the map and the services that remember it ([`Memo`]).
+/// One key's breaker, as the map keeps it.
 pub(crate) struct Entry<K, C> {
     /// The map's own copy of the key, made once (see [`UpstreamKey::to_kept`](steadfast_core::key::UpstreamKey::to_kept)).
     key: K,
@@ -37,20 +37,24 @@ pub(crate) struct Entry<K, C> {
     stripe: Arc<Stripe<C>>,
 }
 
-/// A service's memo of the last key it looked up and that key's entry: the next call to the
+/// A service's memo of the last key it looked up and that key's breaker: the next call to the
 /// same key through the same instance takes its breaker from here, without hashing the key,
-/// taking the shard's lock or looking at the thread's [`Recent`] entries. Valid while no
-/// entry has left the map since the memo was taken (the map's eviction count is what it was
-/// then), so a memo never holds on to a breaker the map has dropped.
+/// taking the shard's lock or looking at the thread's [`Recent`] keys. Valid while no entry
+/// has left the map since the memo was taken (the map's eviction count is what it was then),
+/// so a memo never uses a breaker the map has dropped; and it holds the breaker weakly, so an
+/// instance that sits idle after its last call does not keep an evicted breaker (and its
+/// subscribers' stream) alive.
 pub(crate) struct Memo<K, C> {
-    entry: Arc<Entry<K, C>>,
+    key: K,
+    stripe: Weak<Stripe<C>>,
     evictions: u64,
 }
 
-impl<K, C> Clone for Memo<K, C> {
+impl<K: Clone, C> Clone for Memo<K, C> {
     fn clone(&self) -> Self {
         Self {
-            entry: self.entry.clone(),
+            key: self.key.clone(),
+            stripe: self.stripe.clone(),
             evictions: self.evictions,
         }
     }
@@ -238,13 +242,15 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     where
         C: Send + Sync + 'static,
     {
-        if let Some(m) = memo {
-            // Acquire: pairs with the release in `evict_one`, so an eviction that happened
-            // before this load is seen.
-            if m.entry.key.same(&key) && self.evictions.load(Acquire) == m.evictions {
-                m.entry.stripe.touch(self.now_secs());
-                return m.entry.stripe.clone();
-            }
+        // Acquire: pairs with the release in `evict_one`, so an eviction that happened before
+        // this load is seen.
+        if let Some(m) = memo
+            && m.key.same(&key)
+            && self.evictions.load(Acquire) == m.evictions
+            && let Some(stripe) = m.stripe.upgrade()
+        {
+            stripe.touch(self.now_secs());
+            return stripe;
         }
         if let Some(stripe) = self.recent(&key) {
             return stripe;
@@ -252,7 +258,11 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         let (stripe, found) = self.lookup(key);
         if let Some((entry, evictions)) = found {
             self.remember(&entry, evictions);
-            *memo = Some(Memo { entry, evictions });
+            *memo = Some(Memo {
+                key: entry.key.clone(),
+                stripe: Arc::downgrade(&entry.stripe),
+                evictions,
+            });
         } else {
             *memo = None;
         }
@@ -351,6 +361,9 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
                 return (e.stripe.clone(), Some(found(e)));
             }
         }
+        // Declared before the lock's guard, so dropped after it: an evicted entry's drop runs
+        // the key's and the classifier's (the application's code), which may call this map.
+        let mut _evicted = None;
         let mut slots = shard.0.write().unwrap_or_else(PoisonError::into_inner);
         if let Some((e, _)) = slots
             .map
@@ -365,7 +378,10 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         if self.listening.load(SeqCst) {
             self.attach(&key, &stripe);
         }
-        if slots.map.len() >= self.per_shard && !self.evict_one(&mut slots, now) {
+        if slots.map.len() >= self.per_shard {
+            _evicted = self.evict_one(&mut slots, now);
+        }
+        if slots.map.len() >= self.per_shard {
             // Every breaker this shard looked at is protecting its callers: the new key gets
             // a breaker of its own for this call, not kept (memory stays bounded; see
             // `max_keys`), and not remembered either.
@@ -405,8 +421,9 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
 
     /// Makes room for one entry in a full shard: a CLOCK hand looks at up to [`PROBES`]
     /// entries from where it stopped last time, evicts the first idle one, else the least
-    /// recently used Closed one it saw. `false` when everything it saw must be kept.
-    fn evict_one(&self, slots: &mut Slots<K, C>, now: u64) -> bool {
+    /// recently used Closed one it saw, and hands it back (for the caller to drop once the
+    /// shard's lock is released). `None` when everything it saw must be kept.
+    fn evict_one(&self, slots: &mut Slots<K, C>, now: u64) -> Option<Arc<Entry<K, C>>> {
         let len = slots.map.len();
         let mut best: Option<(usize, u64)> = None;
         let mut victim = None;
@@ -432,9 +449,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
                 Verdict::Keep => {}
             }
         }
-        let Some(i) = victim.or(best.map(|(i, _)| i)) else {
-            return false;
-        };
+        let i = victim.or(best.map(|(i, _)| i))?;
         // The last entry moves into the hole: the hand looks at it next.
         #[cfg(feature = "metrics")]
         if let Some((e, _)) = slots.map.get_index(i) {
@@ -443,12 +458,12 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             let shared = &e.stripe.shared;
             crate::state::record_gone(&shared.meta, shared.state());
         }
-        slots.map.swap_remove_index(i);
+        let (removed, ()) = slots.map.swap_remove_index(i)?;
         slots.hand = i;
         // After the removal, under the shard's write lock: every memo of the removed entry
         // was made under this shard's lock before, with a smaller count.
         self.evictions.fetch_add(1, Release);
-        true
+        Some(removed)
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -234,7 +234,7 @@ impl<S, C, K, Key> KeyedCircuitBreaker<S, C, K, Key> {
     }
 }
 
-impl<S: Clone, C, K: Clone, Key> Clone for KeyedCircuitBreaker<S, C, K, Key> {
+impl<S: Clone, C, K: Clone, Key: Clone> Clone for KeyedCircuitBreaker<S, C, K, Key> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),

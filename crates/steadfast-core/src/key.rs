@@ -48,6 +48,10 @@ where
 /// }
 /// assert_eq!(Tenant(7).name(), "tenant-7");
 /// ```
+///
+/// A layer may run a key's methods (`same`, `hash_key`, `name`, `to_kept`, `Clone`, `Eq`,
+/// `Hash`) while it holds the lock of the part of its map the key lives in: they must not
+/// call into the same layer, which would wait on that lock for ever.
 pub trait UpstreamKey: Hash + Eq + Clone + Send + Sync + 'static {
     /// The name of this key's state (breaker, limit); made once, when the state is.
     fn name(&self) -> String;
