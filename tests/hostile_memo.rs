@@ -1,13 +1,14 @@
-//! Hostile tests of the per-key breaker's memo: a `KeyedCircuitBreaker`
-//! remembers the last key it called and that key's entry, dropped once any entry leaves the
-//! map. Every test here checks, through the public API only, that a call uses the breaker
-//! the map holds for its key at that time (`layer.handle(&key)`), that failures still trip,
-//! that a breaker the map does not keep is never reused, that `subscribe_all`, `keys` and
-//! `len` stay right, and that idle eviction still sees keys reached only through the memo.
+//! Hostile tests of the per-key breaker's memo: a `KeyedCircuitBreaker` remembers the last key it
+//! looked up and that key's breaker, not used once any entry leaves the map (and each thread the
+//! last keys it looked up, `tests/hostile_tls_memo.rs`). Every test here checks, through the public
+//! API only, that a call uses the breaker the map holds for its key at that time
+//! (`layer.handle(&key)`), that failures still trip, that a breaker the map does not keep is never
+//! reused, that `subscribe_all`, `keys` and `len` stay right, and that idle eviction still sees
+//! keys reached only through the memo.
 //!
-//! Paused tokio time where time matters; real loopback sockets (ephemeral ports) for the
-//! hyper and client-preset tests, on a multi-thread runtime, with no timing assertions (one
-//! generous timeout is a hang guard only). Every loop is bounded.
+//! Paused tokio time where time matters; real loopback sockets (ephemeral ports) for the hyper and
+//! client-preset tests, on a multi-thread runtime, with no timing assertions (one generous timeout
+//! is a hang guard only). Every loop is bounded.
 
 mod support;
 
@@ -883,8 +884,13 @@ async fn client_preset_keeps_authorities_isolated() {
 /// map's breaker for its key, through trips, evictions and re-creation, with keys in turn.
 #[tokio::test(start_paused = true)]
 async fn clones_per_call_and_keys_in_turn_use_the_maps_breaker() {
-    let (layer, hits) = one_per_shard();
-    let original = layer.layer(upstream(hits.clone()));
+    // Eight breakers per shard: the four keys below are kept wherever their hashes land.
+    let layer = builder()
+        .consecutive_failures(Some(1))
+        .max_keys(128)
+        .build_per_authority()
+        .unwrap();
+    let original = layer.layer(upstream(Arc::new(AtomicUsize::new(0))));
     let fresh = || original.clone();
     // Endpoints in turn, each call through a new clone: all closed, all counted.
     for round in 0..3 {
@@ -904,38 +910,60 @@ async fn clones_per_call_and_keys_in_turn_use_the_maps_breaker() {
     assert_eq!(call(&mut fresh(), "down:1").await, Err(true));
     assert_eq!(call(&mut fresh(), "a:1").await, Ok(200));
     assert_eq!(call(&mut fresh(), "down:1").await, Err(true));
-    // Evicted and re-made: the next clone's call uses the new breaker (closed), and what
-    // it records is the new breaker's.
-    let mut n = 0;
+    // Evicted through handles (which leave this thread's memory alone) while a handle keeps
+    // the old breaker alive: the thread still remembers `down:1` and its breaker is still
+    // there, so only the map's eviction count says it is stale. The next clone's call must
+    // use the new breaker (closed), and what it records must be the new breaker's.
+    let old = layer.handle(&key_of("down:1"));
+    let old_decisions = decisions(&old.metrics());
     advance(Duration::from_secs(601)).await;
-    evict(&layer, &mut fresh(), &key_of("down:1"), &mut n).await;
-    let made = layer.handle(&key_of("down:1"));
-    assert_eq!(made.state(), BreakerState::Closed);
+    let mut i = 0;
+    while layer.keys().contains(&key_of("down:1")) {
+        assert!(i < 10_000, "never evicted");
+        let _ = layer.handle(&key_of(&format!("flood{i}:1"))).state();
+        i += 1;
+    }
     assert_eq!(call(&mut fresh(), "down:1").await, Ok(503));
+    let made = layer.handle(&key_of("down:1"));
     assert_eq!(
         made.state(),
         BreakerState::Open,
         "the call went to the map's breaker"
     );
+    assert_eq!(
+        decisions(&old.metrics()),
+        old_decisions,
+        "not to the evicted one"
+    );
     // Forced by hand through a handle: the next clone's call obeys.
     layer.handle(&key_of("a:1")).force_open();
     assert_eq!(call(&mut fresh(), "a:1").await, Err(true));
-    check_map(&layer, 16);
+    check_map(&layer, 128);
 }
 
-/// `subscribe_all` ends (`None`) once the layer and its services are gone, though this
-/// thread's last calls went through their breakers.
+/// A breaker's own stream and `subscribe_all` end (`None`) once the layer and its services
+/// are gone, though this thread's last calls went through those breakers (the thread holds
+/// them weakly).
 #[tokio::test(start_paused = true)]
-async fn subscribe_all_ends_with_the_layer_though_the_thread_called_it_last() {
+async fn streams_end_with_the_layer_though_the_thread_called_it_last() {
     let layer = builder().build_per_authority().unwrap();
     let mut all = layer.subscribe_all();
-    let mut svc = layer.layer(upstream(Arc::new(AtomicUsize::new(0))));
+    let mut own = layer.handle(&key_of("a:1")).subscribe();
+    let svc = layer.layer(upstream(Arc::new(AtomicUsize::new(0))));
     for host in ["a:1", "b:1", "a:1"] {
         assert_eq!(call(&mut svc.clone(), host).await, Ok(200));
     }
     drop((svc, layer));
+    let end = tokio::time::timeout(Duration::from_secs(60), own.recv()).await;
+    assert!(
+        matches!(end, Ok(None)),
+        "a breaker's stream did not end: {end:?}"
+    );
     let end = tokio::time::timeout(Duration::from_secs(60), all.recv()).await;
-    assert!(matches!(end, Ok(None)), "the stream did not end: {end:?}");
+    assert!(
+        matches!(end, Ok(None)),
+        "subscribe_all did not end: {end:?}"
+    );
 }
 
 /// A breaker the map has evicted ends its subscribers' stream once the calls that hold it

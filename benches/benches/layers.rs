@@ -329,9 +329,14 @@ fn breaker(c: &mut Criterion) {
             .layer(Bare)
     };
     rec.bench_two_threads("bare-clone-per-call", ClonePerCall(Bare), h, to_upstream);
-    rec.bench_two_threads("steadfast-per-authority", per_authority(), h, to_upstream);
     rec.bench_two_threads(
-        "steadfast-per-authority-clone-per-call",
+        "steadfast-per-authority-to-upstream",
+        per_authority(),
+        h,
+        to_upstream,
+    );
+    rec.bench_two_threads(
+        "steadfast-per-authority-to-upstream-clone-per-call",
         ClonePerCall(per_authority()),
         h,
         to_upstream,

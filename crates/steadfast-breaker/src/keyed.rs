@@ -41,9 +41,9 @@ pub(crate) struct Entry<K, C> {
 /// same key through the same instance takes its breaker from here, without hashing the key,
 /// taking the shard's lock or looking at the thread's [`Recent`] keys. Valid while no entry
 /// has left the map since the memo was taken (the map's eviction count is what it was then),
-/// so a memo never uses a breaker the map has dropped; and it holds the breaker weakly, so an
-/// instance that sits idle after its last call does not keep an evicted breaker (and its
-/// subscribers' stream) alive.
+/// so a memo never uses a breaker the map has let go of. It holds the breaker weakly: an
+/// instance idle after its last call does not keep an evicted breaker (and its subscribers'
+/// stream) alive.
 pub(crate) struct Memo<K, C> {
     key: K,
     stripe: Weak<Stripe<C>>,
@@ -66,24 +66,32 @@ type Found<K, C> = (Arc<Entry<K, C>>, u64);
 /// How many keys each thread remembers, of all keyed maps together.
 const RECENT: usize = 4;
 
-/// A key a thread called lately: the map it is from (its [`KeyedMap::id`]), that map's
-/// eviction count when the key's entry was found, the key (a `K` of that map's) and its
-/// breaker (a `Stripe<C>` of that map's). Valid while the map's eviction count is unchanged:
-/// no entry has left the map since, so it is never a breaker the map has dropped. The
-/// breaker is held weakly: a thread's memory never keeps one alive, so its subscribers hear
-/// it end when the map drops it (or the map is dropped), whatever the thread called last.
+/// A key a thread looked up in a map: the map (its [`KeyedMap::id`]), that map's eviction
+/// count when the key's entry was found, and a [`Kept`] of that map's types (a copy of the
+/// key and its breaker). Valid while the map's eviction count is unchanged: no entry has left
+/// the map since, so it is never a breaker the map has let go of. The breaker is held
+/// weakly: a thread's memory never keeps one alive, so its subscribers hear it end when the
+/// map lets go of it (or the map is dropped), whatever the thread called last. The key's copy
+/// stays until the slot is taken by another key or the thread ends.
 struct Recent {
     map: u64,
     evictions: u64,
-    key: Box<dyn Any + Send + Sync>,
-    stripe: Weak<dyn Any + Send + Sync>,
+    kept: Box<dyn Any>,
+}
+
+/// What a thread keeps of a key it looked up.
+struct Kept<K, C> {
+    key: K,
+    stripe: Weak<Stripe<C>>,
 }
 
 thread_local! {
-    /// The keys this thread called last, and the slot the next one replaces. Beside each
-    /// service's own [`Memo`], which misses in two common shapes: a server clones the service
-    /// it is given for every request (each clone starts from an original that never calls),
-    /// and a balancer calls a different endpoint's key on consecutive calls.
+    /// The keys this thread looked up in a map last (a slot is filled by each lookup in
+    /// turn, a stale slot of the same map first; a hit changes nothing), and the slot the
+    /// next one takes. Beside each service's own [`Memo`], which misses in two common
+    /// shapes: a server clones the service it is given for every request (each clone starts
+    /// from an original that never calls), and a balancer calls a different endpoint's key
+    /// on consecutive calls.
     static RECENTS: RefCell<([Option<Recent>; RECENT], usize)> =
         const { RefCell::new(([const { None }; RECENT], 0)) };
 }
@@ -123,7 +131,8 @@ pub(crate) struct KeyedMap<K, C> {
     idle: Duration,
     base: Instant,
     /// How many entries have left the map (raised under the shard's write lock, after the
-    /// removal): an entry a thread remembered before an eviction is not used after it.
+    /// removal): a breaker a memo or a thread remembered before an eviction is not used
+    /// after it.
     evictions: AtomicU64,
 }
 
@@ -213,15 +222,14 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     /// Has `key`'s breaker send its transitions to `subscribe_all`'s channel (made only once
     /// someone subscribed: an unwatched breaker keeps no closure and no key copy). The
     /// breaker holds the channel weakly: subscribers see it end when the map goes, whatever
-    /// still holds one of its breakers (an entry a thread remembers, a handle).
+    /// still holds one of its breakers (a handle, a call in flight).
     fn attach(&self, key: &K, stripe: &Stripe<C>) {
         stripe.shared.meta.listen(|| {
             let all = self.all.downgrade();
             let owned = key.clone();
             Box::new(move |t: &Transition| {
-                if let Some(all) = all.upgrade()
-                    && all.receiver_count() > 0
-                {
+                let Some(all) = all.upgrade() else { return };
+                if all.receiver_count() > 0 {
                     let _ = all.send((owned.clone(), t.clone()));
                 }
             }) as Listener
@@ -233,24 +241,23 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         self.lookup(key).0
     }
 
-    /// The stripe of `key`'s breaker for a call: from `memo` when it holds `key` and is
-    /// still valid, else from this thread's recent entries when one of them is `key`'s and
-    /// still valid, else from the map (creating the breaker on first use), the entry found
-    /// then left in `memo` and remembered by this thread, when the map keeps it.
+    /// The stripe of `key`'s breaker for a call: from `memo` when it holds `key`, no entry
+    /// has left the map since and its breaker is alive; else from this thread's memory on
+    /// the same terms; else from the map (creating the breaker on first use). A breaker found
+    /// in the map is left in `memo` and in this thread's memory, when the map keeps it.
     #[inline]
     pub(crate) fn stripe_memo(&self, key: K, memo: &mut Option<Memo<K, C>>) -> Arc<Stripe<C>>
     where
-        C: Send + Sync + 'static,
+        C: 'static,
     {
-        // Acquire: pairs with the release in `evict_one`, so an eviction that happened before
-        // this load is seen.
-        if let Some(m) = memo
-            && m.key.same(&key)
-            && self.evictions.load(Acquire) == m.evictions
-            && let Some(stripe) = m.stripe.upgrade()
-        {
-            stripe.touch(self.now_secs());
-            return stripe;
+        if let Some(m) = memo {
+            // The count only grows: a load sees every eviction that happened before it.
+            if m.key.same(&key) && self.evictions.load(Acquire) == m.evictions {
+                if let Some(stripe) = m.stripe.upgrade() {
+                    stripe.touch(self.now_secs());
+                    return stripe;
+                }
+            }
         }
         if let Some(stripe) = self.recent(&key) {
             return stripe;
@@ -269,28 +276,29 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         stripe
     }
 
-    /// `key`'s stripe, if this thread remembers it and no entry has left the map since.
+    /// `key`'s stripe, if this thread remembers it, no entry has left the map since and its
+    /// breaker is alive.
     #[inline]
     fn recent(&self, key: &K) -> Option<Arc<Stripe<C>>>
     where
-        C: Send + Sync + 'static,
+        C: 'static,
     {
-        // Acquire: pairs with the release in `evict_one`, so an eviction that happened before
-        // this load is seen.
+        // The count only grows: a load sees every eviction that happened before it.
         let evictions = self.evictions.load(Acquire);
         let stripe = RECENTS
             .try_with(|r| {
-                // Not borrowed only while a key's `same` (the application's code) runs inside
-                // this very search; then the map answers.
+                // Borrowed mutably only while `remember` fills a slot, where a key's `Clone`
+                // (the application's code) may call a per-key layer; then the map answers.
                 let r = r.try_borrow().ok()?;
-                r.0.iter().flatten().find_map(|kept| {
-                    if kept.map != self.id
-                        || kept.evictions != evictions
-                        || !kept.key.downcast_ref::<K>()?.same(key)
-                    {
+                r.0.iter().flatten().find_map(|slot| {
+                    if slot.map != self.id || slot.evictions != evictions {
                         return None;
                     }
-                    kept.stripe.upgrade()?.downcast::<Stripe<C>>().ok()
+                    let kept = slot.kept.downcast_ref::<Kept<K, C>>()?;
+                    if !kept.key.same(key) {
+                        return None;
+                    }
+                    kept.stripe.upgrade()
                 })
             })
             .ok()
@@ -304,10 +312,8 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     #[cold]
     fn remember(&self, entry: &Entry<K, C>, evictions: u64)
     where
-        C: Send + Sync + 'static,
+        C: 'static,
     {
-        let stripe: Arc<dyn Any + Send + Sync> = entry.stripe.clone();
-        let stripe = Arc::downgrade(&stripe);
         // What this replaces is dropped after the borrow ends (a key's drop is the
         // application's code).
         let _replaced = RECENTS.try_with(|r| {
@@ -322,20 +328,23 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
                 *next = (i + 1) % RECENT;
                 i
             });
-            if let Some(slot) = &mut slots[i]
-                && let Some(kept) = slot.key.downcast_mut::<K>()
-            {
-                // A key of the same type: its box is reused (no allocation per miss when a
-                // thread calls more keys in turn than it remembers).
-                let old = std::mem::replace(kept, entry.key.clone());
-                (slot.map, slot.evictions, slot.stripe) = (self.id, evictions, stripe);
-                return Some((Some(old), None));
+            let fresh = Kept {
+                key: entry.key.clone(),
+                stripe: Arc::downgrade(&entry.stripe),
+            };
+            if let Some(slot) = &mut slots[i] {
+                if let Some(kept) = slot.kept.downcast_mut::<Kept<K, C>>() {
+                    // A slot of the same types: its box is reused (no allocation per miss
+                    // when a thread calls more keys in turn than it remembers).
+                    let old = std::mem::replace(kept, fresh);
+                    (slot.map, slot.evictions) = (self.id, evictions);
+                    return Some((Some(old), None));
+                }
             }
             let old = slots[i].replace(Recent {
                 map: self.id,
                 evictions,
-                key: Box::new(entry.key.clone()),
-                stripe,
+                kept: Box::new(fresh),
             });
             Some((None, old))
         });
@@ -344,7 +353,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     /// The stripe of `key`'s breaker and, when the map keeps it, its entry with the map's
     /// eviction count when it was found.
     fn lookup(&self, key: K) -> (Arc<Stripe<C>>, Option<Found<K, C>>) {
-        // Found under the lock of the entry's shard: no eviction of the entry can happen
+        // Counted under the lock of the entry's shard: no eviction of the entry can happen
         // until the lock is released, so any later one raises the count past what is taken
         // here (evictions from other shards only make it stale sooner).
         let found = |entry: &Arc<Entry<K, C>>| (entry.clone(), self.evictions.load(Acquire));
@@ -362,7 +371,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             }
         }
         // Declared before the lock's guard, so dropped after it: an evicted entry's drop runs
-        // the key's and the classifier's (the application's code), which may call this map.
+        // its key's (the application's code), which may call this map.
         let mut _evicted = None;
         let mut slots = shard.0.write().unwrap_or_else(PoisonError::into_inner);
         if let Some((e, _)) = slots
@@ -370,6 +379,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             .raw_entry_v1()
             .from_hash(hash, |e| e.key.same(&key))
         {
+            e.stripe.touch(now);
             return (e.stripe.clone(), Some(found(e)));
         }
         let stripe = self.new_stripe(&key);
@@ -460,8 +470,8 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         }
         let (removed, ()) = slots.map.swap_remove_index(i)?;
         slots.hand = i;
-        // After the removal, under the shard's write lock: every memo of the removed entry
-        // was made under this shard's lock before, with a smaller count.
+        // After the removal, under the shard's write lock: every memo and thread's memory of
+        // the removed entry took the count under this shard's lock before, a smaller one.
         self.evictions.fetch_add(1, Release);
         Some(removed)
     }
@@ -545,10 +555,10 @@ mod tests {
     /// count it was found at.
     fn remembered(map: &KeyedMap<String, ()>, key: &str) -> Option<(Arc<Stripe<()>>, u64)> {
         RECENTS.with_borrow(|(slots, _)| {
-            slots.iter().flatten().find_map(|kept| {
-                let same = kept.map == map.id && kept.key.downcast_ref::<String>()? == key;
-                let stripe = kept.stripe.upgrade()?.downcast::<Stripe<()>>().ok()?;
-                same.then_some((stripe, kept.evictions))
+            slots.iter().flatten().find_map(|slot| {
+                let kept = slot.kept.downcast_ref::<Kept<String, ()>>()?;
+                let stripe = kept.stripe.upgrade()?;
+                (slot.map == map.id && kept.key == key).then_some((stripe, slot.evictions))
             })
         })
     }

@@ -179,7 +179,9 @@ where
 /// thread the last few, of every per-key layer together, whichever instance called. The
 /// thread's memory serves the services a server clones for every request (each starts from
 /// an original that never calls) and a balancer below that calls a different endpoint each
-/// time.
+/// time. Both hold the breaker weakly and a copy of the key: an evicted breaker goes (and its
+/// subscribers' stream ends) whatever was called last; the copies of up to four keys stay
+/// with a thread until it looks up others or ends.
 pub struct KeyedCircuitBreaker<S, C, K, Key> {
     inner: S,
     map: Arc<KeyedMap<Key, C>>,
@@ -257,7 +259,7 @@ impl<S, B, ResB, C, K, Key> Service<Request<B>> for KeyedCircuitBreaker<S, C, K,
 where
     S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
-    C: Classify<Response<ResB>> + Send + Sync + 'static,
+    C: Classify<Response<ResB>> + 'static,
     K: ExtractKey<Key>,
     Key: BreakerKey,
 {
