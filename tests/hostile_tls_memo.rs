@@ -1002,23 +1002,19 @@ fn p4_calls_from_thread_local_destructors_and_thread_exit() {
 async fn p5_server_breaker_in_front_client_preset_behind() {
     use axum::routing::get;
     let hits = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
-    let (h0, h1) = (hits.clone(), hits.clone());
-    let good = support::serve_axum(axum::Router::new().route(
-        "/",
-        get(move || {
-            h0[0].fetch_add(1, Ordering::SeqCst);
-            async { http::StatusCode::OK }
-        }),
-    ))
-    .await;
-    let bad = support::serve_axum(axum::Router::new().route(
-        "/",
-        get(move || {
-            h1[1].fetch_add(1, Ordering::SeqCst);
-            async { http::StatusCode::SERVICE_UNAVAILABLE }
-        }),
-    ))
-    .await;
+    // An upstream answering `status`, its calls counted in `hits[i]`.
+    let upstream = |status: http::StatusCode, i: usize| {
+        let hits = hits.clone();
+        support::serve_axum(axum::Router::new().route(
+            "/",
+            get(move || {
+                hits[i].fetch_add(1, Ordering::SeqCst);
+                async move { status }
+            }),
+        ))
+    };
+    let good = upstream(http::StatusCode::OK, 0).await;
+    let bad = upstream(http::StatusCode::SERVICE_UNAVAILABLE, 1).await;
     let refused = {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap()
