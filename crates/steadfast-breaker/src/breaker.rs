@@ -1,7 +1,9 @@
 //! One breaker: shared state plus per-thread stripes for metrics and references.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+
+use once_cell::race::OnceBox;
 
 use steadfast_core::__private::thread_number;
 
@@ -11,6 +13,13 @@ use crate::state::{Meta, Permit, Policy, Shared};
 /// How many threads get a stripe of their own in a standalone breaker; the threads after
 /// them share as many more, spread by thread number.
 pub(crate) const STRIPES: usize = 8;
+
+/// A per-key breaker's stripes for the threads that call it besides the one that made it:
+/// one for each thread number below [`STRIPES`], then [`STRIPES`] that later threads share.
+type Locals<C> = [OnceLock<Arc<Stripe<C>>>; 2 * STRIPES];
+
+/// No thread owns the stripe (`Stripe::owner`).
+const NO_OWNER: u8 = u8::MAX;
 
 /// Per-thread slice of a breaker: what a call writes on the happy path lives here, on a cache
 /// line no other thread writes, so two workers sharing one breaker do not contend.
@@ -33,6 +42,9 @@ pub(crate) struct Stripe<C> {
     pub(crate) slow: AtomicU64,
     pub(crate) rejected: AtomicU64,
     exclusive: bool,
+    /// The thread number an exclusive stripe belongs to, or the thread that made a per-key
+    /// breaker (which calls it on this, its shared stripe); else [`NO_OWNER`].
+    owner: u8,
     /// Whether calls must be timed (slow-call policy or time window): read here, on the
     /// line the call already touches, instead of from the shared policy.
     pub(crate) timed: bool,
@@ -43,17 +55,103 @@ pub(crate) struct Stripe<C> {
     /// For a breaker of a per-key map: seconds since the map's base when last used (for idle
     /// eviction). Here, not in the map's entry, so that a call can take all it needs from the
     /// stripe alone (see the map's per-thread memory).
-    pub(crate) last_used: AtomicU64,
+    pub(crate) last_used: AtomicU32,
+    /// For a per-key breaker's shared stripe: the stripes of the other threads that called
+    /// it (made on each one's first call, so a key one thread calls costs no more memory than
+    /// before). Every call writes its own thread's stripe: its counters and the reference
+    /// count its response future holds, as for a standalone breaker.
+    /// One word (with the 32-bit `last_used`, the stripe stays one cache line).
+    locals: OnceBox<Locals<C>>,
 }
 
 impl<C> Stripe<C> {
-    /// Marks a per-key breaker used at `now` (mostly a read: the word is written at most once
-    /// a second).
+    /// Marks a per-key breaker used at `now`, seconds since its map's base (mostly a read:
+    /// the word is written at most once a second). Kept in 32 bits: 136 years, after which it
+    /// stays at the last second it can say.
     #[inline]
     pub(crate) fn touch(&self, now: u64) {
+        let now = u32::try_from(now).unwrap_or(u32::MAX);
         if self.last_used.load(Relaxed) != now {
             self.last_used.store(now, Relaxed);
         }
+    }
+
+    /// When a per-key breaker was last used by any thread (its shared stripe and its
+    /// threads' stripes each say when they were).
+    pub(crate) fn last_used(&self) -> u64 {
+        let last = self
+            .others()
+            .map(|s| s.last_used.load(Relaxed))
+            .fold(self.last_used.load(Relaxed), u32::max);
+        u64::from(last)
+    }
+
+    /// The threads' stripes made from this one (a per-key breaker's shared stripe).
+    fn others(&self) -> impl Iterator<Item = &Arc<Stripe<C>>> {
+        self.locals
+            .get()
+            .into_iter()
+            .flat_map(|l| l.iter().filter_map(OnceLock::get))
+    }
+
+    /// Whether this is the stripe [`for_this_thread`](Self::for_this_thread) picks for the
+    /// calling thread (a service's memo may be used on another thread than the one that
+    /// filled it: an exclusive stripe must not count another thread's calls).
+    #[inline]
+    pub(crate) fn is_for_this_thread(&self) -> bool {
+        self.is_for_thread(thread_number())
+    }
+
+    /// Whether this is a stripe thread number `t`'s calls may count on: its own, or one that
+    /// threads past the first [`STRIPES`] share.
+    #[inline]
+    pub(crate) fn is_for_thread(&self, t: usize) -> bool {
+        usize::from(self.owner) == t || (!self.exclusive && t >= STRIPES)
+    }
+
+    /// [`for_thread`](Self::for_thread) for the calling thread.
+    #[inline]
+    pub(crate) fn for_this_thread(self: &Arc<Self>, now: u64) -> Arc<Stripe<C>> {
+        self.for_thread(thread_number(), now)
+    }
+
+    /// The stripe thread number `t`'s calls count on, for a per-key breaker whose shared
+    /// stripe this is, made now (last used `now`) on the first call that needs it:
+    /// - the thread that made the breaker: this stripe;
+    /// - the other first [`STRIPES`] threads: one each, exclusive;
+    /// - later threads: [`STRIPES`] more, shared by thread number, as a standalone
+    ///   breaker's are.
+    pub(crate) fn for_thread(self: &Arc<Self>, t: usize, now: u64) -> Arc<Stripe<C>> {
+        if t == usize::from(self.owner) {
+            return self.clone();
+        }
+        let (i, exclusive) = if t < STRIPES {
+            (t, true)
+        } else {
+            (STRIPES + (t - STRIPES) % STRIPES, false)
+        };
+        let locals = self
+            .locals
+            .get_or_init(|| Box::new([const { OnceLock::new() }; 2 * STRIPES]));
+        let now = u32::try_from(now).unwrap_or(u32::MAX);
+        locals[i]
+            .get_or_init(|| {
+                Arc::new(Stripe {
+                    shared: self.shared.clone(),
+                    classifier: self.classifier.clone(),
+                    calls: AtomicU64::new(0),
+                    failures: AtomicU64::new(0),
+                    slow: AtomicU64::new(0),
+                    rejected: AtomicU64::new(0),
+                    exclusive,
+                    owner: if exclusive { i as u8 } else { NO_OWNER },
+                    timed: self.timed,
+                    policy_timed: self.policy_timed,
+                    last_used: AtomicU32::new(now),
+                    locals: OnceBox::new(),
+                })
+            })
+            .clone()
     }
 
     /// The one admission path of every breaker variant (plain, per-key, answering): asks the
@@ -134,6 +232,11 @@ impl<C> Breaker<C> {
         let policy_timed = shared.policy_needs_clock();
         let stripes = (0..exclusive + exclusive.max(1))
             .map(|i| {
+                let owner = if i < exclusive {
+                    u8::try_from(i).unwrap_or(NO_OWNER)
+                } else {
+                    NO_OWNER
+                };
                 Arc::new(Stripe {
                     shared: shared.clone(),
                     classifier: classifier.clone(),
@@ -142,9 +245,11 @@ impl<C> Breaker<C> {
                     slow: AtomicU64::new(0),
                     rejected: AtomicU64::new(0),
                     exclusive: i < exclusive,
+                    owner,
                     timed,
                     policy_timed,
-                    last_used: AtomicU64::new(0),
+                    last_used: AtomicU32::new(0),
+                    locals: OnceBox::new(),
                 })
             })
             .collect();
@@ -153,6 +258,20 @@ impl<C> Breaker<C> {
             stripes,
             exclusive,
         }
+    }
+
+    /// A per-key breaker: one shared stripe, which the thread making it calls on (other
+    /// threads get stripes of their own, see [`Stripe::for_this_thread`]).
+    pub(crate) fn keyed(policy: Arc<Policy>, classifier: Arc<C>, meta: Meta) -> Arc<Stripe<C>> {
+        // The breaker made here is gone at the end of the statement: the stripe is unique.
+        let mut stripe = Self::new(policy, classifier, 0, meta).stripes[0].clone();
+        if let Some(s) = Arc::get_mut(&mut stripe) {
+            s.owner = u8::try_from(thread_number())
+                .ok()
+                .filter(|&t| usize::from(t) < STRIPES)
+                .unwrap_or(NO_OWNER);
+        }
+        stripe
     }
 
     /// The breaker a per-key map keeps as one shared stripe (a handle's view of it).
@@ -177,10 +296,14 @@ impl<C> Breaker<C> {
         }
     }
 
-    /// Sums the striped counters.
+    /// Sums the striped counters (a per-key breaker's threads' stripes included).
     pub(crate) fn totals(&self) -> [u64; 4] {
         let mut t = [0; 4];
-        for s in self.stripes.iter() {
+        for s in self
+            .stripes
+            .iter()
+            .flat_map(|s| std::iter::once(s).chain(s.others()))
+        {
             t[0] += s.calls.load(Relaxed);
             t[1] += s.failures.load(Relaxed);
             t[2] += s.slow.load(Relaxed);
@@ -248,5 +371,91 @@ mod tests {
         assert_eq!(breaker.stripes.len(), 4);
         assert!(breaker.stripes[..2].iter().all(|s| s.exclusive));
         assert!(breaker.stripes[2..].iter().all(|s| !s.exclusive));
+    }
+
+    /// A per-key breaker's shared stripe owned by thread `owner` (as if that thread made it).
+    fn keyed_owned_by(owner: u8) -> Arc<Stripe<()>> {
+        let mut stripe = Breaker::keyed(Arc::new(policy()), Arc::new(()), Meta::default());
+        Arc::get_mut(&mut stripe).expect("unique").owner = owner;
+        stripe
+    }
+
+    /// Each of the first threads besides the maker gets a stripe of its own, made once and
+    /// exclusive to it; later threads share more, by thread number; the maker counts on the
+    /// shared one. The handle's totals sum them all, and a memo filled on one thread is not
+    /// taken for another's.
+    #[test]
+    fn a_per_key_breaker_gives_each_thread_a_stripe_of_its_own() {
+        let main = keyed_owned_by(3);
+        assert!(!main.exclusive);
+        assert!(Arc::ptr_eq(&main.for_thread(3, 0), &main), "the maker");
+        assert!(
+            main.locals.get().is_none(),
+            "made only when another thread calls"
+        );
+
+        let one = main.for_thread(1, 7);
+        let five = main.for_thread(5, 9);
+        assert!(!Arc::ptr_eq(&one, &main) && !Arc::ptr_eq(&one, &five));
+        assert!(Arc::ptr_eq(&main.for_thread(1, 50), &one), "made once");
+        assert!(Arc::ptr_eq(&one.shared, &main.shared), "one state machine");
+        assert!(one.exclusive && five.exclusive);
+        assert_eq!(
+            (one.last_used.load(Relaxed), five.last_used.load(Relaxed)),
+            (7, 9)
+        );
+        // Later threads: shared stripes, consecutive numbers on different ones.
+        let late = main.for_thread(STRIPES, 11);
+        let later = main.for_thread(STRIPES + 1, 0);
+        assert!(!late.exclusive && !later.exclusive && !Arc::ptr_eq(&late, &later));
+        assert!(Arc::ptr_eq(&main.for_thread(2 * STRIPES, 0), &late));
+        assert!(!Arc::ptr_eq(&late, &main));
+        // Whose calls each stripe may count.
+        assert!(one.is_for_thread(1) && !one.is_for_thread(5) && !one.is_for_thread(3));
+        assert!(!one.is_for_thread(STRIPES), "an exclusive stripe");
+        assert!(!main.is_for_thread(1), "thread 1 has its own");
+        assert!(main.is_for_thread(3));
+        assert!(late.is_for_thread(STRIPES + 5) && !late.is_for_thread(2));
+
+        for (stripe, n) in [(&main, 2), (&one, 3), (&five, 4), (&late, 5)] {
+            for _ in 0..n {
+                stripe.admit().expect("closed");
+            }
+        }
+        one.failures.fetch_add(1, Relaxed);
+        five.slow.fetch_add(2, Relaxed);
+        late.failures.fetch_add(3, Relaxed);
+        let handle = Breaker::of_stripe(main.clone());
+        assert_eq!(handle.totals(), [14, 4, 2, 0]);
+
+        // Last used: the latest of them all.
+        main.touch(4);
+        assert_eq!(main.last_used(), 11);
+        one.touch(60);
+        assert_eq!(main.last_used(), 60);
+        main.touch(u64::MAX);
+        assert_eq!(main.last_used(), u64::from(u32::MAX), "saturates");
+    }
+
+    /// A stripe is one cache line: what a call writes on it never shares a line with another
+    /// stripe (nor, for a per-key breaker, makes its idle memory grow).
+    #[test]
+    fn a_stripe_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Stripe<()>>(), 64);
+        assert_eq!(std::mem::size_of::<Stripe<String>>(), 64);
+    }
+
+    /// A per-key breaker made on a thread past the first [`STRIPES`] has no owner: every one
+    /// of the first threads gets a stripe of its own, and the maker a shared one.
+    #[test]
+    fn a_per_key_breaker_made_by_a_late_thread_has_no_owner() {
+        let main = keyed_owned_by(NO_OWNER);
+        for t in 0..2 * STRIPES {
+            let theirs = main.for_thread(t, 0);
+            assert!(!Arc::ptr_eq(&theirs, &main), "thread {t}");
+            assert_eq!(theirs.exclusive, t < STRIPES);
+            assert!(theirs.is_for_thread(t));
+        }
+        assert_eq!(main.others().count(), 2 * STRIPES);
     }
 }

@@ -33,13 +33,15 @@ const PROBES: usize = 32;
 pub(crate) struct Entry<K, C> {
     /// The map's own copy of the key, made once (see [`UpstreamKey::to_kept`](steadfast_core::key::UpstreamKey::to_kept)).
     key: K,
-    /// The breaker (its one stripe), which also says when it was last used.
+    /// The breaker's first stripe, which holds the stripes of the other threads that call it
+    /// (see [`Stripe::for_this_thread`]); together they say when it was last used.
     stripe: Arc<Stripe<C>>,
 }
 
-/// A service's memo of the last key it looked up and that key's breaker: the next call to the
-/// same key through the same instance takes its breaker from here, without hashing the key,
-/// taking the shard's lock or looking at the thread's [`Recent`] keys. Valid while no entry
+/// A service's memo of the last key it looked up and the stripe of that key's breaker that
+/// its thread counts on: the next call to the same key through the same instance, on the same
+/// thread, takes its breaker from here, without hashing the key, taking the shard's lock or
+/// looking at the thread's [`Recent`] keys. Valid while no entry
 /// has left the map since the memo was taken (the map's eviction count is what it was then),
 /// so a memo never uses a breaker the map has let go of. It holds the breaker weakly: an
 /// instance idle after its last call does not keep an evicted breaker (and its subscribers'
@@ -79,7 +81,7 @@ struct Recent {
     kept: Box<dyn Any>,
 }
 
-/// What a thread keeps of a key it looked up.
+/// What a thread keeps of a key it looked up: the key and the stripe its calls count on.
 struct Kept<K, C> {
     key: K,
     stripe: Weak<Stripe<C>>,
@@ -214,9 +216,9 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
 
     fn new_stripe(&self, key: &K) -> Arc<Stripe<C>> {
         let meta = Meta::new(self.name.clone(), Arc::from(key.name()));
-        let breaker = Breaker::new(self.policy.clone(), self.classifier.clone(), 0, meta);
-        self.initial.apply(&breaker.shared);
-        breaker.stripes[0].clone()
+        let stripe = Breaker::keyed(self.policy.clone(), self.classifier.clone(), meta);
+        self.initial.apply(&stripe.shared);
+        stripe
     }
 
     /// Has `key`'s breaker send its transitions to `subscribe_all`'s channel (made only once
@@ -254,25 +256,29 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             // The count only grows: a load sees every eviction that happened before it.
             if m.key.same(&key) && self.evictions.load(Acquire) == m.evictions {
                 if let Some(stripe) = m.stripe.upgrade() {
-                    stripe.touch(self.now_secs());
-                    return stripe;
+                    // The instance may have moved to another thread since it filled the memo.
+                    if stripe.is_for_this_thread() {
+                        stripe.touch(self.now_secs());
+                        return stripe;
+                    }
                 }
             }
         }
         if let Some(stripe) = self.recent(&key) {
             return stripe;
         }
-        let (stripe, found) = self.lookup(key);
-        if let Some((entry, evictions)) = found {
-            self.remember(&entry, evictions);
-            *memo = Some(Memo {
-                key: entry.key.clone(),
-                stripe: Arc::downgrade(&entry.stripe),
-                evictions,
-            });
-        } else {
+        let (main, found) = self.lookup(key);
+        let Some((entry, evictions)) = found else {
             *memo = None;
-        }
+            return main;
+        };
+        let stripe = main.for_this_thread(self.now_secs());
+        self.remember(&entry.key, &stripe, evictions);
+        *memo = Some(Memo {
+            key: entry.key.clone(),
+            stripe: Arc::downgrade(&stripe),
+            evictions,
+        });
         stripe
     }
 
@@ -307,10 +313,11 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         Some(stripe)
     }
 
-    /// Has this thread remember `entry`, found when the map's eviction count was `evictions`:
-    /// in a slot of this map's that an eviction made stale, else in the next slot in turn.
+    /// Has this thread remember `key` and the stripe its calls on this thread count on, found
+    /// when the map's eviction count was `evictions`: in a slot of this map's that an
+    /// eviction made stale, else in the next slot in turn.
     #[cold]
-    fn remember(&self, entry: &Entry<K, C>, evictions: u64)
+    fn remember(&self, key: &K, stripe: &Arc<Stripe<C>>, evictions: u64)
     where
         C: 'static,
     {
@@ -329,8 +336,8 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
                 i
             });
             let fresh = Kept {
-                key: entry.key.clone(),
-                stripe: Arc::downgrade(&entry.stripe),
+                key: key.clone(),
+                stripe: Arc::downgrade(stripe),
             };
             if let Some(slot) = &mut slots[i] {
                 if let Some(kept) = slot.kept.downcast_mut::<Kept<K, C>>() {
@@ -415,7 +422,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     }
 
     fn verdict(&self, e: &Entry<K, C>, now: u64) -> Verdict {
-        let used = e.stripe.last_used.load(Relaxed);
+        let used = e.stripe.last_used();
         // Durations under a second count as "any age" (the clock here ticks in seconds).
         let idle = now.saturating_sub(used) >= self.idle.as_secs();
         match e.stripe.shared.state() {
@@ -613,5 +620,54 @@ mod tests {
         let from_c = for_call(&c, "orders".to_owned());
         assert!(!Arc::ptr_eq(&from_c, &from_a));
         assert_eq!(c.len(), 1, "made in c's own map");
+    }
+
+    /// A thread number below [`STRIPES`](crate::breaker::STRIPES) that counts on a stripe of
+    /// its own for `main`'s key, and is not the calling thread.
+    fn another_thread(main: &Stripe<()>) -> usize {
+        let me = steadfast_core::__private::thread_number();
+        (0..crate::breaker::STRIPES)
+            .find(|&t| t != me && !main.is_for_thread(t))
+            .expect("at most the maker and this thread are excluded")
+    }
+
+    /// A key that only other threads than its breaker's maker call is in use: the eviction
+    /// clock reads when each thread's stripe was last used, not only the shared stripe's.
+    #[tokio::test(start_paused = true)]
+    async fn a_key_only_other_threads_call_is_not_idle() {
+        let map = map(64);
+        let (main, found) = map.lookup("orders".to_owned());
+        let (entry, _) = found.expect("kept");
+        let local = main.for_thread(another_thread(&main), 0);
+        let idle = map.idle.as_secs();
+        local.touch(idle + 5);
+        assert!(
+            matches!(map.verdict(&entry, idle + 10), Verdict::Candidate(used) if used == idle + 5),
+            "used 5 s ago by another thread"
+        );
+        local.touch(0);
+        assert!(matches!(map.verdict(&entry, idle + 10), Verdict::Evict));
+    }
+
+    /// A service's memo filled on one thread (its stripe exclusive to that thread) is not
+    /// used on another: the call there counts on a stripe the calling thread may write.
+    #[tokio::test(start_paused = true)]
+    async fn a_memo_from_another_thread_is_not_counted_on() {
+        let map = map(64);
+        let key = "orders".to_owned();
+        let (main, found) = map.lookup(key.clone());
+        let (_, evictions) = found.expect("kept");
+        let theirs = main.for_thread(another_thread(&main), 0);
+        let mut memo = Some(Memo {
+            key: key.clone(),
+            stripe: Arc::downgrade(&theirs),
+            evictions,
+        });
+        let got = map.stripe_memo(key, &mut memo);
+        assert!(!Arc::ptr_eq(&got, &theirs));
+        assert!(got.is_for_this_thread());
+        assert!(Arc::ptr_eq(&got.shared, &main.shared), "the same breaker");
+        let memo = memo.expect("refilled");
+        assert!(Arc::ptr_eq(&memo.stripe.upgrade().expect("alive"), &got));
     }
 }

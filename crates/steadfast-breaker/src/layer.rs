@@ -203,6 +203,9 @@ impl<C> CircuitBreakerBuilder<C> {
     /// such a breaker, the new key's call gets a breaker of its own that is not kept (it
     /// cannot trip; each such call pays for a new breaker). An idle per-key breaker costs about
     /// 470 bytes of heap, 570 resident, its name included (`cargo run --release -p steadfast-bench --bin keyed`).
+    /// A key that several threads call gets a stripe of its counters for each (as a
+    /// standalone breaker has), so their calls do not write one cache line: 128 bytes per
+    /// thread besides the one that made it, and a 256-byte table for them.
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;
         self
