@@ -21,6 +21,12 @@ type Locals<C> = [OnceLock<Arc<Stripe<C>>>; 2 * STRIPES];
 /// No thread owns the stripe (`Stripe::owner`).
 const NO_OWNER: u8 = u8::MAX;
 
+/// The lowest 32 bits of a count of seconds (ages are taken on them, wrapping).
+#[inline]
+fn low_bits(secs: u64) -> u32 {
+    (secs & u64::from(u32::MAX)) as u32
+}
+
 /// Per-thread slice of a breaker: what a call writes on the happy path lives here, on a cache
 /// line no other thread writes, so two workers sharing one breaker do not contend.
 ///
@@ -52,10 +58,11 @@ pub(crate) struct Stripe<C> {
     /// the `metrics` feature's histogram does, a success that changes nothing is still
     /// settled inline.
     pub(crate) policy_timed: bool,
-    /// For a breaker of a per-key map: seconds since the map's base when last used (for idle
-    /// eviction). Here, not in the map's entry, so that a call can take all it needs from the
-    /// stripe alone (see the map's per-thread memory).
-    pub(crate) last_used: AtomicU32,
+    /// For a breaker of a per-key map: when last used, in seconds since the map's base, the
+    /// lowest 32 bits (for idle eviction; see [`age`](Self::age)). Here, not in the map's
+    /// entry, so that a call can take all it needs from the stripe alone (see the map's
+    /// per-thread memory).
+    last_used: AtomicU32,
     /// For a per-key breaker's shared stripe: the stripes of the other threads that called
     /// it (made on each one's first call, so a key one thread calls costs no more memory than
     /// before). Every call writes its own thread's stripe: its counters and the reference
@@ -66,24 +73,23 @@ pub(crate) struct Stripe<C> {
 
 impl<C> Stripe<C> {
     /// Marks a per-key breaker used at `now`, seconds since its map's base (mostly a read:
-    /// the word is written at most once a second). Kept in 32 bits: 136 years, after which it
-    /// stays at the last second it can say.
+    /// the word is written at most once a second).
     #[inline]
     pub(crate) fn touch(&self, now: u64) {
-        let now = u32::try_from(now).unwrap_or(u32::MAX);
+        let now = low_bits(now);
         if self.last_used.load(Relaxed) != now {
             self.last_used.store(now, Relaxed);
         }
     }
 
-    /// When a per-key breaker was last used by any thread (its shared stripe and its
-    /// threads' stripes each say when they were).
-    pub(crate) fn last_used(&self) -> u64 {
-        let last = self
-            .others()
-            .map(|s| s.last_used.load(Relaxed))
-            .fold(self.last_used.load(Relaxed), u32::max);
-        u64::from(last)
+    /// How long ago, at `now` (seconds since the map's base), a per-key breaker was last
+    /// used by any thread: its shared stripe and its threads' stripes each say when they
+    /// were. Taken on the lowest 32 bits of both, so exact for any age under 2^32 seconds
+    /// (136 years) however long the process has run; an older one reads as its remainder.
+    pub(crate) fn age(&self, now: u64) -> u64 {
+        let now = low_bits(now);
+        let since = |s: &Stripe<C>| now.wrapping_sub(s.last_used.load(Relaxed));
+        u64::from(self.others().map(|s| since(s)).fold(since(self), u32::min))
     }
 
     /// The threads' stripes made from this one (a per-key breaker's shared stripe).
@@ -133,7 +139,7 @@ impl<C> Stripe<C> {
         let locals = self
             .locals
             .get_or_init(|| Box::new([const { OnceLock::new() }; 2 * STRIPES]));
-        let now = u32::try_from(now).unwrap_or(u32::MAX);
+        let now = low_bits(now);
         locals[i]
             .get_or_init(|| {
                 Arc::new(Stripe {
@@ -430,11 +436,16 @@ mod tests {
 
         // Last used: the latest of them all.
         main.touch(4);
-        assert_eq!(main.last_used(), 11);
+        assert_eq!(main.age(20), 20 - 11);
         one.touch(60);
-        assert_eq!(main.last_used(), 60);
-        main.touch(u64::MAX);
-        assert_eq!(main.last_used(), u64::from(u32::MAX), "saturates");
+        assert_eq!(main.age(70), 10);
+        // Past 2^32 seconds since the map's base, ages are still exact.
+        let far = (1 << 32) + 100;
+        five.touch(far - 30);
+        assert_eq!(main.age(far), 30);
+        late.touch(far);
+        assert_eq!(main.age(far), 0);
+        assert_eq!(main.age(far + 7), 7);
     }
 
     /// A stripe is one cache line: what a call writes on it never shares a line with another

@@ -151,7 +151,8 @@ impl<K, C> fmt::Debug for KeyedMap<K, C> {
 enum Verdict {
     /// Closed and unused for the idle time: evict now.
     Evict,
-    /// Closed but used recently: evict only if nothing better turns up (by age).
+    /// Closed but used recently: evict only if nothing better turns up (the oldest, by
+    /// seconds since last used).
     Candidate(u64),
     /// Open or half-open and used within the idle time, or put in a state by hand (forced
     /// open, disabled, metrics only): kept, so a flood of new keys cannot reset a breaker
@@ -422,9 +423,9 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     }
 
     fn verdict(&self, e: &Entry<K, C>, now: u64) -> Verdict {
-        let used = e.stripe.last_used();
+        let age = e.stripe.age(now);
         // Durations under a second count as "any age" (the clock here ticks in seconds).
-        let idle = now.saturating_sub(used) >= self.idle.as_secs();
+        let idle = age >= self.idle.as_secs();
         match e.stripe.shared.state() {
             // Set by hand through a handle: kept for as long as the layer lives.
             BreakerState::ForcedOpen | BreakerState::Disabled | BreakerState::MetricsOnly => {
@@ -432,7 +433,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             }
             BreakerState::Open | BreakerState::HalfOpen if !idle => Verdict::Keep,
             _ if idle => Verdict::Evict,
-            _ => Verdict::Candidate(used),
+            _ => Verdict::Candidate(age),
         }
     }
 
@@ -458,9 +459,9 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
                     victim = Some(i);
                     break;
                 }
-                Verdict::Candidate(used) => {
-                    if best.is_none_or(|(_, b)| used < b) {
-                        best = Some((i, used));
+                Verdict::Candidate(age) => {
+                    if best.is_none_or(|(_, b)| age > b) {
+                        best = Some((i, age));
                     }
                 }
                 Verdict::Keep => {}
@@ -642,7 +643,7 @@ mod tests {
         let idle = map.idle.as_secs();
         local.touch(idle + 5);
         assert!(
-            matches!(map.verdict(&entry, idle + 10), Verdict::Candidate(used) if used == idle + 5),
+            matches!(map.verdict(&entry, idle + 10), Verdict::Candidate(5)),
             "used 5 s ago by another thread"
         );
         local.touch(0);
