@@ -1520,54 +1520,43 @@ async fn h1_client_preset_counts_exactly_and_trips_on_two_workers() {
         .unwrap();
     let client = stack.hyper_client::<Full<Bytes>>();
     let before = stack.breakers().handle(&key(flaky));
-    let work = async {
-        let mut tasks = Vec::new();
-        for t in 0..16usize {
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut own = client.clone();
-                let (mut ok, mut failed) = (0u64, 0u64);
-                for i in 0..20usize {
-                    let fail = (t + i) % 4 == 0;
-                    let path = if fail { "/fail" } else { "/ok" };
-                    let req = Request::get(format!("http://{flaky}{path}"))
-                        .body(Full::<Bytes>::default())
-                        .unwrap();
-                    let res = if i % 2 == 0 {
-                        let mut c = client.clone();
-                        c.ready().await.unwrap().call(req).await
-                    } else {
-                        let (back, res) = tokio::spawn(async move {
-                            let res = own.ready().await.unwrap().call(req).await;
-                            (own, res)
-                        })
-                        .await
-                        .unwrap();
-                        own = back;
-                        res
-                    };
-                    let status = res.expect("the upstream answers").status();
-                    if fail {
-                        assert_eq!(status, 500);
-                        failed += 1;
-                    } else {
-                        assert_eq!(status, 200);
-                        ok += 1;
-                    }
+    let (ok, failed) = sum_of_tasks(16, |t| {
+        let client = client.clone();
+        async move {
+            let mut own = client.clone();
+            let (mut ok, mut failed) = (0u64, 0u64);
+            for i in 0..20usize {
+                let fail = (t + i) % 4 == 0;
+                let path = if fail { "/fail" } else { "/ok" };
+                let req = Request::get(format!("http://{flaky}{path}"))
+                    .body(Full::<Bytes>::default())
+                    .unwrap();
+                let res = if i % 2 == 0 {
+                    let mut c = client.clone();
+                    c.ready().await.unwrap().call(req).await
+                } else {
+                    let (back, res) = tokio::spawn(async move {
+                        let res = own.ready().await.unwrap().call(req).await;
+                        (own, res)
+                    })
+                    .await
+                    .unwrap();
+                    own = back;
+                    res
+                };
+                let status = res.expect("the upstream answers").status();
+                if fail {
+                    assert_eq!(status, 500);
+                    failed += 1;
+                } else {
+                    assert_eq!(status, 200);
+                    ok += 1;
                 }
-                (ok, failed)
-            }));
+            }
+            (ok, failed)
         }
-        let mut sum = (0, 0);
-        for t in tasks {
-            let (o, f) = t.await.unwrap();
-            sum = (sum.0 + o, sum.1 + f);
-        }
-        sum
-    };
-    let (ok, failed) = tokio::time::timeout(Duration::from_secs(120), work)
-        .await
-        .expect("hang guard");
+    })
+    .await;
     assert_eq!((ok, failed), (240, 80));
     let m = before.metrics();
     assert_eq!((m.calls, m.failures, m.rejected), (320, 80, 0));
@@ -1585,39 +1574,28 @@ async fn h1_client_preset_counts_exactly_and_trips_on_two_workers() {
         .build()
         .unwrap();
     let client = stack.hyper_client::<Full<Bytes>>();
-    let work = async {
-        let mut tasks = Vec::new();
-        for _ in 0..16 {
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                let (mut answered, mut refused) = (0u64, 0u64);
-                for _ in 0..10 {
-                    let req = Request::get(format!("http://{bad}/"))
-                        .body(Full::<Bytes>::default())
-                        .unwrap();
-                    let mut c = client.clone();
-                    match c.ready().await.unwrap().call(req).await {
-                        Ok(res) => {
-                            assert_eq!(res.status(), 500);
-                            answered += 1;
-                        }
-                        Err(_) => refused += 1,
+    let (answered, refused) = sum_of_tasks(16, |_| {
+        let client = client.clone();
+        async move {
+            let (mut answered, mut refused) = (0u64, 0u64);
+            for _ in 0..10 {
+                let req = Request::get(format!("http://{bad}/"))
+                    .body(Full::<Bytes>::default())
+                    .unwrap();
+                let mut c = client.clone();
+                match c.ready().await.unwrap().call(req).await {
+                    Ok(res) => {
+                        assert_eq!(res.status(), 500);
+                        answered += 1;
                     }
-                    tokio::task::yield_now().await;
+                    Err(_) => refused += 1,
                 }
-                (answered, refused)
-            }));
+                tokio::task::yield_now().await;
+            }
+            (answered, refused)
         }
-        let mut sum = (0, 0);
-        for t in tasks {
-            let (a, r) = t.await.unwrap();
-            sum = (sum.0 + a, sum.1 + r);
-        }
-        sum
-    };
-    let (answered, refused) = tokio::time::timeout(Duration::from_secs(120), work)
-        .await
-        .expect("hang guard");
+    })
+    .await;
     let m = stack.breakers().handle(&key(bad)).metrics();
     assert_eq!(m.state, BreakerState::Open, "{m:?}");
     assert_eq!(answered + refused, 160);
@@ -1626,6 +1604,26 @@ async fn h1_client_preset_counts_exactly_and_trips_on_two_workers() {
     assert_eq!(m.rejected, refused);
     assert_eq!(hits[2].load(Ordering::SeqCst) as u64, answered);
     assert!(answered >= 5);
+}
+
+/// Runs `task(i)` for `i` in `0..n` as spawned tasks and sums their pairs of counts, under a
+/// generous hang guard.
+async fn sum_of_tasks<F>(n: usize, task: impl Fn(usize) -> F) -> (u64, u64)
+where
+    F: std::future::Future<Output = (u64, u64)> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(task(i))).collect();
+    let work = async {
+        let mut sum = (0, 0);
+        for t in tasks {
+            let (a, b) = t.await.unwrap();
+            sum = (sum.0 + a, sum.1 + b);
+        }
+        sum
+    };
+    tokio::time::timeout(Duration::from_secs(120), work)
+        .await
+        .expect("hang guard")
 }
 
 /// The gRPC client preset with a real tonic channel and health server, on two workers:
