@@ -1,8 +1,8 @@
 //! Hostile tests of the per-key breaker's per-thread stripes: the thread that makes a key's
-//! breaker counts on its first (shared) stripe, each other thread numbered below 8 on a stripe
-//! of its own made at its first call (bumped with a plain load and store), later threads on
-//! eight more shared by thread number; a service's memo and each thread's last keys remember
-//! the calling thread's stripe. Public API only.
+//! breaker counts on its first stripe if that thread is numbered below 8, each other thread
+//! numbered below 8 on a stripe of its own made at its first call (bumped with a plain load
+//! and store), later threads on eight more shared by thread number; a service's memo and each
+//! thread's last keys remember the calling thread's stripe. Public API only.
 //!
 //! What is checked: counts are exact whatever the threads (hundreds of OS threads, a
 //! work-stealing runtime, instances moved between threads, futures completed on other

@@ -10,21 +10,22 @@ use steadfast_core::__private::thread_number;
 use crate::error::BreakerOpen;
 use crate::state::{Meta, Permit, Policy, Shared};
 
-/// How many threads get a stripe of their own in a standalone breaker; the threads after
-/// them share as many more, spread by thread number.
+/// How many threads get a stripe of their own in a breaker (standalone or per key); the
+/// threads after them share as many more, spread by thread number.
 pub(crate) const STRIPES: usize = 8;
 
 /// A per-key breaker's stripes for the threads that call it besides the one that made it:
 /// one for each thread number below [`STRIPES`], then [`STRIPES`] that later threads share.
 type Locals<C> = [OnceLock<Arc<Stripe<C>>>; 2 * STRIPES];
 
-/// No thread owns the stripe (`Stripe::owner`).
+/// No thread owns the stripe (`Stripe::owner`): it is shared.
 const NO_OWNER: u8 = u8::MAX;
+const _: () = assert!(STRIPES < NO_OWNER as usize);
 
 /// The lowest 32 bits of a count of seconds (ages are taken on them, wrapping).
 #[inline]
 fn low_bits(secs: u64) -> u32 {
-    (secs & u64::from(u32::MAX)) as u32
+    secs as u32
 }
 
 /// Per-thread slice of a breaker: what a call writes on the happy path lives here, on a cache
@@ -47,9 +48,7 @@ pub(crate) struct Stripe<C> {
     pub(crate) failures: AtomicU64,
     pub(crate) slow: AtomicU64,
     pub(crate) rejected: AtomicU64,
-    exclusive: bool,
-    /// The thread number an exclusive stripe belongs to, or the thread that made a per-key
-    /// breaker (which calls it on this, its shared stripe); else [`NO_OWNER`].
+    /// The thread number the stripe is exclusive to (below [`STRIPES`]), else [`NO_OWNER`].
     owner: u8,
     /// Whether calls must be timed (slow-call policy or time window): read here, on the
     /// line the call already touches, instead of from the shared policy.
@@ -63,15 +62,39 @@ pub(crate) struct Stripe<C> {
     /// entry, so that a call can take all it needs from the stripe alone (see the map's
     /// per-thread memory).
     last_used: AtomicU32,
-    /// For a per-key breaker's shared stripe: the stripes of the other threads that called
-    /// it (made on each one's first call, so a key one thread calls costs no more memory than
-    /// before). Every call writes its own thread's stripe: its counters and the reference
-    /// count its response future holds, as for a standalone breaker.
-    /// One word (with the 32-bit `last_used`, the stripe stays one cache line).
+    /// For a per-key breaker's first stripe: the stripes of the other threads that called it,
+    /// each made at that thread's first call (see [`for_thread`](Self::for_thread)). One
+    /// word, so that with the 32-bit `last_used` a stripe stays one cache line.
     locals: OnceBox<Locals<C>>,
 }
 
 impl<C> Stripe<C> {
+    /// A stripe of `shared`'s breaker, its counts at zero, exclusive to thread number `owner`
+    /// (`None`: shared), last used `now` (seconds since a per-key map's base).
+    fn new(shared: Arc<Shared>, classifier: Arc<C>, owner: Option<usize>, now: u64) -> Self {
+        let owner = owner.and_then(|t| u8::try_from(t).ok()).unwrap_or(NO_OWNER);
+        debug_assert!(owner == NO_OWNER || usize::from(owner) < STRIPES);
+        Self {
+            timed: shared.needs_clock(),
+            policy_timed: shared.policy_needs_clock(),
+            shared,
+            classifier,
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            slow: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            owner,
+            last_used: AtomicU32::new(low_bits(now)),
+            locals: OnceBox::new(),
+        }
+    }
+
+    /// Whether one thread alone counts admissions here (plain stores, see [`count`](Self::count)).
+    #[inline]
+    fn exclusive(&self) -> bool {
+        self.owner != NO_OWNER
+    }
+
     /// Marks a per-key breaker used at `now`, seconds since its map's base (mostly a read:
     /// the word is written at most once a second).
     #[inline]
@@ -83,16 +106,21 @@ impl<C> Stripe<C> {
     }
 
     /// How long ago, at `now` (seconds since the map's base), a per-key breaker was last
-    /// used by any thread: its shared stripe and its threads' stripes each say when they
-    /// were. Taken on the lowest 32 bits of both, so exact for any age under 2^32 seconds
-    /// (136 years) however long the process has run; an older one reads as its remainder.
+    /// used by any thread: its first stripe and its threads' stripes each say when they were.
+    ///
+    /// Taken on the lowest 32 bits of both, wrapping, so it is exact for any age under 2^31
+    /// seconds (68 years) however long the process has run. A stamp ahead of `now` (another
+    /// thread touched it after `now` was read) is used now: age 0.
     pub(crate) fn age(&self, now: u64) -> u64 {
         let now = low_bits(now);
-        let since = |s: &Stripe<C>| now.wrapping_sub(s.last_used.load(Relaxed));
+        let since = |s: &Stripe<C>| {
+            let d = now.wrapping_sub(s.last_used.load(Relaxed));
+            if d > u32::MAX / 2 { 0 } else { d }
+        };
         u64::from(self.others().map(|s| since(s)).fold(since(self), u32::min))
     }
 
-    /// The threads' stripes made from this one (a per-key breaker's shared stripe).
+    /// The threads' stripes made from this one (a per-key breaker's first stripe).
     fn others(&self) -> impl Iterator<Item = &Arc<Stripe<C>>> {
         self.locals
             .get()
@@ -100,62 +128,36 @@ impl<C> Stripe<C> {
             .flat_map(|l| l.iter().filter_map(OnceLock::get))
     }
 
-    /// Whether this is the stripe [`for_this_thread`](Self::for_this_thread) picks for the
-    /// calling thread (a service's memo may be used on another thread than the one that
-    /// filled it: an exclusive stripe must not count another thread's calls).
-    #[inline]
-    pub(crate) fn is_for_this_thread(&self) -> bool {
-        self.is_for_thread(thread_number())
-    }
-
-    /// Whether this is a stripe thread number `t`'s calls may count on: its own, or one that
-    /// threads past the first [`STRIPES`] share.
-    #[inline]
-    pub(crate) fn is_for_thread(&self, t: usize) -> bool {
-        usize::from(self.owner) == t || (!self.exclusive && t >= STRIPES)
-    }
-
-    /// [`for_thread`](Self::for_thread) for the calling thread.
-    #[inline]
-    pub(crate) fn for_this_thread(self: &Arc<Self>, now: u64) -> Arc<Stripe<C>> {
-        self.for_thread(thread_number(), now)
-    }
-
-    /// The stripe thread number `t`'s calls count on, for a per-key breaker whose shared
-    /// stripe this is, made now (last used `now`) on the first call that needs it:
-    /// - the thread that made the breaker: this stripe;
+    /// The stripe thread number `t`'s calls count on, for a per-key breaker whose first
+    /// stripe this is; made now (last used `now`) at the first call that needs it:
+    /// - the thread that made the breaker, if one of the first [`STRIPES`] threads: this
+    ///   stripe, exclusive to it;
     /// - the other first [`STRIPES`] threads: one each, exclusive;
     /// - later threads: [`STRIPES`] more, shared by thread number, as a standalone
     ///   breaker's are.
+    ///
+    /// So a key that only the thread that made it calls has one stripe; at most
+    /// `2 * STRIPES` more, and their table, are made for a key many threads call.
     pub(crate) fn for_thread(self: &Arc<Self>, t: usize, now: u64) -> Arc<Stripe<C>> {
-        if t == usize::from(self.owner) {
+        if self.exclusive() && t == usize::from(self.owner) {
             return self.clone();
         }
-        let (i, exclusive) = if t < STRIPES {
-            (t, true)
+        let (i, owner) = if t < STRIPES {
+            (t, Some(t))
         } else {
-            (STRIPES + (t - STRIPES) % STRIPES, false)
+            (STRIPES + (t - STRIPES) % STRIPES, None)
         };
         let locals = self
             .locals
             .get_or_init(|| Box::new([const { OnceLock::new() }; 2 * STRIPES]));
-        let now = low_bits(now);
         locals[i]
             .get_or_init(|| {
-                Arc::new(Stripe {
-                    shared: self.shared.clone(),
-                    classifier: self.classifier.clone(),
-                    calls: AtomicU64::new(0),
-                    failures: AtomicU64::new(0),
-                    slow: AtomicU64::new(0),
-                    rejected: AtomicU64::new(0),
-                    exclusive,
-                    owner: if exclusive { i as u8 } else { NO_OWNER },
-                    timed: self.timed,
-                    policy_timed: self.policy_timed,
-                    last_used: AtomicU32::new(now),
-                    locals: OnceBox::new(),
-                })
+                Arc::new(Stripe::new(
+                    self.shared.clone(),
+                    self.classifier.clone(),
+                    owner,
+                    now,
+                ))
             })
             .clone()
     }
@@ -193,10 +195,11 @@ impl<C> Stripe<C> {
     }
 
     /// Counts one admission decision in `counter` (`calls` or `rejected`); only called on
-    /// the thread that [`Breaker::stripe`] picked this stripe for.
+    /// the thread that [`Breaker::stripe`] or [`for_thread`](Self::for_thread) picked this
+    /// stripe for.
     #[inline]
     pub(crate) fn count(&self, counter: &AtomicU64) {
-        if self.exclusive {
+        if self.exclusive() {
             counter.store(counter.load(Relaxed).wrapping_add(1), Relaxed);
         } else {
             counter.fetch_add(1, Relaxed);
@@ -223,6 +226,22 @@ impl<C> Breaker<C> {
         exclusive: usize,
         meta: Meta,
     ) -> Self {
+        let shared = Self::new_shared(policy, meta);
+        let stripes = (0..exclusive + exclusive.max(1))
+            .map(|i| {
+                let owner = (i < exclusive).then_some(i);
+                Arc::new(Stripe::new(shared.clone(), classifier.clone(), owner, 0))
+            })
+            .collect();
+        Self {
+            shared,
+            stripes,
+            exclusive,
+        }
+    }
+
+    /// A breaker's state machine.
+    fn new_shared(policy: Arc<Policy>, meta: Meta) -> Arc<Shared> {
         let shared = Arc::new_cyclic(|me| {
             let mut meta = meta;
             meta.me = me.clone();
@@ -234,50 +253,26 @@ impl<C> Breaker<C> {
             crate::BreakerState::Closed,
             crate::BreakerState::Closed,
         );
-        let timed = shared.needs_clock();
-        let policy_timed = shared.policy_needs_clock();
-        let stripes = (0..exclusive + exclusive.max(1))
-            .map(|i| {
-                let owner = if i < exclusive {
-                    u8::try_from(i).unwrap_or(NO_OWNER)
-                } else {
-                    NO_OWNER
-                };
-                Arc::new(Stripe {
-                    shared: shared.clone(),
-                    classifier: classifier.clone(),
-                    calls: AtomicU64::new(0),
-                    failures: AtomicU64::new(0),
-                    slow: AtomicU64::new(0),
-                    rejected: AtomicU64::new(0),
-                    exclusive: i < exclusive,
-                    owner,
-                    timed,
-                    policy_timed,
-                    last_used: AtomicU32::new(0),
-                    locals: OnceBox::new(),
-                })
-            })
-            .collect();
-        Self {
-            shared,
-            stripes,
-            exclusive,
-        }
+        shared
     }
 
-    /// A per-key breaker: one shared stripe, which the thread making it calls on (other
-    /// threads get stripes of their own, see [`Stripe::for_this_thread`]).
-    pub(crate) fn keyed(policy: Arc<Policy>, classifier: Arc<C>, meta: Meta) -> Arc<Stripe<C>> {
-        // The breaker made here is gone at the end of the statement: the stripe is unique.
-        let mut stripe = Self::new(policy, classifier, 0, meta).stripes[0].clone();
-        if let Some(s) = Arc::get_mut(&mut stripe) {
-            s.owner = u8::try_from(thread_number())
-                .ok()
-                .filter(|&t| usize::from(t) < STRIPES)
-                .unwrap_or(NO_OWNER);
-        }
-        stripe
+    /// A per-key breaker, made by the calling thread at `now` (seconds since the map's base):
+    /// its first stripe, exclusive to that thread if it is one of the first [`STRIPES`]
+    /// (other threads get stripes of their own, see [`Stripe::for_thread`]).
+    pub(crate) fn keyed(
+        policy: Arc<Policy>,
+        classifier: Arc<C>,
+        meta: Meta,
+        now: u64,
+    ) -> Arc<Stripe<C>> {
+        let t = thread_number();
+        let owner = (t < STRIPES).then_some(t);
+        Arc::new(Stripe::new(
+            Self::new_shared(policy, meta),
+            classifier,
+            owner,
+            now,
+        ))
     }
 
     /// The breaker a per-key map keeps as one shared stripe (a handle's view of it).
@@ -375,25 +370,26 @@ mod tests {
         assert_eq!(rejected, THREADS * CALLS / 4);
         // Four stripes: two of them exclusive, two shared.
         assert_eq!(breaker.stripes.len(), 4);
-        assert!(breaker.stripes[..2].iter().all(|s| s.exclusive));
-        assert!(breaker.stripes[2..].iter().all(|s| !s.exclusive));
+        assert!(breaker.stripes[..2].iter().all(|s| s.exclusive()));
+        assert!(breaker.stripes[2..].iter().all(|s| !s.exclusive()));
     }
 
-    /// A per-key breaker's shared stripe owned by thread `owner` (as if that thread made it).
-    fn keyed_owned_by(owner: u8) -> Arc<Stripe<()>> {
-        let mut stripe = Breaker::keyed(Arc::new(policy()), Arc::new(()), Meta::default());
-        Arc::get_mut(&mut stripe).expect("unique").owner = owner;
+    /// A per-key breaker's first stripe, as thread `owner` makes it (`None`: a thread past
+    /// the first [`STRIPES`]).
+    fn keyed_owned_by(owner: Option<usize>) -> Arc<Stripe<()>> {
+        let mut stripe = Breaker::keyed(Arc::new(policy()), Arc::new(()), Meta::default(), 0);
+        let s = Arc::get_mut(&mut stripe).expect("unique");
+        s.owner = owner.map_or(NO_OWNER, |t| t as u8);
         stripe
     }
 
-    /// Each of the first threads besides the maker gets a stripe of its own, made once and
-    /// exclusive to it; later threads share more, by thread number; the maker counts on the
-    /// shared one. The handle's totals sum them all, and a memo filled on one thread is not
-    /// taken for another's.
+    /// The thread that made a per-key breaker counts on its first stripe, exclusively; each
+    /// of the other first threads gets a stripe of its own, made once and exclusive to it;
+    /// later threads share more, by thread number. The handle's totals sum them all.
     #[test]
     fn a_per_key_breaker_gives_each_thread_a_stripe_of_its_own() {
-        let main = keyed_owned_by(3);
-        assert!(!main.exclusive);
+        let main = keyed_owned_by(Some(3));
+        assert!(main.exclusive());
         assert!(Arc::ptr_eq(&main.for_thread(3, 0), &main), "the maker");
         assert!(
             main.locals.get().is_none(),
@@ -405,7 +401,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&one, &main) && !Arc::ptr_eq(&one, &five));
         assert!(Arc::ptr_eq(&main.for_thread(1, 50), &one), "made once");
         assert!(Arc::ptr_eq(&one.shared, &main.shared), "one state machine");
-        assert!(one.exclusive && five.exclusive);
+        assert_eq!((one.owner, five.owner), (1, 5));
         assert_eq!(
             (one.last_used.load(Relaxed), five.last_used.load(Relaxed)),
             (7, 9)
@@ -413,15 +409,12 @@ mod tests {
         // Later threads: shared stripes, consecutive numbers on different ones.
         let late = main.for_thread(STRIPES, 11);
         let later = main.for_thread(STRIPES + 1, 0);
-        assert!(!late.exclusive && !later.exclusive && !Arc::ptr_eq(&late, &later));
+        assert!(!late.exclusive() && !later.exclusive() && !Arc::ptr_eq(&late, &later));
         assert!(Arc::ptr_eq(&main.for_thread(2 * STRIPES, 0), &late));
-        assert!(!Arc::ptr_eq(&late, &main));
-        // Whose calls each stripe may count.
-        assert!(one.is_for_thread(1) && !one.is_for_thread(5) && !one.is_for_thread(3));
-        assert!(!one.is_for_thread(STRIPES), "an exclusive stripe");
-        assert!(!main.is_for_thread(1), "thread 1 has its own");
-        assert!(main.is_for_thread(3));
-        assert!(late.is_for_thread(STRIPES + 5) && !late.is_for_thread(2));
+        assert!(
+            !Arc::ptr_eq(&main.for_thread(255, 0), &main),
+            "not the maker's"
+        );
 
         for (stripe, n) in [(&main, 2), (&one, 3), (&five, 4), (&late, 5)] {
             for _ in 0..n {
@@ -439,13 +432,24 @@ mod tests {
         assert_eq!(main.age(20), 20 - 11);
         one.touch(60);
         assert_eq!(main.age(70), 10);
-        // Past 2^32 seconds since the map's base, ages are still exact.
-        let far = (1 << 32) + 100;
+        // A stamp ahead of the reader's `now` (another thread touched it since): used now.
+        one.touch(71);
+        assert_eq!(main.age(70), 0);
+        // Past 2^32 seconds since the map's base, ages are still exact, and a stamp ahead
+        // across the wrap is still "now".
+        let far: u64 = (1 << 32) + 1000;
         five.touch(far - 30);
         assert_eq!(main.age(far), 30);
         late.touch(far);
         assert_eq!(main.age(far), 0);
         assert_eq!(main.age(far + 7), 7);
+        let wrap: u64 = 1 << 33;
+        late.touch(wrap + 1);
+        assert_eq!(main.age(wrap - 1), 0);
+        // The oldest age that reads right: 2^31 - 1 seconds.
+        let lone = keyed_owned_by(Some(0));
+        lone.touch(5);
+        assert_eq!(lone.age(5 + (1 << 31) - 1), (1 << 31) - 1);
     }
 
     /// A stripe is one cache line: what a call writes on it never shares a line with another
@@ -456,16 +460,20 @@ mod tests {
         assert_eq!(std::mem::size_of::<Stripe<String>>(), 64);
     }
 
-    /// A per-key breaker made on a thread past the first [`STRIPES`] has no owner: every one
-    /// of the first threads gets a stripe of its own, and the maker a shared one.
+    /// A per-key breaker made on a thread past the first [`STRIPES`] is shared: every one of
+    /// the first threads gets a stripe of its own, and the later ones (the maker included)
+    /// share the others, thread 255 too.
     #[test]
-    fn a_per_key_breaker_made_by_a_late_thread_has_no_owner() {
-        let main = keyed_owned_by(NO_OWNER);
-        for t in 0..2 * STRIPES {
+    fn a_per_key_breaker_made_by_a_late_thread_is_shared() {
+        let main = keyed_owned_by(None);
+        assert!(!main.exclusive());
+        for t in (0..2 * STRIPES).chain([255]) {
             let theirs = main.for_thread(t, 0);
             assert!(!Arc::ptr_eq(&theirs, &main), "thread {t}");
-            assert_eq!(theirs.exclusive, t < STRIPES);
-            assert!(theirs.is_for_thread(t));
+            assert_eq!(theirs.exclusive(), t < STRIPES);
+            if t < STRIPES {
+                assert_eq!(usize::from(theirs.owner), t);
+            }
         }
         assert_eq!(main.others().count(), 2 * STRIPES);
     }

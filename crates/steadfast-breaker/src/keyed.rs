@@ -14,6 +14,7 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use indexmap::map::RawEntryApiV1;
 use indexmap::map::raw_entry_v1::RawEntryMut;
+use steadfast_core::__private::thread_number;
 use steadfast_core::key::{KeyHashing, UpstreamKey as BreakerKey};
 use tokio::time::Instant;
 
@@ -50,6 +51,8 @@ pub(crate) struct Memo<K, C> {
     key: K,
     stripe: Weak<Stripe<C>>,
     evictions: u64,
+    /// The thread whose stripe `stripe` is (a service may move between threads).
+    thread: usize,
 }
 
 impl<K: Clone, C> Clone for Memo<K, C> {
@@ -58,6 +61,7 @@ impl<K: Clone, C> Clone for Memo<K, C> {
             key: self.key.clone(),
             stripe: self.stripe.clone(),
             evictions: self.evictions,
+            thread: self.thread,
         }
     }
 }
@@ -215,9 +219,9 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         now.saturating_duration_since(self.base).as_secs()
     }
 
-    fn new_stripe(&self, key: &K) -> Arc<Stripe<C>> {
+    fn new_stripe(&self, key: &K, now: u64) -> Arc<Stripe<C>> {
         let meta = Meta::new(self.name.clone(), Arc::from(key.name()));
-        let stripe = Breaker::keyed(self.policy.clone(), self.classifier.clone(), meta);
+        let stripe = Breaker::keyed(self.policy.clone(), self.classifier.clone(), meta, now);
         self.initial.apply(&stripe.shared);
         stripe
     }
@@ -241,7 +245,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
 
     /// The stripe of `key`'s breaker, creating the breaker on first use.
     pub(crate) fn stripe(&self, key: K) -> Arc<Stripe<C>> {
-        self.lookup(key).0
+        self.lookup(key, self.now_secs()).0
     }
 
     /// The stripe of `key`'s breaker for a call: from `memo` when it holds `key`, no entry
@@ -253,32 +257,41 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
     where
         C: 'static,
     {
+        let t = thread_number();
+        // The instance called this key last on another thread (it moved): the stripe it
+        // remembers is that thread's.
+        let mut moved = None;
         if let Some(m) = memo {
             // The count only grows: a load sees every eviction that happened before it.
             if m.key.same(&key) && self.evictions.load(Acquire) == m.evictions {
-                if let Some(stripe) = m.stripe.upgrade() {
-                    // The instance may have moved to another thread since it filled the memo.
-                    if stripe.is_for_this_thread() {
-                        stripe.touch(self.now_secs());
-                        return stripe;
-                    }
+                if m.thread != t {
+                    moved = Some(m);
+                } else if let Some(stripe) = m.stripe.upgrade() {
+                    stripe.touch(self.now_secs());
+                    return stripe;
                 }
             }
         }
         if let Some(stripe) = self.recent(&key) {
+            if let Some(m) = moved {
+                // Its next calls from this thread take this thread's stripe from the memo.
+                (m.stripe, m.thread) = (Arc::downgrade(&stripe), t);
+            }
             return stripe;
         }
-        let (main, found) = self.lookup(key);
+        let now = self.now_secs();
+        let (main, found) = self.lookup(key, now);
         let Some((entry, evictions)) = found else {
             *memo = None;
             return main;
         };
-        let stripe = main.for_this_thread(self.now_secs());
+        let stripe = main.for_thread(t, now);
         self.remember(&entry.key, &stripe, evictions);
         *memo = Some(Memo {
             key: entry.key.clone(),
             stripe: Arc::downgrade(&stripe),
             evictions,
+            thread: t,
         });
         stripe
     }
@@ -358,15 +371,14 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         });
     }
 
-    /// The stripe of `key`'s breaker and, when the map keeps it, its entry with the map's
-    /// eviction count when it was found.
-    fn lookup(&self, key: K) -> (Arc<Stripe<C>>, Option<Found<K, C>>) {
+    /// The first stripe of `key`'s breaker and, when the map keeps it, its entry with the
+    /// map's eviction count when it was found; `now` in seconds since the map's base.
+    fn lookup(&self, key: K, now: u64) -> (Arc<Stripe<C>>, Option<Found<K, C>>) {
         // Counted under the lock of the entry's shard: no eviction of the entry can happen
         // until the lock is released, so any later one raises the count past what is taken
         // here (evictions from other shards only make it stale sooner).
         let found = |entry: &Arc<Entry<K, C>>| (entry.clone(), self.evictions.load(Acquire));
         let (hash, shard) = self.shard(&key);
-        let now = self.now_secs();
         {
             let slots = shard.0.read().unwrap_or_else(PoisonError::into_inner);
             if let Some((e, _)) = slots
@@ -390,7 +402,7 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             e.stripe.touch(now);
             return (e.stripe.clone(), Some(found(e)));
         }
-        let stripe = self.new_stripe(&key);
+        let stripe = self.new_stripe(&key, now);
         // Under the shard's lock: `subscribe_all` either sees this breaker in the map or has
         // already raised the flag.
         if self.listening.load(SeqCst) {
@@ -625,10 +637,10 @@ mod tests {
 
     /// A thread number below [`STRIPES`](crate::breaker::STRIPES) that counts on a stripe of
     /// its own for `main`'s key, and is not the calling thread.
-    fn another_thread(main: &Stripe<()>) -> usize {
-        let me = steadfast_core::__private::thread_number();
+    fn another_thread(main: &Arc<Stripe<()>>) -> usize {
+        let me = thread_number();
         (0..crate::breaker::STRIPES)
-            .find(|&t| t != me && !main.is_for_thread(t))
+            .find(|&t| t != me && !Arc::ptr_eq(&main.for_thread(t, 0), main))
             .expect("at most the maker and this thread are excluded")
     }
 
@@ -637,7 +649,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_key_only_other_threads_call_is_not_idle() {
         let map = map(64);
-        let (main, found) = map.lookup("orders".to_owned());
+        let (main, found) = map.lookup("orders".to_owned(), 0);
         let (entry, _) = found.expect("kept");
         let local = main.for_thread(another_thread(&main), 0);
         let idle = map.idle.as_secs();
@@ -651,24 +663,32 @@ mod tests {
     }
 
     /// A service's memo filled on one thread (its stripe exclusive to that thread) is not
-    /// used on another: the call there counts on a stripe the calling thread may write.
+    /// used on another: the call there counts on a stripe of the calling thread's, and the
+    /// memo takes that one for the next calls.
     #[tokio::test(start_paused = true)]
     async fn a_memo_from_another_thread_is_not_counted_on() {
         let map = map(64);
         let key = "orders".to_owned();
-        let (main, found) = map.lookup(key.clone());
+        let (main, found) = map.lookup(key.clone(), 0);
         let (_, evictions) = found.expect("kept");
-        let theirs = main.for_thread(another_thread(&main), 0);
+        let other = another_thread(&main);
+        let theirs = main.for_thread(other, 0);
         let mut memo = Some(Memo {
             key: key.clone(),
             stripe: Arc::downgrade(&theirs),
             evictions,
+            thread: other,
         });
-        let got = map.stripe_memo(key, &mut memo);
-        assert!(!Arc::ptr_eq(&got, &theirs));
-        assert!(got.is_for_this_thread());
-        assert!(Arc::ptr_eq(&got.shared, &main.shared), "the same breaker");
-        let memo = memo.expect("refilled");
-        assert!(Arc::ptr_eq(&memo.stripe.upgrade().expect("alive"), &got));
+        // Once through the map, once through this thread's memory.
+        for _ in 0..2 {
+            let got = map.stripe_memo(key.clone(), &mut memo);
+            assert!(!Arc::ptr_eq(&got, &theirs));
+            assert!(Arc::ptr_eq(&got, &main.for_thread(thread_number(), 0)));
+            let m = memo.as_mut().expect("filled");
+            assert_eq!(m.thread, thread_number());
+            assert!(Arc::ptr_eq(&m.stripe.upgrade().expect("alive"), &got));
+            // As if the instance moved again.
+            (m.stripe, m.thread) = (Arc::downgrade(&theirs), other);
+        }
     }
 }
