@@ -818,7 +818,7 @@ fn b4_least_recently_used_counts_other_threads_stripes() {
         let ha = layer.handle(&a);
         let hb = layer.handle(&b);
         let t = template.clone();
-        // The worker's first call (a lookup, which marks the shared stripe) at 0 s.
+        // The worker's first call (a lookup, which marks the first stripe) at 0 s.
         assert_eq!(
             w.run(move |st| call_now(st.insert(t), rq("/1", false))),
             Got::Ok

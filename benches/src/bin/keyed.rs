@@ -140,5 +140,23 @@ mod tests {
             per_key <= budget,
             "{per_key} bytes per idle per-key breaker"
         );
+
+        // The same when the thread that makes and calls the breakers is numbered past the
+        // first eight (a runtime of more workers, or threads that came and went): it counts
+        // on each breaker's first stripe as one of the first eight does. In this test, not
+        // another: the heap is counted for the whole process.
+        let late = loop {
+            let measured = std::thread::spawn(|| {
+                (steadfast::common::__private::thread_number() >= 8)
+                    .then(|| bytes_per_key(20_000).0)
+            })
+            .join()
+            .expect("no panic");
+            if let Some(bytes) = measured {
+                break bytes;
+            }
+        };
+        println!("{late:.0} bytes per idle per-key breaker made by a later thread");
+        assert!(late <= budget, "{late} bytes per idle per-key breaker");
     }
 }

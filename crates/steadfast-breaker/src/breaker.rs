@@ -14,13 +14,25 @@ use crate::state::{Meta, Permit, Policy, Shared};
 /// threads after them share as many more, spread by thread number.
 pub(crate) const STRIPES: usize = 8;
 
-/// A per-key breaker's stripes for the threads that call it besides the one that made it:
-/// one for each thread number below [`STRIPES`], then [`STRIPES`] that later threads share.
+/// A per-key breaker's stripes, one per [`slot`]: one for each thread number below
+/// [`STRIPES`], then [`STRIPES`] that later threads share. The slot of the thread that made
+/// the breaker stays empty: that thread counts on the first stripe.
 type Locals<C> = [OnceLock<Arc<Stripe<C>>>; 2 * STRIPES];
 
-/// No thread owns the stripe (`Stripe::owner`): it is shared.
+/// A stripe that belongs to no slot (`Stripe::owner`): a standalone breaker's shared ones.
 const NO_OWNER: u8 = u8::MAX;
-const _: () = assert!(STRIPES < NO_OWNER as usize);
+const _: () = assert!(2 * STRIPES < NO_OWNER as usize);
+
+/// The per-key stripe slot of thread number `t`: its own below [`STRIPES`], else one of
+/// [`STRIPES`] more that later threads share by thread number.
+#[inline]
+pub(crate) fn slot(t: usize) -> usize {
+    if t < STRIPES {
+        t
+    } else {
+        STRIPES + (t - STRIPES) % STRIPES
+    }
+}
 
 /// The lowest 32 bits of a count of seconds (ages are taken on them, wrapping).
 #[inline]
@@ -48,7 +60,9 @@ pub(crate) struct Stripe<C> {
     pub(crate) failures: AtomicU64,
     pub(crate) slow: AtomicU64,
     pub(crate) rejected: AtomicU64,
-    /// The thread number the stripe is exclusive to (below [`STRIPES`]), else [`NO_OWNER`].
+    /// Whose calls count here: below [`STRIPES`], the one thread of that number (the stripe
+    /// is exclusive to it); from [`STRIPES`] to `2 * STRIPES`, the later threads of that
+    /// [`slot`]; [`NO_OWNER`], any thread (a standalone breaker's shared stripes).
     owner: u8,
     /// Whether calls must be timed (slow-call policy or time window): read here, on the
     /// line the call already touches, instead of from the shared policy.
@@ -69,11 +83,12 @@ pub(crate) struct Stripe<C> {
 }
 
 impl<C> Stripe<C> {
-    /// A stripe of `shared`'s breaker, its counts at zero, exclusive to thread number `owner`
-    /// (`None`: shared), last used `now` (seconds since a per-key map's base).
+    /// A stripe of `shared`'s breaker, its counts at zero, for `owner` (see
+    /// [`owner`](Self::owner); `None`: any thread), last used `now` (seconds since a per-key
+    /// map's base).
     fn new(shared: Arc<Shared>, classifier: Arc<C>, owner: Option<usize>, now: u64) -> Self {
         let owner = owner.and_then(|t| u8::try_from(t).ok()).unwrap_or(NO_OWNER);
-        debug_assert!(owner == NO_OWNER || usize::from(owner) < STRIPES);
+        debug_assert!(owner == NO_OWNER || usize::from(owner) < 2 * STRIPES);
         Self {
             timed: shared.needs_clock(),
             policy_timed: shared.policy_needs_clock(),
@@ -92,7 +107,7 @@ impl<C> Stripe<C> {
     /// Whether one thread alone counts admissions here (plain stores, see [`count`](Self::count)).
     #[inline]
     fn exclusive(&self) -> bool {
-        self.owner != NO_OWNER
+        usize::from(self.owner) < STRIPES
     }
 
     /// Marks a per-key breaker used at `now`, seconds since its map's base (mostly a read:
@@ -129,24 +144,19 @@ impl<C> Stripe<C> {
     }
 
     /// The stripe thread number `t`'s calls count on, for a per-key breaker whose first
-    /// stripe this is; made now (last used `now`) at the first call that needs it:
-    /// - the thread that made the breaker, if one of the first [`STRIPES`] threads: this
-    ///   stripe, exclusive to it;
-    /// - the other first [`STRIPES`] threads: one each, exclusive;
-    /// - later threads: [`STRIPES`] more, shared by thread number, as a standalone
-    ///   breaker's are.
+    /// stripe this is; made now (last used `now`) at the first call that needs it. One per
+    /// [`slot`]: each of the first [`STRIPES`] threads has one of its own (exclusive), later
+    /// threads share [`STRIPES`] more by thread number, as a standalone breaker's threads
+    /// do. The first stripe is the one of the slot of the thread that made the breaker.
     ///
-    /// So a key that only the thread that made it calls has one stripe; at most
-    /// `2 * STRIPES` more, and their table, are made for a key many threads call.
+    /// So a key that only the thread that made it calls has one stripe, whatever that
+    /// thread's number; at most `2 * STRIPES - 1` more, and their table, are made for a key
+    /// many threads call.
     pub(crate) fn for_thread(self: &Arc<Self>, t: usize, now: u64) -> Arc<Stripe<C>> {
-        if self.exclusive() && t == usize::from(self.owner) {
+        let i = slot(t);
+        if usize::from(self.owner) == i {
             return self.clone();
         }
-        let (i, owner) = if t < STRIPES {
-            (t, Some(t))
-        } else {
-            (STRIPES + (t - STRIPES) % STRIPES, None)
-        };
         let locals = self
             .locals
             .get_or_init(|| Box::new([const { OnceLock::new() }; 2 * STRIPES]));
@@ -155,7 +165,7 @@ impl<C> Stripe<C> {
                 Arc::new(Stripe::new(
                     self.shared.clone(),
                     self.classifier.clone(),
-                    owner,
+                    Some(i),
                     now,
                 ))
             })
@@ -195,10 +205,14 @@ impl<C> Stripe<C> {
     }
 
     /// Counts one admission decision in `counter` (`calls` or `rejected`); only called on
-    /// the thread that [`Breaker::stripe`] or [`for_thread`](Self::for_thread) picked this
-    /// stripe for.
+    /// the thread that [`Breaker::stripe`], [`Breaker::keyed`] or
+    /// [`for_thread`](Self::for_thread) picked this stripe for.
     #[inline]
     pub(crate) fn count(&self, counter: &AtomicU64) {
+        debug_assert!(
+            !self.exclusive() || usize::from(self.owner) == thread_number(),
+            "an exclusive stripe counted on by another thread"
+        );
         if self.exclusive() {
             counter.store(counter.load(Relaxed).wrapping_add(1), Relaxed);
         } else {
@@ -257,25 +271,26 @@ impl<C> Breaker<C> {
     }
 
     /// A per-key breaker, made by the calling thread at `now` (seconds since the map's base):
-    /// its first stripe, exclusive to that thread if it is one of the first [`STRIPES`]
-    /// (other threads get stripes of their own, see [`Stripe::for_thread`]).
+    /// its first stripe, the one of that thread's [`slot`] (exclusive to it if it is one of
+    /// the first [`STRIPES`]; other threads get stripes of theirs, see
+    /// [`Stripe::for_thread`]).
     pub(crate) fn keyed(
         policy: Arc<Policy>,
         classifier: Arc<C>,
         meta: Meta,
         now: u64,
     ) -> Arc<Stripe<C>> {
-        let t = thread_number();
-        let owner = (t < STRIPES).then_some(t);
         Arc::new(Stripe::new(
             Self::new_shared(policy, meta),
             classifier,
-            owner,
+            Some(slot(thread_number())),
             now,
         ))
     }
 
-    /// The breaker a per-key map keeps as one shared stripe (a handle's view of it).
+    /// A handle's view of a per-key breaker, from its first stripe: its state and its totals
+    /// (every thread's stripe), never [`stripe`](Self::stripe), which would give every
+    /// thread the first stripe (exclusive to the thread that made the breaker).
     pub(crate) fn of_stripe(stripe: Arc<Stripe<C>>) -> Self {
         Self {
             shared: stripe.shared.clone(),
@@ -374,13 +389,39 @@ mod tests {
         assert!(breaker.stripes[2..].iter().all(|s| !s.exclusive()));
     }
 
-    /// A per-key breaker's first stripe, as thread `owner` makes it (`None`: a thread past
-    /// the first [`STRIPES`]).
-    fn keyed_owned_by(owner: Option<usize>) -> Arc<Stripe<()>> {
+    /// A per-key breaker's first stripe, as thread number `t` makes it.
+    fn made_by(t: usize) -> Arc<Stripe<()>> {
         let mut stripe = Breaker::keyed(Arc::new(policy()), Arc::new(()), Meta::default(), 0);
-        let s = Arc::get_mut(&mut stripe).expect("unique");
-        s.owner = owner.map_or(NO_OWNER, |t| t as u8);
+        Arc::get_mut(&mut stripe).expect("unique").owner = slot(t) as u8;
         stripe
+    }
+
+    /// Counts `n` admissions on `stripe` as its own thread would (a test thread is not it).
+    fn count_n(stripe: &Stripe<()>, n: u64) {
+        stripe.calls.fetch_add(n, Relaxed);
+    }
+
+    /// The thread that makes a per-key breaker counts on its first stripe, whatever its
+    /// number; no other stripe is made until another thread calls.
+    #[test]
+    fn the_maker_of_a_per_key_breaker_counts_on_its_first_stripe() {
+        let check = || {
+            let t = thread_number();
+            let s = Breaker::keyed(Arc::new(policy()), Arc::new(()), Meta::default(), 0);
+            assert!(Arc::ptr_eq(&s.for_thread(t, 0), &s), "thread {t}");
+            assert_eq!(s.exclusive(), t < STRIPES);
+            assert!(s.locals.get().is_none());
+            // Counted on by its maker: the debug check in `count` holds.
+            s.admit().expect("closed");
+            assert_eq!(Breaker::of_stripe(s).totals(), [1, 0, 0, 0]);
+            t
+        };
+        check();
+        // Threads until one is numbered past the first stripes' (numbers are never reused).
+        let mut late = 0;
+        while late < STRIPES {
+            late = std::thread::spawn(check).join().expect("no panic");
+        }
     }
 
     /// The thread that made a per-key breaker counts on its first stripe, exclusively; each
@@ -388,7 +429,7 @@ mod tests {
     /// later threads share more, by thread number. The handle's totals sum them all.
     #[test]
     fn a_per_key_breaker_gives_each_thread_a_stripe_of_its_own() {
-        let main = keyed_owned_by(Some(3));
+        let main = made_by(3);
         assert!(main.exclusive());
         assert!(Arc::ptr_eq(&main.for_thread(3, 0), &main), "the maker");
         assert!(
@@ -417,9 +458,7 @@ mod tests {
         );
 
         for (stripe, n) in [(&main, 2), (&one, 3), (&five, 4), (&late, 5)] {
-            for _ in 0..n {
-                stripe.admit().expect("closed");
-            }
+            count_n(stripe, n);
         }
         one.failures.fetch_add(1, Relaxed);
         five.slow.fetch_add(2, Relaxed);
@@ -443,13 +482,16 @@ mod tests {
         late.touch(far);
         assert_eq!(main.age(far), 0);
         assert_eq!(main.age(far + 7), 7);
-        let wrap: u64 = 1 << 33;
-        late.touch(wrap + 1);
-        assert_eq!(main.age(wrap - 1), 0);
-        // The oldest age that reads right: 2^31 - 1 seconds.
-        let lone = keyed_owned_by(Some(0));
+        // The oldest age that reads right: 2^31 - 1 seconds; one more reads as ahead.
+        let lone = made_by(0);
         lone.touch(5);
         assert_eq!(lone.age(5 + (1 << 31) - 1), (1 << 31) - 1);
+        assert_eq!(lone.age(5 + (1 << 31)), 0);
+        // A stamp ahead across the wrap of the low 32 bits.
+        let wrap: u64 = 1 << 33;
+        lone.touch(wrap + 1);
+        assert_eq!(lone.age(wrap - 1), 0);
+        assert_eq!(lone.age(wrap + 4), 3);
     }
 
     /// A stripe is one cache line: what a call writes on it never shares a line with another
@@ -460,21 +502,27 @@ mod tests {
         assert_eq!(std::mem::size_of::<Stripe<String>>(), 64);
     }
 
-    /// A per-key breaker made on a thread past the first [`STRIPES`] is shared: every one of
-    /// the first threads gets a stripe of its own, and the later ones (the maker included)
-    /// share the others, thread 255 too.
+    /// A per-key breaker made on a thread past the first [`STRIPES`]: its first stripe is
+    /// the one its maker's group of later threads shares; each of the first threads gets one
+    /// of its own, the other groups one each.
     #[test]
-    fn a_per_key_breaker_made_by_a_late_thread_is_shared() {
-        let main = keyed_owned_by(None);
+    fn a_per_key_breaker_made_by_a_late_thread_serves_its_group() {
+        let maker = STRIPES + 2;
+        let main = made_by(maker);
         assert!(!main.exclusive());
-        for t in (0..2 * STRIPES).chain([255]) {
+        for t in [maker, maker + STRIPES, maker + 5 * STRIPES] {
+            assert!(Arc::ptr_eq(&main.for_thread(t, 0), &main), "thread {t}");
+        }
+        assert!(main.locals.get().is_none());
+        for t in (0..2 * STRIPES)
+            .filter(|&t| slot(t) != slot(maker))
+            .chain([255])
+        {
             let theirs = main.for_thread(t, 0);
             assert!(!Arc::ptr_eq(&theirs, &main), "thread {t}");
             assert_eq!(theirs.exclusive(), t < STRIPES);
-            if t < STRIPES {
-                assert_eq!(usize::from(theirs.owner), t);
-            }
+            assert_eq!(usize::from(theirs.owner), slot(t));
         }
-        assert_eq!(main.others().count(), 2 * STRIPES);
+        assert_eq!(main.others().count(), 2 * STRIPES - 1);
     }
 }

@@ -35,7 +35,7 @@ pub(crate) struct Entry<K, C> {
     /// The map's own copy of the key, made once (see [`UpstreamKey::to_kept`](steadfast_core::key::UpstreamKey::to_kept)).
     key: K,
     /// The breaker's first stripe, which holds the stripes of the other threads that call it
-    /// (see [`Stripe::for_this_thread`]); together they say when it was last used.
+    /// (see [`Stripe::for_thread`]); together they say when it was last used.
     stripe: Arc<Stripe<C>>,
 }
 
@@ -243,15 +243,18 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
         });
     }
 
-    /// The stripe of `key`'s breaker, creating the breaker on first use.
+    /// The first stripe of `key`'s breaker (a handle's view of it), creating the breaker on
+    /// first use.
     pub(crate) fn stripe(&self, key: K) -> Arc<Stripe<C>> {
         self.lookup(key, self.now_secs()).0
     }
 
-    /// The stripe of `key`'s breaker for a call: from `memo` when it holds `key`, no entry
-    /// has left the map since and its breaker is alive; else from this thread's memory on
-    /// the same terms; else from the map (creating the breaker on first use). A breaker found
-    /// in the map is left in `memo` and in this thread's memory, when the map keeps it.
+    /// The stripe of `key`'s breaker that a call on this thread counts on: from `memo` when it
+    /// holds `key`, was filled on this thread, no entry has left the map since and its
+    /// breaker is alive; else from this thread's memory on the same terms (re-pointing a
+    /// memo of `key` filled on another thread at this thread's stripe); else from the map
+    /// (creating the breaker on first use). A breaker found in the map is left in `memo`
+    /// and in this thread's memory, when the map keeps it.
     #[inline]
     pub(crate) fn stripe_memo(&self, key: K, memo: &mut Option<Memo<K, C>>) -> Arc<Stripe<C>>
     where
@@ -420,7 +423,6 @@ impl<K: BreakerKey, C> KeyedMap<K, C> {
             crate::state::record_gone(&stripe.shared.meta, stripe.shared.state());
             return (stripe, None);
         }
-        stripe.touch(now);
         let entry = Arc::new(Entry {
             key: key.to_kept(),
             stripe: stripe.clone(),
@@ -645,7 +647,7 @@ mod tests {
     }
 
     /// A key that only other threads than its breaker's maker call is in use: the eviction
-    /// clock reads when each thread's stripe was last used, not only the shared stripe's.
+    /// clock reads when each thread's stripe was last used, not only the first stripe's.
     #[tokio::test(start_paused = true)]
     async fn a_key_only_other_threads_call_is_not_idle() {
         let map = map(64);
@@ -662,26 +664,44 @@ mod tests {
         assert!(matches!(map.verdict(&entry, idle + 10), Verdict::Evict));
     }
 
-    /// A service's memo filled on one thread (its stripe exclusive to that thread) is not
-    /// used on another: the call there counts on a stripe of the calling thread's, and the
-    /// memo takes that one for the next calls.
+    /// A service's memo filled on one thread (its stripe exclusive to that thread, or shared
+    /// by that thread's group of later threads) is not used on another: the call there
+    /// counts on a stripe of the calling thread's, and the memo takes that one for the next
+    /// calls.
     #[tokio::test(start_paused = true)]
     async fn a_memo_from_another_thread_is_not_counted_on() {
         let map = map(64);
         let key = "orders".to_owned();
         let (main, found) = map.lookup(key.clone(), 0);
         let (_, evictions) = found.expect("kept");
-        let other = another_thread(&main);
+        let me = crate::breaker::slot(thread_number());
+        let stripes = crate::breaker::STRIPES;
+        let late = (stripes..2 * stripes)
+            .find(|&t| crate::breaker::slot(t) != me)
+            .expect("eight groups");
+        for other in [another_thread(&main), late] {
+            memo_from(&map, &key, &main, evictions, other);
+        }
+    }
+
+    /// [`a_memo_from_another_thread_is_not_counted_on`] for a memo filled on thread `other`.
+    fn memo_from(
+        map: &KeyedMap<String, ()>,
+        key: &str,
+        main: &Arc<Stripe<()>>,
+        evictions: u64,
+        other: usize,
+    ) {
         let theirs = main.for_thread(other, 0);
         let mut memo = Some(Memo {
-            key: key.clone(),
+            key: key.to_owned(),
             stripe: Arc::downgrade(&theirs),
             evictions,
             thread: other,
         });
-        // Once through the map, once through this thread's memory.
+        // Once through the map (the first time), then through this thread's memory.
         for _ in 0..2 {
-            let got = map.stripe_memo(key.clone(), &mut memo);
+            let got = map.stripe_memo(key.to_owned(), &mut memo);
             assert!(!Arc::ptr_eq(&got, &theirs));
             assert!(Arc::ptr_eq(&got, &main.for_thread(thread_number(), 0)));
             let m = memo.as_mut().expect("filled");

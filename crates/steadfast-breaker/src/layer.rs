@@ -205,7 +205,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// 470 bytes of heap, 570 resident, its name included (`cargo run --release -p steadfast-bench --bin keyed`).
     /// A key that several threads call gets a stripe of its counters for each (as a
     /// standalone breaker has), so their calls do not write one cache line: 128 bytes per
-    /// thread besides the one that made it, and a 256-byte table for them; at most 2,304
+    /// thread besides the one that made it, and a 256-byte table for them; at most 2,176
     /// bytes more per key (threads past the first eight share eight stripes).
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;
