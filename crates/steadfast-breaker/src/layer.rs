@@ -202,7 +202,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// state by hand (forced open, disabled, metrics only). If everything it looked at is
     /// such a breaker, the new key's call gets a breaker of its own that is not kept (it
     /// cannot trip; each such call pays for a new breaker). An idle per-key breaker costs about
-    /// 470 bytes of heap, 570 resident, its name included (`cargo run --release -p steadfast-bench --bin keyed`).
+    /// 480 bytes of heap, 590 resident, its name included (`cargo run --release -p steadfast-bench --bin keyed`).
     /// A key that several threads call gets a stripe of its counters for each (as a
     /// standalone breaker has), so their calls do not write one cache line: 128 bytes per
     /// thread besides the one that made it, and a 256-byte table for them; at most 2,176
