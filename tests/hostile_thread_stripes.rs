@@ -25,245 +25,24 @@
 mod support;
 
 use std::cell::RefCell;
-use std::convert::Infallible;
-use std::future::Ready;
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, mpsc};
 use std::thread;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use http::{HeaderMap, Request, Response, Uri};
-use steadfast::breaker::error::BreakerOpen;
-use steadfast::breaker::{
-    BreakerKey, BreakerState, CircuitBreakerBuilder, CircuitBreakerLayer, KeyedCircuitBreaker,
-    KeyedCircuitBreakerLayer, Transitions,
-};
-use steadfast::common::{BoxError, DefaultClassifier};
+use http::{Request, Response};
+use steadfast::breaker::{BreakerState, Transitions};
+use steadfast::common::BoxError;
 use steadfast_core::__private::thread_number;
+use support::stripes::*;
 use tokio::runtime::Runtime;
 use tokio::time::advance;
-use tower::util::ServiceFn;
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceExt};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// A consecutive-failure rule no test reaches (a breaker needs some rule).
-const NEVER: Option<u32> = Some(u32::MAX);
-
-fn builder() -> CircuitBreakerBuilder {
-    CircuitBreakerLayer::builder()
-        .open_time(Duration::from_secs(30))
-        .max_open_time(Duration::from_secs(30))
-        .jitter_percent(0)
-        .seed(1)
-}
-
-type Answer = Ready<Result<Response<()>, Infallible>>;
-/// The upstream: 503 when the query is `fail`, else 200; answers at once (no runtime needed).
-type Up = ServiceFn<fn(Request<()>) -> Answer>;
-
-fn answer(r: Request<()>) -> Answer {
-    let status = if r.uri().query() == Some("fail") {
-        503
-    } else {
-        200
-    };
-    std::future::ready(Ok(Response::builder().status(status).body(()).unwrap()))
-}
-
-fn upstream() -> Up {
-    service_fn(answer as fn(Request<()>) -> Answer)
-}
-
-/// A key that hashes the same as every other: all keys of a map share one shard, so
-/// `max_keys(16)` keeps one breaker and `max_keys(32)` two, and which key an insertion may
-/// evict is known.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Slot(u32);
-
-impl Hash for Slot {
-    fn hash<H: Hasher>(&self, _: &mut H) {}
-}
-
-impl BreakerKey for Slot {
-    fn name(&self) -> String {
-        format!("slot{}", self.0)
-    }
-}
-
-type PathFn = fn(&Uri, &HeaderMap) -> String;
-type SlotFn = fn(&Uri, &HeaderMap) -> Slot;
-type PathSvc = KeyedCircuitBreaker<Up, DefaultClassifier, PathFn, String>;
-type SlotSvc = KeyedCircuitBreaker<Up, DefaultClassifier, SlotFn, Slot>;
-type PathLayer = KeyedCircuitBreakerLayer<DefaultClassifier, PathFn, String>;
-type SlotLayer = KeyedCircuitBreakerLayer<DefaultClassifier, SlotFn, Slot>;
-
-fn by_path(u: &Uri, _: &HeaderMap) -> String {
-    u.path().to_owned()
-}
-
-fn by_slot(u: &Uri, _: &HeaderMap) -> Slot {
-    Slot(u.path().trim_start_matches('/').parse().unwrap_or(0))
-}
-
-fn path_layer(b: CircuitBreakerBuilder) -> PathLayer {
-    b.build_per_key(by_path as PathFn).unwrap()
-}
-
-fn slot_layer(b: CircuitBreakerBuilder) -> SlotLayer {
-    b.build_per_key(by_slot as SlotFn).unwrap()
-}
-
-/// A request for `path` (a path key, or `/<n>` for [`Slot`] `n`), failing when `fail`.
-fn rq(path: &str, fail: bool) -> Request<()> {
-    let q = if fail { "?fail" } else { "" };
-    Request::get(format!("http://up{path}{q}"))
-        .body(())
-        .unwrap()
-}
-
-/// What one call came to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Got {
-    Ok,
-    Failed,
-    Rejected,
-}
-
-fn got_of<B>(r: Result<Response<B>, BoxError>) -> Got {
-    match r {
-        Ok(res) if res.status() == 200 => Got::Ok,
-        Ok(res) => {
-            assert_eq!(res.status(), 503);
-            Got::Failed
-        }
-        Err(e) => {
-            assert!(e.downcast_ref::<BreakerOpen>().is_some(), "{e}");
-            Got::Rejected
-        }
-    }
-}
-
-/// One call through `svc`, polled to completion at once (the upstream answers at once):
-/// usable on any thread, with or without a runtime.
-fn call_now<S, B>(svc: &mut S, r: Request<()>) -> Got
-where
-    S: Service<Request<()>, Response = Response<B>, Error = BoxError>,
-{
-    svc.ready()
-        .now_or_never()
-        .expect("ready at once")
-        .expect("poll_ready never fails");
-    got_of(svc.call(r).now_or_never().expect("answers at once"))
-}
-
-/// Counts of calls by outcome.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Tally {
-    ok: u64,
-    failed: u64,
-    rejected: u64,
-}
-
-impl Tally {
-    fn add(&mut self, g: Got) {
-        match g {
-            Got::Ok => self.ok += 1,
-            Got::Failed => self.failed += 1,
-            Got::Rejected => self.rejected += 1,
-        }
-    }
-    fn merge(&mut self, o: Tally) {
-        self.ok += o.ok;
-        self.failed += o.failed;
-        self.rejected += o.rejected;
-    }
-    fn admitted(&self) -> u64 {
-        self.ok + self.failed
-    }
-}
-
-/// A current-thread runtime with paused time. Threads that enter its handle read its clock.
-fn paused_rt() -> Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap()
-}
-
-type Job<St> = Box<dyn FnOnce(&mut St) + Send>;
-
-/// A thread that keeps state `St` (made on it: a service instance, whose memo then stays
-/// with this thread) and runs jobs on it, in the given runtime's context if any (so that it
-/// reads that runtime's paused clock). Its thread number is taken when it starts.
-struct Worker<St> {
-    tx: Option<mpsc::Sender<Job<St>>>,
-    join: Option<thread::JoinHandle<()>>,
-    number: usize,
-}
-
-impl<St: 'static> Worker<St> {
-    fn spawn(
-        rt: Option<tokio::runtime::Handle>,
-        init: impl FnOnce() -> St + Send + 'static,
-    ) -> Self {
-        let (tx, rx) = mpsc::channel::<Job<St>>();
-        let (ntx, nrx) = mpsc::channel();
-        let join = thread::spawn(move || {
-            let _entered = rt.as_ref().map(|h| h.enter());
-            ntx.send(thread_number()).unwrap();
-            let mut st = init();
-            for job in rx {
-                job(&mut st);
-            }
-        });
-        let number = nrx.recv().expect("the worker started");
-        Self {
-            tx: Some(tx),
-            join: Some(join),
-            number,
-        }
-    }
-
-    /// Runs `f` on the worker; its answer arrives on the receiver.
-    fn submit<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut St) -> R + Send + 'static,
-    ) -> mpsc::Receiver<R> {
-        let (rtx, rrx) = mpsc::channel();
-        self.tx
-            .as_ref()
-            .unwrap()
-            .send(Box::new(move |st: &mut St| {
-                let _ = rtx.send(f(st));
-            }))
-            .expect("the worker is alive");
-        rrx
-    }
-
-    fn run<R: Send + 'static>(&self, f: impl FnOnce(&mut St) -> R + Send + 'static) -> R {
-        self.submit(f)
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the worker panicked or hung")
-    }
-}
-
-impl<St> Drop for Worker<St> {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(j) = self.join.take() {
-            let r = j.join();
-            if !thread::panicking() {
-                r.expect("the worker panicked");
-            }
-        }
-    }
-}
 
 /// Whether `tr` ends (its breaker is gone) within a minute of paused time; drains what was
 /// sent before.
@@ -283,33 +62,6 @@ fn stream_ends(rt: &Runtime, tr: &mut Transitions) -> bool {
 // ---------------------------------------------------------------------------------------
 // The child process: a fresh thread numbering.
 // ---------------------------------------------------------------------------------------
-
-const CHILD_ENV: &str = "STEADFAST_HOSTILE_STRIPES_CHILD";
-
-/// Whether this is the child process running `name` (else the test does nothing: its parent
-/// test runs it).
-fn in_child(name: &str) -> bool {
-    std::env::var(CHILD_ENV).is_ok_and(|v| v == name)
-}
-
-/// Runs the test `name` of this binary alone in a child process (thread numbers from 0) and
-/// asserts it passed.
-fn run_in_child(name: &str) {
-    let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe)
-        .args([name, "--exact", "--test-threads=1", "--nocapture"])
-        .env(CHILD_ENV, name)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("--- child {name} ---\n{stdout}\n{stderr}");
-    assert!(out.status.success(), "child {name} failed");
-    assert!(
-        stdout.contains("1 passed"),
-        "child {name} did not run its test"
-    );
-}
 
 // ---------------------------------------------------------------------------------------
 // 1. Exact counts.

@@ -2,6 +2,7 @@
 //! ephemeral ports, and a real hyper-util client.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod stripes;
 pub mod timers;
 
 use std::net::SocketAddr;

@@ -40,6 +40,14 @@ fn low_bits(secs: u64) -> u32 {
     secs as u32
 }
 
+/// Whether second `a` is after second `b`, both the lowest 32 bits of a count (wrapping:
+/// within 2^31 seconds, 68 years).
+#[inline]
+fn is_ahead(a: u32, b: u32) -> bool {
+    let d = a.wrapping_sub(b);
+    d != 0 && d <= u32::MAX / 2
+}
+
 /// Per-thread slice of a breaker: what a call writes on the happy path lives here, on a cache
 /// line no other thread writes, so two workers sharing one breaker do not contend.
 ///
@@ -111,12 +119,22 @@ impl<C> Stripe<C> {
     }
 
     /// Marks a per-key breaker used at `now`, seconds since its map's base (mostly a read:
-    /// the word is written at most once a second).
+    /// the word is written at most once a second). The stamp only moves forward (wrapping,
+    /// as [`age`](Self::age) reads it): a caller that read its clock before another thread
+    /// stored a later second does not put it back, which would make a breaker in use look
+    /// idle for as long as that caller was held up.
     #[inline]
     pub(crate) fn touch(&self, now: u64) {
         let now = low_bits(now);
-        if self.last_used.load(Relaxed) != now {
-            self.last_used.store(now, Relaxed);
+        let mut old = self.last_used.load(Relaxed);
+        while is_ahead(now, old) {
+            match self
+                .last_used
+                .compare_exchange_weak(old, now, Relaxed, Relaxed)
+            {
+                Ok(_) => return,
+                Err(seen) => old = seen,
+            }
         }
     }
 
@@ -129,8 +147,12 @@ impl<C> Stripe<C> {
     pub(crate) fn age(&self, now: u64) -> u64 {
         let now = low_bits(now);
         let since = |s: &Stripe<C>| {
-            let d = now.wrapping_sub(s.last_used.load(Relaxed));
-            if d > u32::MAX / 2 { 0 } else { d }
+            let last = s.last_used.load(Relaxed);
+            if is_ahead(last, now) {
+                0
+            } else {
+                now.wrapping_sub(last)
+            }
         };
         u64::from(self.others().map(|s| since(s)).fold(since(self), u32::min))
     }
@@ -482,16 +504,26 @@ mod tests {
         late.touch(far);
         assert_eq!(main.age(far), 0);
         assert_eq!(main.age(far + 7), 7);
-        // The oldest age that reads right: 2^31 - 1 seconds; one more reads as ahead.
+        // The oldest age that reads right: 2^31 - 1 seconds; past 2^31 the stamp reads as
+        // ahead.
         let lone = made_by(0);
         lone.touch(5);
         assert_eq!(lone.age(5 + (1 << 31) - 1), (1 << 31) - 1);
-        assert_eq!(lone.age(5 + (1 << 31)), 0);
+        assert_eq!(lone.age(5 + (1 << 31) + 1), 0);
         // A stamp ahead across the wrap of the low 32 bits.
         let wrap: u64 = 1 << 33;
-        lone.touch(wrap + 1);
-        assert_eq!(lone.age(wrap - 1), 0);
-        assert_eq!(lone.age(wrap + 4), 3);
+        let edge = made_by(0);
+        edge.touch(wrap - 2);
+        edge.touch(wrap + 1);
+        assert_eq!(edge.age(wrap - 1), 0);
+        assert_eq!(edge.age(wrap + 4), 3);
+        // The stamp only moves forward: a caller whose clock read an earlier second (across
+        // the wrap too) does not put it back.
+        edge.touch(wrap - 1);
+        assert_eq!(edge.age(wrap + 4), 3);
+        lone.touch(70);
+        lone.touch(69);
+        assert_eq!(lone.age(80), 10);
     }
 
     /// A stripe is one cache line: what a call writes on it never shares a line with another
