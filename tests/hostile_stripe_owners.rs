@@ -36,9 +36,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, Uri};
 use http_body_util::Full;
-use steadfast::breaker::{
-    BreakerHandle, BreakerKey, BreakerState, CircuitBreakerBuilder, KeyedCircuitBreaker,
-};
+use steadfast::breaker::{BreakerHandle, BreakerKey, BreakerState, KeyedCircuitBreaker};
 use steadfast::common::DefaultClassifier;
 use steadfast::retry::ReplayBody;
 use steadfast_core::__private::thread_number;
@@ -62,14 +60,6 @@ fn slot(t: usize) -> usize {
     } else {
         LATE + (t - LATE) % LATE
     }
-}
-
-/// A breaker that trips at the first failure and stays open for an hour.
-fn tripping() -> CircuitBreakerBuilder {
-    builder()
-        .consecutive_failures(Some(1))
-        .open_time(Duration::from_secs(3600))
-        .max_open_time(Duration::from_secs(3600))
 }
 
 type Handle = BreakerHandle<DefaultClassifier>;

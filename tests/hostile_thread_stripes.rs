@@ -439,10 +439,7 @@ fn open_key_called_only_by_others(callers: impl Fn(&[Worker<SlotSvc>]) -> Vec<us
     let rt = paused_rt();
     let _entered = rt.enter();
     let layer = slot_layer(
-        builder()
-            .consecutive_failures(Some(1))
-            .open_time(Duration::from_secs(3600))
-            .max_open_time(Duration::from_secs(3600))
+        tripping()
             .max_keys(16)
             .idle_eviction(Duration::from_secs(60)),
     );
@@ -607,10 +604,7 @@ fn open_breaker_in_use_after(offset: Duration) -> Vec<Slot> {
     let rt = paused_rt();
     let _entered = rt.enter();
     let layer = slot_layer(
-        builder()
-            .consecutive_failures(Some(1))
-            .open_time(Duration::from_secs(3600))
-            .max_open_time(Duration::from_secs(3600))
+        tripping()
             .max_keys(16)
             .idle_eviction(Duration::from_secs(60)),
     );
@@ -668,14 +662,7 @@ fn c3_far_clocks_and_extreme_idle_times_do_not_panic() {
     for (idle, open_kept) in [(Duration::MAX, true), (Duration::ZERO, false)] {
         let rt = paused_rt();
         let _entered = rt.enter();
-        let layer = slot_layer(
-            builder()
-                .consecutive_failures(Some(1))
-                .open_time(Duration::from_secs(3600))
-                .max_open_time(Duration::from_secs(3600))
-                .max_keys(16)
-                .idle_eviction(idle),
-        );
+        let layer = slot_layer(tripping().max_keys(16).idle_eviction(idle));
         let template = layer.layer(upstream());
         let mut expect = Tally::default();
         for jump in [(1u64 << 32) - 5, 10, 1 << 33] {

@@ -35,6 +35,14 @@ pub fn builder() -> CircuitBreakerBuilder {
         .seed(1)
 }
 
+/// A breaker that trips at the first failure and stays open for an hour.
+pub fn tripping() -> CircuitBreakerBuilder {
+    builder()
+        .consecutive_failures(Some(1))
+        .open_time(Duration::from_secs(3600))
+        .max_open_time(Duration::from_secs(3600))
+}
+
 pub type Answer = Ready<Result<Response<()>, Infallible>>;
 
 /// The upstream: 503 when the query is `fail`, else 200; answers at once (no runtime needed).
