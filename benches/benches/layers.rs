@@ -572,14 +572,7 @@ fn rate_limit_rejection(c: &mut Criterion) {
     use std::net::{IpAddr, Ipv4Addr};
     use std::num::NonZeroU32;
 
-    fn too_many(wait: Duration) -> http::Response<()> {
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        http::Response::builder()
-            .status(429)
-            .header(http::header::RETRY_AFTER, secs.max(1))
-            .body(())
-            .expect("response")
-    }
+    let too_many = |wait| steadfast_bench::too_many_requests(wait, ());
     let limiter = RateLimiter::keyed(
         Quota::with_period(Duration::from_secs(3600))
             .expect("period")

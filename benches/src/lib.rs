@@ -774,6 +774,23 @@ impl Default for PresetLayers {
     }
 }
 
+/// The 429 a gateway answers a client over its rate, as the demo's gateway builds it:
+/// `Retry-After` in whole seconds, rounded up, at least one, and `body`.
+///
+/// ```
+/// let res = steadfast_bench::too_many_requests(std::time::Duration::from_millis(1_500), ());
+/// assert_eq!(res.status(), 429);
+/// assert_eq!(res.headers()["retry-after"], "2");
+/// ```
+pub fn too_many_requests<B>(wait: std::time::Duration, body: B) -> http::Response<B> {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut res = http::Response::new(body);
+    *res.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+    res.headers_mut()
+        .insert(http::header::RETRY_AFTER, secs.max(1).into());
+    res
+}
+
 /// A gateway's proxy (the `gateway` and `calls` binaries): answers every request with the body
 /// of a GET to `$uri` (a `String`) sent through `$client`, cloned for every request as a
 /// handler does.
