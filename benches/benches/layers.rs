@@ -407,6 +407,11 @@ fn correlation(c: &mut Criterion) {
             steadfast_bench::ServerFloor::new(BareBody),
             make_req,
         );
+        rec.bench_req(
+            "floor-with-contract",
+            steadfast_bench::ServerContractFloor::new(BareBody),
+            make_req,
+        );
     }
 
     // Client side with the id ambient (as inside a handler); both run inside the same scope.

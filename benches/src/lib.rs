@@ -694,15 +694,71 @@ where
             Some(v) if steadfast::correlation::is_valid_default(v.as_bytes()) => v.clone(),
             _ => self.make.make_id().header_value().clone(),
         };
-        let budget = headers
-            .get(FLOOR_DEADLINE)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        black_box(budget);
+        black_box(floor_budget(headers));
         ServerFloorFuture {
             inner: self.inner.call(req),
             id: Some(id),
         }
     }
+}
+
+/// [`ServerFloor`] and the cheapest form of what the server's correlation layer promises
+/// beyond the wire (issue 22's server target is priced against it): the id is also a request
+/// extension, and it is ambient (`CorrelationId::current`, tokio's task-local) while the inner
+/// service's `call` and its future run. `http::Extensions` allocates its map, its table and
+/// the boxed value on a request that has none, as tower-http's `RequestId` pays too. Not
+/// covered, though ours does them: the id ambient while the future is dropped and while the
+/// response body is read, and the span.
+#[derive(Clone, Debug)]
+pub struct ServerContractFloor<S> {
+    inner: S,
+    make: steadfast::correlation::UuidV7,
+}
+
+impl<S> ServerContractFloor<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            make: steadfast::correlation::UuidV7::new(),
+        }
+    }
+}
+
+impl<S, B, ResB> Service<http::Request<B>> for ServerContractFloor<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResB>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ServerFloorFuture<steadfast::correlation::WithCorrelationId<S::Future>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        use steadfast::correlation::{CorrelationId, MakeCorrelationId};
+        let headers = req.headers();
+        let id = match headers.get(FLOOR_ID).cloned().map(CorrelationId::try_from) {
+            Some(Ok(id)) => id,
+            _ => self.make.make_id(),
+        };
+        black_box(floor_budget(headers));
+        req.extensions_mut().insert(id.clone());
+        let inner = id.clone().sync_scope(|| self.inner.call(req));
+        ServerFloorFuture {
+            id: Some(id.header_value().clone()),
+            inner: id.scope(inner),
+        }
+    }
+}
+
+/// The deadline budget an inbound request carries, in milliseconds (the floors' read).
+fn floor_budget(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(FLOOR_DEADLINE)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
 }
 
 pin_project_lite::pin_project! {

@@ -49,14 +49,23 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     ("hedge", &["bare", "tower", "steadfast", "+fixed"]),
     ("hedge-armed", &["bare", "tower", "steadfast", "+fixed"]),
-    // `floor`: the hand-written wire work alone (`steadfast_bench::Floor`, `ServerFloor`).
+    // `floor`: the hand-written wire work alone (`steadfast_bench::Floor`, `ServerFloor`);
+    // `floor-with-contract`: also the correlation layer's extension and ambient id, at their
+    // cheapest (`ServerContractFloor`).
     (
         "server-stack",
         &["bare", "tower-http", "steadfast", "floor"],
     ),
     (
         "correlation-server",
-        &["bare", "tower-http", "steadfast", "+no-extension", "floor"],
+        &[
+            "bare",
+            "tower-http",
+            "steadfast",
+            "+no-extension",
+            "floor",
+            "floor-with-contract",
+        ],
     ),
     (
         "client-stack",
@@ -315,6 +324,11 @@ fn main() {
                 calls,
             );
         }
+        ("correlation-server", "floor-with-contract") => run(
+            steadfast_bench::ServerContractFloor::new(steadfast_bench::BareBody),
+            with_id,
+            calls,
+        ),
         ("correlation-server", "tower-http") => {
             use tower_http::request_id::{
                 MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer,

@@ -34,10 +34,10 @@ fn median_ns(group: &str, contender: &str) -> Option<f64> {
 }
 
 /// Whether a contender is a peer library's stack: not the baseline (`bare`), not ours
-/// (`steadfast…`), not the hand-written floor under ours (`floor`), not a step (`+…`).
+/// (`steadfast…`), not a hand-written floor under ours (`floor…`), not a step (`+…`).
 fn is_peer(contender: &str) -> bool {
     contender != "bare"
-        && contender != "floor"
+        && !contender.starts_with("floor")
         && !contender.starts_with("steadfast")
         && !contender.starts_with('+')
 }

@@ -192,6 +192,31 @@ impl TryFrom<String> for CorrelationId {
     }
 }
 
+/// Takes a header value as the id when it passes the default rule, without copying it (a
+/// header value read from a request or a message shares its buffer); the error says what is
+/// allowed, never the value.
+///
+/// ```
+/// use http::HeaderValue;
+/// use steadfast_correlation::CorrelationId;
+///
+/// let id = CorrelationId::try_from(HeaderValue::from_static("order-7")).unwrap();
+/// assert_eq!(id.as_str(), "order-7");
+/// assert!(CorrelationId::try_from(HeaderValue::from_static("two words")).is_err());
+/// assert!(CorrelationId::try_from(HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap()).is_err());
+/// ```
+impl TryFrom<HeaderValue> for CorrelationId {
+    type Error = crate::error::InvalidCorrelationId;
+
+    fn try_from(value: HeaderValue) -> Result<Self, Self::Error> {
+        if is_valid_default(value.as_bytes()) {
+            Ok(Self(value))
+        } else {
+            Err(crate::error::InvalidCorrelationId { len: value.len() })
+        }
+    }
+}
+
 impl AsRef<str> for CorrelationId {
     fn as_ref(&self) -> &str {
         self.as_str()
@@ -257,6 +282,28 @@ impl<F: Future> Future for Propagated<F> {
         match self.project().inner.project() {
             EitherProj::WithCorrelationId { inner } => inner.poll(cx),
             EitherProj::Plain { inner } => inner.poll(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_value_is_taken_whole_when_valid() {
+        let shared = bytes::Bytes::from(vec![b'a'; 128]);
+        let value = HeaderValue::from_maybe_shared(shared.clone()).expect("a header value");
+        let id = CorrelationId::try_from(value).expect("128 bytes of letters");
+        // The same buffer: no copy.
+        assert_eq!(id.as_bytes().as_ptr(), shared.as_ptr());
+
+        let long = HeaderValue::from_bytes(&[b'a'; 129]).expect("a header value");
+        let err = CorrelationId::try_from(long).expect_err("129 bytes");
+        assert!(err.to_string().contains("129 bytes"), "{err}");
+        for bad in [&b""[..], b"a b", b"a\tb", b"a/b", b"\xff"] {
+            let value = HeaderValue::from_bytes(bad).expect("a header value");
+            assert!(CorrelationId::try_from(value).is_err(), "{bad:?}");
         }
     }
 }
