@@ -5,7 +5,9 @@
 //! timeouts, tower-resilience's breaker, tower-http's request-id pair) over the same client.
 //! Each table ends with a floor row: the stack's wire work alone, hand-written
 //! (`steadfast_bench::Floor`, `ServerFloor`): a floor for any stack that sends and honours
-//! the same headers and can send a call again.
+//! the same headers and can send a call again. The server's table also has the floor with
+//! the correlation layer's contract (`ServerContractFloor`: the id as a request extension and
+//! ambient in the handler).
 //!
 //! A shared machine's speed drifts by more than the differences measured, so the contenders
 //! take turns in short slices (rotating their order every round), each ratio is taken within
@@ -32,7 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use steadfast::retry::ReplayBody;
 use steadfast_bench::peers::{TowerPolicy, tr_breaker_layer};
-use steadfast_bench::{Fixed, Floor, ServerFloor};
+use steadfast_bench::{Fixed, Floor, ServerContractFloor, ServerFloor};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 const CONNECTIONS: usize = 32;
@@ -274,8 +276,10 @@ async fn main() {
     )
     .await;
 
-    // The server's wire work alone (see `ServerFloor`).
+    // The server's wire work alone (see `ServerFloor`), and with the correlation layer's
+    // request extension and ambient id (see `ServerContractFloor`).
     let floor = serve(ServerFloor::new(tower::service_fn(hello))).await;
+    let contract = serve(ServerContractFloor::new(tower::service_fn(hello))).await;
 
     // Connections are opened once; one unmeasured slice each warms them. Then the order
     // rotates every round so no contender always runs first (or last).
@@ -285,12 +289,13 @@ async fn main() {
         connect(ours).await,
         connect(peer).await,
         connect(floor).await,
+        connect(contract).await,
     ];
     for c in conns.iter_mut() {
         load(c).await;
     }
     let n = conns.len();
-    let mut results: [Vec<Figures>; 5] = Default::default();
+    let mut results: [Vec<Figures>; 6] = Default::default();
     for round in 0..ROUNDS {
         for k in 0..n {
             let i = (round + k) % n;
@@ -318,6 +323,11 @@ async fn main() {
     row(
         "floor: the wire work alone, hand-written (the id read, validated and echoed; the deadline header read)",
         &results[4],
+        &results[0],
+    );
+    row(
+        "floor with the contract: also the id as a request extension and ambient in the handler",
+        &results[5],
         &results[0],
     );
 
