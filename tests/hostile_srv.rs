@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::serve;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +23,7 @@ use steadfast::correlation::CorrelationId;
 use tokio::time::Instant;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, ServiceExt};
 
 const GUARD: Duration = Duration::from_secs(600);
 
@@ -30,37 +32,6 @@ type RespBody = BoxBody<Bytes, BoxError>;
 // ---------------------------------------------------------------------------------------
 // Transport helpers
 // ---------------------------------------------------------------------------------------
-
-/// Serves a tower service over hyper (HTTP/1 and HTTP/2 prior knowledge) on 127.0.0.1.
-async fn serve<S, B>(svc: S) -> SocketAddr
-where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (io, _) = listener.accept().await.unwrap();
-            let svc = svc.clone();
-            tokio::spawn(async move {
-                let hsvc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    svc.clone().oneshot(req)
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(io), hsvc)
-                .await;
-            });
-        }
-    });
-    addr
-}
 
 fn grpc_frame() -> Bytes {
     // HealthCheckResponse { status: SERVING }

@@ -225,3 +225,39 @@ async fn the_attempt_header_can_be_renamed_or_left_out() {
             .all(|r| !r.headers.contains_key("x-retry-attempt"))
     );
 }
+
+/// A budget the caller wrote on the request (`x-request-timeout-ms`, as tonic's
+/// `Request::set_timeout` writes `grpc-timeout`) ends the whole call, retries included, when
+/// no total timeout stands above the retry: the attempts after the first are told what is
+/// left of it, and none starts once it has passed. (The retry read only a deadline it was
+/// given, so each attempt below took the caller's budget afresh: three attempts of 600 ms.)
+#[tokio::test(start_paused = true)]
+async fn a_budget_the_caller_wrote_ends_the_whole_call_without_a_total_timeout() {
+    use steadfast::timeout::TimeoutLayer;
+    let server = FaultServer::start().await;
+    server.set_default(Fault::status(503).after(Duration::from_millis(600)));
+    let svc = RetryLayer::new().layer(TimeoutLayer::new(Duration::from_secs(5)).layer(client()));
+    let mut req = get(&server);
+    req.headers_mut()
+        .insert("x-request-timeout-ms", "1000".parse().unwrap());
+    let started = tokio::time::Instant::now();
+    let out = svc.oneshot(req).await;
+    assert!(
+        started.elapsed() <= Duration::from_millis(1000),
+        "the call outlived its budget: {:?}",
+        started.elapsed()
+    );
+    assert!(out.is_err(), "the second attempt is cut at the budget");
+    let seen = server.received();
+    assert_eq!(seen.len(), 2, "no attempt starts past the budget");
+    assert_eq!(seen[0].headers["x-request-timeout-ms"], "1000");
+    let told: u64 = seen[1].headers["x-request-timeout-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        told < 400,
+        "the second attempt is told what is left: {told} ms"
+    );
+}

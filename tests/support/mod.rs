@@ -23,6 +23,41 @@ pub async fn serve_axum(app: axum::Router) -> SocketAddr {
     addr
 }
 
+/// Serves a tower service over hyper (HTTP/1 and HTTP/2 prior knowledge) on 127.0.0.1.
+pub async fn serve<S, B>(svc: S) -> SocketAddr
+where
+    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<steadfast::common::BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<steadfast::common::BoxError>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (io, _) = listener.accept().await.unwrap();
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let hsvc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        tower::ServiceExt::oneshot(svc.clone(), req)
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(io), hsvc)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
 /// A plain hyper-util HTTP client (HTTP/1 and HTTP/2 prior knowledge off).
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 

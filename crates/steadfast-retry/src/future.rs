@@ -288,6 +288,7 @@ impl<S, B, C> Ctx<S, B, C> {
             );
             self.history.rerouted();
             self.next_is_reroute = true;
+            next_body.supersede();
             self.next_body = Some(next_body);
             return Step::Wait(Duration::ZERO);
         }
@@ -329,6 +330,9 @@ impl<S, B, C> Ctx<S, B, C> {
         }
         self.history.retried(delay, from_hint);
         self.next_is_reroute = false;
+        // The attempt before is answered: its transport must not read on from the caller's
+        // body past what it holds, or the retry could lose the frames it needs.
+        next_body.supersede();
         self.next_body = Some(next_body);
         // The token is spent only when the retry is sent: a caller that gives up during the
         // wait gets it back (see `Drop`).
@@ -444,7 +448,9 @@ where
                         let _attempt = this.span.enter();
                         // The call's deadline, as it was when the first attempt was made
                         // (the layers below learn it as the ambient one, as they did then).
-                        let _entered = ctx.history.deadline.map(Deadline::enter);
+                        // With the instant: a timeout below then knows a steadfast layer
+                        // above calls with the deadline in hand (see `Deadline::call_now`).
+                        let _entered = ctx.history.deadline.map(|d| d.enter_at(Instant::now()));
                         let service = ctx.service.as_mut().expect("made ready above");
                         // A balancer below avoids the endpoints earlier attempts went to.
                         let mut tried = ctx.history.tried();

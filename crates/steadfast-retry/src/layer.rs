@@ -212,6 +212,9 @@ impl<C> RetryBuilder<C> {
     /// The most request-body bytes buffered for replay (default 64 KiB); a larger body is
     /// sent once, unless the attempt that held it was refused before it read anything (a
     /// breaker's refusal, a refused connection): then the next attempt takes it over whole.
+    /// A body still being streamed is judged by what was read of it when the retry is
+    /// decided; from then on the answered attempt reads no more of it (its stream is reset),
+    /// and the retry reads on from where it stopped.
     pub fn replay_cap(mut self, bytes: usize) -> Self {
         self.replay_cap = bytes;
         self

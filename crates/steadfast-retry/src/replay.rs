@@ -64,6 +64,9 @@ enum Kind<B> {
         trailers_sent: bool,
         /// This reader's slot in [`State::waiters`].
         reader: usize,
+        /// The order this reader was made in (see [`State::fence`]); 32 bits, so that it
+        /// fits beside `trailers_sent` and a request carrying this body grows by nothing.
+        epoch: u32,
     },
 }
 
@@ -82,6 +85,12 @@ struct State<B> {
     overflow: bool,
     failed: bool,
     eos: bool,
+    /// Readers made so far (the next reader's epoch; it stops at `u32::MAX`, where readers
+    /// are no longer told apart and none is superseded).
+    epochs: u32,
+    /// Readers made before this epoch may not read on from the caller's body: a retry
+    /// superseded the attempts that hold them (see [`ReplayBody::supersede`]).
+    fence: u32,
 }
 
 impl<B> fmt::Debug for ReplayBody<B> {
@@ -123,6 +132,8 @@ impl<B: Body<Data = Bytes> + 'static> ReplayBody<B> {
                     overflow,
                     failed: false,
                     eos: false,
+                    epochs: 1,
+                    fence: 0,
                     // Room for the two readers a retry makes up front.
                     waiters: Arc::new(Waiters(Mutex::new({
                         let mut slots = Vec::with_capacity(2);
@@ -134,6 +145,7 @@ impl<B: Body<Data = Bytes> + 'static> ReplayBody<B> {
                 sent_bytes: 0,
                 trailers_sent: false,
                 reader: 0,
+                epoch: 0,
             },
         }
     }
@@ -198,13 +210,13 @@ impl<B> ReplayBody<B> {
                 },
             },
             Kind::Shared { state, .. } => {
+                let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
                 // Reuse the slot of a reader that went away, so the list stays as long as the
                 // number of live readers.
-                let reader = state
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .waiters
-                    .free_slot();
+                let reader = s.waiters.free_slot();
+                let epoch = s.epochs;
+                s.epochs = s.epochs.saturating_add(1);
+                drop(s);
                 Self {
                     kind: Kind::Shared {
                         state: state.clone(),
@@ -212,12 +224,47 @@ impl<B> ReplayBody<B> {
                         sent_bytes: 0,
                         trailers_sent: false,
                         reader,
+                        epoch,
                     },
                 }
             }
         })
     }
+
+    /// Makes this reader the one that reads on from the caller's body: every reader made
+    /// before it may still send what was recorded, then fails with [`Superseded`] where it
+    /// would have read further. The retry calls it on the next attempt's body once the attempt
+    /// before has been answered and a retry decided: that attempt's transport may still be
+    /// sending its body (an HTTP/2 stream the server answered early stays open), and every
+    /// frame it read on would count against the replay cap, so that the retry it was replaced
+    /// by could no longer be sent whole.
+    pub(crate) fn supersede(&self) {
+        if let Kind::Shared { state, epoch, .. } = &self.kind {
+            let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+            s.fence = s.fence.max(*epoch);
+            // A superseded reader waiting on the caller's body learns it now.
+            let waiting = s.waiters.take_others(usize::MAX);
+            drop(s);
+            waiting.into_iter().for_each(Waker::wake);
+        }
+    }
 }
+
+/// An attempt a retry replaced went on reading the request body: it stops there, with the
+/// frames recorded before sent and nothing read on from the caller's body (which belongs to
+/// the retry now). Its transport resets the stream; nobody waits for its answer any more.
+#[derive(Debug)]
+pub(crate) struct Superseded;
+
+impl fmt::Display for Superseded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "request body superseded by a retry: this attempt's answer was already acted on",
+        )
+    }
+}
+
+impl std::error::Error for Superseded {}
 
 /// A replaying attempt can no longer send the whole body: the data it needed was dropped
 /// because another attempt read past the replay cap, or another attempt saw the caller's body
@@ -362,7 +409,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let (state, pos, sent_bytes, trailers_sent, reader) = match &mut this.kind {
+        let (state, pos, sent_bytes, trailers_sent, reader, epoch) = match &mut this.kind {
             Kind::Empty => return Poll::Ready(None),
             Kind::Whole { data, sent } => {
                 if *sent {
@@ -377,7 +424,8 @@ where
                 sent_bytes,
                 trailers_sent,
                 reader,
-            } => (state, pos, sent_bytes, trailers_sent, *reader),
+                epoch,
+            } => (state, pos, sent_bytes, trailers_sent, *reader, *epoch),
         };
         let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
         // Replay what earlier attempts recorded.
@@ -403,6 +451,10 @@ where
         if s.failed {
             // Another reader saw the caller's body fail: this one cannot finish either.
             return Poll::Ready(Some(Err(ReplayLost.into())));
+        }
+        if epoch < s.fence {
+            // A retry replaced this attempt: the caller's body is the retry's to read.
+            return Poll::Ready(Some(Err(Superseded.into())));
         }
         // Read on from the caller's body, recording as we go. This reader waits from now
         // on; the caller's body gets a waker that wakes every waiting reader.
@@ -546,6 +598,48 @@ mod tests {
         assert_eq!(b.trailers().unwrap()["x-sum"], "42");
         assert_eq!(a.to_bytes(), "abcdef");
         assert_eq!(b.to_bytes(), "abcdef");
+    }
+
+    /// A retry decided after an attempt was answered supersedes it: that attempt's reader
+    /// sends what was recorded, then fails where it would read on from the caller's body,
+    /// which the retry's reader then reads alone. A reader made later is not affected, and
+    /// superseding an in-memory body changes nothing.
+    #[tokio::test]
+    async fn a_superseded_reader_stops_where_it_would_read_on() {
+        let mut first = ReplayBody::new(stream(&[b"one", b"two", b"three"], true), 1024);
+        let template = first.replay().unwrap();
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "one"
+        );
+        let second = template.replay().unwrap();
+        second.supersede();
+        let err = first.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<Superseded>(), "{err}");
+        let third = template.replay().unwrap();
+        let got = second.collect().await.unwrap();
+        assert_eq!(got.to_bytes(), "onetwothree");
+        // Made after the retry superseded the first: it replays the whole body.
+        let got = third.collect().await.unwrap();
+        assert_eq!(got.trailers().unwrap()["x-sum"], "42");
+        assert_eq!(got.to_bytes(), "onetwothree");
+
+        let mut earlier = ReplayBody::new(stream(&[b"a"], false), 1024);
+        let later = earlier.replay().unwrap();
+        assert_eq!(later.collect().await.unwrap().to_bytes(), "a");
+        let last = earlier.replay().unwrap();
+        last.supersede();
+        // The body was read to its end: a superseded reader still sends what was recorded.
+        assert_eq!(
+            earlier.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "a"
+        );
+        assert!(earlier.frame().await.is_none());
+
+        let whole = ReplayBody::new(Full::new(Bytes::from_static(b"x")), 1024);
+        let again = whole.replay().unwrap();
+        again.supersede();
+        assert_eq!(whole.collect().await.unwrap().to_bytes(), "x");
     }
 
     #[tokio::test]

@@ -156,7 +156,17 @@ where
         if let Some(budget) = &config.budget {
             budget.deposit();
         }
-        let deadline = Deadline::for_request(&req);
+        let mut deadline = Deadline::for_request(&req);
+        if Deadline::call_now().is_none() {
+            // A budget the caller wrote on the request (tonic's `Request::set_timeout` writes
+            // `grpc-timeout`) ends the whole call, not each attempt. Below a steadfast client
+            // layer calling with a deadline in hand, the header is that layer's and the
+            // ambient deadline is exact.
+            use steadfast_core::header::{TIMEOUT_MS, budget};
+            if let Some(asked) = budget(req.headers(), &TIMEOUT_MS) {
+                deadline = Deadline::earliest(deadline, Some(Deadline::after(asked)));
+            }
+        }
         let (parts, body) = req.into_parts();
         let body = ReplayBody::new(body, config.replay_cap);
         // No copy at all when no retry could happen anyway. (A body over the replay cap is

@@ -172,15 +172,24 @@ where
             Some(o) => o.0.min(self.config.layer.limit),
             None => self.config.layer.limit,
         };
+        // A budget the caller wrote on the request (tonic's `Request::set_timeout` writes
+        // `grpc-timeout`) is a deadline for the whole call, retries included. Read where no
+        // steadfast client layer above is calling with a deadline in hand: below one, the
+        // header is the one that layer wrote, and the deadline it entered is exact.
+        let asked = if Deadline::call_now().is_none() {
+            propagate::inbound(req.headers(), &self.config.layer.header)
+        } else {
+            None
+        };
         match Deadline::for_request(&req) {
             // The common case reads the request and hands it on untouched (no copy of it
             // to edit), and leaves the clock and the timer to the first `Pending`.
             // A zero limit takes the slow path, which refuses it before sending (as every
             // deadline already passed is refused), whether or not the call would pend.
-            None if self.config.layer.own == Own::Unshared && !own.is_zero() => {
+            None if asked.is_none() && self.config.layer.own == Own::Unshared && !own.is_zero() => {
                 ResponseFuture::lazy(self.inner.call(req), own)
             }
-            inherited => self.call_with_deadline(req, own, inherited),
+            inherited => self.call_with_deadline(req, own, inherited, asked),
         }
     }
 }
@@ -229,19 +238,25 @@ impl<S> Timeout<S> {
 
     /// A call with a deadline to honour, let the layers below know, and (unless
     /// [`share_own`](crate::TimeoutBuilder::share_own) is set) write on the wire: an
-    /// inherited one, or our own when the layer shares it.
+    /// inherited one, the budget the caller wrote on the request (`asked`, counted from now),
+    /// or our own when the layer shares it.
     #[inline]
     fn call_with_deadline<B>(
         &mut self,
         mut req: Request<B>,
         own: Duration,
         inherited: Option<Deadline>,
+        asked: Option<Duration>,
     ) -> ResponseFuture<S::Future>
     where
         S: Service<Request<B>>,
     {
         // Inside an outer timeout's call, the instant it just read: one clock read per call.
         let now = Deadline::call_now().unwrap_or_else(Instant::now);
+        let inherited = Deadline::earliest(
+            inherited,
+            asked.map(|asked| Deadline::after_from(now, asked)),
+        );
         let (limit, is_inherited) = match inherited {
             Some(d) => {
                 let left = d.instant().saturating_duration_since(now);

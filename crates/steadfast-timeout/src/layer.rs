@@ -16,10 +16,15 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`Elapsed`](crate::error::Elapsed), and carries the remaining deadline downstream.
 ///
 /// The limit applied to a request is the smallest of: the layer's limit, a
-/// [`RequestTimeout`](crate::RequestTimeout) extension, and the time left of an inherited
+/// [`RequestTimeout`](crate::RequestTimeout) extension, the time left of an inherited
 /// [`Deadline`](steadfast_core::Deadline) (a request extension or the ambient one a
-/// [`SetDeadlineLayer`] set for the handler). An inherited deadline that has already passed
-/// fails the call at once without sending anything.
+/// [`SetDeadlineLayer`] set for the handler), and a budget the caller wrote on the request
+/// (`grpc-timeout`, as tonic's `Request::set_timeout` writes it, or the deadline header;
+/// the shortest valid value of a repeated one). The last two are deadlines for the whole call:
+/// a retry below sends no attempt past them, and each attempt is told what is left. A
+/// deadline that has already passed fails the call at once without sending anything. (The
+/// outermost steadfast timeout of a call reads the caller's header; below it, the header is
+/// the one it wrote.)
 ///
 /// When a deadline is inherited (or [`propagate_own`](TimeoutBuilder::propagate_own) is on), the
 /// remaining budget is written onto the request: `grpc-timeout` for gRPC requests,

@@ -1,8 +1,9 @@
 //! Timeouts that never hang a call and carry the deadline across hops.
 //!
 //! - [`TimeoutLayer`] (client side): fails a call that outlives its limit with a typed
-//!   [`Elapsed`](error::Elapsed); takes the smaller of its own limit, a [`RequestTimeout`] extension and an
-//!   inherited [`Deadline`]; writes the remaining budget downstream as `grpc-timeout` (gRPC) or
+//!   [`Elapsed`](error::Elapsed); takes the smallest of its own limit, a [`RequestTimeout`] extension, an
+//!   inherited [`Deadline`] and a budget the caller wrote on the request (tonic's
+//!   `Request::set_timeout`), the last two for the whole call; writes the remaining budget downstream as `grpc-timeout` (gRPC) or
 //!   `x-request-timeout-ms` (HTTP); fails at once, sending nothing, when the budget is spent.
 //! - [`SetDeadlineLayer`] (server side): reads the inbound budget, takes the smaller of it and
 //!   its own limit, makes the deadline ambient for the handler, and on expiry *answers* —

@@ -5,39 +5,12 @@ use std::time::Duration;
 use http::header::Entry;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use steadfast_core::header::{
-    FEW_NAMES, GRPC_TIMEOUT, encode_grpc_timeout, encode_timeout_ms, grpc_timeout, timeout_ms,
+    GRPC_TIMEOUT, encode_grpc_timeout, encode_timeout_ms, grpc_timeout, timeout_ms,
 };
 use steadfast_core::is_grpc_content_type;
 
-/// The inbound budget a request carries: `grpc-timeout` if present and valid, else the
-/// deadline header (`x-request-timeout-ms` by default) if present and valid. Malformed values
-/// are ignored.
-///
-/// A header sent more than once counts by its shortest valid value: a budget only ever
-/// shrinks, and a caller cannot lengthen one by repeating the header.
-pub(crate) fn inbound(headers: &HeaderMap, header: &HeaderName) -> Option<Duration> {
-    if headers.keys_len() > FEW_NAMES || *header == GRPC_TIMEOUT {
-        let shortest = |name: &HeaderName, parse: fn(&http::HeaderValue) -> Option<Duration>| {
-            headers.get_all(name).iter().filter_map(parse).min()
-        };
-        return shortest(&GRPC_TIMEOUT, grpc_timeout).or_else(|| shortest(header, timeout_ms));
-    }
-    // One pass over a request with few headers.
-    let (mut grpc, mut http) = (None, None);
-    for (name, value) in headers {
-        let (slot, parse): (_, fn(&HeaderValue) -> Option<Duration>) = if name == GRPC_TIMEOUT {
-            (&mut grpc, grpc_timeout)
-        } else if name == header {
-            (&mut http, timeout_ms)
-        } else {
-            continue;
-        };
-        if let Some(d) = parse(value) {
-            *slot = Some(slot.map_or(d, |s: Duration| s.min(d)));
-        }
-    }
-    grpc.or(http)
-}
+/// The budget a request carries (see [`steadfast_core::header::budget`]).
+pub(crate) use steadfast_core::header::budget as inbound;
 
 /// A budget encoded once for both kinds of request.
 #[derive(Clone, Debug)]
@@ -78,18 +51,25 @@ pub(crate) fn write(
         Some(e) => e.http.clone(),
         None => encode(budget),
     };
-    // One lookup: a value already there is kept if it is smaller, else replaced (every
-    // value of a repeated header goes: the budget written is the one that counts).
+    // One lookup: a value already there is kept if it is smaller, else replaced. A repeated
+    // header leaves as one value, the one that counts: a server reading only the first must
+    // not be told more than the budget (every other value goes, the invalid ones too).
     match headers.entry(name) {
         Entry::Occupied(mut e) => {
-            if e.iter()
-                .filter_map(parse)
-                .min()
-                .is_some_and(|v| v <= budget)
-            {
-                return;
+            let smallest = e
+                .iter()
+                .filter_map(|v| Some((parse(v)?, v)))
+                .min_by_key(|(d, _)| *d);
+            match smallest {
+                Some((d, _)) if d <= budget && e.iter().nth(1).is_none() => {}
+                Some((d, v)) if d <= budget => {
+                    let kept = v.clone();
+                    e.insert(kept);
+                }
+                _ => {
+                    e.insert(value());
+                }
             }
-            e.insert(value());
         }
         Entry::Vacant(e) => {
             e.insert(value());
@@ -100,7 +80,7 @@ pub(crate) fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use steadfast_core::header::TIMEOUT_MS;
+    use steadfast_core::header::{FEW_NAMES, TIMEOUT_MS};
 
     #[test]
     fn inbound_prefers_valid_grpc_timeout() {
@@ -186,10 +166,20 @@ mod tests {
         let ten = Encoded::new(Duration::from_millis(10));
         write(&mut h, Duration::from_millis(10), &TIMEOUT_MS, Some(&ten));
         assert_eq!(h[TIMEOUT_MS], "10");
-        // A repeated header: its smallest valid value counts, and a write replaces them all.
+        // A repeated header: its smallest valid value counts, and leaves as the only one (a
+        // server reading the first value alone would have read 10 ms here, or any other).
         h.append(TIMEOUT_MS, "7".parse().unwrap());
         write(&mut h, Duration::from_millis(8), &TIMEOUT_MS, None);
-        assert_eq!(h.get_all(TIMEOUT_MS).iter().count(), 2, "7 < 8 kept");
+        assert_eq!(
+            h.get_all(TIMEOUT_MS).iter().collect::<Vec<_>>(),
+            ["7"],
+            "7 < 8 kept alone"
+        );
+        h.insert(TIMEOUT_MS, "99000".parse().unwrap());
+        h.append(TIMEOUT_MS, "x".parse().unwrap());
+        h.append(TIMEOUT_MS, "6".parse().unwrap());
+        write(&mut h, Duration::from_millis(8), &TIMEOUT_MS, None);
+        assert_eq!(h.get_all(TIMEOUT_MS).iter().collect::<Vec<_>>(), ["6"]);
         write(&mut h, Duration::from_millis(3), &TIMEOUT_MS, None);
         assert_eq!(h.get_all(TIMEOUT_MS).iter().collect::<Vec<_>>(), ["3"]);
 

@@ -179,6 +179,68 @@ pub fn single<'a>(
     values.next().is_none().then_some(first)
 }
 
+/// The time budget a request carries: `grpc-timeout` if present and valid, else the deadline
+/// header `header` (`x-request-timeout-ms` by default) if present and valid. Malformed
+/// values are ignored. The server deadline layer reads it from an inbound request; a client
+/// timeout and retry read it from an outgoing one, as a budget its caller set (tonic's
+/// `Request::set_timeout` writes `grpc-timeout`).
+///
+/// A header sent more than once counts by its shortest valid value: a budget only ever
+/// shrinks, and a caller cannot lengthen one by repeating the header.
+///
+/// ```
+/// use std::time::Duration;
+/// use http::HeaderMap;
+/// use steadfast_core::header::{TIMEOUT_MS, budget};
+///
+/// let mut h = HeaderMap::new();
+/// h.append("grpc-timeout", "99S".parse().unwrap());
+/// h.append("grpc-timeout", "250m".parse().unwrap());
+/// h.insert(TIMEOUT_MS, "100".parse().unwrap());
+/// assert_eq!(budget(&h, &TIMEOUT_MS), Some(Duration::from_millis(250)));
+/// h.remove("grpc-timeout");
+/// assert_eq!(budget(&h, &TIMEOUT_MS), Some(Duration::from_millis(100)));
+/// ```
+#[inline]
+pub fn budget(headers: &http::HeaderMap, header: &http::HeaderName) -> Option<std::time::Duration> {
+    // Every client call asks (a budget its caller wrote): most carry no header at all.
+    if headers.is_empty() {
+        return None;
+    }
+    budget_in(headers, header)
+}
+
+fn budget_in(headers: &http::HeaderMap, header: &http::HeaderName) -> Option<std::time::Duration> {
+    use http::{HeaderName, HeaderValue};
+    use std::time::Duration;
+    let few = headers.keys_len() <= FEW_NAMES;
+    // Most requests carry neither header: their names alone say so.
+    if few && !headers.keys().any(|n| n == GRPC_TIMEOUT || n == header) {
+        return None;
+    }
+    if !few || *header == GRPC_TIMEOUT {
+        let shortest = |name: &HeaderName, parse: fn(&http::HeaderValue) -> Option<Duration>| {
+            headers.get_all(name).iter().filter_map(parse).min()
+        };
+        return shortest(&GRPC_TIMEOUT, grpc_timeout).or_else(|| shortest(header, timeout_ms));
+    }
+    // One pass over a request with few headers.
+    let (mut grpc, mut http) = (None, None);
+    for (name, value) in headers {
+        let (slot, parse): (_, fn(&HeaderValue) -> Option<Duration>) = if name == GRPC_TIMEOUT {
+            (&mut grpc, grpc_timeout)
+        } else if name == header {
+            (&mut http, timeout_ms)
+        } else {
+            continue;
+        };
+        if let Some(d) = parse(value) {
+            *slot = Some(slot.map_or(d, |s: Duration| s.min(d)));
+        }
+    }
+    grpc.or(http)
+}
+
 /// Parses a run of ASCII digits of at most `max_digits` into a `u64`. Anything else — empty,
 /// a sign, whitespace inside, a non-digit, too many digits — is `None`.
 fn parse_digits(bytes: &[u8], max_digits: usize) -> Option<u64> {

@@ -27,9 +27,17 @@ pub enum Pushback {
 /// assert_eq!(pushback(&HeaderValue::from_static("250")), Pushback::After(Duration::from_millis(250)));
 /// assert_eq!(pushback(&HeaderValue::from_static("-1")), Pushback::Stop);
 /// assert_eq!(pushback(&HeaderValue::from_static("soon")), Pushback::Stop);
+/// assert_eq!(pushback(&HeaderValue::from_static("000000000000250")), Pushback::After(Duration::from_millis(250)));
 /// ```
 pub fn pushback(value: &HeaderValue) -> Pushback {
-    match super::parse_digits(value.as_bytes(), 10) {
+    let bytes = value.as_bytes();
+    // Leading zeros leave an integer as it is (gRPC's own parsers accept them); the rest
+    // must still be a 32-bit integer's digits.
+    let start = bytes
+        .iter()
+        .position(|&b| b != b'0')
+        .unwrap_or(bytes.len().saturating_sub(1));
+    match super::parse_digits(&bytes[start..], 10) {
         Some(ms) if ms <= i32::MAX as u64 => Pushback::After(Duration::from_millis(ms)),
         _ => Pushback::Stop,
     }
@@ -71,6 +79,15 @@ mod tests {
         assert_eq!(p("-0"), Pushback::Stop);
         assert_eq!(p("1.5"), Pushback::Stop);
         assert_eq!(p(" 1"), Pushback::Stop);
+        // Leading zeros: the same integer, however many.
+        assert_eq!(p("000"), Pushback::After(Duration::ZERO));
+        assert_eq!(
+            p("00000000000000000000500"),
+            Pushback::After(Duration::from_millis(500))
+        );
+        assert_eq!(p("002147483648"), Pushback::Stop);
+        assert_eq!(p("0-1"), Pushback::Stop);
+        assert_eq!(p("00 1"), Pushback::Stop);
     }
 
     proptest! {
