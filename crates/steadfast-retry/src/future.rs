@@ -345,6 +345,15 @@ impl<S, B, C> Ctx<S, B, C> {
         let attempt = self.history.attempt;
         let mut req = Request::from_parts(self.parts.clone(), body);
         let headers = req.headers_mut();
+        if let Some(deadline) = self.history.deadline {
+            // The head kept from the first attempt says the budget as it was then; a layer
+            // below may rewrite it, but none need be there.
+            steadfast_core::header::clamp_budgets(
+                headers,
+                deadline.remaining(),
+                &steadfast_core::header::TIMEOUT_MS,
+            );
+        }
         if let Some(name) = &self.shared.config.attempt_header {
             headers.insert(name.clone(), small_number(attempt));
         }

@@ -156,17 +156,7 @@ where
         if let Some(budget) = &config.budget {
             budget.deposit();
         }
-        let mut deadline = Deadline::for_request(&req);
-        if Deadline::call_now().is_none() {
-            // A budget the caller wrote on the request (tonic's `Request::set_timeout` writes
-            // `grpc-timeout`) ends the whole call, not each attempt. Below a steadfast client
-            // layer calling with a deadline in hand, the header is that layer's and the
-            // ambient deadline is exact.
-            use steadfast_core::header::{TIMEOUT_MS, budget};
-            if let Some(asked) = budget(req.headers(), &TIMEOUT_MS) {
-                deadline = Deadline::earliest(deadline, Some(Deadline::after(asked)));
-            }
-        }
+        let deadline = call_deadline(&req);
         let (parts, body) = req.into_parts();
         let body = ReplayBody::new(body, config.replay_cap);
         // No copy at all when no retry could happen anyway. (A body over the replay cap is
@@ -221,4 +211,19 @@ where
             span,
         )
     }
+}
+
+/// The deadline of a call that may be sent more than once: the one it inherits and, where no
+/// steadfast client layer above calls with a deadline in hand, a budget its caller wrote on
+/// the request (tonic's `Request::set_timeout` writes `grpc-timeout`), which ends the whole
+/// call, not each attempt. Below such a layer the header is that layer's, and the ambient
+/// deadline is exact.
+pub(crate) fn call_deadline<B>(req: &Request<B>) -> Option<Deadline> {
+    use steadfast_core::header::{TIMEOUT_MS, budget};
+    let inherited = Deadline::for_request(req);
+    if Deadline::call_now().is_some() {
+        return inherited;
+    }
+    let asked = budget(req.headers(), &TIMEOUT_MS).map(Deadline::after);
+    Deadline::earliest(inherited, asked)
 }

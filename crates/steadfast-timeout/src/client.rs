@@ -176,8 +176,8 @@ where
         // `grpc-timeout`) is a deadline for the whole call, retries included. Read where no
         // steadfast client layer above is calling with a deadline in hand: below one, the
         // header is the one that layer wrote, and the deadline it entered is exact.
-        let asked = if Deadline::call_now().is_none() {
-            propagate::inbound(req.headers(), &self.config.layer.header)
+        let carried = if Deadline::call_now().is_none() {
+            steadfast_core::header::carried_budget(req.headers(), &self.config.layer.header)
         } else {
             None
         };
@@ -186,10 +186,13 @@ where
             // to edit), and leaves the clock and the timer to the first `Pending`.
             // A zero limit takes the slow path, which refuses it before sending (as every
             // deadline already passed is refused), whether or not the call would pend.
-            None if asked.is_none() && self.config.layer.own == Own::Unshared && !own.is_zero() => {
+            None if carried.is_none()
+                && self.config.layer.own == Own::Unshared
+                && !own.is_zero() =>
+            {
                 ResponseFuture::lazy(self.inner.call(req), own)
             }
-            inherited => self.call_with_deadline(req, own, inherited, asked),
+            inherited => self.call_with_deadline(req, own, inherited, carried),
         }
     }
 }
@@ -238,25 +241,26 @@ impl<S> Timeout<S> {
 
     /// A call with a deadline to honour, let the layers below know, and (unless
     /// [`share_own`](crate::TimeoutBuilder::share_own) is set) write on the wire: an
-    /// inherited one, the budget the caller wrote on the request (`asked`, counted from now),
-    /// or our own when the layer shares it.
+    /// inherited one, the budget the caller wrote on the request (`carried`: `Some` when the
+    /// request carries a budget header, valid or not; counted from now), or our own when the
+    /// layer shares it.
     #[inline]
     fn call_with_deadline<B>(
         &mut self,
         mut req: Request<B>,
         own: Duration,
         inherited: Option<Deadline>,
-        asked: Option<Duration>,
+        carried: Option<Option<Duration>>,
     ) -> ResponseFuture<S::Future>
     where
         S: Service<Request<B>>,
     {
         // Inside an outer timeout's call, the instant it just read: one clock read per call.
         let now = Deadline::call_now().unwrap_or_else(Instant::now);
-        let inherited = Deadline::earliest(
-            inherited,
-            asked.map(|asked| Deadline::after_from(now, asked)),
-        );
+        let asked = carried
+            .flatten()
+            .map(|asked| Deadline::after_from(now, asked));
+        let inherited = Deadline::earliest(inherited, asked);
         let (limit, is_inherited) = match inherited {
             Some(d) => {
                 let left = d.instant().saturating_duration_since(now);
@@ -276,6 +280,15 @@ impl<S> Timeout<S> {
         if self.config.layer.own != Own::Shared {
             let own = Some(&self.config.own).filter(|_| limit == self.config.layer.limit);
             propagate::write(req.headers_mut(), limit, &self.config.layer.header, own);
+        }
+        if carried.is_some() {
+            // The caller wrote a budget: every budget header leaves as one value, within it
+            // (the one for the other protocol too, which `write` leaves alone).
+            steadfast_core::header::clamp_budgets(
+                req.headers_mut(),
+                limit,
+                &self.config.layer.header,
+            );
         }
         // The layers below (retry, an attempt timeout, the transport) learn the deadline as
         // the ambient one while they are called: no request extension to allocate, and none

@@ -20,11 +20,14 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`Deadline`](steadfast_core::Deadline) (a request extension or the ambient one a
 /// [`SetDeadlineLayer`] set for the handler), and a budget the caller wrote on the request
 /// (`grpc-timeout`, as tonic's `Request::set_timeout` writes it, or the deadline header;
-/// the shortest valid value of a repeated one). The last two are deadlines for the whole call:
-/// a retry below sends no attempt past them, and each attempt is told what is left. A
-/// deadline that has already passed fails the call at once without sending anything. (The
-/// outermost steadfast timeout of a call reads the caller's header; below it, the header is
-/// the one it wrote.)
+/// the shorter of the two when both are sent). The last two are deadlines for the whole call:
+/// a retry or hedge below sends no attempt past them, and each attempt is told what is left,
+/// as one value of each budget header the request carries. A deadline that has already passed
+/// fails the call at once without sending anything. (The outermost steadfast timeout of a call
+/// reads the caller's header; below it, the header is the one it wrote. A retry or hedge with
+/// no timeout above it reads `grpc-timeout` and `x-request-timeout-ms` itself: a deadline
+/// header renamed with [`deadline_header`](TimeoutBuilder::deadline_header) needs a timeout
+/// with the same name above the retry, as the presets have, to count for the whole call.)
 ///
 /// When a deadline is inherited (or [`propagate_own`](TimeoutBuilder::propagate_own) is on), the
 /// remaining budget is written onto the request: `grpc-timeout` for gRPC requests,

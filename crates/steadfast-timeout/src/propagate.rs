@@ -83,12 +83,16 @@ mod tests {
     use steadfast_core::header::{FEW_NAMES, TIMEOUT_MS};
 
     #[test]
-    fn inbound_prefers_valid_grpc_timeout() {
+    fn inbound_takes_the_shorter_valid_budget() {
         let mut h = HeaderMap::new();
         h.insert(TIMEOUT_MS, "900".parse().unwrap());
         assert_eq!(inbound(&h, &TIMEOUT_MS), Some(Duration::from_millis(900)));
+        // Both sent: the shorter counts, whichever header carries it (a caller cannot
+        // lengthen a budget by adding the other header).
         h.insert(GRPC_TIMEOUT, "2S".parse().unwrap());
-        assert_eq!(inbound(&h, &TIMEOUT_MS), Some(Duration::from_secs(2)));
+        assert_eq!(inbound(&h, &TIMEOUT_MS), Some(Duration::from_millis(900)));
+        h.insert(GRPC_TIMEOUT, "500m".parse().unwrap());
+        assert_eq!(inbound(&h, &TIMEOUT_MS), Some(Duration::from_millis(500)));
         h.insert(GRPC_TIMEOUT, "123456789S".parse().unwrap());
         assert_eq!(
             inbound(&h, &TIMEOUT_MS),

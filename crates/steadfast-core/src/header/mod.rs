@@ -179,9 +179,9 @@ pub fn single<'a>(
     values.next().is_none().then_some(first)
 }
 
-/// The time budget a request carries: `grpc-timeout` if present and valid, else the deadline
-/// header `header` (`x-request-timeout-ms` by default) if present and valid. Malformed
-/// values are ignored. The server deadline layer reads it from an inbound request; a client
+/// The time budget a request carries: the shorter of `grpc-timeout` and the deadline header
+/// `header` (`x-request-timeout-ms` by default), of those present and valid. Malformed values
+/// are ignored. The server deadline layer reads it from an inbound request; a client
 /// timeout and retry read it from an outgoing one, as a budget its caller set (tonic's
 /// `Request::set_timeout` writes `grpc-timeout`).
 ///
@@ -196,13 +196,26 @@ pub fn single<'a>(
 /// let mut h = HeaderMap::new();
 /// h.append("grpc-timeout", "99S".parse().unwrap());
 /// h.append("grpc-timeout", "250m".parse().unwrap());
-/// h.insert(TIMEOUT_MS, "100".parse().unwrap());
 /// assert_eq!(budget(&h, &TIMEOUT_MS), Some(Duration::from_millis(250)));
-/// h.remove("grpc-timeout");
+/// h.insert(TIMEOUT_MS, "100".parse().unwrap());
 /// assert_eq!(budget(&h, &TIMEOUT_MS), Some(Duration::from_millis(100)));
+/// h.insert(TIMEOUT_MS, "soon".parse().unwrap());
+/// assert_eq!(budget(&h, &TIMEOUT_MS), Some(Duration::from_millis(250)));
 /// ```
 #[inline]
 pub fn budget(headers: &http::HeaderMap, header: &http::HeaderName) -> Option<std::time::Duration> {
+    carried_budget(headers, header).flatten()
+}
+
+/// [`budget`], telling apart a request that carries no budget header (`None`) from one whose
+/// budget headers are all malformed (`Some(None)`): a client layer that finds a budget its
+/// caller wrote leaves it on the wire as one valid value.
+#[doc(hidden)]
+#[inline]
+pub fn carried_budget(
+    headers: &http::HeaderMap,
+    header: &http::HeaderName,
+) -> Option<Option<std::time::Duration>> {
     // Every client call asks (a budget its caller wrote): most carry no header at all.
     if headers.is_empty() {
         return None;
@@ -210,7 +223,10 @@ pub fn budget(headers: &http::HeaderMap, header: &http::HeaderName) -> Option<st
     budget_in(headers, header)
 }
 
-fn budget_in(headers: &http::HeaderMap, header: &http::HeaderName) -> Option<std::time::Duration> {
+fn budget_in(
+    headers: &http::HeaderMap,
+    header: &http::HeaderName,
+) -> Option<Option<std::time::Duration>> {
     use http::{HeaderName, HeaderValue};
     use std::time::Duration;
     let few = headers.keys_len() <= FEW_NAMES;
@@ -218,11 +234,19 @@ fn budget_in(headers: &http::HeaderMap, header: &http::HeaderName) -> Option<std
     if few && !headers.keys().any(|n| n == GRPC_TIMEOUT || n == header) {
         return None;
     }
+    if !few && !headers.contains_key(&GRPC_TIMEOUT) && !headers.contains_key(header) {
+        return None;
+    }
     if !few || *header == GRPC_TIMEOUT {
         let shortest = |name: &HeaderName, parse: fn(&http::HeaderValue) -> Option<Duration>| {
             headers.get_all(name).iter().filter_map(parse).min()
         };
-        return shortest(&GRPC_TIMEOUT, grpc_timeout).or_else(|| shortest(header, timeout_ms));
+        let http = if *header == GRPC_TIMEOUT {
+            None
+        } else {
+            shortest(header, timeout_ms)
+        };
+        return Some(shorter(shortest(&GRPC_TIMEOUT, grpc_timeout), http));
     }
     // One pass over a request with few headers.
     let (mut grpc, mut http) = (None, None);
@@ -238,7 +262,64 @@ fn budget_in(headers: &http::HeaderMap, header: &http::HeaderName) -> Option<std
             *slot = Some(slot.map_or(d, |s: Duration| s.min(d)));
         }
     }
-    grpc.or(http)
+    Some(shorter(grpc, http))
+}
+
+fn shorter(
+    a: Option<std::time::Duration>,
+    b: Option<std::time::Duration>,
+) -> Option<std::time::Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Leaves each budget header the request carries (`grpc-timeout`, and `header`) as one value
+/// no longer than `left`: the shortest valid one if it is, else `left`. A header the request
+/// does not carry is not added. For the layers that send a request again, or that found a
+/// budget its caller wrote: the budget a request carries only ever shrinks downstream.
+#[doc(hidden)]
+pub fn clamp_budgets(
+    headers: &mut http::HeaderMap,
+    left: std::time::Duration,
+    header: &http::HeaderName,
+) {
+    clamp(
+        headers,
+        &GRPC_TIMEOUT,
+        left,
+        grpc_timeout,
+        encode_grpc_timeout,
+    );
+    if *header != GRPC_TIMEOUT {
+        clamp(headers, header, left, timeout_ms, encode_timeout_ms);
+    }
+}
+
+fn clamp(
+    headers: &mut http::HeaderMap,
+    name: &http::HeaderName,
+    left: std::time::Duration,
+    parse: fn(&http::HeaderValue) -> Option<std::time::Duration>,
+    encode: fn(std::time::Duration) -> http::HeaderValue,
+) {
+    if !headers.contains_key(name) {
+        return;
+    }
+    let values = headers.get_all(name);
+    let smallest = values.iter().filter_map(parse).min();
+    let single = values.iter().nth(1).is_none();
+    match smallest {
+        Some(d) if d <= left && single => {}
+        Some(d) if d <= left => {
+            let kept = encode(d);
+            headers.insert(name, kept);
+        }
+        _ => {
+            headers.insert(name, encode(left));
+        }
+    }
 }
 
 /// Parses a run of ASCII digits of at most `max_digits` into a `u64`. Anything else — empty,

@@ -480,8 +480,16 @@ where
                 small_number(base.saturating_add(attempt - 1)),
             );
         }
-        let span = attempt_span(&self.parts, attempt - 1);
         let now = Instant::now();
+        if let Some(deadline) = self.deadline {
+            // The head kept from the first attempt says the budget as it was then.
+            steadfast_core::header::clamp_budgets(
+                headers,
+                deadline.instant().saturating_duration_since(now),
+                &steadfast_core::header::TIMEOUT_MS,
+            );
+        }
+        let span = attempt_span(&self.parts, attempt - 1);
         let fut = {
             let _attempt = span.enter();
             let _deadline = self.deadline.map(|d| d.enter_at(now));

@@ -109,7 +109,7 @@ where
             let body = ReplayBody::new(body, config.replay_cap);
             return HedgeFuture::once(self.inner.call(Request::from_parts(parts, body)));
         }
-        let deadline = Deadline::for_request(&req);
+        let deadline = crate::service::call_deadline(&req);
         let (parts, body) = req.into_parts();
         let body = ReplayBody::new(body, config.replay_cap);
         let Some(spare_body) = body.replay() else {
