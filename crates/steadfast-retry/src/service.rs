@@ -219,11 +219,13 @@ where
 /// call, not each attempt. Below such a layer the header is that layer's, and the ambient
 /// deadline is exact.
 pub(crate) fn call_deadline<B>(req: &Request<B>) -> Option<Deadline> {
-    use steadfast_core::header::{TIMEOUT_MS, budget};
+    use steadfast_core::header::{TIMEOUT_MS, carried_budget};
     let inherited = Deadline::for_request(req);
     if Deadline::call_now().is_some() {
         return inherited;
     }
-    let asked = budget(req.headers(), &TIMEOUT_MS).map(Deadline::after);
+    let asked = carried_budget(req.headers(), &TIMEOUT_MS)
+        .flatten()
+        .map(Deadline::after);
     Deadline::earliest(inherited, asked)
 }

@@ -83,16 +83,17 @@ mod tests {
     use steadfast_core::header::{FEW_NAMES, TIMEOUT_MS};
 
     #[test]
-    fn inbound_takes_the_shorter_valid_budget() {
+    fn inbound_prefers_valid_grpc_timeout() {
         let mut h = HeaderMap::new();
         h.insert(TIMEOUT_MS, "900".parse().unwrap());
         assert_eq!(inbound(&h, &TIMEOUT_MS), Some(Duration::from_millis(900)));
-        // Both sent: the shorter counts, whichever header carries it (a caller cannot
-        // lengthen a budget by adding the other header).
         h.insert(GRPC_TIMEOUT, "2S".parse().unwrap());
-        assert_eq!(inbound(&h, &TIMEOUT_MS), Some(Duration::from_millis(900)));
-        h.insert(GRPC_TIMEOUT, "500m".parse().unwrap());
-        assert_eq!(inbound(&h, &TIMEOUT_MS), Some(Duration::from_millis(500)));
+        assert_eq!(inbound(&h, &TIMEOUT_MS), Some(Duration::from_secs(2)));
+        // What a caller wrote on an outgoing request counts by the shorter of the two.
+        assert_eq!(
+            steadfast_core::header::carried_budget(&h, &TIMEOUT_MS),
+            Some(Some(Duration::from_millis(900)))
+        );
         h.insert(GRPC_TIMEOUT, "123456789S".parse().unwrap());
         assert_eq!(
             inbound(&h, &TIMEOUT_MS),

@@ -179,8 +179,8 @@ pub fn single<'a>(
     values.next().is_none().then_some(first)
 }
 
-/// The time budget a request carries: the shorter of `grpc-timeout` and the deadline header
-/// `header` (`x-request-timeout-ms` by default), of those present and valid. Malformed values
+/// The time budget a request carries: `grpc-timeout` if present and valid, else the deadline
+/// header `header` (`x-request-timeout-ms` by default) if present and valid. Malformed values
 /// are ignored. The server deadline layer reads it from an inbound request; a client
 /// timeout and retry read it from an outgoing one, as a budget its caller set (tonic's
 /// `Request::set_timeout` writes `grpc-timeout`).
@@ -196,20 +196,24 @@ pub fn single<'a>(
 /// let mut h = HeaderMap::new();
 /// h.append("grpc-timeout", "99S".parse().unwrap());
 /// h.append("grpc-timeout", "250m".parse().unwrap());
-/// assert_eq!(budget(&h, &TIMEOUT_MS), Some(Duration::from_millis(250)));
 /// h.insert(TIMEOUT_MS, "100".parse().unwrap());
-/// assert_eq!(budget(&h, &TIMEOUT_MS), Some(Duration::from_millis(100)));
-/// h.insert(TIMEOUT_MS, "soon".parse().unwrap());
 /// assert_eq!(budget(&h, &TIMEOUT_MS), Some(Duration::from_millis(250)));
+/// h.remove("grpc-timeout");
+/// assert_eq!(budget(&h, &TIMEOUT_MS), Some(Duration::from_millis(100)));
 /// ```
 #[inline]
 pub fn budget(headers: &http::HeaderMap, header: &http::HeaderName) -> Option<std::time::Duration> {
-    carried_budget(headers, header).flatten()
+    if headers.is_empty() {
+        return None;
+    }
+    budget_in(headers, header, false).flatten()
 }
 
-/// [`budget`], telling apart a request that carries no budget header (`None`) from one whose
-/// budget headers are all malformed (`Some(None)`): a client layer that finds a budget its
-/// caller wrote leaves it on the wire as one valid value.
+/// The budget a caller wrote on an outgoing request: the shorter of `grpc-timeout` and the
+/// deadline header `header` when both are there (the caller's strictest word), telling apart a
+/// request that carries no budget header (`None`) from one whose budget headers are all
+/// malformed (`Some(None)`): a client layer that finds one leaves it on the wire as one valid
+/// value.
 #[doc(hidden)]
 #[inline]
 pub fn carried_budget(
@@ -220,12 +224,15 @@ pub fn carried_budget(
     if headers.is_empty() {
         return None;
     }
-    budget_in(headers, header)
+    budget_in(headers, header, true)
 }
 
+/// `None` when neither header is there; else the budget, the shorter of the two headers'
+/// (`shorter`) or `grpc-timeout`'s first.
 fn budget_in(
     headers: &http::HeaderMap,
     header: &http::HeaderName,
+    shorter_of_both: bool,
 ) -> Option<Option<std::time::Duration>> {
     use http::{HeaderName, HeaderValue};
     use std::time::Duration;
@@ -246,7 +253,12 @@ fn budget_in(
         } else {
             shortest(header, timeout_ms)
         };
-        return Some(shorter(shortest(&GRPC_TIMEOUT, grpc_timeout), http));
+        let grpc = shortest(&GRPC_TIMEOUT, grpc_timeout);
+        return Some(if shorter_of_both {
+            shorter(grpc, http)
+        } else {
+            grpc.or(http)
+        });
     }
     // One pass over a request with few headers.
     let (mut grpc, mut http) = (None, None);
@@ -262,7 +274,11 @@ fn budget_in(
             *slot = Some(slot.map_or(d, |s: Duration| s.min(d)));
         }
     }
-    Some(shorter(grpc, http))
+    Some(if shorter_of_both {
+        shorter(grpc, http)
+    } else {
+        grpc.or(http)
+    })
 }
 
 fn shorter(
