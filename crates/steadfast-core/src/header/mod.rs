@@ -227,33 +227,30 @@ pub fn carried_budget(
     budget_in(headers, header, true)
 }
 
-/// `None` when neither header is there; else the budget, the shorter of the two headers'
-/// (`shorter`) or `grpc-timeout`'s first.
+/// `None` when neither header is there; else the budget: the shorter of the two headers'
+/// (`shorter_of_both`), or `grpc-timeout`'s when it has a valid one.
 fn budget_in(
     headers: &http::HeaderMap,
     header: &http::HeaderName,
     shorter_of_both: bool,
 ) -> Option<Option<std::time::Duration>> {
-    use http::{HeaderName, HeaderValue};
+    use http::HeaderValue;
     use std::time::Duration;
     let few = headers.keys_len() <= FEW_NAMES;
     // Most requests carry neither header: their names alone say so.
     if few && !headers.keys().any(|n| n == GRPC_TIMEOUT || n == header) {
         return None;
     }
-    if !few && !headers.contains_key(&GRPC_TIMEOUT) && !headers.contains_key(header) {
-        return None;
-    }
     if !few || *header == GRPC_TIMEOUT {
-        let shortest = |name: &HeaderName, parse: fn(&http::HeaderValue) -> Option<Duration>| {
-            headers.get_all(name).iter().filter_map(parse).min()
-        };
-        let http = if *header == GRPC_TIMEOUT {
-            None
-        } else {
-            shortest(header, timeout_ms)
-        };
-        let grpc = shortest(&GRPC_TIMEOUT, grpc_timeout);
+        // One lookup per header: what it holds, and whether it is there at all.
+        let grpc_values = headers.get_all(&GRPC_TIMEOUT);
+        let http_values = (*header != GRPC_TIMEOUT).then(|| headers.get_all(header));
+        let absent = |v: &http::header::GetAll<'_, HeaderValue>| v.iter().next().is_none();
+        if absent(&grpc_values) && http_values.as_ref().is_none_or(absent) {
+            return None;
+        }
+        let grpc = grpc_values.iter().filter_map(grpc_timeout).min();
+        let http = http_values.and_then(|v| v.iter().filter_map(timeout_ms).min());
         return Some(if shorter_of_both {
             shorter(grpc, http)
         } else {
